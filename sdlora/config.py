@@ -1,0 +1,333 @@
+"""Typed, validated configuration: one TOML per style, plus `--set section.key=value`.
+
+Every key has a default and a help text; unknown keys, wrong types and out-of-range
+values raise `ConfigError` naming the file, the key and what is allowed, before any
+work starts. Paths are resolved relative to the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message says how to fix it."""
+
+
+def opt(default, help: str, *, choices=None, min=None, max=None, path=False):
+    """A config field with its help text and constraints, read by `validate` and `--help`."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    base: str = opt("tiny", "base model: 'tiny' (embedded), a diffusers folder, a .safetensors "
+                    "checkpoint, or a hub id (downloaded only when named)")
+    vae: str = opt("", "optional separate VAE: a .safetensors file or diffusers folder", path=True)
+    clip_skip: int = opt(1, "kohya's clip_skip: 2 uses the penultimate text-encoder layer", min=1, max=12)
+    allow_pickle: bool = opt(False, "allow loading pickled .ckpt/.pt files (weights_only=True)")
+    v_parameterization: str = opt("auto", "prediction type: auto (from the base) | epsilon | v_prediction",
+                                  choices=["auto", "epsilon", "v_prediction"])
+
+
+@dataclass
+class DatasetConfig:
+    image_dir: str = opt("images", "folder of training images (with .txt captions)", path=True)
+    num_repeats: int = opt(10, "times each image is seen per epoch (kohya's repeats)", min=1)
+    resolution: Any = opt(512, "training resolution: an int or [width, height]")
+    enable_bucket: bool = opt(True, "aspect-ratio bucketing (no squashing, minimal cropping)")
+    min_bucket_reso: int = opt(256, "smallest bucket side", min=64)
+    max_bucket_reso: int = opt(1024, "largest bucket side", min=64)
+    bucket_reso_steps: int = opt(64, "bucket side step (a multiple of 8)", min=8)
+    bucket_no_upscale: bool = opt(False, "never upscale an image to reach its bucket")
+    caption_extension: str = opt(".txt", "caption sidecar extension")
+    shuffle_caption: bool = opt(True, "shuffle tags each step, keeping the first keep_tokens in place")
+    keep_tokens: int = opt(1, "leading tags never shuffled or dropped (the trigger)", min=0)
+    caption_dropout_rate: float = opt(0.0, "probability of training on an empty caption", min=0.0, max=1.0)
+    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each non-kept tag", min=0.0, max=1.0)
+    flip_aug: bool = opt(False, "random horizontal flips (both orientations are cached)")
+    cache_latents: bool = opt(True, "encode VAE latents once and cache them on disk")
+    # Dataset-builder settings (validation, de-duplication); see `sdlora dataset`.
+    max_pixels: int = opt(40_000_000, "images with more pixels are rejected (decompression bombs)", min=1)
+    min_side: int = opt(64, "images whose shorter side is smaller are rejected", min=1)
+    background: str = opt("#ffffff", "colour transparent pixels are composited on")
+    dedupe: bool = opt(True, "keep only the first image of each near-duplicate group")
+    dedupe_threshold: float = opt(0.97, "cosine similarity above which images are near-duplicates",
+                                  min=0.0, max=1.0)
+
+
+@dataclass
+class CaptionConfig:
+    tagger: str = opt("open_clip", "auto-tagger backend", choices=["open_clip", "none"])
+    model: str = opt("tiny", "open_clip model: 'tiny' (embedded) or an open_clip architecture name")
+    pretrained: str = opt("", "open_clip checkpoint: a local file, or a pretrained tag (downloads)")
+    vocabulary: str = opt("tags/scenery.txt", "tag vocabulary file, one tag per line", path=True)
+    threshold: float = opt(0.35, "keep tags scoring above this", min=0.0, max=1.0)
+    max_tags: int = opt(20, "at most this many tags per image", min=1)
+    batch_size: int = opt(16, "images per tagger batch", min=1)
+    retag: bool = opt(False, "re-tag images that already have captions (old ones are backed up)")
+    blacklist: list = opt([], "tags never written")
+    replace: dict = opt({}, "synonym rules: {\"from\" = \"to\"}")
+    style_tags: list = opt([], "style words folded into the trigger and removed from captions")
+    min_tag_count: int = opt(1, "drop tags seen on fewer images than this", min=1)
+
+
+@dataclass
+class NetworkConfig:
+    type: str = opt("lora", "adapter type", choices=["lora", "locon", "loha"])
+    dim: int = opt(16, "network rank (network_dim)", min=1, max=1024)
+    alpha: float = opt(8.0, "network_alpha; the scale is alpha / dim", min=0.0)
+    conv_dim: int = opt(0, "rank of the ResNet 3x3 conv adapters (LoCon; 'all' preset); 0 = dim", min=0)
+    conv_alpha: float = opt(0.0, "alpha of the conv adapters; 0 = conv_dim / 2", min=0.0)
+    unet_targets: str = opt("transformer", "U-Net modules adapted",
+                            choices=["attn2", "attention", "transformer", "all"])
+    train_text_encoder: bool = opt(True, "adapt the text encoder too")
+    dropout: float = opt(0.0, "dropout on the adapter input", min=0.0, max=1.0)
+
+
+@dataclass
+class TrainConfig:
+    unet_lr: float = opt(5e-4, "learning rate of the U-Net adapters", min=0.0)
+    text_encoder_lr: float = opt(1e-4, "learning rate of the text-encoder adapters; 0 freezes it", min=0.0)
+    epochs: int = opt(10, "passes over the repeated dataset", min=1)
+    max_train_steps: int = opt(0, "stop after this many optimizer steps (0 = epochs decide)", min=0)
+    batch_size: int = opt(2, "images per optimizer step (all processes together)", min=1)
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", min=1)
+    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "adamw8bit", "prodigy"])
+    weight_decay: float = opt(1e-2, "AdamW weight decay", min=0.0)
+    lr_scheduler: str = opt("cosine_with_restarts", "learning-rate schedule",
+                            choices=["constant", "cosine", "cosine_with_restarts", "linear"])
+    lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts", min=1)
+    lr_warmup_ratio: float = opt(0.05, "share of steps spent warming up", min=0.0, max=1.0)
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0.0)
+    min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
+    noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
+    mixed_precision: str = opt("no", "mixed precision", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
+    save_precision: str = opt("fp16", "dtype of exported adapters", choices=["fp16", "bf16", "fp32"])
+    seed: int = opt(42, "random seed")
+    attention: str = opt("sdpa", "attention kernel", choices=["sdpa", "xformers"])
+    overwrite: bool = opt(False, "replace an existing final adapter of the same name")
+
+
+@dataclass
+class SampleConfig:
+    prompts: list = opt([], "prompts of the sample grid (rows)")
+    negative_prompt: str = opt("", "negative prompt")
+    width: int = opt(1080, "image width (a multiple of 8)", min=64)
+    height: int = opt(720, "image height (a multiple of 8)", min=64)
+    steps: int = opt(25, "denoising steps", min=1, max=1000)
+    cfg_scale: float = opt(7.0, "classifier-free guidance scale", min=0.0)
+    sampler: str = opt("dpmpp_2m_karras", "scheduler",
+                       choices=["dpmpp_2m_karras", "dpmpp_2m", "euler_a", "euler", "ddim"])
+    seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)")
+    lora_scales: list = opt([0.0, 0.5, 1.0], "LoRA scales of the grid columns (0 = the base)")
+    batch_size: int = opt(1, "images per pipeline call", min=1)
+    hires: str = opt("auto", "two-pass hires: auto (when larger than the base's native size) | on | off",
+                     choices=["auto", "on", "off"])
+    hires_denoise: float = opt(0.45, "img2img denoising strength of the hires pass", min=0.0, max=1.0)
+    hires_steps: int = opt(0, "steps of the hires pass (0 = same as steps)", min=0)
+    thumbnail: int = opt(256, "longest side of each grid cell", min=16)
+    fuse: bool = opt(False, "fuse adapters into the weights for speed")
+    every_n_epochs: int = opt(0, "preview grid every n epochs while training (0 = off)", min=0)
+    preview_steps: int = opt(12, "steps of in-training previews", min=1)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("output", "where adapters, samples, state and reports go", path=True)
+    output_name: str = opt("", "adapter file name (ss_output_name); default: the config's name")
+
+
+@dataclass
+class Config:
+    name: str = opt("lora", "style name")
+    trigger: str = opt("", "trigger tag, first in every caption")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    source: Path | None = field(default=None, metadata={"internal": True})
+
+    @property
+    def output_name(self) -> str:
+        return self.output.output_name or self.name
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source", None)
+        return d
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("name", "trigger", "source")}
+SECTION_CLASSES = {
+    "model": ModelConfig, "dataset": DatasetConfig, "caption": CaptionConfig, "network": NetworkConfig,
+    "train": TrainConfig, "sample": SampleConfig, "output": OutputConfig,
+}
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list", dict: "a table"}.get(t, str(t))
+
+
+def _coerce(value, f: dataclasses.Field, where: str):
+    """Check one value against its field's type and constraints; return it (int -> float allowed)."""
+    hints = typing.get_type_hints(_owner_of(f))
+    t = hints[f.name]
+    meta = f.metadata
+    if t is Any:  # resolution: int or [w, h]
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value))
+        if not ok:
+            raise ConfigError(f"{where}: expected an integer or [width, height], got {value!r}")
+        sides = [value] if isinstance(value, int) else value
+        for s in sides:
+            if s < 64 or s % 8:
+                raise ConfigError(f"{where}: sides must be multiples of 8 and at least 64, got {value!r}")
+        return value
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if t is int and isinstance(value, bool) or not isinstance(value, t):
+        raise ConfigError(f"{where}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {meta['min']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: {value!r} is above the maximum {meta['max']}")
+    return value
+
+
+_OWNERS: dict[int, type] = {}
+
+
+def _owner_of(f: dataclasses.Field) -> type:
+    return _OWNERS[id(f)]
+
+
+for _cls in [Config, *SECTION_CLASSES.values()]:
+    for _f in dataclasses.fields(_cls):
+        _OWNERS[id(_f)] = _cls
+
+
+def _unknown(key: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _build(cls, data: dict, where: str, base_dir: Path | None):
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(key, fields, where.rstrip())
+        f = fields[key]
+        loc = f"{where}{key}"
+        if key in SECTION_CLASSES and cls is Config:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}[{key}]: expected a table [{key}]")
+            values[key] = _build(SECTION_CLASSES[key], value, f"{where}[{key}] ", base_dir)
+            continue
+        value = _coerce(value, f, loc)
+        values[key] = value
+    obj = cls(**values)
+    if base_dir is not None:
+        for f in fields.values():
+            if f.metadata.get("path"):
+                v = getattr(obj, f.name)
+                if v and not Path(v).is_absolute():
+                    setattr(obj, f.name, str((base_dir / v).resolve()))
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value parsed as TOML, or as a string)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            names = sorted(p.stem for p in path.parent.glob("*.toml"))
+            hint = f"; configs there: {', '.join(names)}" if names else ""
+        raise ConfigError(f"{path}: config file not found{hint}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    data.setdefault("name", path.stem)
+    cfg = _build(Config, data, f"{path}: ", path.parent.resolve())
+    cfg.source = path.resolve()
+    _check_consistency(cfg, path)
+    return cfg
+
+
+def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:
+    """Build a config from a dict (tests, programmatic use); the same validation as files."""
+    return _build(Config, data, "<config>: ", base_dir)
+
+
+def _check_consistency(cfg: Config, path: Path) -> None:
+    d = cfg.dataset
+    if d.min_bucket_reso > d.max_bucket_reso:
+        raise ConfigError(f"{path}: [dataset] min_bucket_reso ({d.min_bucket_reso}) is larger than "
+                          f"max_bucket_reso ({d.max_bucket_reso})")
+    if d.bucket_reso_steps % 8:
+        raise ConfigError(f"{path}: [dataset] bucket_reso_steps must be a multiple of 8")
+    s = cfg.sample
+    for side, v in (("width", s.width), ("height", s.height)):
+        if v % 8:
+            raise ConfigError(f"{path}: [sample] {side} = {v} is not a multiple of 8; try {v - v % 8}")
+    if cfg.trigger and "," in cfg.trigger:
+        raise ConfigError(f"{path}: trigger {cfg.trigger!r} must be one tag without commas")
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field: the config reference in --help and README."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        if cls is Config and f.name in SECTION_CLASSES:
+            rows += describe(SECTION_CLASSES[f.name], f"{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+        rows.append((prefix + f.name, repr(default), f.metadata.get("help", "") + extra))
+    return rows

@@ -1,0 +1,66 @@
+"""Model configs of the embedded base family (SD1.x classes and module names, small sizes).
+
+`tiny` is what the build trains and ships; `mini` is an even smaller random-weight
+variant that tests build in milliseconds (no files, no downloads).
+"""
+
+from __future__ import annotations
+
+NATIVE = 128  # pixels; latents are NATIVE // 8
+
+TEXT_ENCODER = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                    projection_dim=64, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4,
+           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+           block_out_channels=[32, 64, 64, 64], layers_per_block=1, norm_num_groups=16,
+           sample_size=NATIVE, scaling_factor=1.0)
+
+UNET = dict(sample_size=NATIVE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            block_out_channels=[64, 96, 128], cross_attention_dim=64, attention_head_dim=4,
+            norm_num_groups=32)
+
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+# Tests: the same classes, a fraction of the size.
+MINI_TEXT_ENCODER = dict(TEXT_ENCODER, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, projection_dim=32)
+MINI_VAE = dict(VAE, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, sample_size=64)
+MINI_UNET = dict(UNET, sample_size=8, block_out_channels=[32, 32, 64], cross_attention_dim=32,
+                 attention_head_dim=2, norm_num_groups=16,
+                 down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+
+OPEN_CLIP = dict(embed_dim=64, init_logit_bias=-5.0,
+                 vision_cfg=dict(image_size=64, layers=4, width=96, patch_size=8, head_width=32),
+                 text_cfg=dict(context_length=77, vocab_size=49408, width=48, heads=4, layers=3))
+
+
+def build_components(size: str = "tiny", seed: int = 0):
+    """Random-weight (tokenizer, text_encoder, vae, unet, scheduler) of the embedded family."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..tokenizer import clip_tokenizer
+
+    te_cfg, vae_cfg, unet_cfg = (TEXT_ENCODER, VAE, UNET) if size == "tiny" else (MINI_TEXT_ENCODER, MINI_VAE, MINI_UNET)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+    vae = AutoencoderKL(**vae_cfg)
+    unet = UNet2DConditionModel(**unet_cfg)
+    return clip_tokenizer(), text_encoder, vae, unet, DDPMScheduler.from_config(SCHEDULER)
+
+
+def build_pipeline(size: str = "mini", seed: int = 0):
+    """A StableDiffusionPipeline of random components (no safety checker), for tests."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, text_encoder, vae, unet, scheduler = build_components(size, seed)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
