@@ -1,0 +1,112 @@
+"""Encode once: VAE latents (and text-encoder outputs when the text encoder is frozen).
+
+A latent entry is keyed by the image file's content, the bucket size, the VAE's identity
+and the preprocessing version, so a re-run performs zero VAE encodes and a changed image
+is re-encoded. Entries hold the latent distribution (mean, std) of the image and, with
+flip augmentation, of its mirror image: a flipped step samples from the flipped entry,
+never from a stale or mirrored-after-encoding latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .buckets import Bucket, fit_to_bucket
+from .io import atomic_save_file
+
+PREPROCESS_VERSION = "1"  # bump when fit_to_bucket or normalisation changes
+STATS = {"vae_encodes": 0, "te_encodes": 0}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Identity of a model: its config and every weight (cheap next to one encode pass)."""
+    h = hashlib.sha256(json.dumps(getattr(module, "config", {}), sort_keys=True, default=str).encode())
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) in [-1, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+class LatentCache:
+    def __init__(self, folder: Path, vae, device: torch.device | str = "cpu", dtype=torch.float32):
+        self.folder = Path(folder)
+        self.vae = vae
+        self.device, self.dtype = device, dtype
+        self.vae_id = module_fingerprint(vae)
+
+    def key(self, digest: str, bucket: Bucket, flip: bool) -> str:
+        return f"{digest[:24]}_{bucket}_{self.vae_id}_p{PREPROCESS_VERSION}{'_flip' if flip else ''}"
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, image_path: Path, digest: str, bucket: Bucket, flip_aug: bool, load_image) -> dict[str, torch.Tensor]:
+        """{"mean", "std"} (+ "flip_mean", "flip_std" with flip_aug), encoding only on a miss."""
+        path = self.path(self.key(digest, bucket, flip_aug))
+        if path.exists():
+            try:
+                return load_file(str(path))
+            except Exception:  # a damaged entry is re-encoded, not trusted
+                path.unlink(missing_ok=True)
+        image, _ = fit_to_bucket(load_image(image_path), bucket)
+        pixels = image_to_tensor(image)[None]
+        if flip_aug:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        entry = self._encode(pixels)
+        atomic_save_file(entry, path)
+        return entry
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        STATS["vae_encodes"] += len(pixels)
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        mean, std = dist.mean.float().cpu(), dist.std.float().cpu()  # (n, 4, h/8, w/8)
+        entry = {"mean": mean[0], "std": std[0]}
+        if len(pixels) == 2:
+            entry.update(flip_mean=mean[1], flip_std=std[1])
+        return entry
+
+
+class TextEmbeddingCache:
+    """Frozen text-encoder outputs per caption (only valid when captions never change)."""
+
+    def __init__(self, folder: Path, text_encoder, clip_skip: int, encode):
+        self.folder = Path(folder)
+        self.encode = encode  # ids -> hidden states
+        self.te_id = f"{module_fingerprint(text_encoder)}_skip{clip_skip}"
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def get(self, caption: str, input_ids: torch.Tensor) -> torch.Tensor:
+        key = hashlib.sha256(f"{self.te_id}\0{caption}".encode()).hexdigest()[:32]
+        if key in self.memory:
+            return self.memory[key]
+        path = self.folder / f"{key}.safetensors"
+        if path.exists():
+            hidden = load_file(str(path))["hidden"]
+        else:
+            STATS["te_encodes"] += 1
+            with torch.no_grad():
+                hidden = self.encode(input_ids[None])[0].float().cpu()
+            atomic_save_file({"hidden": hidden}, path)
+        self.memory[key] = hidden
+        return hidden

@@ -1,0 +1,373 @@
+"""`sdlora tiny build`: regenerate the data and retrain the embedded base family from seeds.
+
+Stages (each writes its result, so a stage can be rerun alone):
+  data     procedural scenes: muted 128 px squares and 3:2 / 2:3 frames, with tags
+  demo     the 25-image colorful_scenery style set (no captions: the builder writes them)
+  vae      AutoencoderKL (f=8, 4 channels) on 64 px crops: L1 + edge + tiny KL
+  clip     open_clip tagger: ViT + text tower, sigmoid (SigLIP) loss of images x tags
+  unet     text encoder + UNet2DConditionModel jointly, epsilon prediction, on cached latents
+  export   fp16 diffusers folder `sdlora/assets/tiny/`, `sdlora/assets/open_clip/tiny.*`,
+           a sample grid and `report.md`
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import configs
+from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, size_for
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["data", "demo", "vae", "unet", "clip", "export"]
+
+# Fixed sizes and step counts: the whole build fits in ~60 minutes on 2 CPU cores.
+N_SQUARE, N_WIDE, N_TALL = 4000, 800, 800
+N_CLIP = 3000
+VAE_STEPS, VAE_BATCH, VAE_CROP = 1400, 12, 64
+CLIP_STEPS, CLIP_BATCH = 700, 64
+UNET_STEPS, UNET_BATCH = 2000, 32
+
+# Tags the tagger is trained on; everything else in the vocabulary file is a negative.
+TAGGER_TAGS = sorted(set(TIMES) | {"sun", "moon", "stars", "clouds", "mountains", "snow", "hills", "lake", "sea",
+                                   "reflection", "trees", "forest", "field", "landscape", "scenery", "outdoors",
+                                   "sky", "dark", "muted colors", *STYLE_TAGS})
+
+
+SCALE = 1.0  # `--scale 0.01` shrinks every count: a smoke test of the whole build in seconds
+
+
+def n(count: int) -> int:
+    return max(2, int(count * SCALE))
+
+
+def _log(msg: str, log: list) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    log.append(line)
+
+
+def _render_set(seeds, palette, aspect, short):
+    from tqdm import tqdm
+
+    images, tags = [], []
+    for s in tqdm(seeds, desc=f"render {palette} {aspect}", leave=False):
+        img, t = make_scene_image(int(s), palette, short, aspect)
+        images.append(np.asarray(img))
+        tags.append(t)
+    return np.stack(images), tags
+
+
+def stage_data(work: Path, log: list) -> None:
+    sets = {"square": (range(0, n(N_SQUARE)), "1:1"), "wide": (range(100_000, 100_000 + n(N_WIDE)), "3:2"),
+            "tall": (range(200_000, 200_000 + n(N_TALL)), "2:3")}
+    for name, (seeds, aspect) in sets.items():
+        images, tags = _render_set(seeds, "muted", aspect, 128)
+        np.save(work / f"{name}.npy", images)
+        (work / f"{name}_tags.json").write_text(json.dumps(tags))
+        _log(f"data: {name} {images.shape}", log)
+    # The tagger sees both palette families at its input size, so style tags are learnable.
+    half = n(N_CLIP) // 2
+    a, ta = _render_set(range(300_000, 300_000 + half), "muted", "1:1", 64)
+    b, tb = _render_set(range(400_000, 400_000 + half), "colorful", "1:1", 64)
+    np.save(work / "clip.npy", np.concatenate([a, b]))
+    (work / "clip_tags.json").write_text(json.dumps(ta + tb))
+    _log(f"data: tagger set {len(ta) + len(tb)} images", log)
+
+
+def stage_demo(log: list, out_dir: Path | None = None) -> None:
+    """25 colourful scenes, mixed aspects and content, 2x the base's native size."""
+    out_dir = out_dir or REPO / "datasets_cfg" / "colorful_scenery"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for i in range(25):
+        seed = 900_000 + i
+        time_of_day = TIMES[i % 4]
+        aspect = ("1:1", "3:2", "2:3", "3:2", "1:1")[i % 5]
+        scene = random_scene(seed, "colorful", aspect, time_of_day)
+        w, h = size_for(aspect, 256)
+        name = f"scene_{i:02d}.png"
+        render(scene, w, h).save(out_dir / name)
+        truth[name] = {"seed": seed, "tags": scene.tags, "time": scene.time, "aspect": aspect}
+    (out_dir / ".ground_truth.json").write_text(json.dumps(truth, indent=1))
+    _log(f"demo: 25 images in {out_dir}", log)
+
+
+def _to_tensor(images):
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def stage_vae(work: Path, log: list) -> None:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    torch.manual_seed(1)
+    images = np.load(work / "square.npy")
+    vae = AutoencoderKL(**configs.VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=n(VAE_STEPS), pct_start=0.05)
+    rng = np.random.default_rng(1)
+    losses = []
+    bar = tqdm(range(n(VAE_STEPS)), desc="vae")
+    for step in bar:
+        idx = rng.integers(0, len(images), VAE_BATCH)
+        y, x = rng.integers(0, 128 - VAE_CROP + 1, 2)
+        batch = _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])  # (B, 3, 64, 64)
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # Edges: L1 on image gradients keeps ridges and horizons sharp where plain L1 blurs.
+        dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+        dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+        l1 = (recon - batch).abs().mean()
+        edge = (dx(recon) - dx(batch)).abs().mean() + (dy(recon) - dy(batch)).abs().mean()
+        kl = posterior.kl().mean() / (VAE_CROP * VAE_CROP * 3)
+        loss = l1 + 0.5 * edge + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(l1))
+        if step % 20 == 0:
+            bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = _to_tensor(images[:256])
+        lat = torch.cat([vae.encode(sample[i:i + 32]).latent_dist.mean for i in range(0, len(sample), 32)])
+        scaling = float(1.0 / lat.std())
+        recon = torch.cat([vae.decode(lat[i:i + 32]).sample for i in range(0, len(sample), 32)])
+        err = float((recon.clamp(-1, 1) - sample).abs().mean() * 127.5)
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(work / "vae")
+    (work / "vae_stats.json").write_text(json.dumps({"scaling_factor": scaling, "mean_abs_error_255": err,
+                                                     "steps": n(VAE_STEPS), "loss_curve": losses[::10]}))
+    _log(f"vae: {n(VAE_STEPS)} steps, mean reconstruction error {err:.2f}/255, scaling_factor {scaling:.4f}", log)
+
+
+def _clip_model():
+    from open_clip.model import CLIP
+
+    cfg = dict(configs.OPEN_CLIP)
+    return CLIP(**cfg)
+
+
+def stage_clip(work: Path, log: list) -> None:
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    torch.manual_seed(2)
+    images = np.load(work / "clip.npy")
+    tags = json.loads((work / "clip_tags.json").read_text())
+    vocab = _vocabulary()
+    texts = sorted(set(vocab) | set(TAGGER_TAGS))
+    index = {t: i for i, t in enumerate(texts)}
+    labels = np.zeros((len(images), len(texts)), np.float32)
+    for i, ts in enumerate(tags):
+        for t in ts:
+            labels[i, index[t]] = 1.0
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the CLIP BPE tokenizer; no download
+    tokens = tokenizer(texts)
+    model = _clip_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=n(CLIP_STEPS), pct_start=0.05)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    rng = np.random.default_rng(2)
+    known = torch.tensor([index[t] for t in TAGGER_TAGS])
+    losses = []
+    bar = tqdm(range(n(CLIP_STEPS)), desc="open_clip")
+    for step in bar:
+        idx = rng.integers(0, len(images), CLIP_BATCH)
+        x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255.0
+        if rng.random() < 0.5:
+            x = x.flip(-1)
+        x = (x - mean) / std
+        # Texts: all known tags plus a random share of the rest of the vocabulary as negatives.
+        others = torch.from_numpy(rng.choice(len(texts), min(96, len(texts)), replace=False))
+        cols = torch.unique(torch.cat([known, others]))
+        img = F.normalize(model.encode_image(x), dim=-1)
+        txt = F.normalize(model.encode_text(tokens[cols]), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T + model.logit_bias
+        target = torch.from_numpy(labels[idx])[:, cols]
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    model.eval()
+    torch.save(model.state_dict(), work / "clip.pt")
+    (work / "clip_stats.json").write_text(json.dumps({"steps": n(CLIP_STEPS), "loss_curve": losses[::10]}))
+    _log(f"open_clip: {n(CLIP_STEPS)} steps, final loss {np.mean(losses[-50:]):.4f}", log)
+
+
+def _vocabulary() -> list[str]:
+    path = REPO / "datasets_cfg" / "tags" / "scenery.txt"
+    if not path.exists():
+        return list(TAGGER_TAGS)
+    lines = [ln.split("#", 1)[0].strip().lower() for ln in path.read_text().splitlines()]
+    return [ln for ln in lines if ln]
+
+
+def _caption(tags: list[str], rng: random.Random) -> str:
+    """Training captions: the time of day always, other tags shuffled with dropout, 10% empty."""
+    if rng.random() < 0.1:
+        return ""
+    first, rest = tags[0], [t for t in tags[1:] if rng.random() > 0.3]
+    rng.shuffle(rest)
+    return ", ".join([first, *rest])
+
+
+def stage_unet(work: Path, log: list) -> None:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from tqdm import tqdm
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..tokenizer import clip_tokenizer
+
+    torch.manual_seed(3)
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    sets = []
+    for name in ("square", "wide", "tall"):
+        images = np.load(work / f"{name}.npy")
+        tags = json.loads((work / f"{name}_tags.json").read_text())
+        with torch.no_grad():
+            dists = [vae.encode(_to_tensor(images[i:i + 64])).latent_dist for i in range(0, len(images), 64)]
+        mean = torch.cat([d.mean for d in dists])
+        std = torch.cat([d.std for d in dists])
+        sets.append((mean, std, tags))
+        _log(f"unet: cached {name} latents {tuple(mean.shape)}", log)
+    scaling = vae.config.scaling_factor
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs.TEXT_ENCODER))
+    unet = UNet2DConditionModel(**configs.UNET)
+    noise_scheduler = DDPMScheduler.from_config(configs.SCHEDULER)
+    params = [{"params": unet.parameters(), "lr": 4e-4}, {"params": text_encoder.parameters(), "lr": 2e-4}]
+    opt = torch.optim.AdamW(params, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[4e-4, 2e-4], total_steps=n(UNET_STEPS), pct_start=0.04)
+    rng, prng = np.random.default_rng(3), random.Random(3)
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    losses = []
+    bar = tqdm(range(n(UNET_STEPS)), desc="unet+te")
+    for step in bar:
+        mean, std, tags = sets[rng.choice(3, p=[0.6, 0.2, 0.2])]
+        idx = torch.from_numpy(rng.integers(0, len(mean), UNET_BATCH))
+        latents = (mean[idx] + std[idx] * torch.randn_like(std[idx])) * scaling  # (B, 4, h, w)
+        if rng.random() < 0.5:
+            latents = latents.flip(-1)
+        captions = [_caption(tags[i], prng) for i in idx.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (UNET_BATCH,))
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(ids)[0]
+        noise_pred = unet(noisy, timesteps, hidden).sample
+        weight = torch.clamp(snr[timesteps], max=5.0) / snr[timesteps]  # min-SNR-5
+        loss = (F.mse_loss(noise_pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if (step + 1) % 500 == 0:
+            unet.save_pretrained(work / "unet")
+            text_encoder.save_pretrained(work / "text_encoder")
+    unet.save_pretrained(work / "unet")
+    text_encoder.save_pretrained(work / "text_encoder")
+    (work / "unet_stats.json").write_text(json.dumps({"steps": n(UNET_STEPS), "loss_curve": losses[::10]}))
+    _log(f"unet: {n(UNET_STEPS)} steps, final loss {np.mean(losses[-100:]):.4f}", log)
+
+
+def stage_export(work: Path, log: list, assets: Path = ASSETS) -> None:
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from ..tokenizer import clip_tokenizer, write_clip_tokenizer_files
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae"), unet=UNet2DConditionModel.from_pretrained(work / "unet"),
+        text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"), tokenizer=clip_tokenizer(),
+        scheduler=DDPMScheduler.from_config(configs.SCHEDULER), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    target = assets / "tiny"
+    tmp = assets / ".tiny.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    # vocab.json + merges.txt (2 MB) instead of the fast tokenizer.json (3.5 MB): same tokenizer.
+    shutil.rmtree(tmp / "tokenizer")
+    write_clip_tokenizer_files(tmp / "tokenizer")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    clip_dir = assets / "open_clip"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    state = torch.load(work / "clip.pt", weights_only=True)
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(clip_dir / "tiny.safetensors"))
+    (clip_dir / "tiny.json").write_text(json.dumps(configs.OPEN_CLIP, indent=2))
+    total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
+    _log(f"export: assets {total / 1e6:.1f} MB", log)
+
+
+def build(stages: list[str], work: Path, assets: Path = ASSETS) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    work.mkdir(parents=True, exist_ok=True)
+    log: list[str] = []
+    t0 = time.time()
+    for stage in stages:
+        t = time.time()
+        if stage == "demo":
+            stage_demo(log)
+        elif stage == "export":
+            stage_export(work, log, assets)
+        else:
+            globals()[f"stage_{stage}"](work, log)
+        _log(f"stage {stage} took {time.time() - t:.0f}s", log)
+    with open(work / "build_log.txt", "a") as f:
+        f.write("\n".join(log) + f"\n[total {time.time() - t0:.0f}s]\n")
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("tiny", help="the embedded base model: rebuild it from scratch",
+                              description="Tools for the embedded tiny base model family.")
+    sub = p.add_subparsers(dest="tiny_command", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="regenerate the data and retrain every part from fixed seeds",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    b.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated stages to run, in order (default: all: {','.join(STAGES)})")
+    b.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every image count and step count (0.01 = a smoke test in seconds)")
+    b.add_argument("--assets-dir", default=str(ASSETS), help="where the finished models are written")
+    b.add_argument("--work-dir", default="build/tiny", help="where intermediate data and checkpoints go")
+    b.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args) -> int:
+    global SCALE
+    SCALE = args.scale
+    build([s.strip() for s in args.stages.split(",") if s.strip()], Path(args.work_dir), Path(args.assets_dir))
+    return 0

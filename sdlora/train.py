@@ -1,0 +1,549 @@
+"""The training loop: LoRA on the U-Net (and text encoder), one readable `step()`.
+
+Data flow: images + captions -> buckets -> cached VAE latents -> batches of one bucket
+-> step() -> optimizer -> Kohya-format adapters every `save_every_n_epochs`.
+
+Every random draw of a sample (flip, caption shuffle/dropout, latent sample, noise,
+timestep) comes from a generator seeded by (seed, epoch, position in the epoch), so
+the run is the same whether one process or several share each batch, and a resumed run
+continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .buckets import Bucket, assign_bucket, make_buckets, resolution_pair
+from .config import Config
+from .errors import UserError
+
+STATE_FILE = "training_state.pt"
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Example:
+    image: Path
+    digest: str  # sha256 of the file: the cache key
+    tags: list[str]
+    bucket: Bucket
+    caption_source: str  # "sidecar", "builder" or "trigger"
+
+
+def find_caption(image: Path, cfg: Config) -> tuple[str | None, str]:
+    """The sidecar caption, else the one the dataset builder wrote to the output folder."""
+    sidecar = image.with_suffix(cfg.dataset.caption_extension)
+    if sidecar.is_file():
+        return sidecar.read_text(encoding="utf-8"), "sidecar"
+    built = cfg.output_dir / "captions" / (image.stem + cfg.dataset.caption_extension)
+    if built.is_file():
+        return built.read_text(encoding="utf-8"), "builder"
+    return None, "trigger"
+
+
+def collect_examples(cfg: Config, log=print) -> list[Example]:
+    from .cache import file_digest
+    from .images import ImageRejected, load_image, scan_images
+    from .tags import parse_caption
+
+    folder = Path(cfg.dataset.image_dir)
+    if not folder.is_dir():
+        raise UserError(f"{cfg.source}: [dataset] image_dir = {folder} does not exist; "
+                        "point it at your image folder (relative to the config file)")
+    d = cfg.dataset
+    reso = resolution_pair(d.resolution)
+    buckets = make_buckets(reso, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
+    area = reso[0] * reso[1]
+    examples, rejected, uncaptioned = [], [], []
+    for path in scan_images(folder):
+        try:
+            image = load_image(path, d.max_pixels, d.min_side, d.background)
+        except ImageRejected as e:
+            rejected.append(f"{path.name}: {e}")
+            continue
+        if d.enable_bucket:
+            bucket = assign_bucket(image.width, image.height, buckets, area, d.bucket_reso_steps, d.bucket_no_upscale)
+        else:
+            bucket = Bucket(*reso)
+        text, source = find_caption(path, cfg)
+        if text is None:
+            uncaptioned.append(path.name)
+            text = cfg.trigger
+        examples.append(Example(path, file_digest(path), parse_caption(text), bucket, source))
+    for r in rejected:
+        log(f"skipped {r}")
+    if uncaptioned:
+        what = f"the trigger '{cfg.trigger}'" if cfg.trigger else "an empty caption"
+        log(f"warning: {len(uncaptioned)} image(s) have no caption ({', '.join(uncaptioned[:5])}"
+            f"{', ...' if len(uncaptioned) > 5 else ''}); training them with {what}. "
+            f"Run `sdlora dataset {cfg.source}` to auto-tag them.")
+    if not examples:
+        raise UserError(f"{folder}: no usable training image"
+                        f"{' (' + str(len(rejected)) + ' rejected: ' + '; '.join(rejected[:3]) + ')' if rejected else ''}; "
+                        "add PNG/JPEG/WebP images to [dataset] image_dir")
+    return examples
+
+
+def make_caption(tags: list[str], keep_tokens: int, shuffle: bool, tag_dropout: float, caption_dropout: float,
+                 rng: random.Random) -> str:
+    """kohya's caption augmentation: the first keep_tokens tags stay in place, the rest shuffle/drop."""
+    if caption_dropout and rng.random() < caption_dropout:
+        return ""
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    if tag_dropout:
+        rest = [t for t in rest if rng.random() >= tag_dropout]
+    if shuffle:
+        rest = rest[:]
+        rng.shuffle(rest)
+    return ", ".join(kept + rest)
+
+
+def epoch_order(examples: list[Example], repeats: int, batch_size: int, seed: int, epoch: int) -> tuple[list[int], list[list[int]]]:
+    """(order, batches): each example `repeats` times, shuffled per bucket, batched within a bucket,
+    batches shuffled. `batches` hold positions into `order`."""
+    rng = random.Random(f"{seed}-{epoch}")
+    by_bucket: dict[Bucket, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_bucket.setdefault(ex.bucket, []).extend([i] * repeats)
+    order, batches = [], []
+    for bucket in sorted(by_bucket, key=str):
+        items = by_bucket[bucket]
+        rng.shuffle(items)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batches.append(list(range(len(order), len(order) + len(chunk))))
+            order.extend(chunk)
+    rng.shuffle(batches)
+    return order, batches
+
+
+def steps_per_epoch(examples: list[Example], repeats: int, batch_size: int) -> int:
+    """Micro-batches per epoch: ceil(images x repeats / batch) per bucket (kohya's count)."""
+    counts: dict[Bucket, int] = {}
+    for ex in examples:
+        counts[ex.bucket] = counts.get(ex.bucket, 0) + repeats
+    return sum(math.ceil(n / batch_size) for n in counts.values())
+
+
+class EpochDataset(torch.utils.data.Dataset):
+    """Position p of epoch e -> one training sample, every random draw seeded by (seed, e, p)."""
+
+    def __init__(self, trainer: "Trainer", epoch: int, order: list[int]):
+        self.t, self.epoch, self.order = trainer, epoch, order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, pos: int) -> dict:
+        t, cfg = self.t, self.t.cfg
+        ex = t.examples[self.order[pos]]
+        seed = int(hashlib.sha256(f"{cfg.train.seed}-{self.epoch}-{pos}".encode()).hexdigest()[:15], 16)
+        g = torch.Generator().manual_seed(seed)
+        rng = random.Random(seed)
+        entry = t.latents[ex.digest, ex.bucket]
+        flip = cfg.dataset.flip_aug and rng.random() < 0.5
+        mean, std = (entry["flip_mean"], entry["flip_std"]) if flip else (entry["mean"], entry["std"])
+        latents = mean + std * torch.randn(mean.shape, generator=g)  # (4, h, w)
+        d = cfg.dataset
+        caption = make_caption(ex.tags, d.keep_tokens, d.shuffle_caption, d.caption_tag_dropout_rate,
+                               d.caption_dropout_rate, rng)
+        ids = t.tokenize(caption)
+        sample = {
+            "latents": latents,
+            "noise": torch.randn(latents.shape, generator=g),
+            "offset": torch.randn((latents.shape[0], 1, 1), generator=g),
+            "timesteps": torch.randint(0, t.num_timesteps, (), generator=g),
+            "input_ids": ids,
+        }
+        if t.te_cache is not None:
+            sample["hidden"] = t.te_cache.get(caption, ids)
+        return sample
+
+
+# ----------------------------------------------------------------------------- trainer
+
+def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)."""
+    alpha = alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alpha / (1 - alpha)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
+
+
+@dataclass
+class TrainResult:
+    adapter: Path
+    adapters: list[Path] = field(default_factory=list)
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    report: Path | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, log=print):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+        from . import models
+
+        self.cfg, self.log = cfg, log
+        tc = cfg.train
+        out = cfg.output_dir
+        self.accelerator = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            gradient_accumulation_steps=tc.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )
+        acc = self.accelerator
+        if tc.batch_size % acc.num_processes:
+            raise UserError(f"{cfg.source}: [train] batch_size = {tc.batch_size} must be divisible by the "
+                            f"number of processes ({acc.num_processes}): each process takes an equal share")
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+        self.base = models.load_base(cfg.model, dtype=self.weight_dtype)
+        self.v_prediction = self.base.prediction_type == "v_prediction"
+        self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
+        self.examples = collect_examples(cfg, log=self._main_log)
+
+    # -- helpers
+    def _main_log(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            self.log(msg)
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        tok = self.base.tokenizer
+        return tok(caption, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids[0]
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from .models import encode_prompt
+
+        return encode_prompt(self.base.text_encoder, input_ids.to(self.accelerator.device), self.cfg.model.clip_skip)
+
+    # -- setup
+    def prepare_latents(self) -> None:
+        from .cache import LatentCache
+        from .images import load_image
+
+        d = self.cfg.dataset
+        vae = self.base.vae.to(self.accelerator.device, torch.float32)
+        cache = LatentCache(self.cfg.output_dir / "cache" / "latents", vae, self.accelerator.device)
+        load = lambda p: load_image(p, d.max_pixels, d.min_side, d.background)  # noqa: E731
+        self.latents = {}
+        # The main process encodes first; the others then read its cache entries.
+        with self.accelerator.main_process_first():
+            for ex in self.examples:
+                self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, d.flip_aug, load)
+        self.base.vae.to("cpu")  # not needed while training
+
+    def setup(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        from . import lora
+        from .cache import TextEmbeddingCache
+
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        base = self.base
+        for m in (base.unet, base.text_encoder, base.vae):
+            m.requires_grad_(False)
+        train_te = cfg.network.train_text_encoder and tc.text_encoder_lr > 0
+        self.network = lora.inject(base.unet, base.text_encoder if train_te else None, cfg.network)
+        for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
+            p.data = p.data.float()
+        if tc.gradient_checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            if train_te:
+                base.text_encoder.gradient_checkpointing_enable()
+        self.train_te = train_te
+        captions_fixed = not (cfg.dataset.shuffle_caption or cfg.dataset.caption_dropout_rate
+                              or cfg.dataset.caption_tag_dropout_rate)
+        self.te_cache = None
+        if not train_te and captions_fixed:
+            te = base.text_encoder.to(acc.device)
+            self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", te, cfg.model.clip_skip,
+                                               self.encode_text)
+        self.prepare_latents()
+
+        groups = self.network.param_groups(tc.unet_lr, tc.text_encoder_lr if train_te else 0.0)
+        self.optimizer = make_optimizer(tc, groups, cfg.source)
+        d = cfg.dataset
+        micro = steps_per_epoch(self.examples, d.num_repeats, tc.batch_size)
+        self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
+        self.total_steps = tc.max_train_steps or self.steps_per_epoch * tc.epochs
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.lr_scheduler = get_scheduler(
+            tc.lr_scheduler, self.optimizer, num_warmup_steps=round(tc.lr_warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)
+        models_to_train = [base.unet] + ([base.text_encoder] if train_te else [])
+        prepared = acc.prepare(*models_to_train, self.optimizer, self.lr_scheduler)
+        self.unet = prepared[0]
+        self.text_encoder = prepared[1] if train_te else base.text_encoder.to(acc.device)
+        self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
+        self.trainable = list(self.network.trainable_parameters())
+
+    # -- the step
+    def step(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: noise the latents at random timesteps, predict, weighted MSE."""
+        cfg, base = self.cfg, self.base
+        latents = batch["latents"] * base.vae.config.scaling_factor  # (B, 4, h, w)
+        noise = batch["noise"]
+        if cfg.train.noise_offset:  # shifts the mean colour: learns brighter darks and darker lights
+            noise = noise + cfg.train.noise_offset * batch["offset"][..., None].expand_as(noise)
+        timesteps = batch["timesteps"]  # (B,)
+        noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
+        if "hidden" in batch:
+            encoder_hidden_states = batch["hidden"].to(self.weight_dtype)  # cached, frozen text encoder
+        else:
+            encoder_hidden_states = self.encode_text(batch["input_ids"])  # (B, 77, d)
+        noise_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, encoder_hidden_states).sample
+        target = base.noise_scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
+        loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if cfg.train.min_snr_gamma:
+            loss = loss * snr_weights(base.noise_scheduler.alphas_cumprod, timesteps, cfg.train.min_snr_gamma,
+                                      self.v_prediction)
+        return loss.mean()
+
+    # -- saving
+    def adapter_path(self, epoch: int | None) -> Path:
+        name = self.cfg.output_name
+        return self.cfg.output_dir / (f"{name}-{epoch:06d}.safetensors" if epoch is not None else f"{name}.safetensors")
+
+    def save_adapter(self, path: Path, epoch: int, step: int, started: float) -> None:
+        from . import lora
+
+        tc = self.cfg.train
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[tc.save_precision]
+        stats = {"epoch": epoch, "epochs": self.epochs, "steps": step, "started": started, "finished": time.time(),
+                 "num_train_images": len(self.examples), "config_hash": config_hash(self.cfg, self.examples)}
+        metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.cfg, self.examples),
+                                         dataset_dirs(self.cfg, self.examples))
+        lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
+
+    def save_state(self, epoch: int, batch_in_epoch: int, step: int, losses: list[float]) -> None:
+        from .io import atomic_torch_save
+
+        state = {
+            "adapter": self.network.kohya_state_dict(torch.float32),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "losses": losses,
+            "config_hash": config_hash(self.cfg, self.examples),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        atomic_torch_save(state, self.cfg.output_dir / "state" / STATE_FILE)
+
+    def load_state(self) -> dict:
+        path = self.cfg.output_dir / "state" / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"--resume: no training state at {path}; start without --resume")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["config_hash"] != config_hash(self.cfg, self.examples):
+            raise UserError(f"--resume: {path} was written for a different config or dataset; "
+                            "resume with the same settings, or start a new run without --resume")
+        self.network.load_kohya_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        return state
+
+    # -- the loop
+    def run(self, resume: bool = False, interrupt_at_step: int | None = None) -> TrainResult:
+        from tqdm import tqdm
+
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        final = self.adapter_path(None)
+        if final.exists() and not (tc.overwrite or resume) and acc.is_main_process:
+            raise UserError(f"{final} already exists; set train.overwrite = true (or --set train.overwrite=true) "
+                            "to replace it, or choose another output.output_name")
+        self.setup()
+        start_epoch, skip, step, losses = 0, 0, 0, []
+        if resume:
+            state = self.load_state()
+            start_epoch, skip, step, losses = state["epoch"], state["batch_in_epoch"], state["step"], state["losses"]
+            self._main_log(f"resumed at epoch {start_epoch + 1}, step {step}")
+        if acc.is_main_process:
+            acc.init_trackers("sdlora")
+            self.log(f"training {len(self.examples)} images x {cfg.dataset.num_repeats} repeats, "
+                     f"{self.epochs} epochs, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
+                     f"({acc.num_processes} process(es), {self.network.summary()})")
+        started = time.time()
+        result = TrainResult(adapter=final, losses=losses)
+        bar = tqdm(total=self.total_steps, initial=step, disable=not acc.is_main_process, desc="train")
+        models = [self.unet] + ([self.text_encoder] if self.train_te else [])
+        for epoch in range(start_epoch, self.epochs):
+            for m in models:
+                m.train()
+            order, batches = epoch_order(self.examples, cfg.dataset.num_repeats, tc.batch_size, tc.seed, epoch)
+            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=batches))
+            if skip:
+                loader = acc.skip_first_batches(loader, skip)
+            for i, batch in enumerate(loader, start=skip):
+                with acc.accumulate(*models):
+                    loss = self.step(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and tc.max_grad_norm:
+                        acc.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    step += 1
+                    loss_value = acc.gather(loss.detach()).mean().item()
+                    losses.append(loss_value)
+                    lrs = self.lr_scheduler.get_last_lr()
+                    logs = {"loss": loss_value, "lr/unet": lrs[0]}
+                    if len(lrs) > 1:
+                        logs["lr/text_encoder"] = lrs[1]
+                    acc.log(logs, step=step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
+                    if interrupt_at_step is not None and step == interrupt_at_step:
+                        if acc.is_main_process:
+                            self.save_state(epoch, i + 1, step, losses)
+                        acc.wait_for_everyone()
+                        raise KeyboardInterrupt(f"interrupted at step {step}")
+                    if step >= self.total_steps:
+                        break
+            skip = 0
+            last = epoch + 1 == self.epochs
+            every = tc.save_every_n_epochs
+            if acc.is_main_process:
+                if every and (epoch + 1) % every == 0 and not last:
+                    path = self.adapter_path(epoch + 1)
+                    self.save_adapter(path, epoch + 1, step, started)
+                    result.adapters.append(path)
+                    self.save_state(epoch + 1, 0, step, losses)
+                self.maybe_preview(epoch + 1, step, started, last)
+            acc.wait_for_everyone()
+        bar.close()
+        if acc.is_main_process:
+            self.save_adapter(final, self.epochs, step, started)
+            self.save_state(self.epochs, 0, step, losses)
+            result.adapters.append(final)
+            result.steps, result.seconds = step, time.time() - started
+            result.report = write_report(self, result)
+        acc.end_training()
+        return result
+
+    def maybe_preview(self, epoch: int, step: int, started: float, last: bool) -> None:
+        every = self.cfg.sample.every_n_epochs
+        if not every or epoch % every or last or not self.cfg.sample.prompts:
+            return
+        from . import sample
+
+        path = self.adapter_path(epoch)
+        if not path.exists():
+            self.save_adapter(path, epoch, step, started)
+        grid = sample.preview(self.cfg, path, epoch, self.cfg.output_dir / "previews")
+        self.log(f"preview: {grid}")
+
+
+def make_optimizer(tc, groups: list[dict], source) -> torch.optim.Optimizer:
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(f"{source}: [train] optimizer = 'adamw8bit' needs bitsandbytes (and a CUDA GPU): "
+                            "pip install 'sdlora[bnb]', or use optimizer = 'adamw'") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=tc.weight_decay)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError(f"{source}: [train] optimizer = 'prodigy' needs prodigyopt: pip install 'sdlora[prodigy]', "
+                        "or use optimizer = 'adamw'") from None
+    # Prodigy estimates the step size itself: learning rates of ~1.0 are its convention.
+    return Prodigy(groups, weight_decay=tc.weight_decay)
+
+
+def tag_frequency(cfg: Config, examples: list[Example]) -> dict[str, dict[str, int]]:
+    """ss_tag_frequency: {dataset dir basename: {tag: images carrying it}} (not x repeats)."""
+    from .tags import tag_frequency as freq
+
+    return {Path(cfg.dataset.image_dir).name: freq([", ".join(ex.tags) for ex in examples])}
+
+
+def dataset_dirs(cfg: Config, examples: list[Example]) -> dict[str, dict[str, int]]:
+    return {Path(cfg.dataset.image_dir).name: {"n_repeats": cfg.dataset.num_repeats, "img_count": len(examples)}}
+
+
+def config_hash(cfg: Config, examples: list[Example]) -> str:
+    """What the adapter depends on: training settings, base, images and captions."""
+    d = cfg.to_dict()
+    relevant = {k: d[k] for k in ("model", "dataset", "network", "train")}
+    for key in ("overwrite", "save_every_n_epochs"):
+        relevant["train"].pop(key, None)
+    relevant["examples"] = [(ex.digest, ex.tags) for ex in examples]
+    relevant["trigger"] = cfg.trigger
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_report(trainer: Trainer, result: TrainResult) -> Path:
+    from .io import atomic_write_text
+    from .plot import line_plot
+
+    cfg = trainer.cfg
+    out = cfg.output_dir
+    curve = out / "loss_curve.png"
+    line_plot(result.losses, curve, title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss")
+    last = result.losses[-20:] or [float("nan")]
+    lines = [
+        f"# {cfg.output_name}: training report", "",
+        f"- base: {trainer.base.name} ({trainer.base.family}, {trainer.base.prediction_type})",
+        f"- images: {len(trainer.examples)} x {cfg.dataset.num_repeats} repeats, {trainer.epochs} epochs, "
+        f"batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation",
+        f"- network: {cfg.network.type}, dim {cfg.network.dim}, alpha {cfg.network.alpha}, "
+        f"targets {cfg.network.unet_targets}, text encoder {'trained' if trainer.train_te else 'frozen'}",
+        f"- learning rates: unet {cfg.train.unet_lr}, text encoder {cfg.train.text_encoder_lr}, "
+        f"{cfg.train.lr_scheduler}, optimizer {cfg.train.optimizer}",
+        f"- steps: {result.steps} in {result.seconds:.0f} s ({result.steps / max(result.seconds, 1e-9):.2f} steps/s)",
+        f"- final loss (mean of last {len(last)} steps): {sum(last) / len(last):.4f}",
+        "", "## Files", "",
+        *[f"- `{p.relative_to(out)}`" for p in result.adapters],
+        f"- `loss_curve.png`, TensorBoard logs in `logs/`, resumable state in `state/{STATE_FILE}`",
+        "", "![loss](loss_curve.png)", "",
+    ]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def train(cfg: Config, resume: bool = False, log=print, interrupt_at_step: int | None = None) -> TrainResult:
+    return Trainer(cfg, log=log).run(resume=resume, interrupt_at_step=interrupt_at_step)
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a LoRA from a config",
+        description="Train a LoRA (or LoHa) on the images and .txt captions of [dataset] image_dir and export "
+                    "Kohya-format .safetensors adapters into [output] dir. Runs unchanged under "
+                    "`accelerate launch --num_processes N -m sdlora.cli train CONFIG`.")
+    p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <output dir>/state/training_state.pt (same config and images)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    if result.report:
+        print(f"adapter: {result.adapter}\nreport: {result.report}")
+    return 0
