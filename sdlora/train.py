@@ -328,6 +328,7 @@ class Trainer:
                  "num_train_images": len(self.examples), "config_hash": config_hash(self.cfg, self.examples)}
         metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.cfg, self.examples),
                                          dataset_dirs(self.cfg, self.examples))
+        metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
         lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
 
     def save_state(self, epoch: int, batch_in_epoch: int, step: int, losses: list[float]) -> None:

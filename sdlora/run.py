@@ -1,0 +1,102 @@
+"""`sdlora run CONFIG`: the whole job of `bash train.sh NAME`.
+
+dataset (captions, report) -> train (skipped when the adapter is up to date) -> samples
+and grids -> style figures -> where everything is. Each stage reuses its caches, so a
+second run of an unchanged config re-encodes and retrains nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import UserError
+
+
+def adapter_up_to_date(cfg: Config, path: Path) -> bool:
+    """True when `path` was trained from exactly this config, base and dataset."""
+    from .lora import read_adapter
+    from .train import collect_examples, config_hash
+
+    if not path.is_file():
+        return False
+    _, metadata = read_adapter(path)
+    return metadata.get("sdlora_config_hash") == config_hash(cfg, collect_examples(cfg, log=lambda m: None))
+
+
+def style_figures(cfg: Config, rendered) -> dict | None:
+    """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
+    from PIL import Image
+
+    from .images import scan_images
+    from .metrics import style_shift
+
+    base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
+    lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
+    if not base or not lora:
+        return None
+    style = [Image.open(p) for p in scan_images(Path(cfg.dataset.image_dir))]
+    return style_shift(base, lora, style)
+
+
+def append_style_report(cfg: Config, figures: dict) -> None:
+    from .io import atomic_write_text
+
+    report = cfg.output_dir / "report.md"
+    text = report.read_text() if report.exists() else f"# {cfg.output_name}\n"
+    section = "\n## Style shift (samples at LoRA scale 1.0 vs the base, same prompts and seeds)\n\n"
+    marker = section.strip().splitlines()[0]
+    if marker in text:
+        text = text[: text.index(marker)].rstrip() + "\n"
+    rows = [
+        "| figure | base (scale 0) | LoRA (scale 1.0) | style set |", "|---|---|---|---|",
+        f"| colourfulness (Hasler-Suesstrunk) | {figures['colourfulness_base']:.1f} | "
+        f"{figures['colourfulness_lora']:.1f} | {figures['colourfulness_style_set']:.1f} |",
+        f"| hue/saturation histogram distance to the style set (Hellinger) | {figures['hist_distance_base']:.3f} | "
+        f"{figures['hist_distance_lora']:.3f} | 0 |",
+        "", f"Colourfulness ratio LoRA / base: **{figures['colourfulness_ratio']:.2f}x**", "",
+    ]
+    atomic_write_text(report, text + section + "\n".join(rows))
+
+
+def run(cfg: Config, log=print) -> dict:
+    from . import dataset, sample, train
+
+    out = cfg.output_dir
+    if cfg.caption.tagger != "none":
+        log("== 1/3 dataset: validate, tag, prune, captions")
+        dataset.build_dataset(cfg)
+    final = out / f"{cfg.output_name}.safetensors"
+    if adapter_up_to_date(cfg, final):
+        log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
+    else:
+        log("== 2/3 train")
+        if final.exists() and not cfg.train.overwrite:
+            raise UserError(f"{final} exists but was trained with other settings or images; "
+                            "rerun with --set train.overwrite=true to replace it, or set output.output_name")
+        train.train(cfg, log=log)
+    log("== 3/3 samples")
+    result = sample.run_sample(cfg, loras=[(final, None)], log=log)
+    figures = style_figures(cfg, result.images)
+    if figures:
+        append_style_report(cfg, figures)
+        log(f"style: colourfulness {figures['colourfulness_base']:.1f} -> {figures['colourfulness_lora']:.1f} "
+            f"({figures['colourfulness_ratio']:.2f}x); palette distance to the style set "
+            f"{figures['hist_distance_base']:.3f} -> {figures['hist_distance_lora']:.3f}")
+    paths = {"adapter": final, "samples": result.folder, "report": out / "report.md",
+             "dataset report": out / "dataset_report.md"}
+    log("\nDone.")
+    for name, path in paths.items():
+        log(f"  {name:15s} {path}")
+    return {"paths": paths, "figures": figures, "sample": result}
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="the whole job: dataset, train, export, samples (what train.sh runs)",
+        description="Build the dataset (captions and report), train and export the adapter (skipped when it is "
+                    "up to date), render 1080x720 samples and grids, and print where everything is.")
+    p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides)) and 0)
