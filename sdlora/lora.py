@@ -1,0 +1,441 @@
+"""LoRA / LoCon / LoHa adapters: choose target modules, inject them with peft, export and
+import them in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
+and write the safetensors file with Kohya (`ss_*`) and model-spec metadata.
+
+    g(x) = W x + (alpha / dim) * up(down(x))      up starts at zero: injection is the identity
+
+peft holds the adapters during training (lora_A = Kohya's lora_down, lora_B = lora_up;
+LoHa's hada_* parameters have LyCORIS's names and shapes); `kohya.py` names them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import kohya
+from .errors import UserError
+from .io import atomic_write_bytes
+
+ADAPTER_NAME = "sdlora"
+
+# Kohya's target containers (networks/lora.py): every Linear and 1x1 Conv2d inside them
+# gets `dim`; 3x3 convs inside the ResNet containers get `conv_dim` (LoCon).
+TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
+_ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"
+_PRESET_PATTERNS = {
+    "attn2": re.compile(rf"\.attn2\.{_ATTENTION_LAYERS}$"),
+    "attention": re.compile(rf"\.attn[12]\.{_ATTENTION_LAYERS}$"),
+}
+
+BASE_MODEL_VERSIONS = {"sd_v1": "sd_v1", "sd_v2": "sd_v2", "sd_v2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules are adapted
+
+
+def _layers_inside(model: nn.Module, block_classes: tuple[str, ...]) -> dict[str, nn.Module]:
+    """{path: layer} for every Linear / Conv2d inside a module whose class is in block_classes."""
+    layers: dict[str, nn.Module] = {}
+    for block_path, block in model.named_modules():
+        if type(block).__name__ not in block_classes:
+            continue
+        for sub_path, layer in block.named_modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                layers[f"{block_path}.{sub_path}" if block_path else sub_path] = layer
+    return layers
+
+
+def _is_spatial_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
+
+
+def unet_target_paths(unet: nn.Module, preset: str, convs: bool = False) -> list[str]:
+    """Module paths adapted in the U-Net, in named_modules() order.
+
+    attn2: cross-attention q/k/v/out; attention: self- and cross-attention q/k/v/out;
+    transformer (Kohya's default): every Linear and 1x1 conv inside each Transformer2DModel;
+    all (or `convs`, LoCon): transformer plus every layer of the ResNet blocks and the
+    down/upsamplers, 3x3 convs included (Kohya's `conv_dim`).
+    """
+    if preset not in ("attn2", "attention", "transformer", "all"):
+        raise UserError(f"[network] unet_targets = {preset!r}: choose attn2, attention, transformer or all")
+    layers = _layers_inside(unet, TRANSFORMER_BLOCKS)
+    layers = {p: m for p, m in layers.items() if not _is_spatial_conv(m)}
+    if preset in _PRESET_PATTERNS:
+        layers = {p: m for p, m in layers.items() if _PRESET_PATTERNS[preset].search(p)}
+    if preset == "all" or convs:
+        layers.update(_layers_inside(unet, RESNET_BLOCKS))
+    order = {path: i for i, (path, _) in enumerate(unet.named_modules())}
+    return sorted(layers, key=order.__getitem__)
+
+
+def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
+    """q/k/v/out_proj and mlp fc1/fc2 of every CLIP layer (Kohya's CLIPAttention + CLIPMLP)."""
+    return list(_layers_inside(text_encoder, TEXT_ENCODER_BLOCKS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Injection
+
+
+def _peft_config(network_cfg, paths: list[str], model: nn.Module):
+    """LoraConfig / LoHaConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
+    from peft import LoHaConfig, LoraConfig
+
+    dim, alpha = network_cfg.dim, network_cfg.alpha or network_cfg.dim  # Kohya: alpha 0 means alpha = dim
+    conv_dim = network_cfg.conv_dim or dim
+    conv_alpha = network_cfg.conv_alpha or conv_dim / 2
+    modules = dict(model.named_modules())
+    convs = [re.escape(p) for p in paths if _is_spatial_conv(modules[p])]
+    rank_pattern = {p: conv_dim for p in convs}
+    alpha_pattern = {p: conv_alpha for p in convs}
+    if network_cfg.type == "loha":
+        if network_cfg.dropout:
+            raise UserError("[network] dropout applies to lora and locon adapters; set dropout = 0 for loha")
+        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs.
+        return LoHaConfig(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
+                          alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
+    return LoraConfig(r=dim, lora_alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True)
+
+
+@dataclass
+class Network:
+    """The adapters injected into a U-Net and text encoder(s), seen through Kohya's names."""
+
+    kind: str  # "lora" (LoCon included) or "loha"
+    models: dict[str, nn.Module]  # part ("unet", "te", "te1", "te2") -> model
+    modules: dict[str, tuple[str, str]]  # kohya key -> (part, module path)
+    frozen_parts: set[str] = field(default_factory=set)
+
+    def module_map(self, part: str) -> dict[str, str]:
+        """{kohya key: module path} of the adapted modules of one part."""
+        return {key: path for key, (p, path) in self.modules.items() if p == part}
+
+    def layer(self, key: str) -> nn.Module:
+        part, path = self.modules[key]
+        return self.models[part].get_submodule(path)
+
+    def exported_keys(self) -> list[str]:
+        """Keys of the trained modules: those of a part frozen by param_groups are left out."""
+        return [key for key, (part, _) in self.modules.items() if part not in self.frozen_parts]
+
+    def _adapter_params(self, key: str) -> dict[str, nn.Parameter]:
+        layer = self.layer(key)
+        if self.kind == "lora":
+            return {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+                    "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
+        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
+
+    def _alpha(self, key: str) -> float:
+        layer = self.layer(key)
+        return float(layer.lora_alpha[ADAPTER_NAME] if self.kind == "lora" else layer.alpha[ADAPTER_NAME])
+
+    def parameters_of(self, part: str) -> list[nn.Parameter]:
+        return [p for key, (pt, _) in self.modules.items() if pt == part for p in self._adapter_params(key).values()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for key in self.modules for p in self._adapter_params(key).values() if p.requires_grad]
+
+    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+        """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported."""
+        groups = []
+        for part in self.models:
+            lr = unet_lr if part == "unet" else text_encoder_lr
+            params = self.parameters_of(part)
+            if lr == 0:
+                for p in params:
+                    p.requires_grad_(False)
+                self.frozen_parts.add(part)
+                continue
+            self.frozen_parts.discard(part)
+            groups.append({"params": params, "lr": lr, "name": "unet" if part == "unet" else f"text_encoder_{part}"})
+        if not groups:
+            raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
+        return groups
+
+    def set_multiplier(self, multiplier: float) -> None:
+        """Scale every adapter (Kohya's multiplier, the UIs' LoRA weight): delta W * multiplier."""
+        for key in self.modules:
+            layer = self.layer(key)
+            layer.scaling[ADAPTER_NAME] = multiplier * self._alpha(key) / layer.r[ADAPTER_NAME]
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `<key>.hada_*`), `<key>.alpha` (0-dim)."""
+        tensors = {}
+        for key in self.exported_keys():
+            for suffix, param in self._adapter_params(key).items():
+                tensors[f"{key}.{suffix}"] = param.detach().to("cpu", dtype).contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(self._alpha(key), dtype=dtype)
+        return tensors
+
+    def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a Kohya state dict of the same network into the adapters (resume, tests)."""
+        groups = kohya.group_modules(tensors)
+        expected = set(self.exported_keys())
+        unknown, missing = sorted(set(groups) - expected), sorted(expected - set(groups))
+        if unknown or missing:
+            raise UserError(f"the adapter does not match this network ({self.kind}, {len(expected)} modules): "
+                            f"{len(unknown)} unexpected modules (e.g. {unknown[:3]}), {len(missing)} missing "
+                            f"(e.g. {missing[:3]}); use the same [network] type, unet_targets and "
+                            f"train_text_encoder as the run that wrote it")
+        for key, parts in groups.items():
+            if kohya.module_kind(parts) != self.kind:
+                raise UserError(f"{key}: the adapter is {kohya.module_kind(parts)}, this network is {self.kind}")
+            alpha = float(parts["alpha"]) if "alpha" in parts else kohya.module_rank(parts)
+            if abs(alpha - self._alpha(key)) > 1e-3 * max(1.0, alpha):
+                raise UserError(f"{key}: alpha {alpha:g} in the adapter, {self._alpha(key):g} in [network]; "
+                                f"set network.alpha / conv_alpha to the adapter's values")
+            with torch.no_grad():
+                for suffix, param in self._adapter_params(key).items():
+                    if parts[suffix].shape != param.shape:
+                        raise UserError(f"{key}.{suffix}: shape {tuple(parts[suffix].shape)} in the adapter, "
+                                        f"{tuple(param.shape)} here; set network.dim / conv_dim to the adapter's rank")
+                    param.copy_(parts[suffix])
+
+
+def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
+    """Freeze the base models and add adapters (peft, adapter name "sdlora") per `network_cfg`.
+
+    `text_encoder` is one model, a (te1, te2) pair (SDXL) or None; text-encoder adapters are
+    created only when network_cfg.train_text_encoder is true.
+    """
+    from peft import inject_adapter_in_model
+
+    text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    text_encoders = [te for te in text_encoders if te is not None]
+    for te in text_encoders:
+        te.requires_grad_(False)  # the base is never trained, adapted or not
+    models: dict[str, nn.Module] = {"unet": unet}
+    if network_cfg.train_text_encoder:
+        names = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
+        models.update(zip(names, text_encoders))
+    modules: dict[str, tuple[str, str]] = {}
+    for part, model in models.items():
+        model.requires_grad_(False)
+        if part == "unet":
+            paths = unet_target_paths(model, network_cfg.unet_targets, convs=network_cfg.type == "locon")
+        else:
+            paths = text_encoder_target_paths(model)
+        if not paths:
+            raise UserError(f"[network] unet_targets = {network_cfg.unet_targets!r} selects no module of the "
+                            f"{type(model).__name__} ({part}); is it a Stable Diffusion model?")
+        config = _peft_config(network_cfg, paths, model)
+        if part == "unet":
+            model.add_adapter(config, adapter_name=ADAPTER_NAME)  # diffusers' own path: set_adapters etc. work
+        else:
+            # transformers' add_adapter wants a newer peft; diffusers' own text-encoder loader
+            # injects with peft directly, as here.
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        modules.update({kohya.kohya_key(part, path): (part, path) for path in paths})
+    return Network(kind="loha" if network_cfg.type == "loha" else "lora", models=models, modules=modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _get(base, name: str):
+    return base[name] if isinstance(base, dict) else getattr(base, name)
+
+
+def _resolution(resolution) -> tuple[int, int]:
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
+                     thumbnail: str | None = None) -> dict[str, str]:
+    """Kohya `ss_*` and Stability `modelspec.*` metadata; every value a string.
+
+    cfg: the Config; base: a BaseModel or dict with family, prediction_type, name, model_hash;
+    stats: num_train_images, num_epochs, epoch, steps, and optionally max_train_steps,
+    num_batches_per_epoch, training_started_at / training_finished_at (unix seconds),
+    session_id, optimizer (its description); tag_frequency: {dataset dir basename: {tag: n}};
+    dataset_dirs: {basename: {"n_repeats": n, "img_count": n}}; thumbnail: a data: URL.
+    """
+    missing = [k for k in ("num_train_images", "num_epochs", "epoch", "steps") if k not in stats]
+    if missing:
+        raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
+    family = _get(base, "family")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
+    net, train, data = cfg.network, cfg.train, cfg.dataset
+    width, height = _resolution(data.resolution)
+    alpha = net.alpha or net.dim
+    network_args = {}
+    if net.type == "loha":
+        network_args["algo"] = "loha"
+    if net.type in ("locon", "loha") or net.unet_targets == "all":
+        conv_dim = net.conv_dim or net.dim
+        network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{net.conv_alpha or conv_dim / 2:g}")
+    if net.dropout:
+        network_args["dropout"] = f"{net.dropout:g}"
+    now = time.time()
+    started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
+    prediction = "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon"
+    text_encoder_lr = train.text_encoder_lr if net.train_text_encoder else 0.0
+    meta = {
+        "ss_network_module": "lycoris.kohya" if net.type == "loha" else "networks.lora",
+        "ss_network_dim": str(net.dim),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_network_args": json.dumps(network_args),
+        "ss_network_dropout": f"{net.dropout:g}",
+        "ss_network_train_unet_only": str(not net.train_text_encoder or text_encoder_lr == 0),
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_v2": str(family.startswith("sd_v2")),
+        "ss_output_name": cfg.output_name,
+        "ss_sd_model_name": str(_get(base, "name")),
+        "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
+        "ss_resolution": f"({width}, {height})",
+        "ss_clip_skip": str(cfg.model.clip_skip),
+        "ss_num_train_images": str(stats["num_train_images"]),
+        "ss_num_epochs": str(stats["num_epochs"]),
+        "ss_epoch": str(stats["epoch"]),
+        "ss_steps": str(stats["steps"]),
+        "ss_max_train_steps": str(stats.get("max_train_steps", stats["steps"])),
+        "ss_num_batches_per_epoch": str(stats.get("num_batches_per_epoch", "")),
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_learning_rate": f"{train.unet_lr:g}",
+        "ss_unet_lr": f"{train.unet_lr:g}",
+        "ss_text_encoder_lr": f"{text_encoder_lr:g}",
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(stats.get("lr_warmup_steps", "")),
+        "ss_optimizer": str(stats.get("optimizer", train.optimizer)),
+        "ss_max_grad_norm": f"{train.max_grad_norm:g}",
+        "ss_seed": str(train.seed),
+        "ss_min_snr_gamma": f"{train.min_snr_gamma:g}",
+        "ss_noise_offset": f"{train.noise_offset:g}",
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_cache_latents": str(data.cache_latents),
+        "ss_enable_bucket": str(data.enable_bucket),
+        "ss_min_bucket_reso": str(data.min_bucket_reso),
+        "ss_max_bucket_reso": str(data.max_bucket_reso),
+        "ss_bucket_no_upscale": str(data.bucket_no_upscale),
+        "ss_shuffle_caption": str(data.shuffle_caption),
+        "ss_keep_tokens": str(data.keep_tokens),
+        "ss_flip_aug": str(data.flip_aug),
+        "ss_caption_dropout_rate": f"{data.caption_dropout_rate:g}",
+        "ss_caption_tag_dropout_rate": f"{data.caption_tag_dropout_rate:g}",
+        "ss_tag_frequency": json.dumps(tag_frequency or {}),
+        "ss_dataset_dirs": json.dumps(dataset_dirs or {}),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(finished),
+        "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
+        else "diffusers",
+        "modelspec.title": cfg.output_name,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": _iso(finished),
+        "modelspec.prediction_type": prediction,
+        "modelspec.description": (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
+                                  f"{stats['num_train_images']} images, {stats['steps']} steps"),
+    }
+    if cfg.trigger:
+        meta["modelspec.trigger_phrase"] = cfg.trigger
+    if thumbnail:
+        meta["modelspec.thumbnail"] = thumbnail
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _data_section(serialized: bytes) -> bytes:
+    """The tensor bytes of a serialized safetensors file: after the 8-byte length and the JSON header."""
+    (header_len,) = struct.unpack("<Q", serialized[:8])
+    return serialized[8 + header_len:]
+
+
+def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:
+    """Write the adapter atomically, with `sshs_model_hash`; return that hash.
+
+    The hash is Kohya's / A1111's "addnet" hash: sha256 of the tensor-data bytes. That section
+    does not depend on the header, so it is taken from a first serialisation without the hash.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; choose another [output] output_name, move the file away, "
+                        f"or set train.overwrite = true to replace it")
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata values must be strings: {bad}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    model_hash = hashlib.sha256(_data_section(save(tensors))).hexdigest()
+    serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash})
+    atomic_write_bytes(path, serialized)
+    return model_hash
+
+
+def addnet_hash(path) -> str:
+    """sha256 (hex) of a safetensors file's tensor-data bytes, computed from the file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + header_len)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short_hash(path) -> str:
+    """The 12 hex digits A1111 writes in "Lora hashes": `sshs_model_hash` when the file has one
+    (A1111 reads it first), else the addnet hash of the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("sshs_model_hash")
+    return (stored or addnet_hash(path))[:12]
+
+
+def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a Kohya-format adapter file, with a clear error for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: adapter file not found")
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(f"{path}: pickled adapters are not read (they can run code); convert it to .safetensors")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .safetensors file ({e})") from None
+    prefixes = tuple(p + "_" for p in kohya.PREFIXES.values())
+    foreign = [k for k in tensors if not k.startswith(prefixes)]
+    if not tensors or len(foreign) == len(tensors):
+        hint = ""
+        if any(".lora_A." in k or ".lora_B." in k for k in foreign):
+            hint = " (it looks like a diffusers/peft-format file: keys with lora_A/lora_B)"
+        raise UserError(f"{path}: no Kohya LoRA keys (lora_unet_*, lora_te_*){hint}; sdlora reads Kohya-format adapters")
+    if foreign:
+        raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
+    return tensors, metadata
