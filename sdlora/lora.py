@@ -165,7 +165,8 @@ class Network:
                 self.frozen_parts.add(part)
                 continue
             self.frozen_parts.discard(part)
-            groups.append({"params": params, "lr": lr, "name": "unet" if part == "unet" else f"text_encoder_{part}"})
+            name = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder_1", "te2": "text_encoder_2"}[part]
+            groups.append({"params": params, "lr": lr, "name": name})
         if not groups:
             raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
         return groups

@@ -216,7 +216,7 @@ def test_only_adapters_train_and_a_zero_text_encoder_lr_freezes_and_drops_them()
                for p in [network._adapter_params(k)["lora_up.weight"]])
 
     groups = network.param_groups(unet_lr=5e-4, text_encoder_lr=1e-4)
-    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 5e-4), ("text_encoder_te", 1e-4)]
+    assert [(g["name"], g["lr"]) for g in groups] == [("unet", 5e-4), ("text_encoder", 1e-4)]
     assert sum(len(g["params"]) for g in groups) == len(network.trainable_parameters())
 
     groups = network.param_groups(unet_lr=5e-4, text_encoder_lr=0)
