@@ -199,7 +199,10 @@ class Trainer:
         self.cfg, self.log = cfg, log
         tc = cfg.train
         out = cfg.output_dir
+        # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
+        no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
         self.accelerator = Accelerator(
+            cpu=no_gpu,
             mixed_precision=tc.mixed_precision,
             gradient_accumulation_steps=tc.gradient_accumulation_steps,
             log_with="tensorboard",
@@ -324,8 +327,10 @@ class Trainer:
 
         tc = self.cfg.train
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[tc.save_precision]
-        stats = {"epoch": epoch, "epochs": self.epochs, "steps": step, "started": started, "finished": time.time(),
-                 "num_train_images": len(self.examples), "config_hash": config_hash(self.cfg, self.examples)}
+        stats = {"epoch": epoch, "num_epochs": self.epochs, "steps": step, "max_train_steps": self.total_steps,
+                 "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
+                 "training_finished_at": time.time(), "num_train_images": len(self.examples),
+                 "config_hash": config_hash(self.cfg, self.examples)}
         metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.cfg, self.examples),
                                          dataset_dirs(self.cfg, self.examples))
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
@@ -378,7 +383,7 @@ class Trainer:
             acc.init_trackers("sdlora")
             self.log(f"training {len(self.examples)} images x {cfg.dataset.num_repeats} repeats, "
                      f"{self.epochs} epochs, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
-                     f"({acc.num_processes} process(es), {self.network.summary()})")
+                     f"({acc.num_processes} process(es), {self.cfg.network.type} on {len(self.network.exported_keys())} modules)")
         started = time.time()
         result = TrainResult(adapter=final, losses=losses)
         bar = tqdm(total=self.total_steps, initial=step, disable=not acc.is_main_process, desc="train")

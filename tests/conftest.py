@@ -1,0 +1,21 @@
+"""Shared test set-up: one torch thread (on 2 shared cores, the default thread pool makes small
+models ~100x slower), and the fixtures every stage's tests build on."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def mini_base_dir(tmp_path_factory):
+    """A random-weight SD1.x-architecture diffusers folder (the 'mini' size), built in ~1 s."""
+    from sdlora.tiny.configs import build_pipeline
+
+    folder = tmp_path_factory.mktemp("mini_base")
+    build_pipeline("mini", seed=0).save_pretrained(folder)
+    return folder
