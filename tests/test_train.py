@@ -1,0 +1,211 @@
+"""The trainer end to end on the mini base: export loads in diffusers, resume, cache, multi-process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdlora import cache, train
+from sdlora.cli import main
+from sdlora.config import load_config
+from sdlora.tiny.scenery import make_scene_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_style(tmp_path: Path, base_dir: Path, n: int = 4, extra: str = "", captions: bool = True) -> Path:
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for i in range(n):
+        img, tags = make_scene_image(i, "colorful", 64, aspect=("1:1", "3:2")[i % 2])
+        img.save(images / f"img{i}.png")
+        if captions:
+            (images / f"img{i}.txt").write_text(", ".join(["clrscn", *tags[:5]]))
+    path = tmp_path / "style.toml"
+    path.write_text(f"""
+name = "style"
+trigger = "clrscn"
+[model]
+base = "{base_dir}"
+[dataset]
+image_dir = "images"
+num_repeats = 2
+resolution = 64
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+[network]
+dim = 4
+alpha = 2
+[train]
+epochs = 2
+batch_size = 2
+save_every_n_epochs = 1
+save_precision = "fp32"
+lr_scheduler = "constant"
+seed = 1
+{extra}
+[output]
+dir = "out"
+""")
+    return path
+
+
+def test_export_loads_in_diffusers_and_matches_the_training_model(tmp_path, mini_base_dir):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = load_config(make_style(tmp_path, mini_base_dir))
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    result = trainer.run()
+    out = cfg.output_dir
+    assert result.adapter == out / "style.safetensors" and result.adapter.exists()
+    assert (out / "style-000001.safetensors").exists()  # every save_every_n_epochs
+    assert (out / "report.md").exists() and (out / "loss_curve.png").exists()
+    assert result.steps == 2 * 4  # 2 epochs x (2 buckets x ceil(2 images x 2 repeats / 2))
+
+    tensors = load_file(result.adapter)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
+    assert any(k.startswith("lora_unet_") and "attn2_to_k" in k for k in tensors)
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in tensors)
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_up" in k)  # it trained
+
+    def render(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("clrscn, day, mountains", num_inference_steps=3, width=64, height=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = trainer.base
+    in_training = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                          unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    expected = render(in_training.to(torch.float32))
+    pipe = StableDiffusionPipeline.from_pretrained(mini_base_dir, safety_checker=None)
+    before = render(pipe)
+    pipe.load_lora_weights(str(result.adapter))
+    loaded = render(pipe)
+    assert abs(loaded - expected).max() < 1e-4
+    assert abs(before - expected).max() > 1e-3  # the adapter changes the picture
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = (load_config(make_style(tmp_path / x, mini_base_dir)) for x in "ab")
+    full = train.train(a, log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(b, log=lambda m: None, interrupt_at_step=3)  # mid-epoch 1
+    assert not (b.output_dir / "style.safetensors").exists()
+    resumed = train.train(b, resume=True, log=lambda m: None)
+    ta, tb = load_file(full.adapter), load_file(resumed.adapter)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=1e-5)
+
+
+def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.overwrite=true"])
+    cache.STATS["vae_encodes"] = 0
+    train.train(cfg, log=lambda m: None)
+    assert cache.STATS["vae_encodes"] == 4
+    train.train(cfg, log=lambda m: None)
+    assert cache.STATS["vae_encodes"] == 4  # second run: zero encodes
+    img, _ = make_scene_image(99, "colorful", 64)
+    img.save(tmp_path / "images" / "img0.png")
+    train.train(cfg, log=lambda m: None)
+    assert cache.STATS["vae_encodes"] == 5  # only the changed image
+
+
+def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["dataset.flip_aug=true", "train.epochs=1"])
+    cache.STATS["vae_encodes"] = 0
+    train.train(cfg, log=lambda m: None)
+    assert cache.STATS["vae_encodes"] == 4  # each image and its mirror, encoded once
+    entries = list((cfg.output_dir / "cache" / "latents").rglob("*.safetensors"))
+    entry = load_file(entries[0])
+    assert {"mean", "std", "flip_mean", "flip_std"} <= entry.keys()
+    assert not torch.allclose(entry["mean"], entry["flip_mean"], atol=1e-3)  # a real mirror image, not a copy
+
+
+def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir),
+                      ["train.text_encoder_lr=0", "dataset.shuffle_caption=false", "train.epochs=1"])
+    cache.STATS["te_encodes"] = 0
+    result = train.train(cfg, log=lambda m: None)
+    assert not any(k.startswith("lora_te") for k in load_file(result.adapter))
+    assert cache.STATS["te_encodes"] == 4  # one per distinct caption
+
+
+def test_caption_shuffle_keeps_the_first_keep_tokens():
+    import random
+
+    tags = ["clrscn", "a", "b", "c", "d", "e"]
+    seen = set()
+    for seed in range(20):
+        caption = train.make_caption(tags, 1, True, 0.0, 0.0, random.Random(seed)).split(", ")
+        assert caption[0] == "clrscn" and sorted(caption) == sorted(tags)
+        seen.add(tuple(caption))
+    assert len(seen) > 5
+    assert train.make_caption(tags, 1, True, 0.0, 1.0, random.Random(0)) == ""  # caption dropout
+
+
+def test_steps_per_epoch_is_kohyas_count(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=3))
+    examples = train.collect_examples(cfg, log=lambda m: None)
+    # img0, img2 square (one bucket), img1 3:2: ceil(2*5/3) + ceil(1*5/3)
+    assert train.steps_per_epoch(examples, 5, 3) == 4 + 2
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("missing", "does not exist"),
+    ("empty", "no usable training image"),
+])
+def test_bad_datasets_give_one_clear_message(tmp_path, mini_base_dir, capsys, problem, expected):
+    path = make_style(tmp_path, mini_base_dir, n=1)
+    images = tmp_path / "images"
+    for f in images.iterdir():
+        f.unlink()
+    if problem == "missing":
+        images.rmdir()
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_uncaptioned_images_train_with_the_trigger_and_say_so(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=2, captions=False))
+    messages = []
+    examples = train.collect_examples(cfg, log=messages.append)
+    assert all(ex.tags == ["clrscn"] for ex in examples)
+    assert any("no caption" in m and "clrscn" in m for m in messages)
+
+
+def test_refuses_to_overwrite_a_final_adapter(tmp_path, mini_base_dir, capsys):
+    path = make_style(tmp_path, mini_base_dir, n=1)
+    final = tmp_path / "out" / "style.safetensors"
+    final.parent.mkdir()
+    final.write_bytes(b"precious")
+    assert main(["train", str(path)]) == 2
+    assert "overwrite" in capsys.readouterr().err and final.read_bytes() == b"precious"
+
+
+def test_two_processes_match_one(tmp_path, mini_base_dir):
+    """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU) == one process, same global batch."""
+    runs = {}
+    for procs in (1, 2):
+        folder = tmp_path / f"p{procs}"
+        folder.mkdir()
+        cfg_path = make_style(folder, mini_base_dir, extra="max_train_steps = 4")
+        launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29517"] if procs == 2 else [sys.executable])
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        proc = subprocess.run([*launch, "-m", "sdlora.cli", "train", str(cfg_path)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[procs] = load_file(folder / "out" / "style.safetensors")
+    for k in runs[1]:
+        torch.testing.assert_close(runs[1][k], runs[2][k], atol=2e-5, rtol=1e-4)
