@@ -79,3 +79,10 @@ def test_every_key_has_help():
     rows = describe()
     assert len(rows) > 60
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_readme_config_reference_is_current():
+    from sdlora.config import reference_markdown
+
+    assert reference_markdown() in (REPO / "README.md").read_text(), \
+        "README's config reference is stale: regenerate it from `sdlora config keys`"
