@@ -1,0 +1,189 @@
+"""Base models: load the embedded tiny model, a diffusers folder, a single-file checkpoint or a
+hub id into diffusers components; save them back as one original-layout file or a folder.
+
+Nothing is downloaded unless the user names a hub id. The family of a base decides the
+Kohya metadata and the training target:
+
+    sd_v1    CLIP-L text encoder (768), epsilon prediction, 512 px
+    sd_v2    OpenCLIP-H text encoder (1024), epsilon prediction, 512 px (SD2.x-base)
+    sd_v2_v  OpenCLIP-H text encoder (1024), v prediction, 768 px (SD2.x 768-v)
+    sdxl     two text encoders, epsilon prediction, 1024 px
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_DIR = ASSETS / "tiny"
+
+
+@dataclass
+class BaseModel:
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any  # DDPMScheduler, the training noise schedule
+    family: str  # "sd_v1" | "sd_v2" | "sd_v2_v" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    resolution: int  # native pixels (the VAE's sample_size)
+    name: str  # folder or file name without suffix (ss_sd_model_name)
+    model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
+    source: str  # what the user gave as model.base
+    clip_skip: int = 1
+
+    def pipeline(self, scheduler=None):
+        """A StableDiffusionPipeline over these same components (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.family == "sdxl":
+            raise UserError("sampling and training SDXL bases is not supported yet; "
+                            "model.base names an SDXL checkpoint")
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler if scheduler is not None else self.noise_scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def info(self) -> str:
+        return (f"{self.name}: {self.family}, {self.prediction_type}, {self.resolution} px, "
+                f"sha256 {self.model_hash[:12]} ({self.source})")
+
+    # adapter_metadata reads base["family"] as well as base.family
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """Text-encoder hidden states for the UNet's cross attention, (B, 77, dim).
+
+    kohya's clip_skip: 1 is the last hidden state; n > 1 is the hidden state n layers from
+    the end (hidden_states[-n]) passed through the final layer norm, as sd-scripts does.
+    """
+    if clip_skip <= 1:
+        return text_encoder(input_ids)[0]
+    out = text_encoder(input_ids, output_hidden_states=True)
+    hidden = out.hidden_states[-clip_skip]
+    return final_layer_norm(text_encoder)(hidden)
+
+
+def final_layer_norm(text_encoder):
+    # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it.
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load model.base (and model.vae when set) as float `dtype` components."""
+    source = model_cfg.base
+    if source == "tiny":
+        parts = _load_folder(TINY_DIR, dtype)
+        name = "tiny"
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise UserError(f"model.base: {path} is a folder without model_index.json; give a diffusers "
+                                "folder (saved by save_pretrained) or a .safetensors checkpoint")
+            parts = _load_folder(path, dtype)
+            name = path.name
+        elif path.is_file():
+            from .checkpoint import load_single_file
+
+            parts = load_single_file(path, model_cfg, dtype)
+            name = path.stem
+        else:
+            from .checkpoint import load_hub
+
+            parts = load_hub(source, dtype)
+            name = source.split("/")[-1]
+    if model_cfg.vae:
+        from .checkpoint import load_vae
+
+        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), dtype)
+    family, prediction_type = parts.pop("family"), parts.pop("prediction_type")
+    if model_cfg.v_parameterization != "auto":
+        prediction_type = model_cfg.v_parameterization
+        if family.startswith("sd_v2"):
+            family = "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    scheduler = parts["noise_scheduler"]
+    if scheduler.config.prediction_type != prediction_type:
+        from diffusers import DDPMScheduler
+
+        parts["noise_scheduler"] = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    return BaseModel(**parts, family=family, prediction_type=prediction_type,
+                     resolution=_native_resolution(parts["vae"], parts["unet"]), name=name,
+                     source=source, clip_skip=model_cfg.clip_skip)
+
+
+def _native_resolution(vae, unet) -> int:
+    # The VAE's sample_size is the training resolution in the public configs (tiny: 128);
+    # the unet's sample_size (latents) times the VAE's downscale is the fallback.
+    size = vae.config.sample_size
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if size:
+        return int(size)
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def family_of(text_encoder_dim: int, cross_attention_dim: int, prediction_type: str, sdxl: bool = False) -> str:
+    """The family from the text encoder width / the UNet's cross attention width."""
+    if sdxl:
+        return "sdxl"
+    if 1024 in (text_encoder_dim, cross_attention_dim):
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    return "sd_v1"
+
+
+def _folder_unet_weights(folder: Path) -> Path:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / "unet" / name).exists():
+            return folder / "unet" / name
+    raise UserError(f"model.base: {folder}/unet has no diffusion_pytorch_model.safetensors; "
+                    "the diffusers folder is incomplete")
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
+    """A local diffusers StableDiffusionPipeline (or SDXL) folder, without network."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    index = json.loads((folder / "model_index.json").read_text())
+    if "text_encoder_2" in index:
+        raise UserError(f"model.base: {folder} is an SDXL diffusers folder; SDXL training is not "
+                        "supported yet (give an SD1.x or SD2.x base)")
+    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / p).is_dir()]
+    if missing:
+        raise UserError(f"model.base: {folder} lacks the subfolder(s) {', '.join(missing)}; "
+                        "save the pipeline with save_pretrained or give a complete diffusers folder")
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise UserError(f"model.base: cannot load the diffusers folder {folder}: {e}") from e
+    prediction_type = noise_scheduler.config.prediction_type
+    family = family_of(text_encoder.config.hidden_size, unet.config.cross_attention_dim, prediction_type)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
+                noise_scheduler=noise_scheduler, family=family, prediction_type=prediction_type,
+                model_hash=sha256_file(_folder_unet_weights(folder)))
