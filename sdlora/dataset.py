@@ -1,0 +1,401 @@
+"""`sdlora dataset CONFIG`: build the training set from a folder of images.
+
+1. scan and validate every image (rejects are reported with their reason; the rest go on);
+2. near-duplicates: tagger image embeddings with cosine > dedupe_threshold, or a 64-bit
+   difference hash (dHash) differing in at most DHASH_MAX_BITS bits; by default only the
+   first image of each group (in path order) is kept, the others are `excluded`;
+3. captions: an existing `.txt` sidecar is kept unless --retag (then the old one is backed
+   up as `NAME.txt.bak-<timestamp>` before it is replaced); images without one are tagged
+   by the open_clip tagger, and the tags pruned (tags.prune, then tags.drop_rare);
+4. sidecars are written next to the images (atomically, only when the text changes), or
+   into `<output.dir>/captions/` when the image folder is read-only (the trainer reads both);
+5. `dataset_report.md`, `dataset_report.json` and `dataset_contact_sheet.png` in output.dir.
+
+Re-running on an unchanged folder writes no caption and encodes no image (embeddings are
+cached by file content under `<output.dir>/cache/tagger/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import caption as captioner
+from .config import Config
+from .errors import UserError
+from .images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
+from .io import atomic_path, atomic_write_text
+from .tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
+
+REPORT_MD = "dataset_report.md"
+DHASH_MAX_BITS = 3  # of 64; measured: distinct demo scenes differ in >= 11 bits, a resized JPEG copy in 2
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    digest: str
+    size: tuple[int, int]
+    dhash: np.ndarray = field(repr=False)
+    thumbnail: object = field(repr=False)  # PIL image for the contact sheet
+    tags: list[str] = field(default_factory=list)
+    caption_path: Path | None = None
+    source: str = "none"  # "kept" (an existing caption), "tagged", "none" (no caption, no tagger)
+    scores: dict[str, float] = field(default_factory=dict)
+    duplicate_of: Path | None = None
+
+
+@dataclass
+class DatasetReport:
+    image_dir: Path
+    images: list[ImageRecord]  # every valid image, excluded duplicates included
+    rejected: list[tuple[Path, str]]
+    duplicate_groups: list[list[Path]]
+    caption_dir: Path  # where new captions went: image_dir, or <output.dir>/captions
+    settings: dict
+    unknown_tags: list[str] = field(default_factory=list)
+    dropped_rare: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    backups: list[Path] = field(default_factory=list)
+    images_encoded: int = 0
+
+    @property
+    def kept(self) -> list[ImageRecord]:
+        return [r for r in self.images if r.duplicate_of is None]
+
+    @property
+    def excluded(self) -> list[ImageRecord]:
+        return [r for r in self.images if r.duplicate_of is not None]
+
+    @property
+    def tag_frequency(self) -> dict[str, int]:
+        return tag_frequency(format_caption(r.tags) for r in self.kept)
+
+
+def dhash(img) -> np.ndarray:
+    """64-bit difference hash: is each pixel of a 9x8 greyscale thumbnail brighter than its left neighbour."""
+    from PIL import Image
+
+    a = np.asarray(img.convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    return (a[:, 1:] > a[:, :-1]).ravel()
+
+
+def _duplicate_groups(records: list[ImageRecord], embeddings: np.ndarray | None, cos_threshold: float) -> list[list[int]]:
+    """Groups (index lists, in path order) of near-duplicates, by union-find over similar pairs."""
+    n = len(records)
+    parent = list(range(n))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    hashes = np.stack([r.dhash for r in records]) if records else np.zeros((0, 64), bool)
+    bits = (hashes[:, None, :] != hashes[None, :, :]).sum(-1)  # (N, N) Hamming distances
+    similar = bits <= DHASH_MAX_BITS
+    if embeddings is not None:
+        similar |= embeddings @ embeddings.T > cos_threshold
+    for i, j in zip(*np.nonzero(np.triu(similar, 1))):
+        parent[max(root(i), root(j))] = min(root(i), root(j))
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _folder_writable(folder: Path) -> bool:
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _existing_caption(image: Path, cfg: Config) -> Path | None:
+    ext = cfg.dataset.caption_extension
+    for candidate in (image.with_suffix(ext), cfg.output_dir / "captions" / (image.stem + ext)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool | None = None,
+                  log=print) -> DatasetReport:
+    d, c = cfg.dataset, cfg.caption
+    retag = c.retag if retag is None else retag
+    exclude_duplicates = d.dedupe and not keep_duplicates
+    folder = Path(d.image_dir)
+    out = cfg.output_dir
+    captioner_before = captioner.images_encoded
+
+    # 1. scan and validate
+    records, rejected = [], []
+    from .cache import file_digest
+
+    for path in scan_images(folder):
+        try:
+            img = load_image(path, d.max_pixels, d.min_side, d.background)
+        except ImageRejected as e:
+            rejected.append((path, e.reason))
+            continue
+        thumb = img.copy()
+        thumb.thumbnail((160, 160))
+        records.append(ImageRecord(path, file_digest(path), img.size, dhash(img), thumb))
+    for path, reason in rejected:
+        log(f"rejected {path.relative_to(folder)}: {reason}")
+    if not records:
+        why = "; ".join(f"{p.name}: {r}" for p, r in rejected[:5]) or "no image files found"
+        raise UserError(f"{folder}: no usable image ({why}); put PNG, JPEG, WebP, BMP, TIFF or GIF images "
+                        "there, or point [dataset] image_dir at your image folder")
+
+    # Tagger embeddings (cached by file content): for duplicates and for tagging.
+    tagger = embeddings = None
+    cos_threshold = d.dedupe_threshold
+    if c.tagger == "open_clip":
+        tagger = captioner.load_tagger(c)
+        cos_threshold = max(cos_threshold, tagger.min_duplicate_cosine)
+        cache = captioner.EmbeddingCache(out / "cache" / "tagger", tagger, d.background)
+        by_digest = captioner.embed_cached(
+            tagger, [(r.digest, lambda p=r.path: load_image(p, d.max_pixels, d.min_side, d.background))
+                     for r in records], cache, c.batch_size)
+        embeddings = np.stack([by_digest[r.digest] for r in records])
+
+    # 2. near-duplicates
+    groups = _duplicate_groups(records, embeddings, cos_threshold)
+    for g in groups:
+        first = records[g[0]]
+        names = ", ".join(str(records[i].path.relative_to(folder)) for i in g[1:])
+        log(f"near-duplicates: {first.path.relative_to(folder)} ~ {names}"
+            f"{' (keeping the first only; --keep-duplicates keeps all)' if exclude_duplicates else ''}")
+        if exclude_duplicates:
+            for i in g[1:]:
+                records[i].duplicate_of = first.path
+    kept = [r for r in records if r.duplicate_of is None]
+
+    # 3. captions: keep existing ones unless retagging; tag the rest
+    writable = _folder_writable(folder)
+    caption_dir = folder if writable else out / "captions"
+    if not writable:
+        log(f"{folder} is not writable: captions go to {caption_dir} (the trainer reads them there)")
+    to_tag = []
+    for r in kept:
+        existing = _existing_caption(r.path, cfg)
+        if existing and not retag:
+            r.tags, r.caption_path, r.source = parse_caption(existing.read_text(encoding="utf-8")), existing, "kept"
+        else:
+            to_tag.append(r)
+    unknown, dropped = [], []
+    if to_tag and tagger is not None:
+        vocabulary, unknown = tagger.scorable(captioner.read_vocabulary(c.vocabulary))
+        if unknown:
+            log(f"{len(unknown)} vocabulary tags are unknown to the {tagger.name} tagger and not scored "
+                f"(e.g. {', '.join(unknown[:5])})")
+        if not vocabulary:
+            raise UserError(f"{c.vocabulary}: none of its tags is known to the {tagger.name} tagger; "
+                            f"it knows: {', '.join(tagger.known_tags or [])}")
+        scores = tagger.score(np.stack([by_digest[r.digest] for r in to_tag]), vocabulary)
+        for r, row in zip(to_tag, scores):
+            picked = captioner.select_tags(row, vocabulary, c.threshold, c.max_tags)
+            r.scores = {t: round(s, 4) for t, s in picked}
+            r.tags = prune([t for t, _ in picked], cfg.trigger, c.blacklist, c.replace, c.style_tags)
+            r.source = "tagged"
+        # Rare tags are counted over the whole set, but only new captions are changed.
+        pruned, dropped = drop_rare([r.tags for r in kept], c.min_tag_count, keep=[cfg.trigger] if cfg.trigger else [])
+        for r, tags in zip(kept, pruned):
+            if r.source == "tagged":
+                r.tags = tags
+
+    # 4. write new captions (only when the text changes: a re-run touches nothing)
+    written, backups = [], []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for r in kept:
+        if r.source != "tagged":
+            continue
+        target = (r.path.with_suffix(d.caption_extension) if writable
+                  else caption_dir / (r.path.stem + d.caption_extension))
+        old = _existing_caption(r.path, cfg)
+        text = format_caption(r.tags) + "\n"
+        r.caption_path = target
+        if old is not None and old.read_text(encoding="utf-8") == text and old == target:
+            continue
+        if old is not None and old.parent == target.parent:
+            backup = old.with_name(f"{old.name}.bak-{stamp}")
+            shutil.copy2(old, backup)
+            backups.append(backup)
+        atomic_write_text(target, text)
+        written.append(target)
+    if backups:
+        log(f"--retag: {len(backups)} previous captions backed up as *{d.caption_extension}.bak-{stamp}")
+    if written:
+        log(f"wrote {len(written)} captions in {caption_dir}")
+
+    report = DatasetReport(folder, records, rejected, [[records[i].path for i in g] for g in groups], caption_dir,
+                           _settings(cfg, cos_threshold, tagger), unknown, dropped, written, backups,
+                           captioner.images_encoded - captioner_before)
+    write_report(cfg, report, log)
+    return report
+
+
+def _settings(cfg: Config, cos_threshold: float, tagger) -> dict:
+    d, c = cfg.dataset, cfg.caption
+    return {
+        "trigger": cfg.trigger, "max_pixels": d.max_pixels, "min_side": d.min_side, "background": d.background,
+        "dedupe": d.dedupe, "dedupe_threshold": d.dedupe_threshold, "dedupe_cosine_used": cos_threshold,
+        "dhash_max_bits": DHASH_MAX_BITS, "tagger": c.tagger, "model": c.model, "pretrained": c.pretrained,
+        "vocabulary": c.vocabulary, "threshold": c.threshold, "max_tags": c.max_tags, "blacklist": c.blacklist,
+        "replace": c.replace, "style_tags": c.style_tags, "min_tag_count": c.min_tag_count,
+        "tagger_identity": tagger.identity if tagger else None,
+    }
+
+
+def report_dict(report: DatasetReport) -> dict:
+    def rel(p: Path) -> str:
+        return p.relative_to(report.image_dir).as_posix()
+
+    return {
+        "image_dir": str(report.image_dir),
+        "caption_dir": str(report.caption_dir),
+        "settings": report.settings,
+        "counts": {"valid": len(report.images), "kept": len(report.kept), "rejected": len(report.rejected),
+                   "excluded": len(report.excluded)},
+        "kept": [{"file": rel(r.path), "digest": r.digest, "size": list(r.size), "caption": format_caption(r.tags),
+                  "caption_file": str(r.caption_path) if r.caption_path else None, "source": r.source,
+                  "scores": r.scores} for r in report.kept],
+        "rejected": [{"file": rel(p), "reason": reason} for p, reason in report.rejected],
+        "duplicate_groups": [[rel(p) for p in g] for g in report.duplicate_groups],
+        "excluded": [{"file": rel(r.path), "digest": r.digest, "duplicate_of": rel(r.duplicate_of)}
+                     for r in report.excluded],
+        "tag_frequency": report.tag_frequency,
+        "unknown_tags": report.unknown_tags,
+        "dropped_rare_tags": report.dropped_rare,
+    }
+
+
+def report_markdown(data: dict) -> str:
+    s = data["settings"]
+    lines = [f"# Dataset report: {data['image_dir']}", "",
+             f"{data['counts']['kept']} images kept, {data['counts']['rejected']} rejected, "
+             f"{data['counts']['excluded']} excluded as near-duplicates. Captions in {data['caption_dir']}.", "",
+             "## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | `{v}` |" for k, v in s.items()]
+    lines += ["", "## Kept images", "", "| image | size | source | caption |", "|---|---|---|---|"]
+    lines += [f"| {r['file']} | {r['size'][0]}x{r['size'][1]} | {r['source']} | {r['caption']} |" for r in data["kept"]]
+    if data["rejected"]:
+        lines += ["", "## Rejected", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {r['file']} | {r['reason']} |" for r in data["rejected"]]
+    if data["duplicate_groups"]:
+        lines += ["", "## Near-duplicate groups (the first of each is kept)", ""]
+        lines += [f"- {', '.join(g)}" for g in data["duplicate_groups"]]
+        if data["excluded"]:
+            lines += ["", "Excluded from training: " + ", ".join(e["file"] for e in data["excluded"])]
+    lines += ["", "## Tag frequency (images carrying each tag)", "", "| tag | images |", "|---|---|"]
+    lines += [f"| {t} | {n} |" for t, n in data["tag_frequency"].items()]
+    if data["unknown_tags"]:
+        lines += ["", f"{len(data['unknown_tags'])} vocabulary tags are unknown to this tagger and were not scored."]
+    if data["dropped_rare_tags"]:
+        lines += ["", f"Dropped as rarer than min_tag_count: {', '.join(data['dropped_rare_tags'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def contact_sheet(report: DatasetReport, columns: int = 5, cell: int = 160):
+    """Thumbnails of the kept (and excluded) images, each with its final caption underneath."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    text_h = 48
+    rows = (len(report.images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, r in enumerate(report.images):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
+        sheet.paste(r.thumbnail, (x + (cell - r.thumbnail.width) // 2, y + (cell - r.thumbnail.height) // 2))
+        if r.duplicate_of is not None:
+            text, colour = f"EXCLUDED: duplicate of {r.duplicate_of.name}", (200, 0, 0)
+        else:
+            text, colour = f"{r.path.name}: {format_caption(r.tags) or '(no caption)'}", (0, 0, 0)
+        for k, line in enumerate(textwrap.wrap(text, width=cell // 6)[:4]):
+            draw.text((x + 2, y + cell + k * 11), line, fill=colour, font=font)
+    return sheet
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    if not (path.is_file() and path.read_bytes() == data):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+
+
+def write_report(cfg: Config, report: DatasetReport, log=print) -> None:
+    import io
+
+    out = cfg.output_dir
+    data = report_dict(report)
+    _write_if_changed(out / REPORT_MARKER, (json.dumps(data, indent=1) + "\n").encode())
+    _write_if_changed(out / REPORT_MD, report_markdown(data).encode())
+    buf = io.BytesIO()
+    contact_sheet(report).save(buf, "PNG")
+    _write_if_changed(out / CONTACT_SHEET, buf.getvalue())
+    log(f"dataset: {len(report.kept)} kept, {len(report.rejected)} rejected, {len(report.excluded)} excluded; "
+        f"report {out / REPORT_MD}, contact sheet {out / CONTACT_SHEET}")
+
+
+def excluded_images(cfg: Config) -> set[Path]:
+    """Images the dataset builder excluded as near-duplicates (per `dataset_report.json`), for the trainer.
+
+    An entry counts only while the file still has the recorded content, so a replaced image is
+    trained on again rather than silently skipped. Empty when no report exists for this folder.
+    """
+    from .cache import file_digest
+
+    path = cfg.output_dir / REPORT_MARKER
+    if not path.is_file():
+        return set()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    folder = Path(cfg.dataset.image_dir)
+    if Path(data.get("image_dir", "")) != folder:
+        return set()
+    out = set()
+    for entry in data.get("excluded", []):
+        image = folder / entry["file"]
+        if image.is_file() and file_digest(image) == entry["digest"]:
+            out.add(image)
+    return out
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "dataset", help="validate, de-duplicate and auto-tag a folder of images (writes .txt captions)",
+        description="Step one of the pipeline. Validates every image of [dataset] image_dir (rejects are "
+                    "listed with their reason), finds near-duplicates, auto-tags images without a caption "
+                    "with the open_clip tagger ([caption] section), prunes the tags (blacklist, replace, "
+                    "duplicates, style tags, trigger first, min_tag_count) and writes .txt sidecars next to "
+                    "the images (or into OUTPUT/captions when the folder is read-only). Writes "
+                    "dataset_report.md/.json and dataset_contact_sheet.png to [output] dir. Existing captions "
+                    "are kept unless --retag. Re-running on an unchanged folder changes nothing.")
+    p.add_argument("config", help="a style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set caption.threshold=0.5 (repeatable)")
+    p.add_argument("--retag", action="store_true", default=None,
+                   help="re-tag images that already have captions; the old captions are kept as "
+                        "NAME.txt.bak-<timestamp> (same as caption.retag = true)")
+    p.add_argument("--keep-duplicates", action="store_true", default=None,
+                   help="report near-duplicates but train on all of them (default: only the first of "
+                        "each group is kept)")
+    p.set_defaults(func=_cmd_dataset)
+
+
+def _cmd_dataset(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    build_dataset(cfg, retag=args.retag, keep_duplicates=args.keep_duplicates)
+    return 0
