@@ -12,7 +12,6 @@ Kohya metadata and the training target:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .cache import file_digest
 from .errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -79,14 +79,6 @@ def final_layer_norm(text_encoder):
     # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it.
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
@@ -186,4 +178,18 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     family = family_of(text_encoder.config.hidden_size, unet.config.cross_attention_dim, prediction_type)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
                 noise_scheduler=noise_scheduler, family=family, prediction_type=prediction_type,
-                model_hash=sha256_file(_folder_unet_weights(folder)))
+                model_hash=file_digest(_folder_unet_weights(folder)))
+
+
+def save_single_file(base: BaseModel, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
+    """One .safetensors in the original SD key layout (A1111 / ComfyUI); see checkpoint.py."""
+    from .checkpoint import save_single_file as save
+
+    return save(base, path, dtype, overwrite)
+
+
+def save_diffusers(base: BaseModel, folder, overwrite: bool = False) -> Path:
+    """A diffusers StableDiffusionPipeline folder, written atomically."""
+    from .checkpoint import save_diffusers as save
+
+    return save(base, folder, overwrite)
