@@ -1,0 +1,645 @@
+"""`sdlora sample`: render a trained adapter the way A1111 / ComfyUI will show it.
+
+The adapter is read from its exported Kohya `.safetensors` file, never from training state:
+
+    unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
+                       per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
+    fused / LoHa       A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
+                       with dW_i = kohya.module_delta (LoRA or LoHa), W0 kept in a copy so every
+                       new set of weights (and weight 0, the base exactly) starts from W0.
+                       diffusers cannot read LoHa (hada_*) files, so they always take this path.
+
+Before anything is loaded, every module key of a file is matched against the base's
+Linear/Conv2d layers (`kohya.kohya_module_map`) and its shape checked: diffusers would drop
+unmatched keys silently.
+
+Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
+ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
+components (strength = hires_denoise) adds the detail. Every PNG carries A1111's generation
+parameters in its `parameters` text chunk (`parse_infotext` reads them back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import kohya
+from .errors import UserError
+
+# config name -> (diffusers scheduler class, extra config, A1111's sampler name)
+SAMPLERS = {
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True), "DPM++ 2M Karras"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False), "DPM++ 2M"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+}
+EPOCH_FILE = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})\.safetensors$")
+
+
+def make_scheduler(name: str, base_scheduler):
+    """The sampler `name` built from the base's scheduler config (same betas and prediction type)."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise UserError(f"[sample] sampler = {name!r}: choose one of {', '.join(SAMPLERS)}")
+    cls_name, extra, _ = SAMPLERS[name]
+    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+@dataclass
+class Adapter:
+    """One adapter file as the sampler uses it."""
+
+    path: Path
+    weight: float  # the user's weight (FILE:SCALE); grid column scales multiply it
+    alias: str  # A1111's alias: ss_output_name, else the file stem
+    short_hash: str  # A1111's "Lora hashes" value
+    kind: str  # "lora" or "loha" (a file with any LoHa module)
+    modules: dict[str, dict[str, torch.Tensor]]  # kohya key -> tensors
+    name: str = ""  # the diffusers adapter name, when loaded through diffusers
+
+
+def read_for_base(path, weight: float, pipe) -> Adapter:
+    """Read an adapter file and check that every module matches a layer of the pipeline's base."""
+    from .lora import read_adapter, short_hash
+
+    path = Path(path)
+    tensors, metadata = read_adapter(path)
+    modules = kohya.group_modules(tensors)
+    try:
+        kinds = {kohya.module_kind(parts) for parts in modules.values()}
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    layers = _layers(pipe)
+    unmatched = sorted(k for k in modules if k not in layers)
+    if unmatched:
+        trained_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "unknown"
+        raise UserError(f"{path}: {len(unmatched)} of {len(modules)} adapter modules match no layer of the base "
+                        f"model (e.g. {unmatched[:2]}); it was trained for another architecture "
+                        f"(file says: {trained_for}). Sample it with the base it was trained on ([model] base)")
+    for key, parts in modules.items():
+        shape = _base_weight(layers[key]).shape
+        try:
+            _check_shape(parts, shape)
+        except UserError as e:
+            raise UserError(f"{path}: {key}: {e}") from None
+    return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
+                   short_hash=short_hash(path), kind="loha" if "loha" in kinds else "lora", modules=modules)
+
+
+def _check_shape(parts: dict, shape: torch.Size) -> None:
+    """module_delta's shape check without forming the delta (cheap for LoRA)."""
+    if kohya.module_kind(parts) == "lora":
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if up.shape[0] != shape[0] or down[0].numel() != shape.numel() // shape[0]:
+            raise UserError(f"adapter shape up {tuple(up.shape)} / down {tuple(down.shape)} does not fit the base "
+                            f"weight {tuple(shape)}: the adapter was trained for a different base model")
+    else:
+        kohya.module_delta(parts, shape)
+
+
+def _layers(pipe) -> dict[str, torch.nn.Module]:
+    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder."""
+    layers = {}
+    for part, model in (("unet", pipe.unet), ("te", pipe.text_encoder)):
+        for key, path in kohya.kohya_module_map(model, part).items():
+            layers[key] = model.get_submodule(path)
+    return layers
+
+
+def _base_weight(layer) -> torch.nn.Parameter:
+    # A layer with peft adapters keeps the original one as base_layer.
+    return getattr(layer, "base_layer", layer).weight
+
+
+class WeightPatcher:
+    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside."""
+
+    def __init__(self, pipe):
+        self.layers = _layers(pipe)
+        self.originals: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, dict[str, torch.Tensor]] = {}  # adapter path -> kohya key -> dW
+
+    def add(self, adapter: Adapter) -> None:
+        deltas = {}
+        for key, parts in adapter.modules.items():
+            weight = _base_weight(self.layers[key])
+            self.originals.setdefault(key, weight.detach().clone())
+            deltas[key] = kohya.module_delta(parts, weight.shape).to(weight.device)
+        self.deltas[str(adapter.path)] = deltas
+
+    def remove(self, adapter: Adapter) -> None:
+        self.deltas.pop(str(adapter.path), None)
+
+    @torch.no_grad()
+    def apply(self, weights: dict[str, float]) -> None:
+        """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
+        for key, original in self.originals.items():
+            merged = original.float()
+            for path, deltas in self.deltas.items():
+                w = weights.get(path, 0.0)
+                if w and key in deltas:
+                    merged = merged + w * deltas[key]
+            _base_weight(self.layers[key]).copy_(merged.to(original.dtype))
+
+
+class AdapterSet:
+    """The adapters applied to one pipeline; `set_scale(c)` weights each file by c * its weight."""
+
+    def __init__(self, pipe, fuse: bool):
+        self.pipe, self.fuse = pipe, fuse
+        self.adapters: list[Adapter] = []
+        self.patcher: WeightPatcher | None = None
+        self._count = 0
+
+    def add(self, path, weight: float = 1.0) -> Adapter:
+        adapter = read_for_base(path, weight, self.pipe)
+        if self.fuse or adapter.kind == "loha":
+            if self.patcher is None:
+                self.patcher = WeightPatcher(self.pipe)
+            self.patcher.add(adapter)
+        else:
+            adapter.name = f"adapter{self._count}"
+            self._count += 1
+            self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+        self.adapters.append(adapter)
+        return adapter
+
+    def remove(self, adapter: Adapter) -> None:
+        self.adapters.remove(adapter)
+        if adapter.name:
+            self.pipe.delete_adapters(adapter.name)
+        elif self.patcher is not None:
+            self.patcher.remove(adapter)
+
+    def set_scale(self, scale: float) -> None:
+        peft = [a for a in self.adapters if a.name]
+        if peft:
+            self.pipe.set_adapters([a.name for a in peft], [scale * a.weight for a in peft])
+        if self.patcher is not None:
+            self.patcher.apply({str(a.path): scale * a.weight for a in self.adapters if not a.name})
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111 generation parameters ("infotext")
+
+
+def _quote(value: str) -> str:
+    # A1111 quotes a value holding a separator as a JSON string.
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",\n:") else value
+
+
+def infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
+    """A1111's layout: prompt, 'Negative prompt: ...', then 'Key: value, ...' (None values left out)."""
+    line = ", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}"
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Read infotext back like A1111's parse_generation_parameters: {"Prompt", "Negative prompt", key: value}."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:  # no parameter line: all of it is prompt
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key.strip()] = value
+    return result
+
+
+def save_png(image, path: Path, parameters: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from .io import atomic_path
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def first_pass_size(width: int, height: int, native: int) -> tuple[int, int]:
+    """The base's native area (native^2 pixels) at the target's aspect ratio, sides multiples of 8."""
+    aspect = width / height
+    w = max(8, round(native * math.sqrt(aspect) / 8) * 8)
+    h = max(8, round(native / math.sqrt(aspect) / 8) * 8)
+    return w, h
+
+
+def uses_hires(mode: str, width: int, height: int, native: int) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"--hires {mode!r}: choose on, off or auto")
+    return mode == "on" or (mode == "auto" and width * height > native * native)
+
+
+@dataclass
+class Rendered:
+    path: Path
+    prompt: str
+    seed: int
+    scale: float
+    image: object = field(repr=False, default=None)  # the full PIL image
+
+
+@dataclass
+class SampleResult:
+    folder: Path
+    images: list[Rendered] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)
+
+
+class Sampler:
+    """A base model with adapters, rendering prompts x seeds at a given adapter scale."""
+
+    def __init__(self, cfg, fuse: bool | None = None, base=None):
+        from . import models
+
+        self.cfg = cfg
+        self.base = base if base is not None else models.load_base(cfg.model)
+        s = cfg.sample
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 77, dim) hidden states with the config's clip_skip (Kohya/A1111 semantics)."""
+        from .models import encode_prompt
+
+        tok = self.pipe.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            return encode_prompt(self.pipe.text_encoder, ids, self.cfg.model.clip_skip)
+
+    def render(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
+               hires: str = "off") -> tuple[list, dict]:
+        """One image per (prompt, seed) pair; returns (images, A1111 parameters shared by them)."""
+        from PIL import Image
+
+        s = self.cfg.sample
+        for side, v in (("width", width), ("height", height)):
+            if v % 8 or v < 8:
+                raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
+        two_pass = uses_hires(hires, width, height, self.base.resolution)
+        w0, h0 = first_pass_size(width, height, self.base.resolution) if two_pass else (width, height)
+        generators = lambda: [torch.Generator(self.device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
+        embeds, negative = self.encode(list(prompts)), self.encode([s.negative_prompt] * len(prompts))
+        images = self.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, width=w0, height=h0,
+                           num_inference_steps=steps, guidance_scale=s.cfg_scale, generator=generators()).images
+        params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "CFG scale": float(s.cfg_scale), "Seed": None,
+                  "Size": f"{w0}x{h0}", "Model hash": self.base.model_hash[:10], "Model": self.base.name,
+                  "Denoising strength": None, "Clip skip": self.cfg.model.clip_skip if self.cfg.model.clip_skip > 1
+                  else None}
+        if two_pass:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+            img2img.set_progress_bar_config(disable=True)
+            upscaled = [im.resize((width, height), Image.LANCZOS) for im in images]
+            # As A1111 does, the hires pass denoises for hires_steps steps (or steps): diffusers runs
+            # int(n * strength) of n scheduled steps, so n is scaled up by 1 / strength.
+            hires_steps = s.hires_steps or steps
+            images = upscaled
+            if s.hires_denoise > 0:
+                images = img2img(prompt_embeds=embeds, negative_prompt_embeds=negative, image=upscaled,
+                                 strength=s.hires_denoise, num_inference_steps=math.ceil(hires_steps / s.hires_denoise),
+                                 guidance_scale=s.cfg_scale, generator=generators()).images
+            params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
+        return images, params
+
+
+def parameters_for(prompt: str, seed: int, scale: float, adapters: list[Adapter], negative: str,
+                   params: dict) -> str:
+    """The infotext of one image: `<lora:alias:w>` in the prompt and "Lora hashes" for each active adapter."""
+    active = [a for a in adapters if scale * a.weight != 0]
+    tags = "".join(f" <lora:{a.alias}:{scale * a.weight:g}>" for a in active)
+    hashes = ", ".join(f"{a.alias}: {a.short_hash}" for a in active) or None
+    return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes})
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _label(scale: float) -> str:
+    return "base" if scale == 0 else f"LoRA x{scale:g}"
+
+
+def render_grid(sampler: Sampler, prompts: list[str], seeds: list[int], columns: list[tuple[str, callable]],
+                folder: Path, stem: str, *, width: int, height: int, steps: int, hires: str,
+                log=print) -> SampleResult:
+    """Render prompts (rows) x columns for every seed; save the full images and one grid per seed.
+
+    columns: (label, prepare) pairs; prepare() applies that column's adapters and returns the
+    scale recorded with its images.
+    """
+    s = sampler.cfg.sample
+    result = SampleResult(folder=folder)
+    cells: dict[tuple[int, int, int], object] = {}  # (seed index, row, column) -> image
+    pairs = [(p, seed) for p in range(len(prompts)) for seed in range(len(seeds))]
+    for c, (label, prepare) in enumerate(columns):
+        scale = prepare()
+        started = time.time()
+        for batch in _batches(pairs, s.batch_size):
+            images, params = sampler.render([prompts[p] for p, _ in batch], [seeds[i] for _, i in batch],
+                                            width, height, steps, hires)
+            for (p, i), image in zip(batch, images):
+                path = folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seeds[i]}.png"
+                save_png(image, path, parameters_for(prompts[p], seeds[i], scale, sampler.adapters.adapters,
+                                                     s.negative_prompt, params))
+                result.images.append(Rendered(path, prompts[p], seeds[i], scale, image))
+                cells[i, p, c] = image
+        log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s")
+    labels = [label for label, _ in columns]
+    for i, seed in enumerate(seeds):
+        grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(prompts))],
+                         labels, prompts, s.thumbnail, title=f"seed {seed}")
+        path = folder / f"{stem}_grid_seed{seed}.png"
+        save_png(grid, path, f"sdlora grid: rows = prompts, columns = {', '.join(labels)}; seed {seed}")
+        result.grids.append(path)
+    return result
+
+
+def label_slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
+
+
+def make_grid(rows: list[list], column_labels: list[str], row_labels: list[str], thumbnail: int, title: str = ""):
+    """Thumbnails (longest side = thumbnail) in a labelled table: a header row and a label column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    thumbs = []
+    for row in rows:
+        out = []
+        for im in row:
+            im = im.copy()
+            im.thumbnail((thumbnail, thumbnail), Image.LANCZOS)
+            out.append(im)
+        thumbs.append(out)
+    cell_w = max(im.width for row in thumbs for im in row)
+    cell_h = max(im.height for row in thumbs for im in row)
+    label_w, header_h, pad = 160, 24, 4
+    width = label_w + len(column_labels) * (cell_w + pad) + pad
+    height = header_h + len(rows) * (cell_h + pad) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    for c, label in enumerate(column_labels):
+        draw.text((label_w + c * (cell_w + pad) + pad, pad), label, fill="black", font=font)
+    for r, (label, row) in enumerate(zip(row_labels, thumbs)):
+        y = header_h + r * (cell_h + pad) + pad
+        draw.multiline_text((pad, y), _wrap(label, 24, max_lines=max(1, cell_h // 12)), fill="black", font=font)
+        for c, im in enumerate(row):
+            grid.paste(im, (label_w + c * (cell_w + pad) + pad, y))
+    return grid
+
+
+def _wrap(text: str, width: int, max_lines: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:max_lines])
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _prompts(cfg) -> list[str]:
+    if not cfg.sample.prompts:
+        where = cfg.source or "the config"
+        raise UserError(f"{where}: [sample] prompts is empty; add e.g. prompts = [\"{cfg.trigger or 'a'} landscape\"] "
+                        f"or pass --prompt")
+    return list(cfg.sample.prompts)
+
+
+def epoch_files(folder, name: str | None = None) -> list[tuple[str, Path]]:
+    """(label, path) of `NAME-0000NN.safetensors` in epoch order, then the final `NAME.safetensors`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--epochs-dir {folder}: not a folder")
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for path in folder.glob("*.safetensors"):
+        m = EPOCH_FILE.match(path.name)
+        if m:
+            found.setdefault(m["name"], []).append((int(m["epoch"]), path))
+    if name is None or name not in found:
+        if len(found) != 1:
+            names = ", ".join(sorted(found)) or "none"
+            raise UserError(f"--epochs-dir {folder}: expected NAME-0000NN.safetensors files of one adapter "
+                            f"(output name {name!r}); adapters found: {names}")
+        name = next(iter(found))
+    files = [(f"epoch {e}", p) for e, p in sorted(found[name])]
+    final = folder / f"{name}.safetensors"
+    if final.is_file():
+        files.append(("final", final))
+    return files
+
+
+def run_sample(cfg, loras=(), log=print, *, hires: str | None = None, epochs_dir=None, out=None,
+               fuse: bool | None = None) -> SampleResult:
+    """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
+
+    loras: [(path, weight or None)]; None means weight 1. Column scale c applies each adapter at
+    c * weight (0 = the base). With epochs_dir, the columns are the epoch files instead (weight 1).
+    """
+    s = cfg.sample
+    prompts = _prompts(cfg)
+    loras = [(Path(p), 1.0 if w is None else float(w)) for p, w in loras] or [
+        (cfg.output_dir / f"{cfg.output_name}.safetensors", 1.0)]
+    folder = Path(out) if out else cfg.output_dir / "samples"
+    sampler = Sampler(cfg, fuse=fuse)
+    hires = hires or s.hires
+    size = dict(width=s.width, height=s.height, steps=s.steps, hires=hires)
+    log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {s.steps} steps, {s.sampler}"
+        f"{', hires' if uses_hires(hires, s.width, s.height, sampler.base.resolution) else ''} -> {folder}")
+    if epochs_dir:
+        files = epoch_files(epochs_dir, cfg.output_name)
+
+        def column(path):
+            def prepare():
+                for a in list(sampler.adapters.adapters):
+                    sampler.adapters.remove(a)
+                sampler.adapters.add(path, 1.0)
+                sampler.adapters.set_scale(1.0)
+                return 1.0
+            return prepare
+
+        columns = [(label, column(path)) for label, path in files]
+        return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log, **size)
+    for path, weight in loras:
+        sampler.adapters.add(path, weight)
+    stem = "_".join(a.alias for a in sampler.adapters.adapters)
+    columns = [(_label(scale), (lambda scale=scale: sampler.adapters.set_scale(scale) or scale))
+               for scale in s.lora_scales]
+    return render_grid(sampler, prompts, list(s.seeds), columns, folder, stem, log=log, **size)
+
+
+def preview(cfg, adapter_path, epoch: int, out_dir) -> Path:
+    """In-training preview: prompts x (base, LoRA x1) at the base's native area, preview_steps, first seed."""
+    from . import models
+
+    base = models.load_base(cfg.model)
+    w, h = first_pass_size(cfg.sample.width, cfg.sample.height, base.resolution)
+    sample_cfg = dataclasses.replace(cfg.sample, seeds=list(cfg.sample.seeds[:1]) or [1], lora_scales=[0.0, 1.0])
+    cfg = dataclasses.replace(cfg, sample=sample_cfg)
+    sampler = Sampler(cfg, fuse=True, base=base)  # one adapter, two scales: merging is the fast path
+    sampler.adapters.add(adapter_path, 1.0)
+    columns = [(_label(scale), (lambda scale=scale: sampler.adapters.set_scale(scale) or scale))
+               for scale in sample_cfg.lora_scales]
+    folder = Path(out_dir) / f"epoch{epoch:06d}"
+    result = render_grid(sampler, _prompts(cfg), sample_cfg.seeds, columns, folder, "preview", width=w, height=h,
+                         steps=cfg.sample.preview_steps, hires="off", log=lambda m: None)
+    return result.grids[0]
+
+
+def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720) -> dict:
+    """Seconds per image at 1080x720 (one pass) with the embedded base: alone, LoRA fused, LoRA unfused."""
+    import tempfile
+
+    from .config import config_from_dict
+    from .lora import adapter_metadata, inject, save_adapter
+
+    cfg = config_from_dict({"sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # A random dim-16 adapter on the default targets, saved and read back like a trained one.
+        from . import models
+
+        scratch = models.load_base(cfg.model)
+        network = inject(scratch.unet, scratch.text_encoder, cfg.network)
+        with torch.no_grad():
+            for p in network.trainable_parameters():
+                p.normal_(0, 0.02)
+        path = Path(tmp) / "bench.safetensors"
+        stats = {"num_train_images": 0, "num_epochs": 0, "epoch": 0, "steps": 0}
+        save_adapter(path, network.kohya_state_dict(torch.float32), adapter_metadata(cfg, scratch, stats))
+        del scratch, network
+        for label, fuse, with_lora in (("base", True, False), ("fused", True, True), ("unfused", False, True)):
+            sampler = Sampler(cfg, fuse=fuse)
+            if with_lora:
+                sampler.adapters.add(path, 1.0)
+                sampler.adapters.set_scale(1.0)
+            sampler.render(["bench"], [0], width, height, 1)  # warm-up
+            started = time.perf_counter()
+            sampler.render(["bench"], [1], width, height, steps)
+            results[f"{label}_s_per_image"] = time.perf_counter() - started
+    results["fused_over_base"] = results["fused_s_per_image"] / results["base_s_per_image"]
+    results["unfused_over_base"] = results["unfused_s_per_image"] / results["base_s_per_image"]
+    results["steps"], results["size"] = steps, f"{width}x{height}"
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _lora_arg(text: str) -> tuple[Path, float | None]:
+    """FILE[:SCALE]; a Windows drive colon or a colon in the file name stays part of the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(text), None
+
+
+def _numbers(text: str, kind, option: str) -> list:
+    try:
+        return [kind(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. {option} 0,0.5,1") from None
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="render prompts x seeds x LoRA scales (PNG with A1111 parameters) and labelled grids",
+        description="Render the config's [sample] prompts with one or more exported adapters, loaded from their "
+                    ".safetensors files as A1111/ComfyUI load them. Writes full-size PNGs (A1111 generation "
+                    "parameters in each) and one grid per seed (rows: prompts, columns: LoRA scales, 0 = the base) "
+                    "to <output.dir>/samples.")
+    p.add_argument("config", help="the style's TOML config")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="an adapter and its weight (default 1); repeatable, all applied together. "
+                        "Default: the trained adapter <output.dir>/<output_name>.safetensors")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set sample.cfg_scale=5 (repeatable)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces [sample] prompts")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3; replaces [sample] seeds")
+    p.add_argument("--scales", help="comma-separated LoRA scales (grid columns), e.g. 0,0.5,1; 0 is the base")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default [sample] width, 1080)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default [sample] height, 720)")
+    p.add_argument("--steps", type=int, help="denoising steps (default [sample] steps)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="scheduler (default [sample] sampler)")
+    p.add_argument("--hires", choices=["on", "off", "auto"],
+                   help="two-pass hires fix; auto = when the size exceeds the base's native area (default [sample] hires)")
+    p.add_argument("--fuse", action="store_true", help="merge adapters into the weights (faster; A1111's way)")
+    p.add_argument("--epochs-dir", metavar="DIR",
+                   help="render every NAME-0000NN.safetensors (and NAME.safetensors) in DIR side by side")
+    p.add_argument("--out", metavar="DIR", help="output folder (default <output.dir>/samples)")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    for key in ("width", "height", "steps", "sampler"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"sample.{key}={json.dumps(value)}")
+    if args.fuse:
+        overrides.append("sample.fuse=true")
+    cfg = load_config(args.config, overrides)
+    changes = {}
+    if args.prompt:
+        changes["prompts"] = args.prompt
+    if args.seeds:
+        changes["seeds"] = _numbers(args.seeds, int, "--seeds")
+    if args.scales:
+        changes["lora_scales"] = _numbers(args.scales, float, "--scales")
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
+    result = run_sample(cfg, [_lora_arg(x) for x in args.lora], hires=args.hires, epochs_dir=args.epochs_dir,
+                        out=args.out)
+    print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
+    for grid in result.grids:
+        print(f"  {grid}")
+    return 0
