@@ -426,32 +426,6 @@ def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
     return merged
 
 
-def _save_folder_atomically(base, folder: Path, overwrite: bool) -> None:
-    """save_diffusers into a sibling temp folder, then rename it into place."""
-    import shutil
-    import tempfile
-
-    from . import models
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        if hasattr(models, "save_diffusers"):
-            models.save_diffusers(base, tmp)
-        else:
-            base.pipeline().save_pretrained(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
@@ -462,20 +436,20 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
         raise UserError(f"{out} already exists; choose another output path or pass --overwrite")
     if not adapters:
         raise UserError("merge: name at least one adapter between BASE and OUT")
+    if out.suffix and out.suffix.lower() != ".safetensors":
+        raise UserError(f"merge: OUT {out} must end with .safetensors (one checkpoint file) or have no suffix "
+                        f"(a diffusers folder)")
+    for path, _ in adapters:
+        if not path.is_file():
+            raise UserError(f"merge: adapter {path} does not exist (give ADAPTER[:SCALE], e.g. style.safetensors:0.8)")
     base = _load(base_source, "BASE")
     merged = merge_adapters(base, adapters)
     for component in (base.unet, base.text_encoder, base.vae):
         component.to(dtype)
     if out.suffix.lower() == ".safetensors":
-        if not hasattr(models, "save_single_file"):
-            raise UserError("merge: single-file output is not available in this build; give OUT without a "
-                            "suffix to write a diffusers folder")
-        models.save_single_file(base, out, dtype)
-    elif out.suffix:
-        raise UserError(f"merge: OUT {out} must end with .safetensors (one checkpoint file) or have no suffix "
-                        f"(a diffusers folder)")
+        models.save_single_file(base, out, dtype, overwrite=overwrite)
     else:
-        _save_folder_atomically(base, out, overwrite)
+        models.save_diffusers(base, out, overwrite=overwrite)
     return merged
 
 
@@ -626,12 +600,17 @@ def random_adapter(shapes: dict[str, tuple[int, ...]], dim: int, alpha: float, s
     return tensors
 
 
-def bench_resize(dim: int = 128, energy: float = 0.9) -> float:
-    """Seconds to resize a dim-128 SD1.5-shaped adapter (192 U-Net + 72 text-encoder modules) at energy 0.9."""
-    tensors = random_adapter(sd15_module_shapes(), dim, alpha=dim / 2)
+def bench_resize(dim: int = 128, energy: float = 0.9) -> dict:
+    """Time resizing a dim-128 SD1.5-shaped adapter (192 U-Net + 72 text-encoder modules) at energy 0.9."""
+    shapes = sd15_module_shapes()
+    tensors = random_adapter(shapes, dim, alpha=dim / 2)
     start = time.perf_counter()
-    resize_tensors(tensors, energy=energy)
-    return time.perf_counter() - start
+    _, records = resize_tensors(tensors, energy=energy)
+    seconds = time.perf_counter() - start
+    ranks = [r.new_rank for r in records]
+    return {"resize_seconds": round(seconds, 3), "modules": len(records), "dim": dim, "energy": energy,
+            "new_rank_min": min(ranks), "new_rank_max": max(ranks),
+            "new_rank_mean": round(sum(ranks) / len(ranks), 1), "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------
