@@ -257,7 +257,7 @@ def select_tags(scores: np.ndarray, tags: list[str], threshold: float, max_tags:
     return [(tags[i], float(scores[i])) for i in order[:max_tags] if scores[i] > threshold]
 
 
-def bench_tagger(n_tiny: int = 64, n_large: int = 4, batch_size: int = 16) -> dict:
+def bench_tagger(n_tiny: int = 64, n_large: int = 2, batch_size: int = 16) -> dict:
     """Images per second of the embedded tagger and of ViT-L-14 (random weights: the cost of a
     real large tagger, without downloading one), preprocessing included."""
     import torch

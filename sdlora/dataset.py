@@ -35,6 +35,9 @@ from .tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
 
 REPORT_MD = "dataset_report.md"
 DHASH_MAX_BITS = 3  # of 64; measured: distinct demo scenes differ in >= 11 bits, a resized JPEG copy in 2
+# dHash sees only brightness gradients: every flat image hashes to zero. Pictures also need the
+# same colours (mean absolute difference of 8x8 RGB thumbnails, 0..255) to count as duplicates.
+COLOUR_MAX_DIFF = 12.0
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ImageRecord:
     digest: str
     size: tuple[int, int]
     dhash: np.ndarray = field(repr=False)
+    colours: np.ndarray = field(repr=False)  # (8, 8, 3) thumbnail
     thumbnail: object = field(repr=False)  # PIL image for the contact sheet
     tags: list[str] = field(default_factory=list)
     caption_path: Path | None = None
@@ -86,6 +90,12 @@ def dhash(img) -> np.ndarray:
     return (a[:, 1:] > a[:, :-1]).ravel()
 
 
+def colour_thumbnail(img) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(img.resize((8, 8), Image.BILINEAR), dtype=np.float32)
+
+
 def _duplicate_groups(records: list[ImageRecord], embeddings: np.ndarray | None, cos_threshold: float) -> list[list[int]]:
     """Groups (index lists, in path order) of near-duplicates, by union-find over similar pairs."""
     n = len(records)
@@ -96,9 +106,11 @@ def _duplicate_groups(records: list[ImageRecord], embeddings: np.ndarray | None,
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
-    hashes = np.stack([r.dhash for r in records]) if records else np.zeros((0, 64), bool)
+    hashes = np.stack([r.dhash for r in records])  # (N, 64)
     bits = (hashes[:, None, :] != hashes[None, :, :]).sum(-1)  # (N, N) Hamming distances
-    similar = bits <= DHASH_MAX_BITS
+    colours = np.stack([r.colours for r in records]).reshape(n, -1)  # (N, 192)
+    colour_diff = np.abs(colours[:, None, :] - colours[None, :, :]).mean(-1)  # (N, N)
+    similar = (bits <= DHASH_MAX_BITS) & (colour_diff <= COLOUR_MAX_DIFF)
     if embeddings is not None:
         similar |= embeddings @ embeddings.T > cos_threshold
     for i, j in zip(*np.nonzero(np.triu(similar, 1))):
@@ -148,7 +160,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
             continue
         thumb = img.copy()
         thumb.thumbnail((160, 160))
-        records.append(ImageRecord(path, file_digest(path), img.size, dhash(img), thumb))
+        records.append(ImageRecord(path, file_digest(path), img.size, dhash(img), colour_thumbnail(img), thumb))
     for path, reason in rejected:
         log(f"rejected {path.relative_to(folder)}: {reason}")
     if not records:
@@ -181,6 +193,12 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     kept = [r for r in records if r.duplicate_of is None]
 
     # 3. captions: keep existing ones unless retagging; tag the rest
+    stems: dict[Path, Path] = {}
+    for r in kept:
+        other = stems.setdefault(r.path.with_suffix(""), r.path)
+        if other != r.path:
+            log(f"warning: {other.name} and {r.path.name} share one caption file "
+                f"{r.path.with_suffix(d.caption_extension).name}; rename one of them")
     writable = _folder_writable(folder)
     caption_dir = folder if writable else out / "captions"
     if not writable:
@@ -227,7 +245,9 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         if old is not None and old.read_text(encoding="utf-8") == text and old == target:
             continue
         if old is not None and old.parent == target.parent:
-            backup = old.with_name(f"{old.name}.bak-{stamp}")
+            backup, n = old.with_name(f"{old.name}.bak-{stamp}"), 1
+            while backup.exists():  # two --retag runs within a second: never replace a backup
+                backup, n = old.with_name(f"{old.name}.bak-{stamp}-{n}"), n + 1
             shutil.copy2(old, backup)
             backups.append(backup)
         atomic_write_text(target, text)
@@ -344,7 +364,8 @@ def write_report(cfg: Config, report: DatasetReport, log=print) -> None:
     buf = io.BytesIO()
     contact_sheet(report).save(buf, "PNG")
     _write_if_changed(out / CONTACT_SHEET, buf.getvalue())
-    log(f"dataset: {len(report.kept)} kept, {len(report.rejected)} rejected, {len(report.excluded)} excluded; "
+    log(f"dataset: {len(report.kept)} kept, {len(report.rejected)} rejected, {len(report.excluded)} excluded, "
+        f"{report.images_encoded} images encoded by the tagger (the rest cached); "
         f"report {out / REPORT_MD}, contact sheet {out / CONTACT_SHEET}")
 
 

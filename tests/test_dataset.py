@@ -1,0 +1,158 @@
+"""`sdlora dataset`: validation, captions, duplicates, re-runs and the tiny tagger on the demo set."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_images import make_bad_images, make_good_images
+
+from sdlora import caption, cli, dataset
+from sdlora.config import load_config
+from sdlora.tags import parse_caption
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "datasets_cfg" / "colorful_scenery"
+STYLE_TAGS = ["pastel colors", "colorful", "vibrant colors", "saturated"]
+
+
+@pytest.fixture(autouse=True)
+def only_dataset_command(monkeypatch):
+    # The real CLI entry point with only this stage registered (other stages land separately).
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["dataset"])
+
+
+def write_config(tmp_path, image_dir, **dataset_keys):
+    extra = "".join(f"{k} = {json.dumps(v)}\n" for k, v in dataset_keys.items())
+    cfg = tmp_path / "style.toml"
+    cfg.write_text(f"""
+trigger = "clrscn"
+[dataset]
+image_dir = "{image_dir}"
+{extra}
+[caption]
+vocabulary = "{REPO / 'datasets_cfg' / 'tags' / 'scenery.txt'}"
+blacklist = ["landscape", "scenery", "outdoors"]
+style_tags = {json.dumps(STYLE_TAGS)}
+[output]
+dir = "out"
+""")
+    return cfg
+
+
+def demo_copy(folder, names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in sorted(DEMO.glob("*.png")):
+        if names is None or p.name in names:
+            shutil.copy2(p, folder / p.name)
+    return folder
+
+
+def report_of(tmp_path):
+    return json.loads((tmp_path / "out" / "dataset_report.json").read_text())
+
+
+def captions_state(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.glob("*.txt"))}
+
+
+def test_mixed_folder_good_images_captioned_bad_ones_listed_with_reasons(tmp_path):
+    images = tmp_path / "images"
+    good = make_good_images(images)
+    demo_copy(images, {"scene_00.png", "scene_02.png"})
+    bad = make_bad_images(images)
+    cfg = write_config(tmp_path, "images", min_side=16)
+    assert cli.main(["dataset", str(cfg), "--keep-duplicates"]) == 0
+    report = report_of(tmp_path)
+    rejected = {r["file"]: r["reason"] for r in report["rejected"]}
+    assert set(rejected) == set(bad)
+    for name, word in bad.items():
+        assert word in rejected[name], (name, rejected[name])
+        assert not (images / name).with_suffix(".txt").exists()  # no caption for a rejected file
+    for name in [*good, "scene_00.png", "scene_02.png"]:
+        text = (images / name).with_suffix(".txt").read_text()
+        assert parse_caption(text)[0] == "clrscn", (name, text)
+    md = (tmp_path / "out" / "dataset_report.md").read_text()
+    assert "truncated.jpg" in md and "decompression bomb" in md
+    sheet = Image.open(tmp_path / "out" / "dataset_contact_sheet.png")
+    assert sheet.width > 0 and sheet.height > 0
+
+
+def test_all_bad_folder_fails_with_a_clear_message(tmp_path, capsys):
+    make_bad_images(tmp_path / "images")
+    cfg = write_config(tmp_path, "images")
+    assert cli.main(["dataset", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable image" in err and "images" in err and "Traceback" not in err
+
+
+def test_rerun_changes_nothing_and_encodes_nothing_then_retag_backs_up(tmp_path):
+    images = demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png", "scene_02.png"})
+    cfg = write_config(tmp_path, "images")
+    assert cli.main(["dataset", str(cfg)]) == 0
+    first = captions_state(images)
+    assert len(first) == 3
+    encoded = caption.images_encoded
+    assert cli.main(["dataset", str(cfg)]) == 0
+    assert captions_state(images) == first
+    assert caption.images_encoded == encoded
+
+    # A user's own caption is kept as written unless --retag; with it, the old one is backed up.
+    (images / "scene_01.txt").write_text("my own words, clrscn\n")
+    assert cli.main(["dataset", str(cfg)]) == 0
+    assert (images / "scene_01.txt").read_text() == "my own words, clrscn\n"
+    assert cli.main(["dataset", str(cfg), "--retag"]) == 0
+    assert [p.read_text() for p in images.glob("*.bak-*")] == ["my own words, clrscn\n"]
+    assert (images / "scene_01.txt").read_bytes() == first["scene_01.txt"][0]
+    assert captions_state(images)["scene_00.txt"] == first["scene_00.txt"]  # same text: not rewritten
+
+    # A new threshold re-scores the cached embeddings: fewer tags, no image encoded.
+    assert cli.main(["dataset", str(cfg), "--retag", "--set", "caption.threshold=0.9"]) == 0
+    assert caption.images_encoded == encoded
+    after = {p.name: p.read_text() for p in images.glob("*.txt")}
+    assert all(parse_caption(t)[0] == "clrscn" for t in after.values())
+    assert sum(len(parse_caption(t)) for t in after.values()) < sum(len(parse_caption(b.decode())) for b, _ in first.values())
+
+
+def test_near_duplicates_grouped_and_excluded_unless_kept(tmp_path):
+    images = demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
+    copy = Image.open(images / "scene_00.png").convert("RGB").resize((200, 200))
+    copy.save(images / "scene_00_copy.jpg", quality=80)
+    cfg = write_config(tmp_path, "images")
+    assert cli.main(["dataset", str(cfg)]) == 0
+    report = report_of(tmp_path)
+    assert report["duplicate_groups"] == [["scene_00.png", "scene_00_copy.jpg"]]
+    assert [e["file"] for e in report["excluded"]] == ["scene_00_copy.jpg"]
+    assert not (images / "scene_00_copy.txt").exists()
+    assert dataset.excluded_images(load_config(cfg)) == {images / "scene_00_copy.jpg"}
+
+    assert cli.main(["dataset", str(cfg), "--keep-duplicates"]) == 0
+    assert report_of(tmp_path)["excluded"] == []
+    assert dataset.excluded_images(load_config(cfg)) == set()
+
+
+def test_read_only_image_folder_gets_captions_in_the_output_folder(tmp_path, monkeypatch):
+    images = demo_copy(tmp_path / "images", {"scene_03.png"})
+    monkeypatch.setattr(dataset, "_folder_writable", lambda folder: False)
+    cfg = write_config(tmp_path, "images")
+    assert cli.main(["dataset", str(cfg)]) == 0
+    assert not list(images.glob("*.txt"))
+    assert parse_caption((tmp_path / "out" / "captions" / "scene_03.txt").read_text())[0] == "clrscn"
+
+
+def test_demo_set_captions_with_the_embedded_tagger(tmp_path):
+    """Acceptance: trigger first, no style tag, no duplicate, time of day right for >= 80%."""
+    images = demo_copy(tmp_path / "images")
+    truth = json.loads((DEMO / ".ground_truth.json").read_text())
+    report = dataset.build_dataset(load_config(write_config(tmp_path, "images")), log=lambda *a: None)
+    assert len(report.kept) == 25 and not report.rejected and not report.excluded
+    times = {"day", "sunset", "night", "overcast"}
+    agree = 0
+    for name, gt in truth.items():
+        tags = parse_caption((images / name).with_suffix(".txt").read_text())
+        assert tags[0] == "clrscn"
+        assert not set(tags) & set(STYLE_TAGS)
+        assert len(tags) == len({t.lower() for t in tags})
+        agree += (set(tags) & times) == {gt["time"]}
+    assert agree / len(truth) >= 0.8, f"time of day right for {agree}/{len(truth)}"
