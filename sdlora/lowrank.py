@@ -49,8 +49,9 @@ def energy_rank(S: torch.Tensor, energy: float) -> int:
     if total == 0.0:
         return 1
     cumulative = torch.cumsum(sq, 0) / total
-    # A tiny tolerance so that beta = 1.0 is reached despite float round-off.
-    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
+    # Energy within 1e-6 counts as reached: fp32 round-off leaves ~1e-7 of the energy in the
+    # singular values past the true rank, and beta = 1.0 should give that rank, not the full one.
+    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-6, dtype=cumulative.dtype)).item()) + 1
 
 
 def energy_kept(S: torch.Tensor, k: int) -> float:
@@ -426,6 +427,23 @@ def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
     return merged
 
 
+def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dtype | None = None):
+    """(BaseModel with the adapters baked in, in memory; {adapter path: modules merged}).
+
+    For "train, merge, sample": `load_merged(base, [(adapter, 1.0)])[0].pipeline()` renders what
+    the merged checkpoint renders, without writing it; `dtype` rounds the weights as saving would.
+    """
+    for path, _ in adapters:
+        if not Path(path).is_file():
+            raise UserError(f"merge: adapter {path} does not exist (give ADAPTER[:SCALE], e.g. style.safetensors:0.8)")
+    base = _load(base_source, "BASE")
+    merged = merge_adapters(base, [(Path(p), float(m)) for p, m in adapters])
+    if dtype is not None:
+        for component in (base.unet, base.text_encoder, base.vae):
+            component.to(dtype)
+    return base, merged
+
+
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
@@ -439,13 +457,7 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
     if out.suffix and out.suffix.lower() != ".safetensors":
         raise UserError(f"merge: OUT {out} must end with .safetensors (one checkpoint file) or have no suffix "
                         f"(a diffusers folder)")
-    for path, _ in adapters:
-        if not path.is_file():
-            raise UserError(f"merge: adapter {path} does not exist (give ADAPTER[:SCALE], e.g. style.safetensors:0.8)")
-    base = _load(base_source, "BASE")
-    merged = merge_adapters(base, adapters)
-    for component in (base.unet, base.text_encoder, base.vae):
-        component.to(dtype)
+    base, merged = load_merged(base_source, adapters, dtype)
     if out.suffix.lower() == ".safetensors":
         models.save_single_file(base, out, dtype, overwrite=overwrite)
     else:
