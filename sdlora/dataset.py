@@ -17,8 +17,8 @@ cached by file content under `<output.dir>/cache/tagger/`).
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from .io import atomic_path, atomic_write_text
 from .tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
 
 REPORT_MD = "dataset_report.md"
+SHEET_LAYOUT = 2  # bump when the contact sheet's drawing changes, so cached sheets are redrawn
 DHASH_MAX_BITS = 3  # of 64; measured: distinct demo scenes differ in >= 11 bits, a resized JPEG copy in 2
 # dHash sees only brightness gradients: every flat image hashes to zero. Pictures also need the
 # same colours (mean absolute difference of 8x8 RGB thumbnails, 0..255) to count as duplicates.
@@ -47,7 +48,6 @@ class ImageRecord:
     size: tuple[int, int]
     dhash: np.ndarray = field(repr=False)
     colours: np.ndarray = field(repr=False)  # (8, 8, 3) thumbnail
-    thumbnail: object = field(repr=False)  # PIL image for the contact sheet
     tags: list[str] = field(default_factory=list)
     caption_path: Path | None = None
     source: str = "none"  # "kept" (an existing caption), "tagged", "none" (no caption, no tagger)
@@ -158,9 +158,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         except ImageRejected as e:
             rejected.append((path, e.reason))
             continue
-        thumb = img.copy()
-        thumb.thumbnail((160, 160))
-        records.append(ImageRecord(path, file_digest(path), img.size, dhash(img), colour_thumbnail(img), thumb))
+        records.append(ImageRecord(path, file_digest(path), img.size, dhash(img), colour_thumbnail(img)))
     for path, reason in rejected:
         log(f"rejected {path.relative_to(folder)}: {reason}")
     if not records:
@@ -325,26 +323,32 @@ def report_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def contact_sheet(report: DatasetReport, columns: int = 5, cell: int = 160):
+def contact_sheet(report: DatasetReport, cfg: Config, columns: int = 5, cell: int = 160):
     """Thumbnails of the kept (and excluded) images, each with its final caption underneath."""
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
-    text_h = 48
+    max_lines, line_h = 6, 11
+    text_h = max_lines * line_h + 4
     rows = (len(report.images) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
     for i, r in enumerate(report.images):
         x, y = (i % columns) * cell, (i // columns) * (cell + text_h)
-        sheet.paste(r.thumbnail, (x + (cell - r.thumbnail.width) // 2, y + (cell - r.thumbnail.height) // 2))
+        thumb = load_image(r.path, cfg.dataset.max_pixels, cfg.dataset.min_side, cfg.dataset.background)
+        thumb.thumbnail((cell, cell))
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
         if r.duplicate_of is not None:
             text, colour = f"EXCLUDED: duplicate of {r.duplicate_of.name}", (200, 0, 0)
         else:
             text, colour = f"{r.path.name}: {format_caption(r.tags) or '(no caption)'}", (0, 0, 0)
-        for k, line in enumerate(textwrap.wrap(text, width=cell // 6)[:4]):
-            draw.text((x + 2, y + cell + k * 11), line, fill=colour, font=font)
+        lines = textwrap.wrap(text, width=cell // 6)
+        if len(lines) > max_lines:
+            lines = lines[:max_lines - 1] + [lines[max_lines - 1] + " ..."]
+        for k, line in enumerate(lines):
+            draw.text((x + 2, y + cell + k * line_h), line, fill=colour, font=font)
     return sheet
 
 
@@ -361,9 +365,22 @@ def write_report(cfg: Config, report: DatasetReport, log=print) -> None:
     data = report_dict(report)
     _write_if_changed(out / REPORT_MARKER, (json.dumps(data, indent=1) + "\n").encode())
     _write_if_changed(out / REPORT_MD, report_markdown(data).encode())
-    buf = io.BytesIO()
-    contact_sheet(report).save(buf, "PNG")
-    _write_if_changed(out / CONTACT_SHEET, buf.getvalue())
+    # The sheet shows image contents and captions only: keyed by those, re-rendered when they change.
+    from PIL import Image, PngImagePlugin
+
+    key = hashlib.sha256(json.dumps([SHEET_LAYOUT] + [(r.digest, r.tags, str(r.duplicate_of)) for r in report.images]).encode()).hexdigest()
+    sheet_path = out / CONTACT_SHEET
+    try:
+        with Image.open(sheet_path) as old:
+            current = old.text.get("sdlora-key") == key
+    except (OSError, AttributeError):
+        current = False
+    if not current:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sdlora-key", key)
+        buf = io.BytesIO()
+        contact_sheet(report, cfg).save(buf, "PNG", pnginfo=info)
+        _write_if_changed(sheet_path, buf.getvalue())
     log(f"dataset: {len(report.kept)} kept, {len(report.rejected)} rejected, {len(report.excluded)} excluded, "
         f"{report.images_encoded} images encoded by the tagger (the rest cached); "
         f"report {out / REPORT_MD}, contact sheet {out / CONTACT_SHEET}")
