@@ -57,10 +57,6 @@ class BaseModel:
         return (f"{self.name}: {self.family}, {self.prediction_type}, {self.resolution} px, "
                 f"sha256 {self.model_hash[:12]} ({self.source})")
 
-    # adapter_metadata reads base["family"] as well as base.family
-    def __getitem__(self, key: str):
-        return getattr(self, key)
-
 
 def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
     """Text-encoder hidden states for the UNet's cross attention, (B, 77, dim).

@@ -1,10 +1,17 @@
-"""Base model loading and saving: the embedded tiny model, diffusers folders, clip_skip."""
+"""Base models: the embedded tiny model, diffusers folders, single-file checkpoints in the
+original SD layout (round trips through diffusers' own converter), hub ids offline, clip_skip."""
+
+import dataclasses
+import json
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from sdlora import models
-from sdlora.config import ModelConfig
+from sdlora import checkpoint, models
+from sdlora.cache import file_digest
+from sdlora.config import Config, ModelConfig
 from sdlora.errors import UserError
 
 
@@ -13,18 +20,29 @@ def tiny():
     return models.load_base(ModelConfig(base="tiny"))
 
 
+@pytest.fixture
+def mini(mini_base_dir):
+    return models.load_base(ModelConfig(base=str(mini_base_dir)))
+
+
+def assert_same_weights(a, b):
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert sa.keys() == sb.keys(), part
+        unequal = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        assert not unequal, f"{part}: {unequal[:3]}"
+
+
 def test_tiny_loads_as_fp32_sd1(tiny):
     assert (tiny.family, tiny.prediction_type, tiny.resolution, tiny.name) == ("sd_v1", "epsilon", 128, "tiny")
     assert tiny.unet.dtype == torch.float32 and tiny.text_encoder.dtype == torch.float32
-    assert len(tiny.model_hash) == 64 and tiny.noise_scheduler.config.num_train_timesteps == 1000
-    assert tiny["family"] == "sd_v1"  # adapter_metadata's dict access
+    assert tiny.model_hash == file_digest(models.TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert tiny.noise_scheduler.config.num_train_timesteps == 1000
 
 
-def test_mini_folder_loads_and_samples(mini_base_dir):
-    base = models.load_base(ModelConfig(base=str(mini_base_dir)))
-    assert base.family == "sd_v1" and base.name == mini_base_dir.name
-    assert base.model_hash == models.sha256_file(mini_base_dir / "unet" / "diffusion_pytorch_model.safetensors")
-    out = base.pipeline()("a hill", num_inference_steps=2, height=64, width=64, output_type="np",
+def test_mini_folder_loads_and_samples(mini_base_dir, mini):
+    assert mini.family == "sd_v1" and mini.name == mini_base_dir.name
+    out = mini.pipeline()("a hill", num_inference_steps=2, height=64, width=64, output_type="np",
                           generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3)
 
@@ -43,12 +61,217 @@ def test_clip_skip_is_penultimate_layer_through_final_norm(tiny):
         skip2 = models.encode_prompt(tiny.text_encoder, ids, 2)
         hs = tiny.text_encoder(ids, output_hidden_states=True).hidden_states
         assert len(hs) == tiny.text_encoder.config.num_hidden_layers + 1
-        expected = models.final_layer_norm(tiny.text_encoder)(hs[-2])
+        expected = tiny.text_encoder.final_layer_norm(hs[-2])
     assert torch.equal(last, tiny.text_encoder(ids).last_hidden_state)
     assert not torch.allclose(last, skip2)
     assert torch.equal(skip2, expected)
 
 
-def test_folder_without_model_index_is_a_user_error(tmp_path):
+def test_base_info_feeds_adapter_metadata(mini):
+    from sdlora.lora import adapter_metadata
+
+    meta = adapter_metadata(Config(), mini, {"num_train_images": 3, "num_epochs": 1, "epoch": 1, "steps": 2})
+    assert meta["ss_sd_model_name"] == mini.name and meta["ss_new_sd_model_hash"] == mini.model_hash
+    assert meta["ss_v2"] == "False" and meta["modelspec.prediction_type"] == "epsilon"
+
+
+# ------------------------------------------------------------- single files
+
+
+@pytest.mark.parametrize("which", ["mini", "tiny"])
+def test_single_file_round_trip(which, mini, tiny, tmp_path):
+    base = mini if which == "mini" else tiny
+    path = models.save_single_file(base, tmp_path / "model.safetensors", dtype=torch.float32)
+    again = models.load_base(ModelConfig(base=str(path)))
+    assert (again.family, again.prediction_type, again.resolution) == ("sd_v1", "epsilon", base.resolution)
+    assert again.name == "model" and again.model_hash == file_digest(path)
+    assert_same_weights(base, again)
+
+
+def test_single_file_has_the_original_layout_in_fp16(mini, tmp_path):
+    path = models.save_single_file(mini, tmp_path / "m.safetensors")
+    tensors = load_file(path)
+    for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
+                "first_stage_model.encoder.down.0.block.0.conv1.weight", "first_stage_model.decoder.mid.attn_1.q.weight",
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight"):
+        assert key in tensors, key
+    assert tensors["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 conv, as ldm has it
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in tensors)
+
+
+def test_save_refuses_to_overwrite(mini, tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"user file")
+    with pytest.raises(UserError, match="exists"):
+        models.save_single_file(mini, path)
+    assert path.read_bytes() == b"user file"
+    models.save_single_file(mini, path, overwrite=True)
+    assert models.load_base(ModelConfig(base=str(path))).family == "sd_v1"
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    with pytest.raises(UserError, match="exists"):
+        models.save_diffusers(mini, folder)
+
+
+def test_save_diffusers_round_trip(mini, tmp_path):
+    folder = models.save_diffusers(mini, tmp_path / "pipe")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+    assert_same_weights(mini, models.load_base(ModelConfig(base=str(folder))))
+
+
+def test_sd2_single_file_round_trip(mini, tmp_path):
+    # The mini model written as SD2 (OpenCLIP text-encoder layout with fused in_proj).
+    sd2 = dataclasses.replace(mini, family="sd_v2")
+    path = models.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
+    assert any(k.startswith(checkpoint.SD2_TE) for k in load_file(path))
+    again = models.load_base(ModelConfig(base=str(path)))
+    assert (again.family, again.prediction_type) == ("sd_v2", "epsilon")
+    assert again.tokenizer.pad_token == "!"
+    assert_same_weights(mini, again)
+    v = models.load_base(ModelConfig(base=str(path), v_parameterization="v_prediction"))
+    assert (v.family, v.noise_scheduler.config.prediction_type) == ("sd_v2_v", "v_prediction")
+
+
+def test_separate_vae_file_replaces_the_base_vae(mini, tiny, tmp_path):
+    original = tmp_path / "vae_ldm.safetensors"
+    save_file(checkpoint.vae_to_original(mini.vae.state_dict(), mini.vae.config), original)
+    flat = tmp_path / "vae_diffusers.safetensors"
+    save_file(mini.vae.state_dict(), flat)
+    # The mini VAE is not SD-sized: both files must be refused with the file named...
+    for path in (original, flat):
+        with pytest.raises(UserError, match=path.name):
+            models.load_base(ModelConfig(base="tiny", vae=str(path)))
+    # ...while a diffusers folder of it loads, and an SD-shaped original-layout file too.
+    folder = tmp_path / "vae"
+    mini.vae.save_pretrained(folder)
+    base = models.load_base(ModelConfig(base="tiny", vae=str(folder)))
+    assert torch.equal(base.vae.decoder.conv_out.weight, mini.vae.decoder.conv_out.weight)
+
+
+def test_sd_sized_vae_file_in_both_layouts(tmp_path):
+    from diffusers import AutoencoderKL
+
+    cfg = json.loads((checkpoint.CONFIGS / "sd_v1" / "vae" / "config.json").read_text())
+    vae = AutoencoderKL.from_config(cfg)
+    for layout, tensors in (("ldm", checkpoint.vae_to_original(vae.state_dict(), vae.config)),
+                            ("diffusers", vae.state_dict())):
+        path = tmp_path / f"{layout}.safetensors"
+        save_file({k: v.half() for k, v in tensors.items()}, path)
+        loaded = checkpoint.load_vae(path, torch.float16)
+        assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight.half()), layout
+
+
+def test_pickle_needs_opt_in(mini, tmp_path):
+    single = models.save_single_file(mini, tmp_path / "m.safetensors", dtype=torch.float32)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": load_file(single)}, ckpt)
+    with pytest.raises(UserError, match=r"m\.ckpt.*allow_pickle"):
+        models.load_base(ModelConfig(base=str(ckpt)))
+    # a pickled file has no embedded configs: the shipped SD1.5 config does not fit the mini model
+    with pytest.raises(UserError, match=r"m\.ckpt.*does not match"):
+        models.load_base(ModelConfig(base=str(ckpt), allow_pickle=True))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"just some text, not weights", "not a safetensors file"),
+    (None, "truncated"),
+    ("unknown", "unknown model family"),
+])
+def test_bad_checkpoints_are_user_errors(content, message, mini, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    if content is None:
+        good = models.save_single_file(mini, tmp_path / "good.safetensors")
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif content == "unknown":
+        save_file({"model.diffusion_model.foo.weight": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as err:
+        models.load_base(ModelConfig(base=str(path)))
+    assert "bad.safetensors" in str(err.value)
+
+
+def test_not_a_checkpoint_suffix(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(UserError, match="notes.txt is not a checkpoint"):
+        models.load_base(ModelConfig(base=str(path)))
+
+
+def test_family_detection_from_keys():
+    te = "cond_stage_model.transformer.text_model.final_layer_norm.weight"
+    assert checkpoint.detect_family(["model.diffusion_model.out.2.weight", te]) == "sd_v1"
+    assert checkpoint.detect_family(["cond_stage_model.model.transformer.resblocks.0.ln_1.weight"]) == "sd_v2"
+    assert checkpoint.detect_family(["conditioner.embedders.0.transformer.text_model.x",
+                                     "conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
+    with pytest.raises(UserError, match="without a text encoder"):
+        checkpoint.detect_family(["model.diffusion_model.out.2.weight"], "x.safetensors")
+    # SD2 768-v vs 512-base: the spread of the last attention block's norm1 bias (ComfyUI's test)
+    torch.manual_seed(0)
+    assert checkpoint.sd2_prediction_type({checkpoint.V_PROBE: torch.randn(320) * 0.3}) == "v_prediction"
+    assert checkpoint.sd2_prediction_type({checkpoint.V_PROBE: torch.randn(320) * 0.01}) == "epsilon"
+    assert checkpoint.sd2_prediction_type({}) == "epsilon"
+
+
+def test_sdxl_file_is_recognised_and_refused(tmp_path):
+    path = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2),
+               "model.diffusion_model.out.2.weight": torch.zeros(2)}, path)
+    with pytest.raises(UserError, match="xl.safetensors is an SDXL checkpoint"):
+        models.load_base(ModelConfig(base=str(path)))
+
+
+# ------------------------------------------------------------- missing paths and hub ids
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        models.load_base(ModelConfig(base=str(tmp_path / "nope.safetensors")))
     with pytest.raises(UserError, match="model_index.json"):
         models.load_base(ModelConfig(base=str(tmp_path)))
+
+
+@pytest.mark.parametrize("offline_env", [True, False])
+def test_hub_id_without_network_fails_fast(offline_env, monkeypatch):
+    if offline_env:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # the network probe answers "unreachable"; the real one has a 2 s timeout
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(checkpoint, "_hub_reachable", lambda timeout=2.0: False)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="someone/some-model.*(download it|give a local path)"):
+        models.load_base(ModelConfig(base="someone/some-model"))
+    assert time.monotonic() - start < 5
+
+
+def test_network_probe_is_bounded():
+    start = time.monotonic()
+    checkpoint._hub_reachable(timeout=1.0)
+    assert time.monotonic() - start < 5
+
+
+# ------------------------------------------------------------- full size (opt-in)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_random_weights_round_trip(tmp_path):
+    """SD1.5-sized random weights from the shipped config: original layout, fp16, and back."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = checkpoint._configs_for("sd_v1", {})
+    base = models.BaseModel(
+        tokenizer=checkpoint._tokenizer("sd_v1"),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**checkpoint._clip_config(cfg["text_encoder"]))),
+        vae=AutoencoderKL.from_config(cfg["vae"]), unet=UNet2DConditionModel.from_config(cfg["unet"]),
+        noise_scheduler=DDPMScheduler.from_config(cfg["scheduler"]), family="sd_v1", prediction_type="epsilon",
+        resolution=512, name="sd15", model_hash="", source="random")
+    path = models.save_single_file(base, tmp_path / "sd15.safetensors")
+    assert 2.0e9 < path.stat().st_size < 2.3e9  # the size of a pruned fp16 SD1.5 file
+    again = models.load_base(ModelConfig(base=str(path)), dtype=torch.float16)
+    assert (again.family, again.resolution) == ("sd_v1", 512)
+    for part in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(base, part).state_dict(), getattr(again, part).state_dict()
+        assert all(torch.equal(sa[k].half(), sb[k]) for k in sa), part
