@@ -72,7 +72,9 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
 
 
 def final_layer_norm(text_encoder):
-    # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it.
+    # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it. A DDP-wrapped
+    # encoder (multi-process training) keeps the model in `.module`.
+    text_encoder = getattr(text_encoder, "module", text_encoder)
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
 
