@@ -142,15 +142,18 @@ def load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> dict:
     else:
         prediction_type, how = "epsilon", "SD1.x"
     configs = _configs_for(family, metadata)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    vae = AutoencoderKL.from_config(configs["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
-    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet")
-    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE")
-    _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family), path, "text encoder")
+    # Parameters start on the meta device (no random init of a billion weights); the file's
+    # tensors are then assigned in place. Buffers (position ids) are built normally.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
+    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet", dtype)
+    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE", dtype)
+    _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family), path, "text encoder", dtype)
     scheduler = DDPMScheduler.from_config(configs["scheduler"], prediction_type=prediction_type)
-    if dtype != torch.float32:
-        unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
     parts = dict(tokenizer=_tokenizer(family), text_encoder=text_encoder.eval(), vae=vae.eval(),
                  unet=unet.eval(), noise_scheduler=scheduler, family=family,
                  prediction_type=prediction_type, model_hash=file_digest(path))
@@ -169,7 +172,7 @@ def _clip_config(cfg: dict) -> dict:
                                                       "torch_dtype", "_name_or_path")}
 
 
-def _load(model: torch.nn.Module, state: dict, path: Path, what: str) -> None:
+def _load(model: torch.nn.Module, state: dict, path: Path, what: str, dtype: torch.dtype) -> None:
     expected = model.state_dict()
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
     missing = sorted(set(expected) - set(state) - {k for k in expected if k.endswith("position_ids")})
@@ -180,7 +183,7 @@ def _load(model: torch.nn.Module, state: dict, path: Path, what: str) -> None:
                   else f"shape mismatch at {wrong[:3]}")
         raise UserError(f"model.base: the {what} in {path} does not match the expected architecture ({detail}); "
                         "is it a complete SD checkpoint?")
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in expected}, strict=False, assign=True)
 
 
 def _unet_to_diffusers(tensors: dict, config) -> dict:
@@ -237,9 +240,11 @@ def load_vae(path: Path, dtype: torch.dtype):
         raise UserError(f"model.vae: {path} does not exist; give a VAE .safetensors file or diffusers folder")
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"model.vae: {path} is not a .safetensors file")
+    from accelerate import init_empty_weights
+
     tensors, metadata = read_state_dict(path)
-    vae = AutoencoderKL.from_config(_configs_for("sd_v1", metadata)["vae"] if CONFIG_META_KEY in metadata
-                                    else json.loads((CONFIGS / "sd_v1" / "vae" / "config.json").read_text()))
+    with init_empty_weights(include_buffers=False):
+        vae = AutoencoderKL.from_config(_configs_for("sd_v1", metadata)["vae"])
     if "encoder.conv_in.weight" in tensors and "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
         state = tensors  # diffusers layout
     else:
@@ -247,10 +252,10 @@ def load_vae(path: Path, dtype: torch.dtype):
             raise UserError(f"model.vae: {path} holds no VAE weights (no encoder.down.* / first_stage_model.* keys)")
         state = _vae_to_diffusers(tensors, vae.config)
     try:
-        vae.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"model.vae: {path} does not match the SD VAE architecture: {str(e)[:300]}") from e
-    return vae.to(dtype).eval()
+        _load(vae, state, path, "VAE", dtype)
+    except UserError as e:
+        raise UserError(f"model.vae: {str(e).removeprefix('model.base: ')}") from None
+    return vae.eval()
 
 
 def load_hub(source: str, dtype: torch.dtype) -> dict:
