@@ -322,6 +322,9 @@ def extract_tensors(base, tuned, rank: int | None = None, energy: float | None =
         weights[key] = tuned_weight.detach().float() - base_weight.detach().float()
     te_keys = [k for k, (part, _) in targets.items() if part == "te"]
     te_skipped = bool(te_keys) and max(float(weights[k].abs().max()) for k in te_keys) < te_tolerance
+    if all(float(w.abs().max()) < te_tolerance for w in weights.values()):
+        raise UserError(f"extract: no target weight differs by more than {te_tolerance:g} between --base and "
+                        f"--tuned; are they the same checkpoint?")
     tensors, records = {}, []
     for key, delta in weights.items():
         if te_skipped and key in te_keys:
@@ -356,6 +359,10 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
         raise UserError(f"{out} already exists; choose another output path or pass --overwrite")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"extract: --energy {energy} must be in (0, 1]")
+    if rank is not None and rank < 1:
+        raise UserError(f"extract: --rank {rank} must be at least 1")
+    if clamp is not None and not 0.0 < clamp <= 1.0:
+        raise UserError(f"extract: --clamp-quantile {clamp} must be in (0, 1], e.g. 0.99 (or pass --no-clamp)")
     start = time.perf_counter()
     base, tuned = _load(base_source, "--base"), _load(tuned_source, "--tuned")
     tensors, records, te_skipped = extract_tensors(base, tuned, rank, energy, max_rank, conv_rank, clamp,
@@ -704,6 +711,8 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=_cmd_extract)
 
     p = subparsers.add_parser("merge", help="bake adapters into a base checkpoint",
+                              usage="sdlora merge [-h] [--save-precision {fp16,bf16,fp32}] [--overwrite] "
+                                    "BASE ADAPTER[:SCALE] [ADAPTER[:SCALE] ...] OUT",
                               description=__doc__, formatter_class=fmt)
     p.add_argument("base", metavar="BASE", help="base checkpoint: 'tiny', a diffusers folder or a .safetensors file")
     p.add_argument("items", nargs="+", metavar="ADAPTER[:SCALE] ... OUT",
