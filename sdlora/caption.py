@@ -163,14 +163,20 @@ def tiny_tagger(device: str | None = None) -> Tagger:
     return Tagger("tiny", identity, load, known, device, floor)
 
 
-def open_clip_tagger(arch: str, pretrained: str = "", device: str | None = None) -> Tagger:
-    """An open_clip architecture with a local checkpoint, a pretrained tag (downloads), or random
-    weights (`pretrained=""`, for benchmarks only)."""
+def _check_arch(arch: str) -> None:
     import open_clip
 
     if arch not in open_clip.list_models():
         raise UserError(f"[caption] model = {arch!r} is not an open_clip architecture; use 'tiny' (embedded) "
                         f"or one of open_clip.list_models(), e.g. 'ViT-L-14'")
+
+
+def open_clip_tagger(arch: str, pretrained: str = "", device: str | None = None) -> Tagger:
+    """An open_clip architecture with a local checkpoint, a pretrained tag (downloads), or random
+    weights (`pretrained=""`, for benchmarks only)."""
+    import open_clip
+
+    _check_arch(arch)
     device = device or _device()
     source = pretrained
     if pretrained:
@@ -200,6 +206,7 @@ def open_clip_tagger(arch: str, pretrained: str = "", device: str | None = None)
 def load_tagger(caption_cfg, device: str | None = None) -> Tagger:
     if caption_cfg.model == "tiny":
         return tiny_tagger(device)
+    _check_arch(caption_cfg.model)
     if not caption_cfg.pretrained:
         raise UserError(f"[caption] model = {caption_cfg.model!r} needs [caption] pretrained: a local open_clip "
                         "checkpoint file, or a pretrained tag such as 'openai' (downloads)")

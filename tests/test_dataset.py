@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from test_images import make_bad_images, make_good_images
@@ -147,6 +148,7 @@ def test_demo_set_captions_with_the_embedded_tagger(tmp_path):
     truth = json.loads((DEMO / ".ground_truth.json").read_text())
     report = dataset.build_dataset(load_config(write_config(tmp_path, "images")), log=lambda *a: None)
     assert len(report.kept) == 25 and not report.rejected and not report.excluded
+    assert "dusk" in report.unknown_tags and "sunset" not in report.unknown_tags
     times = {"day", "sunset", "night", "overcast"}
     agree = 0
     for name, gt in truth.items():
@@ -154,5 +156,41 @@ def test_demo_set_captions_with_the_embedded_tagger(tmp_path):
         assert tags[0] == "clrscn"
         assert not set(tags) & set(STYLE_TAGS)
         assert len(tags) == len({t.lower() for t in tags})
+        # The tiny tagger scores tags it was never trained on arbitrarily: they must not appear.
+        assert not set(tags) & set(report.unknown_tags), tags
         agree += (set(tags) & times) == {gt["time"]}
     assert agree / len(truth) >= 0.8, f"time of day right for {agree}/{len(truth)}"
+
+
+def test_clip_models_without_logit_bias_get_a_calibrated_two_way_score():
+    import torch
+
+    tagger = caption.tiny_tagger(device="cpu")
+    model, tokenizer, _ = tagger._load()
+    model.logit_bias = None  # now scored like a softmax-trained CLIP
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    emb = tagger.embed_images(images)
+    scores = tagger.score(emb, ["sunset", "lake"])
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(model.encode_text(tokenizer(["a photo of sunset", "a photo of lake", "a photo"])), dim=-1)
+        cos = torch.from_numpy(emb) @ txt.T
+        expected = torch.sigmoid(model.logit_scale.exp() * (cos[:, :2] - cos[:, 2:]))
+    assert np.allclose(scores, expected.numpy(), atol=1e-5)
+    assert caption.select_tags(np.array([0.2, 0.9, 0.6]), ["a", "b", "c"], 0.5, 1) == [("b", 0.9)]
+
+
+def test_tagger_config_mistakes_are_user_errors(tmp_path):
+    from sdlora.config import config_from_dict
+    from sdlora.errors import UserError
+
+    def cfg(**caption_keys):
+        return config_from_dict({"caption": caption_keys}).caption
+    with pytest.raises(UserError, match="not an open_clip architecture"):
+        caption.load_tagger(cfg(model="ViT-Nope"))
+    with pytest.raises(UserError, match="needs \\[caption\\] pretrained"):
+        caption.load_tagger(cfg(model="ViT-B-32"))
+    with pytest.raises(UserError, match="file not found"):
+        caption.load_tagger(cfg(model="ViT-B-32", pretrained=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(UserError, match="vocabulary"):
+        caption.read_vocabulary(tmp_path / "none.txt")
