@@ -53,6 +53,7 @@ def find_caption(image: Path, cfg: Config) -> tuple[str | None, str]:
 
 def collect_examples(cfg: Config, log=print) -> list[Example]:
     from .cache import file_digest
+    from .dataset import excluded_images
     from .images import ImageRejected, load_image, scan_images
     from .tags import parse_caption
 
@@ -65,7 +66,13 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     buckets = make_buckets(reso, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
     area = reso[0] * reso[1]
     examples, rejected, uncaptioned = [], [], []
+    duplicates = excluded_images(cfg)  # near-duplicates the dataset builder set aside
+    if duplicates:
+        log(f"skipping {len(duplicates)} near-duplicate image(s) the dataset builder excluded "
+            f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
     for path in scan_images(folder):
+        if path in duplicates:
+            continue
         try:
             image = load_image(path, d.max_pixels, d.min_side, d.background)
         except ImageRejected as e:
@@ -133,6 +140,19 @@ def steps_per_epoch(examples: list[Example], repeats: int, batch_size: int) -> i
     for ex in examples:
         counts[ex.bucket] = counts.get(ex.bucket, 0) + repeats
     return sum(math.ceil(n / batch_size) for n in counts.values())
+
+
+class BucketBatches(torch.utils.data.Sampler):
+    """The epoch's precomputed batches; accelerate reads `batch_size` to split each across processes."""
+
+    def __init__(self, batches: list[list[int]], batch_size: int):
+        self.batches, self.batch_size = batches, batch_size
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 class EpochDataset(torch.utils.data.Dataset):
@@ -232,7 +252,9 @@ class Trainer:
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         from .models import encode_prompt
 
-        return encode_prompt(self.base.text_encoder, input_ids.to(self.accelerator.device), self.cfg.model.clip_skip)
+        # The prepared (DDP-wrapped when multi-process) encoder, so its adapter gradients are all-reduced.
+        text_encoder = getattr(self, "text_encoder", self.base.text_encoder)
+        return encode_prompt(text_encoder, input_ids.to(self.accelerator.device), self.cfg.model.clip_skip)
 
     # -- setup
     def prepare_latents(self) -> None:
@@ -251,6 +273,7 @@ class Trainer:
         self.base.vae.to("cpu")  # not needed while training
 
     def setup(self) -> None:
+        from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
         from . import lora
@@ -261,6 +284,7 @@ class Trainer:
         for m in (base.unet, base.text_encoder, base.vae):
             m.requires_grad_(False)
         train_te = cfg.network.train_text_encoder and tc.text_encoder_lr > 0
+        set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
         self.network = lora.inject(base.unet, base.text_encoder if train_te else None, cfg.network)
         for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
             p.data = p.data.float()
@@ -392,7 +416,7 @@ class Trainer:
             for m in models:
                 m.train()
             order, batches = epoch_order(self.examples, cfg.dataset.num_repeats, tc.batch_size, tc.seed, epoch)
-            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=batches))
+            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size)))
             if skip:
                 loader = acc.skip_first_batches(loader, skip)
             for i, batch in enumerate(loader, start=skip):

@@ -153,9 +153,10 @@ def test_caption_shuffle_keeps_the_first_keep_tokens():
 
 
 def test_steps_per_epoch_is_kohyas_count(tmp_path, mini_base_dir):
-    cfg = load_config(make_style(tmp_path, mini_base_dir, n=3))
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=3), ["dataset.resolution=96"])
     examples = train.collect_examples(cfg, log=lambda m: None)
-    # img0, img2 square (one bucket), img1 3:2: ceil(2*5/3) + ceil(1*5/3)
+    assert [str(ex.bucket) for ex in examples] == ["96x96", "128x64", "96x96"]
+    # img0, img2 square (one bucket), img1 3:2 (another): ceil(2*5/3) + ceil(1*5/3)
     assert train.steps_per_epoch(examples, 5, 3) == 4 + 2
 
 
@@ -207,5 +208,12 @@ def test_two_processes_match_one(tmp_path, mini_base_dir):
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = load_file(folder / "out" / "style.safetensors")
+    # Gradients are all-reduced in another summation order; Adam's first steps (~lr * sign(g))
+    # amplify that float noise to ~lr on near-zero gradients, so compare relative norms.
+    assert runs[1].keys() == runs[2].keys()
     for k in runs[1]:
-        torch.testing.assert_close(runs[1][k], runs[2][k], atol=2e-5, rtol=1e-4)
+        if k.endswith(".alpha"):
+            assert torch.equal(runs[1][k], runs[2][k])
+            continue
+        rel = (runs[1][k] - runs[2][k]).norm() / runs[1][k].norm().clamp_min(1e-12)
+        assert rel < 1e-2, (k, float(rel))
