@@ -27,6 +27,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Keys whose presence says which model a file holds.
 SD1_TE = "cond_stage_model.transformer."  # OpenAI CLIP-L
 SD2_TE = "cond_stage_model.model.transformer.resblocks."  # OpenCLIP ViT-H
+SDXL_TE1 = "conditioner.embedders.0.transformer."  # OpenAI CLIP-L
 SDXL_TE2 = "conditioner.embedders.1."  # OpenCLIP ViT-bigG
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -119,17 +120,14 @@ def _configs_for(family: str, metadata: dict) -> dict:
 
 
 def load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> dict:
-    """The components of an original-layout SD1.x / SD2.x checkpoint (see models.load_base)."""
+    """The components of an original-layout SD1.x / SD2.x / SDXL checkpoint (see models.load_base)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .cache import file_digest
 
     tensors, metadata = read_state_dict(path, model_cfg.allow_pickle)
     family = detect_family(tensors, path)
-    if family == "sdxl":
-        raise UserError(f"model.base: {path} is an SDXL checkpoint (recognised), but sdlora trains SD1.x and "
-                        "SD2.x bases only for now")
     if family == "sd_v2":
         if model_cfg.v_parameterization != "auto":
             prediction_type = model_cfg.v_parameterization
@@ -140,23 +138,28 @@ def load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> dict:
         if prediction_type == "v_prediction":
             family = "sd_v2_v"
     else:
-        prediction_type, how = "epsilon", "SD1.x"
+        prediction_type, how = "epsilon", "SD1.x" if family == "sd_v1" else "SDXL base"
     configs = _configs_for(family, metadata)
-    # Parameters start on the meta device (no random init of a billion weights); the file's
-    # tensors are then assigned in place. Buffers (position ids) are built normally.
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet")
+    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE")
+    parts = dict(tokenizer=_tokenizer(family))
+    if family == "sdxl":
         text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
-    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet", dtype)
-    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE", dtype)
-    _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family), path, "text encoder", dtype)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
+        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, "sd_v1", SDXL_TE1), path, "text encoder 1")
+        _load(text_encoder_2, _te_to_diffusers(tensors, text_encoder_2, "sd_v2", SDXL_TE2 + "model."), path,
+              "text encoder 2")
+        parts.update(text_encoder_2=text_encoder_2.to(dtype).eval(), tokenizer_2=_tokenizer("sd_v2"))
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
+        te_prefix = SD1_TE if family == "sd_v1" else "cond_stage_model.model."
+        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family, te_prefix), path, "text encoder")
     scheduler = DDPMScheduler.from_config(configs["scheduler"], prediction_type=prediction_type)
-    parts = dict(tokenizer=_tokenizer(family), text_encoder=text_encoder.eval(), vae=vae.eval(),
-                 unet=unet.eval(), noise_scheduler=scheduler, family=family,
-                 prediction_type=prediction_type, model_hash=file_digest(path))
+    parts.update(text_encoder=text_encoder.to(dtype).eval(), vae=vae.to(dtype).eval(), unet=unet.to(dtype).eval(),
+                 noise_scheduler=scheduler, family=family, prediction_type=prediction_type,
+                 model_hash=file_digest(path))
     print(f"{path.name}: {family}, {prediction_type} ({how}), {_size(vae, unet)} px")
     return parts
 
@@ -198,13 +201,17 @@ def _vae_to_diffusers(tensors: dict, config) -> dict:
     return convert_ldm_vae_checkpoint(tensors, dict(config))
 
 
-def _te_to_diffusers(tensors: dict, text_encoder, family: str) -> dict:
+def _te_to_diffusers(tensors: dict, text_encoder, layout: str, prefix: str) -> dict:
+    """`layout` sd_v1: OpenAI CLIP keys under `prefix`; otherwise OpenCLIP keys (fused in_proj)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
-    if family == "sd_v1":
-        state = convert_ldm_clip_checkpoint(tensors)
+    if layout == "sd_v1":
+        state = convert_ldm_clip_checkpoint({k: v for k, v in tensors.items() if k.startswith(prefix)}, prefix)
     else:
-        state = convert_open_clip_checkpoint(text_encoder, tensors)
+        state = convert_open_clip_checkpoint(text_encoder, tensors, prefix=prefix)
+        if not hasattr(text_encoder, "text_projection"):
+            # SD2 files carry OpenCLIP's text_projection, which the UNet never sees.
+            state.pop("text_projection.weight", None)
     return _match_text_model_prefix(state, text_encoder)
 
 
@@ -289,13 +296,23 @@ def load_hub(source: str, dtype: torch.dtype) -> dict:
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Can huggingface.co be reached? Bounded by `timeout`, DNS look-up included."""
     import socket
+    import threading
 
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
 
 
 # ---------------------------------------------------------------- writing
@@ -396,14 +413,17 @@ def vae_to_original(state: dict, config) -> dict:
     return out
 
 
-def text_encoder_to_original(state: dict, family: str) -> dict:
+def text_encoder_to_original(state: dict, layout: str, prefix: str) -> dict:
+    """A CLIPTextModel(WithProjection) state dict under `prefix`, in OpenAI CLIP names (layout
+    sd_v1: SD1, SDXL's first encoder) or OpenCLIP names (SD2, SDXL's second encoder)."""
+    projection = state.get("text_projection.weight")
     state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in state.items()
-             if not k.endswith("position_ids")}
-    if family == "sd_v1":
-        return {SD1_TE + k: v for k, v in state.items()}
-    # OpenCLIP layout (SD2): fused in_proj, resblocks, ln_final, text_projection.
-    out = {}
-    prefix = "cond_stage_model.model."
+             if not k.endswith("position_ids") and k != "text_projection.weight"}
+    if layout == "sd_v1":
+        return {prefix + k: v for k, v in state.items()}
+    # OpenCLIP: fused in_proj (q, k, v stacked on dim 0), resblocks, ln_final, and
+    # text_projection applied as x @ P, so P is the transposed Linear weight.
+    out = {} if projection is None else {prefix + "text_projection": projection.T.contiguous()}
     simple = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
               "text_model.embeddings.position_embedding.weight": "positional_embedding",
               "text_model.final_layer_norm.weight": "ln_final.weight",
@@ -439,16 +459,21 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
         raise UserError(f"{path}: single-file checkpoints are written as .safetensors")
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; choose another name or pass overwrite=True")
-    if base.family == "sdxl":
-        raise UserError("saving an SDXL base as one file is not supported; use save_diffusers")
     tensors = {}
     tensors.update(unet_to_original(base.unet.state_dict(), base.unet.config))
     tensors.update(vae_to_original(base.vae.state_dict(), base.vae.config))
-    te_family = "sd_v1" if base.family == "sd_v1" else "sd_v2"
-    tensors.update(text_encoder_to_original(base.text_encoder.state_dict(), te_family))
-    tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
     configs = {"unet": dict(base.unet.config), "vae": dict(base.vae.config),
                "text_encoder": base.text_encoder.config.to_dict(), "scheduler": dict(base.noise_scheduler.config)}
+    te = base.text_encoder.state_dict()
+    if base.family == "sdxl":
+        tensors.update(text_encoder_to_original(te, "sd_v1", SDXL_TE1))
+        tensors.update(text_encoder_to_original(base.text_encoder_2.state_dict(), "sd_v2", SDXL_TE2 + "model."))
+        configs["text_encoder_2"] = base.text_encoder_2.config.to_dict()
+    elif base.family == "sd_v1":
+        tensors.update(text_encoder_to_original(te, "sd_v1", SD1_TE))
+    else:
+        tensors.update(text_encoder_to_original(te, "sd_v2", "cond_stage_model.model."))
+    tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
     meta = {CONFIG_META_KEY: json.dumps(configs, default=str), "modelspec.architecture": _ARCH[base.family],
             "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon"}
     atomic_save_file(tensors, path, metadata=meta)
