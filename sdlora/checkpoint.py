@@ -140,24 +140,29 @@ def load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> dict:
     else:
         prediction_type, how = "epsilon", "SD1.x" if family == "sd_v1" else "SDXL base"
     configs = _configs_for(family, metadata)
-    unet = UNet2DConditionModel.from_config(configs["unet"])
-    vae = AutoencoderKL.from_config(configs["vae"])
-    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet")
-    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE")
+    # Parameters start on the meta device (no random init of a billion weights); the file's
+    # tensors are then assigned in place. Buffers (position ids) are built normally.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
+        if family == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
+    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet", dtype)
+    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE", dtype)
     parts = dict(tokenizer=_tokenizer(family))
     if family == "sdxl":
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
-        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, "sd_v1", SDXL_TE1), path, "text encoder 1")
+        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, "sd_v1", SDXL_TE1), path, "text encoder 1", dtype)
         _load(text_encoder_2, _te_to_diffusers(tensors, text_encoder_2, "sd_v2", SDXL_TE2 + "model."), path,
-              "text encoder 2")
-        parts.update(text_encoder_2=text_encoder_2.to(dtype).eval(), tokenizer_2=_tokenizer("sd_v2"))
+              "text encoder 2", dtype)
+        parts.update(text_encoder_2=text_encoder_2.eval(), tokenizer_2=_tokenizer("sd_v2"))
     else:
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
         te_prefix = SD1_TE if family == "sd_v1" else "cond_stage_model.model."
-        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family, te_prefix), path, "text encoder")
+        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family, te_prefix), path, "text encoder", dtype)
     scheduler = DDPMScheduler.from_config(configs["scheduler"], prediction_type=prediction_type)
-    parts.update(text_encoder=text_encoder.to(dtype).eval(), vae=vae.to(dtype).eval(), unet=unet.to(dtype).eval(),
+    parts.update(text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
                  noise_scheduler=scheduler, family=family, prediction_type=prediction_type,
                  model_hash=file_digest(path))
     print(f"{path.name}: {family}, {prediction_type} ({how}), {_size(vae, unet)} px")

@@ -40,14 +40,19 @@ class BaseModel:
     model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
     source: str  # what the user gave as model.base
     clip_skip: int = 1
+    text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
+    tokenizer_2: Any = None
 
     def pipeline(self, scheduler=None):
-        """A StableDiffusionPipeline over these same components (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
+        """A StableDiffusionPipeline over these same components (no safety checker);
+        a StableDiffusionXLPipeline for an SDXL base."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         if self.family == "sdxl":
-            raise UserError("sampling and training SDXL bases is not supported yet; "
-                            "model.base names an SDXL checkpoint")
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=scheduler if scheduler is not None else self.noise_scheduler)
         return StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=scheduler if scheduler is not None else self.noise_scheduler,
@@ -63,6 +68,9 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
 
     kohya's clip_skip: 1 is the last hidden state; n > 1 is the hidden state n layers from
     the end (hidden_states[-n]) passed through the final layer norm, as sd-scripts does.
+    diffusers' pipelines count differently: their `clip_skip=k` takes hidden_states[-(k + 1)]
+    (then the final layer norm), so kohya/A1111 clip_skip n is diffusers clip_skip n - 1;
+    never pass this value to a pipeline's `clip_skip` argument, pass prompt_embeds instead.
     """
     if clip_skip <= 1:
         return text_encoder(input_ids)[0]
@@ -77,6 +85,13 @@ def final_layer_norm(text_encoder):
     text_encoder = getattr(text_encoder, "module", text_encoder)
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
+
+
+def require_trainable(base: BaseModel) -> None:
+    """SDXL bases load (detection, sampling, conversion) but sdlora trains SD1.x / SD2.x only."""
+    if base.family == "sdxl":
+        raise UserError(f"model.base: {base.source} is an SDXL model; sdlora trains SD1.x and SD2.x bases "
+                        "only (SDXL loads for conversion and sampling)")
 
 
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
@@ -153,13 +168,13 @@ def _folder_unet_weights(folder: Path) -> Path:
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     """A local diffusers StableDiffusionPipeline (or SDXL) folder, without network."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = json.loads((folder / "model_index.json").read_text())
-    if "text_encoder_2" in index:
-        raise UserError(f"model.base: {folder} is an SDXL diffusers folder; SDXL training is not "
-                        "supported yet (give an SD1.x or SD2.x base)")
-    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / p).is_dir()]
+    sdxl = "text_encoder_2" in index
+    subfolders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+        ("text_encoder_2", "tokenizer_2") if sdxl else ())
+    missing = [p for p in subfolders if not (folder / p).is_dir()]
     if missing:
         raise UserError(f"model.base: {folder} lacks the subfolder(s) {', '.join(missing)}; "
                         "save the pipeline with save_pretrained or give a complete diffusers folder")
@@ -170,13 +185,18 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        extra = {}
+        if sdxl:
+            extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", **kw).eval(),
+                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"model.base: cannot load the diffusers folder {folder}: {e}") from e
     prediction_type = noise_scheduler.config.prediction_type
-    family = family_of(text_encoder.config.hidden_size, unet.config.cross_attention_dim, prediction_type)
+    family = family_of(text_encoder.config.hidden_size, unet.config.cross_attention_dim, prediction_type, sdxl)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
                 noise_scheduler=noise_scheduler, family=family, prediction_type=prediction_type,
-                model_hash=file_digest(_folder_unet_weights(folder)))
+                model_hash=file_digest(_folder_unet_weights(folder)), **extra)
 
 
 def save_single_file(base: BaseModel, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
@@ -187,7 +207,7 @@ def save_single_file(base: BaseModel, path, dtype: torch.dtype = torch.float16, 
 
 
 def save_diffusers(base: BaseModel, folder, overwrite: bool = False) -> Path:
-    """A diffusers StableDiffusionPipeline folder, written atomically."""
+    """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder, written atomically."""
     from .checkpoint import save_diffusers as save
 
     return save(base, folder, overwrite)

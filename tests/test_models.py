@@ -134,7 +134,13 @@ def test_sd2_single_file_round_trip(mini, tmp_path):
     # The mini model written as SD2 (OpenCLIP text-encoder layout with fused in_proj).
     sd2 = dataclasses.replace(mini, family="sd_v2")
     path = models.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
-    assert any(k.startswith(checkpoint.SD2_TE) for k in load_file(path))
+    tensors, meta = load_file(path), checkpoint.read_state_dict(path)[1]
+    assert any(k.startswith(checkpoint.SD2_TE) for k in tensors)
+    # what real SD2 files carry besides: OpenCLIP's projection and logit scale, the noise schedule
+    width = mini.text_encoder.config.hidden_size
+    save_file({**tensors, "cond_stage_model.model.text_projection": torch.randn(width, width),
+               "cond_stage_model.model.logit_scale": torch.tensor(4.6), "alphas_cumprod": torch.rand(1000)},
+              path, metadata=meta)
     again = models.load_base(ModelConfig(base=str(path)))
     assert (again.family, again.prediction_type) == ("sd_v2", "epsilon")
     assert again.tokenizer.pad_token == "!"
@@ -220,12 +226,62 @@ def test_family_detection_from_keys():
     assert checkpoint.sd2_prediction_type({}) == "epsilon"
 
 
-def test_sdxl_file_is_recognised_and_refused(tmp_path):
-    path = tmp_path / "xl.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2),
-               "model.diffusion_model.out.2.weight": torch.zeros(2)}, path)
-    with pytest.raises(UserError, match="xl.safetensors is an SDXL checkpoint"):
-        models.load_base(ModelConfig(base=str(path)))
+def mini_sdxl(mini):
+    """An SDXL-architecture base at test size: two text encoders (CLIP-L and OpenCLIP with
+    projection layouts), a text_time UNet, the mini VAE."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, vocab_size=49408)
+    te1 = CLIPTextModel(CLIPTextConfig(**clip)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip, projection_dim=16, hidden_act="gelu")).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8).eval()
+    return dataclasses.replace(mini, family="sdxl", unet=unet, text_encoder=te1, text_encoder_2=te2,
+                               tokenizer_2=checkpoint._tokenizer("sd_v2"))
+
+
+def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
+    xl = mini_sdxl(mini)
+    path = models.save_single_file(xl, tmp_path / "xl.safetensors", dtype=torch.float32)
+    keys = load_file(path).keys()
+    for key in ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+                "conditioner.embedders.1.model.text_projection", "model.diffusion_model.label_emb.0.0.weight",
+                "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight"):
+        assert key in keys, key
+    assert checkpoint.detect_family(keys) == "sdxl"
+    again = models.load_base(ModelConfig(base=str(path)))
+    assert (again.family, again.prediction_type) == ("sdxl", "epsilon")
+    assert_same_weights(xl, again)
+    sa, sb = xl.text_encoder_2.state_dict(), again.text_encoder_2.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    folder = models.save_diffusers(again, tmp_path / "xl_pipe")
+    from_folder = models.load_base(ModelConfig(base=str(folder)))
+    assert from_folder.family == "sdxl" and from_folder.tokenizer_2.pad_token == "!"
+    assert torch.equal(from_folder.text_encoder_2.text_projection.weight, xl.text_encoder_2.text_projection.weight)
+
+
+def test_family_detection_from_full_key_sets(mini, tmp_path):
+    """SD2 and SDXL key sets as the writers produce them (meta-device SD2.1 text encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = json.loads((checkpoint.CONFIGS / "sd_v2" / "text_encoder" / "config.json").read_text())
+    with torch.device("meta"):
+        te = CLIPTextModel(CLIPTextConfig(**checkpoint._clip_config(cfg)))
+    sd2_keys = checkpoint.text_encoder_to_original(te.state_dict(), "sd_v2", "cond_stage_model.model.")
+    assert len([k for k in sd2_keys if k.endswith("attn.in_proj_weight")]) == 23
+    unet_keys = checkpoint.unet_to_original(mini.unet.state_dict(), mini.unet.config)
+    assert checkpoint.detect_family([*sd2_keys, *unet_keys]) == "sd_v2"
+    xl = mini_sdxl(mini)
+    xl_keys = checkpoint.text_encoder_to_original(xl.text_encoder_2.state_dict(), "sd_v2", checkpoint.SDXL_TE2 + "model.")
+    assert checkpoint.detect_family([*xl_keys, *unet_keys]) == "sdxl"
 
 
 # ------------------------------------------------------------- missing paths and hub ids
@@ -280,3 +336,9 @@ def test_full_size_sd15_random_weights_round_trip(tmp_path):
     for part in ("unet", "vae", "text_encoder"):
         sa, sb = getattr(base, part).state_dict(), getattr(again, part).state_dict()
         assert all(torch.equal(sa[k].half(), sb[k]) for k in sa), part
+
+
+def test_sdxl_is_refused_for_training(mini):
+    with pytest.raises(UserError, match="SDXL"):
+        models.require_trainable(mini_sdxl(mini))
+    models.require_trainable(mini)
