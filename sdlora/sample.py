@@ -34,15 +34,18 @@ import torch
 from . import kohya
 from .errors import UserError
 
-# config name -> (diffusers scheduler class, extra config, A1111's sampler name)
+# config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
+# A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
+# Schedule type: Karras"; older infotexts said "DPM++ 2M Karras", which it still reads.
 SAMPLERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True), "DPM++ 2M Karras"),
+                        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+                        "DPM++ 2M", "Karras"),
     "dpmpp_2m": ("DPMSolverMultistepScheduler",
-                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False), "DPM++ 2M"),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "ddim": ("DDIMScheduler", {}, "DDIM"),
+                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False), "DPM++ 2M", "Uniform"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a", "Uniform"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler", "Uniform"),
+    "ddim": ("DDIMScheduler", {}, "DDIM", "Automatic"),
 }
 EPOCH_FILE = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})\.safetensors$")
 
@@ -53,7 +56,7 @@ def make_scheduler(name: str, base_scheduler):
 
     if name not in SAMPLERS:
         raise UserError(f"[sample] sampler = {name!r}: choose one of {', '.join(SAMPLERS)}")
-    cls_name, extra, _ = SAMPLERS[name]
+    cls_name, extra, _, _ = SAMPLERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
 
 
@@ -66,7 +69,7 @@ class Adapter:
     """One adapter file as the sampler uses it."""
 
     path: Path
-    weight: float  # the user's weight (FILE:SCALE); grid column scales multiply it
+    weight: float | None  # FILE:SCALE's fixed weight; None = swept by the grid's column scales
     alias: str  # A1111's alias: ss_output_name, else the file stem
     short_hash: str  # A1111's "Lora hashes" value
     kind: str  # "lora" or "loha" (a file with any LoHa module)
@@ -74,7 +77,7 @@ class Adapter:
     name: str = ""  # the diffusers adapter name, when loaded through diffusers
 
 
-def read_for_base(path, weight: float, pipe) -> Adapter:
+def read_for_base(path, weight: float | None, pipe) -> Adapter:
     """Read an adapter file and check that every module matches a layer of the pipeline's base."""
     from .lora import read_adapter, short_hash
 
@@ -133,7 +136,7 @@ class WeightPatcher:
     def __init__(self, pipe):
         self.layers = _layers(pipe)
         self.originals: dict[str, torch.Tensor] = {}
-        self.deltas: dict[str, dict[str, torch.Tensor]] = {}  # adapter path -> kohya key -> dW
+        self.deltas: dict[int, dict[str, torch.Tensor]] = {}  # id(adapter) -> kohya key -> dW
 
     def add(self, adapter: Adapter) -> None:
         deltas = {}
@@ -141,33 +144,47 @@ class WeightPatcher:
             weight = _base_weight(self.layers[key])
             self.originals.setdefault(key, weight.detach().clone())
             deltas[key] = kohya.module_delta(parts, weight.shape).to(weight.device)
-        self.deltas[str(adapter.path)] = deltas
+        self.deltas[id(adapter)] = deltas
 
     def remove(self, adapter: Adapter) -> None:
-        self.deltas.pop(str(adapter.path), None)
+        self.deltas.pop(id(adapter), None)
 
     @torch.no_grad()
-    def apply(self, weights: dict[str, float]) -> None:
+    def apply(self, weights: dict[int, float]) -> None:
         """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
         for key, original in self.originals.items():
             merged = original.float()
-            for path, deltas in self.deltas.items():
-                w = weights.get(path, 0.0)
+            for adapter_id, deltas in self.deltas.items():
+                w = weights.get(adapter_id, 0.0)
                 if w and key in deltas:
                     merged = merged + w * deltas[key]
             _base_weight(self.layers[key]).copy_(merged.to(original.dtype))
 
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every patched weight back to W0 (the base model as loaded)."""
+        for key, original in self.originals.items():
+            _base_weight(self.layers[key]).copy_(original)
+        self.originals.clear()
+        self.deltas.clear()
+
 
 class AdapterSet:
-    """The adapters applied to one pipeline; `set_scale(c)` weights each file by c * its weight."""
+    """The adapters applied to one pipeline.
+
+    In a grid column of scale c, a swept file (weight None) is applied at c and a fixed one
+    (FILE:SCALE) at its own weight. `close()` gives the pipeline back as the base: peft layers
+    unloaded, patched weights restored.
+    """
 
     def __init__(self, pipe, fuse: bool):
         self.pipe, self.fuse = pipe, fuse
         self.adapters: list[Adapter] = []
         self.patcher: WeightPatcher | None = None
+        self.current: list[float] = []  # the weights applied now, one per adapter
         self._count = 0
 
-    def add(self, path, weight: float = 1.0) -> Adapter:
+    def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
         if self.fuse or adapter.kind == "loha":
             if self.patcher is None:
@@ -178,21 +195,40 @@ class AdapterSet:
             self._count += 1
             self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
         self.adapters.append(adapter)
+        self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
 
     def remove(self, adapter: Adapter) -> None:
-        self.adapters.remove(adapter)
+        index = next(i for i, a in enumerate(self.adapters) if a is adapter)
+        del self.adapters[index], self.current[index]
         if adapter.name:
             self.pipe.delete_adapters(adapter.name)
         elif self.patcher is not None:
             self.patcher.remove(adapter)
 
-    def set_scale(self, scale: float) -> None:
-        peft = [a for a in self.adapters if a.name]
+    def weights_at(self, scale: float) -> list[float]:
+        """Each adapter's weight in a column of scale `scale` (in the order they were added)."""
+        return [scale if a.weight is None else a.weight for a in self.adapters]
+
+    def set_weights(self, weights: list[float]) -> None:
+        self.current = list(weights)
+        peft = [(a, w) for a, w in zip(self.adapters, weights) if a.name]
         if peft:
-            self.pipe.set_adapters([a.name for a in peft], [scale * a.weight for a in peft])
+            self.pipe.set_adapters([a.name for a, _ in peft], [w for _, w in peft])
         if self.patcher is not None:
-            self.patcher.apply({str(a.path): scale * a.weight for a in self.adapters if not a.name})
+            self.patcher.apply({id(a): w for a, w in zip(self.adapters, weights) if not a.name})
+
+    def set_scale(self, scale: float) -> list[float]:
+        weights = self.weights_at(scale)
+        self.set_weights(weights)
+        return weights
+
+    def close(self) -> None:
+        if any(a.name for a in self.adapters):
+            self.pipe.unload_lora_weights()
+        if self.patcher is not None:
+            self.patcher.restore()
+        self.adapters.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +305,8 @@ class Rendered:
     path: Path
     prompt: str
     seed: int
-    scale: float
+    scale: float  # the grid column's scale (0 = the base); epochs grid: 1
+    lora: Path | None = None  # the swept (or, all fixed: first) adapter file, None for the base
     image: object = field(repr=False, default=None)  # the full PIL image
 
 
@@ -320,10 +357,12 @@ class Sampler:
         embeds, negative = self.encode(list(prompts)), self.encode([s.negative_prompt] * len(prompts))
         images = self.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, width=w0, height=h0,
                            num_inference_steps=steps, guidance_scale=s.cfg_scale, generator=generators()).images
-        params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "CFG scale": float(s.cfg_scale), "Seed": None,
-                  "Size": f"{w0}x{h0}", "Model hash": self.base.model_hash[:10], "Model": self.base.name,
-                  "Denoising strength": None, "Clip skip": self.cfg.model.clip_skip if self.cfg.model.clip_skip > 1
-                  else None}
+        # A1111's key order (processing.create_infotext); None values are left out of the text.
+        clip_skip = self.cfg.model.clip_skip
+        params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
+                  "CFG scale": float(s.cfg_scale), "Seed": None, "Size": f"{w0}x{h0}",
+                  "Model hash": self.base.model_hash[:10], "Model": self.base.name,
+                  "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None}
         if two_pass:
             from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -343,13 +382,13 @@ class Sampler:
         return images, params
 
 
-def parameters_for(prompt: str, seed: int, scale: float, adapters: list[Adapter], negative: str,
+def parameters_for(prompt: str, seed: int, adapters: list[Adapter], weights: list[float], negative: str,
                    params: dict) -> str:
     """The infotext of one image: `<lora:alias:w>` in the prompt and "Lora hashes" for each active adapter."""
-    active = [a for a in adapters if scale * a.weight != 0]
-    tags = "".join(f" <lora:{a.alias}:{scale * a.weight:g}>" for a in active)
-    hashes = ", ".join(f"{a.alias}: {a.short_hash}" for a in active) or None
-    return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes})
+    active = [(a, w) for a, w in zip(adapters, weights) if w != 0]
+    tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active)
+    hashes = ", ".join(f"{a.alias}: {a.short_hash}" for a, _ in active) or None
+    return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes, "Version": "sdlora"})
 
 
 def _batches(items: list, size: int):
@@ -357,33 +396,30 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def _label(scale: float) -> str:
-    return "base" if scale == 0 else f"LoRA x{scale:g}"
-
-
 def render_grid(sampler: Sampler, prompts: list[str], seeds: list[int], columns: list[tuple[str, callable]],
                 folder: Path, stem: str, *, width: int, height: int, steps: int, hires: str,
                 log=print) -> SampleResult:
     """Render prompts (rows) x columns for every seed; save the full images and one grid per seed.
 
-    columns: (label, prepare) pairs; prepare() applies that column's adapters and returns the
-    scale recorded with its images.
+    columns: (label, prepare) pairs; prepare() applies that column's adapters and returns
+    (column scale, adapter file recorded with its images or None).
     """
     s = sampler.cfg.sample
     result = SampleResult(folder=folder)
     cells: dict[tuple[int, int, int], object] = {}  # (seed index, row, column) -> image
     pairs = [(p, seed) for p in range(len(prompts)) for seed in range(len(seeds))]
     for c, (label, prepare) in enumerate(columns):
-        scale = prepare()
+        scale, lora_file = prepare()
+        weights = sampler.adapters.current
         started = time.time()
         for batch in _batches(pairs, s.batch_size):
             images, params = sampler.render([prompts[p] for p, _ in batch], [seeds[i] for _, i in batch],
                                             width, height, steps, hires)
             for (p, i), image in zip(batch, images):
                 path = folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seeds[i]}.png"
-                save_png(image, path, parameters_for(prompts[p], seeds[i], scale, sampler.adapters.adapters,
+                save_png(image, path, parameters_for(prompts[p], seeds[i], sampler.adapters.adapters, weights,
                                                      s.negative_prompt, params))
-                result.images.append(Rendered(path, prompts[p], seeds[i], scale, image))
+                result.images.append(Rendered(path, prompts[p], seeds[i], scale, lora_file, image))
                 cells[i, p, c] = image
         log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s")
     labels = [label for label, _ in columns]
@@ -473,60 +509,100 @@ def epoch_files(folder, name: str | None = None) -> list[tuple[str, Path]]:
     return files
 
 
-def run_sample(cfg, loras=(), log=print, *, hires: str | None = None, epochs_dir=None, out=None,
+def _sweep_columns(sampler: Sampler, scales: list[float]) -> list[tuple[str, callable]]:
+    """Grid columns over `scales`: swept files take the column's scale, fixed ones keep theirs.
+
+    With only fixed files (every --lora FILE:SCALE) there is nothing to sweep: the columns
+    are the base and the files at their weights.
+    """
+    adapters = sampler.adapters
+    swept = [a for a in adapters.adapters if a.weight is None]
+
+    def column(scale: float, weights: list[float], lora_file):
+        def prepare():
+            adapters.set_weights(weights)
+            return scale, lora_file
+        return prepare
+
+    if not swept:
+        files = adapters.adapters
+        return [("base", column(0.0, [0.0] * len(files), None)),
+                ("LoRA", column(1.0, adapters.weights_at(1.0), files[0].path))]
+    fixed = len(swept) < len(adapters.adapters)
+    return [("base" if scale == 0 and not fixed else f"LoRA x{scale:g}",
+             column(scale, adapters.weights_at(scale), swept[0].path if scale else None)) for scale in scales]
+
+
+def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires: str | None = None,
                fuse: bool | None = None) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
 
-    loras: [(path, weight or None)]; None means weight 1. Column scale c applies each adapter at
-    c * weight (0 = the base). With epochs_dir, the columns are the epoch files instead (weight 1).
+    loras: [(path, weight or None)], all applied together. None sweeps the file over
+    `sample.lora_scales` (the grid columns, 0 = the base); a number fixes its weight in every
+    column. Default: the trained `<output.dir>/<output_name>.safetensors`, swept.
+    epochs_dir: the columns are the `NAME-0000NN.safetensors` files there and the final
+    `NAME.safetensors` instead, each at weight 1 (`loras` is not used).
+    Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
     """
     s = cfg.sample
     prompts = _prompts(cfg)
-    loras = [(Path(p), 1.0 if w is None else float(w)) for p, w in loras] or [
-        (cfg.output_dir / f"{cfg.output_name}.safetensors", 1.0)]
-    folder = Path(out) if out else cfg.output_dir / "samples"
+    loras = [(Path(p), None if w is None else float(w)) for p, w in loras]
+    if not loras and not epochs_dir:
+        default = cfg.output_dir / f"{cfg.output_name}.safetensors"
+        if not default.is_file():
+            raise UserError(f"no trained adapter at {default} (output.dir / output_name): train it first "
+                            f"(sdlora train CONFIG) or name one with --lora FILE")
+        loras = [(default, None)]
+    folder = Path(out_dir) if out_dir else cfg.output_dir / "samples"
     sampler = Sampler(cfg, fuse=fuse)
     hires = hires or s.hires
     size = dict(width=s.width, height=s.height, steps=s.steps, hires=hires)
     log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {s.steps} steps, {s.sampler}"
         f"{', hires' if uses_hires(hires, s.width, s.height, sampler.base.resolution) else ''} -> {folder}")
-    if epochs_dir:
-        files = epoch_files(epochs_dir, cfg.output_name)
+    try:
+        if epochs_dir:
+            def column(path):
+                def prepare():
+                    for a in list(sampler.adapters.adapters):
+                        sampler.adapters.remove(a)
+                    sampler.adapters.add(path, 1.0)
+                    sampler.adapters.set_scale(1.0)
+                    return 1.0, path
+                return prepare
 
-        def column(path):
-            def prepare():
-                for a in list(sampler.adapters.adapters):
-                    sampler.adapters.remove(a)
-                sampler.adapters.add(path, 1.0)
-                sampler.adapters.set_scale(1.0)
-                return 1.0
-            return prepare
-
-        columns = [(label, column(path)) for label, path in files]
-        return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log, **size)
-    for path, weight in loras:
-        sampler.adapters.add(path, weight)
-    stem = "_".join(a.alias for a in sampler.adapters.adapters)
-    columns = [(_label(scale), (lambda scale=scale: sampler.adapters.set_scale(scale) or scale))
-               for scale in s.lora_scales]
-    return render_grid(sampler, prompts, list(s.seeds), columns, folder, stem, log=log, **size)
+            columns = [(label, column(path)) for label, path in epoch_files(epochs_dir, cfg.output_name)]
+            return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log, **size)
+        for path, weight in loras:
+            sampler.adapters.add(path, weight)
+        stem = "_".join(a.alias for a in sampler.adapters.adapters)
+        return render_grid(sampler, prompts, list(s.seeds), _sweep_columns(sampler, list(s.lora_scales)), folder,
+                           stem, log=log, **size)
+    finally:
+        sampler.adapters.close()
 
 
-def preview(cfg, adapter_path, epoch: int, out_dir) -> Path:
-    """In-training preview: prompts x (base, LoRA x1) at the base's native area, preview_steps, first seed."""
+def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
+    """In-training preview grid: prompts x (base, LoRA x1), the first seed, preview_steps, one pass
+    at the base's native area with the target's aspect ratio. Returns the grid's path.
+
+    base: an already loaded base to sample from (without training adapters injected); its
+    weights are restored afterwards. Default: load cfg.model afresh.
+    """
     from . import models
 
-    base = models.load_base(cfg.model)
+    base = base if base is not None else models.load_base(cfg.model)
     w, h = first_pass_size(cfg.sample.width, cfg.sample.height, base.resolution)
     sample_cfg = dataclasses.replace(cfg.sample, seeds=list(cfg.sample.seeds[:1]) or [1], lora_scales=[0.0, 1.0])
     cfg = dataclasses.replace(cfg, sample=sample_cfg)
     sampler = Sampler(cfg, fuse=True, base=base)  # one adapter, two scales: merging is the fast path
-    sampler.adapters.add(adapter_path, 1.0)
-    columns = [(_label(scale), (lambda scale=scale: sampler.adapters.set_scale(scale) or scale))
-               for scale in sample_cfg.lora_scales]
-    folder = Path(out_dir) / f"epoch{epoch:06d}"
-    result = render_grid(sampler, _prompts(cfg), sample_cfg.seeds, columns, folder, "preview", width=w, height=h,
-                         steps=cfg.sample.preview_steps, hires="off", log=lambda m: None)
+    try:
+        sampler.adapters.add(adapter_path)
+        folder = Path(out_dir) / f"epoch{epoch:06d}"
+        result = render_grid(sampler, _prompts(cfg), sample_cfg.seeds, _sweep_columns(sampler, [0.0, 1.0]), folder,
+                             "preview", width=w, height=h, steps=cfg.sample.preview_steps, hires="off",
+                             log=lambda m: None)
+    finally:
+        sampler.adapters.close()
     return result.grids[0]
 
 
@@ -637,8 +713,8 @@ def _cmd_sample(args) -> int:
     if args.scales:
         changes["lora_scales"] = _numbers(args.scales, float, "--scales")
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
-    result = run_sample(cfg, [_lora_arg(x) for x in args.lora], hires=args.hires, epochs_dir=args.epochs_dir,
-                        out=args.out)
+    result = run_sample(cfg, [_lora_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
+                        hires=args.hires)
     print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
     for grid in result.grids:
         print(f"  {grid}")

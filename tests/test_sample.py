@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from sdlora import lora, sample
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
-from sdlora.models import load_base
+from sdlora.models import TINY_DIR, load_base
 
 STATS = {"num_train_images": 1, "num_epochs": 1, "epoch": 1, "steps": 1}
 
@@ -38,14 +38,25 @@ def pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
+@pytest.fixture(scope="module")
+def mini_base_dir(tmp_path_factory):
+    # One mini base and one adapter for the whole module: building them is most of a test's set-up.
+    from sdlora.tiny.configs import build_pipeline
+
+    folder = tmp_path_factory.mktemp("mini_base")
+    build_pipeline("mini", seed=0).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def cfg(mini_base_dir, tmp_path):
     return make_cfg(mini_base_dir, tmp_path / "out")
 
 
-@pytest.fixture
-def adapter(cfg, tmp_path):
-    return write_adapter(cfg, tmp_path / "style.safetensors")
+@pytest.fixture(scope="module")
+def adapter(mini_base_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapter")
+    return write_adapter(make_cfg(mini_base_dir, folder), folder / "style.safetensors")
 
 
 def render(cfg, loras, scale, prompt="a red house", seed=5, **kw):
@@ -64,13 +75,16 @@ def test_png_parameters_parse_back_to_the_settings(cfg, adapter):
     info = sample.parse_infotext(text)
     base = load_base(cfg.model)
     assert info["Prompt"] == "a blue lake <lora:style:0.8>"
-    assert info["Steps"] == "3" and info["Sampler"] == "DPM++ 2M Karras" and info["CFG scale"] == "7.0"
+    assert info["Steps"] == "3" and info["Sampler"] == "DPM++ 2M" and info["Schedule type"] == "Karras"
+    assert info["CFG scale"] == "7.0" and info["Version"] == "sdlora"
     assert info["Seed"] == "5" and info["Size"] == "64x64"
     assert info["Model hash"] == base.model_hash[:10] and info["Model"] == base.name
     assert info["Lora hashes"] == f"style: {lora.short_hash(adapter)}"
     # A1111's exact line layout: prompt, then the parameters line (no negative prompt given).
-    assert text.splitlines()[1].startswith("Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.0, Seed: 5, ")
-    assert 'Lora hashes: "style: ' in text
+    assert text.splitlines()[1].startswith("Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, "
+                                           "Seed: 5, Size: 64x64, Model hash: ")
+    assert text.endswith(f'Lora hashes: "style: {lora.short_hash(adapter)}", Version: sdlora')
+    assert record.lora == adapter
     base_record = next(r for r in result.images if r.scale == 0.0)
     base_info = sample.parse_infotext(Image.open(base_record.path).info["parameters"])
     assert "Lora hashes" not in base_info and "<lora:" not in base_info["Prompt"]
@@ -103,9 +117,9 @@ def test_grid_has_a_row_per_prompt_and_a_column_per_scale(mini_base_dir, tmp_pat
 
 def test_scale_zero_is_the_base_exactly(cfg, adapter):
     base = render(cfg, [], 0.0)
-    assert np.array_equal(render(cfg, [(adapter, 1.0)], 0.0), base)
-    assert np.array_equal(render(cfg, [(adapter, 1.0)], 0.0, fuse=True), base)
-    assert np.abs(render(cfg, [(adapter, 1.0)], 1.0) - base).mean() > 1
+    assert np.array_equal(render(cfg, [(adapter, None)], 0.0), base)
+    assert np.array_equal(render(cfg, [(adapter, None)], 0.0, fuse=True), base)
+    assert np.abs(render(cfg, [(adapter, None)], 1.0) - base).mean() > 1
 
 
 def test_fused_matches_unfused(cfg, adapter):
@@ -122,6 +136,8 @@ def test_two_adapters_with_separate_scales(cfg, tmp_path, adapter):
     second_full = render(cfg, [(other, 1.0)], 1.0)
     assert np.abs(both - first).mean() > 0.5 and np.abs(both - second).mean() > 0.5
     assert np.abs(second - second_full).mean() > 0.5  # the per-file weight is applied
+    # A swept file at column scale 0 next to a fixed one: only the fixed one is applied.
+    assert np.abs(render(cfg, [(adapter, None), (other, 0.5)], 0.0) - second).max() <= 1
 
 
 def test_same_seed_same_image_whatever_the_batch(mini_base_dir, tmp_path):
@@ -177,10 +193,11 @@ def test_loha_renders_and_differs_from_base(cfg, tmp_path):
     loha = write_adapter(cfg, tmp_path / "loha.safetensors", type="loha")
     assert any(".hada_w1_a" in k for k in lora.read_adapter(loha)[0])
     assert np.abs(render(cfg, [(loha, 1.0)], 1.0) - render(cfg, [], 0.0)).mean() > 1
-    assert np.array_equal(render(cfg, [(loha, 1.0)], 0.0), render(cfg, [], 0.0))
+    assert np.array_equal(render(cfg, [(loha, None)], 0.0), render(cfg, [], 0.0))
 
 
-def test_epochs_grid_and_preview(cfg, tmp_path):
+def test_epochs_grid_and_preview(mini_base_dir, tmp_path):
+    cfg = make_cfg(mini_base_dir, tmp_path / "out", prompts=["a red house"], steps=2, preview_steps=2)
     folder = tmp_path / "adapters"
     folder.mkdir()
     for epoch, seed in ((2, 1), (4, 2)):
@@ -189,9 +206,10 @@ def test_epochs_grid_and_preview(cfg, tmp_path):
     files = sample.epoch_files(folder, "style")
     assert [label for label, _ in files] == ["epoch 2", "epoch 4", "final"]
     result = sample.run_sample(cfg, epochs_dir=folder, log=lambda m: None)
-    assert len(result.images) == 2 * 3 and Image.open(result.grids[0]).width == 160 + 3 * 36 + 4
+    assert len(result.images) == 3 and Image.open(result.grids[0]).width == 160 + 3 * 36 + 4
+    assert [r.path.name.split("_")[1] for r in result.images] == ["epoch-2", "epoch-4", "final"]
     grid = sample.preview(cfg, folder / "style.safetensors", 4, tmp_path / "previews")
-    assert grid.is_file() and Image.open(grid).size == (160 + 2 * 36 + 4, 24 + 2 * 36 + 4)
+    assert grid.is_file() and Image.open(grid).size == (160 + 2 * 36 + 4, 24 + 36 + 4)
 
 
 def test_cli_sample(cfg, adapter, tmp_path, capsys):
@@ -207,3 +225,53 @@ def test_cli_sample(cfg, adapter, tmp_path, capsys):
     assert len(pngs) == 1 and "<lora:style:0.5>" in Image.open(pngs[0]).info["parameters"]
     assert main(["sample", str(config), "--lora", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_size_render_with_hires(cfg):
+    # 1080x720 (the default) from the 64 px mini base: first pass at 80x56, Lanczos, img2img.
+    sampler = sample.Sampler(cfg)
+    images, params = sampler.render(["a red house"], [1], 1080, 720, 1, hires="auto")
+    assert images[0].size == (1080, 720) and params["Size"] == "80x56" and params["Hires resize"] == "1080x720"
+
+
+def test_clip_skip_is_kohyas(mini_base_dir, tmp_path):
+    """kohya's clip_skip 2 is diffusers' clip_skip 1: hidden_states[-(1 + 1)], then the final layer norm.
+
+    (diffusers 0.42's own encode_prompt(clip_skip=...) reads text_encoder.text_model, which
+    transformers 5 no longer has, so the sampler encodes prompts itself.)
+    """
+    cfg = make_cfg(mini_base_dir, tmp_path / "out")
+    cfg.model.clip_skip = 2
+    sampler = sample.Sampler(cfg)
+    te, tok = sampler.pipe.text_encoder, sampler.pipe.tokenizer
+    ids = tok(["a red house"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = te(ids, output_hidden_states=True).hidden_states
+        diffusers_skip1 = te.final_layer_norm(hidden[-(1 + 1)])
+    torch.testing.assert_close(sampler.encode(["a red house"]), diffusers_skip1)
+    cfg.model.clip_skip = 1
+    assert not torch.allclose(sampler.encode(["a red house"]), diffusers_skip1)
+    images, params = sampler.render(["a red house"], [1], 64, 64, 2)
+    assert params["Clip skip"] is None
+    cfg.model.clip_skip = 2
+    assert sampler.render(["a red house"], [1], 64, 64, 2)[1]["Clip skip"] == 2
+
+
+def test_preview_leaves_a_shared_base_as_it_was(cfg, adapter, tmp_path):
+    base = load_base(cfg.model)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    grid = sample.preview(cfg, adapter, 3, tmp_path / "previews", base=base)
+    assert grid.parent.name == "epoch000003" and grid.is_file()
+    after = base.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow  # ~30 s on one contended core: most of it is the VAE at 1080x720
+@pytest.mark.skipif(not (TINY_DIR / "model_index.json").is_file(), reason="no embedded tiny base")
+def test_embedded_tiny_base_renders_1080x720(tmp_path):
+    cfg = config_from_dict({"output": {"dir": str(tmp_path)},
+                            "sample": {"prompts": ["a red house"], "steps": 2, "seeds": [1], "hires": "auto"}})
+    images, params = sample.Sampler(cfg).render(["a red house"], [1], 1080, 720, 2, "auto")
+    assert images[0].size == (1080, 720) and params["Size"] == "160x104" and params["Hires resize"] == "1080x720"
+    assert pixels(images[0]).std() > 5  # a picture, not a flat field
