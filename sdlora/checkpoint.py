@@ -238,8 +238,9 @@ def _tokenizer(family: str):
     return tok
 
 
-def load_vae(path: Path, dtype: torch.dtype):
-    """model.vae: a diffusers folder or a .safetensors VAE (original or diffusers key layout)."""
+def load_vae(path: Path, dtype: torch.dtype, family: str = "sd_v1"):
+    """model.vae: a diffusers folder or a .safetensors VAE (original or diffusers key layout).
+    A single file takes the base family's VAE config (SDXL's latent scaling is 0.13025, not 0.18215)."""
     from diffusers import AutoencoderKL
 
     if path.is_dir():
@@ -256,7 +257,7 @@ def load_vae(path: Path, dtype: torch.dtype):
 
     tensors, metadata = read_state_dict(path)
     with init_empty_weights(include_buffers=False):
-        vae = AutoencoderKL.from_config(_configs_for("sd_v1", metadata)["vae"])
+        vae = AutoencoderKL.from_config(_configs_for(family, metadata)["vae"])
     if "encoder.conv_in.weight" in tensors and "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
         state = tensors  # diffusers layout
     else:

@@ -121,7 +121,7 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     if model_cfg.vae:
         from .checkpoint import load_vae
 
-        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), dtype)
+        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), dtype, parts["family"])
     family, prediction_type = parts.pop("family"), parts.pop("prediction_type")
     if model_cfg.v_parameterization != "auto":
         prediction_type = model_cfg.v_parameterization

@@ -172,6 +172,9 @@ def test_sd_sized_vae_file_in_both_layouts(tmp_path):
         save_file({k: v.half() for k, v in tensors.items()}, path)
         loaded = checkpoint.load_vae(path, torch.float16)
         assert torch.equal(loaded.encoder.conv_in.weight, vae.encoder.conv_in.weight.half()), layout
+    # the same weights under an SDXL base keep SDXL's latent scaling
+    assert checkpoint.load_vae(path, torch.float16, "sdxl").config.scaling_factor == 0.13025
+    assert loaded.config.scaling_factor == 0.18215
 
 
 def test_pickle_needs_opt_in(mini, tmp_path):
