@@ -275,3 +275,12 @@ def test_embedded_tiny_base_renders_1080x720(tmp_path):
     images, params = sample.Sampler(cfg).render(["a red house"], [1], 1080, 720, 2, "auto")
     assert images[0].size == (1080, 720) and params["Size"] == "160x104" and params["Hires resize"] == "1080x720"
     assert pixels(images[0]).std() > 5  # a picture, not a flat field
+
+
+def test_locon_3x3_conv_adapters_render_through_both_paths(cfg, tmp_path):
+    locon = write_adapter(cfg, tmp_path / "locon.safetensors", type="locon")
+    assert any(t.dim() == 4 and t.shape[-1] == 3 for t in lora.read_adapter(locon)[0].values())
+    base = render(cfg, [], 0.0)
+    unfused = render(cfg, [(locon, None)], 1.0)
+    assert np.abs(unfused - base).mean() > 1
+    assert np.abs(unfused - render(cfg, [(locon, None)], 1.0, fuse=True)).max() <= 2
