@@ -235,6 +235,7 @@ class Trainer:
                             f"number of processes ({acc.num_processes}): each process takes an equal share")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
         self.base = models.load_base(cfg.model, dtype=self.weight_dtype)
+        models.require_trainable(self.base)
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
         self.examples = collect_examples(cfg, log=self._main_log)

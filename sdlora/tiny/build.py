@@ -25,7 +25,7 @@ from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["data", "demo", "vae", "unet", "clip", "export"]
+STAGES = ["data", "demo", "vae", "unet", "clip", "export", "report"]
 
 # Fixed sizes and step counts: the whole build fits in ~60 minutes on 2 CPU cores.
 N_SQUARE, N_WIDE, N_TALL = 4000, 800, 800
@@ -326,9 +326,73 @@ def stage_export(work: Path, log: list, assets: Path = ASSETS) -> None:
     clip_dir.mkdir(parents=True, exist_ok=True)
     state = torch.load(work / "clip.pt", weights_only=True)
     save_file({k: v.half().contiguous() for k, v in state.items()}, str(clip_dir / "tiny.safetensors"))
-    (clip_dir / "tiny.json").write_text(json.dumps(configs.OPEN_CLIP, indent=2))
+    # known_tags: the tagger was trained on these alone and scores other tags arbitrarily;
+    # min_duplicate_cosine: distinct scenes reach 0.985 in its coarse embedding, copies >= 0.9995.
+    tagger_json = dict(configs.OPEN_CLIP, known_tags=TAGGER_TAGS, min_duplicate_cosine=0.995)
+    (clip_dir / "tiny.json").write_text(json.dumps(tagger_json, indent=2))
     total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
     _log(f"export: assets {total / 1e6:.1f} MB", log)
+
+
+REPORT_PROMPTS = {"day": "day, sun, mountains, lake", "sunset": "sunset, sun, hills",
+                  "night": "night, moon, stars, mountains, lake", "overcast": "overcast, clouds, forest, field"}
+
+
+def render_base_samples(folder: Path, seeds=(0, 1, 2, 3), steps: int = 20):
+    """{time of day: [PIL images]} from the base at its native size, one per seed."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    pipe.set_progress_bar_config(disable=True)
+    return {time_of_day: [pipe(prompt, num_inference_steps=steps, guidance_scale=7.0, width=configs.NATIVE,
+                               height=configs.NATIVE, generator=torch.Generator().manual_seed(s)).images[0]
+                          for s in seeds]
+            for time_of_day, prompt in REPORT_PROMPTS.items()}
+
+
+def prompt_following(samples: dict, tagger) -> dict:
+    """Zero-shot time of day of each sample (the tagger's best of the four) and mean brightness."""
+    hits, total, brightness = 0, 0, {}
+    for time_of_day, images in samples.items():
+        scores = tagger.score(tagger.embed_images(images), list(TIMES))  # (n, 4) probabilities
+        hits += sum(TIMES[int(row.argmax())] == time_of_day for row in scores)
+        total += len(images)
+        brightness[time_of_day] = float(np.mean([np.asarray(im.convert("L")).mean() for im in images]))
+    return {"time_of_day_agreement": hits / total, "n": total, "brightness": brightness}
+
+
+def stage_report(work: Path, log: list, assets: Path = ASSETS) -> None:
+    from PIL import Image
+
+    from ..caption import tiny_tagger
+    from ..io import atomic_write_text
+
+    samples = render_base_samples(assets / "tiny")
+    cell = configs.NATIVE + 4
+    grid = Image.new("RGB", (cell * 4, cell * len(samples)), "white")
+    for r, images in enumerate(samples.values()):
+        for c, im in enumerate(images):
+            grid.paste(im, (c * cell, r * cell))
+    (REPO / "samples").mkdir(exist_ok=True)
+    grid.save(REPO / "samples" / "tiny_base_grid.png")
+    figures = prompt_following(samples, tiny_tagger())
+    stats = {name: json.loads((work / f"{name}_stats.json").read_text())
+             for name in ("vae", "clip", "unet") if (work / f"{name}_stats.json").exists()}
+    lines = ["# Embedded base build report", "",
+             f"- VAE: {stats.get('vae', {}).get('steps')} steps, mean reconstruction error "
+             f"{stats.get('vae', {}).get('mean_abs_error_255', float('nan')):.2f}/255",
+             f"- open_clip tagger: {stats.get('clip', {}).get('steps')} steps",
+             f"- UNet + text encoder: {stats.get('unet', {}).get('steps')} steps",
+             f"- prompt following: the tagger agrees with the prompted time of day on "
+             f"{figures['time_of_day_agreement']:.0%} of {figures['n']} samples",
+             "- mean brightness: " + ", ".join(f"{k} {v:.0f}" for k, v in figures["brightness"].items()),
+             "", "Rows: " + " | ".join(REPORT_PROMPTS.values()) + "; columns: seeds 0-3.", "",
+             "![base samples](tiny_base_grid.png)", "", "## Build log", "", "```",
+             *(work / "build_log.txt").read_text().splitlines()[-40:], "```", ""]
+    atomic_write_text(REPO / "samples" / "tiny_build_report.md", "\n".join(lines))
+    _log(f"report: {figures}", log)
 
 
 def build(stages: list[str], work: Path, assets: Path = ASSETS) -> None:
@@ -342,8 +406,8 @@ def build(stages: list[str], work: Path, assets: Path = ASSETS) -> None:
         t = time.time()
         if stage == "demo":
             stage_demo(log)
-        elif stage == "export":
-            stage_export(work, log, assets)
+        elif stage in ("export", "report"):
+            globals()[f"stage_{stage}"](work, log, assets)
         else:
             globals()[f"stage_{stage}"](work, log)
         _log(f"stage {stage} took {time.time() - t:.0f}s", log)
