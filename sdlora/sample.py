@@ -294,6 +294,14 @@ def first_pass_size(width: int, height: int, native: int) -> tuple[int, int]:
     return w, h
 
 
+def img2img_steps(denoise_steps: int, strength: float) -> int:
+    """The n to give diffusers' img2img so that it denoises exactly `denoise_steps` (int(n * strength))."""
+    n = math.ceil(denoise_steps / strength)
+    while int(n * strength) < denoise_steps:  # float rounding: ceil(29 / 0.29) * 0.29 < 29
+        n += 1
+    return n
+
+
 def uses_hires(mode: str, width: int, height: int, native: int) -> bool:
     if mode not in ("auto", "on", "off"):
         raise UserError(f"--hires {mode!r}: choose on, off or auto")
@@ -375,7 +383,8 @@ class Sampler:
             images = upscaled
             if s.hires_denoise > 0:
                 images = img2img(prompt_embeds=embeds, negative_prompt_embeds=negative, image=upscaled,
-                                 strength=s.hires_denoise, num_inference_steps=math.ceil(hires_steps / s.hires_denoise),
+                                 strength=s.hires_denoise,
+                                 num_inference_steps=img2img_steps(hires_steps, s.hires_denoise),
                                  guidance_scale=s.cfg_scale, generator=generators()).images
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
                            "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})

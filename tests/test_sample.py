@@ -186,6 +186,8 @@ def test_hires_renders_at_the_target_size(mini_base_dir, tmp_path, adapter):
     info = sample.parse_infotext(image.info["parameters"])
     assert info["Size"] == "80x56" and info["Hires resize"] == "96x64" and info["Denoising strength"] == "0.45"
     assert sample.first_pass_size(1080, 720, 512) == (624, 416)
+    for steps, strength in ((29, 0.29), (20, 0.45), (1, 0.05), (7, 1.0)):  # ceil(29 / 0.29) * 0.29 < 29
+        assert int(sample.img2img_steps(steps, strength) * strength) == steps
     assert not sample.uses_hires("auto", 64, 64, 64) and sample.uses_hires("auto", 1080, 720, 512)
 
 
