@@ -8,6 +8,12 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
                        with dW_i = kohya.module_delta (LoRA or LoHa), W0 kept in a copy so every
                        new set of weights (and weight 0, the base exactly) starts from W0.
                        diffusers cannot read LoHa (hada_*) files, so they always take this path.
+    When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
+
+Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
+swept over `sample.lora_scales` (0 = the base); FILE:SCALE keeps its weight in every column.
+With `--epochs-dir` the columns are the epoch files instead. Cells are thumbnails; the full
+images sit next to the grid.
 
 Before anything is loaded, every module key of a file is matched against the base's
 Linear/Conv2d layers (`kohya.kohya_module_map`) and its shape checked: diffusers would drop
