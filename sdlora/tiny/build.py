@@ -25,12 +25,13 @@ from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["data", "demo", "vae", "unet", "clip", "export", "report"]
+STAGES = ["data", "demo", "vae", "unet", "clip", "vae_ft", "export", "report"]
 
 # Fixed sizes and step counts: the whole build fits in ~60 minutes on 2 CPU cores.
 N_SQUARE, N_WIDE, N_TALL = 4000, 800, 800
 N_CLIP = 3000
 VAE_STEPS, VAE_BATCH, VAE_CROP = 1400, 12, 64
+VAE_FT_STEPS, N_VAE_FT = 500, 1000
 CLIP_STEPS, CLIP_BATCH = 700, 64
 UNET_STEPS, UNET_BATCH = 2000, 32
 
@@ -152,6 +153,55 @@ def stage_vae(work: Path, log: list) -> None:
     (work / "vae_stats.json").write_text(json.dumps({"scaling_factor": scaling, "mean_abs_error_255": err,
                                                      "steps": n(VAE_STEPS), "loss_curve": losses[::10]}))
     _log(f"vae: {n(VAE_STEPS)} steps, mean reconstruction error {err:.2f}/255, scaling_factor {scaling:.4f}", log)
+
+
+def stage_vae_ft(work: Path, log: list) -> None:
+    """Fine-tune the VAE decoder on both palette families, encoder frozen (as SD's ft-MSE VAE did).
+
+    Trained on muted scenes alone, the decoder cannot draw saturated colours, so no style
+    adapter could either. The latent space (the frozen encoder) is unchanged, so the UNet
+    trained on it needs no retraining.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    torch.manual_seed(4)
+    muted = np.load(work / "square.npy")[: n(N_VAE_FT)]
+    colourful, _ = _render_set(range(500_000, 500_000 + n(N_VAE_FT)), "colorful", "1:1", 128)
+    images = np.concatenate([muted, colourful])
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=n(VAE_FT_STEPS), pct_start=0.05)
+    rng = np.random.default_rng(4)
+    losses = []
+    bar = tqdm(range(n(VAE_FT_STEPS)), desc="vae decoder")
+    for step in bar:
+        idx = rng.integers(0, len(images), VAE_BATCH)
+        y, x = rng.integers(0, 128 - VAE_CROP + 1, 2)
+        batch = _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.sample()
+        recon = vae.decode(latents).sample
+        dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+        dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+        l1 = (recon - batch).abs().mean()
+        loss = l1 + 0.5 * ((dx(recon) - dx(batch)).abs().mean() + (dy(recon) - dy(batch)).abs().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(l1))
+        if step % 20 == 0:
+            bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
+    vae.eval()
+    vae.save_pretrained(work / "vae")
+    (work / "vae_ft_stats.json").write_text(json.dumps({"steps": n(VAE_FT_STEPS), "loss_curve": losses[::10]}))
+    _log(f"vae_ft: {n(VAE_FT_STEPS)} decoder steps on muted + colourful, final L1 {np.mean(losses[-50:]) * 127.5:.2f}/255", log)
 
 
 def _clip_model():
