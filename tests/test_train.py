@@ -217,3 +217,28 @@ def test_two_processes_match_one(tmp_path, mini_base_dir):
             continue
         rel = (runs[1][k] - runs[2][k]).norm() / runs[1][k].norm().clamp_min(1e-12)
         assert rel < 1e-2, (k, float(rel))
+
+
+def test_train_then_merge_then_sample_agrees_with_the_loaded_adapter(tmp_path, mini_base_dir):
+    """The trained file, baked into the base (`sdlora merge`), renders what load_lora_weights renders."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdlora import lowrank
+
+    cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1"])
+    adapter = train.train(cfg, log=lambda m: None).adapter
+
+    def render(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("clrscn, night, lake", num_inference_steps=3, width=64, height=64, output_type="np",
+                    generator=torch.Generator().manual_seed(3)).images
+
+    pipe = StableDiffusionPipeline.from_pretrained(mini_base_dir, safety_checker=None)
+    base_image = render(pipe)
+    pipe.load_lora_weights(str(adapter))
+    loaded = render(pipe)
+    merged_base, merged = lowrank.load_merged(str(mini_base_dir), [(adapter, 1.0)])
+    assert sum(merged.values()) > 0  # modules merged per adapter file
+    merged_image = render(merged_base.pipeline())
+    assert abs(merged_image - loaded).max() < 1e-3
+    assert abs(base_image - loaded).max() > 1e-3
