@@ -35,9 +35,9 @@ def _sd15_components():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .models import shipped_config
+    from pathlib import Path
 
-    folder = shipped_config("sd_v1")
+    folder = Path(__file__).parent / "assets" / "configs" / "sd_v1"  # SD1.5's public configs
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
