@@ -106,9 +106,17 @@ def _to_tensor(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def _reconstruction_loss(recon, target):
+    """(L1, L1 + 0.5 * edge L1): L1 on image gradients keeps ridges and horizons sharp where L1 blurs."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
+    l1 = (recon - target).abs().mean()
+    edge = (dx(recon) - dx(target)).abs().mean() + (dy(recon) - dy(target)).abs().mean()
+    return l1, l1 + 0.5 * edge
+
+
 def stage_vae(work: Path, log: list) -> None:
     import torch
-    import torch.nn.functional as F
     from diffusers import AutoencoderKL
     from tqdm import tqdm
 
@@ -126,13 +134,8 @@ def stage_vae(work: Path, log: list) -> None:
         batch = _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])  # (B, 3, 64, 64)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        # Edges: L1 on image gradients keeps ridges and horizons sharp where plain L1 blurs.
-        dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-        dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-        l1 = (recon - batch).abs().mean()
-        edge = (dx(recon) - dx(batch)).abs().mean() + (dy(recon) - dy(batch)).abs().mean()
-        kl = posterior.kl().mean() / (VAE_CROP * VAE_CROP * 3)
-        loss = l1 + 0.5 * edge + 1e-4 * kl
+        l1, loss = _reconstruction_loss(recon, batch)
+        loss = loss + 1e-4 * posterior.kl().mean() / (VAE_CROP * VAE_CROP * 3)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -185,11 +188,7 @@ def stage_vae_ft(work: Path, log: list) -> None:
         batch = _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])
         with torch.no_grad():
             latents = vae.encode(batch).latent_dist.sample()
-        recon = vae.decode(latents).sample
-        dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
-        dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-        l1 = (recon - batch).abs().mean()
-        loss = l1 + 0.5 * ((dx(recon) - dx(batch)).abs().mean() + (dy(recon) - dy(batch)).abs().mean())
+        l1, loss = _reconstruction_loss(vae.decode(latents).sample, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
