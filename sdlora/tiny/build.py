@@ -106,6 +106,25 @@ def _to_tensor(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def _optimizer_step(opt, sched, loss, clip_params=None) -> None:
+    """backward, optional gradient clipping at norm 1, optimizer and schedule step."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def _random_crops(images: np.ndarray, rng):
+    """VAE_BATCH random images, one shared random VAE_CROP window: (B, 3, VAE_CROP, VAE_CROP) in [-1, 1]."""
+    idx = rng.integers(0, len(images), VAE_BATCH)
+    y, x = rng.integers(0, 128 - VAE_CROP + 1, 2)
+    return _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])
+
+
 def _reconstruction_loss(recon, target):
     """(L1, L1 + 0.5 * edge L1): L1 on image gradients keeps ridges and horizons sharp where L1 blurs."""
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
@@ -129,18 +148,12 @@ def stage_vae(work: Path, log: list) -> None:
     losses = []
     bar = tqdm(range(n(VAE_STEPS)), desc="vae")
     for step in bar:
-        idx = rng.integers(0, len(images), VAE_BATCH)
-        y, x = rng.integers(0, 128 - VAE_CROP + 1, 2)
-        batch = _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])  # (B, 3, 64, 64)
+        batch = _random_crops(images, rng)  # (B, 3, 64, 64)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample()).sample
         l1, loss = _reconstruction_loss(recon, batch)
         loss = loss + 1e-4 * posterior.kl().mean() / (VAE_CROP * VAE_CROP * 3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, vae.parameters())
         losses.append(float(l1))
         if step % 20 == 0:
             bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
@@ -183,17 +196,11 @@ def stage_vae_ft(work: Path, log: list) -> None:
     losses = []
     bar = tqdm(range(n(VAE_FT_STEPS)), desc="vae decoder")
     for step in bar:
-        idx = rng.integers(0, len(images), VAE_BATCH)
-        y, x = rng.integers(0, 128 - VAE_CROP + 1, 2)
-        batch = _to_tensor(images[idx, y:y + VAE_CROP, x:x + VAE_CROP])
+        batch = _random_crops(images, rng)
         with torch.no_grad():
             latents = vae.encode(batch).latent_dist.sample()
         l1, loss = _reconstruction_loss(vae.decode(latents).sample, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, params)
         losses.append(float(l1))
         if step % 20 == 0:
             bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
@@ -251,10 +258,7 @@ def stage_clip(work: Path, log: list) -> None:
         logits = model.logit_scale.exp() * img @ txt.T + model.logit_bias
         target = torch.from_numpy(labels[idx])[:, cols]
         loss = F.binary_cross_entropy_with_logits(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss)
         losses.append(float(loss))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -289,6 +293,7 @@ def stage_unet(work: Path, log: list) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..tokenizer import clip_tokenizer
+    from ..train import snr_weights
 
     torch.manual_seed(3)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
@@ -311,8 +316,6 @@ def stage_unet(work: Path, log: list) -> None:
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[4e-4, 2e-4], total_steps=n(UNET_STEPS), pct_start=0.04)
     rng, prng = np.random.default_rng(3), random.Random(3)
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     losses = []
     bar = tqdm(range(n(UNET_STEPS)), desc="unet+te")
     for step in bar:
@@ -328,13 +331,9 @@ def stage_unet(work: Path, log: list) -> None:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
         noise_pred = unet(noisy, timesteps, hidden).sample
-        weight = torch.clamp(snr[timesteps], max=5.0) / snr[timesteps]  # min-SNR-5
+        weight = snr_weights(noise_scheduler.alphas_cumprod, timesteps, 5.0, v_prediction=False)  # min-SNR-5
         loss = (F.mse_loss(noise_pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, list(unet.parameters()) + list(text_encoder.parameters()))
         losses.append(float(loss))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
