@@ -333,6 +333,12 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
+def add_override_argument(parser, example: str = "train.epochs=5") -> None:
+    """The `--set SECTION.KEY=VALUE` option every config-taking command shares (see `parse_override`)."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+
+
 def reference_markdown() -> str:
     """The config reference table of the README (`sdlora config keys`)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
@@ -351,8 +357,7 @@ def add_command(subparsers) -> None:
         func=lambda a: print(reference_markdown()) or 0)
     check = sub.add_parser("check", help="validate a config and print it resolved")
     check.add_argument("config", help="a style's TOML config")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a value, e.g. --set train.epochs=5 (repeatable)")
+    add_override_argument(check)
     check.set_defaults(func=_cmd_check)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import caption as captioner
-from .config import Config
+from .config import Config, add_override_argument
 from .errors import UserError
 from .images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
 from .io import atomic_path, atomic_write_text
@@ -420,8 +420,7 @@ def add_command(subparsers) -> None:
                     "dataset_report.md/.json and dataset_contact_sheet.png to [output] dir. Existing captions "
                     "are kept unless --retag. Re-running on an unchanged folder changes nothing.")
     p.add_argument("config", help="a style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set caption.threshold=0.5 (repeatable)")
+    add_override_argument(p, "caption.threshold=0.5")
     p.add_argument("--retag", action="store_true", default=None,
                    help="re-tag images that already have captions; the old captions are kept as "
                         "NAME.txt.bak-<timestamp> (same as caption.retag = true)")

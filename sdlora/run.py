@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import Config, add_override_argument, load_config
 from .errors import UserError
 
 
@@ -97,6 +97,5 @@ def add_command(subparsers) -> None:
         description="Build the dataset (captions and report), train and export the adapter (skipped when it is "
                     "up to date), render 1080x720 samples and grids, and print where everything is.")
     p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    add_override_argument(p)
     p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides)) and 0)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from . import kohya
+from .config import add_override_argument
 from .errors import UserError
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
@@ -703,8 +704,7 @@ def add_command(subparsers) -> None:
                         "scales (--scales / [sample] lora_scales); FILE:SCALE keeps that weight in every column "
                         "(only fixed files: the columns are the base and the files). "
                         "Default: the trained <output.dir>/<output_name>.safetensors, swept")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set sample.cfg_scale=5 (repeatable)")
+    add_override_argument(p, "sample.cfg_scale=5")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces [sample] prompts")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3; replaces [sample] seeds")
     p.add_argument("--scales", help="comma-separated LoRA scales (grid columns), e.g. 0,0.5,1; 0 is the base")

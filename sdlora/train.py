@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .buckets import Bucket, assign_bucket, make_buckets, resolution_pair
-from .config import Config
+from .config import Config, add_override_argument
 from .errors import UserError
 
 STATE_FILE = "training_state.pt"
@@ -563,8 +563,7 @@ def add_command(subparsers) -> None:
                     "Kohya-format .safetensors adapters into [output] dir. Runs unchanged under "
                     "`accelerate launch --num_processes N -m sdlora.cli train CONFIG`.")
     p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    add_override_argument(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from <output dir>/state/training_state.pt (same config and images)")
     p.set_defaults(func=_cmd_train)
