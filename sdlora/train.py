@@ -327,7 +327,7 @@ class Trainer:
         latents = batch["latents"] * base.vae.config.scaling_factor  # (B, 4, h, w)
         noise = batch["noise"]
         if cfg.train.noise_offset:  # shifts the mean colour: learns brighter darks and darker lights
-            noise = noise + cfg.train.noise_offset * batch["offset"][..., None].expand_as(noise)
+            noise = noise + cfg.train.noise_offset * batch["offset"]  # (B, 4, 1, 1): one shift per channel
         timesteps = batch["timesteps"]  # (B,)
         noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
         if "hidden" in batch:
@@ -395,7 +395,7 @@ class Trainer:
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         final = self.adapter_path(None)
-        if final.exists() and not (tc.overwrite or resume) and acc.is_main_process:
+        if final.exists() and not (tc.overwrite or resume):  # every process stops, none waits for the others
             raise UserError(f"{final} already exists; set train.overwrite = true (or --set train.overwrite=true) "
                             "to replace it, or choose another output.output_name")
         self.setup()

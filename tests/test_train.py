@@ -139,6 +139,16 @@ def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path
     assert cache.STATS["te_encodes"] == 4  # one per distinct caption
 
 
+def test_noise_offset_trains_and_changes_the_adapter(tmp_path, mini_base_dir):
+    results = {}
+    for offset in (0.0, 0.1):
+        folder = tmp_path / str(offset)
+        folder.mkdir()
+        cfg = load_config(make_style(folder, mini_base_dir, n=2), ["train.epochs=1", f"train.noise_offset={offset}"])
+        results[offset] = load_file(train.train(cfg, log=lambda m: None).adapter)
+    assert any(not torch.equal(results[0.0][k], results[0.1][k]) for k in results[0.0] if "lora_up" in k)
+
+
 def test_caption_shuffle_keeps_the_first_keep_tokens():
     import random
 
