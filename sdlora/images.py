@@ -74,6 +74,8 @@ def load_image(path: str | Path, max_pixels: int, min_side: int, background: str
         raise ImageRejected(f"cannot read: {e.strerror}") from None
     if size == 0:
         raise ImageRejected("empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # the user raised the limit; _check_header enforces it
     try:
         with Image.open(path) as img:
             _check_header(img, max_pixels, min_side)

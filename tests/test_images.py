@@ -135,6 +135,17 @@ def test_pixel_limit_is_checked_from_the_header(tmp_path):
     assert load_image(tmp_path / "big.png", max_pixels=20_000, min_side=16).size == (200, 100)
 
 
+def test_max_pixels_above_pillows_own_limit_is_honoured(tmp_path, monkeypatch):
+    """A user who raises max_pixels past Pillow's bomb limit gets the image, not a bomb error."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # stands in for Pillow's 89 M pixels
+    _noise(200, 100).save(tmp_path / "big.png")  # 20 000 pixels > 2 x 5 000: a "bomb" to Pillow
+    assert load_image(tmp_path / "big.png", max_pixels=40_000, min_side=16).size == (200, 100)
+    with pytest.raises(ImageRejected, match="max_pixels"):
+        load_image(tmp_path / "big.png", max_pixels=19_999, min_side=16)
+
+
 def test_originals_are_not_modified(tmp_path):
     make_good_images(tmp_path)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
