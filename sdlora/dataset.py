@@ -131,12 +131,35 @@ def _folder_writable(folder: Path) -> bool:
         return False
 
 
-def _existing_caption(image: Path, cfg: Config) -> Path | None:
-    ext = cfg.dataset.caption_extension
-    for candidate in (image.with_suffix(ext), cfg.output_dir / "captions" / (image.stem + ext)):
-        if candidate.is_file():
-            return candidate
-    return None
+def built_caption_path(image: Path, cfg: Config) -> Path:
+    """Where the builder writes a caption when the image folder is read-only: OUTPUT/captions,
+    mirroring the image's subfolders so that a/x.png and b/x.png keep separate captions."""
+    try:
+        relative = image.relative_to(cfg.dataset.image_dir)
+    except ValueError:
+        relative = Path(image.name)
+    return cfg.output_dir / "captions" / relative.with_suffix(cfg.dataset.caption_extension)
+
+
+def captions_beside_images(cfg: Config) -> bool:
+    """True when the builder writes captions beside the images, False when into OUTPUT/captions."""
+    return _folder_writable(Path(cfg.dataset.image_dir))
+
+
+def existing_caption(image: Path, cfg: Config, beside_images: bool) -> tuple[Path | None, str]:
+    """(caption file, "sidecar" | "builder"), or (None, "none").
+
+    The reader looks first where the builder writes (`captions_beside_images`), so a `--retag`
+    of a read-only folder is what trains, not the older sidecar next to the image.
+    """
+    sidecar, built = image.with_suffix(cfg.dataset.caption_extension), built_caption_path(image, cfg)
+    order = [(sidecar, "sidecar"), (built, "builder")]
+    if not beside_images:
+        order.reverse()
+    for path, source in order:
+        if path.is_file():
+            return path, source
+    return None, "none"
 
 
 def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool | None = None,
@@ -197,13 +220,13 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         if other != r.path:
             log(f"warning: {other.name} and {r.path.name} share one caption file "
                 f"{r.path.with_suffix(d.caption_extension).name}; rename one of them")
-    writable = _folder_writable(folder)
+    writable = captions_beside_images(cfg)
     caption_dir = folder if writable else out / "captions"
     if not writable:
         log(f"{folder} is not writable: captions go to {caption_dir} (the trainer reads them there)")
     to_tag = []
     for r in kept:
-        existing = _existing_caption(r.path, cfg)
+        existing = existing_caption(r.path, cfg, writable)[0]
         if existing and not retag:
             r.tags, r.caption_path, r.source = parse_caption(existing.read_text(encoding="utf-8")), existing, "kept"
         else:
@@ -235,9 +258,8 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     for r in kept:
         if r.source != "tagged":
             continue
-        target = (r.path.with_suffix(d.caption_extension) if writable
-                  else caption_dir / (r.path.stem + d.caption_extension))
-        old = _existing_caption(r.path, cfg)
+        target = r.path.with_suffix(d.caption_extension) if writable else built_caption_path(r.path, cfg)
+        old = existing_caption(r.path, cfg, writable)[0]
         text = format_caption(r.tags) + "\n"
         r.caption_path = target
         if old is not None and old.read_text(encoding="utf-8") == text and old == target:

@@ -40,20 +40,17 @@ class Example:
     caption_source: str  # "sidecar", "builder" or "trigger"
 
 
-def find_caption(image: Path, cfg: Config) -> tuple[str | None, str]:
-    """The sidecar caption, else the one the dataset builder wrote to the output folder."""
-    sidecar = image.with_suffix(cfg.dataset.caption_extension)
-    if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8"), "sidecar"
-    built = cfg.output_dir / "captions" / (image.stem + cfg.dataset.caption_extension)
-    if built.is_file():
-        return built.read_text(encoding="utf-8"), "builder"
-    return None, "trigger"
+def find_caption(image: Path, cfg: Config, beside_images: bool) -> tuple[str | None, str]:
+    """(caption text, "sidecar" | "builder"), or (None, "trigger") when the image has none."""
+    from .dataset import existing_caption
+
+    path, source = existing_caption(image, cfg, beside_images)
+    return (path.read_text(encoding="utf-8"), source) if path else (None, "trigger")
 
 
 def collect_examples(cfg: Config, log=print) -> list[Example]:
     from .cache import file_digest
-    from .dataset import excluded_images
+    from .dataset import captions_beside_images, excluded_images
     from .images import ImageRejected, load_image, scan_images
     from .tags import parse_caption
 
@@ -66,6 +63,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     buckets = make_buckets(reso, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
     area = reso[0] * reso[1]
     examples, rejected, uncaptioned = [], [], []
+    beside_images = captions_beside_images(cfg)
     duplicates = excluded_images(cfg)  # near-duplicates the dataset builder set aside
     if duplicates:
         log(f"skipping {len(duplicates)} near-duplicate image(s) the dataset builder excluded "
@@ -82,7 +80,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
             bucket = assign_bucket(image.width, image.height, buckets, area, d.bucket_reso_steps, d.bucket_no_upscale)
         else:
             bucket = Bucket(*reso)
-        text, source = find_caption(path, cfg)
+        text, source = find_caption(path, cfg, beside_images)
         if text is None:
             uncaptioned.append(path.name)
             text = cfg.trigger

@@ -134,12 +134,31 @@ def test_near_duplicates_grouped_and_excluded_unless_kept(tmp_path):
 
 
 def test_read_only_image_folder_gets_captions_in_the_output_folder(tmp_path, monkeypatch):
-    images = demo_copy(tmp_path / "images", {"scene_03.png"})
+    from sdlora.train import collect_examples
+
+    images = tmp_path / "images"
+    demo_copy(images / "a", {"scene_03.png"})
+    (images / "b").mkdir()
+    shutil.copy(DEMO / "scene_04.png", images / "b" / "scene_03.png")
+    (images / "a" / "scene_03.txt").write_text("clrscn, hand written\n")  # a sidecar the user wrote earlier
     monkeypatch.setattr(dataset, "_folder_writable", lambda folder: False)
     cfg = write_config(tmp_path, "images")
     assert cli.main(["dataset", str(cfg)]) == 0
-    assert not list(images.glob("*.txt"))
-    assert parse_caption((tmp_path / "out" / "captions" / "scene_03.txt").read_text())[0] == "clrscn"
+    built = tmp_path / "out" / "captions"
+    # Same file name in two subfolders: two captions, mirrored under OUTPUT/captions.
+    assert not (built / "a" / "scene_03.txt").exists()  # the sidecar is kept, not re-tagged
+    assert parse_caption((built / "b" / "scene_03.txt").read_text())[0] == "clrscn"
+    assert not (images / "b" / "scene_03.txt").exists()
+
+    # --retag cannot touch the read-only folder: the new caption goes to OUTPUT/captions and is
+    # the one the trainer reads, not the older sidecar.
+    assert cli.main(["dataset", str(cfg), "--retag"]) == 0
+    assert (images / "a" / "scene_03.txt").read_text() == "clrscn, hand written\n"
+    retagged = parse_caption((built / "a" / "scene_03.txt").read_text())
+    assert retagged[0] == "clrscn" and "hand written" not in retagged
+    examples = {e.image.relative_to(images).as_posix(): e for e in collect_examples(load_config(cfg), log=lambda *a: None)}
+    assert examples["a/scene_03.png"].tags == retagged and examples["a/scene_03.png"].caption_source == "builder"
+    assert examples["b/scene_03.png"].tags == parse_caption((built / "b" / "scene_03.txt").read_text())
 
 
 def test_demo_set_captions_with_the_embedded_tagger(tmp_path):
