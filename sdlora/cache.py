@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,10 +21,22 @@ from .buckets import Bucket, fit_to_bucket
 from .io import atomic_save_file
 
 PREPROCESS_VERSION = "1"  # bump when fit_to_bucket or normalisation changes
-STATS = {"vae_encodes": 0, "te_encodes": 0}
+STATS = {"vae_encodes": 0, "te_encodes": 0, "files_hashed": 0}
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes, hashed once per process while its size and mtime stay the same
+    (`sdlora run` asks for every image in the builder, the up-to-date check and the trainer)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256(path)
+        STATS["files_hashed"] += 1
+    return _DIGESTS[key]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

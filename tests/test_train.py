@@ -108,15 +108,19 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir):
 
 def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.overwrite=true"])
-    cache.STATS["vae_encodes"] = 0
+    cache.STATS.update(vae_encodes=0, files_hashed=0)
+    cache._DIGESTS.clear()
     train.train(cfg, log=lambda m: None)
     assert cache.STATS["vae_encodes"] == 4
+    assert cache.STATS["files_hashed"] == 5  # 4 images + the base's UNet weights (its model hash)
     train.train(cfg, log=lambda m: None)
     assert cache.STATS["vae_encodes"] == 4  # second run: zero encodes
+    assert cache.STATS["files_hashed"] == 5  # and in one process, no file is hashed twice
     img, _ = make_scene_image(99, "colorful", 64)
     img.save(tmp_path / "images" / "img0.png")
     train.train(cfg, log=lambda m: None)
     assert cache.STATS["vae_encodes"] == 5  # only the changed image
+    assert cache.STATS["files_hashed"] == 6
 
 
 def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
