@@ -3,7 +3,7 @@
 Stages (each writes its result, so a stage can be rerun alone):
   data     procedural scenes: muted 128 px squares and 3:2 / 2:3 frames, with tags
   demo     the 25-image colorful_scenery style set (no captions: the builder writes them)
-  vae      AutoencoderKL (f=8, 4 channels) on 64 px crops: L1 + edge + tiny KL
+  vae      AutoencoderKL (f=8, 4 channels) on 64 px crops of both palettes: L1 + edge + tiny KL
   clip     open_clip tagger: ViT + text tower, sigmoid (SigLIP) loss of images x tags
   unet     text encoder + UNet2DConditionModel jointly, epsilon prediction, on cached latents
   export   fp16 diffusers folder `sdlora/assets/tiny/`, `sdlora/assets/open_clip/tiny.*`,
@@ -25,13 +25,13 @@ from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["data", "demo", "vae", "unet", "clip", "vae_ft", "export", "report"]
+STAGES = ["data", "demo", "vae", "unet", "clip", "export", "report"]
 
 # Fixed sizes and step counts: the whole build fits in ~60 minutes on 2 CPU cores.
 N_SQUARE, N_WIDE, N_TALL = 4000, 800, 800
+N_VAE_COLOURFUL = 2000
 N_CLIP = 3000
-VAE_STEPS, VAE_BATCH, VAE_CROP = 1400, 12, 64
-VAE_FT_STEPS, N_VAE_FT = 500, 1000
+VAE_STEPS, VAE_BATCH, VAE_CROP = 1800, 12, 64
 CLIP_STEPS, CLIP_BATCH = 700, 64
 UNET_STEPS, UNET_BATCH = 2000, 32
 
@@ -73,6 +73,11 @@ def stage_data(work: Path, log: list) -> None:
         np.save(work / f"{name}.npy", images)
         (work / f"{name}_tags.json").write_text(json.dumps(tags))
         _log(f"data: {name} {images.shape}", log)
+    # The VAE sees both palette families: an autoencoder trained on muted scenes alone learns
+    # to discard chroma, and then no style adapter can draw saturated colours through it.
+    colourful, _ = _render_set(range(500_000, 500_000 + n(N_VAE_COLOURFUL)), "colorful", "1:1", 128)
+    np.save(work / "vae_colorful.npy", colourful)
+    _log(f"data: VAE colourful set {colourful.shape}", log)
     # The tagger sees both palette families at its input size, so style tags are learnable.
     half = n(N_CLIP) // 2
     a, ta = _render_set(range(300_000, 300_000 + half), "muted", "1:1", 64)
@@ -137,10 +142,14 @@ def _reconstruction_loss(recon, target):
 def stage_vae(work: Path, log: list) -> None:
     import torch
     from diffusers import AutoencoderKL
+    from PIL import Image
     from tqdm import tqdm
 
+    from ..metrics import colourfulness
+
     torch.manual_seed(1)
-    images = np.load(work / "square.npy")
+    muted = np.load(work / "square.npy")
+    images = np.concatenate([muted, np.load(work / "vae_colorful.npy")])
     vae = AutoencoderKL(**configs.VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=n(VAE_STEPS), pct_start=0.05)
@@ -158,56 +167,28 @@ def stage_vae(work: Path, log: list) -> None:
         if step % 20 == 0:
             bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
     vae.eval()
-    with torch.no_grad():
-        sample = _to_tensor(images[:256])
-        lat = torch.cat([vae.encode(sample[i:i + 32]).latent_dist.mean for i in range(0, len(sample), 32)])
-        scaling = float(1.0 / lat.std())
-        recon = torch.cat([vae.decode(lat[i:i + 32]).sample for i in range(0, len(sample), 32)])
-        err = float((recon.clamp(-1, 1) - sample).abs().mean() * 127.5)
+
+    def round_trip(batch):  # (latent means, reconstructions)
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(batch[i:i + 32]).latent_dist.mean for i in range(0, len(batch), 32)])
+            return lat, torch.cat([vae.decode(lat[i:i + 32]).sample for i in range(0, len(batch), 32)]).clamp(-1, 1)
+
+    sample = _to_tensor(muted[:256])
+    lat, recon = round_trip(sample)
+    scaling = float(1.0 / lat.std())  # the UNet's training data (muted scenes) sets the latent scale
+    err = float((recon - sample).abs().mean() * 127.5)
+    vivid = _to_tensor(images[len(muted):][:64])
+    vivid_recon = round_trip(vivid)[1]
+    to_uint8 = lambda t: ((t.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)  # noqa: E731
+    chroma = {"colourful_in": float(np.mean([colourfulness(Image.fromarray(im)) for im in to_uint8(vivid)])),
+              "colourful_out": float(np.mean([colourfulness(Image.fromarray(im)) for im in to_uint8(vivid_recon)]))}
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(work / "vae")
-    (work / "vae_stats.json").write_text(json.dumps({"scaling_factor": scaling, "mean_abs_error_255": err,
+    (work / "vae_stats.json").write_text(json.dumps({"scaling_factor": scaling, "mean_abs_error_255": err, **chroma,
                                                      "steps": n(VAE_STEPS), "loss_curve": losses[::10]}))
-    _log(f"vae: {n(VAE_STEPS)} steps, mean reconstruction error {err:.2f}/255, scaling_factor {scaling:.4f}", log)
-
-
-def stage_vae_ft(work: Path, log: list) -> None:
-    """Fine-tune the VAE decoder on both palette families, encoder frozen (as SD's ft-MSE VAE did).
-
-    Trained on muted scenes alone, the decoder cannot draw saturated colours, so no style
-    adapter could either. The latent space (the frozen encoder) is unchanged, so the UNet
-    trained on it needs no retraining.
-    """
-    import torch
-    from diffusers import AutoencoderKL
-    from tqdm import tqdm
-
-    torch.manual_seed(4)
-    muted = np.load(work / "square.npy")[: n(N_VAE_FT)]
-    colourful, _ = _render_set(range(500_000, 500_000 + n(N_VAE_FT)), "colorful", "1:1", 128)
-    images = np.concatenate([muted, colourful])
-    vae = AutoencoderKL.from_pretrained(work / "vae")
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-4, total_steps=n(VAE_FT_STEPS), pct_start=0.05)
-    rng = np.random.default_rng(4)
-    losses = []
-    bar = tqdm(range(n(VAE_FT_STEPS)), desc="vae decoder")
-    for step in bar:
-        batch = _random_crops(images, rng)
-        with torch.no_grad():
-            latents = vae.encode(batch).latent_dist.sample()
-        l1, loss = _reconstruction_loss(vae.decode(latents).sample, batch)
-        _optimizer_step(opt, sched, loss, params)
-        losses.append(float(l1))
-        if step % 20 == 0:
-            bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
-    vae.eval()
-    vae.save_pretrained(work / "vae")
-    (work / "vae_ft_stats.json").write_text(json.dumps({"steps": n(VAE_FT_STEPS), "loss_curve": losses[::10]}))
-    _log(f"vae_ft: {n(VAE_FT_STEPS)} decoder steps on muted + colourful, final L1 {np.mean(losses[-50:]) * 127.5:.2f}/255", log)
+    _log(f"vae: {n(VAE_STEPS)} steps, mean reconstruction error {err:.2f}/255, scaling_factor {scaling:.4f}, "
+         f"colourfulness of colourful scenes {chroma['colourful_in']:.1f} -> {chroma['colourful_out']:.1f} "
+         "after a round trip", log)
 
 
 def _clip_model():
@@ -430,7 +411,9 @@ def stage_report(work: Path, log: list, assets: Path = ASSETS) -> None:
              for name in ("vae", "clip", "unet") if (work / f"{name}_stats.json").exists()}
     lines = ["# Embedded base build report", "",
              f"- VAE: {stats.get('vae', {}).get('steps')} steps, mean reconstruction error "
-             f"{stats.get('vae', {}).get('mean_abs_error_255', float('nan')):.2f}/255",
+             f"{stats.get('vae', {}).get('mean_abs_error_255', float('nan')):.2f}/255; colourfulness of "
+             f"colourful scenes {stats.get('vae', {}).get('colourful_in', float('nan')):.0f} before, "
+             f"{stats.get('vae', {}).get('colourful_out', float('nan')):.0f} after a round trip",
              f"- open_clip tagger: {stats.get('clip', {}).get('steps')} steps",
              f"- UNet + text encoder: {stats.get('unet', {}).get('steps')} steps",
              f"- prompt following: the tagger agrees with the prompted time of day on "
