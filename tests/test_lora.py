@@ -270,6 +270,62 @@ def test_multiplier_scales_the_delta():
     torch.testing.assert_close(_outputs(pipe)[0], full_hidden)
 
 
+def _unet_step(pipe, network, generator_seed=0):
+    """Loss, input gradient and every adapter gradient of one U-Net training step."""
+    g = torch.Generator().manual_seed(generator_seed)
+    x = torch.randn(2, 4, 8, 8, generator=g).requires_grad_(True)
+    hidden = pipe.text_encoder(torch.randint(0, 1000, (2, 77), generator=g))[0]
+    loss = F.mse_loss(pipe.unet(x, torch.tensor([10, 500]), hidden).sample, torch.zeros(2, 4, 8, 8))
+    params = network.trainable_parameters()
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return loss.detach(), [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, [x, *params])]
+
+
+def test_fused_linear_path_matches_peft_in_outputs_and_gradients():
+    from peft.tuners.lora.layer import Linear
+
+    pipe = build_pipeline("mini")
+    network = lora.inject(pipe.unet, pipe.text_encoder, network_cfg())
+    randomise_adapters(network)
+    network.set_multiplier(0.7)  # a scale other than 1
+    fused = [m for m in pipe.unet.modules() if isinstance(m, Linear)]
+    assert fused and all(type(m) is not Linear for m in fused)  # inject put every Linear on the fused path
+    loss, grads = _unet_step(pipe, network)
+    for m in fused:
+        m.__class__ = Linear  # back to peft's own forward
+    peft_loss, peft_grads = _unet_step(pipe, network)
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, peft_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_path_under_bf16_autocast_keeps_fp32_adapter_gradients():
+    pipe = build_pipeline("mini")
+    network = lora.inject(pipe.unet, pipe.text_encoder, network_cfg())
+    randomise_adapters(network)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _unet_step(pipe, network)
+    _, reference = _unet_step(pipe, network)
+    for g, ref, p in zip(grads[1:], reference[1:], network.trainable_parameters()):
+        assert g.dtype == p.dtype == torch.float32
+        assert torch.isfinite(g).all()
+        assert (g - ref).norm() <= 0.1 * ref.norm() + 1e-6  # bf16 maths, same direction
+
+
+def test_adapter_dropout_keeps_peft_forward():
+    pipe = build_pipeline("mini")
+    network = lora.inject(pipe.unet, pipe.text_encoder, network_cfg(dropout=0.5))
+    randomise_adapters(network)
+    pipe.unet.train()
+    g = torch.Generator().manual_seed(0)
+    x, hidden = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    torch.manual_seed(1)
+    a = pipe.unet(x, torch.tensor([10]), hidden).sample
+    torch.manual_seed(2)
+    b = pipe.unet(x, torch.tensor([10]), hidden).sample
+    assert not torch.allclose(a, b)  # dropout is applied (peft's path), not skipped by the fused one
+
+
 # c. LoHa -------------------------------------------------------------------------------------
 
 
