@@ -40,6 +40,7 @@ import torch
 from . import kohya
 from .config import add_override_argument
 from .errors import UserError
+from .lora import use_fused_linear
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -201,6 +202,8 @@ class AdapterSet:
             adapter.name = f"adapter{self._count}"
             self._count += 1
             self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+            for model in (self.pipe.unet, self.pipe.text_encoder):
+                use_fused_linear(model)  # one adapter active: the fused path; several: peft's own
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
@@ -622,13 +625,18 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     return result.grids[0]
 
 
-def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3) -> dict:
+def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3,
+                  unet_repeats: int = 9) -> dict:
     """Seconds per one-pass image at 1080x720 with the embedded base: alone, a LoRA fused, a LoRA unfused.
 
-    The three set-ups are timed in turns, `repeats` rounds, and each keeps its fastest round, so
-    a neighbour's load on a shared machine does not land on one of them only. Targets: fused
-    within 2% of the base (merged weights cost nothing per step), unfused within 10% (peft's
-    extra low-rank matmuls).
+    Targets: fused within 2% of the base (merged weights cost nothing per step), unfused within
+    10% (two low-rank matmuls per adapted layer). Whole images vary by more than 2% from round
+    to round on a shared machine (1080x720 buffers, allocator and page faults), so the ratios
+    come from the one part an adapter changes, the U-Net call of a denoising step at this size
+    (CFG batch of 2), timed `unet_repeats` times per set-up in turns, fastest of each. The rest
+    of an image (text encoder, VAE decode, scheduler) is the same for all three, so an image
+    with the adapter takes `steps` x the extra U-Net time longer: `*_over_base` is that per-image
+    ratio, `*_over_base_unet_call` the U-Net call's own (an upper bound of it).
     """
     import tempfile
 
@@ -638,6 +646,7 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
 
     cfg = config_from_dict({"sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
     seconds: dict[str, float] = {}
+    unet_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         # A random adapter on the default targets, saved and read back like a trained one.
         scratch = models.load_base(cfg.model)
@@ -661,9 +670,23 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
                 started = time.perf_counter()
                 sampler.render(["bench"], [1], width, height, steps)
                 seconds[label] = min(seconds.get(label, math.inf), time.perf_counter() - started)
+        base = samplers["base"]
+        latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
+                              dtype=base.pipe.unet.dtype)
+        embeds = torch.cat([base.encode(["bench"]), base.encode([""])])
+        timestep = torch.tensor(500, device=base.device)
+        with torch.no_grad():
+            for _ in range(unet_repeats):
+                for label, sampler in samplers.items():
+                    started = time.perf_counter()
+                    sampler.pipe.unet(latents, timestep, embeds)
+                    unet_seconds[label] = min(unet_seconds.get(label, math.inf), time.perf_counter() - started)
     results = {f"{label}_s_per_image": t for label, t in seconds.items()}
-    results["fused_over_base"] = seconds["fused"] / seconds["base"]
-    results["unfused_over_base"] = seconds["unfused"] / seconds["base"]
+    results.update({f"{label}_unet_call_s": t for label, t in unet_seconds.items()})
+    for label in ("fused", "unfused"):
+        extra = unet_seconds[label] - unet_seconds["base"]  # per denoising step (one U-Net call with CFG)
+        results[f"{label}_over_base_unet_call"] = unet_seconds[label] / unet_seconds["base"]
+        results[f"{label}_over_base"] = 1 + steps * extra / seconds["base"]  # per image: the targets
     results.update(steps=steps, size=f"{width}x{height}", repeats=repeats, device=str(samplers["base"].device),
                    lora_dim=cfg.network.dim)
     return results
