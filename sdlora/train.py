@@ -210,6 +210,7 @@ class TrainResult:
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
         from . import models
@@ -219,6 +220,10 @@ class Trainer:
         out = cfg.output_dir
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
         no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        # accelerate keeps one AcceleratorState per process and refuses a second training in it
+        # (a notebook, a sweep) with other mixed-precision settings; the process group itself
+        # (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=no_gpu,
             mixed_precision=tc.mixed_precision,
