@@ -251,7 +251,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
 
 
 # ---------------------------------------------------------------------------------------------
-# The training fast path: one autograd node per adapted Linear
+# The training fast path: one autograd node per adapted Linear or 1x1 conv
 
 
 class _LowRankLinear(torch.autograd.Function):
@@ -289,43 +289,93 @@ class _LowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+class _LowRankConv1x1(torch.autograd.Function):
+    """The same for a 1x1 Conv2d (SD1.x's proj_in / proj_out): on (batch, channels, pixels)
+    views the adapter is two batched matmuls, added onto the base output in place."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+        base = F.conv2d(x, weight, bias)
+        dtype = base.dtype
+        n, c = x.shape[:2]
+        pixels = x.to(dtype).reshape(n, c, -1)
+        a = lora_a.to(dtype).view(lora_a.shape[0], c)  # (rank, in)
+        b = lora_b.to(dtype).view(lora_b.shape[0], lora_b.shape[1])  # (out, rank)
+        hidden = torch.matmul(a, pixels)  # (n, rank, pixels)
+        out = base.reshape(n, base.shape[1], -1)
+        out.baddbmm_(b.expand(n, *b.shape), hidden, alpha=scale)
+        ctx.save_for_backward(pixels, weight, lora_a, lora_b, hidden)
+        ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
+        return base
+
+    @staticmethod
+    def backward(ctx, grad):
+        pixels, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        dtype = hidden.dtype
+        n, c = ctx.x_shape[:2]
+        g = grad.to(dtype).reshape(n, grad.shape[1], -1)  # (n, out, pixels)
+        a = lora_a.to(dtype).view(lora_a.shape[0], c)
+        b = lora_b.to(dtype).view(lora_b.shape[0], lora_b.shape[1])
+        g_hidden = torch.matmul(b.t(), g).mul_(ctx.scale)  # (n, rank, pixels)
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[3]:
+            grad_a = torch.matmul(g_hidden, pixels.transpose(1, 2)).sum(0).view_as(lora_a).to(lora_a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = torch.matmul(g, hidden.transpose(1, 2)).sum(0).mul_(ctx.scale)
+            grad_b = grad_b.view_as(lora_b).to(lora_b.dtype)
+        if ctx.needs_input_grad[0]:
+            w = weight.to(dtype).view(weight.shape[0], c)  # (out, in)
+            grad_x = torch.matmul(w.t(), g).baddbmm_(a.t().expand(n, c, a.shape[0]), g_hidden)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _is_pointwise_conv(layer: nn.Module) -> bool:
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding in ((0, 0), "valid") and layer.dilation == (1, 1) and layer.groups == 1)
+
+
 _FUSED_CLASSES: dict[type, type] = {}
 
 
-def _fused_class(peft_linear: type) -> type:
-    """A subclass of peft's LoRA Linear whose forward takes the fused path when it can."""
-    if peft_linear not in _FUSED_CLASSES:
+def _fused_class(peft_class: type, function) -> type:
+    """A subclass of a peft LoRA layer class whose forward takes `function` when it can."""
+    if peft_class not in _FUSED_CLASSES:
         def forward(self, x, *args, **kwargs):
             active = self.active_adapters
             if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
                     or active[0] not in self.lora_A or active[0] in self.lora_variant
                     or not isinstance(self.lora_dropout[active[0]], nn.Identity)
-                    or self.base_layer.weight.requires_grad):
+                    or self.lora_B[active[0]].bias is not None or self.base_layer.weight.requires_grad):
                 return super(cls, self).forward(x, *args, **kwargs)  # dropout, DoRA, merged, ...: peft's path
             name = active[0]
-            return _LowRankLinear.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                                        self.lora_B[name].weight, self.scaling[name])
+            return function.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                                  self.lora_B[name].weight, self.scaling[name])
 
-        cls = type(peft_linear.__name__, (peft_linear,), {"forward": forward, "__module__": peft_linear.__module__})
-        _FUSED_CLASSES[peft_linear] = cls
-    return _FUSED_CLASSES[peft_linear]
+        cls = type(peft_class.__name__, (peft_class,), {"forward": forward, "__module__": peft_class.__module__})
+        _FUSED_CLASSES[peft_class] = cls
+    return _FUSED_CLASSES[peft_class]
 
 
 def use_fused_linear(model: nn.Module) -> int:
-    """Give every plain peft LoRA Linear of `model` the fused forward; returns how many.
+    """Give every plain peft LoRA Linear and 1x1 Conv2d of `model` the fused forward; returns how many.
 
     Same maths, same parameters and state-dict keys (peft, diffusers and the Kohya export see
     no difference): the per-layer work the frozen model cannot avoid plus two rank-r matmuls,
     which brings the LoRA step within ~10% of the frozen model's forward + backward (`sdlora
-    bench`). Layers with dropout or a DoRA-style variant keep peft's forward.
+    bench`). Layers with dropout or a DoRA-style variant keep peft's forward, as do 3x3 convs.
     """
-    from peft.tuners.lora.layer import Linear
+    from peft.tuners.lora.layer import Conv2d, Linear
 
     count = 0
     for module in model.modules():
         if type(module) is Linear:
-            module.__class__ = _fused_class(Linear)
-            count += 1
+            module.__class__ = _fused_class(Linear, _LowRankLinear)
+        elif type(module) is Conv2d and _is_pointwise_conv(module.base_layer):
+            module.__class__ = _fused_class(Conv2d, _LowRankConv1x1)
+        else:
+            continue
+        count += 1
     return count
 
 

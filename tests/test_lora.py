@@ -281,18 +281,18 @@ def _unet_step(pipe, network, generator_seed=0):
     return loss.detach(), [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, [x, *params])]
 
 
-def test_fused_linear_path_matches_peft_in_outputs_and_gradients():
-    from peft.tuners.lora.layer import Linear
+def test_fused_path_matches_peft_in_outputs_and_gradients():
+    from peft.tuners.lora.layer import Conv2d, Linear
 
     pipe = build_pipeline("mini")
     network = lora.inject(pipe.unet, pipe.text_encoder, network_cfg())
     randomise_adapters(network)
     network.set_multiplier(0.7)  # a scale other than 1
-    fused = [m for m in pipe.unet.modules() if isinstance(m, Linear)]
-    assert fused and all(type(m) is not Linear for m in fused)  # inject put every Linear on the fused path
+    fused = [m for m in [*pipe.unet.modules(), *pipe.text_encoder.modules()] if isinstance(m, (Linear, Conv2d))]
+    assert {type(m).__mro__[1] for m in fused} == {Linear, Conv2d}  # inject put both kinds on the fused path
     loss, grads = _unet_step(pipe, network)
     for m in fused:
-        m.__class__ = Linear  # back to peft's own forward
+        m.__class__ = type(m).__mro__[1]  # back to peft's own forward
     peft_loss, peft_grads = _unet_step(pipe, network)
     torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, peft_grads):
