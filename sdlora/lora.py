@@ -246,7 +246,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
             # injects with peft directly, as here.
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         modules.update({kohya.kohya_key(part, path): (part, path) for path in paths})
-        use_fused_linear(model)
+        use_fused_forward(model)
     return Network(kind="loha" if network_cfg.type == "loha" else "lora", models=models, modules=modules)
 
 
@@ -357,7 +357,7 @@ def _fused_class(peft_class: type, function) -> type:
     return _FUSED_CLASSES[peft_class]
 
 
-def use_fused_linear(model: nn.Module) -> int:
+def use_fused_forward(model: nn.Module) -> int:
     """Give every plain peft LoRA Linear and 1x1 Conv2d of `model` the fused forward; returns how many.
 
     Same maths, same parameters and state-dict keys (peft, diffusers and the Kohya export see

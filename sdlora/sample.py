@@ -40,7 +40,7 @@ import torch
 from . import kohya
 from .config import add_override_argument
 from .errors import UserError
-from .lora import use_fused_linear
+from .lora import use_fused_forward
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -203,7 +203,7 @@ class AdapterSet:
             self._count += 1
             self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
             for model in (self.pipe.unet, self.pipe.text_encoder):
-                use_fused_linear(model)  # one adapter active: the fused path; several: peft's own
+                use_fused_forward(model)  # one adapter active: the fused path; several: peft's own
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
