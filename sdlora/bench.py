@@ -10,6 +10,7 @@ LoRA step cannot avoid). Plus the tagger, sampler and resize figures of their st
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 
@@ -23,22 +24,29 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def _once(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def seconds_of(fn) -> float:
+    """Wall time of one call, with queued GPU work included."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return sum(seconds_of(fn) for _ in range(repeats)) / repeats
+
+
+def fastest_in_turns(setups: dict, rounds: int) -> dict[str, float]:
+    """{label: fastest of `rounds` calls}, the set-ups called in turns, so that a neighbour's
+    load on a shared machine cannot land on one of them only."""
+    best = dict.fromkeys(setups, math.inf)
+    for _ in range(rounds):
+        for label, fn in setups.items():
+            best[label] = min(best[label], seconds_of(fn))
+    return best
 
 
 def _sd15_components():
@@ -91,14 +99,9 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    # Frozen and adapted passes in turns, each keeping its fastest round: a neighbour's load on
-    # a shared machine then cannot land on one of the two only.
-    t_frozen = t_lora = float("inf")
     fwd_bwd(True)  # warm-up
     fwd_bwd(False)
-    for _ in range(repeats):
-        t_frozen = min(t_frozen, _once(lambda: fwd_bwd(False)))
-        t_lora = min(t_lora, _once(lambda: fwd_bwd(True)))
+    passes = fastest_in_turns({"frozen": lambda: fwd_bwd(False), "lora": lambda: fwd_bwd(True)}, repeats)
     t_step = _timed(lora_step, repeats)
     with torch.no_grad():
         t_vae = _timed(lambda: vae.encode(pixels).latent_dist.sample(), max(1, repeats // 2))
@@ -108,7 +111,7 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
         "train_samples_per_s_uncached": batch / (t_step + t_vae),
         "vae_share_uncached": t_vae / (t_step + t_vae),
         "vae_share_cached": 0.0,  # cached latents: no encode in the step (tests assert zero encodes)
-        "lora_overhead_ratio": t_lora / t_frozen,
+        "lora_overhead_ratio": passes["lora"] / passes["frozen"],
         "peak_memory_mb": _peak_memory_mb(device),
     }
 
@@ -117,7 +120,7 @@ def run_bench(parts: list[str], device: str) -> dict:
     results = {}
     if "train" in parts:
         results["train_tiny"] = bench_training("tiny", batch=8, latent=16, device=device)
-        results["train_sd15"] = bench_training("sd15", batch=1, latent=32, repeats=2, device=device)
+        results["train_sd15"] = bench_training("sd15", batch=1, latent=32, repeats=4, device=device)
     if "tagger" in parts:
         from .caption import bench_tagger
 

@@ -641,12 +641,11 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
     import tempfile
 
     from . import models
+    from .bench import fastest_in_turns
     from .config import config_from_dict
     from .lora import adapter_metadata, inject, save_adapter
 
     cfg = config_from_dict({"sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
-    seconds: dict[str, float] = {}
-    unet_seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         # A random adapter on the default targets, saved and read back like a trained one.
         scratch = models.load_base(cfg.model)
@@ -665,22 +664,16 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
                 sampler.adapters.add(path)
                 sampler.adapters.set_scale(1.0)
             sampler.render(["bench"], [0], 64, 64, 1)  # warm-up
-        for _ in range(repeats):
-            for label, sampler in samplers.items():
-                started = time.perf_counter()
-                sampler.render(["bench"], [1], width, height, steps)
-                seconds[label] = min(seconds.get(label, math.inf), time.perf_counter() - started)
+        seconds = fastest_in_turns({label: lambda s=sampler: s.render(["bench"], [1], width, height, steps)
+                                    for label, sampler in samplers.items()}, repeats)
         base = samplers["base"]
         latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
                               dtype=base.pipe.unet.dtype)
         embeds = torch.cat([base.encode(["bench"]), base.encode([""])])
         timestep = torch.tensor(500, device=base.device)
         with torch.no_grad():
-            for _ in range(unet_repeats):
-                for label, sampler in samplers.items():
-                    started = time.perf_counter()
-                    sampler.pipe.unet(latents, timestep, embeds)
-                    unet_seconds[label] = min(unet_seconds.get(label, math.inf), time.perf_counter() - started)
+            unet_seconds = fastest_in_turns({label: lambda s=sampler: s.pipe.unet(latents, timestep, embeds)
+                                             for label, sampler in samplers.items()}, unet_repeats)
     results = {f"{label}_s_per_image": t for label, t in seconds.items()}
     results.update({f"{label}_unet_call_s": t for label, t in unet_seconds.items()})
     for label in ("fused", "unfused"):
