@@ -334,8 +334,8 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path):
             torch.set_default_dtype(torch.float32)
     pipe.save_pretrained(base_dir)
     del pipe
-    cfg = load_config(make_style(tmp_path, base_dir, n=1, extra="max_train_steps = 1\nbatch_size = 1"),
-                      ["dataset.resolution=512", "dataset.min_bucket_reso=256", "dataset.max_bucket_reso=1024",
+    cfg = load_config(make_style(tmp_path, base_dir, n=1, extra="max_train_steps = 1"), ["train.batch_size=1",
+                       "dataset.resolution=512", "dataset.min_bucket_reso=256", "dataset.max_bucket_reso=1024",
                        "dataset.bucket_reso_steps=64", "train.mixed_precision='bf16'",
                        "train.gradient_checkpointing=true", "train.save_every_n_epochs=0"])
     result = train.train(cfg, log=print)
