@@ -327,7 +327,7 @@ def stage_unet(b: Build) -> None:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
         noise_pred = unet(noisy, timesteps, hidden).sample
-        weight = snr_weights(noise_scheduler.alphas_cumprod, timesteps, 5.0, v_prediction=False)  # min-SNR-5
+        weight = snr_weights(noise_scheduler, timesteps, 5.0, v_prediction=False)  # min-SNR-5
         loss = (F.mse_loss(noise_pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         _optimizer_step(opt, sched, loss, list(unet.parameters()) + list(text_encoder.parameters()))
         losses.append(float(loss))
