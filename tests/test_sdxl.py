@@ -29,7 +29,7 @@ def test_sdxl_export_has_kohya_names_and_loads_in_diffusers_with_the_same_pixels
     cfg = sdxl_style(tmp_path, mini_sdxl_dir)
     trainer = train.Trainer(cfg, log=lambda m: None)
     result = trainer.run()
-    assert result.losses[-1] < result.losses[0] * 1.5 and all(map(lambda x: x == x, result.losses))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
     tensors = load_file(result.adapter)
     modules = {k.split(".")[0] for k in tensors}
     prefixes = {m.split("_")[1] for m in modules}
@@ -382,3 +382,35 @@ def test_sdxl_locon_and_loha_train_and_render(tmp_path, mini_sdxl_dir, network):
         rendered[scale] = torch.tensor(list(image.getdata()), dtype=torch.float32)
     sampler.adapters.close()
     assert (rendered[0.0] - rendered[1.0]).abs().max() > 2
+
+
+def test_sdxl_training_lowers_the_loss_on_its_examples(tmp_path, mini_sdxl_dir):
+    """The same batches (same noise and timesteps) scored with the trained U-Net adapters on and off."""
+    cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra="max_train_steps = 48\nunet_lr = 0.01"),
+                      ["train.text_encoder_lr=0", "train.min_snr_gamma=0"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer.run()
+    order, batches = train.epoch_order(trainer.examples, 2, 2, cfg.train.seed, 0)
+    dataset = train.EpochDataset(trainer, 0, order)
+    batches = [torch.utils.data.default_collate([dataset[i] for i in b]) for b in batches]
+    with torch.no_grad():
+        trained = sum(float(trainer.step(b)) for b in batches)
+        trainer.base.unet.disable_adapters()
+        untrained = sum(float(trainer.step(b)) for b in batches)
+        trainer.base.unet.enable_adapters()
+    assert trained < 0.9 * untrained, (trained, untrained)
+
+
+def test_sdxl_extract_from_a_merged_sdxl_checkpoint(trained_sdxl, tmp_path):
+    from sdlora import lowrank
+
+    base_dir, _, adapter = trained_sdxl
+    merged = tmp_path / "merged"
+    lowrank.merge(str(base_dir), [(adapter, 1.0)], merged, dtype=torch.float32)
+    out = tmp_path / "extracted.safetensors"
+    lowrank.extract(str(base_dir), str(merged), out, rank=4)
+    extracted = {k.split(".")[0] for k in load_file(out)}
+    trained = {k.split(".")[0] for k in load_file(adapter)}
+    assert extracted and extracted <= trained | {k for k in extracted if k.startswith("lora_unet_")}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in extracted)
+    assert any(k.startswith("lora_te2_") for k in extracted)
