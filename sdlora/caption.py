@@ -226,7 +226,8 @@ class EmbeddingCache:
             return None
         try:
             return np.load(path)
-        except (OSError, ValueError):  # a damaged entry is recomputed, not trusted
+        except (OSError, ValueError, EOFError) as e:  # a damaged entry is recomputed, not trusted
+            print(f"cache: {path} was damaged ({type(e).__name__}); rebuilding it")
             return None
 
     def put(self, digest: str, emb: np.ndarray) -> None:
