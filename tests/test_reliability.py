@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import make_style
 
-from sdlora import cache, dataset, io, lora, models, run, state, train
+from sdlora import cache, dataset, io, lora, models, run, train
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 
@@ -119,7 +119,9 @@ def test_ctrl_c_saves_the_state_at_the_step_and_resume_continues(tmp_path, mini_
     assert main(["train", str(path)]) == 130
     err = capsys.readouterr().err
     assert "after step 6" in err and "--resume" in err and "Traceback" not in err
-    saved = state.load_state(out / "state" / train.STATE_FILE)
+    from sdlora.state import load_state
+
+    saved = load_state(out / "state" / train.STATE_FILE)
     assert saved["step"] == 6 and saved["adapters"] == ["style-000001.safetensors"] and saved["seconds"] > 0
 
     cfg = load_config(path)
@@ -131,9 +133,16 @@ def test_ctrl_c_saves_the_state_at_the_step_and_resume_continues(tmp_path, mini_
 
 
 def test_sigterm_stops_cleanly_with_143(tmp_path, mini_base_dir, capsys, interrupt_at_step):
+    def default(signum, frame):  # instead of the default action (the end of this test process)
+        raise RuntimeError("SIGTERM reached no handler of the trainer")
+
     path = make_style(tmp_path, mini_base_dir)
-    interrupt_at_step(2, signal.SIGTERM)
-    assert main(["train", str(path)]) == 143
+    previous = signal.signal(signal.SIGTERM, default)
+    try:
+        interrupt_at_step(2, signal.SIGTERM)
+        assert main(["train", str(path)]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert "SIGTERM" in capsys.readouterr().err
     assert (tmp_path / "out" / "state" / train.STATE_FILE).is_file()
     assert main(["train", str(path), "--resume"]) == 0
@@ -212,18 +221,14 @@ def test_caption_extension_must_be_a_text_type(tmp_path, mini_base_dir, capsys, 
                    "caption_extension")
 
 
-def test_captions_are_not_written_over_a_file_that_is_not_a_caption(tmp_path):
-    from PIL import Image
-
-    target = tmp_path / "img0.dat"
-    target.write_bytes(b"\x00\x01binary data")
-    with pytest.raises(Exception, match="not a caption file"):
-        dataset.refuse_non_caption(target)
-    Image.new("RGB", (8, 8)).save(tmp_path / "other.png")
-    with pytest.raises(Exception, match="not a caption file"):
-        dataset.refuse_non_caption(tmp_path / "other.png")
-    (tmp_path / "old.txt").write_text("clrscn, lake\n")
-    dataset.refuse_non_caption(tmp_path / "old.txt")  # a caption may be replaced (after its backup)
+def test_captions_are_not_written_over_a_file_that_is_not_a_caption(tmp_path, mini_base_dir, capsys):
+    path = make_style(tmp_path, mini_base_dir, n=1, captions=False)
+    data = tmp_path / "images" / "img0.dat"
+    data.write_bytes(b"\x00\x01 the user's binary data")
+    code = main(["dataset", str(path), "--retag", "--set", 'dataset.caption_extension=".dat"',
+                 "--set", f'caption.vocabulary="{REPO / "datasets_cfg" / "tags" / "scenery.txt"}"'])
+    assert "img0.dat" in one_line_error(capsys, code, "not a caption file")
+    assert data.read_bytes() == b"\x00\x01 the user's binary data"
 
 
 # 7. the up-to-date check knows the base by content ---------------------------------------------
