@@ -22,6 +22,16 @@ def mini_base_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def mini_sdxl_dir(tmp_path_factory):
+    """A random-weight SDXL-architecture diffusers folder at test size (two text encoders, text_time U-Net)."""
+    from sdlora.tiny.configs import build_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("mini_sdxl")
+    build_sdxl_pipeline(seed=0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def interrupt_at_step(monkeypatch):
     """arm(n, signum): this process gets `signum` (default SIGINT, what Ctrl-C sends) during the
     n-th training step, through the same handler a user's Ctrl-C or `kill` reaches."""
