@@ -768,7 +768,7 @@ def add_command(subparsers) -> None:
     p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
     add_override_argument(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from <output dir>/state/training_state.pt (same config and images)")
+                   help=f"continue from <output dir>/state/{STATE_FILE} (same config and images)")
     p.set_defaults(func=_cmd_train)
 
 
