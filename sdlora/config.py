@@ -334,6 +334,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     for text in overrides:
         keys, value = parse_override(text)
         node = data

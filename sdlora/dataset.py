@@ -30,7 +30,7 @@ from . import caption as captioner
 from .config import Config, add_override_argument
 from .errors import UserError
 from .images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
-from .io import atomic_path, atomic_write_text, read_caption
+from .io import atomic_path, atomic_write_text, read_caption, remove_stale_temps
 from .tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
 
 REPORT_MD = "dataset_report.md"
@@ -183,6 +183,8 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     folder = Path(d.image_dir)
     out = cfg.output_dir
     captioner_before = captioner.images_encoded
+    for written_to in (folder, out):  # captions, reports and caches of a killed run
+        remove_stale_temps(written_to, log=log)
 
     # 1. scan and validate
     records, rejected = [], []

@@ -134,8 +134,10 @@ def remove_stale_temps(folder: str | Path, log=print) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
                 dirs.remove(name)
             else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+                with contextlib.suppress(OSError):  # a folder made read-only since: leave it
+                    path.unlink(missing_ok=True)
+            if not path.exists():
+                removed.append(path)
     if removed:
         log(f"removed {len(removed)} temp file(s) left by an interrupted save in {folder}")
     return removed

@@ -257,8 +257,8 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, log=print):
-        self.log, self.signum, self.armed, self.previous = log, 0, False, {}
+    def __init__(self):
+        self.signum, self.armed, self.previous = 0, False, {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python handles signals there only
@@ -288,6 +288,13 @@ class TrainingDiverged(UserError):
     """A non-finite loss or gradient: nothing of the step was applied or written."""
 
 
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """||concat(tensors)||_2, what clip_grad_norm_ returns (torch.nn.utils.get_total_norm from torch 2.6)."""
+    if not tensors:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
 def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: float, losses: list[float],
                  overflow_skips: bool) -> None:
     """Stop training on a NaN/inf loss or gradient norm, saying where, why and what to change.
@@ -305,7 +312,7 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
                  f"(unet_lr {tc.unet_lr:g}, text_encoder_lr {tc.text_encoder_lr})")
     else:
         cause = (f"the learning rates are too high for this network (unet_lr {tc.unet_lr:g}, text_encoder_lr "
-                 f"{tc.text_encoder_lr:g}; 1e-4 to 1e-3 is usual for AdamW), or network.alpha / network.dim "
+                 f"{tc.text_encoder_lr}; 1e-4 to 1e-3 is usual for AdamW), or network.alpha / network.dim "
                  f"({cfg.network.alpha:g} / {cfg.network.dim}) scales the adapters too strongly: lower them, "
                  f"keep train.max_grad_norm at 1.0")
     raise TrainingDiverged(
@@ -570,7 +577,7 @@ class Trainer:
             if self.accelerator.is_main_process:  # the other processes belong to the same training
                 stack.enter_context(output_lock(out, log=self.log))
                 remove_stale_temps(out, log=self.log)
-            self.stop = stack.enter_context(StopRequest(self._main_log))
+            self.stop = stack.enter_context(StopRequest())
             stack.callback(lambda: self.bar and self.bar.close())  # an error's line starts on a line of its own
             return self._run(resume)
 
@@ -616,8 +623,7 @@ class Trainer:
                         if tc.max_grad_norm:
                             grad_norm = acc.clip_grad_norm_(self.trainable, tc.max_grad_norm)
                         else:
-                            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable
-                                                                       if p.grad is not None])
+                            grad_norm = total_norm([p.grad for p in self.trainable if p.grad is not None])
                         loss_value = acc.gather(loss.detach()).mean().item()
                         # before the update: a non-finite step never reaches the weights or a file
                         check_finite(cfg, step + 1, epoch + 1, loss_value, float(grad_norm), losses,

@@ -294,6 +294,12 @@ def test_wrong_seeds_and_list_elements_are_config_errors(tmp_path, mini_base_dir
     assert field in one_line_error(capsys, main(["config", "check", str(path), "--set", override]), field)
 
 
+def test_a_config_that_is_not_utf8_is_named(tmp_path, capsys):
+    path = tmp_path / "style.toml"
+    path.write_bytes('trigger = "caf\xe9"\n'.encode("latin-1"))
+    assert str(path) in one_line_error(capsys, main(["config", "check", str(path)]), "not UTF-8")
+
+
 @pytest.mark.parametrize("change, expected", [
     ({"lora_up.weight": torch.randn(32, 3)}, "disagree on the rank"),
     ({"alpha": torch.tensor([2.0, 2.0])}, "alpha must be one number"),
