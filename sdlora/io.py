@@ -204,12 +204,16 @@ def output_lock(folder: str | Path, log=print):
     """Hold an exclusive lock on a training's output folder, or stop with the holder's pid.
 
     An OS lock (flock) on `<folder>/.sdlora-train.lock`: the kernel releases it when its holder
-    exits, however it exits, so the lock of a killed run is recovered by the next one.
+    exits, however it exits, so the lock of a killed run is recovered by the next one. Where
+    flock does not exist (Windows), the folder is not locked.
     """
-    import fcntl
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
     path = folder / LOCK_FILE
     f = open(path, "a+")
     try:

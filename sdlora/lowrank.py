@@ -732,7 +732,8 @@ def add_command(subparsers) -> None:
 
     p = subparsers.add_parser("inspect", help="metadata, ranks, norms and energy curves of an adapter",
                               description=__doc__, formatter_class=fmt)
-    p.add_argument("file", metavar="FILE", help="Kohya-format adapter (.safetensors): LoRA, LoCon or LoHa")
+    p.add_argument("file", metavar="FILE", help="Kohya-format adapter (.safetensors): LoRA, LoCon or LoHa; modules "
+                                                "holding NaN/inf are listed and the exit code is 1")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the singular-value spectra and cumulative "
                                                              "energy curves to this PNG")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
