@@ -244,7 +244,8 @@ class TrainingStopped(KeyboardInterrupt):
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         where = f" {cfg.source}" if cfg.source else " CONFIG"
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the training state is saved "
-                         f"in {cfg.output_dir / 'state' / STATE_FILE}: continue with `sdlora train{where} --resume`")
+                         f"in {cfg.output_dir / 'state' / STATE_FILE}: continue with `sdlora train{where} --resume` "
+                         "(and the same --set options)")
 
 
 class StopRequest:

@@ -132,6 +132,31 @@ def test_ctrl_c_saves_the_state_at_the_step_and_resume_continues(tmp_path, mini_
     assert "`style-000001.safetensors`" in report and "`style.safetensors`" in report
 
 
+def test_kill_9_then_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir):
+    import time
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    settings = ["--set", "train.epochs=3", "--set", "train.save_every_n_steps=2"]
+    full = train.train(load_config(make_style(tmp_path / "a", mini_base_dir), [s for s in settings if s != "--set"]),
+                       log=lambda m: None)
+    path = make_style(tmp_path / "b", mini_base_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "sdlora.cli", "train", str(path), *settings],
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "b" / "out" / "state" / train.STATE_FILE
+    deadline = time.time() + 120
+    while not state_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the last save is all there is
+    proc.wait()
+    assert main(["train", str(path), *settings, "--resume"]) == 0
+    resumed = load_file(tmp_path / "b" / "out" / "style.safetensors")
+    expected = load_file(full.adapter)
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
 def test_sigterm_stops_cleanly_with_143(tmp_path, mini_base_dir, capsys, interrupt_at_step):
     def default(signum, frame):  # instead of the default action (the end of this test process)
         raise RuntimeError("SIGTERM reached no handler of the trainer")
