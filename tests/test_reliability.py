@@ -21,6 +21,7 @@ from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE_SMALL = '[sample]\nprompts = ["clrscn"]\nseeds = [1]\nsteps = 1\nwidth = 64\nheight = 64\nlora_scales = [0.0]'
 
 
 def one_line_error(capsys, code: int, expected: str) -> str:
@@ -75,8 +76,7 @@ def test_non_finite_adapters_are_reported_by_inspect_and_refused_elsewhere(tmp_p
     assert main(["merge", str(mini_base_dir), str(bad), str(tmp_path / "m.safetensors")]) == 2
     one_line_error(capsys, 2, "NaN or infinite")
     assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
-    cfg = make_style(tmp_path, mini_base_dir, extra='[sample]\nprompts = ["clrscn"]\nseeds = [1]\nsteps = 1\n'
-                                                   'width = 64\nheight = 64\nlora_scales = [1.0]')
+    cfg = make_style(tmp_path, mini_base_dir, extra=SAMPLE_SMALL)
     one_line_error(capsys, main(["sample", str(cfg), "--lora", str(bad)]), "NaN or infinite")
     assert not list((tmp_path / "out").rglob("*.png"))
     with pytest.raises(Exception, match="NaN or infinite"):  # and nothing writes one
@@ -201,9 +201,7 @@ def test_sample_file_names_from_adapter_metadata_stay_in_the_samples_folder(tmp_
     adapter = tmp_path / "a.safetensors"
     tensors = load_file(small_adapter(tmp_path / "plain.safetensors"))
     save_file(tensors, str(adapter), metadata={"ss_output_name": "../../escaped"})
-    cfg = load_config(make_style(tmp_path, mini_base_dir, extra='[sample]\nprompts = ["clrscn"]\nseeds = [1]\n'
-                                                                'steps = 1\nwidth = 64\nheight = 64\n'
-                                                                'lora_scales = [1.0]'))
+    cfg = load_config(make_style(tmp_path, mini_base_dir, extra=SAMPLE_SMALL.replace("[0.0]", "[1.0]")))
     result = sample.run_sample(cfg, [(adapter, None)], log=lambda m: None)
     folder = (tmp_path / "out" / "samples").resolve()
     assert result.images and all(p.path.resolve().parent == folder for p in result.images)
@@ -289,16 +287,19 @@ def test_the_base_digest_is_remembered_by_size_and_mtime(tmp_path, monkeypatch):
 # 8. one line for every expected failure --------------------------------------------------------
 
 
-def test_disk_full_is_one_line_naming_the_file(tmp_path, mini_base_dir, capsys, monkeypatch):
-    path = make_style(tmp_path, mini_base_dir)
+@pytest.mark.parametrize("command", ["train", "dataset", "sample"])
+def test_disk_full_is_one_line_naming_the_file(tmp_path, mini_base_dir, capsys, monkeypatch, command):
+    path = make_style(tmp_path, mini_base_dir, captions=command != "dataset", extra=SAMPLE_SMALL)
+    args = {"train": [], "sample": ["--lora", str(small_adapter(tmp_path / "a.safetensors"))],
+            "dataset": ["--set", f'caption.vocabulary="{REPO / "datasets_cfg" / "tags" / "scenery.txt"}"']}[command]
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(io.os, "fsync", full)
-    line = one_line_error(capsys, main(["train", str(path)]), "disk is full")
-    assert str(tmp_path / "out") in line and ".tmp" not in line
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+    line = one_line_error(capsys, main([command, str(path), *args]), "disk is full")
+    assert str(tmp_path) in line and ".tmp" not in line
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_non_utf8_captions_are_read_and_the_file_named(tmp_path, mini_base_dir):
