@@ -10,6 +10,7 @@ the leftovers of a killed process and never the file another live process is wri
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
@@ -71,6 +72,10 @@ def atomic_folder(folder: str | Path):
     """Yield a temporary folder next to `folder`; on success it replaces `folder` (the old one is removed)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*"):  # left by a killed save of this folder
+        m = _TEMP.match(stale.name)
+        if m and stale.is_dir() and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(folder), dir=folder.parent))
     os.chmod(tmp, _plain_mode(directory=True))
     try:

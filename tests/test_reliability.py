@@ -396,6 +396,8 @@ def test_saved_files_and_folders_get_the_umask_mode(tmp_path, mini_base_dir):
     try:
         base = models.load_base(config_from_dict({"model": {"base": str(mini_base_dir)}}).model)
         single = models.save_single_file(base, tmp_path / "merged.safetensors")
+        killed = tmp_path / ".merged.999999999-abcd"  # a folder save killed midway
+        (killed / "unet").mkdir(parents=True)
         folder = models.save_diffusers(base, tmp_path / "merged")
         io.atomic_save_file({"x": torch.zeros(1)}, tmp_path / "cache" / "entry.safetensors")
     finally:
@@ -403,3 +405,5 @@ def test_saved_files_and_folders_get_the_umask_mode(tmp_path, mini_base_dir):
     assert oct(single.stat().st_mode & 0o777) == oct(0o644)
     assert oct((tmp_path / "cache" / "entry.safetensors").stat().st_mode & 0o777) == oct(0o644)
     assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+    assert not killed.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "merged",
+                                                                                   "merged.safetensors"]
