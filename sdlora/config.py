@@ -211,13 +211,24 @@ class Config:
     def output_dir(self) -> Path:
         return Path(self.output.dir)
 
+    def adapter_path(self, epoch: int | None = None, step: int | None = None) -> Path:
+        """The exported adapter, `<output.dir>/<output_name>.safetensors`; an epoch's is `<output_name>-0000NN`,
+        a `save_every_n_steps` one `<output_name>-step000000NN` (kohya's names). Never outside output.dir."""
+        from .io import inside
+
+        stem = self.output_name
+        if step is not None:
+            stem = f"{stem}-step{step:08d}"
+        elif epoch is not None:
+            stem = f"{stem}-{epoch:06d}"
+        return inside(self.output_dir, self.output_dir / f"{stem}.safetensors", "adapter")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source", None)
         return d
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("name", "trigger", "source")}
 SECTION_CLASSES = {
     "model": ModelConfig, "dataset": DatasetConfig, "caption": CaptionConfig, "network": NetworkConfig,
     "train": TrainConfig, "sample": SampleConfig, "output": OutputConfig,

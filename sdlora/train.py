@@ -353,7 +353,7 @@ class Trainer:
         if tc.batch_size % acc.num_processes:
             raise UserError(f"{cfg.source}: [train] batch_size = {tc.batch_size} must be divisible by the "
                             f"number of processes ({acc.num_processes}): each process takes an equal share")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+        self.weight_dtype = models.DTYPES[tc.mixed_precision]  # the frozen base; adapters train in fp32
         self.base = models.load_base(cfg.model, dtype=self.weight_dtype)
         note = clip_skip_note(self.base.family, cfg.model.clip_skip)
         if note:
@@ -490,17 +490,15 @@ class Trainer:
 
     # -- saving
     def adapter_path(self, epoch: int | None) -> Path:
-        from .io import inside
-
-        name = self.cfg.output_name
-        return inside(self.cfg.output_dir, self.cfg.output_dir / (
-            f"{name}-{epoch:06d}.safetensors" if epoch is not None else f"{name}.safetensors"))
+        return self.cfg.adapter_path(epoch)
 
     def save_adapter(self, path: Path, epoch: int, step: int, started: float) -> None:
         from . import lora
 
         tc = self.cfg.train
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[tc.save_precision]
+        from .models import DTYPES
+
+        dtype = DTYPES[tc.save_precision]
         stats = {"epoch": epoch, "num_epochs": self.epochs, "steps": step, "max_train_steps": self.total_steps,
                  "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
                  "training_finished_at": time.time(), "num_train_images": len(self.examples),
@@ -509,12 +507,6 @@ class Trainer:
                                          dataset_dirs(self.cfg, self.examples))
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
         lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
-
-    def step_adapter_path(self, step: int) -> Path:
-        """kohya's name for `save_every_n_steps` files: NAME-step00000500.safetensors."""
-        from .io import inside
-
-        return inside(self.cfg.output_dir, self.cfg.output_dir / f"{self.cfg.output_name}-step{step:08d}.safetensors")
 
     def save_state(self, epoch: int, batch_in_epoch: int, step: int, losses: list[float]) -> None:
         """Everything --resume needs to continue bit for bit, as data (`state.py`): no pickle."""
@@ -649,7 +641,7 @@ class Trainer:
                     every_steps = tc.save_every_n_steps
                     if every_steps and step % every_steps == 0 and step < self.total_steps:
                         if acc.is_main_process:
-                            path = self.step_adapter_path(step)
+                            path = self.cfg.adapter_path(step=step)
                             self.save_adapter(path, epoch + 1, step, started)
                             result.adapters.append(path)
                             self.save_state(epoch, i + 1, step, losses)
