@@ -202,10 +202,12 @@ class EpochDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- trainer
 
-def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
-    """min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)."""
-    alpha = alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alpha / (1 - alpha)
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v),
+    SNR = alpha_bar / (1 - alpha_bar) from diffusers' `compute_snr`."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
     return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
 
 
@@ -406,6 +408,7 @@ class Trainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
 
         from . import lora
         from .cache import TextEmbeddingCache
@@ -418,8 +421,7 @@ class Trainer:
         train_te = cfg.network.train_text_encoder and any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
-        for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
-            p.data = p.data.float()
+        cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
         if train_te:
             layers = [te.config.num_hidden_layers for te in encoders]
             for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
@@ -467,7 +469,13 @@ class Trainer:
 
     # -- the step
     def step(self, batch: dict) -> torch.Tensor:
-        """One micro-batch: noise the latents at random timesteps, predict, weighted MSE."""
+        """One micro-batch: noise the latents at random timesteps, predict, weighted MSE.
+
+        The batch's random draws (latent sample, noise, offset, timesteps) were made by
+        `EpochDataset` from a generator seeded by (seed, epoch, position in the epoch), not here:
+        each example's draws are then the same whichever process takes it and whether or not the
+        run was resumed, so one process equals several and a resumed run equals an unbroken one.
+        """
         cfg, base = self.cfg, self.base
         latents = batch["latents"] * base.vae.config.scaling_factor  # (B, 4, h, w)
         noise = batch["noise"]
@@ -484,7 +492,7 @@ class Trainer:
         target = base.noise_scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
         loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.train.min_snr_gamma:
-            loss = loss * snr_weights(base.noise_scheduler.alphas_cumprod, timesteps, cfg.train.min_snr_gamma,
+            loss = loss * snr_weights(base.noise_scheduler, timesteps, cfg.train.min_snr_gamma,
                                       self.v_prediction)
         return loss.mean()
 
