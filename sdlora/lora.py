@@ -346,7 +346,9 @@ def _fused_class(peft_class: type, function) -> type:
             if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
                     or active[0] not in self.lora_A or active[0] in self.lora_variant
                     or not isinstance(self.lora_dropout[active[0]], nn.Identity)
-                    or self.lora_B[active[0]].bias is not None or self.base_layer.weight.requires_grad):
+                    or self.lora_B[active[0]].bias is not None
+                    or not isinstance(self.base_layer, (nn.Linear, nn.Conv2d))  # a quantised base (quantize.py)
+                    or self.base_layer.weight.requires_grad):
                 return super(cls, self).forward(x, *args, **kwargs)  # dropout, DoRA, merged, ...: peft's path
             name = active[0]
             return function.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,

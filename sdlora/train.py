@@ -230,7 +230,7 @@ class Trainer:
             gradient_accumulation_steps=tc.gradient_accumulation_steps,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         )
         acc = self.accelerator
         if tc.batch_size % acc.num_processes:
@@ -292,6 +292,7 @@ class Trainer:
         self.network = lora.inject(base.unet, base.text_encoder if train_te else None, cfg.network)
         for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
             p.data = p.data.float()
+        self.apply_speed_settings()
         if tc.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if train_te:
@@ -307,7 +308,7 @@ class Trainer:
         self.prepare_latents()
 
         groups = self.network.param_groups(tc.unet_lr, tc.text_encoder_lr if train_te else 0.0)
-        self.optimizer = make_optimizer(tc, groups, cfg.source)
+        self.optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
         d = cfg.dataset
         micro = steps_per_epoch(self.examples, d.num_repeats, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
@@ -322,6 +323,33 @@ class Trainer:
         self.text_encoder = prepared[1] if train_te else base.text_encoder.to(acc.device)
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())
+        self.release_frozen_encoders()
+
+    def apply_speed_settings(self) -> None:
+        """model.quantize on the frozen base (after injection: adapters stay full precision), then
+        the U-Net's [train] attention / tf32 / channels_last / compile (speed.py)."""
+        from . import quantize, speed
+
+        base = self.base
+        for model in (base.unet, base.text_encoder, base.text_encoder_2):
+            if model is not None:
+                quantize.quantize_frozen(model, self.cfg.model.quantize)
+        done = speed.apply(self.cfg.train, base.unet, self.accelerator.device)
+        if done:
+            self._main_log(f"speed: {', '.join(done)}")
+
+    def release_frozen_encoders(self) -> None:
+        """Once every latent (and, with a frozen encoder and fixed captions, every caption's
+        text-encoder output) is cached, the VAE and that text encoder are never run again:
+        fill the text cache for all captions now and drop their weights (to the meta device,
+        which keeps their configs readable)."""
+        self.base.vae.to("meta")
+        if self.te_cache is None:
+            return
+        for ex in self.examples:
+            caption = ", ".join(ex.tags)  # fixed captions: make_caption without shuffle or dropout
+            self.te_cache.get(caption, self.tokenize(caption))
+        self.base.text_encoder.to("meta")
 
     # -- the step
     def step(self, batch: dict) -> torch.Tensor:
@@ -420,7 +448,8 @@ class Trainer:
             for m in models:
                 m.train()
             order, batches = epoch_order(self.examples, cfg.dataset.num_repeats, tc.batch_size, tc.seed, epoch)
-            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size)))
+            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size),
+                                                             pin_memory=acc.device.type == "cuda"))
             if skip:
                 loader = acc.skip_first_batches(loader, skip)
             for i, batch in enumerate(loader, start=skip):
@@ -484,9 +513,10 @@ class Trainer:
         self.log(f"preview: {grid}")
 
 
-def make_optimizer(tc, groups: list[dict], source) -> torch.optim.Optimizer:
+def make_optimizer(tc, groups: list[dict], source, fused: bool = False) -> torch.optim.Optimizer:
+    """fused: one CUDA kernel for the whole AdamW update (PyTorch's fastest implementation)."""
     if tc.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
+        return torch.optim.AdamW(groups, weight_decay=tc.weight_decay, fused=fused or None)
     if tc.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
