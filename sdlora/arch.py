@@ -17,11 +17,11 @@ PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def part_config(family: str, part: str) -> dict:
-    """The shipped config.json of one part (e.g. ("sd_v1", "unet")) as a dict."""
-    path = CONFIGS / family / part / "config.json"
-    if not path.is_file():
-        raise KeyError(f"no shipped {part} config for {family} (looked in {path.parent})")
-    return json.loads(path.read_text())
+    """The shipped config of one part (e.g. ("sd_v1", "unet"); the scheduler's too) as a dict."""
+    found = sorted((CONFIGS / family / part).glob("*.json"))
+    if not found:
+        raise KeyError(f"no shipped {part} config for {family} (looked in {CONFIGS / family / part})")
+    return json.loads(found[0].read_text())
 
 
 def reduced_unet_config(family: str) -> dict:
@@ -44,7 +44,8 @@ def build_unet(family: str, reduced: bool = False, device=None, dtype: torch.dty
     config = reduced_unet_config(family) if reduced else part_config(family, "unet")
     with torch.device(device or "cpu"):
         unet = UNet2DConditionModel.from_config(config)
-    return unet.to(dtype) if dtype is not None else unet
+    # nn.Module.to: diffusers' own .to warns about casting a model it did not load
+    return torch.nn.Module.to(unet, dtype) if dtype is not None else unet
 
 
 def build_vae(family: str, device=None):
@@ -79,3 +80,19 @@ def unet_conditioning(unet, batch: int, device=None, dtype: torch.dtype | None =
         cond["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, **kwargs),
                                      "time_ids": time_ids.repeat(batch, 1)}
     return cond
+
+
+def random_base(family: str = "sd_v1", device=None):
+    """A models.BaseModel of an SD1.x-tokenizer family (sd_v1) at random weights, full size:
+    what `save_diffusers` writes as a folder that `model.base` loads like a real checkpoint."""
+    from diffusers import DDPMScheduler
+
+    from .models import BaseModel
+    from .tokenizer import clip_tokenizer
+
+    scheduler = DDPMScheduler.from_config(part_config(family, "scheduler"))
+    vae = build_vae(family, device)
+    return BaseModel(tokenizer=clip_tokenizer(), text_encoder=build_text_encoder(family, device=device), vae=vae,
+                     unet=build_unet(family, device=device), noise_scheduler=scheduler, family=family,
+                     prediction_type=scheduler.config.prediction_type, resolution=vae.config.sample_size,
+                     name=f"random-{family}", model_hash="", source="random")

@@ -381,6 +381,18 @@ def use_fused_forward(model: nn.Module) -> int:
     return count
 
 
+def use_peft_forward(model: nn.Module) -> int:
+    """Undo use_fused_forward: every adapted layer of `model` back on peft's own forward (what
+    `sdlora bench` compares the fused path with); returns how many."""
+    fused = {cls: peft_class for peft_class, cls in _FUSED_CLASSES.items()}
+    count = 0
+    for module in model.modules():
+        if type(module) in fused:
+            module.__class__ = fused[type(module)]
+            count += 1
+    return count
+
+
 # ---------------------------------------------------------------------------------------------
 # Metadata
 

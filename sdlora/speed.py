@@ -12,13 +12,9 @@ from torch import nn
 from .errors import UserError
 
 
-def set_attention(unet: nn.Module, kind: str, where: str = "train.attention") -> None:
-    """sdpa: PyTorch's scaled_dot_product_attention (diffusers' AttnProcessor2_0);
-    xformers: xformers' memory-efficient attention, which needs the package and a CUDA GPU."""
+def require_attention(kind: str, where: str = "train.attention") -> None:
+    """One-line UserError when the attention kernel cannot run here."""
     if kind == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
         return
     if kind != "xformers":
         raise UserError(f"{where} = {kind!r}: choose sdpa or xformers")
@@ -30,7 +26,18 @@ def set_attention(unet: nn.Module, kind: str, where: str = "train.attention") ->
     if not torch.cuda.is_available():
         raise UserError(f"{where} = 'xformers' needs a CUDA GPU (xformers has no CPU kernels); "
                         "use attention = 'sdpa'")
-    unet.enable_xformers_memory_efficient_attention()
+
+
+def set_attention(unet: nn.Module, kind: str, where: str = "train.attention") -> None:
+    """sdpa: PyTorch's scaled_dot_product_attention (diffusers' AttnProcessor2_0);
+    xformers: xformers' memory-efficient attention, which needs the package and a CUDA GPU."""
+    require_attention(kind, where)
+    if kind == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    else:
+        unet.enable_xformers_memory_efficient_attention()
 
 
 def set_tf32(enabled: bool) -> None:
