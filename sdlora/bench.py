@@ -151,7 +151,7 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
         base = samplers["base"]
         latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
                               dtype=base.pipe.unet.dtype)
-        embeds = torch.cat([base.encode(["bench"]), base.encode([""])])
+        embeds = torch.cat([base.encode(["bench"]).hidden, base.encode([""]).hidden])
         timestep = torch.tensor(500, device=base.device)
         with torch.no_grad():
             unet_seconds = fastest_in_turns({label: lambda s=sampler: s.pipe.unet(latents, timestep, embeds)
