@@ -140,3 +140,8 @@ def test_the_sampler_does_not_import_the_benchmarks():
     tree = ast.parse((Path(bench.__file__).parent / "sample.py").read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert "bench" not in imported and not any(m and m.endswith(".bench") for m in imported)
+
+
+def test_first_step_bench_times_a_cold_training_run():
+    figures = bench.bench_first_step("tiny", images=2, resolution=64, steps=3)
+    assert figures["time_to_first_step_s"] > 0 and figures["steps_per_s"] > 0 and figures["peak_memory_mb"] > 0
