@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .bench import fastest_in_turns, seconds_of
+from .bench import fastest_in_turns
+from .models import DTYPES
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
                "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def peak_tflops(device_name: str) -> float | None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kohya
+from .buckets import resolution_pair
 from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
 from .errors import UserError
 from .io import atomic_write_bytes
@@ -172,6 +173,17 @@ class Network:
         if not groups:
             raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
         return groups
+
+    def freeze_text_layers(self, part: str, layers: range) -> list[str]:
+        """Stop training the adapters of text-encoder layers `layers` of `part` (they stay exported); returns their keys."""
+        frozen = []
+        for key, (p, path) in self.modules.items():
+            match = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+            if p == part and match and int(match[1]) in layers:
+                for param in self._adapter_params(key).values():
+                    param.requires_grad_(False)
+                frozen.append(key)
+        return frozen
 
     def set_multiplier(self, multiplier: float) -> None:
         """Scale every adapter (Kohya's multiplier, the UIs' LoRA weight): delta W * multiplier."""
@@ -402,10 +414,6 @@ def _get(base, name: str):
     return base[name] if isinstance(base, dict) else getattr(base, name)
 
 
-def _resolution(resolution) -> tuple[int, int]:
-    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-
-
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -427,7 +435,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     if family not in ARCHITECTURES:
         raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
-    width, height = _resolution(data.resolution)
+    width, height = resolution_pair(data.resolution)
     alpha = net.alpha or net.dim
     network_args = {}
     if net.type == "loha":
