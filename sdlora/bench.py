@@ -247,6 +247,15 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _finite(value):
+    """The results with every non-finite float (a diverged fp16 loss, say) as null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _cmd_bench(args) -> int:
     from .errors import UserError
     from .io import atomic_write_text
@@ -267,7 +276,7 @@ def _cmd_bench(args) -> int:
         table = "\n".join(f"\n{name}\n" + "\n".join(
             f"  {key:32s} {value:.4g}" if isinstance(value, float) else f"  {key:32s} {value}"
             for key, value in figures.items()) for name, figures in results.items())
-    text = json.dumps(results, indent=2, allow_nan=False)
+    text = json.dumps(_finite(results), indent=2, allow_nan=False)
     if args.json == "-":
         print(text)
         return 0

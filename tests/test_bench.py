@@ -145,3 +145,10 @@ def test_the_sampler_does_not_import_the_benchmarks():
 def test_first_step_bench_times_a_cold_training_run():
     figures = bench.bench_first_step("tiny", images=2, resolution=64, steps=3)
     assert figures["time_to_first_step_s"] > 0 and figures["steps_per_s"] > 0 and figures["peak_memory_mb"] > 0
+
+
+def test_bench_json_has_no_nan_even_when_a_figure_diverged(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_bench", lambda *a: {"train": {"loss": float("nan"), "samples_per_s": 2.0}})
+    out = tmp_path / "figures.json"
+    assert cli.main(["bench", "--parts", "train", "--json", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"train": {"loss": None, "samples_per_s": 2.0}}
