@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or an override; the message says how to fix it."""
+
 
 
 SEED_MAX = 2**32 - 1  # numpy's and A1111's seed range, which accelerate's set_seed and samplers share
