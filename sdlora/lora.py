@@ -503,6 +503,24 @@ def _data_section(serialized: bytes) -> bytes:
     return serialized[8 + header_len:]
 
 
+def parse_adapter_arg(text: str) -> tuple[Path, float | None]:
+    """FILE[:SCALE] -> (path, scale or None); a Windows drive colon or a colon in the file name
+    stays part of the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(text), None
+
+
+def refuse_to_overwrite(path, overwrite: bool, replace: str = "pass --overwrite") -> None:
+    """The one refusal for an output file that exists: it names the file and both ways out."""
+    if not overwrite and Path(path).exists():
+        raise UserError(f"{path} already exists; choose another output name, or {replace} to replace it")
+
+
 def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:
     """Write the adapter atomically, with `sshs_model_hash`; return that hash.
 
@@ -512,9 +530,7 @@ def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     from safetensors.torch import save
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; choose another [output] output_name, move the file away, "
-                        f"or set train.overwrite = true to replace it")
+    refuse_to_overwrite(path, overwrite, "pass --overwrite (sdlora train: set train.overwrite = true)")
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise ValueError(f"safetensors metadata values must be strings: {bad}")
@@ -546,8 +562,12 @@ def short_hash(path) -> str:
     return (stored or addnet_hash(path))[:12]
 
 
-def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a Kohya-format adapter file, with a clear error for anything else."""
+def read_adapter(path, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(Kohya-named tensors, metadata) of an adapter file, with a clear error for anything else.
+
+    Kohya and LyCORIS files load as they are; diffusers/peft files are renamed to Kohya's keys
+    (`kohya.to_kohya_names`), and bundled embeddings are left out; `log` gets a note for either.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -561,13 +581,14 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable .safetensors file ({e})") from None
+    tensors, notes = kohya.to_kohya_names(tensors, metadata)
+    for note in notes:
+        log(f"note: {path.name}: {note}")
     prefixes = tuple(p + "_" for p in kohya.PREFIXES.values())
     foreign = [k for k in tensors if not k.startswith(prefixes)]
     if not tensors or len(foreign) == len(tensors):
-        hint = ""
-        if any(".lora_A." in k or ".lora_B." in k for k in foreign):
-            hint = " (it looks like a diffusers/peft-format file: keys with lora_A/lora_B)"
-        raise UserError(f"{path}: no Kohya LoRA keys (lora_unet_*, lora_te_*){hint}; sdlora reads Kohya-format adapters")
+        raise UserError(f"{path}: no LoRA keys in Kohya (lora_unet_*, lora_te_*), diffusers or peft style "
+                        f"(e.g. {foreign[:2]}); is it an adapter file?")
     if foreign:
         raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
     return tensors, metadata

@@ -4,10 +4,12 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
 
     unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
                        per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
-    fused / LoHa       A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
-                       with dW_i = kohya.module_delta (LoRA or LoHa), W0 kept in a copy so every
-                       new set of weights (and weight 0, the base exactly) starts from W0.
-                       diffusers cannot read LoHa (hada_*) files, so they always take this path.
+    fused / others     A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
+                       with dW_i = kohya.module_delta (any kind), W0 kept in a CPU copy so every
+                       new set of weights (and weight 0, the base exactly) starts from W0; each
+                       dW_i is formed one layer at a time, so memory stays that of the base.
+                       diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, so
+                       files with any of them always take this path.
     When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
 
 Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
@@ -40,7 +42,7 @@ import torch
 from . import kohya
 from .config import add_override_argument
 from .errors import UserError
-from .lora import use_fused_forward
+from .lora import parse_adapter_arg, use_fused_forward
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -80,7 +82,7 @@ class Adapter:
     weight: float | None  # FILE:SCALE's fixed weight; None = swept by the grid's column scales
     alias: str  # A1111's alias: ss_output_name, else the file stem
     short_hash: str  # A1111's "Lora hashes" value
-    kind: str  # "lora" or "loha" (a file with any LoHa module)
+    kind: str  # "lora" when every module is a plain LoRA (diffusers loads it), else the variants found
     modules: dict[str, dict[str, torch.Tensor]]  # kohya key -> tensors
     name: str = ""  # the diffusers adapter name, when loaded through diffusers
 
@@ -93,7 +95,7 @@ def read_for_base(path, weight: float | None, pipe) -> Adapter:
     tensors, metadata = read_adapter(path)
     modules = kohya.group_modules(tensors)
     try:
-        kinds = {kohya.module_kind(parts) for parts in modules.values()}
+        kinds = {kohya.module_variant(parts) for parts in modules.values()}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     layers = _layers(pipe)
@@ -110,24 +112,27 @@ def read_for_base(path, weight: float | None, pipe) -> Adapter:
         except UserError as e:
             raise UserError(f"{path}: {key}: {e}") from None
     return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
-                   short_hash=short_hash(path), kind="loha" if "loha" in kinds else "lora", modules=modules)
+                   short_hash=short_hash(path), kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
+                   modules=modules)
 
 
 def _check_shape(parts: dict, shape: torch.Size) -> None:
     """module_delta's shape check without forming the delta (cheap for LoRA)."""
-    if kohya.module_kind(parts) == "lora":
+    if kohya.module_variant(parts) == "lora":
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         if up.shape[0] != shape[0] or down[0].numel() != shape.numel() // shape[0]:
             raise UserError(f"adapter shape up {tuple(up.shape)} / down {tuple(down.shape)} does not fit the base "
                             f"weight {tuple(shape)}: the adapter was trained for a different base model")
     else:
-        kohya.module_delta(parts, shape)
+        kohya.module_update(parts, shape)
+        if "dora_scale" in parts:
+            kohya.dora_axis(parts["dora_scale"], shape)
 
 
 def _layers(pipe) -> dict[str, torch.nn.Module]:
-    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder."""
+    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s)."""
     layers = {}
-    for part, model in (("unet", pipe.unet), ("te", pipe.text_encoder)):
+    for part, model in kohya.part_models(pipe).items():
         for key, path in kohya.kohya_module_map(model, part).items():
             layers[key] = model.get_submodule(path)
     return layers
@@ -139,34 +144,40 @@ def _base_weight(layer) -> torch.nn.Parameter:
 
 
 class WeightPatcher:
-    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside."""
+    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside.
+
+    W0 waits on the CPU (as A1111 keeps its backups) and each dW_i is formed when its layer is
+    set, from the adapter's factors, so no set of full-size deltas is ever held at once.
+    """
 
     def __init__(self, pipe):
         self.layers = _layers(pipe)
-        self.originals: dict[str, torch.Tensor] = {}
-        self.deltas: dict[int, dict[str, torch.Tensor]] = {}  # id(adapter) -> kohya key -> dW
+        self.originals: dict[str, torch.Tensor] = {}  # kohya key -> W0 on the CPU
+        self.modules: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # id(adapter) -> kohya key -> tensors
 
     def add(self, adapter: Adapter) -> None:
-        deltas = {}
+        modules = {}
         for key, parts in adapter.modules.items():
             weight = _base_weight(self.layers[key])
-            self.originals.setdefault(key, weight.detach().clone())
-            deltas[key] = kohya.module_delta(parts, weight.shape).to(weight.device)
-        self.deltas[id(adapter)] = deltas
+            self.originals.setdefault(key, weight.detach().to("cpu", copy=True))
+            modules[key] = {name: t.to(weight.device) for name, t in parts.items()}
+        self.modules[id(adapter)] = modules
 
     def remove(self, adapter: Adapter) -> None:
-        self.deltas.pop(id(adapter), None)
+        self.modules.pop(id(adapter), None)
 
     @torch.no_grad()
     def apply(self, weights: dict[int, float]) -> None:
         """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
         for key, original in self.originals.items():
-            merged = original.float()
-            for adapter_id, deltas in self.deltas.items():
+            weight = _base_weight(self.layers[key])
+            base = original.to(weight.device)
+            merged = base.to(torch.float32, copy=True)  # never an alias of the kept W0
+            for adapter_id, modules in self.modules.items():
                 w = weights.get(adapter_id, 0.0)
-                if w and key in deltas:
-                    merged = merged + w * deltas[key]
-            _base_weight(self.layers[key]).copy_(merged.to(original.dtype))
+                if w and key in modules:
+                    merged += w * kohya.module_delta(modules[key], weight.shape, base)
+            weight.copy_(merged.to(original.dtype))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -174,7 +185,7 @@ class WeightPatcher:
         for key, original in self.originals.items():
             _base_weight(self.layers[key]).copy_(original)
         self.originals.clear()
-        self.deltas.clear()
+        self.modules.clear()
 
 
 class AdapterSet:
@@ -194,15 +205,17 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if self.fuse or adapter.kind == "loha":
+        if self.fuse or adapter.kind != "lora":
             if self.patcher is None:
                 self.patcher = WeightPatcher(self.pipe)
             self.patcher.add(adapter)
         else:
             adapter.name = f"adapter{self._count}"
             self._count += 1
-            self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
-            for model in (self.pipe.unet, self.pipe.text_encoder):
+            # The Kohya-named tensors as read (diffusers/peft files converted), not the file again.
+            tensors = {f"{key}.{name}": t for key, parts in adapter.modules.items() for name, t in parts.items()}
+            self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
+            for model in kohya.part_models(self.pipe).values():
                 use_fused_forward(model)  # one adapter active: the fused path; several: peft's own
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
@@ -689,17 +702,6 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
 # CLI
 
 
-def _lora_arg(text: str) -> tuple[Path, float | None]:
-    """FILE[:SCALE]; a Windows drive colon or a colon in the file name stays part of the path."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(text), None
-
-
 def _numbers(text: str, kind, option: str) -> list:
     try:
         return [kind(x) for x in text.replace(" ", "").split(",") if x]
@@ -756,7 +758,7 @@ def _cmd_sample(args) -> int:
     if args.scales:
         changes["lora_scales"] = _numbers(args.scales, float, "--scales")
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
-    result = run_sample(cfg, [_lora_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
+    result = run_sample(cfg, [parse_adapter_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
                         hires=args.hires)
     print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
     for grid in result.grids:
