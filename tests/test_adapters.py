@@ -265,18 +265,6 @@ def test_bundled_embeddings_are_left_out_with_a_note(tmp_path):
     assert notes == ["note: bundle.safetensors: 1 bundled embedding(s) ignored (mychar); only the LoRA part is loaded"]
 
 
-def test_sdxl_prefixes_map_to_both_text_encoders():
-    class Pipe:
-        unet, text_encoder, text_encoder_2 = torch.nn.Linear(1, 1), torch.nn.Linear(2, 2), torch.nn.Linear(3, 3)
-
-    models = kohya.part_models(Pipe())
-    assert models == {"unet": Pipe.unet, "te1": Pipe.text_encoder, "te2": Pipe.text_encoder_2}
-
-    class SD1:
-        unet, text_encoder = Pipe.unet, Pipe.text_encoder
-
-    assert kohya.part_models(SD1()) == {"unet": Pipe.unet, "te": Pipe.text_encoder}
-
 
 # Renders: each kind changes the image exactly as the reference network does ---------------------
 
