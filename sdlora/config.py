@@ -114,7 +114,7 @@ class CaptionConfig:
 
 @dataclass
 class NetworkConfig:
-    type: str = opt("lora", "adapter type", choices=["lora", "locon", "loha"])
+    type: str = opt("lora", "adapter type", choices=["lora", "locon", "loha", "lokr"])
     dim: int = opt(16, "network rank (network_dim)", min=1, max=1024)
     alpha: float = opt(8.0, "network_alpha; the scale is alpha / dim", min=0.0)
     conv_dim: int = opt(0, "rank of the ResNet 3x3 conv adapters (LoCon; 'all' preset); 0 = dim", min=0)
@@ -123,6 +123,7 @@ class NetworkConfig:
                             choices=["attn2", "attention", "transformer", "all"])
     train_text_encoder: bool = opt(True, "adapt the text encoder too")
     dropout: float = opt(0.0, "dropout on the adapter input", min=0.0, max=1.0)
+    dora: bool = opt(False, "DoRA: learn a magnitude per output row too (lora and locon; LyCORIS dora_wd)")
 
 
 @dataclass

@@ -45,6 +45,7 @@ _TEXT_TRANSFORMER_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight")
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")  # a module has some
 # The optional tensors each kind may carry besides its factors, `alpha` and `dora_scale`.
 _TUCKER = {"lora": "lora_mid.weight", "loha": "hada_t1", "lokr": "lokr_t2"}
 # Modules of algorithms sdlora does not read, named by a tensor only they have.

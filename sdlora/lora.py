@@ -1,11 +1,13 @@
-"""LoRA / LoCon / LoHa adapters: choose target modules, inject them with peft, export and
+"""LoRA / LoCon / LoHa / LoKr (and DoRA) adapters: choose target modules, inject them with peft, export and
 import them in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
 and write the safetensors file with Kohya (`ss_*`) and model-spec metadata.
 
     g(x) = W x + (alpha / dim) * up(down(x))      up starts at zero: injection is the identity
 
 peft holds the adapters during training (lora_A = Kohya's lora_down, lora_B = lora_up;
-LoHa's hada_* parameters have LyCORIS's names and shapes); `kohya.py` names them.
+LoHa's hada_* and LoKr's lokr_* parameters have LyCORIS's names and shapes); `kohya.py` names
+them. DoRA (peft `use_dora`) exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)]
+(the per-output-row layout diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
 """
 
 from __future__ import annotations
@@ -94,8 +96,8 @@ def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
 
 
 def _peft_config(network_cfg, paths: list[str], model: nn.Module):
-    """LoraConfig / LoHaConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
-    from peft import LoHaConfig, LoraConfig
+    """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     dim, alpha = network_cfg.dim, network_cfg.alpha or network_cfg.dim  # Kohya: alpha 0 means alpha = dim
     conv_dim = network_cfg.conv_dim or dim
@@ -104,21 +106,28 @@ def _peft_config(network_cfg, paths: list[str], model: nn.Module):
     convs = [re.escape(p) for p in paths if _is_spatial_conv(modules[p])]
     rank_pattern = {p: conv_dim for p in convs}
     alpha_pattern = {p: conv_alpha for p in convs}
-    if network_cfg.type == "loha":
+    if network_cfg.dora and network_cfg.type not in ("lora", "locon"):
+        raise UserError(f"[network] dora = true needs type lora or locon (peft has DoRA for LoRA only), "
+                        f"not {network_cfg.type!r}")
+    if network_cfg.type in ("loha", "lokr"):
         if network_cfg.dropout:
-            raise UserError("[network] dropout applies to lora and locon adapters; set dropout = 0 for loha")
-        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs.
-        return LoHaConfig(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
-                          alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
+            raise UserError(f"[network] dropout applies to lora and locon adapters; set dropout = 0 for "
+                            f"{network_cfg.type}")
+        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs; LoKr's
+        # factorisation is LyCORIS's default too (factor -1: the most balanced split of each side).
+        config = LoHaConfig if network_cfg.type == "loha" else LoKrConfig
+        return config(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
     return LoraConfig(r=dim, lora_alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True)
+                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True,
+                      use_dora=network_cfg.dora)
 
 
 @dataclass
 class Network:
     """The adapters injected into a U-Net and text encoder(s), seen through Kohya's names."""
 
-    kind: str  # "lora" (LoCon included) or "loha"
+    kind: str  # "lora" (LoCon and DoRA included), "loha" or "lokr"
     models: dict[str, nn.Module]  # part ("unet", "te", "te1", "te2") -> model
     modules: dict[str, tuple[str, str]]  # kohya key -> (part, module path)
     frozen_parts: set[str] = field(default_factory=set)
@@ -138,9 +147,29 @@ class Network:
     def _adapter_params(self, key: str) -> dict[str, nn.Parameter]:
         layer = self.layer(key)
         if self.kind == "lora":
-            return {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
-                    "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
-        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
+            params = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+                      "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
+            if ADAPTER_NAME in layer.lora_magnitude_vector:  # DoRA's m: [out] (Linear), [1, out, 1, 1] (conv)
+                params["dora_scale"] = layer.lora_magnitude_vector[ADAPTER_NAME].weight
+            return params
+        if self.kind == "loha":
+            return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
+        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOKR_TENSORS
+                if ADAPTER_NAME in getattr(layer, name)}
+
+    def _file_factor(self, key: str, suffix: str) -> float:
+        """What a tensor is multiplied by in the file. LyCORIS and the UIs give a LoKr with both
+        factors full scale 1 whatever alpha says; peft scales it by alpha / r, folded into w1."""
+        params = self._adapter_params(key)
+        if suffix == "lokr_w1" and "lokr_w2" in params:
+            return self._alpha(key) / self.layer(key).r[ADAPTER_NAME]
+        return 1.0
+
+    def _file_shape(self, key: str, suffix: str, param: torch.Tensor) -> tuple[int, ...]:
+        """LyCORIS's layouts: dora_scale [out, 1] or [out, 1, 1, 1]; everything else as peft holds it."""
+        if suffix == "dora_scale":
+            return (param.numel(), *[1] * (self.layer(key).get_base_layer().weight.dim() - 1))
+        return tuple(param.shape)
 
     def _alpha(self, key: str) -> float:
         layer = self.layer(key)
@@ -180,11 +209,13 @@ class Network:
             layer.scaling[ADAPTER_NAME] = multiplier * self._alpha(key) / layer.r[ADAPTER_NAME]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `<key>.hada_*`), `<key>.alpha` (0-dim)."""
+        """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),
+        `<key>.alpha` (0-dim)."""
         tensors = {}
         for key in self.exported_keys():
             for suffix, param in self._adapter_params(key).items():
-                tensors[f"{key}.{suffix}"] = param.detach().to("cpu", dtype).contiguous()
+                tensor = param.detach().float() * self._file_factor(key, suffix)
+                tensors[f"{key}.{suffix}"] = tensor.reshape(self._file_shape(key, suffix, param)).to("cpu", dtype)
             tensors[f"{key}.alpha"] = torch.tensor(self._alpha(key), dtype=dtype)
         return tensors
 
@@ -207,10 +238,12 @@ class Network:
                                 f"set network.alpha / conv_alpha to the adapter's values")
             with torch.no_grad():
                 for suffix, param in self._adapter_params(key).items():
-                    if parts[suffix].shape != param.shape:
-                        raise UserError(f"{key}.{suffix}: shape {tuple(parts[suffix].shape)} in the adapter, "
-                                        f"{tuple(param.shape)} here; set network.dim / conv_dim to the adapter's rank")
-                    param.copy_(parts[suffix])
+                    if suffix not in parts or parts[suffix].shape != self._file_shape(key, suffix, param):
+                        found = tuple(parts[suffix].shape) if suffix in parts else "missing"
+                        raise UserError(f"{key}.{suffix}: shape {found} in the adapter, "
+                                        f"{self._file_shape(key, suffix, param)} here; set network.dim / conv_dim "
+                                        f"(and dora) to the adapter's")
+                    param.copy_(parts[suffix].reshape(param.shape) / self._file_factor(key, suffix))
 
 
 def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
@@ -248,7 +281,8 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         modules.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
         use_fused_forward(model)
-    return Network(kind="loha" if network_cfg.type == "loha" else "lora", models=models, modules=modules)
+    return Network(kind=network_cfg.type if network_cfg.type in ("loha", "lokr") else "lora", models=models,
+                   modules=modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +450,12 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     width, height = _resolution(data.resolution)
     alpha = net.alpha or net.dim
     network_args = {}
-    if net.type == "loha":
-        network_args["algo"] = "loha"
-    if net.type in ("locon", "loha") or net.unet_targets == "all":
+    lycoris = net.type in ("loha", "lokr") or net.dora  # Kohya's own networks.lora has neither
+    if lycoris:
+        network_args["algo"] = "locon" if net.type in ("lora", "locon") else net.type
+    if net.dora:
+        network_args["dora_wd"] = "True"
+    if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
         conv_dim = net.conv_dim or net.dim
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{net.conv_alpha or conv_dim / 2:g}")
     if net.dropout:
@@ -429,7 +466,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     te_lrs = train.text_encoder_lr if isinstance(train.text_encoder_lr, list) else [train.text_encoder_lr]
     te_lrs = te_lrs if net.train_text_encoder else [0.0]
     meta = {
-        "ss_network_module": "lycoris.kohya" if net.type == "loha" else "networks.lora",
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
         "ss_network_dim": str(net.dim),
         "ss_network_alpha": f"{alpha:g}",
         "ss_network_args": json.dumps(network_args),

@@ -473,3 +473,154 @@ def test_merge_bakes_dora_from_the_base_weight(tmp_path):
     lowrank.merge_adapters(base, [(src, 0.5)])
     torch.testing.assert_close(layer.weight.detach().double(), W0.double() + 0.5 * torch.tensor(reference),
                                rtol=1e-5, atol=1e-5)
+
+
+# Training DoRA and LoKr: LyCORIS's key layout and maths, diffusers loads DoRA ----------------------
+
+
+def _trained(network_cfg_dict, seed=0):
+    from sdlora.config import config_from_dict
+    from sdlora.tiny.configs import build_pipeline
+
+    pipe = build_pipeline("mini")
+    net_cfg = config_from_dict({"network": {"dim": 4, "alpha": 2, **network_cfg_dict}}).network
+    network = lora.inject(pipe.unet, pipe.text_encoder, net_cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.trainable_parameters():
+            p.mul_(1 + 0.3 * torch.randn(p.shape, generator=gen)).add_(0.1 * torch.randn(p.shape, generator=gen))
+    return pipe, network, net_cfg
+
+
+def _layer_change(layer, x):
+    """What an adapted layer adds to its base layer's output on x."""
+    with torch.no_grad():
+        return layer(x) - layer.get_base_layer()(x)
+
+
+def _apply(layer, weight: np.ndarray, x):
+    """x through the base layer's own operation with `weight` in place of its weight (no bias)."""
+    base, w = layer.get_base_layer(), torch.tensor(weight, dtype=torch.float32)
+    if isinstance(base, torch.nn.Conv2d):
+        return F.conv2d(x, w, None, base.stride, base.padding, base.dilation, base.groups)
+    return F.linear(x, w)
+
+
+@pytest.mark.parametrize("targets", ["transformer", "all"])
+def test_trained_dora_exports_lycoris_dora_scale_with_the_papers_weight_change(tmp_path, targets):
+    pipe, network, net_cfg = _trained({"dora": True, "type": "locon" if targets == "all" else "lora",
+                                       "unet_targets": targets, "conv_dim": 2, "conv_alpha": 1})
+    tensors = network.kohya_state_dict(torch.float32)
+    groups = kohya.group_modules(tensors)
+    checked = set()
+    for key, parts in groups.items():
+        layer = network.layer(key)
+        W0 = layer.get_base_layer().weight.detach()
+        assert parts["dora_scale"].shape == (W0.shape[0], *[1] * (W0.dim() - 1))  # LyCORIS wd_on_out
+        # The paper's formula from the trained tensors: m * (W0 + s B A) / ||W0 + s B A||_row.
+        s = float(parts["alpha"]) / parts["lora_down.weight"].shape[0]
+        BA = np_(parts["lora_up.weight"]).reshape(W0.shape[0], -1) @ np_(parts["lora_down.weight"]).reshape(
+            parts["lora_down.weight"].shape[0], -1)
+        expected = ref_dora(np_(W0), s * BA.reshape(W0.shape), np_(parts["dora_scale"]), 0)
+        np.testing.assert_allclose(np_(kohya.module_delta(parts, W0.shape, W0)), expected, rtol=1e-4, atol=1e-5)
+        # ... and it is the change the trained layer makes to its outputs.
+        x = torch.randn(2, *((W0.shape[1], 6, 6) if W0.dim() == 4 else (W0.shape[1],)))
+        torch.testing.assert_close(_layer_change(layer, x), _apply(layer, expected, x), rtol=1e-4, atol=1e-4)
+        checked.add(W0.dim())
+    assert checked == {2, 4}  # Linear and conv (SD1 proj_in / proj_out are 1x1 convs; "all" adds 3x3)
+    meta = lora.adapter_metadata(config_from_dict_network(net_cfg), {"family": "sd_v1", "prediction_type": "epsilon",
+                                                                     "name": "x", "model_hash": ""},
+                                 {"num_train_images": 1, "num_epochs": 1, "epoch": 1, "steps": 1})
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
+    # Resume: the file loads back into a fresh DoRA network with the same outputs.
+    other, again, _ = _trained({"dora": True, "type": net_cfg.type, "unet_targets": targets, "conv_dim": 2,
+                                "conv_alpha": 1}, seed=9)
+    again.load_kohya_state_dict(tensors)
+    for key in list(groups)[:5]:
+        torch.testing.assert_close(again.kohya_state_dict(torch.float32)[f"{key}.dora_scale"],
+                                   tensors[f"{key}.dora_scale"])
+
+
+def config_from_dict_network(net_cfg):
+    import dataclasses
+
+    from sdlora.config import config_from_dict
+
+    cfg = config_from_dict({"name": "x"})
+    return dataclasses.replace(cfg, network=net_cfg)
+
+
+@pytest.mark.parametrize("dim", [4, 2])
+def test_trained_lokr_exports_lycoris_keys_with_the_kronecker_change(dim):
+    pipe, network, net_cfg = _trained({"type": "lokr", "dim": dim, "unet_targets": "all", "conv_dim": dim,
+                                       "conv_alpha": 1})
+    tensors = network.kohya_state_dict(torch.float32)
+    groups = kohya.group_modules(tensors)
+    kinds = set()
+    for key, parts in groups.items():
+        layer = network.layer(key)
+        W0 = layer.get_base_layer().weight.detach()
+        assert set(parts) - {"alpha"} <= set(kohya.LOKR_TENSORS)
+        w2 = np_(parts["lokr_w2"]) if "lokr_w2" in parts else np_(parts["lokr_w2_a"] @ parts["lokr_w2_b"])
+        w1 = np_(parts["lokr_w1"])
+        full = "lokr_w2" in parts
+        scale = 1.0 if full else float(parts["alpha"]) / parts["lokr_w2_b"].shape[0]  # LyCORIS / the UIs' rule
+        if W0.dim() == 4 and w2.ndim == 2:
+            w2 = w2.reshape(w2.shape[0], W0.shape[1] // w1.shape[1], *W0.shape[2:])
+        expected = (ref_lokr(w1, w2) * scale).reshape(W0.shape)
+        np.testing.assert_allclose(np_(kohya.module_delta(parts, W0.shape)), expected, rtol=1e-4, atol=1e-5)
+        x = torch.randn(2, *((W0.shape[1], 6, 6) if W0.dim() == 4 else (W0.shape[1],)))
+        torch.testing.assert_close(_layer_change(layer, x), _apply(layer, expected, x), rtol=1e-4, atol=1e-4)
+        kinds.add(("full" if full else "low-rank", W0.dim()))
+    # peft (as LyCORIS) keeps w2 full when dim >= max(b, d) / 2: at dim 4 the 32/64-wide layers, not the wider.
+    assert {k for k, _ in kinds} == ({"full", "low-rank"} if dim == 4 else {"low-rank"})
+    assert {d for _, d in kinds} == {2, 4}
+    meta = lora.adapter_metadata(config_from_dict_network(net_cfg), {"family": "sd_v1", "prediction_type": "epsilon",
+                                                                     "name": "x", "model_hash": ""},
+                                 {"num_train_images": 1, "num_epochs": 1, "epoch": 1, "steps": 1})
+    assert meta["ss_network_module"] == "lycoris.kohya" and json.loads(meta["ss_network_args"])["algo"] == "lokr"
+    _, again, _ = _trained({"type": "lokr", "dim": dim, "unet_targets": "all", "conv_dim": dim, "conv_alpha": 1},
+                           seed=3)
+    again.load_kohya_state_dict(tensors)
+    back = again.kohya_state_dict(torch.float32)
+    assert all(torch.allclose(back[k], tensors[k], rtol=1e-6, atol=1e-7) for k in tensors)
+
+
+def test_dora_is_refused_for_loha_and_lokr():
+    with pytest.raises(UserError, match="dora = true needs type lora or locon"):
+        _trained({"type": "loha", "dora": True})
+
+
+@pytest.mark.parametrize("overrides", [["network.type='lokr'", "network.dim=2"], ["network.dora=true"]],
+                         ids=["lokr", "dora"])
+def test_training_lokr_and_dora_writes_trained_lycoris_modules(tmp_path, mini_base_dir, overrides):
+    from safetensors import safe_open
+    from test_train import make_style
+
+    from sdlora import train
+    from sdlora.config import load_config
+    from sdlora.models import load_base
+
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=1", "train.save_precision='fp32'",
+                                                                 *overrides])
+    path = train.train(cfg, log=lambda m: None).adapter
+    tensors, metadata = lora.read_adapter(path)
+    groups = kohya.group_modules(tensors)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+    base = load_base(cfg.model)
+    models = kohya.model_parts(base)
+    moved = magnitudes_moved = 0
+    for key, parts in groups.items():
+        part = kohya.part_of(key)
+        W0 = models[part].get_submodule(kohya.kohya_module_map(models[part], part)[key]).weight.detach()
+        delta = kohya.module_delta(parts, W0.shape, W0)
+        assert torch.isfinite(delta).all()
+        moved += float(delta.abs().max()) > 0
+        if "dora_scale" in parts:  # starts at ||W0|| per output row; training moves it
+            assert parts["dora_scale"].shape == (W0.shape[0], *[1] * (W0.dim() - 1))
+            row_norms = W0.reshape(W0.shape[0], -1).norm(dim=1)
+            magnitudes_moved += not torch.allclose(parts["dora_scale"].flatten(), row_norms, rtol=0, atol=1e-7)
+    assert moved == len(groups)
+    assert magnitudes_moved == (len(groups) if "network.dora=true" in overrides else 0)
