@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from .buckets import Bucket, assign_bucket, crop_top_left, make_buckets, resolution_pair
 from .config import Config, add_override_argument
 from .errors import UserError
-from .family import TextConditioning, clip_skip_note, encode_text, is_sdxl, time_ids, unet_conditioning
+from .family import (TextConditioning, clip_skip_note, encode_text, is_sdxl, time_ids, unet_conditioning,
+                     unread_text_layers)
 
 STATE_FILE = "training_state.pt"
 
@@ -309,6 +310,10 @@ class Trainer:
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
             p.data = p.data.float()
+        if train_te:
+            layers = [te.config.num_hidden_layers for te in encoders]
+            for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
+                self.network.freeze_text_layers(part, unread)
         if tc.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if train_te:
