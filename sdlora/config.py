@@ -156,6 +156,8 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     prompts: list = opt([], "prompts of the sample grid (rows)")
+    prompt_file: str = opt("", "kohya-style prompt file, one prompt per line with --n --w --h --d --s --l --ss "
+                               "options; replaces prompts", path=True)
     negative_prompt: str = opt("", "negative prompt")
     width: int = opt(1080, "image width (a multiple of 8)", min=64)
     height: int = opt(720, "image height (a multiple of 8)", min=64)
