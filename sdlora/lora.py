@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kohya
+from .buckets import resolution_pair
 from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
 from .errors import UserError
 from .io import atomic_write_bytes
@@ -433,10 +434,6 @@ def _get(base, name: str):
     return base[name] if isinstance(base, dict) else getattr(base, name)
 
 
-def _resolution(resolution) -> tuple[int, int]:
-    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-
-
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -458,7 +455,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     if family not in ARCHITECTURES:
         raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
-    width, height = _resolution(data.resolution)
+    width, height = resolution_pair(data.resolution)
     alpha = net.alpha or net.dim
     network_args = {}
     lycoris = net.type in ("loha", "lokr") or net.dora  # Kohya's own networks.lora has neither
@@ -583,6 +580,10 @@ def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise ValueError(f"safetensors metadata values must be strings: {bad}")
+    broken = non_finite_modules(tensors)
+    if broken:
+        raise UserError(f"{path}: not written: {len(broken)} adapter modules hold NaN or infinite values "
+                        f"(e.g. {next(iter(broken))}); the weights diverged, see the training message")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     model_hash = hashlib.sha256(_data_section(save(tensors))).hexdigest()
     serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash})
@@ -611,11 +612,13 @@ def short_hash(path) -> str:
     return (stored or addnet_hash(path))[:12]
 
 
-def read_adapter(path, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_adapter(path, allow_non_finite: bool = False, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(Kohya-named tensors, metadata) of an adapter file, with a clear error for anything else.
 
     Kohya and LyCORIS files load as they are; diffusers/peft files are renamed to Kohya's keys
     (`kohya.to_kohya_names`), and bundled embeddings are left out; `log` gets a note for either.
+    Every command that takes an adapter reads it here, so an unusable one (`check_adapter`) is
+    refused everywhere; `inspect` alone reads NaN/inf values, to report them.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -640,4 +643,42 @@ def read_adapter(path, log=print) -> tuple[dict[str, torch.Tensor], dict[str, st
                         f"(e.g. {foreign[:2]}); is it an adapter file?")
     if foreign:
         raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
+    check_adapter(path, tensors, allow_non_finite)
     return tensors, metadata
+
+
+def non_finite_modules(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{module key: [suffixes of its tensors holding NaN or infinity]}, for modules that have any."""
+    broken: dict[str, list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            key, _, suffix = name.partition(".")
+            broken.setdefault(key, []).append(suffix)
+    return broken
+
+
+# factor pairs whose shared axis is the rank: (tensor, its rank axis) x 2
+_RANK_PAIRS = [(("lora_down.weight", 0), ("lora_up.weight", 1)),
+               (("hada_w1_a", 1), ("hada_w1_b", 0)), (("hada_w2_a", 1), ("hada_w2_b", 0))]
+
+
+def check_adapter(path, tensors: dict[str, torch.Tensor], allow_non_finite: bool = False) -> None:
+    """One line naming the file for what no command can use: NaN/inf values (a diverged
+    training), factors whose ranks disagree, an alpha that is not one number."""
+    for name, tensor in tensors.items():
+        if name.endswith(".alpha") and tensor.numel() != 1:
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}; alpha must be one number: "
+                            f"the file is damaged or not a LoRA")
+    for key, parts in kohya.group_modules(tensors).items():
+        for (a, axis_a), (b, axis_b) in _RANK_PAIRS:
+            if "hada_t1" in parts and a.startswith("hada_"):  # Tucker LoHa: w*_a [r, out], w*_b [r, in]
+                axis_a = 0
+            if a in parts and b in parts and (parts[a].dim() <= axis_a or parts[b].dim() <= axis_b
+                                              or parts[a].shape[axis_a] != parts[b].shape[axis_b]):
+                raise UserError(f"{path}: {key}: {a} {tuple(parts[a].shape)} and {b} {tuple(parts[b].shape)} "
+                                f"disagree on the rank; the file is damaged")
+    broken = {} if allow_non_finite else non_finite_modules(tensors)
+    if broken:
+        raise UserError(f"{path}: {len(broken)} modules hold NaN or infinite values (e.g. {next(iter(broken))}); "
+                        f"the adapter is unusable (its training diverged): use an earlier epoch file or retrain "
+                        f"with a lower learning rate. `sdlora inspect` lists the modules")

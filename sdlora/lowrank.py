@@ -565,13 +565,14 @@ def inspect(path, plot: Path | None = None) -> dict:
     """A JSON-ready summary of an adapter file (and optionally a PNG of its spectra)."""
     from . import lora
 
-    tensors, metadata = lora.read_adapter(path)
-    spectra = inspect_tensors(tensors)
+    tensors, metadata = lora.read_adapter(path, allow_non_finite=True)
+    broken = lora.non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
+    spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken})
     counts: dict[str, int] = {}
     for m in spectra:
         counts[m.part] = counts.get(m.part, 0) + 1
     summary = {"file": str(path), "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items())},
-               "modules_per_part": counts, "modules": [asdict(m) for m in spectra]}
+               "modules_per_part": counts, "modules": [asdict(m) for m in spectra], "non_finite": broken}
     if plot is not None:
         plot_spectra(spectra, Path(plot), title=Path(path).name)
         summary["plot"] = str(plot)
@@ -632,6 +633,11 @@ def format_inspect(summary: dict) -> str:
                      + "  ".join(f"{m['ranks_for_energy'][lv]:>5}" for lv in levels))
     if "plot" in summary:
         lines.append(f"plot: {summary['plot']}")
+    broken = summary.get("non_finite") or {}
+    if broken:
+        lines.append(f"NON-FINITE: {len(broken)} modules hold NaN or infinite values (the training diverged; "
+                     f"resize, merge and sample refuse this file):")
+        lines += [f"  {key}: {', '.join(suffixes)}" for key, suffixes in broken.items()]
     return "\n".join(lines)
 
 
@@ -694,7 +700,13 @@ def bench_resize(dim: int = 128, energy: float = 0.9) -> dict:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_SAVE_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _dtype(name: str) -> torch.dtype:
+    from .models import DTYPES
+
+    return DTYPES[name]
 
 
 def _cmd_resize(args) -> int:
@@ -712,7 +724,7 @@ def _cmd_resize(args) -> int:
 def _cmd_extract(args) -> int:
     report = extract(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
                      conv_rank=args.conv_rank, clamp=None if args.no_clamp else args.clamp_quantile,
-                     te_tolerance=args.te_tolerance, dtype=_SAVE_DTYPES[args.save_precision],
+                     te_tolerance=args.te_tolerance, dtype=_dtype(args.save_precision),
                      overwrite=args.overwrite)
     print(report.table())
     return 0
@@ -730,7 +742,7 @@ def _cmd_merge(args) -> int:
         raise UserError("merge: usage is `sdlora merge BASE ADAPTER[:SCALE] ... OUT` (at least one adapter and OUT)")
     *adapters, out = args.items
     merged = merge(args.base, [_with_default_scale(lora.parse_adapter_arg(a)) for a in adapters], out,
-                   dtype=_SAVE_DTYPES[args.save_precision], overwrite=args.overwrite)
+                   dtype=_dtype(args.save_precision), overwrite=args.overwrite)
     for path, n in merged.items():
         print(f"merged {n} modules of {path}")
     print(f"wrote {out}")
@@ -746,7 +758,7 @@ def _cmd_convert(args) -> int:
 def _cmd_inspect(args) -> int:
     summary = inspect(args.file, plot=args.plot)
     print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))
-    return 0
+    return 1 if summary["non_finite"] else 0
 
 
 def add_command(subparsers) -> None:
@@ -786,7 +798,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--no-clamp", action="store_true", help="do not clip the factors (exact truncated SVD)")
     p.add_argument("--te-tolerance", type=float, default=1e-4,
                    help="the text encoder is skipped when no weight changed by more than this (default 1e-4)")
-    p.add_argument("--save-precision", choices=list(_SAVE_DTYPES), default="fp16", help="dtype of the adapter")
+    p.add_argument("--save-precision", choices=_SAVE_DTYPES, default="fp16", help="dtype of the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_extract)
 
@@ -800,7 +812,7 @@ def add_command(subparsers) -> None:
     p.add_argument("items", nargs="+", metavar="ADAPTER[:SCALE] ... OUT",
                    help="adapters with an optional multiplier (pastel.safetensors:0.8), then OUT: a path ending "
                         ".safetensors writes one checkpoint file, a path without suffix a diffusers folder")
-    p.add_argument("--save-precision", choices=list(_SAVE_DTYPES), default="fp16", help="dtype of the merged model")
+    p.add_argument("--save-precision", choices=_SAVE_DTYPES, default="fp16", help="dtype of the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_merge)
 
@@ -815,9 +827,11 @@ def add_command(subparsers) -> None:
 
     p = subparsers.add_parser("inspect", help="metadata, ranks, norms and energy curves of an adapter",
                               description="Print an adapter's metadata, module kinds, ranks, alphas, norms and the rank "
-                                           "that keeps 50/80/90/99% of each module's energy (singular values from "
-                                           "the factors); --plot draws the spectra.")
-    p.add_argument("file", metavar="FILE", help="adapter (.safetensors): LoRA, LoCon, LoHa or LoKr, with or without DoRA; Kohya, diffusers or peft keys")
+                                          "that keeps 50/80/90/99% of each module's energy (singular values from "
+                                          "the factors); --plot draws the spectra.")
+    p.add_argument("file", metavar="FILE", help="adapter (.safetensors): LoRA, LoCon, LoHa or LoKr, with or without "
+                                                "DoRA; Kohya, diffusers or peft keys. Modules holding NaN/inf are "
+                                                "listed and the exit code is 1")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the singular-value spectra and cumulative "
                                                              "energy curves to this PNG")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -14,14 +14,24 @@ from .errors import UserError
 
 
 def adapter_up_to_date(cfg: Config, path: Path) -> bool:
-    """True when `path` was trained from exactly this config, base and dataset."""
+    """True when `path` was trained from exactly this config, base and dataset.
+
+    The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
+    that of the file now at model.base, so another model copied over the same path retrains.
+    """
+    from .cache import stored_digest
     from .lora import read_adapter
+    from .models import base_weights_file
     from .train import collect_examples, config_hash
 
     if not path.is_file():
         return False
     _, metadata = read_adapter(path)
-    return metadata.get("sdlora_config_hash") == config_hash(cfg, collect_examples(cfg, log=lambda m: None))
+    if metadata.get("sdlora_config_hash") != config_hash(cfg, collect_examples(cfg, log=lambda m: None)):
+        return False
+    weights = base_weights_file(cfg.model)
+    return weights is None or metadata.get("ss_new_sd_model_hash") == stored_digest(
+        weights, cfg.output_dir / "cache" / "base_digests.json")
 
 
 def style_figures(cfg: Config, rendered) -> dict | None:
@@ -66,7 +76,7 @@ def run(cfg: Config, log=print) -> dict:
     if cfg.caption.tagger != "none":
         log("== 1/3 dataset: validate, tag, prune, captions")
         dataset.build_dataset(cfg)
-    final = out / f"{cfg.output_name}.safetensors"
+    final = cfg.adapter_path()
     if adapter_up_to_date(cfg, final):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
     else:

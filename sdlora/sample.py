@@ -42,6 +42,7 @@ import torch
 from . import kohya
 from .config import add_override_argument
 from .errors import UserError
+from .io import inside, safe_file_stem
 from .lora import parse_adapter_arg, use_fused_forward
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
@@ -537,7 +538,7 @@ def render_grid(sampler: Sampler, prompts: list, seeds: list[int], columns: list
                 images, params = sampler.render([rows[p].text for p, _ in batch], row_seeds, w, h, n_steps, hires,
                                                 [negative] * len(batch), cfg_scale, sampler_name)
                 for (p, i), seed, image in zip(batch, row_seeds, images):
-                    path = folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seed}.png"
+                    path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seed}.png")
                     save_png(image, path, parameters_for(rows[p].line.prompt, seed, sampler.adapters.adapters,
                                                          weights, negative, params))
                     result.images.append(Rendered(path, rows[p].line.prompt, seed, scale, lora_file, image))
@@ -547,7 +548,7 @@ def render_grid(sampler: Sampler, prompts: list, seeds: list[int], columns: list
     for i, seed in enumerate(seeds):
         grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(rows))],
                          labels, [row.line.prompt for row in rows], s.thumbnail, title=f"seed {seed}")
-        path = folder / f"{stem}_grid_seed{seed}.png"
+        path = inside(folder, folder / f"{stem}_grid_seed{seed}.png")
         save_png(grid, path, f"sdlora grid: rows = prompts, columns = {', '.join(labels)}; seed {seed}")
         result.grids.append(path)
     return result
@@ -676,7 +677,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
     tagged = any(rules.extract_networks(p if isinstance(p, str) else p.prompt)[1] for p in prompts)
     loras = [(Path(p), None if w is None else float(w)) for p, w in loras]
     if not loras and not epochs_dir:
-        default = cfg.output_dir / f"{cfg.output_name}.safetensors"
+        default = cfg.adapter_path()
         if tagged and not default.is_file():
             pass  # the prompts name their adapters
         elif not default.is_file():
@@ -706,7 +707,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
                                lora_dirs=lora_dirs, **size)
         for path, weight in loras:
             sampler.adapters.add(path, weight)
-        stem = "_".join(a.alias for a in sampler.adapters.adapters) or "prompted"
+        stem = "_".join(safe_file_stem(a.alias) for a in sampler.adapters.adapters) or "prompted"  # from files
         rows = prompt_rows(sampler, prompts, lora_dirs, log)  # loads the tags' adapters before the columns
         return render_grid(sampler, [row.line for row in rows], list(s.seeds),
                            _sweep_columns(sampler, list(s.lora_scales)), folder, stem, log=log, lora_dirs=lora_dirs,
