@@ -438,6 +438,36 @@ def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def network_metadata(base, output_name: str, network_module: str, dim: str, alpha: str, network_args: dict,
+                     description: str, finished: float | None = None) -> dict[str, str]:
+    """What every adapter file states however it was made (trained, extracted): its network
+    (`ss_network_*`), its base model and Stability's `modelspec.*`; every value a string.
+
+    base: a BaseModel or dict with family, prediction_type, name, model_hash; finished: unix seconds.
+    """
+    family = _get(base, "family")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return {
+        "ss_network_module": network_module,
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_v2": str(family.startswith("sd_v2")),
+        "ss_output_name": output_name,
+        "ss_sd_model_name": str(_get(base, "name")),
+        "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.title": output_name,
+        "modelspec.date": _iso(time.time() if finished is None else finished),
+        "modelspec.prediction_type": "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon",
+        "modelspec.description": description,
+    }
+
+
 def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
                      thumbnail: str | None = None) -> dict[str, str]:
     """Kohya `ss_*` and Stability `modelspec.*` metadata; every value a string.
@@ -451,9 +481,6 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     missing = [k for k in ("num_train_images", "num_epochs", "epoch", "steps") if k not in stats]
     if missing:
         raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
-    family = _get(base, "family")
-    if family not in ARCHITECTURES:
-        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
     width, height = resolution_pair(data.resolution)
     alpha = net.alpha or net.dim
@@ -470,21 +497,15 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         network_args["dropout"] = f"{net.dropout:g}"
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
-    prediction = "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon"
     te_lrs = train.text_encoder_lr if isinstance(train.text_encoder_lr, list) else [train.text_encoder_lr]
     te_lrs = te_lrs if net.train_text_encoder else [0.0]
-    meta = {
-        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
-        "ss_network_dim": str(net.dim),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps(network_args),
+    description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
+                   f"{stats['num_train_images']} images, {stats['steps']} steps")
+    meta = network_metadata(base, cfg.output_name, "lycoris.kohya" if lycoris else "networks.lora", str(net.dim),
+                            f"{alpha:g}", network_args, description, finished)
+    meta |= {
         "ss_network_dropout": f"{net.dropout:g}",
         "ss_network_train_unet_only": str(not any(te_lrs)),
-        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
-        "ss_v2": str(family.startswith("sd_v2")),
-        "ss_output_name": cfg.output_name,
-        "ss_sd_model_name": str(_get(base, "name")),
-        "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
         "ss_resolution": f"({width}, {height})",
         "ss_clip_skip": str(cfg.model.clip_skip),
         "ss_num_train_images": str(stats["num_train_images"]),
@@ -522,15 +543,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(finished),
         "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
-        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
-        "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": _iso(finished),
-        "modelspec.prediction_type": prediction,
-        "modelspec.description": (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
-                                  f"{stats['num_train_images']} images, {stats['steps']} steps"),
     }
     if cfg.trigger:
         meta["modelspec.trigger_phrase"] = cfg.trigger

@@ -34,7 +34,6 @@ import torch
 
 from . import kohya
 from .errors import UserError
-from .family import ARCHITECTURES, BASE_MODEL_VERSIONS
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -404,20 +403,12 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
                                                    te_tolerance, dtype)
     ranks = sorted({r.new_rank for r in records})
     dim = str(ranks[0]) if len(ranks) == 1 else "dynamic"
-    metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
-        "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}),
-        "ss_base_model_version": BASE_MODEL_VERSIONS.get(base.family, base.family),
-        "ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash[:8],
-        "ss_output_name": out.stem,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES.get(base.family, base.family) + "/lora",
-        "modelspec.implementation": "diffusers", "modelspec.title": out.stem,
-        "modelspec.prediction_type": base.prediction_type,
-        "sdlora_extract": json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
-                                      "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
-                                      "clamp_quantile": clamp, "text_encoder_skipped": te_skipped}),
-    }
+    args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
+    metadata = lora.network_metadata(base, out.stem, "networks.lora", dim, dim, args,  # alpha = rank: scale 1
+                                     f"extracted by sdlora: {tuned_source} - {base_source}")
+    metadata["sdlora_extract"] = json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
+                                             "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
+                                             "clamp_quantile": clamp, "text_encoder_skipped": te_skipped})
     lora.save_adapter(out, tensors, metadata, overwrite=overwrite)
     return ExtractReport(str(out), records, te_skipped, time.perf_counter() - start)
 
