@@ -3,6 +3,7 @@ from each format's published formula (never from sdlora's code), key styles conv
 and the kinds sdlora does not read refused by name."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -624,3 +625,58 @@ def test_training_lokr_and_dora_writes_trained_lycoris_modules(tmp_path, mini_ba
             magnitudes_moved += not torch.allclose(parts["dora_scale"].flatten(), row_norms, rtol=0, atol=1e-7)
     assert moved == len(groups)
     assert magnitudes_moved == (len(groups) if "network.dora=true" in overrides else 0)
+
+
+# Memory: a LoHa samples within 1.3x of a LoRA's peak (SD1.5 shapes, GPU) ------------------------
+
+
+def _random_loha(shapes: dict, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in shapes.items():
+        cols = int(np.prod(shape[1:]))
+        for i in (1, 2):
+            tensors[f"{key}.hada_w{i}_a"] = torch.randn(shape[0], dim, generator=gen) * 0.1
+            tensors[f"{key}.hada_w{i}_b"] = torch.randn(dim, cols, generator=gen) * 0.1
+        tensors[f"{key}.alpha"] = torch.tensor(float(dim))
+    return tensors
+
+
+def sampling_peak(kind: str, device: str, dtype=torch.float16, latent: int = 64) -> int:
+    """Bytes at the peak of applying an SD1.5-shaped U-Net adapter (dim 16) and one CFG U-Net call.
+
+    LoRA: diffusers' peft layers (the sampler's unfused path); LoHa: the sampler's WeightPatcher.
+    """
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from sdlora import sample
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    unet = UNet2DConditionModel(**lowrank.SD15_UNET).to(device, dtype)
+    shapes = {k: s for k, s in lowrank.sd15_module_shapes().items() if k.startswith("lora_unet")}
+    if kind == "lora":
+        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(lowrank.random_adapter(shapes, 16, 8))
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name="a")
+    else:
+        pipe = SimpleNamespace(unet=unet, text_encoder=torch.nn.Sequential())
+        adapter = sample.Adapter(path=Path("loha"), weight=1.0, alias="loha", short_hash="", kind="loha",
+                                 modules=kohya.group_modules(_random_loha(shapes, 16)))
+        patcher = sample.WeightPatcher(pipe)
+        patcher.add(adapter)
+        patcher.apply({id(adapter): 1.0})
+    with torch.no_grad():
+        unet(torch.randn(2, 4, latent, latent, device=device, dtype=dtype), 500,
+             torch.randn(2, 77, 768, device=device, dtype=dtype))
+    return torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the peak is measured in GPU memory")
+def test_loha_sampling_peaks_within_1_3x_of_a_lora():
+    lora_peak = sampling_peak("lora", "cuda")
+    loha_peak = sampling_peak("loha", "cuda")
+    assert loha_peak <= 1.3 * lora_peak, (loha_peak / 2**30, lora_peak / 2**30)
