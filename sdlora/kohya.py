@@ -436,3 +436,14 @@ def factored_update(parts: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, 
     else:
         w2 = (parts["lokr_w2_a"].float(), parts["lokr_w2_b"].float())
     return [w1, w2]
+
+
+def loadable_module_map(model: nn.Module, part: str) -> dict[str, str]:
+    """`kohya_module_map` plus, for a U-Net named in SGM's layout (SDXL), the keys of its
+    diffusers paths: diffusers/peft files convert to those (`to_kohya_names`), and ComfyUI and
+    diffusers read both forms."""
+    mapping = kohya_module_map(model, part)
+    if part == "unet" and uses_sgm_names(model):
+        for path in list(mapping.values()):
+            mapping.setdefault(kohya_key(part, path), path)
+    return mapping

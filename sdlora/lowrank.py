@@ -426,7 +426,7 @@ def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
     from . import lora
 
     models = kohya.model_parts(base)
-    maps = {part: kohya.kohya_module_map(model, part) for part, model in models.items()}
+    maps = {part: kohya.loadable_module_map(model, part) for part, model in models.items()}
     plans = []
     for path, multiplier in adapters:
         tensors, _ = lora.read_adapter(path)

@@ -113,6 +113,9 @@ def read_for_base(path, weight: float | None, pipe) -> Adapter:
             _check_shape(parts, shape)
         except UserError as e:
             raise UserError(f"{path}: {key}: {e}") from None
+    # Keys as the base names them (SDXL: SGM's, also for files keyed by diffusers paths).
+    canonical = {id(layer): key for key, layer in _layers(pipe, aliases=False).items()}
+    modules = {canonical[id(layers[key])]: parts for key, parts in modules.items()}
     return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
                    short_hash=short_hash(path), kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
                    modules=modules)
@@ -131,11 +134,13 @@ def _check_shape(parts: dict, shape: torch.Size) -> None:
             kohya.dora_axis(parts["dora_scale"], shape)
 
 
-def _layers(pipe) -> dict[str, torch.nn.Module]:
-    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s)."""
+def _layers(pipe, aliases: bool = True) -> dict[str, torch.nn.Module]:
+    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s); with aliases,
+    an SDXL U-Net's layers under their diffusers-path keys too (`kohya.loadable_module_map`)."""
     layers = {}
+    module_map = kohya.loadable_module_map if aliases else kohya.kohya_module_map
     for part, model in kohya.model_parts(pipe).items():
-        for key, path in kohya.kohya_module_map(model, part).items():
+        for key, path in module_map(model, part).items():
             layers[key] = model.get_submodule(path)
     return layers
 

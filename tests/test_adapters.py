@@ -680,3 +680,26 @@ def test_loha_sampling_peaks_within_1_3x_of_a_lora():
     lora_peak = sampling_peak("lora", "cuda")
     loha_peak = sampling_peak("loha", "cuda")
     assert loha_peak <= 1.3 * lora_peak, (loha_peak / 2**30, lora_peak / 2**30)
+
+
+def test_sdxl_files_keyed_by_diffusers_paths_load_under_sgm_names(tmp_path, mini_sdxl_dir):
+    """diffusers/peft SDXL files convert to `lora_unet_<diffusers path>`; the base names its U-Net
+    layers in SGM's layout (input_blocks...), so both keys must reach the same layer."""
+    from sdlora import sample
+    from sdlora.config import ModelConfig
+    from sdlora.models import load_base
+
+    base = load_base(ModelConfig(base=str(mini_sdxl_dir)), dtype=torch.float32)
+    sgm = kohya.kohya_module_map(base.unet, "unet")
+    key, path = next((k, p) for k, p in sgm.items() if p.endswith("attn2.to_k"))
+    diffusers_key = kohya.kohya_key("unet", path)
+    assert diffusers_key != key and kohya.loadable_module_map(base.unet, "unet")[diffusers_key] == path
+    layer = base.unet.get_submodule(path)
+    down, up = torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2)
+    file = tmp_path / "xl.safetensors"
+    save_file({f"unet.{path}.lora_A.weight": down, f"unet.{path}.lora_B.weight": up}, str(file))
+    adapter = sample.read_for_base(file, 1.0, base.pipeline())
+    assert list(adapter.modules) == [key]  # renamed to the base's own (SGM) key
+    W0 = layer.weight.detach().clone()
+    lowrank.merge_adapters(base, [(file, 1.0)])
+    torch.testing.assert_close(layer.weight.detach(), W0 + up @ down, rtol=1e-5, atol=1e-5)
