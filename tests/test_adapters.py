@@ -649,14 +649,15 @@ def sampling_peak(kind: str, device: str, dtype=torch.float16, latent: int = 64)
     """
     from types import SimpleNamespace
 
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     from sdlora import sample
+    from sdlora.arch import build_unet
 
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    unet = UNet2DConditionModel(**lowrank.SD15_UNET).to(device, dtype)
+    unet = build_unet("sd_v1", device=device, dtype=dtype)
     shapes = {k: s for k, s in lowrank.sd15_module_shapes().items() if k.startswith("lora_unet")}
     if kind == "lora":
         state_dict, alphas = StableDiffusionPipeline.lora_state_dict(lowrank.random_adapter(shapes, 16, 8))
