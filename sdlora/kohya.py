@@ -28,7 +28,8 @@ Per module, with r the rank and scale = alpha / r (alpha = r when the file has n
            (m [out, 1, ...], LyCORIS's wd_on_out and peft's magnitude) or per input column
            (m [1, in, ...], LyCORIS before wd_on_out and A1111); the change is W' - W0.
            A multiplier w scales that change linearly, W0 + w (W' - W0), as A1111 and ComfyUI do
-           (LyCORIS's own forward agrees at w = 1 and also keeps w = 0 the base).
+           (LyCORIS's own forward agrees at w = 1; at other weights it interpolates m / ||.||
+           instead, so that w = 0 there still leaves delta W applied).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _TEXT_TRANSFORMER_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight")
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")  # a module has some
-# The optional tensors each kind may carry besides its factors, `alpha` and `dora_scale`.
+# The Tucker core of each kind (LyCORIS `use_tucker`: the kernel lives in a small [r, r, k, k] core).
 _TUCKER = {"lora": "lora_mid.weight", "loha": "hada_t1", "lokr": "lokr_t2"}
 # Modules of algorithms sdlora does not read, named by a tensor only they have.
 _UNSUPPORTED = {"diff": "LyCORIS full fine-tuning (diff)", "on_input": "(IA)^3", "a1.weight": "GLoRA",
@@ -319,7 +320,8 @@ def _diffusers_module(name: str, has_second_encoder: bool) -> tuple[str, str, st
     return part, path, suffix
 
 
-def to_kohya_names(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def to_kohya_names(tensors: dict[str, torch.Tensor],
+                   metadata: dict[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Kohya-named tensors for a file in Kohya, diffusers or peft key style, and notes for the user.
 
     diffusers/peft files store no alpha unless diffusers wrote its `lora_adapter_metadata`
@@ -372,7 +374,8 @@ def _diffusers_alphas(tensors: dict[str, torch.Tensor], modules: dict[str, dict[
     for key, parts in modules.items():
         if "alpha" in parts or "lora_down.weight" not in parts:
             continue
-        component = {part: prefix[:-1] for prefix, part in _DIFFUSERS_COMPONENTS.items()}[part_of(key).replace("te1", "te")]
+        components = {part: prefix[:-1] for prefix, part in _DIFFUSERS_COMPONENTS.items()}  # "te" -> "text_encoder"
+        component = components[part_of(key).replace("te1", "te")]
         alpha = config.get(f"{component}.lora_alpha")
         if alpha is None:
             continue

@@ -750,7 +750,8 @@ def add_command(subparsers) -> None:
                                           "--energy BETA of sum(S^2), or a fixed --rank. LoHa, LoKr and Tucker modules "
                                           "are written as LoRA; DoRA magnitudes are kept. The scale alpha / rank is "
                                           "unchanged.")
-    p.add_argument("input", metavar="IN", help="adapter (.safetensors): LoRA, LoCon, LoHa or LoKr, with or without DoRA; Kohya, diffusers or peft keys")
+    p.add_argument("input", metavar="IN", help="adapter (.safetensors): LoRA, LoCon, LoHa or LoKr, with or without "
+                                               "DoRA; Kohya, diffusers or peft keys")
     p.add_argument("output", metavar="OUT", help="resized adapter to write (always a LoRA file)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--energy", type=float, metavar="BETA",
@@ -762,9 +763,9 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=_cmd_resize)
 
     p = subparsers.add_parser("extract", help="a LoRA for the difference between two checkpoints (SVD)",
-                              description="Write a Kohya LoRA for the difference W_tuned - W_base of two checkpoints of one "
-                                           "architecture: per module a truncated SVD (fixed --rank or --energy), "
-                                           "factors clipped to a quantile as kohya does, alpha = rank.")
+                              description="Write a Kohya LoRA for the difference W_tuned - W_base of two "
+                                          "checkpoints of one architecture: per module a truncated SVD (fixed --rank "
+                                          "or --energy), factors clipped to a quantile as kohya does, alpha = rank.")
     p.add_argument("--base", required=True, help="the original checkpoint: diffusers folder or .safetensors file")
     p.add_argument("--tuned", required=True, help="the fine-tuned checkpoint of the same architecture")
     p.add_argument("output", metavar="OUT", help="adapter to write (.safetensors, Kohya format)")

@@ -117,7 +117,8 @@ def read_for_base(path, weight: float | None, pipe) -> Adapter:
     canonical = {id(layer): key for key, layer in _layers(pipe, aliases=False).items()}
     modules = {canonical[id(layers[key])]: parts for key, parts in modules.items()}
     return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
-                   short_hash=short_hash(path), kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
+                   short_hash=short_hash(path),
+                   kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
                    modules=modules)
 
 
