@@ -39,6 +39,11 @@ class ModelConfig:
                                   choices=["auto", "epsilon", "v_prediction"])
 
 
+# The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
+SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extension", "shuffle_caption",
+                      "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug")
+
+
 @dataclass
 class DatasetConfig:
     image_dir: str = opt("images", "folder of training images (with .txt captions)", path=True)
@@ -63,6 +68,10 @@ class DatasetConfig:
     dedupe: bool = opt(True, "keep only the first image of each near-duplicate group")
     dedupe_threshold: float = opt(0.97, "cosine similarity above which images are near-duplicates",
                                   min=0.0, max=1.0)
+    subsets: list = opt([], "[[dataset.subsets]] tables, kohya's subsets: each needs image_dir and may set "
+                            f"{', '.join(SUBSET_SHARED_KEYS[1:])} (default: the [dataset] value) and the "
+                            "dataset.subsets[] keys below")
+    reg_dir: str = opt("", "kohya's reg_data_dir: its N_words folders are regularisation subsets", path=True)
 
 
 @dataclass
@@ -70,7 +79,8 @@ class CaptionConfig:
     tagger: str = opt("open_clip", "auto-tagger backend", choices=["open_clip", "none"])
     model: str = opt("tiny", "open_clip model: 'tiny' (embedded) or an open_clip architecture name")
     pretrained: str = opt("", "open_clip checkpoint: a local file, or a pretrained tag (downloads)")
-    vocabulary: str = opt("tags/scenery.txt", "tag vocabulary file, one tag per line", path=True)
+    vocabulary: str = opt("", "tag vocabulary file, one tag per line; empty = the packaged general vocabulary "
+                              "(scenery, subjects, style, medium)", path=True)
     threshold: float = opt(0.35, "keep tags scoring above this", min=0.0, max=1.0)
     max_tags: int = opt(20, "at most this many tags per image", min=1)
     batch_size: int = opt(16, "images per tagger batch", min=1)
@@ -111,6 +121,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0.0)
     min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
+    prior_loss_weight: float = opt(1.0, "loss weight of regularisation images (kohya's prior_loss_weight)", min=0.0)
     mixed_precision: str = opt("no", "mixed precision", choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
@@ -176,6 +187,22 @@ class Config:
         return d
 
 
+@dataclass
+class _SubsetOnly:
+    class_tokens: str = opt("", "caption of images without a caption file (kohya's class_tokens; an N_words "
+                                "folder's words)")
+    is_reg: bool = opt(False, "regularisation images: weighted by train.prior_loss_weight, repeated to match "
+                              "the training images, never tagged with the trigger nor written to")
+
+
+SubsetConfig = dataclasses.make_dataclass(
+    "SubsetConfig",
+    [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+     for f in dataclasses.fields(DatasetConfig) if f.name in SUBSET_SHARED_KEYS]
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(_SubsetOnly)],
+    namespace={"__doc__": "One [[dataset.subsets]] table (kohya's subset): a folder and its caption rules."})
+SubsetConfig.__module__ = __name__
+
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("name", "trigger", "source")}
 SECTION_CLASSES = {
     "model": ModelConfig, "dataset": DatasetConfig, "caption": CaptionConfig, "network": NetworkConfig,
@@ -223,7 +250,7 @@ def _owner_of(f: dataclasses.Field) -> type:
     return _OWNERS[id(f)]
 
 
-for _cls in [Config, *SECTION_CLASSES.values()]:
+for _cls in [Config, SubsetConfig, *SECTION_CLASSES.values()]:
     for _f in dataclasses.fields(_cls):
         _OWNERS[id(_f)] = _cls
 
@@ -247,6 +274,9 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
                 raise ConfigError(f"{where}[{key}]: expected a table [{key}]")
             values[key] = _build(SECTION_CLASSES[key], value, f"{where}[{key}] ", base_dir)
             continue
+        if cls is DatasetConfig and key == "subsets":
+            values[key] = _build_subsets(value, data, f"{where}", base_dir)
+            continue
         value = _coerce(value, f, loc)
         values[key] = value
     obj = cls(**values)
@@ -257,6 +287,20 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
                 if v and not Path(v).is_absolute():
                     setattr(obj, f.name, str((base_dir / v).resolve()))
     return obj
+
+
+def _build_subsets(entries, dataset: dict, where: str, base_dir: Path | None) -> list:
+    """[[dataset.subsets]] -> SubsetConfig list; each unset shared key takes the [dataset] value."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{where}subsets: expected [[dataset.subsets]] tables")
+    out = []
+    for i, entry in enumerate(entries):
+        loc = f"{where}subsets[{i}] "
+        if "image_dir" not in entry:
+            raise ConfigError(f"{loc}: image_dir is missing; every [[dataset.subsets]] table names its folder")
+        inherited = {k: dataset[k] for k in SUBSET_SHARED_KEYS if k in dataset and k != "image_dir"}
+        out.append(_build(SubsetConfig, {**inherited, **entry}, loc, base_dir))
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -326,6 +370,8 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         if cls is Config and f.name in SECTION_CLASSES:
             rows += describe(SECTION_CLASSES[f.name], f"{f.name}.")
+            if f.name == "dataset":
+                rows += describe(_SubsetOnly, "dataset.subsets[].")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""

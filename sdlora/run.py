@@ -14,7 +14,8 @@ from .errors import UserError
 
 
 def adapter_up_to_date(cfg: Config, path: Path) -> bool:
-    """True when `path` was trained from exactly this config, base and dataset."""
+    """True when `path` was trained from exactly this config, base and dataset (read from the
+    dataset manifest: no image is scanned or decoded)."""
     from .lora import read_adapter
     from .train import collect_examples, config_hash
 
@@ -28,14 +29,16 @@ def style_figures(cfg: Config, rendered) -> dict | None:
     """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
     from PIL import Image
 
-    from .images import scan_images
+    from .dataset import current_manifest
     from .metrics import style_shift
 
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
     if not base or not lora:
         return None
-    style = [Image.open(p) for p in scan_images(Path(cfg.dataset.image_dir))]
+    data = current_manifest(cfg, log=lambda m: None)
+    style = [Image.open(e["path"]) for e in data["images"]
+             if not e["duplicate_of"] and not data["subsets"][e["subset"]]["is_reg"]]
     return style_shift(base, lora, style)
 
 
@@ -63,9 +66,8 @@ def run(cfg: Config, log=print) -> dict:
     from . import dataset, sample, train
 
     out = cfg.output_dir
-    if cfg.caption.tagger != "none":
-        log("== 1/3 dataset: validate, tag, prune, captions")
-        dataset.build_dataset(cfg)
+    log("== 1/3 dataset: validate, tag, prune, captions, manifest")
+    dataset.build_dataset(cfg, log=log)
     final = out / f"{cfg.output_name}.safetensors"
     if adapter_up_to_date(cfg, final):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")

@@ -35,67 +35,51 @@ STATE_FILE = "training_state.pt"
 class Example:
     image: Path
     digest: str  # sha256 of the file: the cache key
-    tags: list[str]
+    tags: list[str]  # the training caption (the trigger first where it was missing)
     bucket: Bucket
-    caption_source: str  # "sidecar", "builder" or "trigger"
-
-
-def find_caption(image: Path, cfg: Config, beside_images: bool) -> tuple[str | None, str]:
-    """(caption text, "sidecar" | "builder"), or (None, "trigger") when the image has none."""
-    from .dataset import existing_caption
-
-    path, source = existing_caption(image, cfg, beside_images)
-    return (path.read_text(encoding="utf-8"), source) if path else (None, "trigger")
+    caption_source: str  # "sidecar", "builder", "class_tokens" or "none" (dataset._caption_source)
+    subset: "Subset" = None  # its caption rules, repeats and whether it is regularisation
+    repeats: int = 1  # per epoch: the subset's num_repeats; regularisation images: kohya's balance
 
 
 def collect_examples(cfg: Config, log=print) -> list[Example]:
-    from .cache import file_digest
-    from .dataset import captions_beside_images, excluded_images
-    from .images import ImageRejected, load_image, scan_images
+    """The training examples, from the dataset manifest (`dataset.current_manifest`): no folder
+    scan, no image decode. Near-duplicates the dataset stage excluded are left out; regularisation
+    images get kohya's balanced repeats (`subsets.balanced_repeats`)."""
+    from .dataset import current_manifest
+    from .subsets import Subset, balanced_repeats
     from .tags import parse_caption
 
-    folder = Path(cfg.dataset.image_dir)
-    if not folder.is_dir():
-        raise UserError(f"{cfg.source}: [dataset] image_dir = {folder} does not exist; "
-                        "point it at your image folder (relative to the config file)")
-    d = cfg.dataset
-    reso = resolution_pair(d.resolution)
-    buckets = make_buckets(reso, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
-    area = reso[0] * reso[1]
-    examples, rejected, uncaptioned = [], [], []
-    beside_images = captions_beside_images(cfg)
-    duplicates = excluded_images(cfg)  # near-duplicates the dataset builder set aside
-    if duplicates:
-        log(f"skipping {len(duplicates)} near-duplicate image(s) the dataset builder excluded "
+    data = current_manifest(cfg, log)
+    subsets = [Subset.from_dict(s) for s in data["subsets"]]
+    entries = [e for e in data["images"] if not e["duplicate_of"]]
+    excluded = len(data["images"]) - len(entries)
+    if excluded:
+        log(f"skipping {excluded} near-duplicate image(s) the dataset builder excluded "
             f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
-    for path in scan_images(folder):
-        if path in duplicates:
-            continue
-        try:
-            image = load_image(path, d.max_pixels, d.min_side, d.background)
-        except ImageRejected as e:
-            rejected.append(f"{path.name}: {e}")
-            continue
-        if d.enable_bucket:
-            bucket = assign_bucket(image.width, image.height, buckets, area, d.bucket_reso_steps, d.bucket_no_upscale)
-        else:
-            bucket = Bucket(*reso)
-        text, source = find_caption(path, cfg, beside_images)
-        if text is None:
-            uncaptioned.append(path.name)
-            text = cfg.trigger
-        examples.append(Example(path, file_digest(path), parse_caption(text), bucket, source))
-    for r in rejected:
-        log(f"skipped {r}")
+    by_subset = [[e for e in entries if e["subset"] == i] for i in range(len(subsets))]
+    repeats = balanced_repeats([len(b) for b in by_subset], [s.num_repeats for s in subsets],
+                               [s.is_reg for s in subsets])
+    examples = [Example(Path(e["path"]), e["digest"], parse_caption(e["caption"]), Bucket(*e["bucket"]),
+                        e["caption_source"], subsets[i], n)
+                for i, group in enumerate(by_subset) for e, n in zip(group, repeats[i]) if n]
+    if len(subsets) > 1:
+        log("subsets: " + "; ".join(
+            f"{s.name}: {len(b)} {'regularisation ' if s.is_reg else ''}images x "
+            f"{s.num_repeats if not s.is_reg else 'balanced'} repeats" for s, b in zip(subsets, by_subset)))
+    uncaptioned = [ex.image.name for ex in examples if ex.caption_source == "none"]
     if uncaptioned:
         what = f"the trigger '{cfg.trigger}'" if cfg.trigger else "an empty caption"
         log(f"warning: {len(uncaptioned)} image(s) have no caption ({', '.join(uncaptioned[:5])}"
             f"{', ...' if len(uncaptioned) > 5 else ''}); training them with {what}. "
             f"Run `sdlora dataset {cfg.source}` to auto-tag them.")
-    if not examples:
-        raise UserError(f"{folder}: no usable training image"
-                        f"{' (' + str(len(rejected)) + ' rejected: ' + '; '.join(rejected[:3]) + ')' if rejected else ''}; "
-                        "add PNG/JPEG/WebP images to [dataset] image_dir")
+    added = sum(e["trigger_added"] for e in entries if e["caption_source"] != "none")
+    if added:
+        log(f"{added} caption(s) lack the trigger '{cfg.trigger}': trained with it first (keep_tokens counts it)")
+    if not any(not ex.subset.is_reg for ex in examples):
+        raise UserError(f"{cfg.source}: no usable training image in "
+                        f"{', '.join(str(s.image_dir) for s in subsets if not s.is_reg) or 'any subset'} "
+                        "(see the dataset report); add PNG/JPEG/WebP images to [dataset] image_dir")
     return examples
 
 
@@ -113,13 +97,13 @@ def make_caption(tags: list[str], keep_tokens: int, shuffle: bool, tag_dropout: 
     return ", ".join(kept + rest)
 
 
-def epoch_order(examples: list[Example], repeats: int, batch_size: int, seed: int, epoch: int) -> tuple[list[int], list[list[int]]]:
-    """(order, batches): each example `repeats` times, shuffled per bucket, batched within a bucket,
+def epoch_order(examples: list[Example], batch_size: int, seed: int, epoch: int) -> tuple[list[int], list[list[int]]]:
+    """(order, batches): each example `ex.repeats` times, shuffled per bucket, batched within a bucket,
     batches shuffled. `batches` hold positions into `order`."""
     rng = random.Random(f"{seed}-{epoch}")
     by_bucket: dict[Bucket, list[int]] = {}
     for i, ex in enumerate(examples):
-        by_bucket.setdefault(ex.bucket, []).extend([i] * repeats)
+        by_bucket.setdefault(ex.bucket, []).extend([i] * ex.repeats)
     order, batches = [], []
     for bucket in sorted(by_bucket, key=str):
         items = by_bucket[bucket]
@@ -132,11 +116,12 @@ def epoch_order(examples: list[Example], repeats: int, batch_size: int, seed: in
     return order, batches
 
 
-def steps_per_epoch(examples: list[Example], repeats: int, batch_size: int) -> int:
-    """Micro-batches per epoch: ceil(images x repeats / batch) per bucket (kohya's count)."""
+def steps_per_epoch(examples: list[Example], batch_size: int) -> int:
+    """Micro-batches per epoch, kohya's count: the sum over buckets of ceil(images x repeats / batch),
+    regularisation images (with their balanced repeats) sharing the buckets of the training images."""
     counts: dict[Bucket, int] = {}
     for ex in examples:
-        counts[ex.bucket] = counts.get(ex.bucket, 0) + repeats
+        counts[ex.bucket] = counts.get(ex.bucket, 0) + ex.repeats
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
@@ -169,10 +154,10 @@ class EpochDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         entry = t.latents[ex.digest, ex.bucket]
-        flip = cfg.dataset.flip_aug and rng.random() < 0.5
+        d = ex.subset
+        flip = d.flip_aug and rng.random() < 0.5
         mean, std = (entry["flip_mean"], entry["flip_std"]) if flip else (entry["mean"], entry["std"])
         latents = mean + std * torch.randn(mean.shape, generator=g)  # (4, h, w)
-        d = cfg.dataset
         caption = make_caption(ex.tags, d.keep_tokens, d.shuffle_caption, d.caption_tag_dropout_rate,
                                d.caption_dropout_rate, rng)
         ids = t.tokenize(caption)
@@ -182,6 +167,7 @@ class EpochDataset(torch.utils.data.Dataset):
             "offset": torch.randn((latents.shape[0], 1, 1), generator=g),
             "timesteps": torch.randint(0, t.num_timesteps, (), generator=g),
             "input_ids": ids,
+            "loss_weight": torch.tensor(cfg.train.prior_loss_weight if d.is_reg else 1.0),
         }
         if t.te_cache is not None:
             sample["hidden"] = t.te_cache.get(caption, ids)
@@ -273,7 +259,7 @@ class Trainer:
         # The main process encodes first; the others then read its cache entries.
         with self.accelerator.main_process_first():
             for ex in self.examples:
-                self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, d.flip_aug, load)
+                self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, ex.subset.flip_aug, load)
         self.base.vae.to("cpu")  # not needed while training
 
     def setup(self) -> None:
@@ -297,8 +283,8 @@ class Trainer:
             if train_te:
                 base.text_encoder.gradient_checkpointing_enable()
         self.train_te = train_te
-        captions_fixed = not (cfg.dataset.shuffle_caption or cfg.dataset.caption_dropout_rate
-                              or cfg.dataset.caption_tag_dropout_rate)
+        captions_fixed = not any(ex.subset.shuffle_caption or ex.subset.caption_dropout_rate
+                                 or ex.subset.caption_tag_dropout_rate for ex in self.examples)
         self.te_cache = None
         if not train_te and captions_fixed:
             te = base.text_encoder.to(acc.device)
@@ -308,8 +294,7 @@ class Trainer:
 
         groups = self.network.param_groups(tc.unet_lr, tc.text_encoder_lr if train_te else 0.0)
         self.optimizer = make_optimizer(tc, groups, cfg.source)
-        d = cfg.dataset
-        micro = steps_per_epoch(self.examples, d.num_repeats, tc.batch_size)
+        micro = steps_per_epoch(self.examples, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
         self.total_steps = tc.max_train_steps or self.steps_per_epoch * tc.epochs
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -343,7 +328,7 @@ class Trainer:
         if cfg.train.min_snr_gamma:
             loss = loss * snr_weights(base.noise_scheduler.alphas_cumprod, timesteps, cfg.train.min_snr_gamma,
                                       self.v_prediction)
-        return loss.mean()
+        return (loss * batch["loss_weight"]).mean()  # regularisation images: train.prior_loss_weight
 
     # -- saving
     def adapter_path(self, epoch: int | None) -> Path:
@@ -357,10 +342,10 @@ class Trainer:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[tc.save_precision]
         stats = {"epoch": epoch, "num_epochs": self.epochs, "steps": step, "max_train_steps": self.total_steps,
                  "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
-                 "training_finished_at": time.time(), "num_train_images": len(self.examples),
-                 "config_hash": config_hash(self.cfg, self.examples)}
-        metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.cfg, self.examples),
-                                         dataset_dirs(self.cfg, self.examples))
+                 "training_finished_at": time.time(), "config_hash": config_hash(self.cfg, self.examples),
+                 **dataset_stats(self.examples)}
+        metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.examples),
+                                         dataset_dirs(self.examples, reg=False))
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
         lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
 
@@ -409,7 +394,7 @@ class Trainer:
             self._main_log(f"resumed at epoch {start_epoch + 1}, step {step}")
         if acc.is_main_process:
             acc.init_trackers("sdlora")
-            self.log(f"training {len(self.examples)} images x {cfg.dataset.num_repeats} repeats, "
+            self.log(f"training {describe_examples(self.examples)}, "
                      f"{self.epochs} epochs, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
                      f"({acc.num_processes} process(es), {self.cfg.network.type} on {len(self.network.exported_keys())} modules)")
         started = time.time()
@@ -419,7 +404,7 @@ class Trainer:
         for epoch in range(start_epoch, self.epochs):
             for m in models:
                 m.train()
-            order, batches = epoch_order(self.examples, cfg.dataset.num_repeats, tc.batch_size, tc.seed, epoch)
+            order, batches = epoch_order(self.examples, tc.batch_size, tc.seed, epoch)
             loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size)))
             if skip:
                 loader = acc.skip_first_batches(loader, skip)
@@ -503,15 +488,44 @@ def make_optimizer(tc, groups: list[dict], source) -> torch.optim.Optimizer:
     return Prodigy(groups, weight_decay=tc.weight_decay)
 
 
-def tag_frequency(cfg: Config, examples: list[Example]) -> dict[str, dict[str, int]]:
-    """ss_tag_frequency: {dataset dir basename: {tag: images carrying it}} (not x repeats)."""
+def _by_subset(examples: list[Example]) -> dict:
+    groups: dict = {}
+    for ex in examples:
+        groups.setdefault(ex.subset, []).append(ex)
+    return groups
+
+
+def tag_frequency(examples: list[Example]) -> dict[str, dict[str, int]]:
+    """ss_tag_frequency: {subset folder basename: {tag: images carrying it}} (not x repeats), as kohya."""
     from .tags import tag_frequency as freq
 
-    return {Path(cfg.dataset.image_dir).name: freq([", ".join(ex.tags) for ex in examples])}
+    return {s.name: freq([", ".join(ex.tags) for ex in group]) for s, group in _by_subset(examples).items()}
 
 
-def dataset_dirs(cfg: Config, examples: list[Example]) -> dict[str, dict[str, int]]:
-    return {Path(cfg.dataset.image_dir).name: {"n_repeats": cfg.dataset.num_repeats, "img_count": len(examples)}}
+def dataset_dirs(examples: list[Example], reg: bool) -> dict[str, dict[str, int]]:
+    """ss_dataset_dirs (reg=False) / ss_reg_dataset_dirs (reg=True): {basename: {n_repeats, img_count}}."""
+    return {s.name: {"n_repeats": s.num_repeats, "img_count": len(group)}
+            for s, group in _by_subset(examples).items() if s.is_reg == reg}
+
+
+def dataset_stats(examples: list[Example]) -> dict:
+    """kohya's image counts: ss_num_train_images is training images x repeats; ss_num_reg_images the
+    regularisation images x their subset's repeats (before balancing)."""
+    train = [ex for ex in examples if not ex.subset.is_reg]
+    reg = [ex for ex in examples if ex.subset.is_reg]
+    return {"num_train_images": sum(ex.repeats for ex in train),
+            "num_reg_images": sum(ex.subset.num_repeats for ex in reg),
+            "reg_dataset_dirs": dataset_dirs(examples, reg=True)}
+
+
+def describe_examples(examples: list[Example]) -> str:
+    """'12 images x 10 repeats' or, with several subsets, '3 x 5 (5_a) + 2 x 1 (1_reg, regularisation)'."""
+    groups = _by_subset(examples)
+    if len(groups) == 1:
+        (s, group), = groups.items()
+        return f"{len(group)} images x {s.num_repeats} repeats"
+    return " + ".join(f"{len(g)} x {sum(ex.repeats for ex in g) / len(g):g} ({s.name}"
+                      f"{', regularisation' if s.is_reg else ''})" for s, g in groups.items())
 
 
 def config_hash(cfg: Config, examples: list[Example]) -> str:
@@ -520,7 +534,7 @@ def config_hash(cfg: Config, examples: list[Example]) -> str:
     relevant = {k: d[k] for k in ("model", "dataset", "network", "train")}
     for key in ("overwrite", "save_every_n_epochs"):
         relevant["train"].pop(key, None)
-    relevant["examples"] = [(ex.digest, ex.tags) for ex in examples]
+    relevant["examples"] = [(ex.digest, ex.tags, ex.repeats, ex.subset.to_dict()) for ex in examples]
     relevant["trigger"] = cfg.trigger
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -537,7 +551,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
     lines = [
         f"# {cfg.output_name}: training report", "",
         f"- base: {trainer.base.name} ({trainer.base.family}, {trainer.base.prediction_type})",
-        f"- images: {len(trainer.examples)} x {cfg.dataset.num_repeats} repeats, {trainer.epochs} epochs, "
+        f"- images: {describe_examples(trainer.examples)}, {trainer.epochs} epochs, "
         f"batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation",
         f"- network: {cfg.network.type}, dim {cfg.network.dim}, alpha {cfg.network.alpha}, "
         f"targets {cfg.network.unet_targets}, text encoder {'trained' if trainer.train_te else 'frozen'}",

@@ -33,7 +33,6 @@ trigger = "clrscn"
 image_dir = "{image_dir}"
 {extra}
 [caption]
-vocabulary = "{REPO / 'datasets_cfg' / 'tags' / 'scenery.txt'}"
 blacklist = ["landscape", "scenery", "outdoors"]
 style_tags = {json.dumps(STYLE_TAGS)}
 [output]

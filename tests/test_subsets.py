@@ -1,0 +1,194 @@
+"""A kohya user's dataset: repeat folders, a reg folder, .caption files, subsets, the manifest."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdlora import cache, dataset, images, train
+from sdlora.cli import main
+from sdlora.config import ConfigError, load_config
+from sdlora.subsets import balanced_repeats, repeat_folder
+from sdlora.tiny.scenery import make_scene_image
+
+
+def kohya_tree(root: Path) -> dict[str, list[Path]]:
+    """kohya_ss's project layout: img/5_clrscn (2 square + 1 3:2), img/2_extra style (2 square),
+    reg/1_scenery (4 square, no captions); `.caption` files lacking the trigger in 2_extra style."""
+    folders = {"img/5_clrscn": ["1:1", "1:1", "3:2"], "img/2_extra style": ["1:1", "1:1"],
+               "reg/1_scenery": ["1:1"] * 4}
+    made, seed = {}, 0
+    for name, aspects in folders.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        made[name] = []
+        for aspect in aspects:
+            img, tags = make_scene_image(seed, "colorful" if name.startswith("img") else "muted", 64, aspect=aspect)
+            path = folder / f"s{seed}.png"
+            img.save(path)
+            made[name].append(path)
+            seed += 1
+    (root / "img/5_clrscn/s0.caption").write_text("clrscn, lake, hills")
+    (root / "img/2_extra style/s3.caption").write_text("sea, night")
+    (root / "img/2_extra style/s4.caption").write_text("forest, day")
+    return made
+
+
+def write_config(tmp_path: Path, base: Path, extra: str = "", dataset_keys: str = 'image_dir = "project"') -> Path:
+    path = tmp_path / "style.toml"
+    path.write_text(f"""
+name = "style"
+trigger = "clrscn"
+[model]
+base = "{base}"
+[dataset]
+caption_extension = ".caption"
+resolution = 96
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+shuffle_caption = false
+{dataset_keys}
+[caption]
+tagger = "none"
+[network]
+dim = 2
+alpha = 1
+train_text_encoder = false
+[train]
+epochs = 1
+batch_size = 2
+save_every_n_epochs = 0
+lr_scheduler = "constant"
+prior_loss_weight = 0.5
+{extra}
+[output]
+dir = "out"
+""")
+    return path
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_repeat_folder_names_are_read_as_kohya_reads_them():
+    assert repeat_folder("5_clrscn") == (5, "clrscn")
+    assert repeat_folder("10_extra_style words") == (10, "extra_style words")  # split on the first "_"
+    assert repeat_folder("0_x") is None and repeat_folder("five_x") is None and repeat_folder("5") is None
+
+
+def test_reg_images_repeat_to_match_the_training_images():
+    # 19 training images with repeats; 4 reg images registered once, then one more each per round.
+    assert balanced_repeats([3, 2, 4], [5, 2, 1], [False, False, True]) == [[5] * 3, [2] * 2, [5, 5, 5, 4]]
+    # More reg images than training images: the first ones only ("some of reg images are not used").
+    assert balanced_repeats([1, 5], [3, 1], [False, True]) == [[3], [1, 1, 1, 0, 0]]
+
+
+def test_kohya_tree_trains_kohyas_steps_reg_untouched_and_without_trigger(tmp_path, mini_base_dir):
+    made = kohya_tree(tmp_path / "project")
+    reg = tmp_path / "project" / "reg"
+    before = snapshot(reg)
+    cfg = load_config(write_config(tmp_path, mini_base_dir, dataset_keys='image_dir = "project"'))
+    messages = []
+    examples = train.collect_examples(cfg, log=messages.append)
+    log = "\n".join(messages)
+    assert "kohya folder tree" in log and "img/5_clrscn -> subset x5 repeats, class tokens 'clrscn'" in log
+    assert "reg/1_scenery -> regularisation subset x1 repeats, class tokens 'scenery'" in log
+    assert "2 caption(s) lack the trigger 'clrscn'" in log
+
+    by_path = {ex.image: ex for ex in examples}
+    assert all(not ex.subset.is_reg for p in made["img/5_clrscn"] + made["img/2_extra style"]
+               for ex in [by_path[p]])
+    # Regularisation images: their class tokens, never the trigger; balanced repeats.
+    assert [by_path[p].tags for p in made["reg/1_scenery"]] == [["scenery"]] * 4
+    assert [by_path[p].repeats for p in made["reg/1_scenery"]] == [5, 5, 5, 4]
+    # Training captions: the .caption file, the trigger put first where missing; class tokens otherwise.
+    assert by_path[made["img/2_extra style"][0]].tags == ["clrscn", "sea", "night"]
+    assert by_path[made["img/5_clrscn"][0]].tags == ["clrscn", "lake", "hills"]
+    assert by_path[made["img/5_clrscn"][1]].tags == ["clrscn"]  # no caption file: class tokens
+    # kohya: each bucket holds images x repeats (reg included), ceil(n / batch) batches each.
+    # square bucket: 2x5 + 2x2 + 19 reg = 33 -> 17; 3:2 bucket: 1x5 -> 3.
+    assert train.steps_per_epoch(examples, 2) == 17 + 3
+
+    result = train.train(cfg, log=lambda m: None)
+    assert result.steps == 20
+    assert snapshot(reg) == before  # nothing written into the reg folder
+    from sdlora.lora import read_adapter
+
+    meta = read_adapter(result.adapter)[1]
+    assert json.loads(meta["ss_dataset_dirs"]) == {"5_clrscn": {"n_repeats": 5, "img_count": 3},
+                                                   "2_extra style": {"n_repeats": 2, "img_count": 2}}
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_scenery": {"n_repeats": 1, "img_count": 4}}
+    assert meta["ss_num_train_images"] == "19" and meta["ss_num_reg_images"] == "4"
+    assert set(json.loads(meta["ss_tag_frequency"])) == {"5_clrscn", "2_extra style", "1_scenery"}
+    assert json.loads(meta["ss_tag_frequency"])["1_scenery"] == {"scenery": 4}
+
+
+def test_tagging_a_kohya_tree_leaves_reg_images_alone(tmp_path, mini_base_dir):
+    kohya_tree(tmp_path / "project")
+    reg = tmp_path / "project" / "reg"
+    before = snapshot(reg)
+    path = write_config(tmp_path, mini_base_dir)
+    assert main(["dataset", str(path), "--set", "caption.tagger=\"open_clip\""]) == 0
+    assert snapshot(reg) == before
+    manifest = json.loads((tmp_path / "out" / dataset.MANIFEST).read_text())
+    reg_captions = [e["caption"] for e in manifest["images"] if manifest["subsets"][e["subset"]]["is_reg"]]
+    assert reg_captions == ["scenery"] * 4
+    tagged = (tmp_path / "project" / "img" / "5_clrscn" / "s1.caption").read_text()
+    assert tagged.startswith("clrscn")  # training images without a caption were tagged, trigger first
+
+
+def test_subset_tables_and_their_mistakes(tmp_path, mini_base_dir):
+    made = kohya_tree(tmp_path / "project")
+    keys = '''[[dataset.subsets]]
+image_dir = "project/img/5_clrscn"
+num_repeats = 3
+[[dataset.subsets]]
+image_dir = "project/reg/1_scenery"
+is_reg = true
+num_repeats = 1
+class_tokens = "scenery"
+keep_tokens = 0
+'''
+    cfg = load_config(write_config(tmp_path, mini_base_dir, dataset_keys=keys))
+    examples = train.collect_examples(cfg, log=lambda m: None)
+    assert sorted(ex.image for ex in examples) == sorted(made["img/5_clrscn"] + made["reg/1_scenery"])
+    assert {ex.subset.name: ex.subset.caption_extension for ex in examples} == {
+        "5_clrscn": ".caption", "1_scenery": ".caption"}  # inherited from [dataset]
+    assert [ex.repeats for ex in examples if ex.subset.is_reg] == [3, 2, 2, 2]  # matches 3 images x 3
+    with pytest.raises(ConfigError, match=r"subsets\[0\].*image_dir is missing"):
+        load_config(write_config(tmp_path, mini_base_dir, dataset_keys="[[dataset.subsets]]\nnum_repeats = 2\n"))
+    with pytest.raises(ConfigError, match="did you mean 'class_tokens'"):
+        load_config(write_config(tmp_path, mini_base_dir,
+                                 dataset_keys='[[dataset.subsets]]\nimage_dir = "x"\nclass_token = "a"\n'))
+
+
+def test_one_run_decodes_each_image_once(tmp_path, mini_base_dir, monkeypatch):
+    """The manifest is the hand-off: after the dataset stage, nothing decodes an image again
+    except the VAE latent cache on a miss (old main decoded each one five times with the tagger)."""
+    from sdlora import run
+
+    made = kohya_tree(tmp_path / "project")
+    path = write_config(tmp_path, mini_base_dir, extra="", dataset_keys='image_dir = "project"')
+    text = path.read_text().replace('tagger = "none"', 'tagger = "open_clip"')
+    path.write_text(text + '[sample]\nprompts = ["clrscn, lake"]\nwidth = 64\nheight = 64\nsteps = 1\n'
+                           'seeds = [1]\nlora_scales = [1.0]\nhires = "off"\n')
+    decodes: dict[Path, int] = {}
+    real = images.load_image
+
+    def counting(p, *a, **k):
+        decodes[Path(p)] = decodes.get(Path(p), 0) + 1
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(images, "load_image", counting)
+    monkeypatch.setattr(dataset, "load_image", counting)
+    encodes = cache.STATS["vae_encodes"]
+    run.run(load_config(path), log=lambda m: None)
+    everything = [p for paths in made.values() for p in paths]
+    assert cache.STATS["vae_encodes"] - encodes == len(everything)
+    assert decodes == {p: 2 for p in everything}  # the dataset stage + the VAE encode
+    decodes.clear()
+    run.run(load_config(path), log=lambda m: None)  # up to date: nothing retrained or re-encoded
+    assert decodes == {p: 1 for p in everything}
