@@ -54,13 +54,27 @@ def assign_bucket(width: int, height: int, buckets: list[Bucket], area: int, ste
     return min(buckets, key=lambda b: abs(math.log(b.aspect) - aspect))
 
 
+def covering_size(size: tuple[int, int], bucket: Bucket) -> tuple[int, int]:
+    """(width, height) of an image of `size` resized to cover the bucket, aspect kept."""
+    width, height = size
+    scale = max(bucket.width / width, bucket.height / height)
+    return max(bucket.width, round(width * scale)), max(bucket.height, round(height * scale))
+
+
+def crop_top_left(size: tuple[int, int], bucket: Bucket, flipped: bool = False) -> tuple[int, int]:
+    """(top, left) of the centre crop in the resized image (SDXL's crop conditioning); the crop of
+    the mirror image when `flipped`."""
+    w, h = covering_size(size, bucket)
+    left, top = (w - bucket.width) // 2, (h - bucket.height) // 2
+    return top, (w - bucket.width - left) if flipped else left
+
+
 def fit_to_bucket(image: Image.Image, bucket: Bucket) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to cover the bucket, then centre-crop; returns the image and the crop's top-left."""
-    scale = max(bucket.width / image.width, bucket.height / image.height)
-    w, h = max(bucket.width, round(image.width * scale)), max(bucket.height, round(image.height * scale))
+    w, h = covering_size(image.size, bucket)
     if (w, h) != image.size:
         image = image.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - bucket.width) // 2, (h - bucket.height) // 2
+    top, left = crop_top_left(image.size, bucket)
     return image.crop((left, top, left + bucket.width, top + bucket.height)), (top, left)
 
 

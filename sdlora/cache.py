@@ -101,25 +101,40 @@ class LatentCache:
 
 
 class TextEmbeddingCache:
-    """Frozen text-encoder outputs per caption (only valid when captions never change)."""
+    """Frozen text-encoder outputs per caption (only valid when captions never change):
+    {"hidden": (77, d)} and, for SDXL, {"pooled": (1280,)}, keyed by the encoders' weights,
+    `identity` (family, clip_skip) and the caption."""
 
-    def __init__(self, folder: Path, text_encoder, clip_skip: int, encode):
+    def __init__(self, folder: Path, text_encoders, identity: str, encode):
+        from .family import TextConditioning
+
         self.folder = Path(folder)
-        self.encode = encode  # ids -> hidden states
-        self.te_id = f"{module_fingerprint(text_encoder)}_skip{clip_skip}"
-        self.memory: dict[str, torch.Tensor] = {}
+        self.encode = encode  # list of captions -> TextConditioning of the batch
+        self.te_id = "_".join(module_fingerprint(te) for te in text_encoders) + f"_{identity}"
+        self.memory: dict[str, TextConditioning] = {}
 
-    def get(self, caption: str, input_ids: torch.Tensor) -> torch.Tensor:
+    def fill(self, captions) -> None:
+        for caption in dict.fromkeys(captions):
+            self.get(caption)
+
+    def get(self, caption: str):
+        from .family import TextConditioning
+
         key = hashlib.sha256(f"{self.te_id}\0{caption}".encode()).hexdigest()[:32]
         if key in self.memory:
             return self.memory[key]
         path = self.folder / f"{key}.safetensors"
+        entry = None
         if path.exists():
-            hidden = load_file(str(path))["hidden"]
-        else:
+            try:
+                entry = load_file(str(path))
+            except Exception:  # a damaged entry is re-encoded, not trusted
+                path.unlink(missing_ok=True)
+        if entry is None:
             STATS["te_encodes"] += 1
             with torch.no_grad():
-                hidden = self.encode(input_ids[None])[0].float().cpu()
-            atomic_save_file({"hidden": hidden}, path)
-        self.memory[key] = hidden
-        return hidden
+                text = self.encode([caption])
+            entry = {name: t[0].float().cpu() for name, t in text.to_dict().items()}
+            atomic_save_file(entry, path)
+        self.memory[key] = TextConditioning.from_dict(entry)
+        return self.memory[key]

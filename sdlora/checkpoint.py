@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .family import ARCHITECTURES
 
 CONFIGS = Path(__file__).parent / "assets" / "configs"
 CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
@@ -368,14 +369,32 @@ def _rename(state: dict, modules: dict[str, str], inner: list[tuple[str, str]], 
     order = sorted(modules, key=len, reverse=True)
     out = {}
     for key, value in state.items():
-        prefix = next((p for p in order if key.startswith(p + ".")), None)
-        if prefix is None:
+        original = _original_name(key, order, modules, inner)
+        if original is None:
             raise ValueError(f"{what}: no original name for {key}")
-        rest = key[len(prefix) + 1:]
-        if ".resnets." in prefix:
-            rest = _replace_first(rest, inner)
-        out[modules[prefix] + "." + rest] = value
+        out[original] = value
     return out
+
+
+def _original_name(key: str, order: list[str], modules: dict[str, str], inner: list[tuple[str, str]]) -> str | None:
+    prefix = next((p for p in order if key.startswith(p + ".")), None)
+    if prefix is None:
+        return None
+    rest = key[len(prefix) + 1:]
+    if ".resnets." in prefix:
+        rest = _replace_first(rest, inner)
+    return modules[prefix] + "." + rest
+
+
+def unet_original_paths(paths, config) -> dict[str, str]:
+    """{diffusers module path: original (SGM) module path} for module paths of a UNet with `config`:
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+    `up_blocks.0.resnets.2.conv1` -> `output_blocks.2.0.in_layers.2`. Kohya's SDXL LoRA keys use these names."""
+    modules = unet_module_names(config)
+    order = sorted(modules, key=len, reverse=True)
+    # A module path is a "prefix" of its own parameters: name it as its weight would be named.
+    named = {path: _original_name(path + ".weight", order, modules, _RESNET) for path in paths}
+    return {path: original.removesuffix(".weight") for path, original in named.items() if original}
 
 
 def _replace_first(rest: str, pairs: list[tuple[str, str]]) -> str:
@@ -480,14 +499,10 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     else:
         tensors.update(text_encoder_to_original(te, "sd_v2", "cond_stage_model.model."))
     tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
-    meta = {CONFIG_META_KEY: json.dumps(configs, default=str), "modelspec.architecture": _ARCH[base.family],
+    meta = {CONFIG_META_KEY: json.dumps(configs, default=str), "modelspec.architecture": ARCHITECTURES[base.family],
             "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon"}
     atomic_save_file(tensors, path, metadata=meta)
     return path
-
-
-_ARCH = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512", "sd_v2_v": "stable-diffusion-v2-768-v",
-         "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def save_diffusers(base, folder, overwrite: bool = False) -> Path:

@@ -20,12 +20,43 @@ class ConfigError(ValueError):
     """A user mistake in a config file or an override; the message says how to fix it."""
 
 
-def opt(default, help: str, *, choices=None, min=None, max=None, path=False):
-    """A config field with its help text and constraints, read by `validate` and `--help`."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path}
+def opt(default, help: str, *, choices=None, min=None, max=None, path=False, check=None):
+    """A config field with its help text and constraints, read by `validate` and `--help`.
+
+    check: for fields typed `Any`, a function (value, where) -> value that validates them."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "check": check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _resolution(value, where: str):
+    """An int (square) or [width, height], sides multiples of 8 and at least 64."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value))
+    if not ok:
+        raise ConfigError(f"{where}: expected an integer or [width, height], got {value!r}")
+    sides = [value] if isinstance(value, int) else value
+    for s in sides:
+        if s < 64 or s % 8:
+            raise ConfigError(f"{where}: sides must be multiples of 8 and at least 64, got {value!r}")
+    return value
+
+
+def _learning_rates(value, where: str):
+    """One learning rate, or a pair [te1, te2] (SDXL's two text encoders)."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if number(value):
+        value = float(value)
+    elif isinstance(value, list) and len(value) == 2 and all(number(v) for v in value):
+        value = [float(v) for v in value]
+    else:
+        raise ConfigError(f"{where}: expected a number or a pair [te1, te2], got {value!r}")
+    for v in value if isinstance(value, list) else [value]:
+        if not 0.0 <= v < float("inf"):
+            raise ConfigError(f"{where}: {v!r} is not a finite learning rate >= 0")
+    return value
 
 
 @dataclass
@@ -48,7 +79,7 @@ SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extens
 class DatasetConfig:
     image_dir: str = opt("images", "folder of training images (with .txt captions)", path=True)
     num_repeats: int = opt(10, "times each image is seen per epoch (kohya's repeats)", min=1)
-    resolution: Any = opt(512, "training resolution: an int or [width, height]")
+    resolution: Any = opt(512, "training resolution: an int or [width, height]", check=_resolution)
     enable_bucket: bool = opt(True, "aspect-ratio bucketing (no squashing, minimal cropping)")
     min_bucket_reso: int = opt(256, "smallest bucket side", min=32)
     max_bucket_reso: int = opt(1024, "largest bucket side", min=32)
@@ -107,7 +138,8 @@ class NetworkConfig:
 @dataclass
 class TrainConfig:
     unet_lr: float = opt(5e-4, "learning rate of the U-Net adapters", min=0.0)
-    text_encoder_lr: float = opt(1e-4, "learning rate of the text-encoder adapters; 0 freezes it", min=0.0)
+    text_encoder_lr: Any = opt(1e-4, "learning rate of the text-encoder adapters (SDXL: one, or a pair "
+                               "[te1, te2]); 0 freezes it", check=_learning_rates)
     epochs: int = opt(10, "passes over the repeated dataset", min=1)
     max_train_steps: int = opt(0, "stop after this many optimizer steps (0 = epochs decide)", min=0)
     batch_size: int = opt(2, "images per optimizer step (all processes together)", min=1)
@@ -220,16 +252,8 @@ def _coerce(value, f: dataclasses.Field, where: str):
     hints = typing.get_type_hints(_owner_of(f))
     t = hints[f.name]
     meta = f.metadata
-    if t is Any:  # resolution: int or [w, h]
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value))
-        if not ok:
-            raise ConfigError(f"{where}: expected an integer or [width, height], got {value!r}")
-        sides = [value] if isinstance(value, int) else value
-        for s in sides:
-            if s < 64 or s % 8:
-                raise ConfigError(f"{where}: sides must be multiples of 8 and at least 64, got {value!r}")
-        return value
+    if t is Any:
+        return meta["check"](value, where)
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if t is int and isinstance(value, bool) or not isinstance(value, t):

@@ -5,6 +5,8 @@ A Kohya key is a prefix plus the module path with every "." turned into "_":
     down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k   (U-Net)
     -> lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k
 
+SDXL's U-Net is named as in Stability's original (SGM) layout, as kohya writes it:
+`down_blocks.1.attentions.0...` -> `lora_unet_input_blocks_4_1_...` (`checkpoint.unet_original_paths`).
 Text-encoder keys always read `lora_te_text_model_encoder_layers_N_...`: transformers 4
 wrapped CLIPTextModel's layers in `text_model`, transformers 5 does not, and every UI
 reads the 4.x names. "_" is ambiguous in reverse, so key -> module path goes through a
@@ -53,6 +55,40 @@ def part_of(key: str) -> str:
                     f"{', '.join(p + '_' for p in PREFIXES.values())}")
 
 
+def model_parts(models) -> dict[str, nn.Module]:
+    """{part: model} of a base model or pipeline: U-Net + `te` (SD1.x/SD2.x), or U-Net + `te1`
+    (CLIP-L) + `te2` (OpenCLIP bigG) when it has a second text encoder (SDXL)."""
+    text_encoder_2 = getattr(models, "text_encoder_2", None)
+    if text_encoder_2 is None:
+        return {"unet": models.unet, "te": models.text_encoder}
+    return {"unet": models.unet, "te1": models.text_encoder, "te2": text_encoder_2}
+
+
+def uses_sgm_names(unet: nn.Module) -> bool:
+    """SDXL's U-Net (the one with the `text_time` addition embedding) is named in SGM's layout."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def module_keys(model: nn.Module, part: str, paths) -> dict[str, str]:
+    """{kohya key: module path} for module paths of one part of a model."""
+    paths = list(paths)
+    names = {path: path for path in paths}
+    if part == "unet" and uses_sgm_names(model):
+        from .checkpoint import unet_original_paths
+
+        names = unet_original_paths(paths, model.config)
+        unnamed = [p for p in paths if p not in names]
+        if unnamed:
+            raise ValueError(f"no SGM name for the U-Net modules {unnamed[:3]}")
+    mapping: dict[str, str] = {}
+    for path in paths:
+        key = kohya_key(part, names[path])
+        if key in mapping:
+            raise ValueError(f"modules {mapping[key]!r} and {path!r} share the Kohya key {key!r}")
+        mapping[key] = path
+    return mapping
+
+
 def kohya_module_map(model: nn.Module, part: str) -> dict[str, str]:
     """{kohya key: module path} for every Linear and Conv2d of `model`.
 
@@ -61,7 +97,7 @@ def kohya_module_map(model: nn.Module, part: str) -> dict[str, str]:
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    mapping: dict[str, str] = {}
+    paths = []
     inside_adapter = None
     for path, module in model.named_modules():
         if inside_adapter is not None and path.startswith(inside_adapter):
@@ -70,11 +106,8 @@ def kohya_module_map(model: nn.Module, part: str) -> dict[str, str]:
             inside_adapter = path + "."
         elif not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        key = kohya_key(part, path)
-        if key in mapping:
-            raise ValueError(f"modules {mapping[key]!r} and {path!r} share the Kohya key {key!r}")
-        mapping[key] = path
-    return mapping
+        paths.append(path)
+    return module_keys(model, part, paths)
 
 
 def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kohya
+from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
 from .errors import UserError
 from .io import atomic_write_bytes
 
@@ -41,9 +42,6 @@ _PRESET_PATTERNS = {
     "attention": re.compile(rf"\.attn[12]\.{_ATTENTION_LAYERS}$"),
 }
 
-BASE_MODEL_VERSIONS = {"sd_v1": "sd_v1", "sd_v2": "sd_v2", "sd_v2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,11 +152,14 @@ class Network:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for key in self.modules for p in self._adapter_params(key).values() if p.requires_grad]
 
-    def param_groups(self, unet_lr: float, text_encoder_lr: float) -> list[dict]:
-        """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported."""
+    def param_groups(self, unet_lr: float, text_encoder_lr: float | list[float]) -> list[dict]:
+        """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported.
+
+        text_encoder_lr: one rate for every text encoder, or one per encoder ([te1, te2] for SDXL)."""
+        te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr] * 2
         groups = []
         for part in self.models:
-            lr = unet_lr if part == "unet" else text_encoder_lr
+            lr = unet_lr if part == "unet" else te_lrs[1] if part == "te2" else te_lrs[0]
             params = self.parameters_of(part)
             if lr == 0:
                 for p in params:
@@ -245,7 +246,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
             # transformers' add_adapter wants a newer peft; diffusers' own text-encoder loader
             # injects with peft directly, as here.
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        modules.update({kohya.kohya_key(part, path): (part, path) for path in paths})
+        modules.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
         use_fused_forward(model)
     return Network(kind="loha" if network_cfg.type == "loha" else "lora", models=models, modules=modules)
 
@@ -425,14 +426,15 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
     prediction = "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon"
-    text_encoder_lr = train.text_encoder_lr if net.train_text_encoder else 0.0
+    te_lrs = train.text_encoder_lr if isinstance(train.text_encoder_lr, list) else [train.text_encoder_lr]
+    te_lrs = te_lrs if net.train_text_encoder else [0.0]
     meta = {
         "ss_network_module": "lycoris.kohya" if net.type == "loha" else "networks.lora",
         "ss_network_dim": str(net.dim),
         "ss_network_alpha": f"{alpha:g}",
         "ss_network_args": json.dumps(network_args),
         "ss_network_dropout": f"{net.dropout:g}",
-        "ss_network_train_unet_only": str(not net.train_text_encoder or text_encoder_lr == 0),
+        "ss_network_train_unet_only": str(not any(te_lrs)),
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],
         "ss_v2": str(family.startswith("sd_v2")),
         "ss_output_name": cfg.output_name,
@@ -450,7 +452,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
         "ss_learning_rate": f"{train.unet_lr:g}",
         "ss_unet_lr": f"{train.unet_lr:g}",
-        "ss_text_encoder_lr": f"{text_encoder_lr:g}",
+        "ss_text_encoder_lr": ", ".join(f"{lr:g}" for lr in te_lrs),  # SDXL may give [te1, te2]
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(stats.get("lr_warmup_steps", "")),
         "ss_optimizer": str(stats.get("optimizer", train.optimizer)),
@@ -480,8 +482,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl"
-        else "diffusers",
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
         "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": _iso(finished),

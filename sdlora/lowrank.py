@@ -30,6 +30,7 @@ import torch
 
 from . import kohya
 from .errors import UserError
+from .family import ARCHITECTURES, BASE_MODEL_VERSIONS
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -372,11 +373,11 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
         "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}),
-        "ss_base_model_version": lora.BASE_MODEL_VERSIONS.get(base.family, base.family),
+        "ss_base_model_version": BASE_MODEL_VERSIONS.get(base.family, base.family),
         "ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash[:8],
         "ss_output_name": out.stem,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": lora.ARCHITECTURES.get(base.family, base.family) + "/lora",
+        "modelspec.architecture": ARCHITECTURES.get(base.family, base.family) + "/lora",
         "modelspec.implementation": "diffusers", "modelspec.title": out.stem,
         "modelspec.prediction_type": base.prediction_type,
         "sdlora_extract": json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,

@@ -58,40 +58,18 @@ class BaseModel:
             scheduler=scheduler if scheduler is not None else self.noise_scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
+    @property
+    def text_encoders(self) -> list:
+        """The text encoder(s) in conditioning order: [CLIP] or, for SDXL, [CLIP-L, OpenCLIP bigG]."""
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
+
     def info(self) -> str:
         return (f"{self.name}: {self.family}, {self.prediction_type}, {self.resolution} px, "
                 f"sha256 {self.model_hash[:12]} ({self.source})")
-
-
-def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-    """Text-encoder hidden states for the UNet's cross attention, (B, 77, dim).
-
-    kohya's clip_skip: 1 is the last hidden state; n > 1 is the hidden state n layers from
-    the end (hidden_states[-n]) passed through the final layer norm, as sd-scripts does.
-    diffusers' pipelines count differently: their `clip_skip=k` takes hidden_states[-(k + 1)]
-    (then the final layer norm), so kohya/A1111 clip_skip n is diffusers clip_skip n - 1;
-    never pass this value to a pipeline's `clip_skip` argument, pass prompt_embeds instead.
-    """
-    if clip_skip <= 1:
-        return text_encoder(input_ids)[0]
-    out = text_encoder(input_ids, output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]
-    return final_layer_norm(text_encoder)(hidden)
-
-
-def final_layer_norm(text_encoder):
-    # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it. A DDP-wrapped
-    # encoder (multi-process training) keeps the model in `.module`.
-    text_encoder = getattr(text_encoder, "module", text_encoder)
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.final_layer_norm
-
-
-def require_trainable(base: BaseModel) -> None:
-    """SDXL bases load (detection, sampling, conversion) but sdlora trains SD1.x / SD2.x only."""
-    if base.family == "sdxl":
-        raise UserError(f"model.base: {base.source} is an SDXL model; sdlora trains SD1.x and SD2.x bases "
-                        "only (SDXL loads for conversion and sampling)")
 
 
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .buckets import Bucket, assign_bucket, make_buckets, resolution_pair
+from .buckets import Bucket, assign_bucket, crop_top_left, make_buckets, resolution_pair
 from .config import Config, add_override_argument
 from .errors import UserError
+from .family import TextConditioning, clip_skip_note, encode_text, is_sdxl, time_ids, unet_conditioning
 
 STATE_FILE = "training_state.pt"
 
@@ -38,6 +39,7 @@ class Example:
     tags: list[str]  # the training caption (the trigger first where it was missing)
     bucket: Bucket
     caption_source: str  # "sidecar", "builder", "class_tokens" or "none" (dataset._caption_source)
+    size: tuple[int, int] = (0, 0)  # the image's (width, height) before bucketing: SDXL's original size
     subset: "Subset" = None  # its caption rules, repeats and whether it is regularisation
     repeats: int = 1  # per epoch: the subset's num_repeats; regularisation images: kohya's balance
 
@@ -61,7 +63,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     repeats = balanced_repeats([len(b) for b in by_subset], [s.num_repeats for s in subsets],
                                [s.is_reg for s in subsets])
     examples = [Example(Path(e["path"]), e["digest"], parse_caption(e["caption"]), Bucket(*e["bucket"]),
-                        e["caption_source"], subsets[i], n)
+                        e["caption_source"], tuple(e["size"]), subsets[i], n)
                 for i, group in enumerate(by_subset) for e, n in zip(group, repeats[i]) if n]
     if len(subsets) > 1:
         log("subsets: " + "; ".join(
@@ -160,17 +162,21 @@ class EpochDataset(torch.utils.data.Dataset):
         latents = mean + std * torch.randn(mean.shape, generator=g)  # (4, h, w)
         caption = make_caption(ex.tags, d.keep_tokens, d.shuffle_caption, d.caption_tag_dropout_rate,
                                d.caption_dropout_rate, rng)
-        ids = t.tokenize(caption)
         sample = {
             "latents": latents,
             "noise": torch.randn(latents.shape, generator=g),
             "offset": torch.randn((latents.shape[0], 1, 1), generator=g),
             "timesteps": torch.randint(0, t.num_timesteps, (), generator=g),
-            "input_ids": ids,
             "loss_weight": torch.tensor(cfg.train.prior_loss_weight if d.is_reg else 1.0),
         }
         if t.te_cache is not None:
-            sample["hidden"] = t.te_cache.get(caption, ids)
+            sample["text"] = t.te_cache.get(caption).to_dict()  # {"hidden"(, "pooled")}
+        else:
+            sample["input_ids"] = t.tokenize(caption)  # one (77,) per text encoder
+        if is_sdxl(t.base.family):  # SDXL's size conditioning: (height, width) pairs
+            bucket = ex.bucket
+            sample["time_ids"] = time_ids((ex.size[1], ex.size[0]), crop_top_left(ex.size, bucket, flip),
+                                          (bucket.height, bucket.width))
         return sample
 
 
@@ -224,27 +230,32 @@ class Trainer:
                             f"number of processes ({acc.num_processes}): each process takes an equal share")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
         self.base = models.load_base(cfg.model, dtype=self.weight_dtype)
-        models.require_trainable(self.base)
+        note = clip_skip_note(self.base.family, cfg.model.clip_skip)
+        if note:
+            self._main_log(f"warning: {note}")
+        self.text_encoder_lrs = text_encoder_lrs(cfg, self.base)
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
         self.examples = collect_examples(cfg, log=self._main_log)
+        self.te_cache = None  # cached text-encoder outputs (frozen encoders, fixed captions); set up in setup()
+        self.text_encoders: list = []  # the prepared text encoder(s): [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]
 
     # -- helpers
     def _main_log(self, msg: str) -> None:
         if self.accelerator.is_main_process:
             self.log(msg)
 
-    def tokenize(self, caption: str) -> torch.Tensor:
-        tok = self.base.tokenizer
-        return tok(caption, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids[0]
+    def tokenize(self, caption: str) -> list[torch.Tensor]:
+        """One (77,) tensor of input ids per text encoder."""
+        from .family import tokenize
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        from .models import encode_prompt
+        return [ids[0] for ids in tokenize(self.base.tokenizers, [caption])]
 
-        # The prepared (DDP-wrapped when multi-process) encoder, so its adapter gradients are all-reduced.
-        text_encoder = getattr(self, "text_encoder", self.base.text_encoder)
-        return encode_prompt(text_encoder, input_ids.to(self.accelerator.device), self.cfg.model.clip_skip)
+    def encode_text(self, input_ids: list[torch.Tensor]) -> TextConditioning:
+        # The prepared (DDP-wrapped when multi-process) encoders, so their adapter gradients are all-reduced.
+        device = self.accelerator.device
+        return encode_text(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
+                           self.cfg.model.clip_skip)
 
     # -- setup
     def prepare_latents(self) -> None:
@@ -252,6 +263,11 @@ class Trainer:
         from .images import load_image
 
         d = self.cfg.dataset
+        # Latents are encoded in fp32 whatever the mixed precision: SDXL's VAE overflows in fp16
+        # (kohya's --no_half_vae), and an fp16-fix VAE gives the same latents in fp32.
+        if self.weight_dtype != torch.float32:
+            self._main_log("encoding latents with the VAE in fp32 (the frozen U-Net and text encoders stay in "
+                           f"{self.cfg.train.mixed_precision})")
         vae = self.base.vae.to(self.accelerator.device, torch.float32)
         cache = LatentCache(self.cfg.output_dir / "cache" / "latents", vae, self.accelerator.device)
         load = lambda p: load_image(p, d.max_pixels, d.min_side, d.background)  # noqa: E731
@@ -271,28 +287,33 @@ class Trainer:
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         base = self.base
-        for m in (base.unet, base.text_encoder, base.vae):
+        encoders = base.text_encoders
+        for m in (base.unet, base.vae, *encoders):
             m.requires_grad_(False)
-        train_te = cfg.network.train_text_encoder and tc.text_encoder_lr > 0
+        train_te = cfg.network.train_text_encoder and any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
-        self.network = lora.inject(base.unet, base.text_encoder if train_te else None, cfg.network)
+        self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
             p.data = p.data.float()
         if tc.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if train_te:
-                base.text_encoder.gradient_checkpointing_enable()
+                for te in encoders:
+                    te.gradient_checkpointing_enable()
         self.train_te = train_te
         captions_fixed = not any(ex.subset.shuffle_caption or ex.subset.caption_dropout_rate
                                  or ex.subset.caption_tag_dropout_rate for ex in self.examples)
-        self.te_cache = None
+        self.text_encoders = [te.to(acc.device) for te in encoders]
         if not train_te and captions_fixed:
-            te = base.text_encoder.to(acc.device)
-            self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", te, cfg.model.clip_skip,
-                                               self.encode_text)
+            # Every caption is known now: encode them all once, then the encoders leave the accelerator.
+            self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", encoders,
+                                               f"{base.family}_skip{cfg.model.clip_skip}", self.encode_captions)
+            self.te_cache.fill(", ".join(ex.tags) for ex in self.examples)
+            for te in encoders:
+                te.to("cpu")
         self.prepare_latents()
 
-        groups = self.network.param_groups(tc.unet_lr, tc.text_encoder_lr if train_te else 0.0)
+        groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs if train_te else 0.0)
         self.optimizer = make_optimizer(tc, groups, cfg.source)
         micro = steps_per_epoch(self.examples, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
@@ -301,12 +322,18 @@ class Trainer:
         self.lr_scheduler = get_scheduler(
             tc.lr_scheduler, self.optimizer, num_warmup_steps=round(tc.lr_warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)
-        models_to_train = [base.unet] + ([base.text_encoder] if train_te else [])
+        models_to_train = [base.unet] + (encoders if train_te else [])
         prepared = acc.prepare(*models_to_train, self.optimizer, self.lr_scheduler)
         self.unet = prepared[0]
-        self.text_encoder = prepared[1] if train_te else base.text_encoder.to(acc.device)
+        if train_te:
+            self.text_encoders = list(prepared[1:1 + len(encoders)])
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())
+
+    def encode_captions(self, captions: list[str]) -> TextConditioning:
+        from .family import tokenize
+
+        return self.encode_text(tokenize(self.base.tokenizers, captions))
 
     # -- the step
     def step(self, batch: dict) -> torch.Tensor:
@@ -318,11 +345,12 @@ class Trainer:
             noise = noise + cfg.train.noise_offset * batch["offset"]  # (B, 4, 1, 1): one shift per channel
         timesteps = batch["timesteps"]  # (B,)
         noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        if "hidden" in batch:
-            encoder_hidden_states = batch["hidden"].to(self.weight_dtype)  # cached, frozen text encoder
+        if "text" in batch:  # cached outputs of the frozen text encoder(s)
+            text = TextConditioning.from_dict({k: v.to(self.accelerator.device) for k, v in batch["text"].items()})
         else:
-            encoder_hidden_states = self.encode_text(batch["input_ids"])  # (B, 77, d)
-        noise_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, encoder_hidden_states).sample
+            text = self.encode_text(batch["input_ids"])  # (B, 77, d) hidden states (+ SDXL's pooled (B, 1280))
+        conditioning = unet_conditioning(text, batch.get("time_ids"), self.weight_dtype)
+        noise_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, **conditioning).sample
         target = base.noise_scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
         loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.train.min_snr_gamma:
@@ -400,7 +428,7 @@ class Trainer:
         started = time.time()
         result = TrainResult(adapter=final, losses=losses)
         bar = tqdm(total=self.total_steps, initial=step, disable=not acc.is_main_process, desc="train")
-        models = [self.unet] + ([self.text_encoder] if self.train_te else [])
+        models = [self.unet] + (self.text_encoders if self.train_te else [])
         for epoch in range(start_epoch, self.epochs):
             for m in models:
                 m.train()
@@ -422,9 +450,8 @@ class Trainer:
                     loss_value = acc.gather(loss.detach()).mean().item()
                     losses.append(loss_value)
                     lrs = self.lr_scheduler.get_last_lr()
-                    logs = {"loss": loss_value, "lr/unet": lrs[0]}
-                    if len(lrs) > 1:
-                        logs["lr/text_encoder"] = lrs[1]
+                    logs = {"loss": loss_value}
+                    logs.update({f"lr/{group['name']}": lr for group, lr in zip(self.optimizer.param_groups, lrs)})
                     acc.log(logs, step=step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
@@ -594,3 +621,15 @@ def _cmd_train(args) -> int:
     if result.report:
         print(f"adapter: {result.adapter}\nreport: {result.report}")
     return 0
+
+
+def text_encoder_lrs(cfg: Config, base) -> list[float]:
+    """train.text_encoder_lr as one learning rate per text encoder: a pair [te1, te2] is for SDXL."""
+    lr = cfg.train.text_encoder_lr
+    count = len(base.text_encoders)
+    if isinstance(lr, list):
+        if len(lr) != count:
+            raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {base.name} has {count} text encoder(s); "
+                            f"give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
+        return [float(x) for x in lr]
+    return [float(lr)] * count

@@ -19,3 +19,13 @@ def mini_base_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mini_base")
     build_pipeline("mini", seed=0).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def mini_sdxl_dir(tmp_path_factory):
+    """A random-weight SDXL-architecture diffusers folder at test size (two text encoders, text_time U-Net)."""
+    from sdlora.tiny.configs import build_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("mini_sdxl")
+    build_sdxl_pipeline(seed=0).save_pretrained(folder)
+    return folder

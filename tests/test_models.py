@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora import checkpoint, models
+from sdlora import checkpoint, family, models
 from sdlora.cache import file_digest
 from sdlora.config import Config, ModelConfig
 from sdlora.errors import UserError
@@ -66,8 +66,8 @@ def test_clip_skip_is_penultimate_layer_through_final_norm(tiny):
     ids = tiny.tokenizer(["a red sky over hills"], padding="max_length", max_length=77,
                          return_tensors="pt").input_ids
     with torch.no_grad():
-        last = models.encode_prompt(tiny.text_encoder, ids, 1)
-        skip2 = models.encode_prompt(tiny.text_encoder, ids, 2)
+        last = family.encode_prompt(tiny.text_encoder, ids, 1)
+        skip2 = family.encode_prompt(tiny.text_encoder, ids, 2)
         hs = tiny.text_encoder(ids, output_hidden_states=True).hidden_states
         assert len(hs) == tiny.text_encoder.config.num_hidden_layers + 1
         expected = tiny.text_encoder.final_layer_norm(hs[-2])
@@ -230,24 +230,12 @@ def test_family_detection_from_keys():
 
 
 def mini_sdxl(mini):
-    """An SDXL-architecture base at test size: two text encoders (CLIP-L and OpenCLIP with
-    projection layouts), a text_time UNet, the mini VAE."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """An SDXL-architecture base at test size (tiny.configs.build_sdxl_pipeline) with the mini VAE."""
+    from sdlora.tiny.configs import build_sdxl_pipeline
 
-    torch.manual_seed(0)
-    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, vocab_size=49408)
-    te1 = CLIPTextModel(CLIPTextConfig(**clip)).eval()
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip, projection_dim=16, hidden_act="gelu")).eval()
-    unet = UNet2DConditionModel(
-        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=64,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=16 + 6 * 8).eval()
-    return dataclasses.replace(mini, family="sdxl", unet=unet, text_encoder=te1, text_encoder_2=te2,
-                               tokenizer_2=checkpoint._tokenizer("sd_v2"))
+    xl = build_sdxl_pipeline(seed=0)
+    return dataclasses.replace(mini, family="sdxl", unet=xl.unet.eval(), text_encoder=xl.text_encoder.eval(),
+                               text_encoder_2=xl.text_encoder_2.eval(), tokenizer_2=checkpoint._tokenizer("sd_v2"))
 
 
 def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
@@ -339,9 +327,3 @@ def test_full_size_sd15_random_weights_round_trip(tmp_path):
     for part in ("unet", "vae", "text_encoder"):
         sa, sb = getattr(base, part).state_dict(), getattr(again, part).state_dict()
         assert all(torch.equal(sa[k].half(), sb[k]) for k in sa), part
-
-
-def test_sdxl_is_refused_for_training(mini):
-    with pytest.raises(UserError, match="SDXL"):
-        models.require_trainable(mini_sdxl(mini))
-    models.require_trainable(mini)

@@ -35,6 +35,19 @@ MINI_UNET = dict(UNET, sample_size=8, block_out_channels=[32, 32, 64], cross_att
                  down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
 
+# An SDXL-architecture family at test size: the same classes and conditioning paths as SDXL
+# (CLIP-L-style encoder 1, OpenCLIP-style encoder 2 with a projection, a `text_time` U-Net whose
+# cross attention takes both widths concatenated and whose addition embedding takes the pooled
+# projection and six time ids).
+MINI_SDXL_TEXT_ENCODER = dict(MINI_TEXT_ENCODER, num_attention_heads=4)
+MINI_SDXL_TEXT_ENCODER_2 = dict(MINI_TEXT_ENCODER, num_attention_heads=4, projection_dim=16, hidden_act="gelu")
+MINI_SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+                      norm_num_groups=8, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[2, 4],
+                      transformer_layers_per_block=[1, 2], cross_attention_dim=32 + 32, use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=16 + 6 * 8)
+
 OPEN_CLIP = dict(embed_dim=64, init_logit_bias=-5.0,
                  vision_cfg=dict(image_size=64, layers=4, width=96, patch_size=8, head_width=32),
                  text_cfg=dict(context_length=77, vocab_size=49408, width=48, heads=4, layers=3))
@@ -64,3 +77,21 @@ def build_pipeline(size: str = "mini", seed: int = 0):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def build_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline of random components at test size (see MINI_SDXL_*)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer_2 = clip_tokenizer()
+    tokenizer_2.pad_token = "!"  # OpenCLIP pads with "!" (id 0), as SDXL's second tokenizer does
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**MINI_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER_2)),
+        tokenizer=clip_tokenizer(), tokenizer_2=tokenizer_2, unet=UNet2DConditionModel(**MINI_SDXL_UNET),
+        scheduler=DDPMScheduler.from_config(SCHEDULER))

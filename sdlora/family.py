@@ -1,0 +1,113 @@
+"""What differs between base-model families, kept in one place (keyed by `BaseModel.family`).
+
+    family     text conditioning of the U-Net                         extra U-Net inputs
+    sd_v1      CLIP-L hidden states (B, 77, 768), kohya's clip_skip     -
+    sd_v2(_v)  OpenCLIP-H hidden states (B, 77, 1024), clip_skip        -
+    sdxl       penultimate CLIP-L (768) ++ penultimate OpenCLIP-bigG    text_embeds: the pooled projection
+               (1280) = (B, 77, 2048)                                   of encoder 2 (B, 1280); time_ids (B, 6)
+
+SDXL was trained with size and crop conditioning: `time_ids` = (original height, original
+width, crop top, crop left, target height, target width) of each example, as in kohya's
+`sdxl_train_network.py` and diffusers' SDXL LoRA example. At sampling time the pipeline builds
+them itself (original = target = the image size, crop (0, 0)).
+
+kohya's clip_skip does not apply to SDXL: both encoders always give their penultimate layer
+(without the final layer norm), which is what clip_skip 2 means for SD1.x; kohya warns and
+ignores other values, and so does sdlora. The pooled embedding always comes from the last layer.
+
+Kohya key names (`lora_te1_` / `lora_te2_`, SGM U-Net names) live in `kohya.py`; latent scaling
+comes from the VAE's config; the Kohya/modelspec names of each family are below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BASE_MODEL_VERSIONS = {"sd_v1": "sd_v1", "sd_v2": "sd_v2", "sd_v2_v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+                 "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+# modelspec.implementation: kohya writes Stability's repository for SDXL, "diffusers" for SD1/2.
+IMPLEMENTATIONS = {"sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+def is_sdxl(family: str) -> bool:
+    return family == "sdxl"
+
+
+@dataclass
+class TextConditioning:
+    """What the text encoder(s) give the U-Net for a batch of captions."""
+
+    hidden: torch.Tensor  # (B, 77, d): encoder_hidden_states
+    pooled: torch.Tensor | None = None  # (B, 1280): SDXL's text_embeds; None for SD1.x/SD2.x
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"hidden": self.hidden} if self.pooled is None else {"hidden": self.hidden, "pooled": self.pooled}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> "TextConditioning":
+        return cls(d["hidden"], d.get("pooled"))
+
+
+def tokenize(tokenizers_, captions: list[str]) -> list[torch.Tensor]:
+    """Each tokenizer's (B, 77) input ids, padded and truncated to its 77 positions."""
+    return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in tokenizers_]
+
+
+def encode_text(family: str, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
+    """The U-Net's text conditioning from each encoder's (B, 77) input ids (see the module docstring)."""
+    if not is_sdxl(family):
+        return TextConditioning(encode_prompt(encoders[0], input_ids[0], clip_skip))
+    out1 = encoders[0](input_ids[0], output_hidden_states=True)
+    out2 = encoders[1](input_ids[1], output_hidden_states=True)
+    hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
+    return TextConditioning(hidden, out2.text_embeds)  # text_embeds: projection of the EOS token's state
+
+
+def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    """One CLIP text encoder's hidden states for the UNet's cross attention, (B, 77, dim).
+
+    kohya's clip_skip: 1 is the last hidden state; n > 1 is the hidden state n layers from
+    the end (hidden_states[-n]) passed through the final layer norm, as sd-scripts does.
+    diffusers' pipelines count differently: their `clip_skip=k` takes hidden_states[-(k + 1)]
+    (then the final layer norm), so kohya/A1111 clip_skip n is diffusers clip_skip n - 1;
+    never pass this value to a pipeline's `clip_skip` argument, pass prompt_embeds instead.
+    """
+    if clip_skip <= 1:
+        return text_encoder(input_ids)[0]
+    out = text_encoder(input_ids, output_hidden_states=True)
+    hidden = out.hidden_states[-clip_skip]
+    return final_layer_norm(text_encoder)(hidden)
+
+
+def final_layer_norm(text_encoder):
+    # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it. A DDP-wrapped
+    # encoder (multi-process training) keeps the model in `.module`.
+    text_encoder = getattr(text_encoder, "module", text_encoder)
+    inner = getattr(text_encoder, "text_model", text_encoder)
+    return inner.final_layer_norm
+
+
+def clip_skip_note(family: str, clip_skip: int) -> str | None:
+    """A warning when clip_skip asks for something the family ignores (kohya's behaviour for SDXL)."""
+    if is_sdxl(family) and clip_skip > 2:
+        return (f"model.clip_skip = {clip_skip} is ignored for SDXL: both text encoders always give their "
+                "penultimate layer (what kohya and A1111 use); set clip_skip = 1 or 2 to silence this")
+    return None
+
+
+def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
+             target_size: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size/crop conditioning, (6,): all three as (height, width) / (top, left) pairs."""
+    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+
+def unet_conditioning(text: TextConditioning, time_ids_: torch.Tensor | None, dtype: torch.dtype) -> dict:
+    """Keyword arguments of the U-Net call beside (latents, timesteps)."""
+    kwargs = {"encoder_hidden_states": text.hidden.to(dtype)}
+    if text.pooled is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled.to(dtype), "time_ids": time_ids_.to(dtype)}
+    return kwargs

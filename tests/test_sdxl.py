@@ -1,0 +1,182 @@
+"""SDXL-family training end to end on a test-size SDXL architecture: two text encoders, pooled
+embeddings and size conditioning, Kohya SDXL key names, diffusers loading, resume."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sdlora import cache, family, kohya, train
+from sdlora.config import load_config
+from test_train import make_style
+
+
+def sdxl_style(tmp_path, base_dir, extra: str = ""):
+    return load_config(make_style(tmp_path, base_dir, extra=extra))
+
+
+def render(pipe, prompt="clrscn, day, mountains", size=64):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=3, width=size, height=size, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_sdxl_export_has_kohya_names_and_loads_in_diffusers_with_the_same_pixels(tmp_path, mini_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = sdxl_style(tmp_path, mini_sdxl_dir)
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    result = trainer.run()
+    assert result.losses[-1] < result.losses[0] * 1.5 and all(map(lambda x: x == x, result.losses))
+    tensors = load_file(result.adapter)
+    modules = {k.split(".")[0] for k in tensors}
+    prefixes = {m.split("_")[1] for m in modules}
+    assert prefixes == {"unet", "te1", "te2"}
+    unet = sorted(m for m in modules if m.startswith("lora_unet_"))
+    # SGM names as kohya writes them: down_blocks.1 -> input_blocks.3 (one layer per block here)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k" in unet
+    assert "lora_unet_middle_block_1_proj_in" in unet
+    assert "lora_unet_output_blocks_0_1_transformer_blocks_1_ff_net_2" in unet
+    assert not any("down_blocks" in m or "up_blocks" in m or "mid_block" in m for m in unet)
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc2" in modules
+    with safe_open(str(result.adapter), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert json.loads(meta["ss_tag_frequency"]) and meta["sshs_model_hash"]
+
+    expected = render(trainer.base.pipeline().to(torch.float32))
+    pipe = StableDiffusionXLPipeline.from_pretrained(mini_sdxl_dir)
+    before = render(pipe)
+    state, _ = pipe.lora_state_dict(str(result.adapter))  # converted Kohya -> diffusers: nothing left over
+    pipe.load_lora_weights(str(result.adapter))
+    loaded = render(pipe)
+    assert abs(loaded - expected).max() < 1e-4
+    assert abs(before - expected).max() > 1e-3  # the adapter changes the picture
+    assert len(state) == 2 * len(modules)  # lora_A/lora_B per module (alphas folded into the scales)
+
+
+def test_sdxl_conditioning_is_penultimate_states_of_both_encoders_and_pooled_projection(mini_sdxl_dir):
+    from sdlora import models
+    from sdlora.config import ModelConfig
+
+    base = models.load_base(ModelConfig(base=str(mini_sdxl_dir)))
+    ids = family.tokenize(base.tokenizers, ["clrscn, lake"])
+    with torch.no_grad():
+        text = family.encode_text("sdxl", base.text_encoders, ids, clip_skip=1)
+        # diffusers' own SDXL prompt encoding (clip_skip=None: penultimate of each, pooled of encoder 2)
+        embeds, _, pooled, _ = base.pipeline().encode_prompt("clrscn, lake", do_classifier_free_guidance=False)
+    assert text.hidden.shape == (1, 77, 64) and text.pooled.shape == (1, 16)
+    torch.testing.assert_close(text.hidden, embeds)
+    torch.testing.assert_close(text.pooled, pooled)
+    with torch.no_grad():
+        assert torch.equal(family.encode_text("sdxl", base.text_encoders, ids, clip_skip=2).hidden, text.hidden)
+    assert family.clip_skip_note("sdxl", 3) and not family.clip_skip_note("sdxl", 2)
+
+
+def test_sdxl_time_ids_record_original_size_crop_and_bucket(tmp_path, mini_sdxl_dir):
+    cfg = sdxl_style(tmp_path, mini_sdxl_dir)
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer.setup()
+    order, _ = train.epoch_order(trainer.examples, 1, 0, 0)
+    dataset = train.EpochDataset(trainer, 0, order)
+    for pos, index in enumerate(order):
+        ex = trainer.examples[index]
+        ids = dataset[pos]["time_ids"].tolist()
+        w, h = ex.size
+        assert ids[:2] == [h, w] and ids[4:] == [ex.bucket.height, ex.bucket.width]
+        top, left = ids[2:4]
+        scale = max(ex.bucket.width / w, ex.bucket.height / h)
+        assert (top, left) == ((round(h * scale) - ex.bucket.height) // 2, (round(w * scale) - ex.bucket.width) // 2)
+    assert {ex.size for ex in trainer.examples} == {(64, 64), (96, 64)}  # 1:1 and 3:2 images
+
+
+def test_sdxl_frozen_text_encoders_are_cached_with_pooled_outputs_and_leave_the_device(tmp_path, mini_sdxl_dir):
+    overrides = ["train.text_encoder_lr=0", "dataset.shuffle_caption=false"]
+    cfg = load_config(make_style(tmp_path, mini_sdxl_dir), overrides)
+    before = cache.STATS["te_encodes"]
+    result = train.train(cfg, log=lambda m: None)
+    assert cache.STATS["te_encodes"] - before == 4  # one per distinct caption, up front
+    entries = list((cfg.output_dir / "cache" / "text").glob("*.safetensors"))
+    assert len(entries) == 4 and set(load_file(entries[0])) == {"hidden", "pooled"}
+    assert not any(k.startswith(("lora_te1_", "lora_te2_")) for k in load_file(result.adapter))
+    again = load_config(make_style(tmp_path, mini_sdxl_dir), overrides + ["train.overwrite=true"])
+    train.train(again, log=lambda m: None)
+    assert cache.STATS["te_encodes"] - before == 4  # reused
+
+
+def test_sdxl_text_encoder_learning_rate_pair(tmp_path, mini_sdxl_dir):
+    cfg = sdxl_style(tmp_path, mini_sdxl_dir, extra="text_encoder_lr = [1e-4, 0]\nmax_train_steps = 2")
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    result = trainer.run()
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {"unet", "text_encoder_1"}  # te2 at 0: frozen and not exported
+    keys = load_file(result.adapter).keys()
+    assert any(k.startswith("lora_te1_") for k in keys) and not any(k.startswith("lora_te2_") for k in keys)
+    with safe_open(str(result.adapter), "pt") as f:
+        assert f.metadata()["ss_text_encoder_lr"] == "0.0001, 0"
+
+
+def test_text_encoder_learning_rate_pair_is_refused_for_one_encoder(tmp_path, mini_base_dir, capsys):
+    from sdlora.cli import main
+
+    path = make_style(tmp_path, mini_base_dir, extra="text_encoder_lr = [1e-4, 1e-5]")
+    assert main(["train", str(path)]) == 2
+    assert "text_encoder_lr" in capsys.readouterr().err
+
+
+def test_sdxl_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_sdxl_dir):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = (sdxl_style(tmp_path / x, mini_sdxl_dir) for x in "ab")
+    full = train.train(a, log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(b, log=lambda m: None, interrupt_at_step=3)
+    resumed = train.train(b, resume=True, log=lambda m: None)
+    ta, tb = load_file(full.adapter), load_file(resumed.adapter)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=1e-5)
+
+
+def sgm_kohya_names(transformer_depths: dict[str, int]) -> set[str]:
+    """Kohya's SDXL U-Net module names for the 'transformer' preset, written out from SGM's layout."""
+    names = set()
+    inner = ["attn1_to_q", "attn1_to_k", "attn1_to_v", "attn1_to_out_0", "attn2_to_q", "attn2_to_k", "attn2_to_v",
+             "attn2_to_out_0", "ff_net_0_proj", "ff_net_2"]
+    for block, depth in transformer_depths.items():
+        names |= {f"lora_unet_{block}_proj_in", f"lora_unet_{block}_proj_out"}
+        names |= {f"lora_unet_{block}_transformer_blocks_{i}_{n}" for i in range(depth) for n in inner}
+    return names
+
+
+def test_full_sdxl_architecture_gives_kohyas_module_names_and_counts():
+    """The bundled SDXL configs on the meta device (no weights, no download): 722 U-Net + 72 te1 + 192 te2."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdlora.checkpoint import CONFIGS, _clip_config
+    from sdlora.config import NetworkConfig
+    from sdlora.lora import inject
+
+    configs = {p.name: json.loads((p / "config.json").read_text()) for p in (CONFIGS / "sdxl").iterdir()
+               if (p / "config.json").exists()}
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
+        network = inject(unet, [te1, te2], NetworkConfig())
+    keys = network.modules
+    parts = {part: {k for k, (p, _) in keys.items() if p == part} for part in ("unet", "te1", "te2")}
+    assert {p: len(k) for p, k in parts.items()} == {"unet": 722, "te1": 72, "te2": 192}
+    depths = {"input_blocks_4_1": 2, "input_blocks_5_1": 2, "input_blocks_7_1": 10, "input_blocks_8_1": 10,
+              "middle_block_1": 10, **{f"output_blocks_{i}_1": 10 for i in (0, 1, 2)},
+              **{f"output_blocks_{i}_1": 2 for i in (3, 4, 5)}}
+    assert parts["unet"] == sgm_kohya_names(depths)
+    layer = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
+    assert parts["te2"] == {f"lora_te2_text_model_encoder_layers_{i}_{n}" for i in range(32) for n in layer}
+    assert kohya.kohya_module_map(unet, "unet").keys() >= parts["unet"]  # the reader names modules the same way
