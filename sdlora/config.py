@@ -279,9 +279,13 @@ for _cls in [Config, SubsetConfig, *SECTION_CLASSES.values()]:
         _OWNERS[id(_f)] = _cls
 
 
-def _unknown(key: str, known, where: str) -> ConfigError:
+def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
+    from .kohya_names import kohya_hint
+
+    section = {c: name for name, c in SECTION_CLASSES.items()}.get(cls, "dataset.subsets[]" if cls is SubsetConfig else None)
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    hint = kohya_hint(key, section) or (f"; did you mean '{close[0]}'?" if close else
+                                        f"; known keys: {', '.join(sorted(known))}")
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
@@ -290,7 +294,7 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
     values = {}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown(key, fields, where.rstrip())
+            raise _unknown(key, fields, where.rstrip(), cls)
         f = fields[key]
         loc = f"{where}{key}"
         if key in SECTION_CLASSES and cls is Config:
@@ -359,11 +363,25 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: '{k}' is not a section")
         node[keys[-1]] = value
+    _refuse_kohya_file(data, path)
     data.setdefault("name", path.stem)
     cfg = _build(Config, data, f"{path}: ", path.parent.resolve())
     cfg.source = path.resolve()
     _check_consistency(cfg, path)
     return cfg
+
+
+def _refuse_kohya_file(data: dict, path: Path) -> None:
+    """A kohya dataset config ([general], [[datasets]]) or a kohya arguments file is not an sdlora
+    config: say so, and name the command that converts it."""
+    from .kohya_names import KOHYA_KEYS
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    kohya = [k for k in data if k in ("general", "datasets") or (k in KOHYA_KEYS and k not in fields)]
+    if kohya:
+        what = "dataset config" if {"general", "datasets"} & set(kohya) else "training arguments"
+        raise ConfigError(f"{path}: this is a kohya-ss {what} file ({', '.join(kohya[:3])}), not an sdlora config; "
+                          f"convert it with `sdlora import-kohya {path} -o NEW.toml`")
 
 
 def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:

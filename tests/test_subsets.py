@@ -168,13 +168,15 @@ keep_tokens = 0
 def test_one_run_decodes_each_image_once(tmp_path, mini_base_dir, monkeypatch):
     """The manifest is the hand-off: after the dataset stage, nothing decodes an image again
     except the VAE latent cache on a miss (old main decoded each one five times with the tagger)."""
-    from sdlora import run
+    from types import SimpleNamespace
+
+    from sdlora import run, sample
 
     made = kohya_tree(tmp_path / "project")
     path = write_config(tmp_path, mini_base_dir, extra="", dataset_keys='image_dir = "project"')
-    text = path.read_text().replace('tagger = "none"', 'tagger = "open_clip"')
-    path.write_text(text + '[sample]\nprompts = ["clrscn, lake"]\nwidth = 64\nheight = 64\nsteps = 1\n'
-                           'seeds = [1]\nlora_scales = [1.0]\nhires = "off"\n')
+    path.write_text(path.read_text().replace('tagger = "none"', 'tagger = "open_clip"'))
+    # Sampling renders prompts; it reads no dataset image (the style figures need scale-0 renders).
+    monkeypatch.setattr(sample, "run_sample", lambda *a, **k: SimpleNamespace(images=[], folder=tmp_path))
     decodes: dict[Path, int] = {}
     real = images.load_image
 
@@ -192,3 +194,86 @@ def test_one_run_decodes_each_image_once(tmp_path, mini_base_dir, monkeypatch):
     decodes.clear()
     run.run(load_config(path), log=lambda m: None)  # up to date: nothing retrained or re-encoded
     assert decodes == {p: 1 for p in everything}
+
+
+def kohya_dataset_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "kohya_dataset.toml"
+    path.write_text(f"""
+[general]
+caption_extension = ".caption"
+shuffle_caption = false
+keep_tokens = 1
+
+[[datasets]]
+resolution = 96
+batch_size = 2
+enable_bucket = true
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'project/img/5_clrscn'}"
+  class_tokens = "clrscn"
+  num_repeats = 5
+
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'project/img/2_extra style'}"
+  class_tokens = "extra style"
+  num_repeats = 2
+
+  [[datasets.subsets]]
+  image_dir = "{tmp_path / 'project/reg/1_scenery'}"
+  class_tokens = "scenery"
+  is_reg = true
+  num_repeats = 1
+""")
+    return path
+
+
+def test_import_kohya_trains_the_same_examples(tmp_path, mini_base_dir, capsys):
+    kohya_tree(tmp_path / "project")
+    dataset_toml = kohya_dataset_toml(tmp_path)
+    command = (f"accelerate launch --num_cpu_threads_per_process 1 train_network.py "
+               f"--pretrained_model_name_or_path={mini_base_dir} --network_module networks.lora --network_dim 2 "
+               f"--network_alpha=1 --network_args conv_dim=4 conv_alpha=2 --max_train_epochs 1 --optimizer_type AdamW "
+               f"--prior_loss_weight 0.5 --output_dir {tmp_path / 'imported_out'} --logging_dir logs --color_aug")
+    out = tmp_path / "imported.toml"
+    assert main(["import-kohya", str(dataset_toml), command, "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "mapped: --network_dim 2 -> network.dim = 2" in err
+    assert 'mapped: --network_module networks.lora -> network.type = "locon"' in err  # conv_dim given
+    assert 'mapped: --max_train_epochs 1 -> train.epochs = 1' in err
+    assert "not mapped: --color_aug = True: no sdlora equivalent" in err
+    assert "not mapped: --logging_dir: not needed" in err
+    imported = load_config(out, ["caption.tagger='none'"])
+    assert (imported.network.type, imported.network.conv_dim, imported.network.alpha) == ("locon", 4, 1.0)
+    assert (imported.train.epochs, imported.train.batch_size, imported.train.prior_loss_weight) == (1, 2, 0.5)
+
+    by_hand = load_config(write_config(tmp_path, mini_base_dir, dataset_keys='image_dir = "project"'))
+
+    def trained(cfg):
+        return sorted((ex.image, ex.repeats, ex.subset.is_reg, str(ex.bucket))
+                      for ex in train.collect_examples(cfg, log=lambda m: None))
+
+    assert trained(imported) == trained(by_hand)
+    assert main(["import-kohya", str(dataset_toml), "-o", str(out)]) == 2  # never replaces a file unasked
+    assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[network]\nnetwork_alpha = 8\n", "did you mean 'alpha' (kohya's network_alpha)?"),
+    ("[train]\nmax_train_epochs = 3\n", "did you mean 'epochs' (kohya's max_train_epochs)?"),
+    ("[sample]\nsample_every_n_epochs = 2\n", "did you mean 'every_n_epochs'"),
+    ("[dataset]\nclass_tokens = \"a\"\n", "kohya's class_tokens is [[dataset.subsets]] class_tokens here"),
+    ("[train]\nnetwork_dim = 8\n", "kohya's network_dim is [network] dim here"),
+    ("[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 512\n",
+     "kohya-ss dataset config file (general, datasets), not an sdlora config; convert it with `sdlora import-kohya"),
+    ("pretrained_model_name_or_path = \"x\"\nnetwork_dim = 4\n", "kohya-ss training arguments file"),
+])
+def test_kohya_names_point_to_sdlora_keys(tmp_path, text, expected):
+    path = tmp_path / "k.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert expected in str(e.value)
