@@ -91,6 +91,8 @@ class DatasetConfig:
     caption_dropout_rate: float = opt(0.0, "probability of training on an empty caption", min=0.0, max=1.0)
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each non-kept tag", min=0.0, max=1.0)
     flip_aug: bool = opt(False, "random horizontal flips (both orientations are cached)")
+    max_token_length: int = opt(75, "caption tokens the text encoder sees (kohya's): 150 / 225 encode 75-token "
+                                     "chunks separately and join them", choices=[75, 150, 225])
     cache_latents: bool = opt(True, "encode VAE latents once and cache them on disk")
     # Dataset-builder settings (validation, de-duplication); see `sdlora dataset`.
     max_pixels: int = opt(40_000_000, "images with more pixels are rejected (decompression bombs)", min=1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .buckets import Bucket, assign_bucket, crop_top_left, make_buckets, resolution_pair
 from .config import Config, add_override_argument
 from .errors import UserError
-from .family import TextConditioning, clip_skip_note, encode_text, is_sdxl, time_ids, unet_conditioning
+from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning
 
 STATE_FILE = "training_state.pt"
 
@@ -237,6 +237,7 @@ class Trainer:
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
         self.examples = collect_examples(cfg, log=self._main_log)
+        self._warn_cut_captions()
         self.te_cache = None  # cached text-encoder outputs (frozen encoders, fixed captions); set up in setup()
         self.text_encoders: list = []  # the prepared text encoder(s): [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]
 
@@ -245,16 +246,29 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.log(msg)
 
-    def tokenize(self, caption: str) -> list[torch.Tensor]:
-        """One (77,) tensor of input ids per text encoder."""
-        from .family import tokenize
+    def _warn_cut_captions(self) -> None:
+        from .longprompt import LENGTHS, count_cut
 
-        return [ids[0] for ids in tokenize(self.base.tokenizers, [caption])]
+        limit = self.cfg.dataset.max_token_length
+        cut = count_cut(self.base.tokenizers[0], (", ".join(ex.tags) for ex in self.examples), limit)
+        if cut:
+            longer = [n for n in LENGTHS if n > limit]
+            fix = f"; set dataset.max_token_length = {longer[0]} to keep more" if longer else ""
+            self._main_log(f"warning: {cut} caption(s) are longer than dataset.max_token_length = {limit} tokens "
+                           f"and are cut{fix}")
+
+    def tokenize(self, caption: str) -> list[torch.Tensor]:
+        """One (77,) tensor of input ids per text encoder; (n, 77) chunks with max_token_length > 75."""
+        from .longprompt import tokenize_long
+
+        return [ids[0] for ids in tokenize_long(self.base.tokenizers, [caption], self.cfg.dataset.max_token_length)]
 
     def encode_text(self, input_ids: list[torch.Tensor]) -> TextConditioning:
+        from .longprompt import encode_long
+
         # The prepared (DDP-wrapped when multi-process) encoders, so their adapter gradients are all-reduced.
         device = self.accelerator.device
-        return encode_text(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
+        return encode_long(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
                            self.cfg.model.clip_skip)
 
     # -- setup
@@ -306,8 +320,9 @@ class Trainer:
         self.text_encoders = [te.to(acc.device) for te in encoders]
         if not train_te and captions_fixed:
             # Every caption is known now: encode them all once, then the encoders leave the accelerator.
+            tokens = "" if cfg.dataset.max_token_length == 75 else f"_tok{cfg.dataset.max_token_length}"
             self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", encoders,
-                                               f"{base.family}_skip{cfg.model.clip_skip}", self.encode_captions)
+                                               f"{base.family}_skip{cfg.model.clip_skip}{tokens}", self.encode_captions)
             self.te_cache.fill(", ".join(ex.tags) for ex in self.examples)
             for te in encoders:
                 te.to("cpu")
@@ -331,9 +346,9 @@ class Trainer:
         self.trainable = list(self.network.trainable_parameters())
 
     def encode_captions(self, captions: list[str]) -> TextConditioning:
-        from .family import tokenize
+        from .longprompt import tokenize_long
 
-        return self.encode_text(tokenize(self.base.tokenizers, captions))
+        return self.encode_text(tokenize_long(self.base.tokenizers, captions, self.cfg.dataset.max_token_length))
 
     # -- the step
     def step(self, batch: dict) -> torch.Tensor:
