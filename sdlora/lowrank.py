@@ -294,9 +294,11 @@ def _extract_targets(base, conv_rank: int) -> dict[str, tuple[str, str]]:
     """{kohya key: (part, module path)} of Kohya's default `transformer` targets (plus ResNet convs)."""
     from .lora import text_encoder_target_paths, unet_target_paths
 
-    targets = {kohya.kohya_key("unet", p): ("unet", p) for p in unet_target_paths(base.unet, "transformer",
-                                                                                     convs=conv_rank > 0)}
-    targets.update({kohya.kohya_key("te", p): ("te", p) for p in text_encoder_target_paths(base.text_encoder)})
+    targets = {}
+    for part, model in kohya.model_parts(base).items():
+        paths = (unet_target_paths(model, "transformer", convs=conv_rank > 0) if part == "unet"
+                 else text_encoder_target_paths(model))
+        targets.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
     return targets
 
 
@@ -306,8 +308,7 @@ def extract_tensors(base, tuned, rank: int | None = None, energy: float | None =
     """(tensors, records, text_encoder_skipped) of the adapter W_tuned - W_base."""
     if (rank is None) == (energy is None):
         raise UserError("extract: give exactly one of --rank R or --energy BETA")
-    models = {"base": {"unet": base.unet, "te": base.text_encoder},
-              "tuned": {"unet": tuned.unet, "te": tuned.text_encoder}}
+    models = {"base": kohya.model_parts(base), "tuned": kohya.model_parts(tuned)}
     targets = _extract_targets(base, conv_rank)
     weights = {}
     for key, (part, path) in targets.items():
@@ -321,7 +322,7 @@ def extract_tensors(base, tuned, rank: int | None = None, energy: float | None =
             raise UserError(f"extract: {path} is {tuple(base_weight.shape)} in the base and "
                             f"{tuple(tuned_weight.shape)} in the tuned model; they must share one architecture")
         weights[key] = tuned_weight.detach().float() - base_weight.detach().float()
-    te_keys = [k for k, (part, _) in targets.items() if part == "te"]
+    te_keys = [k for k, (part, _) in targets.items() if part != "unet"]
     te_skipped = bool(te_keys) and max(float(weights[k].abs().max()) for k in te_keys) < te_tolerance
     if all(float(w.abs().max()) < te_tolerance for w in weights.values()):
         raise UserError(f"extract: no target weight differs by more than {te_tolerance:g} between --base and "
@@ -411,7 +412,7 @@ def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
     """
     from . import lora
 
-    models = {"unet": base.unet, "te": base.text_encoder}
+    models = kohya.model_parts(base)
     maps = {part: kohya.kohya_module_map(model, part) for part, model in models.items()}
     plans = []
     for path, multiplier in adapters:
@@ -447,7 +448,7 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
     base = _load(base_source, "BASE")
     merged = merge_adapters(base, [(Path(p), float(m)) for p, m in adapters])
     if dtype is not None:
-        for component in (base.unet, base.text_encoder, base.vae):
+        for component in (*kohya.model_parts(base).values(), base.vae):
             component.to(dtype)
     return base, merged
 

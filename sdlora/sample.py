@@ -125,9 +125,9 @@ def _check_shape(parts: dict, shape: torch.Size) -> None:
 
 
 def _layers(pipe) -> dict[str, torch.nn.Module]:
-    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder."""
+    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s)."""
     layers = {}
-    for part, model in (("unet", pipe.unet), ("te", pipe.text_encoder)):
+    for part, model in kohya.model_parts(pipe).items():
         for key, path in kohya.kohya_module_map(model, part).items():
             layers[key] = model.get_submodule(path)
     return layers
@@ -202,7 +202,7 @@ class AdapterSet:
             adapter.name = f"adapter{self._count}"
             self._count += 1
             self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
-            for model in (self.pipe.unet, self.pipe.text_encoder):
+            for model in kohya.model_parts(self.pipe).values():
                 use_fused_forward(model)  # one adapter active: the fused path; several: peft's own
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
@@ -350,15 +350,23 @@ class Sampler:
         self.pipe.set_progress_bar_config(disable=True)
         self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77, dim) hidden states with the config's clip_skip (Kohya/A1111 semantics)."""
-        from .models import encode_prompt
+    def encode(self, prompts: list[str]):
+        """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
+        the config's clip_skip (Kohya/A1111 semantics), and SDXL's pooled embeddings."""
+        from .family import encode_text, tokenize
 
-        tok = self.pipe.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
+        base = self.base
+        ids = [x.to(self.device) for x in tokenize(base.tokenizers, prompts)]
         with torch.no_grad():
-            return encode_prompt(self.pipe.text_encoder, ids, self.cfg.model.clip_skip)
+            return encode_text(base.family, base.text_encoders, ids, self.cfg.model.clip_skip)
+
+    def embeds(self, prompts: list[str], negative: list[str]) -> dict:
+        """The pipelines' prompt-embedding arguments for prompts and their negative prompts."""
+        text, neg = self.encode(prompts), self.encode(negative)
+        kwargs = dict(prompt_embeds=text.hidden, negative_prompt_embeds=neg.hidden)
+        if text.pooled is not None:  # SDXL; the pipeline adds the size/crop time ids itself
+            kwargs.update(pooled_prompt_embeds=text.pooled, negative_pooled_prompt_embeds=neg.pooled)
+        return kwargs
 
     def render(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
                hires: str = "off") -> tuple[list, dict]:
@@ -372,9 +380,9 @@ class Sampler:
         two_pass = uses_hires(hires, width, height, self.base.resolution)
         w0, h0 = first_pass_size(width, height, self.base.resolution) if two_pass else (width, height)
         generators = lambda: [torch.Generator(self.device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
-        embeds, negative = self.encode(list(prompts)), self.encode([s.negative_prompt] * len(prompts))
-        images = self.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, width=w0, height=h0,
-                           num_inference_steps=steps, guidance_scale=s.cfg_scale, generator=generators()).images
+        embeds = self.embeds(list(prompts), [s.negative_prompt] * len(prompts))
+        images = self.pipe(**embeds, width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
+                           generator=generators()).images
         # A1111's key order (processing.create_infotext); None values are left out of the text.
         clip_skip = self.cfg.model.clip_skip
         params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
@@ -382,9 +390,9 @@ class Sampler:
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None}
         if two_pass:
-            from diffusers import StableDiffusionImg2ImgPipeline
+            from diffusers import AutoPipelineForImage2Image
 
-            img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components, requires_safety_checker=False)
+            img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)  # SD or SDXL img2img, same components
             img2img.set_progress_bar_config(disable=True)
             upscaled = [im.resize((width, height), Image.LANCZOS) for im in images]
             # As A1111 does, the hires pass denoises for hires_steps steps (or steps): diffusers runs
@@ -392,8 +400,7 @@ class Sampler:
             hires_steps = s.hires_steps or steps
             images = upscaled
             if s.hires_denoise > 0:
-                images = img2img(prompt_embeds=embeds, negative_prompt_embeds=negative, image=upscaled,
-                                 strength=s.hires_denoise,
+                images = img2img(**embeds, image=upscaled, strength=s.hires_denoise,
                                  num_inference_steps=img2img_steps(hires_steps, s.hires_denoise),
                                  guidance_scale=s.cfg_scale, generator=generators()).images
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
@@ -669,7 +676,7 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
         base = samplers["base"]
         latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
                               dtype=base.pipe.unet.dtype)
-        embeds = torch.cat([base.encode(["bench"]), base.encode([""])])
+        embeds = torch.cat([base.encode(["bench"]).hidden, base.encode([""]).hidden])
         timestep = torch.tensor(500, device=base.device)
         with torch.no_grad():
             unet_seconds = fastest_in_turns({label: lambda s=sampler: s.pipe.unet(latents, timestep, embeds)

@@ -251,9 +251,9 @@ def test_clip_skip_is_kohyas(mini_base_dir, tmp_path):
     with torch.no_grad():
         hidden = te(ids, output_hidden_states=True).hidden_states
         diffusers_skip1 = te.final_layer_norm(hidden[-(1 + 1)])
-    torch.testing.assert_close(sampler.encode(["a red house"]), diffusers_skip1)
+    torch.testing.assert_close(sampler.encode(["a red house"]).hidden, diffusers_skip1)
     cfg.model.clip_skip = 1
-    assert not torch.allclose(sampler.encode(["a red house"]), diffusers_skip1)
+    assert not torch.allclose(sampler.encode(["a red house"]).hidden, diffusers_skip1)
     images, params = sampler.render(["a red house"], [1], 64, 64, 2)
     assert params["Clip skip"] is None
     cfg.model.clip_skip = 2

@@ -180,3 +180,90 @@ def test_full_sdxl_architecture_gives_kohyas_module_names_and_counts():
     layer = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
     assert parts["te2"] == {f"lora_te2_text_model_encoder_layers_{i}_{n}" for i in range(32) for n in layer}
     assert kohya.kohya_module_map(unet, "unet").keys() >= parts["unet"]  # the reader names modules the same way
+
+
+@pytest.fixture(scope="module")
+def trained_sdxl(tmp_path_factory):
+    """(base folder, config, adapter) of one short SDXL training run, shared by the sampler/low-rank tests."""
+    from sdlora.tiny.configs import build_sdxl_pipeline
+
+    base_dir = tmp_path_factory.mktemp("xl_base")
+    build_sdxl_pipeline(seed=0).save_pretrained(base_dir)
+    folder = tmp_path_factory.mktemp("xl_run")
+    cfg = load_config(make_style(folder, base_dir, extra="max_train_steps = 6\nunet_lr = 0.01\ntext_encoder_lr = 0.005"))
+    return base_dir, cfg, train.train(cfg, log=lambda m: None).adapter
+
+
+def test_sdxl_sampler_passes_pooled_embeddings_and_matches_diffusers(trained_sdxl, tmp_path):
+    """scale 0 renders what diffusers' SDXL pipeline renders from the same prompt; the unfused adapter
+    (diffusers' loader) and the fused one (weights patched) render the same picture."""
+    import dataclasses
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora import sample
+
+    base_dir, cfg, adapter = trained_sdxl
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, cfg_scale=5.0, negative_prompt="blurry"))
+    pictures = {}
+    for fuse in (False, True):
+        sampler = sample.Sampler(cfg, fuse=fuse)
+        sampler.adapters.add(adapter)
+        for scale in (0.0, 1.0):
+            sampler.adapters.set_scale(scale)
+            images, params = sampler.render(["clrscn, lake"], [7], 64, 64, 3)
+            pictures[fuse, scale] = torch.tensor(list(images[0].getdata()), dtype=torch.float32)
+        sampler.adapters.close()
+    assert (pictures[False, 1.0] - pictures[True, 1.0]).abs().max() <= 2  # uint8 pixels
+    assert (pictures[False, 0.0] - pictures[False, 1.0]).abs().max() > 2
+    # the base through diffusers' own SDXL prompt encoding and time ids, same sampler and seed
+    reference = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = sample.make_scheduler(cfg.sample.sampler, reference.scheduler)
+    image = reference("clrscn, lake", negative_prompt="blurry", num_inference_steps=3, width=64, height=64,
+                      guidance_scale=5.0, generator=torch.Generator().manual_seed(7)).images[0]
+    ours = pictures[False, 0.0]
+    assert (torch.tensor(list(image.getdata()), dtype=torch.float32) - ours).abs().max() <= 2
+
+
+def test_sdxl_one_pass_at_its_native_area_and_sdxl_img2img_above_it(trained_sdxl):
+    from sdlora import sample
+
+    assert not sample.uses_hires("auto", 1080, 720, 1024)  # SDXL: 1080x720 renders in one pass
+    assert sample.uses_hires("auto", 1080, 720, 512)  # SD1.5 needs the hires pass
+    _, cfg, adapter = trained_sdxl
+    sampler = sample.Sampler(cfg)
+    sampler.adapters.add(adapter)
+    sampler.adapters.set_scale(1.0)
+    images, params = sampler.render(["clrscn, hills"], [1], 96, 64, 2, hires="auto")  # above the 64 px native area
+    assert images[0].size == (96, 64) and params["Denoising strength"] == cfg.sample.hires_denoise
+    sampler.adapters.close()
+
+
+def test_sdxl_previews_during_training(tmp_path, mini_sdxl_dir):
+    extra = "max_train_steps = 8\n[sample]\nprompts = [\"clrscn, lake\"]\nevery_n_epochs = 1"
+    cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra=extra))
+    cfg.sample.preview_steps = 2
+    train.train(cfg, log=lambda m: None)
+    assert list((cfg.output_dir / "previews").rglob("preview_grid_seed*.png"))
+
+
+def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
+    """merge bakes all three parts into an SDXL base; resize keeps the SGM/te1/te2 keys; inspect reads them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora import lowrank
+
+    base_dir, _, adapter = trained_sdxl
+    merged_base, merged = lowrank.load_merged(str(base_dir), [(adapter, 1.0)])
+    modules = {k.split(".")[0] for k in load_file(adapter)}
+    assert merged == {str(adapter): len(modules)}
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe.load_lora_weights(str(adapter))
+    loaded = render(pipe, "clrscn, night, lake")
+    assert abs(render(merged_base.pipeline(), "clrscn, night, lake") - loaded).max() < 1e-3
+    small = tmp_path / "small.safetensors"
+    lowrank.resize(adapter, small, energy=0.9)
+    assert {k.split(".")[0] for k in load_file(small)} == modules
+    report = lowrank.inspect(small)
+    assert report
