@@ -418,7 +418,7 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
                 rows += describe(_SubsetOnly, "dataset.subsets[].")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+        extra = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
         rows.append((prefix + f.name, repr(default), f.metadata.get("help", "") + extra))
     return rows
 
