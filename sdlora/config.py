@@ -91,6 +91,8 @@ class DatasetConfig:
     caption_dropout_rate: float = opt(0.0, "probability of training on an empty caption", min=0.0, max=1.0)
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each non-kept tag", min=0.0, max=1.0)
     flip_aug: bool = opt(False, "random horizontal flips (both orientations are cached)")
+    validation_split: float = opt(0.0, "share of each training subset's images held out for a validation loss "
+                                       "per epoch (kohya's validation_split)", min=0.0, max=0.9)
     max_token_length: int = opt(75, "caption tokens the text encoder sees (kohya's): 150 / 225 encode 75-token "
                                      "chunks separately and join them", choices=[75, 150, 225])
     cache_latents: bool = opt(True, "encode VAE latents once and cache them on disk")
@@ -146,12 +148,17 @@ class TrainConfig:
     max_train_steps: int = opt(0, "stop after this many optimizer steps (0 = epochs decide)", min=0)
     batch_size: int = opt(2, "images per optimizer step (all processes together)", min=1)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", min=1)
-    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "adamw8bit", "prodigy"])
+    optimizer: str = opt("adamw", "optimizer (lion, prodigy, adamw8bit, adamw_schedulefree: optional extras)",
+                         choices=["adamw", "adamw8bit", "lion", "adafactor", "prodigy", "adamw_schedulefree"])
+    optimizer_args: dict = opt({}, "extra keyword arguments of the optimizer (kohya's optimizer_args), "
+                                   "e.g. {betas = [0.9, 0.99], d_coef = 2}")
     weight_decay: float = opt(1e-2, "AdamW weight decay", min=0.0)
     lr_scheduler: str = opt("cosine_with_restarts", "learning-rate schedule",
-                            choices=["constant", "cosine", "cosine_with_restarts", "linear"])
+                            choices=["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"])
     lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts", min=1)
     lr_warmup_ratio: float = opt(0.05, "share of steps spent warming up", min=0.0, max=1.0)
+    lr_warmup_steps: int = opt(0, "warm-up steps (kohya's lr_warmup_steps); when > 0 it replaces lr_warmup_ratio",
+                               min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0.0)
     min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)

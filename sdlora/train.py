@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .buckets import Bucket, assign_bucket, crop_top_left, make_buckets, resolution_pair
+from .buckets import Bucket, crop_top_left
 from .config import Config, add_override_argument
 from .errors import UserError
 from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning
@@ -42,12 +42,14 @@ class Example:
     size: tuple[int, int] = (0, 0)  # the image's (width, height) before bucketing: SDXL's original size
     subset: "Subset" = None  # its caption rules, repeats and whether it is regularisation
     repeats: int = 1  # per epoch: the subset's num_repeats; regularisation images: kohya's balance
+    held_out: bool = False  # kept aside for the validation loss (dataset.validation_split)
 
 
 def collect_examples(cfg: Config, log=print) -> list[Example]:
-    """The training examples, from the dataset manifest (`dataset.current_manifest`): no folder
-    scan, no image decode. Near-duplicates the dataset stage excluded are left out; regularisation
-    images get kohya's balanced repeats (`subsets.balanced_repeats`)."""
+    """The examples, from the dataset manifest (`dataset.current_manifest`): no folder scan, no
+    image decode. Near-duplicates the dataset stage excluded are left out; validation images
+    (`held_out`) come last; regularisation images get kohya's balanced repeats
+    (`subsets.balanced_repeats`) against the training images."""
     from .dataset import current_manifest
     from .subsets import Subset, balanced_repeats
     from .tags import parse_caption
@@ -60,11 +62,17 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
         log(f"skipping {excluded} near-duplicate image(s) the dataset builder excluded "
             f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
     by_subset = [[e for e in entries if e["subset"] == i] for i in range(len(subsets))]
-    repeats = balanced_repeats([len(b) for b in by_subset], [s.num_repeats for s in subsets],
+    held = [set() if s.is_reg else held_out(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name)
+            for s, b in zip(subsets, by_subset)]
+    training = [[e for j, e in enumerate(b) if j not in h] for b, h in zip(by_subset, held)]
+    repeats = balanced_repeats([len(b) for b in training], [s.num_repeats for s in subsets],
                                [s.is_reg for s in subsets])
     examples = [Example(Path(e["path"]), e["digest"], parse_caption(e["caption"]), Bucket(*e["bucket"]),
                         e["caption_source"], tuple(e["size"]), subsets[i], n)
-                for i, group in enumerate(by_subset) for e, n in zip(group, repeats[i]) if n]
+                for i, group in enumerate(training) for e, n in zip(group, repeats[i]) if n]
+    examples += [Example(Path(e["path"]), e["digest"], parse_caption(e["caption"]), Bucket(*e["bucket"]),
+                         e["caption_source"], tuple(e["size"]), subsets[i], 0, held_out=True)
+                 for i, group in enumerate(by_subset) for j, e in enumerate(group) if j in held[i]]
     if len(subsets) > 1:
         log("subsets: " + "; ".join(
             f"{s.name}: {len(b)} {'regularisation ' if s.is_reg else ''}images x "
@@ -236,7 +244,13 @@ class Trainer:
         self.text_encoder_lrs = text_encoder_lrs(cfg, self.base)
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
-        self.examples = collect_examples(cfg, log=self._main_log)
+        self.dataset = collect_examples(cfg, log=self._main_log)  # what config_hash covers
+        self.examples = [ex for ex in self.dataset if not ex.held_out]
+        self.validation = [ex for ex in self.dataset if ex.held_out]
+        self.validation_losses: list[tuple[int, float]] = []  # (epoch, loss) of the held-out images
+        if self.validation:
+            self._main_log(f"validation: {len(self.validation)} image(s) held out (dataset.validation_split = "
+                           f"{cfg.dataset.validation_split:g}); their loss is logged every epoch")
         self._warn_cut_captions()
         self.te_cache = None  # cached text-encoder outputs (frozen encoders, fixed captions); set up in setup()
         self.text_encoders: list = []  # the prepared text encoder(s): [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]
@@ -288,7 +302,7 @@ class Trainer:
         self.latents = {}
         # The main process encodes first; the others then read its cache entries.
         with self.accelerator.main_process_first():
-            for ex in self.examples:
+            for ex in self.examples + self.validation:
                 self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, ex.subset.flip_aug, load)
         self.base.vae.to("cpu")  # not needed while training
 
@@ -323,7 +337,7 @@ class Trainer:
             tokens = "" if cfg.dataset.max_token_length == 75 else f"_tok{cfg.dataset.max_token_length}"
             self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", encoders,
                                                f"{base.family}_skip{cfg.model.clip_skip}{tokens}", self.encode_captions)
-            self.te_cache.fill(", ".join(ex.tags) for ex in self.examples)
+            self.te_cache.fill(", ".join(ex.tags) for ex in self.examples + self.validation)
             for te in encoders:
                 te.to("cpu")
         self.prepare_latents()
@@ -335,7 +349,7 @@ class Trainer:
         self.total_steps = tc.max_train_steps or self.steps_per_epoch * tc.epochs
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr_scheduler = get_scheduler(
-            tc.lr_scheduler, self.optimizer, num_warmup_steps=round(tc.lr_warmup_ratio * self.total_steps),
+            tc.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps(tc, self.total_steps),
             num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)
         models_to_train = [base.unet] + (encoders if train_te else [])
         prepared = acc.prepare(*models_to_train, self.optimizer, self.lr_scheduler)
@@ -385,7 +399,8 @@ class Trainer:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[tc.save_precision]
         stats = {"epoch": epoch, "num_epochs": self.epochs, "steps": step, "max_train_steps": self.total_steps,
                  "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
-                 "training_finished_at": time.time(), "config_hash": config_hash(self.cfg, self.examples),
+                 "training_finished_at": time.time(), "config_hash": config_hash(self.cfg, self.dataset),
+                 "lr_warmup_steps": warmup_steps(self.cfg.train, self.total_steps),
                  **dataset_stats(self.examples)}
         metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.examples),
                                          dataset_dirs(self.examples, reg=False))
@@ -400,7 +415,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "losses": losses,
-            "config_hash": config_hash(self.cfg, self.examples),
+            "config_hash": config_hash(self.cfg, self.dataset),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
         atomic_torch_save(state, self.cfg.output_dir / "state" / STATE_FILE)
@@ -410,7 +425,7 @@ class Trainer:
         if not path.is_file():
             raise UserError(f"--resume: no training state at {path}; start without --resume")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config_hash"] != config_hash(self.cfg, self.examples):
+        if state["config_hash"] != config_hash(self.cfg, self.dataset):
             raise UserError(f"--resume: {path} was written for a different config or dataset; "
                             "resume with the same settings, or start a new run without --resume")
         self.network.load_kohya_state_dict(state["adapter"])
@@ -447,6 +462,7 @@ class Trainer:
         for epoch in range(start_epoch, self.epochs):
             for m in models:
                 m.train()
+            self.optimizer.train()  # schedule-free optimizers: the training weights (a no-op for others)
             order, batches = epoch_order(self.examples, tc.batch_size, tc.seed, epoch)
             loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size)))
             if skip:
@@ -478,6 +494,8 @@ class Trainer:
                     if step >= self.total_steps:
                         break
             skip = 0
+            self.optimizer.eval()  # schedule-free optimizers: validate and save the averaged weights
+            self.validate(epoch + 1, step)
             last = epoch + 1 == self.epochs
             every = tc.save_every_n_epochs
             if acc.is_main_process:
@@ -498,6 +516,25 @@ class Trainer:
         acc.end_training()
         return result
 
+    @torch.no_grad()
+    def validate(self, epoch: int, step: int) -> None:
+        """The held-out images' loss: `validation_batch` (fixed noise, fixed timesteps, full captions)
+        through the same `step()`; every process computes it alike, the main one logs it."""
+        if not self.validation:
+            return
+        from accelerate.utils import send_to_device
+
+        models = [self.unet] + (self.text_encoders if self.train_te else [])
+        for m in models:
+            m.eval()
+        with self.accelerator.autocast():
+            losses = [self.step(send_to_device(validation_batch(self, ex, i), self.accelerator.device)).item()
+                      for i, ex in enumerate(self.validation)]
+        value = sum(losses) / len(losses)
+        self.validation_losses.append((epoch, value))
+        self.accelerator.log({"loss/validation": value}, step=step)
+        self._main_log(f"epoch {epoch}: validation loss {value:.4f}")
+
     def maybe_preview(self, epoch: int, step: int, started: float, last: bool) -> None:
         every = self.cfg.sample.every_n_epochs
         if not every or epoch % every or last or not self.cfg.sample.prompts:
@@ -511,23 +548,43 @@ class Trainer:
         self.log(f"preview: {grid}")
 
 
-def make_optimizer(tc, groups: list[dict], source) -> torch.optim.Optimizer:
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=tc.weight_decay)
-    if tc.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(f"{source}: [train] optimizer = 'adamw8bit' needs bitsandbytes (and a CUDA GPU): "
-                            "pip install 'sdlora[bnb]', or use optimizer = 'adamw'") from None
-        return bnb.optim.AdamW8bit(groups, weight_decay=tc.weight_decay)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise UserError(f"{source}: [train] optimizer = 'prodigy' needs prodigyopt: pip install 'sdlora[prodigy]', "
-                        "or use optimizer = 'adamw'") from None
+# optimizer name -> (module, class, the sdlora extra that installs it, defaults kohya users expect)
+OPTIMIZERS = {
+    "adamw": ("torch.optim", "AdamW", None, {}),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bnb", {}),
+    "lion": ("lion_pytorch", "Lion", "lion", {}),
+    # Adafactor with the given learning rates (kohya_ss's preset); relative_step=True would ignore them.
+    "adafactor": ("transformers.optimization", "Adafactor", None,
+                  {"scale_parameter": False, "relative_step": False, "warmup_init": False}),
     # Prodigy estimates the step size itself: learning rates of ~1.0 are its convention.
-    return Prodigy(groups, weight_decay=tc.weight_decay)
+    "prodigy": ("prodigyopt", "Prodigy", "prodigy", {}),
+    # Schedule-free AdamW: the trainer switches it to eval() (averaged weights) before validating and saving.
+    "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree", {}),
+}
+
+
+def make_optimizer(tc, groups: list[dict], source) -> torch.optim.Optimizer:
+    """train.optimizer over the adapter groups, with weight_decay and train.optimizer_args passed through."""
+    import importlib
+
+    module, name, extra, defaults = OPTIMIZERS[tc.optimizer]
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
+        package = module.split(".")[0]
+        raise UserError(f"{source}: [train] optimizer = '{tc.optimizer}' needs {package}"
+                        f"{' (and a CUDA GPU)' if extra == 'bnb' else ''}: pip install 'sdlora[{extra}]', "
+                        "or use optimizer = 'adamw'") from None
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in tc.optimizer_args.items()}
+    try:
+        return cls(groups, **{"weight_decay": tc.weight_decay, **defaults, **args})
+    except TypeError as e:
+        raise UserError(f"{source}: [train] optimizer_args {tc.optimizer_args} do not fit {name}: {e}") from None
+
+
+def warmup_steps(tc, total_steps: int) -> int:
+    """train.lr_warmup_steps, or lr_warmup_ratio x total steps."""
+    return tc.lr_warmup_steps or round(tc.lr_warmup_ratio * total_steps)
 
 
 def _by_subset(examples: list[Example]) -> dict:
@@ -535,6 +592,46 @@ def _by_subset(examples: list[Example]) -> dict:
     for ex in examples:
         groups.setdefault(ex.subset, []).append(ex)
     return groups
+
+
+VALIDATION_TIMESTEPS = 4  # per held-out image, spread evenly over (0, num_timesteps)
+
+
+def held_out(count: int, fraction: float, seed: int, name: str) -> set[int]:
+    """Indices of a training subset's `count` images held out for validation: kohya's
+    validation_split (the images shuffled by a seeded generator; the first ceil(count x (1 -
+    fraction)) train, the rest validate)."""
+    if not fraction:
+        return set()
+    order = list(range(count))
+    random.Random(f"{seed}-validation-{name}").shuffle(order)
+    return set(order[math.ceil(count * (1 - fraction)):])
+
+
+def validation_batch(trainer: Trainer, ex: Example, index: int) -> dict:
+    """One held-out image at VALIDATION_TIMESTEPS fixed timesteps with fixed noise (seeded by its
+    position), its latent mean, its whole caption and no noise offset: the same numbers every
+    epoch, so only the adapter changes the loss."""
+    k, t = VALIDATION_TIMESTEPS, trainer.num_timesteps
+    seed = int(hashlib.sha256(f"{trainer.cfg.train.seed}-validation-{index}".encode()).hexdigest()[:15], 16)
+    mean = trainer.latents[ex.digest, ex.bucket]["mean"]  # (4, h, w)
+    batch = {
+        "latents": mean.expand(k, *mean.shape),
+        "noise": torch.randn((k, *mean.shape), generator=torch.Generator().manual_seed(seed)),
+        "offset": torch.zeros((k, mean.shape[0], 1, 1)),
+        "timesteps": torch.tensor([(i + 1) * t // (k + 1) for i in range(k)]),
+        "loss_weight": torch.ones(k),
+    }
+    caption = ", ".join(ex.tags)
+    if trainer.te_cache is not None:
+        batch["text"] = {name: v.expand(k, *v.shape) for name, v in trainer.te_cache.get(caption).to_dict().items()}
+    else:
+        batch["input_ids"] = [ids.expand(k, *ids.shape) for ids in trainer.tokenize(caption)]
+    if is_sdxl(trainer.base.family):
+        ids = time_ids((ex.size[1], ex.size[0]), crop_top_left(ex.size, ex.bucket, False),
+                       (ex.bucket.height, ex.bucket.width))
+        batch["time_ids"] = ids.expand(k, *ids.shape)
+    return batch
 
 
 def tag_frequency(examples: list[Example]) -> dict[str, dict[str, int]]:
@@ -576,9 +673,18 @@ def config_hash(cfg: Config, examples: list[Example]) -> str:
     relevant = {k: d[k] for k in ("model", "dataset", "network", "train")}
     for key in ("overwrite", "save_every_n_epochs"):
         relevant["train"].pop(key, None)
-    relevant["examples"] = [(ex.digest, ex.tags, ex.repeats, ex.subset.to_dict()) for ex in examples]
+    relevant["examples"] = [(ex.digest, ex.tags, ex.repeats, ex.subset.to_dict(), ex.held_out) for ex in examples]
     relevant["trigger"] = cfg.trigger
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def validation_lines(trainer: Trainer) -> list[str]:
+    """The report's validation-loss line: one figure per epoch (held-out images, fixed noise)."""
+    if not trainer.validation_losses:
+        return []
+    figures = ", ".join(f"{epoch}: {value:.4f}" for epoch, value in trainer.validation_losses)
+    return [f"- validation loss per epoch ({len(trainer.validation)} held-out images, fixed noise and "
+            f"timesteps): {figures}"]
 
 
 def write_report(trainer: Trainer, result: TrainResult) -> Path:
@@ -601,6 +707,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
         f"{cfg.train.lr_scheduler}, optimizer {cfg.train.optimizer}",
         f"- steps: {result.steps} in {result.seconds:.0f} s ({result.steps / max(result.seconds, 1e-9):.2f} steps/s)",
         f"- final loss (mean of last {len(last)} steps): {sum(last) / len(last):.4f}",
+        *validation_lines(trainer),
         "", "## Files", "",
         *[f"- `{p.relative_to(out)}`" for p in result.adapters],
         f"- `loss_curve.png`, TensorBoard logs in `logs/`, resumable state in `state/{STATE_FILE}`",

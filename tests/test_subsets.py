@@ -277,3 +277,35 @@ def test_kohya_names_point_to_sdlora_keys(tmp_path, text, expected):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert expected in str(e.value)
+
+
+def test_validation_loss_is_logged_per_epoch_with_fixed_noise(tmp_path, mini_base_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    made = kohya_tree(tmp_path / "project")
+    path = write_config(tmp_path, mini_base_dir, extra="epochs = 2\n", dataset_keys='image_dir = "project"\n'
+                        'validation_split = 0.5')
+    path.write_text(path.read_text().replace("epochs = 1\n", ""))
+    cfg = load_config(path)
+    messages = []
+    trainer = train.Trainer(cfg, log=messages.append)
+    # One of each training subset's images (ceil(3 x 0.5) = 2 and ceil(2 x 0.5) = 1 train), no reg image.
+    assert len(trainer.validation) == 2 and {ex.subset.name for ex in trainer.validation} == {"5_clrscn", "2_extra style"}
+    assert not set(ex.image for ex in trainer.validation) & set(ex.image for ex in trainer.examples)
+    # reg images balance against the 3 training images x repeats left: 2 x 5 + 1 x 2 = 12
+    assert sum(ex.repeats for ex in trainer.examples if ex.subset.is_reg) == 12
+    trainer.setup()
+    trainer.validate(0, 0)
+    trainer.validate(0, 0)
+    first, again = trainer.validation_losses
+    assert first == again  # fixed noise and timesteps: only the adapter changes the figure
+    messages.clear()
+    cfg.train.overwrite = True
+    result = train.Trainer(cfg, log=messages.append).run()
+    assert [m.split(":")[0] for m in messages if "validation loss" in m] == ["epoch 1", "epoch 2"]
+    report = result.report.read_text()
+    assert "validation loss per epoch (2 held-out images" in report and "1: " in report and "2: " in report
+    logs = sorted((cfg.output_dir / "logs").rglob("events.out.tfevents.*"))
+    scalars = [EventAccumulator(str(f)).Reload().Scalars("loss/validation") for f in logs
+               if "loss/validation" in EventAccumulator(str(f)).Reload().Tags()["scalars"]]
+    assert [len(s) for s in scalars][-1] == 2
