@@ -99,6 +99,18 @@ def clip_skip_note(family: str, clip_skip: int) -> str | None:
     return None
 
 
+def unread_text_layers(family: str, clip_skip: int, num_layers: list[int]) -> dict[str, range]:
+    """{text-encoder part: indices of its trailing layers whose output the conditioning never reads}.
+
+    Adapters there get no gradient (kohya creates and exports them all the same); the trainer
+    freezes them so that multi-process training does not wait for their gradients. SDXL reads
+    encoder 1's penultimate state and encoder 2's last (its pooled output); SD1.x/SD2.x read
+    hidden_states[-clip_skip]."""
+    if is_sdxl(family):
+        return {"te1": range(num_layers[0] - 1, num_layers[0]), "te2": range(0)}
+    return {"te": range(num_layers[0] - max(clip_skip, 1) + 1, num_layers[0])}
+
+
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
              target_size: tuple[int, int]) -> torch.Tensor:
     """SDXL's size/crop conditioning, (6,): all three as (height, width) / (top, left) pairs."""

@@ -173,6 +173,17 @@ class Network:
             raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
         return groups
 
+    def freeze_text_layers(self, part: str, layers: range) -> list[str]:
+        """Stop training the adapters of text-encoder layers `layers` of `part` (they stay exported); returns their keys."""
+        frozen = []
+        for key, (p, path) in self.modules.items():
+            match = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+            if p == part and match and int(match[1]) in layers:
+                for param in self._adapter_params(key).values():
+                    param.requires_grad_(False)
+                frozen.append(key)
+        return frozen
+
     def set_multiplier(self, multiplier: float) -> None:
         """Scale every adapter (Kohya's multiplier, the UIs' LoRA weight): delta W * multiplier."""
         for key in self.modules:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .buckets import Bucket, crop_top_left
 from .config import Config, add_override_argument
 from .errors import UserError
-from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning
+from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning, unread_text_layers
 
 STATE_FILE = "training_state.pt"
 
@@ -323,6 +323,10 @@ class Trainer:
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
             p.data = p.data.float()
+        if train_te:
+            layers = [te.config.num_hidden_layers for te in encoders]
+            for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
+                self.network.freeze_text_layers(part, unread)
         if tc.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if train_te:

@@ -267,3 +267,79 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
     assert {k.split(".")[0] for k in load_file(small)} == modules
     report = lowrank.inspect(small)
     assert report
+
+
+def test_sdxl_single_file_base_trains_in_bf16_with_checkpointing_of_all_three_models(tmp_path, mini_sdxl_dir):
+    """An original-layout (SGM) single file, frozen weights held in bf16, gradient checkpointing on the
+    U-Net and both text encoders: the adapters train (in fp32) and export finite and changed."""
+    from sdlora import models
+    from sdlora.config import ModelConfig
+
+    single = models.save_single_file(models.load_base(ModelConfig(base=str(mini_sdxl_dir))), tmp_path / "xl.safetensors",
+                                     dtype=torch.float32)
+    cfg = load_config(make_style(tmp_path, single, extra="max_train_steps = 3"),
+                      ["train.mixed_precision='bf16'", "train.gradient_checkpointing=true"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    result = trainer.run()
+    assert trainer.base.unet.dtype == torch.bfloat16 and trainer.base.text_encoder_2.dtype == torch.bfloat16
+    assert trainer.base.unet.is_gradient_checkpointing
+    assert all(te.is_gradient_checkpointing for te in trainer.base.text_encoders)
+    assert all(p.dtype == torch.float32 for p in trainer.network.trainable_parameters())
+    tensors = load_file(result.adapter)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    # Every module trained but those of encoder 1's last layer: SDXL reads its penultimate state, so
+    # that layer gets no gradient (kohya exports it untrained too); encoder 2's feeds the pooled output.
+    last = f"lora_te1_text_model_encoder_layers_{trainer.base.text_encoder.config.num_hidden_layers - 1}_"
+    untrained = {k.split(".")[0] for k, t in tensors.items() if "lora_up" in k and float(t.abs().max()) == 0}
+    assert untrained and all(k.startswith(last) for k in untrained)
+
+
+def test_sdlora_run_end_to_end_on_an_sdxl_base(tmp_path, mini_sdxl_dir):
+    from sdlora import run
+
+    extra = ("max_train_steps = 4\n[caption]\ntagger = \"none\"\n[sample]\nprompts = [\"clrscn, lake\"]\n"
+             "width = 64\nheight = 64\nsteps = 2\nseeds = [1]")
+    cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra=extra))
+    result = run.run(cfg, log=lambda m: None)
+    assert result["paths"]["adapter"].is_file() and result["sample"].grids
+    again = run.run(cfg, log=lambda m: None)  # up to date: not retrained
+    assert again["paths"]["adapter"].stat().st_mtime_ns == result["paths"]["adapter"].stat().st_mtime_ns
+
+
+@pytest.mark.slow
+def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path):
+    """The full SDXL architecture (random weights from the bundled configs, bf16 frozen base): one
+    training step at 512 px with gradient checkpointing; prints the peak memory (README's SDXL table)."""
+    import resource
+
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdlora.checkpoint import CONFIGS, _clip_config, _tokenizer
+
+    configs = {p.name: json.loads(next(p.glob("*.json")).read_text()) for p in (CONFIGS / "sdxl").iterdir()
+               if p.is_dir()}
+    base_dir = tmp_path / "sdxl"
+    with torch.device("cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            pipe = StableDiffusionXLPipeline(
+                vae=AutoencoderKL.from_config(configs["vae"]),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"]))),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"]))),
+                tokenizer=_tokenizer("sd_v1"), tokenizer_2=_tokenizer("sd_v2"),
+                unet=UNet2DConditionModel.from_config(configs["unet"]),
+                scheduler=DDPMScheduler.from_config(configs["scheduler"]))
+        finally:
+            torch.set_default_dtype(torch.float32)
+    pipe.save_pretrained(base_dir)
+    del pipe
+    cfg = load_config(make_style(tmp_path, base_dir, n=1, extra="max_train_steps = 1\nbatch_size = 1"),
+                      ["dataset.resolution=512", "dataset.min_bucket_reso=256", "dataset.max_bucket_reso=1024",
+                       "dataset.bucket_reso_steps=64", "train.mixed_precision='bf16'",
+                       "train.gradient_checkpointing=true", "train.save_every_n_epochs=0"])
+    result = train.train(cfg, log=print)
+    tensors = load_file(result.adapter)
+    assert len({k.split(".")[0] for k in tensors}) == 722 + 72 + 192
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"full SDXL, bf16 base, 512 px, batch 1, checkpointing: one step, peak RSS {peak_gb:.1f} GB")
