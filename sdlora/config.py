@@ -137,6 +137,8 @@ class NetworkConfig:
                             choices=["attn2", "attention", "transformer", "all"])
     train_text_encoder: bool = opt(True, "adapt the text encoder too")
     dropout: float = opt(0.0, "dropout on the adapter input", min=0.0, max=1.0)
+    init_weights: str = opt("", "start from this Kohya LoRA file (kohya's network_weights); its modules, ranks and "
+                                "alphas must match [network]", path=True)
 
 
 @dataclass

@@ -323,6 +323,8 @@ class Trainer:
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
             p.data = p.data.float()
+        if cfg.network.init_weights:
+            self.load_init_weights(cfg.network.init_weights)
         if train_te:
             layers = [te.config.num_hidden_layers for te in encoders]
             for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
@@ -362,6 +364,16 @@ class Trainer:
             self.text_encoders = list(prepared[1:1 + len(encoders)])
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())
+
+    def load_init_weights(self, path: str) -> None:
+        """network.init_weights: continue from an existing adapter (kohya's network_weights)."""
+        from .lora import read_adapter
+
+        try:
+            self.network.load_kohya_state_dict(read_adapter(path)[0])
+        except UserError as e:
+            raise UserError(f"{self.cfg.source}: [network] init_weights = {path}: {e}") from None
+        self._main_log(f"adapters start from {path}")
 
     def encode_captions(self, captions: list[str]) -> TextConditioning:
         from .longprompt import tokenize_long
@@ -405,6 +417,7 @@ class Trainer:
                  "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
                  "training_finished_at": time.time(), "config_hash": config_hash(self.cfg, self.dataset),
                  "lr_warmup_steps": warmup_steps(self.cfg.train, self.total_steps),
+                 "total_batch_size": self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps,
                  **dataset_stats(self.examples)}
         metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.examples),
                                          dataset_dirs(self.examples, reg=False))
@@ -658,7 +671,20 @@ def dataset_stats(examples: list[Example]) -> dict:
     reg = [ex for ex in examples if ex.subset.is_reg]
     return {"num_train_images": sum(ex.repeats for ex in train),
             "num_reg_images": sum(ex.subset.num_repeats for ex in reg),
-            "reg_dataset_dirs": dataset_dirs(examples, reg=True)}
+            "reg_dataset_dirs": dataset_dirs(examples, reg=True),
+            "bucket_info": bucket_info(examples)}
+
+
+def bucket_info(examples: list[Example]) -> dict:
+    """ss_bucket_info as kohya writes it: {"buckets": {i: {"resolution": [w, h], "count": images x
+    repeats}}, "mean_img_ar_error": mean |bucket aspect - image aspect| over the images}."""
+    counts: dict[Bucket, int] = {}
+    for ex in examples:
+        counts[ex.bucket] = counts.get(ex.bucket, 0) + ex.repeats
+    buckets = sorted(counts, key=lambda b: (b.aspect, b.width))
+    errors = [abs(ex.bucket.aspect - ex.size[0] / ex.size[1]) for ex in examples if ex.size[1]]
+    return {"buckets": {str(i): {"resolution": [b.width, b.height], "count": counts[b]} for i, b in enumerate(buckets)},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
 
 
 def describe_examples(examples: list[Example]) -> str:
@@ -679,6 +705,10 @@ def config_hash(cfg: Config, examples: list[Example]) -> str:
         relevant["train"].pop(key, None)
     relevant["examples"] = [(ex.digest, ex.tags, ex.repeats, ex.subset.to_dict(), ex.held_out) for ex in examples]
     relevant["trigger"] = cfg.trigger
+    if cfg.network.init_weights:  # the starting adapter's content, not only its name
+        from .cache import file_digest
+
+        relevant["init_weights"] = file_digest(Path(cfg.network.init_weights))
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -70,3 +70,24 @@ def test_schedule_free_trains_and_saves_its_averaged_weights(tmp_path, mini_base
     exported = trainer.network.kohya_state_dict(torch.float32)
     assert all(torch.allclose(saved[k].float(), v) for k, v in exported.items())
     assert result.steps == 2
+
+
+def test_training_continues_from_an_adapter_with_matching_modules_and_ranks(tmp_path, mini_base_dir, capsys):
+    from sdlora.cli import main
+    from sdlora.lora import read_adapter
+
+    path = make_style(tmp_path, mini_base_dir, n=2)
+    first = train.train(load_config(path, ["train.epochs=1"]), log=lambda m: None)
+    start = read_adapter(first.adapter)[0]
+    cfg = load_config(path, [f"network.init_weights='{first.adapter}'", "output.output_name='second'"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer.setup()
+    now = trainer.network.kohya_state_dict(torch.float32)
+    assert set(now) == set(start) and all(torch.equal(now[k], start[k].float()) for k in start)
+    assert any(float(v.abs().max()) > 0 for k, v in now.items() if "lora_up" in k)  # not a fresh (zero) init
+
+    wrong = make_style(tmp_path, mini_base_dir, n=2, extra=f"[network]\ndim = 8\nalpha = 2\ninit_weights = '{first.adapter}'")
+    wrong.write_text(wrong.read_text().replace("[network]\ndim = 4\nalpha = 2\n", ""))
+    assert main(["train", str(wrong), "--set", "output.output_name='third'"]) == 2
+    err = capsys.readouterr().err
+    assert "[network] init_weights" in err and "network.dim" in err and "Traceback" not in err

@@ -124,6 +124,10 @@ def test_kohya_tree_trains_kohyas_steps_reg_untouched_and_without_trigger(tmp_pa
     assert meta["ss_num_train_images"] == "19" and meta["ss_num_reg_images"] == "4"
     assert set(json.loads(meta["ss_tag_frequency"])) == {"5_clrscn", "2_extra style", "1_scenery"}
     assert json.loads(meta["ss_tag_frequency"])["1_scenery"] == {"scenery": 4}
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sorted((b["resolution"], b["count"]) for b in buckets.values()) == [([96, 96], 33), ([128, 64], 5)]
+    assert meta["ss_total_batch_size"] == "2" and meta["ss_lr_warmup_steps"] == "1"  # 5% of 20 steps
+    assert meta["sshs_legacy_hash"] == "e3b0c442"  # kohya's legacy hash of a file under 1 MiB: sha256 of b""
 
 
 def test_tagging_a_kohya_tree_leaves_reg_images_alone(tmp_path, mini_base_dir):
