@@ -1,5 +1,5 @@
 """Single-file checkpoints in the original Stable Diffusion key layout (what A1111 and ComfyUI
-load), hub ids, and separate VAE files.
+load) and separate VAE files.
 
 Reading: the family comes from the keys, the architecture from the configs shipped in
 `assets/configs/<family>/` (or, for a file sdlora wrote, from the configs it embedded in the
@@ -166,14 +166,8 @@ def load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> dict:
     parts.update(text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
                  noise_scheduler=scheduler, family=family, prediction_type=prediction_type,
                  model_hash=file_digest(path))
-    print(f"{path.name}: {family}, {prediction_type} ({how}), {_size(vae, unet)} px")
+    print(f"{path.name}: {family}, {prediction_type} ({how})")
     return parts
-
-
-def _size(vae, unet) -> int:
-    from .models import _native_resolution
-
-    return _native_resolution(vae, unet)
 
 
 def _clip_config(cfg: dict) -> dict:
@@ -270,56 +264,6 @@ def load_vae(path: Path, dtype: torch.dtype, family: str = "sd_v1"):
     except UserError as e:
         raise UserError(f"model.vae: {str(e).removeprefix('model.base: ')}") from None
     return vae.eval()
-
-
-def load_hub(source: str, dtype: torch.dtype) -> dict:
-    """A hub id the user named: the local HF cache first, then a download; fails fast offline."""
-    from .models import _load_folder
-
-    looks_like_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source
-    if not looks_like_id:
-        raise UserError(f"model.base: {source} does not exist; give 'tiny', a diffusers folder, a .safetensors "
-                        "checkpoint or a Hugging Face hub id (user/model)")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer/*",
-                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors"]
-    try:
-        folder = snapshot_download(source, allow_patterns=patterns, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not in the cache: try the network, briefly
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            raise UserError(f"model.base: hub id {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
-                            "is set; download it first (huggingface-cli download) or give a local path") from None
-        if not _hub_reachable():
-            raise UserError(f"model.base: hub id {source} is not in the local Hugging Face cache and "
-                            "huggingface.co cannot be reached; download it first or give a local path") from None
-        try:
-            folder = snapshot_download(source, allow_patterns=patterns)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"model.base: cannot download hub id {source}: {e}") from e
-    parts = _load_folder(Path(folder), dtype)
-    return parts
-
-
-def _hub_reachable(timeout: float = 2.0) -> bool:
-    """Can huggingface.co be reached? Bounded by `timeout`, DNS look-up included."""
-    import socket
-    import threading
-
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result)
 
 
 # ---------------------------------------------------------------- writing

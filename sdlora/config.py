@@ -224,6 +224,11 @@ class Config:
     def output_dir(self) -> Path:
         return Path(self.output.dir)
 
+    def adapter_path(self, epoch: int | None = None) -> Path:
+        """The exported adapter, `<output.dir>/<output_name>.safetensors`; an epoch's is `<output_name>-0000NN`."""
+        stem = self.output_name if epoch is None else f"{self.output_name}-{epoch:06d}"
+        return self.output_dir / f"{stem}.safetensors"
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source", None)
@@ -246,7 +251,6 @@ SubsetConfig = dataclasses.make_dataclass(
     namespace={"__doc__": "One [[dataset.subsets]] table (kohya's subset): a folder and its caption rules."})
 SubsetConfig.__module__ = __name__
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("name", "trigger", "source")}
 SECTION_CLASSES = {
     "model": ModelConfig, "dataset": DatasetConfig, "caption": CaptionConfig, "network": NetworkConfig,
     "train": TrainConfig, "sample": SampleConfig, "output": OutputConfig,

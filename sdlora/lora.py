@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kohya
+from .buckets import resolution_pair
 from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
 from .errors import UserError
 from .io import atomic_write_bytes
@@ -399,10 +400,6 @@ def _get(base, name: str):
     return base[name] if isinstance(base, dict) else getattr(base, name)
 
 
-def _resolution(resolution) -> tuple[int, int]:
-    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-
-
 def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -424,7 +421,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     if family not in ARCHITECTURES:
         raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
-    width, height = _resolution(data.resolution)
+    width, height = resolution_pair(data.resolution)
     alpha = net.alpha or net.dim
     network_args = {}
     if net.type == "loha":

@@ -637,7 +637,13 @@ def bench_resize(dim: int = 128, energy: float = 0.9) -> dict:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-_SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_SAVE_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def _dtype(name: str) -> torch.dtype:
+    from .models import DTYPES
+
+    return DTYPES[name]
 
 
 def _cmd_resize(args) -> int:
@@ -652,7 +658,7 @@ def _cmd_resize(args) -> int:
 def _cmd_extract(args) -> int:
     report = extract(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
                      conv_rank=args.conv_rank, clamp=None if args.no_clamp else args.clamp_quantile,
-                     te_tolerance=args.te_tolerance, dtype=_SAVE_DTYPES[args.save_precision],
+                     te_tolerance=args.te_tolerance, dtype=_dtype(args.save_precision),
                      overwrite=args.overwrite)
     print(report.table())
     return 0
@@ -663,7 +669,7 @@ def _cmd_merge(args) -> int:
         raise UserError("merge: usage is `sdlora merge BASE ADAPTER[:SCALE] ... OUT` (at least one adapter and OUT)")
     *adapters, out = args.items
     merged = merge(args.base, [parse_adapter_arg(a) for a in adapters], out,
-                   dtype=_SAVE_DTYPES[args.save_precision], overwrite=args.overwrite)
+                   dtype=_dtype(args.save_precision), overwrite=args.overwrite)
     for path, n in merged.items():
         print(f"merged {n} modules of {path}")
     print(f"wrote {out}")
@@ -708,7 +714,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--no-clamp", action="store_true", help="do not clip the factors (exact truncated SVD)")
     p.add_argument("--te-tolerance", type=float, default=1e-4,
                    help="the text encoder is skipped when no weight changed by more than this (default 1e-4)")
-    p.add_argument("--save-precision", choices=list(_SAVE_DTYPES), default="fp16", help="dtype of the adapter")
+    p.add_argument("--save-precision", choices=_SAVE_DTYPES, default="fp16", help="dtype of the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_extract)
 
@@ -720,7 +726,7 @@ def add_command(subparsers) -> None:
     p.add_argument("items", nargs="+", metavar="ADAPTER[:SCALE] ... OUT",
                    help="adapters with an optional multiplier (pastel.safetensors:0.8), then OUT: a path ending "
                         ".safetensors writes one checkpoint file, a path without suffix a diffusers folder")
-    p.add_argument("--save-precision", choices=list(_SAVE_DTYPES), default="fp16", help="dtype of the merged model")
+    p.add_argument("--save-precision", choices=_SAVE_DTYPES, default="fp16", help="dtype of the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_merge)
 

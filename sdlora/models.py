@@ -13,6 +13,7 @@ Kohya metadata and the training target:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from .cache import file_digest
 from .errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
+# Config names of float precisions (train.mixed_precision, save_precision, --save-precision).
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_DIR = ASSETS / "tiny"
 
 
@@ -39,7 +42,6 @@ class BaseModel:
     name: str  # folder or file name without suffix (ss_sd_model_name)
     model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
     source: str  # what the user gave as model.base
-    clip_skip: int = 1
     text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
     tokenizer_2: Any = None
 
@@ -92,8 +94,6 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
             parts = load_single_file(path, model_cfg, dtype)
             name = path.stem
         else:
-            from .checkpoint import load_hub
-
             parts = load_hub(source, dtype)
             name = source.split("/")[-1]
     if model_cfg.vae:
@@ -112,7 +112,7 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
         parts["noise_scheduler"] = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
     return BaseModel(**parts, family=family, prediction_type=prediction_type,
                      resolution=_native_resolution(parts["vae"], parts["unet"]), name=name,
-                     source=source, clip_skip=model_cfg.clip_skip)
+                     source=source)
 
 
 def _native_resolution(vae, unet) -> int:
@@ -175,6 +175,54 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
                 noise_scheduler=noise_scheduler, family=family, prediction_type=prediction_type,
                 model_hash=file_digest(_folder_unet_weights(folder)), **extra)
+
+
+def load_hub(source: str, dtype: torch.dtype) -> dict:
+    """A hub id the user named: the local HF cache first, then a download; fails fast offline."""
+    looks_like_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source
+    if not looks_like_id:
+        raise UserError(f"model.base: {source} does not exist; give 'tiny', a diffusers folder, a .safetensors "
+                        "checkpoint or a Hugging Face hub id (user/model)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer/*",
+                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"]
+    try:
+        folder = snapshot_download(source, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: try the network, briefly
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise UserError(f"model.base: hub id {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                            "is set; download it first (huggingface-cli download) or give a local path") from None
+        if not _hub_reachable():
+            raise UserError(f"model.base: hub id {source} is not in the local Hugging Face cache and "
+                            "huggingface.co cannot be reached; download it first or give a local path") from None
+        try:
+            folder = snapshot_download(source, allow_patterns=patterns)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"model.base: cannot download hub id {source}: {e}") from e
+    parts = _load_folder(Path(folder), dtype)
+    return parts
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Can huggingface.co be reached? Bounded by `timeout`, DNS look-up included."""
+    import socket
+    import threading
+
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
 
 
 def save_single_file(base: BaseModel, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:

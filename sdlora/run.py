@@ -68,7 +68,7 @@ def run(cfg: Config, log=print) -> dict:
     out = cfg.output_dir
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")
     dataset.build_dataset(cfg, log=log)
-    final = out / f"{cfg.output_name}.safetensors"
+    final = cfg.adapter_path()
     if adapter_up_to_date(cfg, final):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
     else:

@@ -574,7 +574,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
     prompts = _prompts(cfg)
     loras = [(Path(p), None if w is None else float(w)) for p, w in loras]
     if not loras and not epochs_dir:
-        default = cfg.output_dir / f"{cfg.output_name}.safetensors"
+        default = cfg.adapter_path()
         if not default.is_file():
             raise UserError(f"no trained adapter at {default} (output.dir / output_name): train it first "
                             f"(sdlora train CONFIG) or name one with --lora FILE")

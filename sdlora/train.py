@@ -236,7 +236,7 @@ class Trainer:
         if tc.batch_size % acc.num_processes:
             raise UserError(f"{cfg.source}: [train] batch_size = {tc.batch_size} must be divisible by the "
                             f"number of processes ({acc.num_processes}): each process takes an equal share")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+        self.weight_dtype = models.DTYPES[tc.mixed_precision]  # the frozen base; adapters train in fp32
         self.base = models.load_base(cfg.model, dtype=self.weight_dtype)
         note = clip_skip_note(self.base.family, cfg.model.clip_skip)
         if note:
@@ -405,14 +405,15 @@ class Trainer:
 
     # -- saving
     def adapter_path(self, epoch: int | None) -> Path:
-        name = self.cfg.output_name
-        return self.cfg.output_dir / (f"{name}-{epoch:06d}.safetensors" if epoch is not None else f"{name}.safetensors")
+        return self.cfg.adapter_path(epoch)
 
     def save_adapter(self, path: Path, epoch: int, step: int, started: float) -> None:
         from . import lora
 
         tc = self.cfg.train
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[tc.save_precision]
+        from .models import DTYPES
+
+        dtype = DTYPES[tc.save_precision]
         stats = {"epoch": epoch, "num_epochs": self.epochs, "steps": step, "max_train_steps": self.total_steps,
                  "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
                  "training_finished_at": time.time(), "config_hash": config_hash(self.cfg, self.dataset),

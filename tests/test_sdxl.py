@@ -334,8 +334,8 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path):
             torch.set_default_dtype(torch.float32)
     pipe.save_pretrained(base_dir)
     del pipe
-    cfg = load_config(make_style(tmp_path, base_dir, n=1, extra="max_train_steps = 1\nbatch_size = 1"),
-                      ["dataset.resolution=512", "dataset.min_bucket_reso=256", "dataset.max_bucket_reso=1024",
+    cfg = load_config(make_style(tmp_path, base_dir, n=1, extra="max_train_steps = 1"), ["train.batch_size=1",
+                       "dataset.resolution=512", "dataset.min_bucket_reso=256", "dataset.max_bucket_reso=1024",
                        "dataset.bucket_reso_steps=64", "train.mixed_precision='bf16'",
                        "train.gradient_checkpointing=true", "train.save_every_n_epochs=0"])
     result = train.train(cfg, log=print)
@@ -343,3 +343,42 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path):
     assert len({k.split(".")[0] for k in tensors}) == 722 + 72 + 192
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"full SDXL, bf16 base, 512 px, batch 1, checkpointing: one step, peak RSS {peak_gb:.1f} GB")
+
+
+def test_sdxl_bucket_set_at_the_1024_area():
+    from sdlora.buckets import make_buckets
+
+    buckets = {(b.width, b.height) for b in make_buckets((1024, 1024), 512, 2048, 64)}
+    usual = {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+             (1536, 640), (640, 1536)}
+    assert usual <= buckets and all(w * h <= 1024 * 1024 for w, h in buckets)
+
+
+@pytest.mark.parametrize("network", ["locon", "loha"])
+def test_sdxl_locon_and_loha_train_and_render(tmp_path, mini_sdxl_dir, network):
+    """LoCon adds SDXL's ResNet convs under their SGM names and loads in diffusers with nothing left over;
+    LoHa (which diffusers cannot read) renders through the sampler's weight patching."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdlora import sample
+
+    cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra="max_train_steps = 4\nunet_lr = 0.01"),
+                      [f"network.type='{network}'"])
+    adapter = train.train(cfg, log=lambda m: None).adapter
+    modules = {k.split(".")[0] for k in load_file(adapter)}
+    if network == "locon":
+        assert "lora_unet_input_blocks_1_0_in_layers_2" in modules  # down_blocks.0.resnets.0.conv1
+        assert "lora_unet_output_blocks_2_0_skip_connection" in modules  # up_blocks.0.resnets.2.conv_shortcut
+        pipe = StableDiffusionXLPipeline.from_pretrained(mini_sdxl_dir)
+        state, _ = pipe.lora_state_dict(str(adapter))
+        assert len(state) == 2 * len(modules)
+        pipe.load_lora_weights(str(adapter))
+    sampler = sample.Sampler(cfg)
+    sampler.adapters.add(adapter)
+    rendered = {}
+    for scale in (0.0, 1.0):
+        sampler.adapters.set_scale(scale)
+        image = sampler.render(["clrscn, lake"], [3], 64, 64, 2)[0][0]
+        rendered[scale] = torch.tensor(list(image.getdata()), dtype=torch.float32)
+    sampler.adapters.close()
+    assert (rendered[0.0] - rendered[1.0]).abs().max() > 2
