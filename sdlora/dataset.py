@@ -403,6 +403,10 @@ def report_markdown(data: dict) -> str:
             lines += ["", "Excluded from training: " + ", ".join(e["file"] for e in data["excluded"])]
     lines += ["", "## Tag frequency (images carrying each tag)", "", "| tag | images |", "|---|---|"]
     lines += [f"| {t} | {n} |" for t, n in data["tag_frequency"].items()]
+    added = sum(r["trigger_added"] for r in data["kept"])
+    if added:
+        trigger = data["settings"]["trigger"]
+        lines += ["", f"{added} caption(s) lack the trigger '{trigger}': training puts it first (keep_tokens counts it)."]
     if data["unknown_tags"]:
         lines += ["", f"{len(data['unknown_tags'])} vocabulary tags are unknown to this tagger and were not scored."]
     if data["dropped_rare_tags"]:

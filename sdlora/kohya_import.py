@@ -184,6 +184,8 @@ def convert(args: dict, subsets: list[dict]) -> tuple[dict, list[str], list[str]
             number = _number(value)
             put("train.lr_warmup_ratio" if isinstance(number, float) and number < 1 else "train.lr_warmup_steps",
                 number, source)
+        elif key == "lr_warmup":  # the kohya_ss GUI's percent of the steps
+            put(target, _number(value) / 100, source)
         elif key == "lr_scheduler":
             put(target, str(value), source)
         else:

@@ -313,3 +313,40 @@ def test_validation_loss_is_logged_per_epoch_with_fixed_noise(tmp_path, mini_bas
     scalars = [EventAccumulator(str(f)).Reload().Scalars("loss/validation") for f in logs
                if "loss/validation" in EventAccumulator(str(f)).Reload().Tags()["scalars"]]
     assert [len(s) for s in scalars][-1] == 2
+
+
+def test_manifest_is_rebuilt_when_captions_or_images_change_and_read_otherwise(tmp_path, mini_base_dir, monkeypatch):
+    made = kohya_tree(tmp_path / "project")
+    cfg = load_config(write_config(tmp_path, mini_base_dir))
+    messages = []
+    train.collect_examples(cfg, log=messages.append)
+    assert any("missing or out of date" in m for m in messages)
+
+    decodes = []
+    monkeypatch.setattr(dataset, "load_image", lambda *a, **k: decodes.append(a[0]) or images.load_image(*a, **k))
+    messages.clear()
+    examples = train.collect_examples(cfg, log=messages.append)
+    assert decodes == [] and not any("out of date" in m for m in messages)  # read, not rebuilt
+
+    (made["img/2_extra style"][0]).with_suffix(".caption").write_text("clrscn, edited by hand")
+    img, _ = make_scene_image(99, "colorful", 64)
+    img.save(tmp_path / "project" / "img" / "5_clrscn" / "new.png")
+    examples = {ex.image.name: ex for ex in train.collect_examples(cfg, log=messages.append)}
+    assert any("out of date" in m for m in messages)
+    assert examples["s3.png"].tags == ["clrscn", "edited by hand"] and "new.png" in examples
+
+
+def test_import_kohya_reads_a_gui_json(tmp_path, capsys):
+    source = tmp_path / "kohya_ss.json"
+    source.write_text(json.dumps({"LoRA_type": "LyCORIS/LoHa", "network_dim": 8, "network_alpha": 4,
+                                  "epoch": 3, "max_resolution": "768,768", "optimizer": "Prodigy",
+                                  "optimizer_args": "d_coef=2 betas=0.9,0.99", "lr_warmup_steps": 10,
+                                  "train_data_dir": str(tmp_path / "img"), "wandb_api_key": ""}))
+    assert main(["import-kohya", str(source)]) == 0
+    out = capsys.readouterr()
+    (tmp_path / "x.toml").write_text(out.out)
+    cfg = load_config(tmp_path / "x.toml")
+    assert (cfg.network.type, cfg.network.dim, cfg.train.epochs, cfg.dataset.resolution) == ("loha", 8, 3, 768)
+    assert (cfg.train.optimizer, cfg.train.optimizer_args) == ("prodigy", {"d_coef": 2, "betas": [0.9, 0.99]})
+    assert cfg.train.lr_warmup_steps == 10 and cfg.dataset.image_dir == str(tmp_path / "img")
+    assert "not mapped: --wandb_api_key" in out.err
