@@ -241,6 +241,8 @@ class _SubsetOnly:
                                 "folder's words)")
     is_reg: bool = opt(False, "regularisation images: weighted by train.prior_loss_weight, repeated to match "
                               "the training images, never tagged with the trigger nor written to")
+    validation: bool = opt(False, "validation images: never trained; their loss is logged every epoch (see "
+                                  "dataset.validation_split)")
 
 
 SubsetConfig = dataclasses.make_dataclass(

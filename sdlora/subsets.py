@@ -37,6 +37,7 @@ class Subset:
     flip_aug: bool
     class_tokens: str
     is_reg: bool
+    validation: bool = False
     origin: str = "config"
 
     @property
@@ -76,6 +77,7 @@ def _from_folder(base: SubsetConfig, folder: Path, is_reg: bool) -> Subset:
     repeats, words = repeat_folder(folder.name)
     values = {k: getattr(base, k) for k in SUBSET_SHARED_KEYS if k not in ("image_dir", "num_repeats")}
     return Subset(image_dir=folder, num_repeats=repeats, class_tokens=words or base.class_tokens, is_reg=is_reg,
+                  validation=base.validation and not is_reg,
                   origin=f"folder {folder.name}", **values)
 
 
@@ -91,7 +93,8 @@ def resolve_subsets(cfg: Config, log=print) -> list[Subset]:
         found = [(f, reg) for root, reg in roots for f in _repeat_folders(root)]
         if not found:
             out.append(Subset(**{k: getattr(base, k) for k in SUBSET_SHARED_KEYS if k != "image_dir"},
-                              image_dir=folder, class_tokens=base.class_tokens, is_reg=base.is_reg))
+                              image_dir=folder, class_tokens=base.class_tokens, is_reg=base.is_reg,
+                              validation=base.validation))
             continue
         from .images import scan_images
 
@@ -107,7 +110,7 @@ def resolve_subsets(cfg: Config, log=print) -> list[Subset]:
         out += expanded
     if cfg.dataset.reg_dir:
         reg = SubsetConfig(**{k: getattr(configured_subsets(cfg)[0], k) for k in SUBSET_SHARED_KEYS},
-                           is_reg=True)
+                           is_reg=True, validation=False)
         folders = _repeat_folders(Path(cfg.dataset.reg_dir))
         if not folders:
             raise UserError(f"{cfg.source}: [dataset] reg_dir = {cfg.dataset.reg_dir} holds no N_words folder "

@@ -62,8 +62,8 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
         log(f"skipping {excluded} near-duplicate image(s) the dataset builder excluded "
             f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
     by_subset = [[e for e in entries if e["subset"] == i] for i in range(len(subsets))]
-    held = [set() if s.is_reg else held_out(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name)
-            for s, b in zip(subsets, by_subset)]
+    held = [set(range(len(b))) if s.validation else set() if s.is_reg else
+            held_out(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name) for s, b in zip(subsets, by_subset)]
     training = [[e for j, e in enumerate(b) if j not in h] for b, h in zip(by_subset, held)]
     repeats = balanced_repeats([len(b) for b in training], [s.num_repeats for s in subsets],
                                [s.is_reg for s in subsets])
@@ -86,7 +86,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     added = sum(e["trigger_added"] for e in entries if e["caption_source"] != "none")
     if added:
         log(f"{added} caption(s) lack the trigger '{cfg.trigger}': trained with it first (keep_tokens counts it)")
-    if not any(not ex.subset.is_reg for ex in examples):
+    if not any(not ex.subset.is_reg and not ex.held_out for ex in examples):
         raise UserError(f"{cfg.source}: no usable training image in "
                         f"{', '.join(str(s.image_dir) for s in subsets if not s.is_reg) or 'any subset'} "
                         "(see the dataset report); add PNG/JPEG/WebP images to [dataset] image_dir")

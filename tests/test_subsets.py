@@ -350,3 +350,18 @@ def test_import_kohya_reads_a_gui_json(tmp_path, capsys):
     assert (cfg.train.optimizer, cfg.train.optimizer_args) == ("prodigy", {"d_coef": 2, "betas": [0.9, 0.99]})
     assert cfg.train.lr_warmup_steps == 10 and cfg.dataset.image_dir == str(tmp_path / "img")
     assert "not mapped: --wandb_api_key" in out.err
+
+
+def test_a_validation_subset_is_held_out_whole(tmp_path, mini_base_dir):
+    made = kohya_tree(tmp_path / "project")
+    keys = '''[[dataset.subsets]]
+image_dir = "project/img/5_clrscn"
+[[dataset.subsets]]
+image_dir = "project/img/2_extra style"
+validation = true
+'''
+    cfg = load_config(write_config(tmp_path, mini_base_dir, dataset_keys=keys))
+    examples = train.collect_examples(cfg, log=lambda m: None)
+    assert sorted(ex.image for ex in examples if ex.held_out) == made["img/2_extra style"]
+    assert sorted(ex.image for ex in examples if not ex.held_out) == made["img/5_clrscn"]
+    assert train.steps_per_epoch([ex for ex in examples if not ex.held_out], 2) == 10 + 5  # 2 x 10, 1 x 10 repeats
