@@ -394,9 +394,11 @@ def _refuse_kohya_file(data: dict, path: Path) -> None:
     from .kohya_names import KOHYA_KEYS
 
     fields = {f.name for f in dataclasses.fields(Config)}
-    kohya = [k for k in data if k in ("general", "datasets") or (k in KOHYA_KEYS and k not in fields)]
+    dataset_config = [k for k in data if k in ("general", "datasets")]
+    arguments = [k for k in data if k in KOHYA_KEYS and k not in fields]
+    kohya = dataset_config or (arguments if len(arguments) > 1 else [])  # one stray key: the did-you-mean says it
     if kohya:
-        what = "dataset config" if {"general", "datasets"} & set(kohya) else "training arguments"
+        what = "dataset config" if dataset_config else "training arguments"
         raise ConfigError(f"{path}: this is a kohya-ss {what} file ({', '.join(kohya[:3])}), not an sdlora config; "
                           f"convert it with `sdlora import-kohya {path} -o NEW.toml`")
 

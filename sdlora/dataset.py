@@ -588,7 +588,9 @@ def add_command(subparsers) -> None:
                     "with the open_clip tagger ([caption] section), prunes the tags (blacklist, replace, "
                     "duplicates, style tags, trigger first, min_tag_count) and writes .txt sidecars next to "
                     "the images (or into OUTPUT/captions when the folder is read-only). Writes "
-                    "dataset_report.md/.json and dataset_contact_sheet.png to [output] dir. Existing captions "
+                    "dataset_report.md/.json, dataset_contact_sheet.png and dataset_manifest.json (what the "
+                    "trainer reads) to [output] dir. Subsets: [[dataset.subsets]] and kohya's N_words / img / reg "
+                    "folders; regularisation images are never tagged nor written to. Existing captions "
                     "are kept unless --retag. Re-running on an unchanged folder changes nothing.")
     p.add_argument("config", help="a style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
     add_override_argument(p, "caption.threshold=0.5")

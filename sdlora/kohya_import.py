@@ -122,7 +122,10 @@ def convert(args: dict, subsets: list[dict]) -> tuple[dict, list[str], list[str]
     config: dict = {}
     mapped, unmapped = [], []
 
-    def put(target: str, value, source: str) -> None:
+    def put(target: str, value, source: str, missing: str = "not offered by sdlora") -> None:
+        if value is None:
+            unmapped.append(f"{source} = {raw_text}: {missing}")
+            return
         if target not in known:
             unmapped.append(f"{source}: no sdlora key {target} in this version")
             return
@@ -153,13 +156,13 @@ def convert(args: dict, subsets: list[dict]) -> tuple[dict, list[str], list[str]
                 unmapped.append(f"{source} = {value!r}: only a [[datasets.subsets]] key")
         elif key in ("optimizer_type", "optimizer"):
             name = OPTIMIZERS.get(str(value).lower())
-            put(target, name, source) if name else unmapped.append(f"{source} = {value!r}: not offered by sdlora")
+            put(target, name, source)
         elif key in ("network_module", "LoRA_type"):
             kind = str(network_args.pop("algo", value)).lower().rpartition(".")[2] if key == "network_module" \
                 else str(value).lower()
             kind = {"lora": "locon" if "conv_dim" in network_args else "lora", "kohya": "lora"}.get(kind, kind)
             name = NETWORK_TYPES.get(kind)
-            put(target, name, source) if name else unmapped.append(f"{source} = {value!r}: not offered by sdlora")
+            put(target, name, source)
         elif key in ("resolution", "max_resolution"):
             put(target, _resolution(value), source)
         elif key == "network_train_unet_only":
@@ -173,11 +176,11 @@ def convert(args: dict, subsets: list[dict]) -> tuple[dict, list[str], list[str]
             put(target, choice if choice in ("xformers", "sdpa") else "sdpa", source)
         elif key == "sample_sampler":
             name = SAMPLERS.get(str(value).lower())
-            put(target, name, source) if name else unmapped.append(f"{source} = {value!r}: no such sdlora sampler")
+            put(target, name, source, "no such sdlora sampler")
         elif key == "learning_rate":
-            put("train.unet_lr", _number(value), source) if "unet_lr" not in args else None
-            if "text_encoder_lr" not in args:
-                put("train.text_encoder_lr", _number(value), source)
+            for lr in ("unet_lr", "text_encoder_lr"):  # kohya: learning_rate where the specific one is not given
+                if lr not in args:
+                    put(f"train.{lr}", _number(value), source)
         elif key == "optimizer_args":
             put("train.optimizer_args", _key_value_list(value), source)
         elif key == "lr_warmup_steps":

@@ -63,7 +63,8 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
             f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
     by_subset = [[e for e in entries if e["subset"] == i] for i in range(len(subsets))]
     held = [set(range(len(b))) if s.validation else set() if s.is_reg else
-            held_out(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name) for s, b in zip(subsets, by_subset)]
+            validation_indices(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name)
+            for s, b in zip(subsets, by_subset)]
     training = [[e for j, e in enumerate(b) if j not in h] for b, h in zip(by_subset, held)]
     repeats = balanced_repeats([len(b) for b in training], [s.num_repeats for s in subsets],
                                [s.is_reg for s in subsets])
@@ -244,7 +245,8 @@ class Trainer:
         self.text_encoder_lrs = text_encoder_lrs(cfg, self.base)
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
-        self.dataset = collect_examples(cfg, log=self._main_log)  # what config_hash covers
+        with self.accelerator.main_process_first():  # one process rebuilds a stale manifest, the others read it
+            self.dataset = collect_examples(cfg, log=self._main_log)  # what config_hash covers
         self.examples = [ex for ex in self.dataset if not ex.held_out]
         self.validation = [ex for ex in self.dataset if ex.held_out]
         self.validation_losses: list[tuple[int, float]] = []  # (epoch, loss) of the held-out images
@@ -615,7 +617,7 @@ def _by_subset(examples: list[Example]) -> dict:
 VALIDATION_TIMESTEPS = 4  # per held-out image, spread evenly over (0, num_timesteps)
 
 
-def held_out(count: int, fraction: float, seed: int, name: str) -> set[int]:
+def validation_indices(count: int, fraction: float, seed: int, name: str) -> set[int]:
     """Indices of a training subset's `count` images held out for validation: kohya's
     validation_split (the images shuffled by a seeded generator; the first ceil(count x (1 -
     fraction)) train, the rest validate)."""
