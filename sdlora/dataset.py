@@ -40,7 +40,7 @@ from . import caption as captioner
 from .config import Config, add_override_argument
 from .errors import UserError
 from .images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, read_caption, remove_stale_temps
 from .tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
 
 REPORT_MD = "dataset_report.md"
@@ -148,6 +148,19 @@ def _folder_writable(folder: Path) -> bool:
         return False
 
 
+def refuse_non_caption(path: Path) -> None:
+    """Stop before a caption is written over a file that is not a caption: an image, a binary, a big file."""
+    from .images import IMAGE_EXTENSIONS
+
+    if not path.exists():
+        return
+    head = path.read_bytes()[:65536] if path.is_file() else b""
+    text = path.is_file() and path.stat().st_size <= 65536 and b"\0" not in head
+    if path.suffix.lower() in IMAGE_EXTENSIONS or not text:
+        raise UserError(f"{path}: exists and is not a caption file; it is not overwritten. Move it away, or set "
+                        f"[dataset] caption_extension to a caption type such as \".txt\"")
+
+
 def built_caption_path(image: Path, subset, cfg: Config) -> Path:
     """Where the builder writes a caption when the image folder is read-only: OUTPUT/captions,
     mirroring the image's subfolders (under [dataset] image_dir, else under the subset's folder
@@ -207,6 +220,8 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     folder = _root(subsets)
     out = cfg.output_dir
     captioner_before = captioner.images_encoded
+    for written_to in (*{s.image_dir for s in subsets if not s.is_reg}, out):  # captions, reports, caches of a killed run
+        remove_stale_temps(written_to, log=log)
     use_tagger = tag and c.tagger == "open_clip"
     tagger, vocabulary, unknown = None, [], []
     if use_tagger:  # vocabulary problems surface before any image is encoded
@@ -277,7 +292,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         subset = subsets[r.subset]
         existing = existing_caption(r.path, subset, cfg, beside[r.subset])[0]
         if existing and not (retag and not subset.is_reg):
-            r.tags, r.caption_path, r.source = parse_caption(existing.read_text(encoding="utf-8")), existing, "kept"
+            r.tags, r.caption_path, r.source = parse_caption(read_caption(existing, log)), existing, "kept"
         elif not subset.is_reg:
             to_tag.append(r)
     dropped = []
@@ -305,8 +320,9 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         old = existing_caption(r.path, subset, cfg, writable)[0]
         text = format_caption(r.tags) + "\n"
         r.caption_path = target
-        if old is not None and old.read_text(encoding="utf-8") == text and old == target:
+        if old is not None and old.read_bytes() == text.encode("utf-8") and old == target:
             continue
+        refuse_non_caption(target)
         if old is not None and old.parent == target.parent:
             backup, n = old.with_name(f"{old.name}.bak-{stamp}"), 1
             while backup.exists():  # two --retag runs within a second: never replace a backup
