@@ -556,15 +556,18 @@ def write_manifest(cfg: Config, report: DatasetReport, found: list[tuple[Path, i
 
 
 def read_manifest(cfg: Config, log=lambda m: None) -> dict | None:
-    """The manifest when it is current for this config and these files (stat-checked), else None."""
+    """The manifest when it is current for this config and these files (stat-checked), else None
+    (a damaged one is said)."""
     path = cfg.output_dir / MANIFEST
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if data.get("version") != MANIFEST_VERSION:
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            return None
+        [(e["path"], e["digest"], e["subset"], e["caption"], e["bucket"]) for e in data["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"warning: {path} is damaged ({type(e).__name__}); the dataset stage writes it again")
         return None
     subsets, found = _scan_subsets(cfg, log)
     if data.get("key") != _manifest_key(cfg, subsets):
@@ -578,7 +581,7 @@ def read_manifest(cfg: Config, log=lambda m: None) -> dict | None:
 
 def current_manifest(cfg: Config, log=print) -> dict:
     """The manifest, rebuilt by the dataset stage (without tagging) when missing or stale."""
-    data = read_manifest(cfg)
+    data = read_manifest(cfg, log)
     if data is None:
         log(f"{cfg.output_dir / MANIFEST} is missing or out of date: reading the dataset "
             f"(`sdlora dataset {cfg.source}` also auto-tags)")
