@@ -394,6 +394,8 @@ def report_dict(report: DatasetReport) -> dict:
         "duplicate_groups": [[rel(p) for p in g] for g in report.duplicate_groups],
         "excluded": [{"file": rel(r.path), "digest": r.digest, "duplicate_of": rel(r.duplicate_of)}
                      for r in report.excluded],
+        "subsets": [{**sub.to_dict(), "images": sum(r.subset == i for r in report.kept)}
+                    for i, sub in enumerate(report.subsets)],
         "tag_frequency": report.tag_frequency,
         "unknown_tags": report.unknown_tags,
         "dropped_rare_tags": report.dropped_rare,
@@ -407,6 +409,10 @@ def report_markdown(data: dict) -> str:
              f"{data['counts']['excluded']} excluded as near-duplicates. Captions in {data['caption_dir']}.", "",
              "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in s.items()]
+    lines += ["", "## Subsets", "", "| folder | images | repeats | class tokens | kind |", "|---|---|---|---|---|"]
+    lines += [f"| {sub['image_dir']} | {sub['images']} | {sub['num_repeats']} | {sub['class_tokens']} | "
+              f"{'regularisation' if sub['is_reg'] else 'validation' if sub['validation'] else 'training'} |"
+              for sub in data["subsets"]]
     lines += ["", "## Kept images", "", "| image | size | source | caption |", "|---|---|---|---|"]
     lines += [f"| {r['file']} | {r['size'][0]}x{r['size'][1]} | {r['source']} | {r['caption']} |" for r in data["kept"]]
     if data["rejected"]:

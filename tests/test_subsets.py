@@ -365,3 +365,12 @@ validation = true
     assert sorted(ex.image for ex in examples if ex.held_out) == made["img/2_extra style"]
     assert sorted(ex.image for ex in examples if not ex.held_out) == made["img/5_clrscn"]
     assert train.steps_per_epoch([ex for ex in examples if not ex.held_out], 2) == 10 + 5  # 2 x 10, 1 x 10 repeats
+
+
+def test_dataset_report_lists_the_subsets(tmp_path, mini_base_dir):
+    kohya_tree(tmp_path / "project")
+    assert main(["dataset", str(write_config(tmp_path, mini_base_dir))]) == 0
+    report = (tmp_path / "out" / "dataset_report.md").read_text()
+    assert "| 5_clrscn | 3 | 5 | clrscn | training |" in report.replace(str(tmp_path / "project" / "img") + "/", "")
+    assert "| 1_scenery | 4 | 1 | scenery | regularisation |" in report.replace(str(tmp_path / "project" / "reg") + "/", "")
+    assert "2 caption(s) lack the trigger 'clrscn'" in report
