@@ -2,11 +2,12 @@
 # sdlora: the two commands.
 #   bash train.sh NAME [--set section.key=value ...]   dataset -> train -> export -> samples for datasets_cfg/NAME.toml
 #   bash train.sh --test [pytest args]                 the test suite (what CI runs)
+#   bash train.sh --bench-gpu [OUT.json]               the GPU benchmark suite (JSON + markdown table)
 # On a fresh machine both first create .venv and install sdlora into it; later runs reuse it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { echo "usage: bash train.sh NAME [--set section.key=value ...]  |  bash train.sh --test [pytest args]" >&2; exit 2; }
+usage() { echo "usage: bash train.sh NAME [--set section.key=value ...]  |  bash train.sh --test [pytest args]  |  bash train.sh --bench-gpu [OUT.json]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 
 # torch + torchvision that import together (open_clip needs torchvision); override with SDLORA_TORCH.
@@ -32,6 +33,34 @@ bootstrap() {
     echo "$want" > "$stamp"
   fi
 }
+
+if [ "$1" = "--bench-gpu" ]; then
+  # `sdlora bench --suite gpu`, at most ~8 minutes on one GPU. A machine whose python3 already
+  # holds a CUDA torch (a bare GPU box without network) runs it with that python, after
+  # installing any wheels carried in .whl/ (e.g. diffusers) into a scratch folder; anywhere
+  # else .venv is bootstrapped as for training.
+  OUT_JSON=${2:-samples/bench_gpu.json}
+  export PYTHONUNBUFFERED=1
+  if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    RUN=$PY
+    if compgen -G ".whl/*.whl" >/dev/null; then
+      SITE=$(mktemp -d)
+      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+      export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    if ! "$RUN" -c "import diffusers, transformers, peft, accelerate, safetensors" 2>/dev/null; then
+      echo "train.sh: $PY lacks diffusers/transformers/peft/accelerate/safetensors; carry their wheels in .whl/ (see README, Benchmarks)" >&2
+      exit 2
+    fi
+  else
+    bootstrap
+    RUN=$VENV/bin/python
+  fi
+  mkdir -p "$(dirname "$OUT_JSON")"
+  set -o pipefail
+  "$RUN" -m sdlora.cli bench --suite gpu --json "$OUT_JSON" --overwrite | tee "${OUT_JSON%.json}.md"
+  exit $?
+fi
 
 if [ "$1" = "--test" ]; then
   shift

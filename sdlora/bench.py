@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import resource
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,30 +52,18 @@ def fastest_in_turns(setups: dict, rounds: int) -> dict[str, float]:
     return best
 
 
-def _sd15_components():
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pathlib import Path
-
-    folder = Path(__file__).parent / "assets" / "configs" / "sd_v1"  # SD1.5's public configs
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    return text_encoder, vae, unet
-
-
 def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats: int = 5, device: str = "cpu") -> dict:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from . import lora
+    from .arch import build_text_encoder, build_unet, build_vae
     from .config import NetworkConfig
     from .tiny.configs import build_components
 
     if arch == "tiny":
         _, text_encoder, vae, unet, _ = build_components("tiny")
-    else:
-        text_encoder, vae, unet = _sd15_components()
+    else:  # SD1.5's architecture from the shipped configs, random weights
+        text_encoder, vae, unet = build_text_encoder("sd_v1"), build_vae("sd_v1"), build_unet("sd_v1")
     for m in (text_encoder, vae, unet):
         m.to(device).requires_grad_(False)
     ids = torch.randint(0, 49407, (batch, 77), device=device)
@@ -110,13 +101,110 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
         "train_samples_per_s": batch / t_step,
         "train_samples_per_s_uncached": batch / (t_step + t_vae),
         "vae_share_uncached": t_vae / (t_step + t_vae),
-        "vae_share_cached": 0.0,  # cached latents: no encode in the step (tests assert zero encodes)
         "lora_overhead_ratio": passes["lora"] / passes["frozen"],
         "peak_memory_mb": _peak_memory_mb(device),
     }
 
 
-def run_bench(parts: list[str], device: str) -> dict:
+def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3,
+                  unet_repeats: int = 9, model: str = "tiny") -> dict:
+    """Seconds per one-pass image at 1080x720 with `model` (model.base; default the embedded base):
+    alone, a LoRA fused, a LoRA unfused.
+
+    Targets: fused within 2% of the base (merged weights cost nothing per step), unfused within
+    10% (two low-rank matmuls per adapted layer). Whole images vary by more than 2% from round
+    to round on a shared machine (1080x720 buffers, allocator and page faults), so the ratios
+    come from the one part an adapter changes, the U-Net call of a denoising step at this size
+    (CFG batch of 2), timed `unet_repeats` times per set-up in turns, fastest of each. The rest
+    of an image (text encoder, VAE decode, scheduler) is the same for all three, so an image
+    with the adapter takes `steps` x the extra U-Net time longer: `*_over_base` is that per-image
+    ratio, `*_over_base_unet_call` the U-Net call's own (an upper bound of it).
+    """
+
+    from . import models
+    from .config import config_from_dict
+    from .lora import adapter_metadata, inject, save_adapter
+    from .sample import Sampler
+
+    cfg = config_from_dict({"model": {"base": model},
+                            "sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
+    with tempfile.TemporaryDirectory() as tmp:
+        # A random adapter on the default targets, saved and read back like a trained one.
+        scratch = models.load_base(cfg.model)
+        network = inject(scratch.unet, scratch.text_encoder, cfg.network)
+        with torch.no_grad():
+            for p in network.trainable_parameters():
+                p.normal_(0, 0.02)
+        path = Path(tmp) / "bench.safetensors"
+        stats = {"num_train_images": 0, "num_epochs": 0, "epoch": 0, "steps": 0}
+        save_adapter(path, network.kohya_state_dict(torch.float32), adapter_metadata(cfg, scratch, stats))
+        del scratch, network
+        samplers = {}
+        for label, fuse, with_lora in (("base", True, False), ("fused", True, True), ("unfused", False, True)):
+            sampler = samplers[label] = Sampler(cfg, fuse=fuse)
+            if with_lora:
+                sampler.adapters.add(path)
+                sampler.adapters.set_scale(1.0)
+            sampler.render(["bench"], [0], 64, 64, 1)  # warm-up
+        seconds = fastest_in_turns({label: lambda s=sampler: s.render(["bench"], [1], width, height, steps)
+                                    for label, sampler in samplers.items()}, repeats)
+        base = samplers["base"]
+        latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
+                              dtype=base.pipe.unet.dtype)
+        embeds = torch.cat([base.encode(["bench"]).hidden, base.encode([""]).hidden])
+        timestep = torch.tensor(500, device=base.device)
+        with torch.no_grad():
+            unet_seconds = fastest_in_turns({label: lambda s=sampler: s.pipe.unet(latents, timestep, embeds)
+                                             for label, sampler in samplers.items()}, unet_repeats)
+    results = {f"{label}_s_per_image": t for label, t in seconds.items()}
+    results.update({f"{label}_unet_call_s": t for label, t in unet_seconds.items()})
+    for label in ("fused", "unfused"):
+        extra = unet_seconds[label] - unet_seconds["base"]  # per denoising step (one U-Net call with CFG)
+        results[f"{label}_over_base_unet_call"] = unet_seconds[label] / unet_seconds["base"]
+        results[f"{label}_over_base"] = 1 + steps * extra / seconds["base"]  # per image: the targets
+    results.update(steps=steps, size=f"{width}x{height}", repeats=repeats, device=str(samplers["base"].device),
+                   lora_dim=cfg.network.dim)
+    return results
+
+
+def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128, steps: int = 4) -> dict:
+    """`sdlora train` from a cold start on `images` generated scenery images at `resolution`
+    (fresh output folder: latents and text outputs encoded, as in a first run): seconds to the
+    first optimizer step, steps/s after it, peak memory. model: model.base (default the
+    embedded base; a diffusers folder of SD1.5's architecture measures the 512 px case)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from . import train
+    from .config import config_from_dict
+    from .tiny.scenery import make_scene_image
+
+    step_times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i in range(images):
+            image, tags = make_scene_image(i, "colorful", resolution)
+            image.save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(", ".join(["clrscn", *tags[:5]]))
+        cfg = config_from_dict({
+            "name": "bench", "trigger": "clrscn", "model": {"base": model},
+            "dataset": {"image_dir": str(folder), "resolution": resolution, "num_repeats": 1, "enable_bucket": False},
+            "train": {"max_train_steps": steps, "batch_size": 1, "save_every_n_epochs": 0},
+            "output": {"dir": str(Path(tmp) / "out")}})
+        hook = register_optimizer_step_post_hook(lambda *_: step_times.append(time.perf_counter()))
+        start = time.perf_counter()
+        try:
+            train.Trainer(cfg, log=lambda m: None).run()
+        finally:
+            hook.remove()
+    after = step_times[-1] - step_times[0]
+    return {"model": model, "images": images, "resolution": resolution,
+            "time_to_first_step_s": step_times[0] - start,
+            "steps_per_s": (len(step_times) - 1) / after if after > 0 else None,
+            "peak_memory_mb": _peak_memory_mb("cuda" if torch.cuda.is_available() else "cpu")}
+
+
+def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128) -> dict:
     results = {}
     if "train" in parts:
         results["train_tiny"] = bench_training("tiny", batch=8, latent=16, device=device)
@@ -126,34 +214,75 @@ def run_bench(parts: list[str], device: str) -> dict:
 
         results["tagger"] = bench_tagger()
     if "sampler" in parts:
-        from .sample import bench_sampler
-
         results["sampler"] = bench_sampler()
     if "resize" in parts:
         from .lowrank import bench_resize
 
         results["resize"] = bench_resize()
+    if "first_step" in parts:
+        results["first_step"] = bench_first_step(first_step_model, resolution=first_step_resolution)
     return results
 
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser("bench", help="print speed and memory figures",
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="train,tagger,sampler,resize",
-                   help="comma-separated: train, tagger, sampler, resize (default: all)")
+    p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: the --parts figures; gpu: the GPU suite (benchsuite.py; toy shapes without CUDA)")
+    p.add_argument("--parts", default="train,tagger,sampler,resize,first_step",
+                   help="cpu suite, comma-separated: train, tagger, sampler, resize, first_step (default: all)")
+    p.add_argument("--first-step-base", default="tiny",
+                   help="first_step: model.base to train (e.g. a diffusers folder of SD1.5's architecture)")
+    p.add_argument("--first-step-resolution", type=int, default=128, help="first_step: training resolution")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="write the figures as JSON to PATH (alone: print JSON instead of the table)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    p.add_argument("--shapes", choices=["auto", "full", "reduced"], default="auto",
+                   help="gpu suite: full sizes (SD1.5 512 px, SDXL 1024 px) or toy ones; auto: full on CUDA")
+    p.add_argument("--budget-s", type=float, default=400.0,
+                   help="gpu suite: rows starting after this many seconds are skipped (default 400)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="gpu suite: the GPU's dense fp16/bf16 peak for MFU (default: known GPUs' data sheets)")
     p.set_defaults(func=_cmd_bench)
 
 
-def _cmd_bench(args) -> int:
-    results = run_bench([s.strip() for s in args.parts.split(",")], args.device)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for name, figures in results.items():
-        print(f"\n{name}")
-        for key, value in figures.items():
-            print(f"  {key:32s} {value:.4g}" if isinstance(value, float) else f"  {key:32s} {value}")
-    return 0
+def _finite(value):
+    """The results with every non-finite float (a diverged fp16 loss, say) as null: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
+
+def _cmd_bench(args) -> int:
+    from .errors import UserError
+    from .io import atomic_write_text
+
+    out = Path(args.json) if args.json not in (None, "-") else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise UserError(f"bench --json: {out} exists; pass --overwrite to replace it or choose another path")
+    if args.suite == "gpu":
+        from .benchsuite import markdown_table, run_suite
+
+        reduced = {"auto": None, "full": False, "reduced": True}[args.shapes]
+        results = run_suite(args.device, reduced, args.budget_s, args.peak_tflops,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
+        table = markdown_table(results)
+    else:
+        results = run_bench([s.strip() for s in args.parts.split(",")], args.device, args.first_step_base,
+                            args.first_step_resolution)
+        table = "\n".join(f"\n{name}\n" + "\n".join(
+            f"  {key:32s} {value:.4g}" if isinstance(value, float) else f"  {key:32s} {value}"
+            for key, value in figures.items()) for name, figures in results.items())
+    text = json.dumps(_finite(results), indent=2, allow_nan=False)
+    if args.json == "-":
+        print(text)
+        return 0
+    if out is not None:
+        atomic_write_text(out, text + "\n")
+    print(table)
+    if out is not None:
+        print(f"\nwrote {out}")
+    return 0

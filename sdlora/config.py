@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or an override; the message says how to fix it."""
+
 
 
 SEED_MAX = 2**32 - 1  # numpy's and A1111's seed range, which accelerate's set_seed and samplers share
@@ -74,6 +74,9 @@ class ModelConfig:
     allow_pickle: bool = opt(False, "allow loading pickled .ckpt/.pt files (weights_only=True)")
     v_parameterization: str = opt("auto", "prediction type: auto (from the base) | epsilon | v_prediction",
                                   choices=["auto", "epsilon", "v_prediction"])
+    quantize: str = opt("none", "hold the frozen U-Net and text-encoder weights quantised while training: "
+                        "none | fp8 (any device) | nf4 (bitsandbytes, CUDA); adapters stay full precision",
+                        choices=["none", "fp8", "nf4"])
 
 
 # The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
@@ -179,7 +182,11 @@ class TrainConfig:
                                      "optimizer steps (0 = off)", min=0)
     save_precision: str = opt("fp16", "dtype of exported adapters", choices=["fp16", "bf16", "fp32"])
     seed: int = opt(42, "random seed", min=0, max=SEED_MAX)
-    attention: str = opt("sdpa", "attention kernel", choices=["sdpa", "xformers"])
+    attention: str = opt("sdpa", "attention kernel: sdpa (PyTorch) | xformers (needs xformers and CUDA)",
+                         choices=["sdpa", "xformers"])
+    compile: bool = opt(False, "torch.compile each U-Net transformer block (CUDA; costs a compile at start)")
+    channels_last: bool = opt(False, "U-Net in channels-last memory format (CUDA convolutions)")
+    tf32: bool = opt(True, "allow TF32 tensor cores for fp32 matmuls and convolutions (CUDA, Ampere and newer)")
     overwrite: bool = opt(False, "replace an existing final adapter of the same name")
 
 

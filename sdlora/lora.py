@@ -359,7 +359,9 @@ def _fused_class(peft_class: type, function) -> type:
             if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
                     or active[0] not in self.lora_A or active[0] in self.lora_variant
                     or not isinstance(self.lora_dropout[active[0]], nn.Identity)
-                    or self.lora_B[active[0]].bias is not None or self.base_layer.weight.requires_grad):
+                    or self.lora_B[active[0]].bias is not None
+                    or not isinstance(self.base_layer, (nn.Linear, nn.Conv2d))  # a quantised base (quantize.py)
+                    or self.base_layer.weight.requires_grad):
                 return super(cls, self).forward(x, *args, **kwargs)  # dropout, DoRA, merged, ...: peft's path
             name = active[0]
             return function.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
@@ -389,6 +391,18 @@ def use_fused_forward(model: nn.Module) -> int:
         else:
             continue
         count += 1
+    return count
+
+
+def use_peft_forward(model: nn.Module) -> int:
+    """Undo use_fused_forward: every adapted layer of `model` back on peft's own forward (what
+    `sdlora bench` compares the fused path with); returns how many."""
+    fused = {cls: peft_class for peft_class, cls in _FUSED_CLASSES.items()}
+    count = 0
+    for module in model.modules():
+        if type(module) in fused:
+            module.__class__ = fused[type(module)]
+            count += 1
     return count
 
 

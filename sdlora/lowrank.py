@@ -588,22 +588,13 @@ def format_inspect(summary: dict) -> str:
 # bench
 
 
-SD15_TEXT_ENCODER = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         max_position_embeddings=77, vocab_size=49408)
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-
-
 def sd15_module_shapes() -> dict[str, tuple[int, ...]]:
     """{kohya key: weight shape} of Kohya's default targets on SD1.5 (192 U-Net + 72 text encoder)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    from .arch import build_text_encoder, build_unet
     from .lora import text_encoder_target_paths, unet_target_paths
 
-    with torch.device("meta"):  # shapes only, no weights
-        unet = UNet2DConditionModel(**SD15_UNET)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
+    unet = build_unet("sd_v1", device="meta")  # shapes only, no weights
+    text_encoder = build_text_encoder("sd_v1", device="meta")
     shapes = {kohya.kohya_key("unet", p): tuple(unet.get_submodule(p).weight.shape)
               for p in unet_target_paths(unet, "transformer")}
     shapes.update({kohya.kohya_key("te", p): tuple(text_encoder.get_submodule(p).weight.shape)

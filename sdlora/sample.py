@@ -633,66 +633,6 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     return result.grids[0]
 
 
-def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3,
-                  unet_repeats: int = 9) -> dict:
-    """Seconds per one-pass image at 1080x720 with the embedded base: alone, a LoRA fused, a LoRA unfused.
-
-    Targets: fused within 2% of the base (merged weights cost nothing per step), unfused within
-    10% (two low-rank matmuls per adapted layer). Whole images vary by more than 2% from round
-    to round on a shared machine (1080x720 buffers, allocator and page faults), so the ratios
-    come from the one part an adapter changes, the U-Net call of a denoising step at this size
-    (CFG batch of 2), timed `unet_repeats` times per set-up in turns, fastest of each. The rest
-    of an image (text encoder, VAE decode, scheduler) is the same for all three, so an image
-    with the adapter takes `steps` x the extra U-Net time longer: `*_over_base` is that per-image
-    ratio, `*_over_base_unet_call` the U-Net call's own (an upper bound of it).
-    """
-    import tempfile
-
-    from . import models
-    from .bench import fastest_in_turns
-    from .config import config_from_dict
-    from .lora import adapter_metadata, inject, save_adapter
-
-    cfg = config_from_dict({"sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
-    with tempfile.TemporaryDirectory() as tmp:
-        # A random adapter on the default targets, saved and read back like a trained one.
-        scratch = models.load_base(cfg.model)
-        network = inject(scratch.unet, scratch.text_encoder, cfg.network)
-        with torch.no_grad():
-            for p in network.trainable_parameters():
-                p.normal_(0, 0.02)
-        path = Path(tmp) / "bench.safetensors"
-        stats = {"num_train_images": 0, "num_epochs": 0, "epoch": 0, "steps": 0}
-        save_adapter(path, network.kohya_state_dict(torch.float32), adapter_metadata(cfg, scratch, stats))
-        del scratch, network
-        samplers = {}
-        for label, fuse, with_lora in (("base", True, False), ("fused", True, True), ("unfused", False, True)):
-            sampler = samplers[label] = Sampler(cfg, fuse=fuse)
-            if with_lora:
-                sampler.adapters.add(path)
-                sampler.adapters.set_scale(1.0)
-            sampler.render(["bench"], [0], 64, 64, 1)  # warm-up
-        seconds = fastest_in_turns({label: lambda s=sampler: s.render(["bench"], [1], width, height, steps)
-                                    for label, sampler in samplers.items()}, repeats)
-        base = samplers["base"]
-        latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
-                              dtype=base.pipe.unet.dtype)
-        embeds = torch.cat([base.encode(["bench"]).hidden, base.encode([""]).hidden])
-        timestep = torch.tensor(500, device=base.device)
-        with torch.no_grad():
-            unet_seconds = fastest_in_turns({label: lambda s=sampler: s.pipe.unet(latents, timestep, embeds)
-                                             for label, sampler in samplers.items()}, unet_repeats)
-    results = {f"{label}_s_per_image": t for label, t in seconds.items()}
-    results.update({f"{label}_unet_call_s": t for label, t in unet_seconds.items()})
-    for label in ("fused", "unfused"):
-        extra = unet_seconds[label] - unet_seconds["base"]  # per denoising step (one U-Net call with CFG)
-        results[f"{label}_over_base_unet_call"] = unet_seconds[label] / unet_seconds["base"]
-        results[f"{label}_over_base"] = 1 + steps * extra / seconds["base"]  # per image: the targets
-    results.update(steps=steps, size=f"{width}x{height}", repeats=repeats, device=str(samplers["base"].device),
-                   lora_dim=cfg.network.dim)
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 

@@ -342,7 +342,7 @@ class Trainer:
             gradient_accumulation_steps=tc.gradient_accumulation_steps,
             log_with="tensorboard",
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            dataloader_config=DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available()),
         )
         acc = self.accelerator
         if tc.batch_size % acc.num_processes:
@@ -442,6 +442,7 @@ class Trainer:
             layers = [te.config.num_hidden_layers for te in encoders]
             for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
                 self.network.freeze_text_layers(part, unread)
+        self.apply_speed_settings()
         if tc.gradient_checkpointing:
             base.unet.enable_gradient_checkpointing()
             if train_te:
@@ -462,7 +463,7 @@ class Trainer:
         self.prepare_latents()
 
         groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs if train_te else 0.0)
-        self.optimizer = make_optimizer(tc, groups, cfg.source)
+        self.optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
         micro = steps_per_epoch(self.examples, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
         self.total_steps = tc.max_train_steps or self.steps_per_epoch * tc.epochs
@@ -477,6 +478,29 @@ class Trainer:
             self.text_encoders = list(prepared[1:1 + len(encoders)])
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())
+        self.release_frozen_encoders()
+
+    def apply_speed_settings(self) -> None:
+        """model.quantize on the frozen base (after injection: adapters stay full precision), then
+        the U-Net's [train] attention / tf32 / channels_last / compile (speed.py)."""
+        from . import quantize, speed
+
+        base = self.base
+        for model in (base.unet, *base.text_encoders):
+            quantize.quantize_frozen(model, self.cfg.model.quantize)
+        done = speed.apply(self.cfg.train, base.unet, self.accelerator.device)
+        if done:
+            self._main_log(f"speed: {', '.join(done)}")
+
+    def release_frozen_encoders(self) -> None:
+        """Once every latent (and, with frozen encoders and fixed captions, every caption's
+        text-encoder outputs: setup fills that cache up front) is cached, the VAE and those
+        encoders never run again: drop their weights (to the meta device, which keeps their
+        configs readable)."""
+        self.base.vae.to("meta")
+        if self.te_cache is not None:
+            for te in self.base.text_encoders:
+                te.to("meta")
 
     def load_init_weights(self, path: str) -> None:
         """network.init_weights: continue from an existing adapter (kohya's network_weights)."""
@@ -646,7 +670,8 @@ class Trainer:
                 m.train()
             self.optimizer.train()  # schedule-free optimizers: the training weights (a no-op for others)
             order, batches = epoch_order(self.examples, tc.batch_size, tc.seed, epoch)
-            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size)))
+            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size),
+                                                             pin_memory=acc.device.type == "cuda"))
             if skip:
                 loader = acc.skip_first_batches(loader, skip)
             self.stop.armed = True
@@ -761,11 +786,14 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(tc, groups: list[dict], source) -> torch.optim.Optimizer:
-    """train.optimizer over the adapter groups, with weight_decay and train.optimizer_args passed through."""
+def make_optimizer(tc, groups: list[dict], source, fused: bool = False) -> torch.optim.Optimizer:
+    """train.optimizer over the adapter groups, with weight_decay and train.optimizer_args passed through.
+    fused: AdamW's one-CUDA-kernel update (PyTorch's fastest implementation)."""
     import importlib
 
     module, name, extra, defaults = OPTIMIZERS[tc.optimizer]
+    if fused and tc.optimizer == "adamw":
+        defaults = {**defaults, "fused": True}
     try:
         cls = getattr(importlib.import_module(module), name)
     except ImportError:

@@ -15,12 +15,6 @@ from sdlora.config import config_from_dict
 from sdlora.errors import UserError
 from sdlora.tiny.configs import build_pipeline
 
-DATA = Path(__file__).parent / "data"
-
-# Stable Diffusion 1.5's text encoder: CLIP ViT-L/14's text tower.
-SD15_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                         projection_dim=768)
 
 REQUIRED_METADATA = [
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
@@ -51,13 +45,10 @@ def network_cfg(**network):
 
 
 def sd15_on_meta():
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from sdlora import arch
 
-    config = json.loads((DATA / "sd15_unet_config.json").read_text())
-    config.pop("_comment")
-    with torch.device("meta"):  # the architecture without a byte of weights
-        return UNet2DConditionModel(**config), CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
+    # SD1.5's architecture from the shipped config, without a byte of weights
+    return arch.build_unet("sd_v1", device="meta"), arch.build_text_encoder("sd_v1", device="meta")
 
 
 def randomise_adapters(network: lora.Network, seed: int = 0):

@@ -79,11 +79,12 @@ def test_export_loads_in_diffusers_and_matches_the_training_model(tmp_path, mini
                     generator=torch.Generator().manual_seed(0)).images
 
     base = trainer.base
-    in_training = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+    pipe = StableDiffusionPipeline.from_pretrained(mini_base_dir, safety_checker=None)
+    assert base.vae.device.type == "meta"  # released once the latents were cached: the base's own VAE
+    in_training = StableDiffusionPipeline(vae=pipe.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                           unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
                                           feature_extractor=None, requires_safety_checker=False)
     expected = render(in_training.to(torch.float32))
-    pipe = StableDiffusionPipeline.from_pretrained(mini_base_dir, safety_checker=None)
     before = render(pipe)
     pipe.load_lora_weights(str(result.adapter))
     loaded = render(pipe)
@@ -142,9 +143,14 @@ def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path
     cfg = load_config(make_style(tmp_path, mini_base_dir),
                       ["train.text_encoder_lr=0", "dataset.shuffle_caption=false", "train.epochs=1"])
     cache.STATS["te_encodes"] = 0
-    result = train.train(cfg, log=lambda m: None)
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer.setup()
+    assert cache.STATS["te_encodes"] == 4  # one per distinct caption, all before the first step
+    assert trainer.base.text_encoder.device.type == "meta"  # then released, as is the VAE
+    assert trainer.base.vae.device.type == "meta"
+    result = train.Trainer(cfg, log=lambda m: None).run()
     assert not any(k.startswith("lora_te") for k in load_file(result.adapter))
-    assert cache.STATS["te_encodes"] == 4  # one per distinct caption
+    assert cache.STATS["te_encodes"] == 4  # the second run reads them all from the cache
 
 
 def test_noise_offset_trains_and_changes_the_adapter(tmp_path, mini_base_dir):
