@@ -11,7 +11,9 @@ first chunk's. A chunk past the end of the text is BOS, EOS, padding, as in kohy
 max_token_length are cut; `count_cut` says how many captions lose some.
 
 The per-chunk encoding is `family.encode_text` (one or two encoders), so the join composes with
-whatever a family does for one 77-token sequence.
+whatever a family does for one 77-token sequence. Sampling prompts follow A1111 instead
+(`prompts.py`: chunks of 75 concatenated whole, 77 positions each, emphasis, BREAK), which is
+how A1111, Forge and ComfyUI condition a long prompt at inference.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from .family import TextConditioning, encode_text, tokenize
+from .prompts import CHUNK_TOKENS as CHUNK  # tokens per chunk between BOS and EOS (CLIP's 77 - 2)
 
-CHUNK = 75  # tokens per chunk between BOS and EOS
 LENGTHS = (75, 150, 225)
 
 
