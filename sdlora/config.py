@@ -105,7 +105,6 @@ class DatasetConfig:
                                        "per epoch (kohya's validation_split)", min=0.0, max=0.9)
     max_token_length: int = opt(75, "caption tokens the text encoder sees (kohya's): 150 / 225 encode 75-token "
                                      "chunks separately and join them", choices=[75, 150, 225])
-    cache_latents: bool = opt(True, "encode VAE latents once and cache them on disk")
     # Dataset-builder settings (validation, de-duplication); see `sdlora dataset`.
     max_pixels: int = opt(40_000_000, "images with more pixels are rejected (decompression bombs)", min=1)
     min_side: int = opt(64, "images whose shorter side is smaller are rejected", min=1)

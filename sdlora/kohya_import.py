@@ -36,6 +36,7 @@ NOT_NEEDED = {"v2": "the base model's family is read from the base itself",
               "logging_dir": "TensorBoard logs go to OUTPUT/logs",
               "save_model_as": "adapters are always .safetensors",
               "network_weights_dtype": "", "persistent_data_loader_workers": "", "max_data_loader_n_workers": "",
+              "cache_latents": "latents are always cached on disk",
               "cache_latents_to_disk": "latents are always cached on disk"}
 
 

@@ -33,7 +33,6 @@ KOHYA_KEYS: dict[str, str] = {
     "caption_dropout_rate": "dataset.caption_dropout_rate",
     "caption_tag_dropout_rate": "dataset.caption_tag_dropout_rate",
     "flip_aug": "dataset.flip_aug",
-    "cache_latents": "dataset.cache_latents",
     "max_token_length": "dataset.max_token_length",
     "validation_split": "dataset.validation_split",
     "class_tokens": "dataset.subsets[].class_tokens",

@@ -542,7 +542,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_noise_offset": f"{train.noise_offset:g}",
         "ss_mixed_precision": train.mixed_precision,
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
-        "ss_cache_latents": str(data.cache_latents),
+        "ss_cache_latents": "True",  # latents are always cached (cache.LatentCache)
         "ss_enable_bucket": str(data.enable_bucket),
         "ss_min_bucket_reso": str(data.min_bucket_reso),
         "ss_max_bucket_reso": str(data.max_bucket_reso),
