@@ -140,32 +140,44 @@ def steps_per_epoch(examples: list[Example], batch_size: int) -> int:
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
-class BucketBatches(torch.utils.data.Sampler):
-    """The epoch's precomputed batches; accelerate reads `batch_size` to split each across processes."""
+class EpochBatches(torch.utils.data.Sampler):
+    """The batches of one epoch at a time (`epoch_order`), as (epoch, position) keys.
 
-    def __init__(self, batches: list[list[int]], batch_size: int):
-        self.batches, self.batch_size = batches, batch_size
+    The DataLoader is prepared once; `start_epoch` chooses the epoch its next pass yields (named
+    so that accelerate's own per-pass `set_epoch` counter never reaches it: a resumed run starts
+    mid-way). accelerate reads `batch_size` to split each batch across processes."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.epoch, self.order = 0, epoch_order(examples, batch_size, seed, 0)[0]
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.order = epoch, epoch_order(self.examples, self.batch_size, self.seed, epoch)[0]
 
     def __iter__(self):
-        return iter(self.batches)
+        _, batches = epoch_order(self.examples, self.batch_size, self.seed, self.epoch)
+        return iter([[(self.epoch, pos) for pos in batch] for batch in batches])
 
     def __len__(self):
-        return len(self.batches)
+        return steps_per_epoch(self.examples, self.batch_size)
 
 
-class EpochDataset(torch.utils.data.Dataset):
-    """Position p of epoch e -> one training sample, every random draw seeded by (seed, e, p)."""
+class TrainingSamples(torch.utils.data.Dataset):
+    """(epoch e, position p) -> one training sample, every random draw seeded by (seed, e, p)."""
 
-    def __init__(self, trainer: "Trainer", epoch: int, order: list[int]):
-        self.t, self.epoch, self.order = trainer, epoch, order
+    def __init__(self, trainer: "Trainer", batches: EpochBatches):
+        self.t, self.batches = trainer, batches
 
     def __len__(self):
-        return len(self.order)
+        return len(self.batches.order)
 
-    def __getitem__(self, pos: int) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
         t, cfg = self.t, self.t.cfg
-        ex = t.examples[self.order[pos]]
-        seed = int(hashlib.sha256(f"{cfg.train.seed}-{self.epoch}-{pos}".encode()).hexdigest()[:15], 16)
+        epoch, pos = key
+        order = self.batches.order if epoch == self.batches.epoch else epoch_order(
+            t.examples, cfg.train.batch_size, cfg.train.seed, epoch)[0]
+        ex = t.examples[order[pos]]
+        seed = int(hashlib.sha256(f"{cfg.train.seed}-{epoch}-{pos}".encode()).hexdigest()[:15], 16)
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         entry = t.latents[ex.digest, ex.bucket]
@@ -478,6 +490,9 @@ class Trainer:
             self.text_encoders = list(prepared[1:1 + len(encoders)])
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())
+        self.batches = EpochBatches(self.examples, tc.batch_size, tc.seed)
+        self.loader = acc.prepare(torch.utils.data.DataLoader(
+            TrainingSamples(self, self.batches), batch_sampler=self.batches, pin_memory=acc.device.type == "cuda"))
         self.release_frozen_encoders()
 
     def apply_speed_settings(self) -> None:
@@ -522,7 +537,7 @@ class Trainer:
         """One micro-batch: noise the latents at random timesteps, predict, weighted MSE.
 
         The batch's random draws (latent sample, noise, offset, timesteps) were made by
-        `EpochDataset` from a generator seeded by (seed, epoch, position in the epoch), not here:
+        `TrainingSamples` from a generator seeded by (seed, epoch, position in the epoch), not here:
         each example's draws are then the same whichever process takes it and whether or not the
         run was resumed, so one process equals several and a resumed run equals an unbroken one.
         """
@@ -670,11 +685,8 @@ class Trainer:
             for m in models:
                 m.train()
             self.optimizer.train()  # schedule-free optimizers: the training weights (a no-op for others)
-            order, batches = epoch_order(self.examples, tc.batch_size, tc.seed, epoch)
-            loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size),
-                                                             pin_memory=acc.device.type == "cuda"))
-            if skip:
-                loader = acc.skip_first_batches(loader, skip)
+            self.batches.start_epoch(epoch)
+            loader = acc.skip_first_batches(self.loader, skip) if skip else self.loader
             self.stop.armed = True
             for i, batch in enumerate(loader, start=skip):
                 with acc.accumulate(*models):

@@ -47,9 +47,8 @@ def test_trainer_renders_previews_every_n_epochs(tmp_path, mini_base_dir):
 
 
 def _first_batch(trainer):
-    order, batches = train.epoch_order(trainer.examples, trainer.cfg.train.batch_size, trainer.cfg.train.seed, 0)
-    dataset = train.EpochDataset(trainer, 0, order)
-    return torch.utils.data.default_collate([dataset[i] for i in batches[0]])
+    samples = train.TrainingSamples(trainer, trainer.batches)
+    return torch.utils.data.default_collate([samples[key] for key in next(iter(trainer.batches))])
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

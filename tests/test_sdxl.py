@@ -85,10 +85,10 @@ def test_sdxl_time_ids_record_original_size_crop_and_bucket(tmp_path, mini_sdxl_
     trainer = train.Trainer(cfg, log=lambda m: None)
     trainer.setup()
     order, _ = train.epoch_order(trainer.examples, 1, 0, 0)
-    dataset = train.EpochDataset(trainer, 0, order)
+    samples = train.TrainingSamples(trainer, train.EpochBatches(trainer.examples, 1, 0))
     for pos, index in enumerate(order):
         ex = trainer.examples[index]
-        ids = dataset[pos]["time_ids"].tolist()
+        ids = samples[0, pos]["time_ids"].tolist()
         w, h = ex.size
         assert ids[:2] == [h, w] and ids[4:] == [ex.bucket.height, ex.bucket.width]
         top, left = ids[2:4]
@@ -191,9 +191,9 @@ def trained_sdxl(tmp_path_factory):
     """(base folder, config, adapter) of one short SDXL training run, shared by the sampler/low-rank tests."""
     from sdlora.tiny.configs import build_sdxl_pipeline
 
-    base_dir = tmp_path_factory.mktemp("xl_base")
+    base_dir = tmp_path_factory.mktemp("sdxl_base")
     build_sdxl_pipeline(seed=0).save_pretrained(base_dir)
-    folder = tmp_path_factory.mktemp("xl_run")
+    folder = tmp_path_factory.mktemp("sdxl_run")
     cfg = load_config(make_style(folder, base_dir, extra="max_train_steps = 6\nunet_lr = 0.01\ntext_encoder_lr = 0.005"))
     return base_dir, cfg, train.train(cfg, log=lambda m: None).adapter
 
@@ -394,9 +394,9 @@ def test_sdxl_training_lowers_the_loss_on_its_examples(tmp_path, mini_sdxl_dir):
                       ["train.text_encoder_lr=0", "train.min_snr_gamma=0"])
     trainer = train.Trainer(cfg, log=lambda m: None)
     trainer.run()
-    order, batches = train.epoch_order(trainer.examples, 2, cfg.train.seed, 0)
-    dataset = train.EpochDataset(trainer, 0, order)
-    batches = [torch.utils.data.default_collate([dataset[i] for i in b]) for b in batches]
+    samples = train.TrainingSamples(trainer, trainer.batches)
+    trainer.batches.start_epoch(0)
+    batches = [torch.utils.data.default_collate([samples[key] for key in b]) for b in trainer.batches]
     with torch.no_grad():
         trained = sum(float(trainer.step(b)) for b in batches)
         trainer.base.unet.disable_adapters()
