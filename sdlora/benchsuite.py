@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -448,7 +447,3 @@ def markdown_table(result: dict) -> str:
             other = row.get("error", "")
         lines.append(f"| {row['name']} | {row['status']} | " + " | ".join(cells) + f" | {other} |")
     return "\n".join(lines)
-
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

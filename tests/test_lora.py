@@ -4,7 +4,6 @@ import logging
 import re
 import struct
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
