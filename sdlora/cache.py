@@ -36,6 +36,28 @@ def file_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
+def stored_digest(path: Path, store: Path) -> str:
+    """`file_digest`, remembered across runs in the JSON file `store` by (path, size, mtime), so
+    the identity of a multi-gigabyte base costs one hash per change, not one per run."""
+    from .io import atomic_write_text
+
+    st = os.stat(path)
+    key, stamp = os.path.realpath(path), [st.st_size, st.st_mtime_ns]
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+        entry = known.get(key)
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: it is only a cache
+        known, entry = {}, None
+    if isinstance(entry, list) and entry[:2] == stamp and isinstance(entry[-1], str):
+        _DIGESTS.setdefault((key, *stamp), entry[-1])
+        return entry[-1]
+    digest = file_digest(path)
+    known = known if isinstance(known, dict) else {}
+    known[key] = [*stamp, digest]
+    atomic_write_text(store, json.dumps(known, indent=1))
+    return digest
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -60,9 +82,22 @@ def image_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def read_entry(path: Path, log=print) -> dict[str, torch.Tensor] | None:
+    """A cache file's tensors, or None when there is none; a damaged one (a disk error, a killed
+    copy) is deleted and reported, so the caller rebuilds it rather than trusting it."""
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a bad file
+        log(f"cache: {path} was damaged ({type(e).__name__}); rebuilding it")
+        path.unlink(missing_ok=True)
+        return None
+
+
 class LatentCache:
-    def __init__(self, folder: Path, vae, device: torch.device | str = "cpu", dtype=torch.float32):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, vae, device: torch.device | str = "cpu", dtype=torch.float32, log=print):
+        self.folder, self.log = Path(folder), log
         self.vae = vae
         self.device, self.dtype = device, dtype
         self.vae_id = module_fingerprint(vae)
@@ -76,11 +111,9 @@ class LatentCache:
     def get(self, image_path: Path, digest: str, bucket: Bucket, flip_aug: bool, load_image) -> dict[str, torch.Tensor]:
         """{"mean", "std"} (+ "flip_mean", "flip_std" with flip_aug), encoding only on a miss."""
         path = self.path(self.key(digest, bucket, flip_aug))
-        if path.exists():
-            try:
-                return load_file(str(path))
-            except Exception:  # a damaged entry is re-encoded, not trusted
-                path.unlink(missing_ok=True)
+        entry = read_entry(path, self.log)
+        if entry is not None:
+            return entry
         image, _ = fit_to_bucket(load_image(image_path), bucket)
         pixels = image_to_tensor(image)[None]
         if flip_aug:
@@ -105,13 +138,14 @@ class TextEmbeddingCache:
     {"hidden": (77, d)} and, for SDXL, {"pooled": (1280,)}, keyed by the encoders' weights,
     `identity` (family, clip_skip) and the caption."""
 
-    def __init__(self, folder: Path, text_encoders, identity: str, encode):
+    def __init__(self, folder: Path, text_encoders, identity: str, encode, log=print):
         from .family import TextConditioning
 
         self.folder = Path(folder)
         self.encode = encode  # list of captions -> TextConditioning of the batch
         self.te_id = "_".join(module_fingerprint(te) for te in text_encoders) + f"_{identity}"
         self.memory: dict[str, TextConditioning] = {}
+        self.log = log
 
     def fill(self, captions) -> None:
         for caption in dict.fromkeys(captions):
@@ -124,12 +158,7 @@ class TextEmbeddingCache:
         if key in self.memory:
             return self.memory[key]
         path = self.folder / f"{key}.safetensors"
-        entry = None
-        if path.exists():
-            try:
-                entry = load_file(str(path))
-            except Exception:  # a damaged entry is re-encoded, not trusted
-                path.unlink(missing_ok=True)
+        entry = read_entry(path, self.log)
         if entry is None:
             STATS["te_encodes"] += 1
             with torch.no_grad():

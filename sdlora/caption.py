@@ -50,7 +50,9 @@ def read_vocabulary(path: str | Path) -> list[str]:
         raise UserError(f"{path}: tag vocabulary not found; set [caption] vocabulary to a text file "
                         "with one tag per line (e.g. datasets_cfg/tags/scenery.txt)")
     tags, seen = [], set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    from .io import read_caption
+
+    for line in read_caption(path).splitlines():  # a tag list is read like a caption (UTF-8, reported fallback)
         tag = " ".join(line.split("#", 1)[0].split())
         if tag and tag.lower() not in seen:
             seen.add(tag.lower())
@@ -226,7 +228,8 @@ class EmbeddingCache:
             return None
         try:
             return np.load(path)
-        except (OSError, ValueError):  # a damaged entry is recomputed, not trusted
+        except (OSError, ValueError, EOFError) as e:  # a damaged entry is recomputed, not trusted
+            print(f"cache: {path} was damaged ({type(e).__name__}); rebuilding it")
             return None
 
     def put(self, digest: str, emb: np.ndarray) -> None:

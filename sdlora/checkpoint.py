@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -451,21 +449,11 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
 
 def save_diffusers(base, folder, overwrite: bool = False) -> Path:
     """A diffusers StableDiffusionPipeline folder, written to a temp folder then renamed."""
+    from .io import atomic_folder
+
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise UserError(f"{folder} exists; choose another folder or pass overwrite=True")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         base.pipeline().save_pretrained(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or an override; the message says how to fix it."""
+from .errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
 
 
-def opt(default, help: str, *, choices=None, min=None, max=None, path=False, check=None):
+
+
+SEED_MAX = 2**32 - 1  # numpy's and A1111's seed range, which accelerate's set_seed and samplers share
+
+
+def opt(default, help: str, *, choices=None, min=None, max=None, path=False, check=None, items=None):
     """A config field with its help text and constraints, read by `validate` and `--help`.
 
-    check: for fields typed `Any`, a function (value, where) -> value that validates them."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "check": check}
+    check: for fields typed `Any`, a function (value, where) -> value that validates them.
+    items: the type of a list's elements (or a table's values); min/max then bound each element.
+    """
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "path": path, "check": check, "items": items}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -83,7 +89,8 @@ class DatasetConfig:
     max_bucket_reso: int = opt(1024, "largest bucket side", min=32)
     bucket_reso_steps: int = opt(64, "bucket side step (a multiple of 8)", min=8)
     bucket_no_upscale: bool = opt(False, "never upscale an image to reach its bucket")
-    caption_extension: str = opt(".txt", "caption sidecar extension")
+    caption_extension: str = opt(".txt", "caption sidecar extension: a text type such as .txt or .caption, "
+                                 "never an image type")
     shuffle_caption: bool = opt(True, "shuffle tags each step, keeping the first keep_tokens in place")
     keep_tokens: int = opt(1, "leading tags never shuffled or dropped (the trigger)", min=0)
     caption_dropout_rate: float = opt(0.0, "probability of training on an empty caption", min=0.0, max=1.0)
@@ -109,9 +116,9 @@ class CaptionConfig:
     max_tags: int = opt(20, "at most this many tags per image", min=1)
     batch_size: int = opt(16, "images per tagger batch", min=1)
     retag: bool = opt(False, "re-tag images that already have captions (old ones are backed up)")
-    blacklist: list = opt([], "tags never written")
-    replace: dict = opt({}, "synonym rules: {\"from\" = \"to\"}")
-    style_tags: list = opt([], "style words folded into the trigger and removed from captions")
+    blacklist: list = opt([], "tags never written", items=str)
+    replace: dict = opt({}, "synonym rules: {\"from\" = \"to\"}", items=str)
+    style_tags: list = opt([], "style words folded into the trigger and removed from captions", items=str)
     min_tag_count: int = opt(1, "drop tags seen on fewer images than this", min=1)
 
 
@@ -149,8 +156,10 @@ class TrainConfig:
     mixed_precision: str = opt("no", "mixed precision", choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
+    save_every_n_steps: int = opt(0, "also save an adapter (NAME-stepNNNNNNNN) and training state every n "
+                                     "optimizer steps (0 = off)", min=0)
     save_precision: str = opt("fp16", "dtype of exported adapters", choices=["fp16", "bf16", "fp32"])
-    seed: int = opt(42, "random seed")
+    seed: int = opt(42, "random seed", min=0, max=SEED_MAX)
     attention: str = opt("sdpa", "attention kernel: sdpa (PyTorch) | xformers (needs xformers and CUDA)",
                          choices=["sdpa", "xformers"])
     compile: bool = opt(False, "torch.compile each U-Net transformer block (CUDA; costs a compile at start)")
@@ -161,7 +170,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    prompts: list = opt([], "prompts of the sample grid (rows)")
+    prompts: list = opt([], "prompts of the sample grid (rows)", items=str)
     negative_prompt: str = opt("", "negative prompt")
     width: int = opt(1080, "image width (a multiple of 8)", min=64)
     height: int = opt(720, "image height (a multiple of 8)", min=64)
@@ -169,8 +178,8 @@ class SampleConfig:
     cfg_scale: float = opt(7.0, "classifier-free guidance scale", min=0.0)
     sampler: str = opt("dpmpp_2m_karras", "scheduler",
                        choices=["dpmpp_2m_karras", "dpmpp_2m", "euler_a", "euler", "ddim"])
-    seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)")
-    lora_scales: list = opt([0.0, 0.5, 1.0], "LoRA scales of the grid columns (0 = the base)")
+    seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)", items=int, min=0, max=SEED_MAX)
+    lora_scales: list = opt([0.0, 0.5, 1.0], "LoRA scales of the grid columns (0 = the base)", items=float)
     batch_size: int = opt(1, "images per pipeline call", min=1)
     hires: str = opt("auto", "two-pass hires: auto (when larger than the base's native size) | on | off",
                      choices=["auto", "on", "off"])
@@ -209,10 +218,17 @@ class Config:
     def output_dir(self) -> Path:
         return Path(self.output.dir)
 
-    def adapter_path(self, epoch: int | None = None) -> Path:
-        """The exported adapter, `<output.dir>/<output_name>.safetensors`; an epoch's is `<output_name>-0000NN`."""
-        stem = self.output_name if epoch is None else f"{self.output_name}-{epoch:06d}"
-        return self.output_dir / f"{stem}.safetensors"
+    def adapter_path(self, epoch: int | None = None, step: int | None = None) -> Path:
+        """The exported adapter, `<output.dir>/<output_name>.safetensors`; an epoch's is `<output_name>-0000NN`,
+        a `save_every_n_steps` one `<output_name>-step000000NN` (kohya's names). Never outside output.dir."""
+        from .io import inside
+
+        stem = self.output_name
+        if step is not None:
+            stem = f"{stem}-step{step:08d}"
+        elif epoch is not None:
+            stem = f"{stem}-{epoch:06d}"
+        return inside(self.output_dir, self.output_dir / f"{stem}.safetensors", "adapter")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -238,10 +254,28 @@ def _coerce(value, f: dataclasses.Field, where: str):
     meta = f.metadata
     if t is Any:
         return meta["check"](value, where)
+    value = _check_type(value, t, where)
+    if meta.get("items") is not None:
+        if isinstance(value, dict):
+            return {k: _check_bounds(_check_type(v, meta["items"], f"{where}.{k}"), meta, f"{where}.{k}")
+                    for k, v in value.items()}
+        return [_check_bounds(_check_type(v, meta["items"], f"{where}[{i}]"), meta, f"{where}[{i}]")
+                for i, v in enumerate(value)]
+    return _check_bounds(value, meta, where)
+
+
+def _check_type(value, t, where: str):
+    """`value` as type `t` (an int is taken for a float); NaN and infinity are refused."""
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if t is int and isinstance(value, bool) or not isinstance(value, t):
         raise ConfigError(f"{where}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
+    if t is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number; give a number such as 1e-4")
+    return value
+
+
+def _check_bounds(value, meta, where: str):
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}")
     if meta.get("min") is not None and value < meta["min"]:
@@ -318,6 +352,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -351,6 +387,30 @@ def _check_consistency(cfg: Config, path: Path) -> None:
             raise ConfigError(f"{path}: [sample] {side} = {v} is not a multiple of 8; try {v - v % 8}")
     if cfg.trigger and "," in cfg.trigger:
         raise ConfigError(f"{path}: trigger {cfg.trigger!r} must be one tag without commas")
+    _check_file_names(cfg, path)
+
+
+def _check_file_names(cfg: Config, path: Path) -> None:
+    """The adapter's file name comes from output.output_name (default: name) and captions get
+    dataset.caption_extension: both must name a file in their folder, and captions never an image."""
+    from PIL import Image
+
+    from .images import IMAGE_EXTENSIONS
+    from .io import file_name_problem
+
+    key = "[output] output_name" if cfg.output.output_name else "name"
+    problem = file_name_problem(cfg.output_name)
+    if problem:
+        raise ConfigError(f"{path}: {key} = {cfg.output_name!r} cannot be a file name: {problem}; "
+                          f"use letters, digits, '-' and '_', e.g. \"my_style\"")
+    ext = cfg.dataset.caption_extension
+    if not (ext.startswith(".") and len(ext) > 1 and ext[1:].replace("_", "").isalnum()):
+        raise ConfigError(f"{path}: [dataset] caption_extension = {ext!r}: expected a file extension such as "
+                          f"\".txt\" or \".caption\"")
+    images = IMAGE_EXTENSIONS | set(Image.registered_extensions())
+    if ext.lower() in images or ext.lower() in (".safetensors", ".ckpt", ".pt", ".bin", ".toml", ".json", ".npy"):
+        raise ConfigError(f"{path}: [dataset] caption_extension = {ext!r} is not a caption type: captions would be "
+                          f"written over {'images' if ext.lower() in images else 'other files'}; use \".txt\"")
 
 
 def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:

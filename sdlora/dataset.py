@@ -30,7 +30,7 @@ from . import caption as captioner
 from .config import Config, add_override_argument
 from .errors import UserError
 from .images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, read_caption, remove_stale_temps
 from .tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
 
 REPORT_MD = "dataset_report.md"
@@ -131,6 +131,19 @@ def _folder_writable(folder: Path) -> bool:
         return False
 
 
+def refuse_non_caption(path: Path) -> None:
+    """Stop before a caption is written over a file that is not a caption: an image, a binary, a big file."""
+    from .images import IMAGE_EXTENSIONS
+
+    if not path.exists():
+        return
+    head = path.read_bytes()[:65536] if path.is_file() else b""
+    text = path.is_file() and path.stat().st_size <= 65536 and b"\0" not in head
+    if path.suffix.lower() in IMAGE_EXTENSIONS or not text:
+        raise UserError(f"{path}: exists and is not a caption file; it is not overwritten. Move it away, or set "
+                        f"[dataset] caption_extension to a caption type such as \".txt\"")
+
+
 def built_caption_path(image: Path, cfg: Config) -> Path:
     """Where the builder writes a caption when the image folder is read-only: OUTPUT/captions,
     mirroring the image's subfolders so that a/x.png and b/x.png keep separate captions."""
@@ -170,6 +183,8 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     folder = Path(d.image_dir)
     out = cfg.output_dir
     captioner_before = captioner.images_encoded
+    for written_to in (folder, out):  # captions, reports and caches of a killed run
+        remove_stale_temps(written_to, log=log)
 
     # 1. scan and validate
     records, rejected = [], []
@@ -228,7 +243,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     for r in kept:
         existing = existing_caption(r.path, cfg, writable)[0]
         if existing and not retag:
-            r.tags, r.caption_path, r.source = parse_caption(existing.read_text(encoding="utf-8")), existing, "kept"
+            r.tags, r.caption_path, r.source = parse_caption(read_caption(existing, log)), existing, "kept"
         else:
             to_tag.append(r)
     unknown, dropped = [], []
@@ -262,8 +277,9 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         old = existing_caption(r.path, cfg, writable)[0]
         text = format_caption(r.tags) + "\n"
         r.caption_path = target
-        if old is not None and old.read_text(encoding="utf-8") == text and old == target:
+        if old is not None and old.read_bytes() == text.encode("utf-8") and old == target:
             continue
+        refuse_non_caption(target)
         if old is not None and old.parent == target.parent:
             backup, n = old.with_name(f"{old.name}.bak-{stamp}"), 1
             while backup.exists():  # two --retag runs within a second: never replace a backup
@@ -408,7 +424,7 @@ def write_report(cfg: Config, report: DatasetReport, log=print) -> None:
         f"report {out / REPORT_MD}, contact sheet {out / CONTACT_SHEET}")
 
 
-def excluded_images(cfg: Config) -> set[Path]:
+def excluded_images(cfg: Config, log=print) -> set[Path]:
     """Images the dataset builder excluded as near-duplicates (per `dataset_report.json`), for the trainer.
 
     An entry counts only while the file still has the recorded content, so a replaced image is
@@ -419,16 +435,17 @@ def excluded_images(cfg: Config) -> set[Path]:
     path = cfg.output_dir / REPORT_MARKER
     if not path.is_file():
         return set()
-    data = json.loads(path.read_text(encoding="utf-8"))
-    folder = Path(cfg.dataset.image_dir)
-    if Path(data.get("image_dir", "")) != folder:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        folder = Path(cfg.dataset.image_dir)
+        if Path(data.get("image_dir", "")) != folder:
+            return set()
+        entries = [(folder / entry["file"], entry["digest"]) for entry in data.get("excluded", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        log(f"warning: {path} is damaged ({type(e).__name__}); no near-duplicate is excluded. "
+            f"`sdlora dataset {cfg.source or 'CONFIG'}` writes it again")
         return set()
-    out = set()
-    for entry in data.get("excluded", []):
-        image = folder / entry["file"]
-        if image.is_file() and file_digest(image) == entry["digest"]:
-            out.add(image)
-    return out
+    return {image for image, digest in entries if image.is_file() and file_digest(image) == digest}
 
 
 def add_command(subparsers) -> None:

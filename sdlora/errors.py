@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from .config import ConfigError
-
 
 class UserError(Exception):
     """A mistake the user can fix; the CLI prints the message alone, with no traceback."""
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or an override; the message says how to fix it."""
 
 
 # Config mistakes are user mistakes too.

@@ -541,6 +541,10 @@ def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise ValueError(f"safetensors metadata values must be strings: {bad}")
+    broken = non_finite_modules(tensors)
+    if broken:
+        raise UserError(f"{path}: not written: {len(broken)} adapter modules hold NaN or infinite values "
+                        f"(e.g. {next(iter(broken))}); the weights diverged, see the training message")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     model_hash = hashlib.sha256(_data_section(save(tensors))).hexdigest()
     serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash})
@@ -569,8 +573,12 @@ def short_hash(path) -> str:
     return (stored or addnet_hash(path))[:12]
 
 
-def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a Kohya-format adapter file, with a clear error for anything else."""
+def read_adapter(path, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a Kohya-format adapter file, with a clear error for anything else.
+
+    Every command that takes an adapter reads it here, so an unusable one (`check_adapter`) is
+    refused everywhere; `inspect` alone reads NaN/inf values, to report them.
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -593,4 +601,40 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UserError(f"{path}: no Kohya LoRA keys (lora_unet_*, lora_te_*){hint}; sdlora reads Kohya-format adapters")
     if foreign:
         raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
+    check_adapter(path, tensors, allow_non_finite)
     return tensors, metadata
+
+
+def non_finite_modules(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{module key: [suffixes of its tensors holding NaN or infinity]}, for modules that have any."""
+    broken: dict[str, list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            key, _, suffix = name.partition(".")
+            broken.setdefault(key, []).append(suffix)
+    return broken
+
+
+# factor pairs whose shared axis is the rank: (tensor, its rank axis) x 2
+_RANK_PAIRS = [(("lora_down.weight", 0), ("lora_up.weight", 1)),
+               (("hada_w1_a", 1), ("hada_w1_b", 0)), (("hada_w2_a", 1), ("hada_w2_b", 0))]
+
+
+def check_adapter(path, tensors: dict[str, torch.Tensor], allow_non_finite: bool = False) -> None:
+    """One line naming the file for what no command can use: NaN/inf values (a diverged
+    training), factors whose ranks disagree, an alpha that is not one number."""
+    for name, tensor in tensors.items():
+        if name.endswith(".alpha") and tensor.numel() != 1:
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}; alpha must be one number: "
+                            f"the file is damaged or not a LoRA")
+    for key, parts in kohya.group_modules(tensors).items():
+        for (a, axis_a), (b, axis_b) in _RANK_PAIRS:
+            if a in parts and b in parts and (parts[a].dim() <= axis_a or parts[b].dim() <= axis_b
+                                              or parts[a].shape[axis_a] != parts[b].shape[axis_b]):
+                raise UserError(f"{path}: {key}: {a} {tuple(parts[a].shape)} and {b} {tuple(parts[b].shape)} "
+                                f"disagree on the rank; the file is damaged")
+    broken = {} if allow_non_finite else non_finite_modules(tensors)
+    if broken:
+        raise UserError(f"{path}: {len(broken)} modules hold NaN or infinite values (e.g. {next(iter(broken))}); "
+                        f"the adapter is unusable (its training diverged): use an earlier epoch file or retrain "
+                        f"with a lower learning rate. `sdlora inspect` lists the modules")

@@ -507,14 +507,15 @@ def inspect(path, plot: Path | None = None) -> dict:
     """A JSON-ready summary of an adapter file (and optionally a PNG of its spectra)."""
     from . import lora
 
-    tensors, metadata = lora.read_adapter(path)
+    tensors, metadata = lora.read_adapter(path, allow_non_finite=True)
     sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
-    spectra = inspect_tensors(tensors, sd_v1)
+    broken = lora.non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
+    spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken}, sd_v1)
     counts: dict[str, int] = {}
     for m in spectra:
         counts[m.part] = counts.get(m.part, 0) + 1
     summary = {"file": str(path), "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items())},
-               "modules_per_part": counts, "modules": [asdict(m) for m in spectra]}
+               "modules_per_part": counts, "modules": [asdict(m) for m in spectra], "non_finite": broken}
     if plot is not None:
         plot_spectra(spectra, Path(plot), title=Path(path).name)
         summary["plot"] = str(plot)
@@ -575,6 +576,11 @@ def format_inspect(summary: dict) -> str:
                      + "  ".join(f"{m['ranks_for_energy'][lv]:>5}" for lv in levels))
     if "plot" in summary:
         lines.append(f"plot: {summary['plot']}")
+    broken = summary.get("non_finite") or {}
+    if broken:
+        lines.append(f"NON-FINITE: {len(broken)} modules hold NaN or infinite values (the training diverged; "
+                     f"resize, merge and sample refuse this file):")
+        lines += [f"  {key}: {', '.join(suffixes)}" for key, suffixes in broken.items()]
     return "\n".join(lines)
 
 
@@ -670,7 +676,7 @@ def _cmd_merge(args) -> int:
 def _cmd_inspect(args) -> int:
     summary = inspect(args.file, plot=args.plot)
     print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))
-    return 0
+    return 1 if summary["non_finite"] else 0
 
 
 def add_command(subparsers) -> None:
@@ -723,7 +729,8 @@ def add_command(subparsers) -> None:
 
     p = subparsers.add_parser("inspect", help="metadata, ranks, norms and energy curves of an adapter",
                               description=__doc__, formatter_class=fmt)
-    p.add_argument("file", metavar="FILE", help="Kohya-format adapter (.safetensors): LoRA, LoCon or LoHa")
+    p.add_argument("file", metavar="FILE", help="Kohya-format adapter (.safetensors): LoRA, LoCon or LoHa; modules "
+                                                "holding NaN/inf are listed and the exit code is 1")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the singular-value spectra and cumulative "
                                                              "energy curves to this PNG")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -135,6 +135,17 @@ def family_of(text_encoder_dim: int, cross_attention_dim: int, prediction_type: 
     return "sd_v1"
 
 
+def base_weights_file(model_cfg) -> Path | None:
+    """The file whose sha256 is a base's `model_hash` (ss_new_sd_model_hash), found without loading
+    the base: a checkpoint file itself, a diffusers folder's U-Net weights; None for a hub id."""
+    if model_cfg.base == "tiny":
+        return _folder_unet_weights(TINY_DIR)
+    path = Path(model_cfg.base).expanduser()
+    if path.is_dir():
+        return _folder_unet_weights(path)
+    return path if path.is_file() else None
+
+
 def _folder_unet_weights(folder: Path) -> Path:
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (folder / "unet" / name).exists():

@@ -14,14 +14,24 @@ from .errors import UserError
 
 
 def adapter_up_to_date(cfg: Config, path: Path) -> bool:
-    """True when `path` was trained from exactly this config, base and dataset."""
+    """True when `path` was trained from exactly this config, base and dataset.
+
+    The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
+    that of the file now at model.base, so another model copied over the same path retrains.
+    """
+    from .cache import stored_digest
     from .lora import read_adapter
+    from .models import base_weights_file
     from .train import collect_examples, config_hash
 
     if not path.is_file():
         return False
     _, metadata = read_adapter(path)
-    return metadata.get("sdlora_config_hash") == config_hash(cfg, collect_examples(cfg, log=lambda m: None))
+    if metadata.get("sdlora_config_hash") != config_hash(cfg, collect_examples(cfg, log=lambda m: None)):
+        return False
+    weights = base_weights_file(cfg.model)
+    return weights is None or metadata.get("ss_new_sd_model_hash") == stored_digest(
+        weights, cfg.output_dir / "cache" / "base_digests.json")
 
 
 def style_figures(cfg: Config, rendered) -> dict | None:

@@ -40,6 +40,7 @@ import torch
 from . import kohya
 from .config import add_override_argument
 from .errors import UserError
+from .io import inside, safe_file_stem
 from .lora import use_fused_forward
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
@@ -442,7 +443,7 @@ def render_grid(sampler: Sampler, prompts: list[str], seeds: list[int], columns:
             images, params = sampler.render([prompts[p] for p, _ in batch], [seeds[i] for _, i in batch],
                                             width, height, steps, hires)
             for (p, i), image in zip(batch, images):
-                path = folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seeds[i]}.png"
+                path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seeds[i]}.png")
                 save_png(image, path, parameters_for(prompts[p], seeds[i], sampler.adapters.adapters, weights,
                                                      s.negative_prompt, params))
                 result.images.append(Rendered(path, prompts[p], seeds[i], scale, lora_file, image))
@@ -452,7 +453,7 @@ def render_grid(sampler: Sampler, prompts: list[str], seeds: list[int], columns:
     for i, seed in enumerate(seeds):
         grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(prompts))],
                          labels, prompts, s.thumbnail, title=f"seed {seed}")
-        path = folder / f"{stem}_grid_seed{seed}.png"
+        path = inside(folder, folder / f"{stem}_grid_seed{seed}.png")
         save_png(grid, path, f"sdlora grid: rows = prompts, columns = {', '.join(labels)}; seed {seed}")
         result.grids.append(path)
     return result
@@ -600,7 +601,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
             return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log, **size)
         for path, weight in loras:
             sampler.adapters.add(path, weight)
-        stem = "_".join(a.alias for a in sampler.adapters.adapters)
+        stem = "_".join(safe_file_stem(a.alias) for a in sampler.adapters.adapters)  # aliases come from files
         return render_grid(sampler, prompts, list(s.seeds), _sweep_columns(sampler, list(s.lora_scales)), folder,
                            stem, log=log, **size)
     finally:

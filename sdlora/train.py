@@ -15,6 +15,9 @@ import hashlib
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,8 @@ from .errors import UserError
 from .family import (TextConditioning, clip_skip_note, encode_text, is_sdxl, time_ids, unet_conditioning,
                      unread_text_layers)
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.safetensors"
+OLD_STATE_FILE = "training_state.pt"  # sdlora before 0.2: a pickle, never read
 
 
 # ----------------------------------------------------------------------------- data
@@ -43,12 +47,13 @@ class Example:
     size: tuple[int, int] = (0, 0)  # the image's (width, height) before bucketing: SDXL's original size
 
 
-def find_caption(image: Path, cfg: Config, beside_images: bool) -> tuple[str | None, str]:
+def find_caption(image: Path, cfg: Config, beside_images: bool, log=print) -> tuple[str | None, str]:
     """(caption text, "sidecar" | "builder"), or (None, "trigger") when the image has none."""
     from .dataset import existing_caption
+    from .io import read_caption
 
     path, source = existing_caption(image, cfg, beside_images)
-    return (path.read_text(encoding="utf-8"), source) if path else (None, "trigger")
+    return (read_caption(path, log), source) if path else (None, "trigger")
 
 
 def collect_examples(cfg: Config, log=print) -> list[Example]:
@@ -67,7 +72,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     area = reso[0] * reso[1]
     examples, rejected, uncaptioned = [], [], []
     beside_images = captions_beside_images(cfg)
-    duplicates = excluded_images(cfg)  # near-duplicates the dataset builder set aside
+    duplicates = excluded_images(cfg, log)  # near-duplicates the dataset builder set aside
     if duplicates:
         log(f"skipping {len(duplicates)} near-duplicate image(s) the dataset builder excluded "
             f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
@@ -83,7 +88,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
             bucket = assign_bucket(image.width, image.height, buckets, area, d.bucket_reso_steps, d.bucket_no_upscale)
         else:
             bucket = Bucket(*reso)
-        text, source = find_caption(path, cfg, beside_images)
+        text, source = find_caption(path, cfg, beside_images, log)
         if text is None:
             uncaptioned.append(path.name)
             text = cfg.trigger
@@ -197,10 +202,12 @@ class EpochDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------- trainer
 
-def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
-    """min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)."""
-    alpha = alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alpha / (1 - alpha)
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_prediction: bool) -> torch.Tensor:
+    """min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v),
+    SNR = alpha_bar / (1 - alpha_bar) from diffusers' `compute_snr`."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
     return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
 
 
@@ -214,6 +221,110 @@ class TrainResult:
     report: Path | None = None
 
 
+@dataclass
+class Progress:
+    """Wall-clock bookkeeping that spans sessions: a resumed run reports the whole training."""
+
+    started_at: float  # unix time the training (not this session) began
+    seconds_before: float  # training time of earlier sessions
+    session_started: float
+    adapters: list[Path]  # every adapter file written, in order
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.session_started
+
+    def resumed(self, state: dict, out: Path) -> None:
+        self.started_at = float(state.get("training_started_at", self.started_at))
+        self.seconds_before = float(state.get("seconds", 0.0))
+        self.adapters[:0] = [out / name for name in state.get("adapters", []) if (out / name).is_file()]
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, honoured at a step boundary after the state was saved."""
+
+    def __init__(self, signum: int, step: int, cfg: Config):
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        where = f" {cfg.source}" if cfg.source else " CONFIG"
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; the training state is saved "
+                         f"in {cfg.output_dir / 'state' / STATE_FILE}: continue with `sdlora train{where} --resume` "
+                         "(and the same --set options)")
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handlers for the training loop.
+
+    Once the loop runs (`armed`), a signal only sets a flag that the loop reads at its next step
+    boundary, where it saves the state and stops (`TrainingStopped`); a second signal, or one
+    before the loop starts, stops at once. Several processes stop at the same step: the loop
+    takes the largest flag over all of them.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.armed, self.previous = 0, False, {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.armed or self.signum:
+            raise KeyboardInterrupt(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving the training state at the end of this step, then "
+              "stopping (press Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+
+    def requested(self, accelerator) -> int:
+        """The signal to stop for (0: none), the same in every process."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flags = accelerator.gather(torch.tensor([self.signum], device=accelerator.device))
+        return int(flags.max())
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient: nothing of the step was applied or written."""
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """||concat(tensors)||_2, what clip_grad_norm_ returns (torch.nn.utils.get_total_norm from torch 2.6)."""
+    if not tensors:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: float, losses: list[float],
+                 overflow_skips: bool) -> None:
+    """Stop training on a NaN/inf loss or gradient norm, saying where, why and what to change.
+
+    overflow_skips: fp16's gradient scaler skips steps whose gradients overflow and lowers its
+    scale, so an infinite gradient is expected there now and then; a non-finite loss is not.
+    """
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
+        return
+    tc = cfg.train
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+    last = f"last finite loss {losses[-1]:.4f} at step {step - 1}" if losses else "no step had finished"
+    if tc.mixed_precision == "fp16":
+        cause = ("fp16 overflowed: set train.mixed_precision = \"bf16\" (or \"no\"), or lower the learning rates "
+                 f"(unet_lr {tc.unet_lr:g}, text_encoder_lr {tc.text_encoder_lr})")
+    else:
+        cause = (f"the learning rates are too high for this network (unet_lr {tc.unet_lr:g}, text_encoder_lr "
+                 f"{tc.text_encoder_lr}; 1e-4 to 1e-3 is usual for AdamW), or network.alpha / network.dim "
+                 f"({cfg.network.alpha:g} / {cfg.network.dim}) scales the adapters too strongly: lower them, "
+                 f"keep train.max_grad_norm at 1.0")
+    raise TrainingDiverged(
+        f"{cfg.source or 'training'}: training stopped at step {step} (epoch {epoch}): {what} ({last}). "
+        f"Likely cause: {cause}; then train again without --resume. Nothing of this step was saved: the "
+        f"adapters and state already in {cfg.output_dir} are from before it.")
+
+
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         from accelerate import Accelerator
@@ -223,6 +334,7 @@ class Trainer:
         from . import models
 
         self.cfg, self.log = cfg, log
+        self.bar = None  # the progress bar while the loop runs
         tc = cfg.train
         out = cfg.output_dir
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
@@ -296,6 +408,7 @@ class Trainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import cast_training_params
 
         from . import lora
         from .cache import TextEmbeddingCache
@@ -308,8 +421,7 @@ class Trainer:
         train_te = cfg.network.train_text_encoder and any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
-        for p in self.network.trainable_parameters():  # adapters train in fp32 under fp16/bf16 bases
-            p.data = p.data.float()
+        cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
         if train_te:
             layers = [te.config.num_hidden_layers for te in encoders]
             for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
@@ -381,7 +493,13 @@ class Trainer:
 
     # -- the step
     def step(self, batch: dict) -> torch.Tensor:
-        """One micro-batch: noise the latents at random timesteps, predict, weighted MSE."""
+        """One micro-batch: noise the latents at random timesteps, predict, weighted MSE.
+
+        The batch's random draws (latent sample, noise, offset, timesteps) were made by
+        `EpochDataset` from a generator seeded by (seed, epoch, position in the epoch), not here:
+        each example's draws are then the same whichever process takes it and whether or not the
+        run was resumed, so one process equals several and a resumed run equals an unbroken one.
+        """
         cfg, base = self.cfg, self.base
         latents = batch["latents"] * base.vae.config.scaling_factor  # (B, 4, h, w)
         noise = batch["noise"]
@@ -398,7 +516,7 @@ class Trainer:
         target = base.noise_scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
         loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if cfg.train.min_snr_gamma:
-            loss = loss * snr_weights(base.noise_scheduler.alphas_cumprod, timesteps, cfg.train.min_snr_gamma,
+            loss = loss * snr_weights(base.noise_scheduler, timesteps, cfg.train.min_snr_gamma,
                                       self.v_prediction)
         return loss.mean()
 
@@ -423,8 +541,11 @@ class Trainer:
         lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
 
     def save_state(self, epoch: int, batch_in_epoch: int, step: int, losses: list[float]) -> None:
-        from .io import atomic_torch_save
+        """Everything --resume needs to continue bit for bit, as data (`state.py`): no pickle."""
+        from . import state as training_state
 
+        out = self.cfg.output_dir
+        progress = self.progress
         state = {
             "adapter": self.network.kohya_state_dict(torch.float32),
             "optimizer": self.optimizer.state_dict(),
@@ -432,26 +553,65 @@ class Trainer:
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "losses": losses,
             "config_hash": config_hash(self.cfg, self.examples),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            # for the report and the metadata of a resumed run: the whole training, not the last session
+            "training_started_at": progress.started_at, "seconds": progress.seconds(),
+            "adapters": [str(p.relative_to(out)) for p in progress.adapters],
         }
-        atomic_torch_save(state, self.cfg.output_dir / "state" / STATE_FILE)
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        training_state.save_state(state, out / "state" / STATE_FILE)
 
     def load_state(self) -> dict:
-        path = self.cfg.output_dir / "state" / STATE_FILE
+        from . import state as training_state
+
+        folder = self.cfg.output_dir / "state"
+        path = folder / STATE_FILE
         if not path.is_file():
+            if (folder / OLD_STATE_FILE).is_file():
+                raise UserError(f"--resume: {folder / OLD_STATE_FILE} is an older sdlora's pickled state, which is "
+                                "not read (a pickle can run code); start again without --resume")
             raise UserError(f"--resume: no training state at {path}; start without --resume")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config_hash"] != config_hash(self.cfg, self.examples):
+        fix = ("delete it and start again without --resume (the adapters saved so far are kept; "
+               "set train.overwrite = true or another output.output_name)")
+        try:
+            state = training_state.load_state(path)
+        except training_state.DamagedState as e:
+            raise UserError(f"--resume: {path} is damaged ({e}); {fix}") from None
+        if state.get("config_hash") != config_hash(self.cfg, self.examples):
             raise UserError(f"--resume: {path} was written for a different config or dataset; "
                             "resume with the same settings, or start a new run without --resume")
-        self.network.load_kohya_state_dict(state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        try:
+            self.network.load_kohya_state_dict(state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            if "cuda" in state["rng"] and torch.cuda.device_count() == len(state["rng"]["cuda"]):
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            state["epoch"], state["batch_in_epoch"], state["step"] = (int(state[k]) for k in
+                                                                      ("epoch", "batch_in_epoch", "step"))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"--resume: {path} is damaged ({type(e).__name__}: {e}); {fix}") from None
         return state
 
     # -- the loop
-    def run(self, resume: bool = False, interrupt_at_step: int | None = None) -> TrainResult:
+    def run(self, resume: bool = False) -> TrainResult:
+        """Train holding the output folder's lock; SIGINT / SIGTERM stop at the next step boundary
+        with the state saved for --resume (`StopRequest`)."""
+        import contextlib
+
+        from .io import output_lock, remove_stale_temps
+
+        out = self.cfg.output_dir
+        with contextlib.ExitStack() as stack:
+            if self.accelerator.is_main_process:  # the other processes belong to the same training
+                stack.enter_context(output_lock(out, log=self.log))
+                remove_stale_temps(out, log=self.log)
+            self.stop = stack.enter_context(StopRequest())
+            stack.callback(lambda: self.bar and self.bar.close())  # an error's line starts on a line of its own
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainResult:
         from tqdm import tqdm
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
@@ -461,18 +621,21 @@ class Trainer:
                             "to replace it, or choose another output.output_name")
         self.setup()
         start_epoch, skip, step, losses = 0, 0, 0, []
+        result = TrainResult(adapter=final, losses=losses)
+        self.progress = Progress(time.time(), 0.0, time.time(), result.adapters)
         if resume:
             state = self.load_state()
             start_epoch, skip, step, losses = state["epoch"], state["batch_in_epoch"], state["step"], state["losses"]
+            result.losses = losses
+            self.progress.resumed(state, cfg.output_dir)
             self._main_log(f"resumed at epoch {start_epoch + 1}, step {step}")
         if acc.is_main_process:
             acc.init_trackers("sdlora")
             self.log(f"training {len(self.examples)} images x {cfg.dataset.num_repeats} repeats, "
                      f"{self.epochs} epochs, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
                      f"({acc.num_processes} process(es), {self.cfg.network.type} on {len(self.network.exported_keys())} modules)")
-        started = time.time()
-        result = TrainResult(adapter=final, losses=losses)
-        bar = tqdm(total=self.total_steps, initial=step, disable=not acc.is_main_process, desc="train")
+        started = self.progress.started_at
+        bar = self.bar = tqdm(total=self.total_steps, initial=step, disable=not acc.is_main_process, desc="train")
         models = [self.unet] + (self.text_encoders if self.train_te else [])
         for epoch in range(start_epoch, self.epochs):
             for m in models:
@@ -482,18 +645,25 @@ class Trainer:
                                                              pin_memory=acc.device.type == "cuda"))
             if skip:
                 loader = acc.skip_first_batches(loader, skip)
+            self.stop.armed = True
             for i, batch in enumerate(loader, start=skip):
                 with acc.accumulate(*models):
                     loss = self.step(batch)
                     acc.backward(loss)
-                    if acc.sync_gradients and tc.max_grad_norm:
-                        acc.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                    if acc.sync_gradients:
+                        if tc.max_grad_norm:
+                            grad_norm = acc.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                        else:
+                            grad_norm = total_norm([p.grad for p in self.trainable if p.grad is not None])
+                        loss_value = acc.gather(loss.detach()).mean().item()
+                        # before the update: a non-finite step never reaches the weights or a file
+                        check_finite(cfg, step + 1, epoch + 1, loss_value, float(grad_norm), losses,
+                                     overflow_skips=acc.scaler is not None)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
                     step += 1
-                    loss_value = acc.gather(loss.detach()).mean().item()
                     losses.append(loss_value)
                     lrs = self.lr_scheduler.get_last_lr()
                     logs = {"loss": loss_value}
@@ -501,11 +671,20 @@ class Trainer:
                     acc.log(logs, step=step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
-                    if interrupt_at_step is not None and step == interrupt_at_step:
+                    every_steps = tc.save_every_n_steps
+                    if every_steps and step % every_steps == 0 and step < self.total_steps:
+                        if acc.is_main_process:
+                            path = self.cfg.adapter_path(step=step)
+                            self.save_adapter(path, epoch + 1, step, started)
+                            result.adapters.append(path)
+                            self.save_state(epoch, i + 1, step, losses)
+                        acc.wait_for_everyone()
+                    signum = self.stop.requested(acc)
+                    if signum:
                         if acc.is_main_process:
                             self.save_state(epoch, i + 1, step, losses)
                         acc.wait_for_everyone()
-                        raise KeyboardInterrupt(f"interrupted at step {step}")
+                        raise TrainingStopped(signum, step, self.cfg)
                     if step >= self.total_steps:
                         break
             skip = 0
@@ -524,7 +703,7 @@ class Trainer:
             self.save_adapter(final, self.epochs, step, started)
             self.save_state(self.epochs, 0, step, losses)
             result.adapters.append(final)
-            result.steps, result.seconds = step, time.time() - started
+            result.steps, result.seconds = step, self.progress.seconds()
             result.report = write_report(self, result)
         acc.end_training()
         return result
@@ -614,8 +793,8 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
     return path
 
 
-def train(cfg: Config, resume: bool = False, log=print, interrupt_at_step: int | None = None) -> TrainResult:
-    return Trainer(cfg, log=log).run(resume=resume, interrupt_at_step=interrupt_at_step)
+def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
+    return Trainer(cfg, log=log).run(resume=resume)
 
 
 def add_command(subparsers) -> None:
@@ -627,7 +806,7 @@ def add_command(subparsers) -> None:
     p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
     add_override_argument(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue from <output dir>/state/training_state.pt (same config and images)")
+                   help=f"continue from <output dir>/state/{STATE_FILE} (same config and images)")
     p.set_defaults(func=_cmd_train)
 
 

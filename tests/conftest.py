@@ -29,3 +29,24 @@ def mini_sdxl_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mini_sdxl")
     build_sdxl_pipeline(seed=0).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def interrupt_at_step(monkeypatch):
+    """arm(n, signum): this process gets `signum` (default SIGINT, what Ctrl-C sends) during the
+    n-th training step, through the same handler a user's Ctrl-C or `kill` reaches."""
+    import signal
+
+    from sdlora import train
+
+    def arm(n: int, signum=signal.SIGINT):
+        original, calls = train.Trainer.step, []
+
+        def step(self, batch):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signum)
+            return original(self, batch)
+
+        monkeypatch.setattr(train.Trainer, "step", step)
+    return arm

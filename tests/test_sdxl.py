@@ -29,7 +29,7 @@ def test_sdxl_export_has_kohya_names_and_loads_in_diffusers_with_the_same_pixels
     cfg = sdxl_style(tmp_path, mini_sdxl_dir)
     trainer = train.Trainer(cfg, log=lambda m: None)
     result = trainer.run()
-    assert result.losses[-1] < result.losses[0] * 1.5 and all(map(lambda x: x == x, result.losses))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
     tensors = load_file(result.adapter)
     modules = {k.split(".")[0] for k in tensors}
     prefixes = {m.split("_")[1] for m in modules}
@@ -128,18 +128,19 @@ def test_text_encoder_learning_rate_pair_is_refused_for_one_encoder(tmp_path, mi
     assert "text_encoder_lr" in capsys.readouterr().err
 
 
-def test_sdxl_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_sdxl_dir):
+def test_sdxl_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_sdxl_dir, interrupt_at_step):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = (sdxl_style(tmp_path / x, mini_sdxl_dir) for x in "ab")
     full = train.train(a, log=lambda m: None)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(b, log=lambda m: None, interrupt_at_step=3)
+    interrupt_at_step(3)  # Ctrl-C during step 3: the state is saved after it
+    with pytest.raises(train.TrainingStopped):
+        train.train(b, log=lambda m: None)
     resumed = train.train(b, resume=True, log=lambda m: None)
     ta, tb = load_file(full.adapter), load_file(resumed.adapter)
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=1e-5)
+        assert torch.equal(ta[k], tb[k]), k
 
 
 def sgm_kohya_names(transformer_depths: dict[str, int]) -> set[str]:
@@ -382,3 +383,35 @@ def test_sdxl_locon_and_loha_train_and_render(tmp_path, mini_sdxl_dir, network):
         rendered[scale] = torch.tensor(list(image.getdata()), dtype=torch.float32)
     sampler.adapters.close()
     assert (rendered[0.0] - rendered[1.0]).abs().max() > 2
+
+
+def test_sdxl_training_lowers_the_loss_on_its_examples(tmp_path, mini_sdxl_dir):
+    """The same batches (same noise and timesteps) scored with the trained U-Net adapters on and off."""
+    cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra="max_train_steps = 48\nunet_lr = 0.01"),
+                      ["train.text_encoder_lr=0", "train.min_snr_gamma=0"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer.run()
+    order, batches = train.epoch_order(trainer.examples, 2, 2, cfg.train.seed, 0)
+    dataset = train.EpochDataset(trainer, 0, order)
+    batches = [torch.utils.data.default_collate([dataset[i] for i in b]) for b in batches]
+    with torch.no_grad():
+        trained = sum(float(trainer.step(b)) for b in batches)
+        trainer.base.unet.disable_adapters()
+        untrained = sum(float(trainer.step(b)) for b in batches)
+        trainer.base.unet.enable_adapters()
+    assert trained < 0.9 * untrained, (trained, untrained)
+
+
+def test_sdxl_extract_from_a_merged_sdxl_checkpoint(trained_sdxl, tmp_path):
+    from sdlora import lowrank
+
+    base_dir, _, adapter = trained_sdxl
+    merged = tmp_path / "merged"
+    lowrank.merge(str(base_dir), [(adapter, 1.0)], merged, dtype=torch.float32)
+    out = tmp_path / "extracted.safetensors"
+    lowrank.extract(str(base_dir), str(merged), out, rank=4)
+    extracted = {k.split(".")[0] for k in load_file(out)}
+    trained = {k.split(".")[0] for k in load_file(adapter)}
+    assert extracted and extracted <= trained | {k for k in extracted if k.startswith("lora_unet_")}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in extracted)
+    assert any(k.startswith("lora_te2_") for k in extracted)

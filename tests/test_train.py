@@ -92,19 +92,23 @@ def test_export_loads_in_diffusers_and_matches_the_training_model(tmp_path, mini
     assert abs(before - expected).max() > 1e-3  # the adapter changes the picture
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir):
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir, interrupt_at_step):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = (load_config(make_style(tmp_path / x, mini_base_dir)) for x in "ab")
     full = train.train(a, log=lambda m: None)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(b, log=lambda m: None, interrupt_at_step=3)  # mid-epoch 1
+    interrupt_at_step(3)  # mid-epoch 1, through the signal Ctrl-C sends
+    with pytest.raises(train.TrainingStopped) as stopped:
+        train.train(b, log=lambda m: None)
+    assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
     assert not (b.output_dir / "style.safetensors").exists()
+    state = b.output_dir / "state" / train.STATE_FILE
+    assert state.read_bytes()[8:].lstrip().startswith(b"{")  # safetensors, not a pickle
     resumed = train.train(b, resume=True, log=lambda m: None)
     ta, tb = load_file(full.adapter), load_file(resumed.adapter)
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=1e-5)
+        assert torch.equal(ta[k], tb[k]), k
 
 
 def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir):
@@ -157,22 +161,6 @@ def test_noise_offset_trains_and_changes_the_adapter(tmp_path, mini_base_dir):
         cfg = load_config(make_style(folder, mini_base_dir, n=2), ["train.epochs=1", f"train.noise_offset={offset}"])
         results[offset] = load_file(train.train(cfg, log=lambda m: None).adapter)
     assert any(not torch.equal(results[0.0][k], results[0.1][k]) for k in results[0.0] if "lora_up" in k)
-
-
-@pytest.mark.parametrize("overrides", [
-    ["train.mixed_precision='bf16'"],  # CPU autocast through accelerate
-    ["train.gradient_checkpointing=true"],
-    ["train.gradient_accumulation_steps=2"],
-    ["train.lr_scheduler='linear'", "train.lr_warmup_ratio=0.25"],
-    ["train.lr_scheduler='cosine'", "train.lr_warmup_ratio=0.25"],
-    ["train.lr_scheduler='cosine_with_restarts'", "train.lr_scheduler_num_cycles=2"],
-], ids=["bf16", "checkpointing", "accumulation", "linear", "cosine", "restarts"])
-def test_training_options_train_the_adapters(tmp_path, mini_base_dir, overrides):
-    cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=2", *overrides])
-    tensors = load_file(train.train(cfg, log=lambda m: None).adapter)
-    ups = [v for k, v in tensors.items() if k.endswith("lora_up.weight")]
-    assert ups and all(torch.isfinite(v).all() for v in tensors.values())
-    assert any(v.abs().max() > 0 for v in ups)  # up weights start at zero: they were trained
 
 
 @pytest.mark.parametrize("optimizer, package", [("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")])

@@ -16,10 +16,12 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from . import configs
 from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, size_for
 
@@ -41,11 +43,20 @@ TAGGER_TAGS = sorted(set(TIMES) | {"sun", "moon", "stars", "clouds", "mountains"
                                    "sky", "dark", "muted colors", *STYLE_TAGS})
 
 
-SCALE = 1.0  # `--scale 0.01` shrinks every count: a smoke test of the whole build in seconds
+@dataclass
+class Build:
+    """One build: where its files go and how large it is. `scale` multiplies every image and step
+    count (`--scale 0.01`: a smoke test of the whole build in seconds)."""
 
+    work: Path  # intermediate data and checkpoints
+    assets: Path = ASSETS  # the finished models
+    demo_dir: Path = REPO / "datasets_cfg" / "colorful_scenery"  # the demo style set
+    report_dir: Path = REPO / "samples"  # the build report and base sample grid
+    scale: float = 1.0
+    log: list = field(default_factory=list)
 
-def n(count: int) -> int:
-    return max(2, int(count * SCALE))
+    def n(self, count: int) -> int:
+        return max(2, int(count * self.scale))
 
 
 def _log(msg: str, log: list) -> None:
@@ -65,7 +76,8 @@ def _render_set(seeds, palette, aspect, short):
     return np.stack(images), tags
 
 
-def stage_data(work: Path, log: list) -> None:
+def stage_data(b: Build) -> None:
+    work, log, n = b.work, b.log, b.n
     sets = {"square": (range(0, n(N_SQUARE)), "1:1"), "wide": (range(100_000, 100_000 + n(N_WIDE)), "3:2"),
             "tall": (range(200_000, 200_000 + n(N_TALL)), "2:3")}
     for name, (seeds, aspect) in sets.items():
@@ -87,9 +99,9 @@ def stage_data(work: Path, log: list) -> None:
     _log(f"data: tagger set {len(ta) + len(tb)} images", log)
 
 
-def stage_demo(log: list, out_dir: Path | None = None) -> None:
+def stage_demo(b: Build) -> None:
     """25 colourful scenes, mixed aspects and content, 2x the base's native size."""
-    out_dir = out_dir or REPO / "datasets_cfg" / "colorful_scenery"
+    out_dir, log = b.demo_dir, b.log
     out_dir.mkdir(parents=True, exist_ok=True)
     truth = {}
     for i in range(25):
@@ -139,7 +151,8 @@ def _reconstruction_loss(recon, target):
     return l1, l1 + 0.5 * edge
 
 
-def stage_vae(work: Path, log: list) -> None:
+def stage_vae(b: Build) -> None:
+    work, log, n = b.work, b.log, b.n
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -198,7 +211,8 @@ def _clip_model():
     return CLIP(**cfg)
 
 
-def stage_clip(work: Path, log: list) -> None:
+def stage_clip(b: Build) -> None:
+    work, log, n = b.work, b.log, b.n
     import open_clip
     import torch
     import torch.nn.functional as F
@@ -266,7 +280,8 @@ def _caption(tags: list[str], rng: random.Random) -> str:
     return ", ".join([first, *rest])
 
 
-def stage_unet(work: Path, log: list) -> None:
+def stage_unet(b: Build) -> None:
+    work, log, n = b.work, b.log, b.n
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -312,7 +327,7 @@ def stage_unet(work: Path, log: list) -> None:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
         noise_pred = unet(noisy, timesteps, hidden).sample
-        weight = snr_weights(noise_scheduler.alphas_cumprod, timesteps, 5.0, v_prediction=False)  # min-SNR-5
+        weight = snr_weights(noise_scheduler, timesteps, 5.0, v_prediction=False)  # min-SNR-5
         loss = (F.mse_loss(noise_pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         _optimizer_step(opt, sched, loss, list(unet.parameters()) + list(text_encoder.parameters()))
         losses.append(float(loss))
@@ -327,7 +342,8 @@ def stage_unet(work: Path, log: list) -> None:
     _log(f"unet: {n(UNET_STEPS)} steps, final loss {np.mean(losses[-100:]):.4f}", log)
 
 
-def stage_export(work: Path, log: list, assets: Path = ASSETS) -> None:
+def stage_export(b: Build) -> None:
+    work, log, assets = b.work, b.log, b.assets
     import shutil
 
     import torch
@@ -392,7 +408,8 @@ def prompt_following(samples: dict, tagger) -> dict:
     return {"time_of_day_agreement": hits / total, "n": total, "brightness": brightness}
 
 
-def stage_report(work: Path, log: list, assets: Path = ASSETS) -> None:
+def stage_report(b: Build) -> None:
+    work, log, assets, out = b.work, b.log, b.assets, b.report_dir
     from PIL import Image
 
     from ..caption import tiny_tagger
@@ -404,8 +421,8 @@ def stage_report(work: Path, log: list, assets: Path = ASSETS) -> None:
     for r, images in enumerate(samples.values()):
         for c, im in enumerate(images):
             grid.paste(im, (c * cell, r * cell))
-    (REPO / "samples").mkdir(exist_ok=True)
-    grid.save(REPO / "samples" / "tiny_base_grid.png")
+    out.mkdir(parents=True, exist_ok=True)
+    grid.save(out / "tiny_base_grid.png")
     figures = prompt_following(samples, tiny_tagger())
     stats = {name: json.loads((work / f"{name}_stats.json").read_text())
              for name in ("vae", "clip", "unet") if (work / f"{name}_stats.json").exists()}
@@ -421,29 +438,37 @@ def stage_report(work: Path, log: list, assets: Path = ASSETS) -> None:
              "- mean brightness: " + ", ".join(f"{k} {v:.0f}" for k, v in figures["brightness"].items()),
              "", "Rows: " + " | ".join(REPORT_PROMPTS.values()) + "; columns: seeds 0-3.", "",
              "![base samples](tiny_base_grid.png)", "", "## Build log", "", "```",
-             *(work / "build_log.txt").read_text().splitlines()[-40:], "```", ""]
-    atomic_write_text(REPO / "samples" / "tiny_build_report.md", "\n".join(lines))
+             *_build_log(b)[-40:], "```", ""]
+    atomic_write_text(out / "tiny_build_report.md", "\n".join(lines))
     _log(f"report: {figures}", log)
 
 
-def build(stages: list[str], work: Path, assets: Path = ASSETS) -> None:
+def _build_log(b: Build) -> list[str]:
+    """Earlier builds' log lines (build_log.txt) and this build's so far."""
+    path = b.work / "build_log.txt"
+    return (path.read_text().splitlines() if path.exists() else []) + b.log
+
+
+STAGE_FUNCTIONS = {"data": stage_data, "demo": stage_demo, "vae": stage_vae, "unet": stage_unet,
+                   "clip": stage_clip, "export": stage_export, "report": stage_report}
+assert list(STAGE_FUNCTIONS) == STAGES
+
+
+def build(stages: list[str], b: Build) -> None:
     import torch
 
+    unknown = [s for s in stages if s not in STAGE_FUNCTIONS]
+    if unknown:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    work.mkdir(parents=True, exist_ok=True)
-    log: list[str] = []
+    b.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for stage in stages:
         t = time.time()
-        if stage == "demo":
-            stage_demo(log)
-        elif stage in ("export", "report"):
-            globals()[f"stage_{stage}"](work, log, assets)
-        else:
-            globals()[f"stage_{stage}"](work, log)
-        _log(f"stage {stage} took {time.time() - t:.0f}s", log)
-    with open(work / "build_log.txt", "a") as f:
-        f.write("\n".join(log) + f"\n[total {time.time() - t0:.0f}s]\n")
+        STAGE_FUNCTIONS[stage](b)
+        _log(f"stage {stage} took {time.time() - t:.0f}s", b.log)
+    with open(b.work / "build_log.txt", "a") as f:
+        f.write("\n".join(b.log) + f"\n[total {time.time() - t0:.0f}s]\n")
 
 
 def add_command(subparsers) -> None:
@@ -462,7 +487,6 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_build(args) -> int:
-    global SCALE
-    SCALE = args.scale
-    build([s.strip() for s in args.stages.split(",") if s.strip()], Path(args.work_dir), Path(args.assets_dir))
+    build([s.strip() for s in args.stages.split(",") if s.strip()],
+          Build(work=Path(args.work_dir), assets=Path(args.assets_dir), scale=args.scale))
     return 0

@@ -1,0 +1,136 @@
+"""`sdlora run` as a whole, and the loss the trainer computes, against references written from the papers."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from sdlora import cache, run, train
+from sdlora.config import load_config
+from sdlora.errors import UserError
+from test_train import make_style
+
+RUN_EXTRA = ("max_train_steps = 4\n[caption]\ntagger = \"none\"\n[sample]\nprompts = [\"clrscn, lake\"]\n"
+             "width = 64\nheight = 64\nsteps = 2\nseeds = [1]\nlora_scales = [0.0, 1.0]")
+
+
+def test_run_trains_once_then_a_second_run_does_nothing_and_a_changed_config_is_not_overwritten(tmp_path,
+                                                                                               mini_base_dir):
+    path = make_style(tmp_path, mini_base_dir, extra=RUN_EXTRA)
+    first = run.run(load_config(path), log=lambda m: None)
+    adapter = first["paths"]["adapter"]
+    assert adapter.is_file() and first["sample"].grids and (tmp_path / "out" / "report.md").exists()
+    mtime = adapter.stat().st_mtime_ns
+    encodes = dict(cache.STATS)
+    logs = []
+    again = run.run(load_config(path), log=logs.append)
+    assert any("up to date" in line for line in logs)
+    assert adapter.stat().st_mtime_ns == mtime  # not retrained
+    assert cache.STATS["vae_encodes"] == encodes["vae_encodes"]  # nothing re-encoded
+    assert again["figures"] is not None  # samples at scale 0 and 1: style figures in the report
+    changed = load_config(path, ["train.unet_lr=1e-3"])
+    with pytest.raises(UserError, match="overwrite"):
+        run.run(changed, log=lambda m: None)
+    assert adapter.stat().st_mtime_ns == mtime
+    run.run(load_config(path, ["train.unet_lr=1e-3", "train.overwrite=true"]), log=lambda m: None)
+    assert adapter.stat().st_mtime_ns != mtime
+
+
+def test_trainer_renders_previews_every_n_epochs(tmp_path, mini_base_dir):
+    extra = "[sample]\nprompts = [\"clrscn, lake\"]\nevery_n_epochs = 1\npreview_steps = 2"
+    cfg = load_config(make_style(tmp_path, mini_base_dir, extra=extra), ["train.epochs=3"])
+    train.train(cfg, log=lambda m: None)
+    grids = sorted(p.parent.name for p in (cfg.output_dir / "previews").rglob("preview_grid_seed*.png"))
+    assert grids == ["epoch000001", "epoch000002"]  # every epoch but the last, which sample renders
+
+
+def _first_batch(trainer):
+    order, batches = train.epoch_order(trainer.examples, trainer.cfg.dataset.num_repeats,
+                                       trainer.cfg.train.batch_size, trainer.cfg.train.seed, 0)
+    dataset = train.EpochDataset(trainer, 0, order)
+    return torch.utils.data.default_collate([dataset[i] for i in batches[0]])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_loss_is_min_snr_weighted_mse_to_the_papers_target(tmp_path, mini_base_dir, prediction):
+    """epsilon: target = noise; v (Salimans & Ho 2022): v = sqrt(a) * noise - sqrt(1 - a) * x0;
+    min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR, or / (SNR + 1) for v; SNR = a / (1 - a)."""
+    cfg = load_config(make_style(tmp_path, mini_base_dir), [f"model.v_parameterization='{prediction}'",
+                                                             "train.min_snr_gamma=2.0"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer.setup()
+    batch = _first_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.step(batch)
+        x0 = batch["latents"] * trainer.base.vae.config.scaling_factor
+        a = trainer.base.noise_scheduler.alphas_cumprod[batch["timesteps"]].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * batch["noise"]
+        text = trainer.encode_text(batch["input_ids"])
+        pred = trainer.unet(noisy, batch["timesteps"], text.hidden).sample
+        target = batch["noise"] if prediction == "epsilon" else a.sqrt() * batch["noise"] - (1 - a).sqrt() * x0
+        snr = (a / (1 - a)).flatten()
+        weight = snr.clamp(max=2.0) / (snr if prediction == "epsilon" else snr + 1)
+        expected = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert trainer.v_prediction == (prediction == "v_prediction")
+
+
+def test_bf16_mixed_precision_trains_under_autocast(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=1", "train.mixed_precision='bf16'"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    seen = []
+    hook = trainer.base.unet.conv_in.register_forward_hook(
+        lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                                               module.weight.dtype)))
+    result = trainer.run()
+    hook.remove()
+    assert seen and all(s == (True, torch.bfloat16, torch.bfloat16) for s in seen)  # bf16 base, autocast on
+    assert all(p.dtype == torch.float32 for p in trainer.network.trainable_parameters())  # adapters in fp32
+    tensors = load_file(result.adapter)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, mini_base_dir):
+    results = {}
+    for flag in ("false", "true"):
+        (tmp_path / flag).mkdir()
+        cfg = load_config(make_style(tmp_path / flag, mini_base_dir, n=2), ["train.epochs=1",
+                                                                             f"train.gradient_checkpointing={flag}"])
+        trainer = train.Trainer(cfg, log=lambda m: None)
+        results[flag] = load_file(trainer.run().adapter)
+        assert trainer.base.unet.is_gradient_checkpointing == (flag == "true")
+    for k in results["false"]:
+        torch.testing.assert_close(results["false"][k], results["true"][k], atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_n_micro_batches(tmp_path, mini_base_dir):
+    cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.gradient_accumulation_steps=2"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    result = trainer.run()
+    micro = train.steps_per_epoch(trainer.examples, 2, 2)
+    assert micro == 4 and result.steps == 2 and len(result.losses) == 2
+    steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {2}  # Adam stepped twice, not four times
+
+
+@pytest.mark.parametrize("scheduler, extra, curve", [
+    # lr(s) / lr after s scheduler steps, 8 steps in all; warmup = round(ratio * 8)
+    ("linear", ["train.lr_warmup_ratio=0.25"], lambda s: s / 2 if s < 2 else (8 - s) / 6),
+    ("cosine", ["train.lr_warmup_ratio=0.25"],
+     lambda s: s / 2 if s < 2 else 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (s - 2) / 6)).item())),
+    ("cosine_with_restarts", ["train.lr_warmup_ratio=0", "train.lr_scheduler_num_cycles=2"],
+     lambda s: 0.0 if s >= 8 else 0.5 * (1 + torch.cos(torch.tensor(torch.pi * ((2 * s / 8) % 1))).item())),
+])
+def test_learning_rate_follows_the_schedule_with_warmup(tmp_path, mini_base_dir, scheduler, extra, curve):
+    cfg = load_config(make_style(tmp_path, mini_base_dir), [f"train.lr_scheduler='{scheduler}'", *extra])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    logged = []
+    log = trainer.accelerator.log
+    trainer.accelerator.log = lambda values, step=None, **kw: (logged.append(values), log(values, step=step, **kw))
+    trainer.run()
+    assert len(logged) == 8
+    for s, values in enumerate(logged, start=1):
+        assert values["lr/unet"] == pytest.approx(cfg.train.unet_lr * curve(s), abs=1e-9), (s, values)
+        assert values["lr/text_encoder"] == pytest.approx(cfg.train.text_encoder_lr * curve(s), abs=1e-9)
