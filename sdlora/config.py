@@ -124,7 +124,7 @@ class CaptionConfig:
 
 @dataclass
 class NetworkConfig:
-    type: str = opt("lora", "adapter type", choices=["lora", "locon", "loha"])
+    type: str = opt("lora", "adapter type", choices=["lora", "locon", "loha", "lokr"])
     dim: int = opt(16, "network rank (network_dim)", min=1, max=1024)
     alpha: float = opt(8.0, "network_alpha; the scale is alpha / dim", min=0.0)
     conv_dim: int = opt(0, "rank of the ResNet 3x3 conv adapters (LoCon; 'all' preset); 0 = dim", min=0)
@@ -133,6 +133,7 @@ class NetworkConfig:
                             choices=["attn2", "attention", "transformer", "all"])
     train_text_encoder: bool = opt(True, "adapt the text encoder too")
     dropout: float = opt(0.0, "dropout on the adapter input", min=0.0, max=1.0)
+    dora: bool = opt(False, "DoRA: learn a magnitude per output row too (lora and locon; LyCORIS dora_wd)")
 
 
 @dataclass
@@ -171,6 +172,8 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     prompts: list = opt([], "prompts of the sample grid (rows)", items=str)
+    prompt_file: str = opt("", "kohya-style prompt file, one prompt per line with --n --w --h --d --s --l --ss "
+                               "options; replaces prompts", path=True)
     negative_prompt: str = opt("", "negative prompt")
     width: int = opt(1080, "image width (a multiple of 8)", min=64)
     height: int = opt(720, "image height (a multiple of 8)", min=64)

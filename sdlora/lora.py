@@ -1,11 +1,13 @@
-"""LoRA / LoCon / LoHa adapters: choose target modules, inject them with peft, export and
+"""LoRA / LoCon / LoHa / LoKr (and DoRA) adapters: choose target modules, inject them with peft, export and
 import them in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
 and write the safetensors file with Kohya (`ss_*`) and model-spec metadata.
 
     g(x) = W x + (alpha / dim) * up(down(x))      up starts at zero: injection is the identity
 
 peft holds the adapters during training (lora_A = Kohya's lora_down, lora_B = lora_up;
-LoHa's hada_* parameters have LyCORIS's names and shapes); `kohya.py` names them.
+LoHa's hada_* and LoKr's lokr_* parameters have LyCORIS's names and shapes); `kohya.py` names
+them. DoRA (peft `use_dora`) exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)]
+(the per-output-row layout diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
 
 
 def _peft_config(network_cfg, paths: list[str], model: nn.Module):
-    """LoraConfig / LoHaConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
-    from peft import LoHaConfig, LoraConfig
+    """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     dim, alpha = network_cfg.dim, network_cfg.alpha or network_cfg.dim  # Kohya: alpha 0 means alpha = dim
     conv_dim = network_cfg.conv_dim or dim
@@ -105,21 +107,28 @@ def _peft_config(network_cfg, paths: list[str], model: nn.Module):
     convs = [re.escape(p) for p in paths if _is_spatial_conv(modules[p])]
     rank_pattern = {p: conv_dim for p in convs}
     alpha_pattern = {p: conv_alpha for p in convs}
-    if network_cfg.type == "loha":
+    if network_cfg.dora and network_cfg.type not in ("lora", "locon"):
+        raise UserError(f"[network] dora = true needs type lora or locon (peft has DoRA for LoRA only), "
+                        f"not {network_cfg.type!r}")
+    if network_cfg.type in ("loha", "lokr"):
         if network_cfg.dropout:
-            raise UserError("[network] dropout applies to lora and locon adapters; set dropout = 0 for loha")
-        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs.
-        return LoHaConfig(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
-                          alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
+            raise UserError(f"[network] dropout applies to lora and locon adapters; set dropout = 0 for "
+                            f"{network_cfg.type}")
+        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs; LoKr's
+        # factorisation is LyCORIS's default too (factor -1: the most balanced split of each side).
+        config = LoHaConfig if network_cfg.type == "loha" else LoKrConfig
+        return config(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
     return LoraConfig(r=dim, lora_alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True)
+                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True,
+                      use_dora=network_cfg.dora)
 
 
 @dataclass
 class Network:
     """The adapters injected into a U-Net and text encoder(s), seen through Kohya's names."""
 
-    kind: str  # "lora" (LoCon included) or "loha"
+    kind: str  # "lora" (LoCon and DoRA included), "loha" or "lokr"
     models: dict[str, nn.Module]  # part ("unet", "te", "te1", "te2") -> model
     modules: dict[str, tuple[str, str]]  # kohya key -> (part, module path)
     frozen_parts: set[str] = field(default_factory=set)
@@ -139,9 +148,29 @@ class Network:
     def _adapter_params(self, key: str) -> dict[str, nn.Parameter]:
         layer = self.layer(key)
         if self.kind == "lora":
-            return {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
-                    "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
-        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
+            params = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+                      "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
+            if ADAPTER_NAME in layer.lora_magnitude_vector:  # DoRA's m: [out] (Linear), [1, out, 1, 1] (conv)
+                params["dora_scale"] = layer.lora_magnitude_vector[ADAPTER_NAME].weight
+            return params
+        if self.kind == "loha":
+            return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
+        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOKR_TENSORS
+                if ADAPTER_NAME in getattr(layer, name)}
+
+    def _file_factor(self, key: str, suffix: str) -> float:
+        """What a tensor is multiplied by in the file. LyCORIS and the UIs give a LoKr with both
+        factors full scale 1 whatever alpha says; peft scales it by alpha / r, folded into w1."""
+        params = self._adapter_params(key)
+        if suffix == "lokr_w1" and "lokr_w2" in params:
+            return self._alpha(key) / self.layer(key).r[ADAPTER_NAME]
+        return 1.0
+
+    def _file_shape(self, key: str, suffix: str, param: torch.Tensor) -> tuple[int, ...]:
+        """LyCORIS's layouts: dora_scale [out, 1] or [out, 1, 1, 1]; everything else as peft holds it."""
+        if suffix == "dora_scale":
+            return (param.numel(), *[1] * (self.layer(key).get_base_layer().weight.dim() - 1))
+        return tuple(param.shape)
 
     def _alpha(self, key: str) -> float:
         layer = self.layer(key)
@@ -192,11 +221,13 @@ class Network:
             layer.scaling[ADAPTER_NAME] = multiplier * self._alpha(key) / layer.r[ADAPTER_NAME]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `<key>.hada_*`), `<key>.alpha` (0-dim)."""
+        """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),
+        `<key>.alpha` (0-dim)."""
         tensors = {}
         for key in self.exported_keys():
             for suffix, param in self._adapter_params(key).items():
-                tensors[f"{key}.{suffix}"] = param.detach().to("cpu", dtype).contiguous()
+                tensor = param.detach().float() * self._file_factor(key, suffix)
+                tensors[f"{key}.{suffix}"] = tensor.reshape(self._file_shape(key, suffix, param)).to("cpu", dtype)
             tensors[f"{key}.alpha"] = torch.tensor(self._alpha(key), dtype=dtype)
         return tensors
 
@@ -219,10 +250,12 @@ class Network:
                                 f"set network.alpha / conv_alpha to the adapter's values")
             with torch.no_grad():
                 for suffix, param in self._adapter_params(key).items():
-                    if parts[suffix].shape != param.shape:
-                        raise UserError(f"{key}.{suffix}: shape {tuple(parts[suffix].shape)} in the adapter, "
-                                        f"{tuple(param.shape)} here; set network.dim / conv_dim to the adapter's rank")
-                    param.copy_(parts[suffix])
+                    if suffix not in parts or parts[suffix].shape != self._file_shape(key, suffix, param):
+                        found = tuple(parts[suffix].shape) if suffix in parts else "missing"
+                        raise UserError(f"{key}.{suffix}: shape {found} in the adapter, "
+                                        f"{self._file_shape(key, suffix, param)} here; set network.dim / conv_dim "
+                                        f"(and dora) to the adapter's")
+                    param.copy_(parts[suffix].reshape(param.shape) / self._file_factor(key, suffix))
 
 
 def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
@@ -260,7 +293,8 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         modules.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
         use_fused_forward(model)
-    return Network(kind="loha" if network_cfg.type == "loha" else "lora", models=models, modules=modules)
+    return Network(kind=network_cfg.type if network_cfg.type in ("loha", "lokr") else "lora", models=models,
+                   modules=modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +452,36 @@ def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def network_metadata(base, output_name: str, network_module: str, dim: str, alpha: str, network_args: dict,
+                     description: str, finished: float | None = None) -> dict[str, str]:
+    """What every adapter file states however it was made (trained, extracted): its network
+    (`ss_network_*`), its base model and Stability's `modelspec.*`; every value a string.
+
+    base: a BaseModel or dict with family, prediction_type, name, model_hash; finished: unix seconds.
+    """
+    family = _get(base, "family")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return {
+        "ss_network_module": network_module,
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_v2": str(family.startswith("sd_v2")),
+        "ss_output_name": output_name,
+        "ss_sd_model_name": str(_get(base, "name")),
+        "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.title": output_name,
+        "modelspec.date": _iso(time.time() if finished is None else finished),
+        "modelspec.prediction_type": "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon",
+        "modelspec.description": description,
+    }
+
+
 def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
                      thumbnail: str | None = None) -> dict[str, str]:
     """Kohya `ss_*` and Stability `modelspec.*` metadata; every value a string.
@@ -431,37 +495,31 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     missing = [k for k in ("num_train_images", "num_epochs", "epoch", "steps") if k not in stats]
     if missing:
         raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
-    family = _get(base, "family")
-    if family not in ARCHITECTURES:
-        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
     width, height = resolution_pair(data.resolution)
     alpha = net.alpha or net.dim
     network_args = {}
-    if net.type == "loha":
-        network_args["algo"] = "loha"
-    if net.type in ("locon", "loha") or net.unet_targets == "all":
+    lycoris = net.type in ("loha", "lokr") or net.dora  # Kohya's own networks.lora has neither
+    if lycoris:
+        network_args["algo"] = "locon" if net.type in ("lora", "locon") else net.type
+    if net.dora:
+        network_args["dora_wd"] = "True"
+    if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
         conv_dim = net.conv_dim or net.dim
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{net.conv_alpha or conv_dim / 2:g}")
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
-    prediction = "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon"
     te_lrs = train.text_encoder_lr if isinstance(train.text_encoder_lr, list) else [train.text_encoder_lr]
     te_lrs = te_lrs if net.train_text_encoder else [0.0]
-    meta = {
-        "ss_network_module": "lycoris.kohya" if net.type == "loha" else "networks.lora",
-        "ss_network_dim": str(net.dim),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps(network_args),
+    description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
+                   f"{stats['num_train_images']} images, {stats['steps']} steps")
+    meta = network_metadata(base, cfg.output_name, "lycoris.kohya" if lycoris else "networks.lora", str(net.dim),
+                            f"{alpha:g}", network_args, description, finished)
+    meta |= {
         "ss_network_dropout": f"{net.dropout:g}",
         "ss_network_train_unet_only": str(not any(te_lrs)),
-        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
-        "ss_v2": str(family.startswith("sd_v2")),
-        "ss_output_name": cfg.output_name,
-        "ss_sd_model_name": str(_get(base, "name")),
-        "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
         "ss_resolution": f"({width}, {height})",
         "ss_clip_skip": str(cfg.model.clip_skip),
         "ss_num_train_images": str(stats["num_train_images"]),
@@ -499,15 +557,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(finished),
         "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
-        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
-        "modelspec.title": cfg.output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": _iso(finished),
-        "modelspec.prediction_type": prediction,
-        "modelspec.description": (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
-                                  f"{stats['num_train_images']} images, {stats['steps']} steps"),
     }
     if cfg.trigger:
         meta["modelspec.trigger_phrase"] = cfg.trigger
@@ -526,6 +576,24 @@ def _data_section(serialized: bytes) -> bytes:
     return serialized[8 + header_len:]
 
 
+def parse_adapter_arg(text: str) -> tuple[Path, float | None]:
+    """FILE[:SCALE] -> (path, scale or None); a Windows drive colon or a colon in the file name
+    stays part of the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(text), None
+
+
+def refuse_to_overwrite(path, overwrite: bool, replace: str = "pass --overwrite") -> None:
+    """The one refusal for an output file that exists: it names the file and both ways out."""
+    if not overwrite and Path(path).exists():
+        raise UserError(f"{path} already exists; choose another output name, or {replace} to replace it")
+
+
 def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:
     """Write the adapter atomically, with `sshs_model_hash`; return that hash.
 
@@ -535,9 +603,7 @@ def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     from safetensors.torch import save
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; choose another [output] output_name, move the file away, "
-                        f"or set train.overwrite = true to replace it")
+    refuse_to_overwrite(path, overwrite, "pass --overwrite (sdlora train: set train.overwrite = true)")
     bad = [k for k, v in metadata.items() if not isinstance(v, str)]
     if bad:
         raise ValueError(f"safetensors metadata values must be strings: {bad}")
@@ -573,9 +639,11 @@ def short_hash(path) -> str:
     return (stored or addnet_hash(path))[:12]
 
 
-def read_adapter(path, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a Kohya-format adapter file, with a clear error for anything else.
+def read_adapter(path, allow_non_finite: bool = False, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(Kohya-named tensors, metadata) of an adapter file, with a clear error for anything else.
 
+    Kohya and LyCORIS files load as they are; diffusers/peft files are renamed to Kohya's keys
+    (`kohya.to_kohya_names`), and bundled embeddings are left out; `log` gets a note for either.
     Every command that takes an adapter reads it here, so an unusable one (`check_adapter`) is
     refused everywhere; `inspect` alone reads NaN/inf values, to report them.
     """
@@ -592,13 +660,14 @@ def read_adapter(path, allow_non_finite: bool = False) -> tuple[dict[str, torch.
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable .safetensors file ({e})") from None
+    tensors, notes = kohya.to_kohya_names(tensors, metadata)
+    for note in notes:
+        log(f"note: {path.name}: {note}")
     prefixes = tuple(p + "_" for p in kohya.PREFIXES.values())
     foreign = [k for k in tensors if not k.startswith(prefixes)]
     if not tensors or len(foreign) == len(tensors):
-        hint = ""
-        if any(".lora_A." in k or ".lora_B." in k for k in foreign):
-            hint = " (it looks like a diffusers/peft-format file: keys with lora_A/lora_B)"
-        raise UserError(f"{path}: no Kohya LoRA keys (lora_unet_*, lora_te_*){hint}; sdlora reads Kohya-format adapters")
+        raise UserError(f"{path}: no LoRA keys in Kohya (lora_unet_*, lora_te_*), diffusers or peft style "
+                        f"(e.g. {foreign[:2]}); is it an adapter file?")
     if foreign:
         raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
     check_adapter(path, tensors, allow_non_finite)
@@ -629,6 +698,8 @@ def check_adapter(path, tensors: dict[str, torch.Tensor], allow_non_finite: bool
                             f"the file is damaged or not a LoRA")
     for key, parts in kohya.group_modules(tensors).items():
         for (a, axis_a), (b, axis_b) in _RANK_PAIRS:
+            if "hada_t1" in parts and a.startswith("hada_"):  # Tucker LoHa: w*_a [r, out], w*_b [r, in]
+                axis_a = 0
             if a in parts and b in parts and (parts[a].dim() <= axis_a or parts[b].dim() <= axis_b
                                               or parts[a].shape[axis_a] != parts[b].shape[axis_b]):
                 raise UserError(f"{path}: {key}: {a} {tuple(parts[a].shape)} and {b} {tuple(parts[b].shape)} "

@@ -11,15 +11,19 @@ and its singular values S (descending). Energy is the squared singular values:
 
 resize  W = up @ down (unscaled: the scale alpha / rank stays outside), truncated SVD,
         up = U_k S_k, down = Vh_k, new_alpha = scale * new_rank, so scale * up @ down keeps
-        its meaning. A LoHa module is materialised (delta / scale) and written as plain LoRA.
+        its meaning. LoHa, LoKr and Tucker modules are written as plain LoRA. A DoRA module
+        keeps its magnitude (dora_scale): only delta W inside W' = m (W0 + delta W) / ||.|| is
+        resized, so the output is DoRA too and says so.
+spectra never of the dense W: from the factors (kohya.factored_update), W = A @ B with inner
+        size r (LoRA) or r^2 (LoHa, Khatri-Rao), through QR of A and B^T and the SVD of the
+        small core; LoKr W = kron(W1, W2) has singular values S1[i] * S2[j].
 extract delta = W_tuned - W_base per module, truncated SVD, alpha = rank (scale 1).
-merge   W_base += multiplier * scale * up @ down (kohya.module_delta), saved as a checkpoint.
+merge   W_base += multiplier * kohya.module_delta (DoRA: from W_base), saved as a checkpoint.
 inspect metadata, ranks, alphas, norms and each module's energy curve (optionally a PNG).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -30,7 +34,6 @@ import torch
 
 from . import kohya
 from .errors import UserError
-from .family import ARCHITECTURES, BASE_MODEL_VERSIONS
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -148,16 +151,27 @@ def _size(n: int) -> str:
 def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], sd_v1: bool) -> tuple[int, ...]:
     """The base weight's shape as far as the adapter tells it.
 
-    A LoRA module carries it (down [r, in, kh, kw]). A LoHa module stores w*_b [r, in * kh * kw]
-    for every layer type, so the kernel comes from the diffusers layer name: 3x3 for the U-Net's
+    A LoRA module carries it (down [r, in, kh, kw]; Tucker: down [r, in, 1, 1], mid [r, r, kh, kw]),
+    as do Tucker LoHa / LoKr cores and a full 4-d lokr_w2. Otherwise LoHa and LoKr store
+    [r, in * kh * kw], so the kernel comes from the diffusers layer name: 3x3 for the U-Net's
     ResNet and sampler convs, 1x1 conv for SD1.x proj_in / proj_out and ResNet shortcuts.
     """
-    if kohya.module_kind(parts) == "lora":
+    kind = kohya.module_kind(parts)
+    if kind == "lora":
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if "lora_mid.weight" in parts:
+            return (up.shape[0], down.shape[1], *parts["lora_mid.weight"].shape[2:])
         return (up.shape[0], *down.shape[1:])
     if "hada_t1" in parts:  # Tucker: w*_a [r, out], w*_b [r, in], t [r, r, kh, kw]
         return (parts["hada_w1_a"].shape[1], parts["hada_w1_b"].shape[1], *parts["hada_t1"].shape[2:])
-    out, cols = parts["hada_w1_a"].shape[0], parts["hada_w1_b"].shape[1]
+    pairs = kohya.factored_update(parts)
+    out, cols = math.prod(a.shape[0] for a, _ in pairs), math.prod(b.shape[1] for _, b in pairs)
+    if kind == "lokr":
+        w1_cols = pairs[0][1].shape[1]
+        kernel = (parts["lokr_t2"].shape[2:] if "lokr_t2" in parts
+                  else parts["lokr_w2"].shape[2:] if "lokr_w2" in parts and parts["lokr_w2"].dim() == 4 else None)
+        if kernel is not None:
+            return (out, w1_cols * parts.get("lokr_w2_b", parts.get("lokr_w2")).shape[1], *kernel)
     unet = kohya.part_of(key) == "unet"
     if unet and key.endswith(_SPATIAL_CONV_ENDINGS) and cols % 9 == 0:
         return (out, cols // 9, 3, 3)
@@ -166,16 +180,27 @@ def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], sd_v1: bool) 
     return (out, cols)
 
 
-def unscaled_svd(parts: dict[str, torch.Tensor], shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of the module's weight change without its scale, flattened to [out, in * kh * kw].
+def module_spectrum(parts: dict[str, torch.Tensor]):
+    """(S, top) of the module's weight change without its scale, flattened to [out, in * kh * kw]:
+    S its singular values (descending), top(k) the best rank-k factors (up [out, k], down [k, cols]).
 
-    LoRA: of up @ down (through the r x r core). LoHa: of delta / scale, materialised.
+    Computed from the factors (module docstring): the dense weight change is never formed.
     """
-    if kohya.module_kind(parts) == "lora":
-        up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
-        return svd_of_product(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1))
-    W = (kohya.module_delta(parts, shape) / kohya.module_scale(parts)).reshape(shape[0], -1)
-    return torch.linalg.svd(W, full_matrices=False)
+    pairs = kohya.factored_update(parts)
+    if len(pairs) == 1:
+        U, S, Vh = svd_of_product(*pairs[0])
+        return S, lambda k: truncate(U, S, Vh, k)
+    (U1, S1, Vh1), (U2, S2, Vh2) = (svd_of_product(*pair) for pair in pairs)
+    # kron(U1 S1 Vh1, U2 S2 Vh2) = kron(U1, U2) kron(S1, S2) kron(Vh1, Vh2): S1[i] S2[j], sorted.
+    S, order = torch.sort(torch.outer(S1, S2).flatten(), descending=True)
+    i, j = order // S2.numel(), order % S2.numel()
+
+    def top(k: int):
+        up = (U1[:, i[:k]][:, None, :] * U2[:, j[:k]][None, :, :]).reshape(-1, k) * S[:k]
+        down = (Vh1[i[:k]][:, :, None] * Vh2[j[:k]][:, None, :]).reshape(k, -1)
+        return up, down
+
+    return S, top
 
 
 def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, energy: float | None = None,
@@ -187,17 +212,20 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
     out: dict[str, torch.Tensor] = {}
     records = []
     for key, parts in kohya.group_modules(tensors).items():
-        kind = kohya.module_kind(parts)
-        old_rank, scale = kohya.module_rank(parts), kohya.module_scale(parts)
+        kind = kohya.module_variant(parts)
+        scale = kohya.module_scale(parts)
         shape = _module_weight_shape(key, parts, sd_v1)
-        U, S, Vh = unscaled_svd(parts, shape)
+        S, top = module_spectrum(parts)
+        old_rank = kohya.module_rank(parts) or S.numel()
         k = choose_rank(S, rank, energy, max_rank)
-        up, down = truncate(U, S, Vh, k)
-        save_dtype = dtype or parts.get("lora_down.weight", parts.get("hada_w1_a")).dtype
+        up, down = top(k)
+        save_dtype = dtype or next(t.dtype for name, t in parts.items() if name not in ("alpha", "dora_scale"))
         up, down = factors_in_shape(up, down, shape)
         out[f"{key}.lora_down.weight"] = down.to(save_dtype).contiguous()
         out[f"{key}.lora_up.weight"] = up.to(save_dtype).contiguous()
         out[f"{key}.alpha"] = torch.tensor(scale * k, dtype=save_dtype)
+        if "dora_scale" in parts:  # the magnitude is kept as it is: the output is DoRA too
+            out[f"{key}.dora_scale"] = parts["dora_scale"]
         records.append(ModuleResize(key, kind, old_rank, k, energy_kept(S, k), relative_error(S, k)))
     return out, records
 
@@ -213,8 +241,7 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
                         f"singular values")
     if rank is not None and rank < 1:
         raise UserError(f"resize: --rank {rank} must be at least 1")
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} already exists; choose another output path or pass --overwrite")
+    lora.refuse_to_overwrite(dst, overwrite)
     start = time.perf_counter()
     tensors, metadata = lora.read_adapter(src)
     sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
@@ -237,11 +264,17 @@ def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], ran
         metadata["ss_network_alpha"] = f"{old_alpha / old_dim * ranks[0]:g}"
     elif len(ranks) > 1:
         metadata["ss_network_alpha"] = "dynamic"
-    if any(r.kind == "loha" for r in records):  # the output is a plain LoRA now
-        metadata["ss_network_module"] = "networks.lora"
-        metadata["ss_network_args"] = json.dumps({})
+    dora = any("dora" in r.kind for r in records)
+    if any(r.kind.split("+")[0] != "lora" or "tucker" in r.kind for r in records):  # a plain LoRA now
+        # LyCORIS's LoCon carries DoRA (algo locon, dora_wd); without it, Kohya's own module.
+        metadata["ss_network_module"] = "lycoris.kohya" if dora else "networks.lora"
+        metadata["ss_network_args"] = json.dumps({"algo": "locon", "dora_wd": "True"} if dora else {})
         if "modelspec.architecture" in metadata:
             metadata["modelspec.architecture"] = metadata["modelspec.architecture"].split("/")[0] + "/lora"
+    elif not dora and "dora_wd" in metadata.get("ss_network_args", ""):
+        args = json.loads(metadata["ss_network_args"])  # never claim a DoRA that is not in the file
+        args.pop("dora_wd", None)
+        metadata["ss_network_args"] = json.dumps(args)
     record = {"method": "rank" if rank is not None else "energy", "rank": rank, "energy": energy,
               "max_rank": max_rank, "source": src.name, "source_hash": source_hash,
               "ranks": {r.key: r.new_rank for r in records}}
@@ -357,8 +390,7 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     from . import lora
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another output path or pass --overwrite")
+    lora.refuse_to_overwrite(out, overwrite)
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"extract: --energy {energy} must be in (0, 1]")
     if rank is not None and rank < 1:
@@ -371,37 +403,18 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
                                                    te_tolerance, dtype)
     ranks = sorted({r.new_rank for r in records})
     dim = str(ranks[0]) if len(ranks) == 1 else "dynamic"
-    metadata = {
-        "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
-        "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}),
-        "ss_base_model_version": BASE_MODEL_VERSIONS.get(base.family, base.family),
-        "ss_sd_model_name": base.name, "ss_sd_model_hash": base.model_hash[:8],
-        "ss_output_name": out.stem,
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES.get(base.family, base.family) + "/lora",
-        "modelspec.implementation": "diffusers", "modelspec.title": out.stem,
-        "modelspec.prediction_type": base.prediction_type,
-        "sdlora_extract": json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
-                                      "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
-                                      "clamp_quantile": clamp, "text_encoder_skipped": te_skipped}),
-    }
+    args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
+    metadata = lora.network_metadata(base, out.stem, "networks.lora", dim, dim, args,  # alpha = rank: scale 1
+                                     f"extracted by sdlora: {tuned_source} - {base_source}")
+    metadata["sdlora_extract"] = json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
+                                             "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
+                                             "clamp_quantile": clamp, "text_encoder_skipped": te_skipped})
     lora.save_adapter(out, tensors, metadata, overwrite=overwrite)
     return ExtractReport(str(out), records, te_skipped, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
 # merge
-
-
-def parse_adapter_arg(text: str) -> tuple[Path, float]:
-    """"path.safetensors:0.8" -> (path, 0.8); no ":SCALE" means 1.0."""
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass  # a ":" inside the path (C:\...)
-    return Path(text), 1.0
 
 
 def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
@@ -413,7 +426,7 @@ def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
     from . import lora
 
     models = kohya.model_parts(base)
-    maps = {part: kohya.kohya_module_map(model, part) for part, model in models.items()}
+    maps = {part: kohya.loadable_module_map(model, part) for part, model in models.items()}
     plans = []
     for path, multiplier in adapters:
         tensors, _ = lora.read_adapter(path)
@@ -425,7 +438,7 @@ def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
                             f"(SD1 / SD2 / SDXL)?")
         layers = [(models[kohya.part_of(k)].get_submodule(maps[kohya.part_of(k)][k]), parts)
                   for k, parts in groups.items()]
-        deltas = [(layer, kohya.module_delta(parts, layer.weight.shape)) for layer, parts in layers]
+        deltas = [(layer, kohya.module_delta(parts, layer.weight.shape, layer.weight)) for layer, parts in layers]
         plans.append((path, multiplier, deltas))
     merged = {}
     with torch.no_grad():
@@ -456,11 +469,10 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
-    from . import models
+    from . import lora, models
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another output path or pass --overwrite")
+    lora.refuse_to_overwrite(out, overwrite)
     if not adapters:
         raise UserError("merge: name at least one adapter between BASE and OUT")
     if out.suffix and out.suffix.lower() != ".safetensors":
@@ -472,6 +484,43 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
     else:
         models.save_diffusers(base, out, overwrite=overwrite)
     return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+
+def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
+    """Write the adapter `src` (Kohya, LyCORIS, diffusers or peft keys) as a Kohya-named file `dst`.
+
+    Tensors are those `lora.read_adapter` gives every command (bundled embeddings left out);
+    diffusers' own header keys are dropped, and a file without Kohya metadata gets the
+    network fields A1111 reads (module, dim, alpha, output name). Returns the metadata written.
+    """
+    from . import lora
+
+    src, dst = Path(src), Path(dst)
+    lora.refuse_to_overwrite(dst, overwrite)
+    tensors, metadata = lora.read_adapter(src)
+    metadata = {k: v for k, v in metadata.items()
+                if k not in ("lora_adapter_metadata", "format", "sshs_model_hash")}  # save_adapter hashes anew
+    groups = kohya.group_modules(tensors)
+    kinds = {kohya.module_variant(parts) for parts in groups.values()}
+    ranks = sorted({kohya.module_rank(parts) or 0 for parts in groups.values()})
+    alphas = sorted({round(kohya.module_scale(parts) * (kohya.module_rank(parts) or 1), 6) for parts in groups.values()})
+    if "ss_network_module" not in metadata:
+        algo = sorted({k.split("+")[0] for k in kinds})
+        lycoris = algo != ["lora"] or any("+" in k for k in kinds)
+        metadata["ss_network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
+        args = {"algo": algo[0] if len(algo) == 1 else "locon"} if lycoris else {}
+        if any("dora" in k for k in kinds):
+            args["dora_wd"] = "True"
+        metadata["ss_network_args"] = json.dumps(args)
+        metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "dynamic"
+        metadata["ss_network_alpha"] = f"{alphas[0]:g}" if len(alphas) == 1 else "dynamic"
+    metadata.setdefault("ss_output_name", dst.stem)
+    lora.save_adapter(dst, tensors, metadata, overwrite=overwrite)
+    return metadata
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,16 +539,16 @@ class ModuleSpectrum:
     ranks_for_energy: dict[str, int] = field(default_factory=dict)
 
 
-def inspect_tensors(tensors: dict[str, torch.Tensor], sd_v1: bool = True) -> list[ModuleSpectrum]:
+def inspect_tensors(tensors: dict[str, torch.Tensor]) -> list[ModuleSpectrum]:
     spectra = []
     for key, parts in kohya.group_modules(tensors).items():
-        rank, scale = kohya.module_rank(parts), kohya.module_scale(parts)
-        _, S, _ = unscaled_svd(parts, _module_weight_shape(key, parts, sd_v1))
+        scale = kohya.module_scale(parts)
+        S, _ = module_spectrum(parts)
+        rank = kohya.module_rank(parts) or S.numel()
         S = S * abs(scale)
         spectra.append(ModuleSpectrum(
-            key, kohya.part_of(key), kohya.module_kind(parts), rank, scale * rank, float(S.norm()),
-            [float(v) for v in S[:max(rank, 1) ** (2 if kohya.module_kind(parts) == "loha" else 1)]],
-            {f"{level:.0%}": energy_rank(S, level) for level in ENERGY_LEVELS}))
+            key, kohya.part_of(key), kohya.module_variant(parts), rank, scale * rank, float(S.norm()),
+            [float(v) for v in S], {f"{level:.0%}": energy_rank(S, level) for level in ENERGY_LEVELS}))
     return spectra
 
 
@@ -508,9 +557,8 @@ def inspect(path, plot: Path | None = None) -> dict:
     from . import lora
 
     tensors, metadata = lora.read_adapter(path, allow_non_finite=True)
-    sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
     broken = lora.non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
-    spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken}, sd_v1)
+    spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken})
     counts: dict[str, int] = {}
     for m in spectra:
         counts[m.part] = counts.get(m.part, 0) + 1
@@ -647,8 +695,11 @@ def _cmd_resize(args) -> int:
     report = resize(args.input, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
                     overwrite=args.overwrite)
     print(report.table())
-    if any(m.kind == "loha" for m in report.modules):
-        print("note: the input has LoHa modules; the output is a plain LoRA file (lora_down / lora_up)")
+    converted = sorted({m.kind for m in report.modules if m.kind.split("+")[0] != "lora" or "tucker" in m.kind})
+    if converted:
+        print(f"note: the input has {', '.join(converted)} modules; the output is a LoRA file (lora_down / lora_up)")
+    if any("dora" in m.kind for m in report.modules):
+        print("note: DoRA magnitudes (dora_scale) are kept as they are; only the low-rank update is resized")
     return 0
 
 
@@ -661,15 +712,28 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _with_default_scale(arg: tuple[Path, float | None]) -> tuple[Path, float]:
+    path, scale = arg
+    return path, 1.0 if scale is None else scale
+
+
 def _cmd_merge(args) -> int:
+    from . import lora
+
     if len(args.items) < 2:
         raise UserError("merge: usage is `sdlora merge BASE ADAPTER[:SCALE] ... OUT` (at least one adapter and OUT)")
     *adapters, out = args.items
-    merged = merge(args.base, [parse_adapter_arg(a) for a in adapters], out,
+    merged = merge(args.base, [_with_default_scale(lora.parse_adapter_arg(a)) for a in adapters], out,
                    dtype=_dtype(args.save_precision), overwrite=args.overwrite)
     for path, n in merged.items():
         print(f"merged {n} modules of {path}")
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    metadata = convert(args.input, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({metadata['ss_network_module']}, dim {metadata.get('ss_network_dim', '?')})")
     return 0
 
 
@@ -680,11 +744,15 @@ def _cmd_inspect(args) -> int:
 
 
 def add_command(subparsers) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("resize", help="shrink an adapter's rank by SVD (energy or fixed rank)",
-                              description=__doc__, formatter_class=fmt)
-    p.add_argument("input", metavar="IN", help="Kohya-format adapter (.safetensors): LoRA, LoCon or LoHa")
-    p.add_argument("output", metavar="OUT", help="resized adapter to write (always a plain LoRA file)")
+                              description="Shrink each module of an adapter to a lower rank by SVD of its weight "
+                                          "change W (from the factors, never the dense W): the smallest rank keeping "
+                                          "--energy BETA of sum(S^2), or a fixed --rank. LoHa, LoKr and Tucker modules "
+                                          "are written as LoRA; DoRA magnitudes are kept. The scale alpha / rank is "
+                                          "unchanged.")
+    p.add_argument("input", metavar="IN", help="adapter (.safetensors): LoRA, LoCon, LoHa or LoKr, with or without "
+                                               "DoRA; Kohya, diffusers or peft keys")
+    p.add_argument("output", metavar="OUT", help="resized adapter to write (always a LoRA file)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--energy", type=float, metavar="BETA",
                      help="per module, keep the smallest rank with sum(S[:k]^2) >= BETA * sum(S^2), e.g. 0.9 "
@@ -695,7 +763,9 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=_cmd_resize)
 
     p = subparsers.add_parser("extract", help="a LoRA for the difference between two checkpoints (SVD)",
-                              description=__doc__, formatter_class=fmt)
+                              description="Write a Kohya LoRA for the difference W_tuned - W_base of two "
+                                          "checkpoints of one architecture: per module a truncated SVD (fixed --rank "
+                                          "or --energy), factors clipped to a quantile as kohya does, alpha = rank.")
     p.add_argument("--base", required=True, help="the original checkpoint: diffusers folder or .safetensors file")
     p.add_argument("--tuned", required=True, help="the fine-tuned checkpoint of the same architecture")
     p.add_argument("output", metavar="OUT", help="adapter to write (.safetensors, Kohya format)")
@@ -718,7 +788,9 @@ def add_command(subparsers) -> None:
     p = subparsers.add_parser("merge", help="bake adapters into a base checkpoint",
                               usage="sdlora merge [-h] [--save-precision {fp16,bf16,fp32}] [--overwrite] "
                                     "BASE ADAPTER[:SCALE] [ADAPTER[:SCALE] ...] OUT",
-                              description=__doc__, formatter_class=fmt)
+                              description="Bake adapters into a base checkpoint: W += SCALE * delta W per module (DoRA: "
+                                         "from the base weight), then save one .safetensors file or a diffusers "
+                                         "folder. Every module must match a layer of the base.")
     p.add_argument("base", metavar="BASE", help="base checkpoint: 'tiny', a diffusers folder or a .safetensors file")
     p.add_argument("items", nargs="+", metavar="ADAPTER[:SCALE] ... OUT",
                    help="adapters with an optional multiplier (pastel.safetensors:0.8), then OUT: a path ending "
@@ -727,10 +799,22 @@ def add_command(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_merge)
 
+    p = subparsers.add_parser("convert", help="rewrite a diffusers/peft-format adapter as a Kohya file",
+                              description="Read an adapter as every sdlora command reads it (Kohya, LyCORIS, "
+                                          "diffusers or peft key names; bundled embeddings left out) and write it "
+                                          "with Kohya's key names, which A1111, Forge and ComfyUI load.")
+    p.add_argument("input", metavar="IN", help="adapter (.safetensors) in any key style sdlora reads")
+    p.add_argument("output", metavar="OUT", help="Kohya-format adapter to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_convert)
+
     p = subparsers.add_parser("inspect", help="metadata, ranks, norms and energy curves of an adapter",
-                              description=__doc__, formatter_class=fmt)
-    p.add_argument("file", metavar="FILE", help="Kohya-format adapter (.safetensors): LoRA, LoCon or LoHa; modules "
-                                                "holding NaN/inf are listed and the exit code is 1")
+                              description="Print an adapter's metadata, module kinds, ranks, alphas, norms and the rank "
+                                          "that keeps 50/80/90/99% of each module's energy (singular values from "
+                                          "the factors); --plot draws the spectra.")
+    p.add_argument("file", metavar="FILE", help="adapter (.safetensors): LoRA, LoCon, LoHa or LoKr, with or without "
+                                                "DoRA; Kohya, diffusers or peft keys. Modules holding NaN/inf are "
+                                                "listed and the exit code is 1")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the singular-value spectra and cumulative "
                                                              "energy curves to this PNG")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -4,10 +4,12 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
 
     unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
                        per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
-    fused / LoHa       A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
-                       with dW_i = kohya.module_delta (LoRA or LoHa), W0 kept in a copy so every
-                       new set of weights (and weight 0, the base exactly) starts from W0.
-                       diffusers cannot read LoHa (hada_*) files, so they always take this path.
+    fused / others     A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
+                       with dW_i = kohya.module_delta (any kind), W0 kept in a CPU copy so every
+                       new set of weights (and weight 0, the base exactly) starts from W0; each
+                       dW_i is formed one layer at a time, so memory stays that of the base.
+                       diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, so
+                       files with any of them always take this path.
     When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
 
 Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
@@ -41,7 +43,7 @@ from . import kohya
 from .config import add_override_argument
 from .errors import UserError
 from .io import inside, safe_file_stem
-from .lora import use_fused_forward
+from .lora import parse_adapter_arg, use_fused_forward
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -81,9 +83,10 @@ class Adapter:
     weight: float | None  # FILE:SCALE's fixed weight; None = swept by the grid's column scales
     alias: str  # A1111's alias: ss_output_name, else the file stem
     short_hash: str  # A1111's "Lora hashes" value
-    kind: str  # "lora" or "loha" (a file with any LoHa module)
+    kind: str  # "lora" when every module is a plain LoRA (diffusers loads it), else the variants found
     modules: dict[str, dict[str, torch.Tensor]]  # kohya key -> tensors
     name: str = ""  # the diffusers adapter name, when loaded through diffusers
+    from_prompt: bool = False  # loaded for `<lora:name:w>` tags: its weight is set per prompt row
 
 
 def read_for_base(path, weight: float | None, pipe) -> Adapter:
@@ -94,7 +97,7 @@ def read_for_base(path, weight: float | None, pipe) -> Adapter:
     tensors, metadata = read_adapter(path)
     modules = kohya.group_modules(tensors)
     try:
-        kinds = {kohya.module_kind(parts) for parts in modules.values()}
+        kinds = {kohya.module_variant(parts) for parts in modules.values()}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     layers = _layers(pipe)
@@ -110,26 +113,35 @@ def read_for_base(path, weight: float | None, pipe) -> Adapter:
             _check_shape(parts, shape)
         except UserError as e:
             raise UserError(f"{path}: {key}: {e}") from None
+    # Keys as the base names them (SDXL: SGM's, also for files keyed by diffusers paths).
+    canonical = {id(layer): key for key, layer in _layers(pipe, aliases=False).items()}
+    modules = {canonical[id(layers[key])]: parts for key, parts in modules.items()}
     return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
-                   short_hash=short_hash(path), kind="loha" if "loha" in kinds else "lora", modules=modules)
+                   short_hash=short_hash(path),
+                   kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
+                   modules=modules)
 
 
 def _check_shape(parts: dict, shape: torch.Size) -> None:
     """module_delta's shape check without forming the delta (cheap for LoRA)."""
-    if kohya.module_kind(parts) == "lora":
+    if kohya.module_variant(parts) == "lora":
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         if up.shape[0] != shape[0] or down[0].numel() != shape.numel() // shape[0]:
             raise UserError(f"adapter shape up {tuple(up.shape)} / down {tuple(down.shape)} does not fit the base "
                             f"weight {tuple(shape)}: the adapter was trained for a different base model")
     else:
-        kohya.module_delta(parts, shape)
+        kohya.module_update(parts, shape)
+        if "dora_scale" in parts:
+            kohya.dora_axis(parts["dora_scale"], shape)
 
 
-def _layers(pipe) -> dict[str, torch.nn.Module]:
-    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s)."""
+def _layers(pipe, aliases: bool = True) -> dict[str, torch.nn.Module]:
+    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s); with aliases,
+    an SDXL U-Net's layers under their diffusers-path keys too (`kohya.loadable_module_map`)."""
     layers = {}
+    module_map = kohya.loadable_module_map if aliases else kohya.kohya_module_map
     for part, model in kohya.model_parts(pipe).items():
-        for key, path in kohya.kohya_module_map(model, part).items():
+        for key, path in module_map(model, part).items():
             layers[key] = model.get_submodule(path)
     return layers
 
@@ -140,34 +152,40 @@ def _base_weight(layer) -> torch.nn.Parameter:
 
 
 class WeightPatcher:
-    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside."""
+    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside.
+
+    W0 waits on the CPU (as A1111 keeps its backups) and each dW_i is formed when its layer is
+    set, from the adapter's factors, so no set of full-size deltas is ever held at once.
+    """
 
     def __init__(self, pipe):
         self.layers = _layers(pipe)
-        self.originals: dict[str, torch.Tensor] = {}
-        self.deltas: dict[int, dict[str, torch.Tensor]] = {}  # id(adapter) -> kohya key -> dW
+        self.originals: dict[str, torch.Tensor] = {}  # kohya key -> W0 on the CPU
+        self.modules: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # id(adapter) -> kohya key -> tensors
 
     def add(self, adapter: Adapter) -> None:
-        deltas = {}
+        modules = {}
         for key, parts in adapter.modules.items():
             weight = _base_weight(self.layers[key])
-            self.originals.setdefault(key, weight.detach().clone())
-            deltas[key] = kohya.module_delta(parts, weight.shape).to(weight.device)
-        self.deltas[id(adapter)] = deltas
+            self.originals.setdefault(key, weight.detach().to("cpu", copy=True))
+            modules[key] = {name: t.to(weight.device) for name, t in parts.items()}
+        self.modules[id(adapter)] = modules
 
     def remove(self, adapter: Adapter) -> None:
-        self.deltas.pop(id(adapter), None)
+        self.modules.pop(id(adapter), None)
 
     @torch.no_grad()
     def apply(self, weights: dict[int, float]) -> None:
         """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
         for key, original in self.originals.items():
-            merged = original.float()
-            for adapter_id, deltas in self.deltas.items():
+            weight = _base_weight(self.layers[key])
+            base = original.to(weight.device)
+            merged = base.to(torch.float32, copy=True)  # never an alias of the kept W0
+            for adapter_id, modules in self.modules.items():
                 w = weights.get(adapter_id, 0.0)
-                if w and key in deltas:
-                    merged = merged + w * deltas[key]
-            _base_weight(self.layers[key]).copy_(merged.to(original.dtype))
+                if w and key in modules:
+                    merged += w * kohya.module_delta(modules[key], weight.shape, base)
+            weight.copy_(merged.to(original.dtype))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -175,7 +193,7 @@ class WeightPatcher:
         for key, original in self.originals.items():
             _base_weight(self.layers[key]).copy_(original)
         self.originals.clear()
-        self.deltas.clear()
+        self.modules.clear()
 
 
 class AdapterSet:
@@ -195,14 +213,16 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if self.fuse or adapter.kind == "loha":
+        if self.fuse or adapter.kind != "lora":
             if self.patcher is None:
                 self.patcher = WeightPatcher(self.pipe)
             self.patcher.add(adapter)
         else:
             adapter.name = f"adapter{self._count}"
             self._count += 1
-            self.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+            # The Kohya-named tensors as read (diffusers/peft files converted), not the file again.
+            tensors = {f"{key}.{name}": t for key, parts in adapter.modules.items() for name, t in parts.items()}
+            self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
             for model in kohya.model_parts(self.pipe).values():
                 use_fused_forward(model)  # one adapter active: the fused path; several: peft's own
         self.adapters.append(adapter)
@@ -347,6 +367,7 @@ class Sampler:
         s = cfg.sample
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
+        self.scheduler_name = s.sampler
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse)
@@ -362,26 +383,52 @@ class Sampler:
             return encode_text(base.family, base.text_encoders, ids, self.cfg.model.clip_skip)
 
     def embeds(self, prompts: list[str], negative: list[str]) -> dict:
-        """The pipelines' prompt-embedding arguments for prompts and their negative prompts."""
-        text, neg = self.encode(prompts), self.encode(negative)
-        kwargs = dict(prompt_embeds=text.hidden, negative_prompt_embeds=neg.hidden)
-        if text.pooled is not None:  # SDXL; the pipeline adds the size/crop time ids itself
-            kwargs.update(pooled_prompt_embeds=text.pooled, negative_pooled_prompt_embeds=neg.pooled)
+        """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
+        encoded by A1111's rules (`prompts.encode`: emphasis, BREAK, 75-token chunks) and padded
+        to one chunk count."""
+        from . import prompts as rules
+        from .family import encode_text
+
+        base = self.base
+
+        def encode_ids(ids: list[torch.Tensor]):
+            with torch.no_grad():
+                return encode_text(base.family, base.text_encoders, [x.to(self.device) for x in ids],
+                                   self.cfg.model.clip_skip)
+
+        widths = [te.config.hidden_size for te in base.text_encoders]
+        encoded = {t: rules.encode(t, base.tokenizers, encode_ids, widths) for t in {*prompts, *negative, ""}}
+        padded = rules.pad_to_same_length([encoded[t] for t in [*prompts, *negative]], encoded[""])
+        text, neg = padded[:len(prompts)], padded[len(prompts):]
+        kwargs = dict(prompt_embeds=torch.cat([e.hidden for e in text]),
+                      negative_prompt_embeds=torch.cat([e.hidden for e in neg]))
+        if text[0].pooled is not None:  # SDXL; the pipeline adds the size/crop time ids itself
+            kwargs.update(pooled_prompt_embeds=torch.cat([e.pooled for e in text]),
+                          negative_pooled_prompt_embeds=torch.cat([e.pooled for e in neg]))
         return kwargs
 
     def render(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
-               hires: str = "off") -> tuple[list, dict]:
-        """One image per (prompt, seed) pair; returns (images, A1111 parameters shared by them)."""
+               hires: str = "off", negatives: list[str] | None = None, cfg_scale: float | None = None,
+               sampler: str | None = None) -> tuple[list, dict]:
+        """One image per (prompt, seed) pair; returns (images, A1111 parameters shared by them).
+
+        negatives, cfg_scale, sampler: per call (a prompt file's --n, --l, --ss); default the config's.
+        """
         from PIL import Image
 
         s = self.cfg.sample
+        s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+                                sampler=sampler or s.sampler)
+        if s.sampler != self.scheduler_name:
+            self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
+            self.scheduler_name = s.sampler
         for side, v in (("width", width), ("height", height)):
             if v % 8 or v < 8:
                 raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
         two_pass = uses_hires(hires, width, height, self.base.resolution)
         w0, h0 = first_pass_size(width, height, self.base.resolution) if two_pass else (width, height)
         generators = lambda: [torch.Generator(self.device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
-        embeds = self.embeds(list(prompts), [s.negative_prompt] * len(prompts))
+        embeds = self.embeds(list(prompts), list(negatives) if negatives else [s.negative_prompt] * len(prompts))
         images = self.pipe(**embeds, width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
                            generator=generators()).images
         # A1111's key order (processing.create_infotext); None values are left out of the text.
@@ -389,7 +436,8 @@ class Sampler:
         params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
                   "CFG scale": float(s.cfg_scale), "Seed": None, "Size": f"{w0}x{h0}",
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
-                  "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None}
+                  "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
+                  "RNG": "CPU" if self.device == "cpu" else None}  # A1111's field when its noise is drawn on the CPU
         if two_pass:
             from diffusers import AutoPipelineForImage2Image
 
@@ -411,11 +459,44 @@ class Sampler:
 
 def parameters_for(prompt: str, seed: int, adapters: list[Adapter], weights: list[float], negative: str,
                    params: dict) -> str:
-    """The infotext of one image: `<lora:alias:w>` in the prompt and "Lora hashes" for each active adapter."""
+    """The infotext of one image: the prompt as written, a `<lora:alias:w>` tag for each active
+    adapter the prompt does not already name, and each active adapter's hash once."""
     active = [(a, w) for a, w in zip(adapters, weights) if w != 0]
-    tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active)
-    hashes = ", ".join(f"{a.alias}: {a.short_hash}" for a, _ in active) or None
+    tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active if not a.from_prompt)
+    hashes = ", ".join(dict.fromkeys(f"{a.alias}: {a.short_hash}" for a, _ in active)) or None
     return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes, "Version": "sdlora"})
+
+
+@dataclass
+class Row:
+    """One prompt row of a grid: the line as written, the text encoded, the adapters its tags name."""
+
+    line: object  # prompts.PromptLine
+    text: str  # the prompt without its <lora:...> tags
+    tags: dict[int, float]  # id(adapter) -> weight, for the adapters loaded for its tags
+
+
+def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[Row]:
+    """Rows for prompt lines; each adapter a `<lora:name:w>` tag names is loaded once (switched off
+    except in the rows that name it)."""
+    from . import prompts as rules
+
+    loaded = {a.path: a for a in sampler.adapters.adapters if a.from_prompt}  # by an earlier call
+    rows = []
+    for line in lines:
+        line = line if isinstance(line, rules.PromptLine) else rules.PromptLine(line)
+        text, tags, others = rules.extract_networks(line.prompt)
+        if others:
+            log(f"note: {', '.join(others)} left out of the prompt (sdlora loads <lora:...> tags only)")
+        row_tags = {}
+        for tag in tags:
+            path = rules.find_lora(tag.name, [Path(d) for d in lora_dirs])
+            if path not in loaded:
+                loaded[path] = sampler.adapters.add(path, 0.0)
+                loaded[path].from_prompt = True
+            row_tags[id(loaded[path])] = tag.weight
+        rows.append(Row(line, text, row_tags))
+    return rows
 
 
 def _batches(items: list, size: int):
@@ -423,36 +504,56 @@ def _batches(items: list, size: int):
         yield items[i:i + size]
 
 
-def render_grid(sampler: Sampler, prompts: list[str], seeds: list[int], columns: list[tuple[str, callable]],
+def render_grid(sampler: Sampler, prompts: list, seeds: list[int], columns: list[tuple[str, callable]],
                 folder: Path, stem: str, *, width: int, height: int, steps: int, hires: str,
-                log=print) -> SampleResult:
+                log=print, lora_dirs=()) -> SampleResult:
     """Render prompts (rows) x columns for every seed; save the full images and one grid per seed.
 
+    prompts: strings or prompt-file lines (`prompts.PromptLine`, whose options override the
+    size, seed, steps, CFG scale, sampler and negative prompt of their row); `<lora:name:w>`
+    tags load that adapter (searched in lora_dirs) for their row only.
     columns: (label, prepare) pairs; prepare() applies that column's adapters and returns
     (column scale, adapter file recorded with its images or None).
     """
+    import itertools
+
     s = sampler.cfg.sample
     result = SampleResult(folder=folder)
+    rows = prompt_rows(sampler, prompts, lora_dirs, log)
     cells: dict[tuple[int, int, int], object] = {}  # (seed index, row, column) -> image
-    pairs = [(p, seed) for p in range(len(prompts)) for seed in range(len(seeds))]
+    pairs = [(p, seed) for p in range(len(rows)) for seed in range(len(seeds))]
+
+    def settings(row: Row) -> tuple:
+        line = row.line
+        return (line.width or width, line.height or height, line.steps or steps, line.cfg_scale, line.sampler,
+                s.negative_prompt if line.negative_prompt is None else line.negative_prompt,
+                tuple(sorted(row.tags.items())))
+
     for c, (label, prepare) in enumerate(columns):
         scale, lora_file = prepare()
-        weights = sampler.adapters.current
+        column_weights = list(sampler.adapters.current)
         started = time.time()
-        for batch in _batches(pairs, s.batch_size):
-            images, params = sampler.render([prompts[p] for p, _ in batch], [seeds[i] for _, i in batch],
-                                            width, height, steps, hires)
-            for (p, i), image in zip(batch, images):
-                path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seeds[i]}.png")
-                save_png(image, path, parameters_for(prompts[p], seeds[i], sampler.adapters.adapters, weights,
-                                                     s.negative_prompt, params))
-                result.images.append(Rendered(path, prompts[p], seeds[i], scale, lora_file, image))
-                cells[i, p, c] = image
+        for (w, h, n_steps, cfg_scale, sampler_name, negative, tags), group in itertools.groupby(
+                pairs, key=lambda pair: settings(rows[pair[0]])):
+            weights = [dict(tags).get(id(a), 0.0) if a.from_prompt else cw
+                       for a, cw in zip(sampler.adapters.adapters, column_weights)]
+            if weights != sampler.adapters.current:
+                sampler.adapters.set_weights(weights)
+            for batch in _batches(list(group), s.batch_size):
+                row_seeds = [rows[p].line.seed if rows[p].line.seed is not None else seeds[i] for p, i in batch]
+                images, params = sampler.render([rows[p].text for p, _ in batch], row_seeds, w, h, n_steps, hires,
+                                                [negative] * len(batch), cfg_scale, sampler_name)
+                for (p, i), seed, image in zip(batch, row_seeds, images):
+                    path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seed}.png")
+                    save_png(image, path, parameters_for(rows[p].line.prompt, seed, sampler.adapters.adapters,
+                                                         weights, negative, params))
+                    result.images.append(Rendered(path, rows[p].line.prompt, seed, scale, lora_file, image))
+                    cells[i, p, c] = image
         log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s")
     labels = [label for label, _ in columns]
     for i, seed in enumerate(seeds):
-        grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(prompts))],
-                         labels, prompts, s.thumbnail, title=f"seed {seed}")
+        grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(rows))],
+                         labels, [row.line.prompt for row in rows], s.thumbnail, title=f"seed {seed}")
         path = inside(folder, folder / f"{stem}_grid_seed{seed}.png")
         save_png(grid, path, f"sdlora grid: rows = prompts, columns = {', '.join(labels)}; seed {seed}")
         result.grids.append(path)
@@ -543,7 +644,8 @@ def _sweep_columns(sampler: Sampler, scales: list[float]) -> list[tuple[str, cal
     are the base and the files at their weights.
     """
     adapters = sampler.adapters
-    swept = [a for a in adapters.adapters if a.weight is None]
+    files = [a for a in adapters.adapters if not a.from_prompt]
+    swept = [a for a in files if a.weight is None]
 
     def column(scale: float, weights: list[float], lora_file):
         def prepare():
@@ -551,17 +653,18 @@ def _sweep_columns(sampler: Sampler, scales: list[float]) -> list[tuple[str, cal
             return scale, lora_file
         return prepare
 
+    if not files:  # only the prompts' <lora:...> tags: one column, as prompted
+        return [("as prompted", column(1.0, [0.0] * len(adapters.adapters), None))]
     if not swept:
-        files = adapters.adapters
-        return [("base", column(0.0, [0.0] * len(files), None)),
+        return [("base", column(0.0, [0.0] * len(adapters.adapters), None)),
                 ("LoRA", column(1.0, adapters.weights_at(1.0), files[0].path))]
-    fixed = len(swept) < len(adapters.adapters)
+    fixed = len(swept) < len(files)
     return [("base" if scale == 0 and not fixed else f"LoRA x{scale:g}",
              column(scale, adapters.weights_at(scale), swept[0].path if scale else None)) for scale in scales]
 
 
 def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires: str | None = None,
-               fuse: bool | None = None) -> SampleResult:
+               fuse: bool | None = None, lora_dirs=()) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
 
     loras: [(path, weight or None)], all applied together. None sweeps the file over
@@ -570,16 +673,24 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
     epochs_dir: the columns are the `NAME-0000NN.safetensors` files there and the final
     `NAME.safetensors` instead, each at weight 1 (`loras` is not used).
     Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
+    Prompts: `sample.prompt_file` (kohya's syntax) when set, else `sample.prompts`; their
+    `<lora:name:w>` tags load adapters found in lora_dirs (then no default adapter is needed).
     """
+    from . import prompts as rules
+
     s = cfg.sample
-    prompts = _prompts(cfg)
+    prompts = rules.read_prompt_file(s.prompt_file) if s.prompt_file else _prompts(cfg)
+    tagged = any(rules.extract_networks(p if isinstance(p, str) else p.prompt)[1] for p in prompts)
     loras = [(Path(p), None if w is None else float(w)) for p, w in loras]
     if not loras and not epochs_dir:
         default = cfg.adapter_path()
-        if not default.is_file():
+        if tagged and not default.is_file():
+            pass  # the prompts name their adapters
+        elif not default.is_file():
             raise UserError(f"no trained adapter at {default} (output.dir / output_name): train it first "
                             f"(sdlora train CONFIG) or name one with --lora FILE")
-        loras = [(default, None)]
+        else:
+            loras = [(default, None)]
     folder = Path(out_dir) if out_dir else cfg.output_dir / "samples"
     sampler = Sampler(cfg, fuse=fuse)
     hires = hires or s.hires
@@ -590,7 +701,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
         if epochs_dir:
             def column(path):
                 def prepare():
-                    for a in list(sampler.adapters.adapters):
+                    for a in [a for a in sampler.adapters.adapters if not a.from_prompt]:
                         sampler.adapters.remove(a)
                     sampler.adapters.add(path, 1.0)
                     sampler.adapters.set_scale(1.0)
@@ -598,12 +709,15 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
                 return prepare
 
             columns = [(label, column(path)) for label, path in epoch_files(epochs_dir, cfg.output_name)]
-            return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log, **size)
+            return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log,
+                               lora_dirs=lora_dirs, **size)
         for path, weight in loras:
             sampler.adapters.add(path, weight)
-        stem = "_".join(safe_file_stem(a.alias) for a in sampler.adapters.adapters)  # aliases come from files
-        return render_grid(sampler, prompts, list(s.seeds), _sweep_columns(sampler, list(s.lora_scales)), folder,
-                           stem, log=log, **size)
+        stem = "_".join(safe_file_stem(a.alias) for a in sampler.adapters.adapters) or "prompted"  # from files
+        rows = prompt_rows(sampler, prompts, lora_dirs, log)  # loads the tags' adapters before the columns
+        return render_grid(sampler, [row.line for row in rows], list(s.seeds),
+                           _sweep_columns(sampler, list(s.lora_scales)), folder, stem, log=log, lora_dirs=lora_dirs,
+                           **size)
     finally:
         sampler.adapters.close()
 
@@ -616,6 +730,7 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     weights are restored afterwards. Default: load cfg.model afresh.
     """
     from . import models
+    from .prompts import extract_networks  # previews show the trained adapter alone: tags are left out
 
     base = base if base is not None else models.load_base(cfg.model)
     w, h = first_pass_size(cfg.sample.width, cfg.sample.height, base.resolution)
@@ -625,7 +740,8 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     try:
         sampler.adapters.add(adapter_path)
         folder = Path(out_dir) / f"epoch{epoch:06d}"
-        result = render_grid(sampler, _prompts(cfg), sample_cfg.seeds, _sweep_columns(sampler, [0.0, 1.0]), folder,
+        prompts = [extract_networks(p)[0] for p in _prompts(cfg)]
+        result = render_grid(sampler, prompts, sample_cfg.seeds, _sweep_columns(sampler, [0.0, 1.0]), folder,
                              "preview", width=w, height=h, steps=cfg.sample.preview_steps, hires="off",
                              log=lambda m: None)
     finally:
@@ -635,17 +751,6 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def _lora_arg(text: str) -> tuple[Path, float | None]:
-    """FILE[:SCALE]; a Windows drive colon or a colon in the file name stays part of the path."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(text), None
 
 
 def _numbers(text: str, kind, option: str) -> list:
@@ -669,7 +774,13 @@ def add_command(subparsers) -> None:
                         "(only fixed files: the columns are the base and the files). "
                         "Default: the trained <output.dir>/<output_name>.safetensors, swept")
     add_override_argument(p, "sample.cfg_scale=5")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces [sample] prompts")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces [sample] prompts. "
+                   "A1111 syntax: (word:1.2), (word), [word], BREAK, <lora:name:0.8>")
+    p.add_argument("--from-file", metavar="FILE", help="prompt file, one prompt per line with kohya's options "
+                   "--n NEGATIVE --w W --h H --d SEED --s STEPS --l CFG --ss SAMPLER (sets [sample] prompt_file)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="folder searched (recursively) for the adapters <lora:name:w> tags name, by file name or "
+                        "ss_output_name; repeatable")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3; replaces [sample] seeds")
     p.add_argument("--scales", help="comma-separated LoRA scales (grid columns), e.g. 0,0.5,1; 0 is the base")
     p.add_argument("--width", type=int, help="image width, a multiple of 8 (default [sample] width, 1080)")
@@ -699,12 +810,16 @@ def _cmd_sample(args) -> int:
     changes = {}
     if args.prompt:
         changes["prompts"] = args.prompt
+        changes["prompt_file"] = ""
+    if args.from_file:
+        changes["prompt_file"] = str(Path(args.from_file).resolve())
     if args.seeds:
         changes["seeds"] = _numbers(args.seeds, int, "--seeds")
     if args.scales:
         changes["lora_scales"] = _numbers(args.scales, float, "--scales")
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
-    result = run_sample(cfg, [_lora_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
+    result = run_sample(cfg, [parse_adapter_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
+                        lora_dirs=args.lora_dir,
                         hires=args.hires)
     print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
     for grid in result.grids:

@@ -616,9 +616,10 @@ class Trainer:
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         final = self.adapter_path(None)
-        if final.exists() and not (tc.overwrite or resume):  # every process stops, none waits for the others
-            raise UserError(f"{final} already exists; set train.overwrite = true (or --set train.overwrite=true) "
-                            "to replace it, or choose another output.output_name")
+        from .lora import refuse_to_overwrite
+
+        # every process stops, none waits for the others
+        refuse_to_overwrite(final, tc.overwrite or resume, "set train.overwrite = true (or --set train.overwrite=true)")
         self.setup()
         start_epoch, skip, step, losses = 0, 0, 0, []
         result = TrainResult(adapter=final, losses=losses)

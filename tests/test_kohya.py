@@ -147,7 +147,11 @@ def test_a_module_for_another_base_is_refused():
 
 
 def test_unknown_module_kinds_are_named():
-    with pytest.raises(UserError, match="LoKr"):
-        kohya.module_kind({"lokr_w1": torch.zeros(1), "lokr_w2": torch.zeros(1)})
+    for parts, name in (({"weight": torch.zeros(1), "on_input": torch.zeros(1)}, "IA"),
+                        ({"a1.weight": torch.zeros(1), "b1.weight": torch.zeros(1)}, "GLoRA"),
+                        ({"oft_blocks": torch.zeros(1)}, "OFT"), ({"diff": torch.zeros(1)}, "full"),
+                        ({"lora_A.weight": torch.zeros(1)}, "diffusers")):
+        with pytest.raises(UserError, match=name):
+            kohya.module_kind(parts)
     with pytest.raises(UserError, match="lora_down.weight"):
-        kohya.module_kind({"lora_A.weight": torch.zeros(1)})
+        kohya.module_kind({"something.weight": torch.zeros(1)})

@@ -452,7 +452,31 @@ def test_read_adapter_explains_what_is_wrong(tmp_path):
     pickled.write_bytes(b"x")
     with pytest.raises(UserError, match="pickled"):
         lora.read_adapter(pickled)
-    diffusers_format = tmp_path / "pytorch_lora_weights.safetensors"
-    save_file({"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 4)}, str(diffusers_format))
-    with pytest.raises(UserError, match="diffusers/peft-format"):
-        lora.read_adapter(diffusers_format)
+    not_an_adapter = tmp_path / "model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(2, 4)}, str(not_an_adapter))
+    with pytest.raises(UserError, match="no LoRA keys in Kohya.*diffusers or peft style"):
+        lora.read_adapter(not_an_adapter)
+
+
+def test_adapter_arg_keeps_colons_that_are_not_a_scale():
+    assert lora.parse_adapter_arg("style.safetensors:0.8") == (Path("style.safetensors"), 0.8)
+    assert lora.parse_adapter_arg("style.safetensors") == (Path("style.safetensors"), None)
+    assert lora.parse_adapter_arg(r"C:\loras\style.safetensors") == (Path(r"C:\loras\style.safetensors"), None)
+    assert lora.parse_adapter_arg("a:b.safetensors:-1") == (Path("a:b.safetensors"), -1.0)
+    assert lora.parse_adapter_arg(":0.5") == (Path(":0.5"), None)
+
+
+def test_one_message_for_an_existing_output(tmp_path, mini_base_dir):
+    """save_adapter, resize, merge and train refuse alike: the file, another name, and how to replace it."""
+    from sdlora import lowrank
+
+    path, tensors, _ = _saved(tmp_path)
+    messages = []
+    for refuse in (lambda: lora.save_adapter(path, tensors, {}),
+                   lambda: lowrank.resize(path, path, rank=1),
+                   lambda: lowrank.merge(mini_base_dir, [(path, 1.0)], path)):
+        with pytest.raises(UserError) as e:
+            refuse()
+        messages.append(str(e.value))
+    assert all(m.startswith(f"{path} already exists; choose another output name, or ") for m in messages)
+    assert "--overwrite" in messages[1] and "--overwrite" in messages[2]

@@ -154,6 +154,12 @@ def test_merge_then_extract_recovers_the_adapter(tmp_path, mini_base_dir):
     _, metadata = lora.read_adapter(out)
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
     assert json.loads(metadata["sdlora_extract"])["clamp_quantile"] is None
+    # The base model and modelspec fields read as a trained adapter's for the same base (one writer).
+    trained = lora.adapter_metadata(config_from_dict({"name": "extracted"}), lowrank._load(str(mini_base_dir), "base"),
+                                    {"num_train_images": 0, "num_epochs": 0, "epoch": 0, "steps": 0})
+    for key in ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_new_sd_model_hash", "ss_output_name",
+                "modelspec.architecture", "modelspec.implementation", "modelspec.prediction_type", "modelspec.title"):
+        assert metadata[key] == trained[key], key
 
 
 def test_extract_skips_an_unchanged_text_encoder_and_clamps_by_default(tmp_path, mini_base_dir, capsys):
