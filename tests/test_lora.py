@@ -4,6 +4,7 @@ import logging
 import re
 import struct
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
