@@ -43,12 +43,16 @@ PREPROCESS_VERSION = "v1"  # bump when preprocessing changes: old cached embeddi
 images_encoded = 0
 
 
+DEFAULT_VOCABULARY = Path(__file__).parent / "assets" / "vocabulary" / "general.txt"
+
+
 def read_vocabulary(path: str | Path) -> list[str]:
-    """One tag per line; `#` starts a comment; blank lines and repeats (any case) ignored."""
-    path = Path(path)
+    """One tag per line; `#` starts a comment; blank lines and repeats (any case) ignored.
+    An empty path is the packaged general vocabulary (DEFAULT_VOCABULARY)."""
+    path = Path(path) if path else DEFAULT_VOCABULARY
     if not path.is_file():
         raise UserError(f"{path}: tag vocabulary not found; set [caption] vocabulary to a text file "
-                        "with one tag per line (e.g. datasets_cfg/tags/scenery.txt)")
+                        "with one tag per line, or leave it empty for the packaged vocabulary")
     tags, seen = [], set()
     from .io import read_caption
 
@@ -259,6 +263,20 @@ def embed_cached(tagger: Tagger, items: list[tuple[str, object]], cache: Embeddi
             cache.put(digest, emb)
             out[digest] = emb
     return out
+
+
+def checked_vocabulary(tagger: "Tagger", path: str | Path, log=print) -> tuple[list[str], list[str]]:
+    """(the vocabulary's tags this tagger scores, those it does not know): read and checked before
+    any image is encoded, so a vocabulary mistake costs no tagging time."""
+    vocabulary, unknown = tagger.scorable(read_vocabulary(path))
+    name = path or "the packaged vocabulary"
+    if unknown:
+        log(f"{len(unknown)} tags of {name} are unknown to the {tagger.name} tagger and not scored "
+            f"(e.g. {', '.join(unknown[:5])})")
+    if not vocabulary:
+        raise UserError(f"{name}: none of its tags is known to the {tagger.name} tagger; "
+                        f"it knows: {', '.join(tagger.known_tags or [])}")
+    return vocabulary, unknown
 
 
 def select_tags(scores: np.ndarray, tags: list[str], threshold: float, max_tags: int) -> list[tuple[str, float]]:

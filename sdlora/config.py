@@ -79,6 +79,11 @@ class ModelConfig:
                         choices=["none", "fp8", "nf4"])
 
 
+# The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
+SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extension", "shuffle_caption",
+                      "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug")
+
+
 @dataclass
 class DatasetConfig:
     image_dir: str = opt("images", "folder of training images (with .txt captions)", path=True)
@@ -96,7 +101,10 @@ class DatasetConfig:
     caption_dropout_rate: float = opt(0.0, "probability of training on an empty caption", min=0.0, max=1.0)
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each non-kept tag", min=0.0, max=1.0)
     flip_aug: bool = opt(False, "random horizontal flips (both orientations are cached)")
-    cache_latents: bool = opt(True, "encode VAE latents once and cache them on disk")
+    validation_split: float = opt(0.0, "share of each training subset's images held out for a validation loss "
+                                       "per epoch (kohya's validation_split)", min=0.0, max=0.9)
+    max_token_length: int = opt(75, "caption tokens the text encoder sees (kohya's): 150 / 225 encode 75-token "
+                                     "chunks separately and join them", choices=[75, 150, 225])
     # Dataset-builder settings (validation, de-duplication); see `sdlora dataset`.
     max_pixels: int = opt(40_000_000, "images with more pixels are rejected (decompression bombs)", min=1)
     min_side: int = opt(64, "images whose shorter side is smaller are rejected", min=1)
@@ -104,6 +112,10 @@ class DatasetConfig:
     dedupe: bool = opt(True, "keep only the first image of each near-duplicate group")
     dedupe_threshold: float = opt(0.97, "cosine similarity above which images are near-duplicates",
                                   min=0.0, max=1.0)
+    subsets: list = opt([], "[[dataset.subsets]] tables, kohya's subsets: each needs image_dir and may set "
+                            f"{', '.join(SUBSET_SHARED_KEYS[1:])} (default: the [dataset] value) and the "
+                            "dataset.subsets[] keys below")
+    reg_dir: str = opt("", "kohya's reg_data_dir: its N_words folders are regularisation subsets", path=True)
 
 
 @dataclass
@@ -111,7 +123,8 @@ class CaptionConfig:
     tagger: str = opt("open_clip", "auto-tagger backend", choices=["open_clip", "none"])
     model: str = opt("tiny", "open_clip model: 'tiny' (embedded) or an open_clip architecture name")
     pretrained: str = opt("", "open_clip checkpoint: a local file, or a pretrained tag (downloads)")
-    vocabulary: str = opt("tags/scenery.txt", "tag vocabulary file, one tag per line", path=True)
+    vocabulary: str = opt("", "tag vocabulary file, one tag per line; empty = the packaged general vocabulary "
+                              "(scenery, subjects, style, medium)", path=True)
     threshold: float = opt(0.35, "keep tags scoring above this", min=0.0, max=1.0)
     max_tags: int = opt(20, "at most this many tags per image", min=1)
     batch_size: int = opt(16, "images per tagger batch", min=1)
@@ -133,6 +146,8 @@ class NetworkConfig:
                             choices=["attn2", "attention", "transformer", "all"])
     train_text_encoder: bool = opt(True, "adapt the text encoder too")
     dropout: float = opt(0.0, "dropout on the adapter input", min=0.0, max=1.0)
+    init_weights: str = opt("", "start from this Kohya LoRA file (kohya's network_weights); its modules, ranks and "
+                                "alphas must match [network]", path=True)
     dora: bool = opt(False, "DoRA: learn a magnitude per output row too (lora and locon; LyCORIS dora_wd)")
 
 
@@ -145,15 +160,21 @@ class TrainConfig:
     max_train_steps: int = opt(0, "stop after this many optimizer steps (0 = epochs decide)", min=0)
     batch_size: int = opt(2, "images per optimizer step (all processes together)", min=1)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step", min=1)
-    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "adamw8bit", "prodigy"])
+    optimizer: str = opt("adamw", "optimizer (lion, prodigy, adamw8bit, adamw_schedulefree: optional extras)",
+                         choices=["adamw", "adamw8bit", "lion", "adafactor", "prodigy", "adamw_schedulefree"])
+    optimizer_args: dict = opt({}, "extra keyword arguments of the optimizer (kohya's optimizer_args), "
+                                   "e.g. {betas = [0.9, 0.99], d_coef = 2}")
     weight_decay: float = opt(1e-2, "AdamW weight decay", min=0.0)
     lr_scheduler: str = opt("cosine_with_restarts", "learning-rate schedule",
-                            choices=["constant", "cosine", "cosine_with_restarts", "linear"])
+                            choices=["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"])
     lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts", min=1)
     lr_warmup_ratio: float = opt(0.05, "share of steps spent warming up", min=0.0, max=1.0)
+    lr_warmup_steps: int = opt(0, "warm-up steps (kohya's lr_warmup_steps); when > 0 it replaces lr_warmup_ratio",
+                               min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0.0)
     min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
+    prior_loss_weight: float = opt(1.0, "loss weight of regularisation images (kohya's prior_loss_weight)", min=0.0)
     mixed_precision: str = opt("no", "mixed precision", choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
@@ -239,6 +260,24 @@ class Config:
         return d
 
 
+@dataclass
+class _SubsetOnly:
+    class_tokens: str = opt("", "caption of images without a caption file (kohya's class_tokens; an N_words "
+                                "folder's words)")
+    is_reg: bool = opt(False, "regularisation images: weighted by train.prior_loss_weight, repeated to match "
+                              "the training images, never tagged with the trigger nor written to")
+    validation: bool = opt(False, "validation images: never trained; their loss is logged every epoch (see "
+                                  "dataset.validation_split)")
+
+
+SubsetConfig = dataclasses.make_dataclass(
+    "SubsetConfig",
+    [(f.name, f.type, field(default=f.default, metadata=f.metadata))
+     for f in dataclasses.fields(DatasetConfig) if f.name in SUBSET_SHARED_KEYS]
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(_SubsetOnly)],
+    namespace={"__doc__": "One [[dataset.subsets]] table (kohya's subset): a folder and its caption rules."})
+SubsetConfig.__module__ = __name__
+
 SECTION_CLASSES = {
     "model": ModelConfig, "dataset": DatasetConfig, "caption": CaptionConfig, "network": NetworkConfig,
     "train": TrainConfig, "sample": SampleConfig, "output": OutputConfig,
@@ -295,14 +334,18 @@ def _owner_of(f: dataclasses.Field) -> type:
     return _OWNERS[id(f)]
 
 
-for _cls in [Config, *SECTION_CLASSES.values()]:
+for _cls in [Config, SubsetConfig, *SECTION_CLASSES.values()]:
     for _f in dataclasses.fields(_cls):
         _OWNERS[id(_f)] = _cls
 
 
-def _unknown(key: str, known, where: str) -> ConfigError:
+def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
+    from .kohya_names import kohya_hint
+
+    section = {c: name for name, c in SECTION_CLASSES.items()}.get(cls, "dataset.subsets[]" if cls is SubsetConfig else None)
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    hint = kohya_hint(key, section) or (f"; did you mean '{close[0]}'?" if close else
+                                        f"; known keys: {', '.join(sorted(known))}")
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
@@ -311,13 +354,16 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
     values = {}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown(key, fields, where.rstrip())
+            raise _unknown(key, fields, where.rstrip(), cls)
         f = fields[key]
         loc = f"{where}{key}"
         if key in SECTION_CLASSES and cls is Config:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}[{key}]: expected a table [{key}]")
             values[key] = _build(SECTION_CLASSES[key], value, f"{where}[{key}] ", base_dir)
+            continue
+        if cls is DatasetConfig and key == "subsets":
+            values[key] = _build_subsets(value, data, f"{where}", base_dir)
             continue
         value = _coerce(value, f, loc)
         values[key] = value
@@ -329,6 +375,20 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
                 if v and not Path(v).is_absolute():
                     setattr(obj, f.name, str((base_dir / v).resolve()))
     return obj
+
+
+def _build_subsets(entries, dataset: dict, where: str, base_dir: Path | None) -> list:
+    """[[dataset.subsets]] -> SubsetConfig list; each unset shared key takes the [dataset] value."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{where}subsets: expected [[dataset.subsets]] tables")
+    out = []
+    for i, entry in enumerate(entries):
+        loc = f"{where}subsets[{i}] "
+        if "image_dir" not in entry:
+            raise ConfigError(f"{loc}: image_dir is missing; every [[dataset.subsets]] table names its folder")
+        inherited = {k: dataset[k] for k in SUBSET_SHARED_KEYS if k in dataset and k != "image_dir"}
+        out.append(_build(SubsetConfig, {**inherited, **entry}, loc, base_dir))
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -365,11 +425,27 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text}: '{k}' is not a section")
         node[keys[-1]] = value
+    _refuse_kohya_file(data, path)
     data.setdefault("name", path.stem)
     cfg = _build(Config, data, f"{path}: ", path.parent.resolve())
     cfg.source = path.resolve()
     _check_consistency(cfg, path)
     return cfg
+
+
+def _refuse_kohya_file(data: dict, path: Path) -> None:
+    """A kohya dataset config ([general], [[datasets]]) or a kohya arguments file is not an sdlora
+    config: say so, and name the command that converts it."""
+    from .kohya_names import KOHYA_KEYS
+
+    fields = {f.name for f in dataclasses.fields(Config)}
+    dataset_config = [k for k in data if k in ("general", "datasets")]
+    arguments = [k for k in data if k in KOHYA_KEYS and k not in fields]
+    kohya = dataset_config or (arguments if len(arguments) > 1 else [])  # one stray key: the did-you-mean says it
+    if kohya:
+        what = "dataset config" if dataset_config else "training arguments"
+        raise ConfigError(f"{path}: this is a kohya-ss {what} file ({', '.join(kohya[:3])}), not an sdlora config; "
+                          f"convert it with `sdlora import-kohya {path} -o NEW.toml`")
 
 
 def config_from_dict(data: dict, base_dir: Path | None = None) -> Config:
@@ -424,9 +500,11 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         if cls is Config and f.name in SECTION_CLASSES:
             rows += describe(SECTION_CLASSES[f.name], f"{f.name}.")
+            if f.name == "dataset":
+                rows += describe(_SubsetOnly, "dataset.subsets[].")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+        extra = f" (one of: {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
         rows.append((prefix + f.name, repr(default), f.metadata.get("help", "") + extra))
     return rows
 

@@ -542,18 +542,24 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_noise_offset": f"{train.noise_offset:g}",
         "ss_mixed_precision": train.mixed_precision,
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
-        "ss_cache_latents": str(data.cache_latents),
+        "ss_cache_latents": "True",  # latents are always cached (cache.LatentCache)
         "ss_enable_bucket": str(data.enable_bucket),
         "ss_min_bucket_reso": str(data.min_bucket_reso),
         "ss_max_bucket_reso": str(data.max_bucket_reso),
         "ss_bucket_no_upscale": str(data.bucket_no_upscale),
         "ss_shuffle_caption": str(data.shuffle_caption),
         "ss_keep_tokens": str(data.keep_tokens),
+        "ss_max_token_length": str(data.max_token_length),
         "ss_flip_aug": str(data.flip_aug),
         "ss_caption_dropout_rate": f"{data.caption_dropout_rate:g}",
         "ss_caption_tag_dropout_rate": f"{data.caption_tag_dropout_rate:g}",
         "ss_tag_frequency": json.dumps(tag_frequency or {}),
         "ss_dataset_dirs": json.dumps(dataset_dirs or {}),
+        "ss_reg_dataset_dirs": json.dumps(stats.get("reg_dataset_dirs", {})),
+        "ss_num_reg_images": str(stats.get("num_reg_images", 0)),
+        "ss_prior_loss_weight": f"{train.prior_loss_weight:g}",
+        "ss_bucket_info": json.dumps(stats.get("bucket_info")),
+        "ss_total_batch_size": str(stats.get("total_batch_size", train.batch_size * train.gradient_accumulation_steps)),
         "ss_training_started_at": str(started),
         "ss_training_finished_at": str(finished),
         "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
@@ -595,7 +601,7 @@ def refuse_to_overwrite(path, overwrite: bool, replace: str = "pass --overwrite"
 
 
 def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:
-    """Write the adapter atomically, with `sshs_model_hash`; return that hash.
+    """Write the adapter atomically, with `sshs_model_hash` and `sshs_legacy_hash`; return the first.
 
     The hash is Kohya's / A1111's "addnet" hash: sha256 of the tensor-data bytes. That section
     does not depend on the header, so it is taken from a first serialisation without the hash.
@@ -612,8 +618,12 @@ def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
         raise UserError(f"{path}: not written: {len(broken)} adapter modules hold NaN or infinite values "
                         f"(e.g. {next(iter(broken))}); the weights diverged, see the training message")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    model_hash = hashlib.sha256(_data_section(save(tensors))).hexdigest()
-    serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash})
+    training_only = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = hashlib.sha256(_data_section(training_only)).hexdigest()
+    # sd-webui-additional-networks' legacy hash, as kohya computes it: 64 KiB at 1 MiB into the
+    # file written with the ss_* metadata only (a smaller file hashes the empty string).
+    legacy_hash = hashlib.sha256(training_only[0x100000:0x110000]).hexdigest()[:8]
+    serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
     atomic_write_bytes(path, serialized)
     return model_hash
 

@@ -14,7 +14,8 @@ from .errors import UserError
 
 
 def adapter_up_to_date(cfg: Config, path: Path) -> bool:
-    """True when `path` was trained from exactly this config, base and dataset.
+    """True when `path` was trained from exactly this config, base and dataset (read from the
+    dataset manifest: no image is scanned or decoded).
 
     The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
     that of the file now at model.base, so another model copied over the same path retrains.
@@ -38,14 +39,16 @@ def style_figures(cfg: Config, rendered) -> dict | None:
     """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
     from PIL import Image
 
-    from .images import scan_images
+    from .dataset import current_manifest
     from .metrics import style_shift
 
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
     if not base or not lora:
         return None
-    style = [Image.open(p) for p in scan_images(Path(cfg.dataset.image_dir))]
+    data = current_manifest(cfg, log=lambda m: None)
+    style = [Image.open(e["path"]) for e in data["images"]
+             if not e["duplicate_of"] and not data["subsets"][e["subset"]]["is_reg"]]
     return style_shift(base, lora, style)
 
 
@@ -73,9 +76,8 @@ def run(cfg: Config, log=print) -> dict:
     from . import dataset, sample, train
 
     out = cfg.output_dir
-    if cfg.caption.tagger != "none":
-        log("== 1/3 dataset: validate, tag, prune, captions")
-        dataset.build_dataset(cfg)
+    log("== 1/3 dataset: validate, tag, prune, captions, manifest")
+    dataset.build_dataset(cfg, log=log)
     final = cfg.adapter_path()
     if adapter_up_to_date(cfg, final):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")

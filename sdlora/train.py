@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .buckets import Bucket, assign_bucket, crop_top_left, make_buckets, resolution_pair
+from .buckets import Bucket, crop_top_left
 from .config import Config, add_override_argument
 from .errors import UserError
-from .family import (TextConditioning, clip_skip_note, encode_text, is_sdxl, time_ids, unet_conditioning,
-                     unread_text_layers)
+from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning, unread_text_layers
 
 STATE_FILE = "training_state.safetensors"
 OLD_STATE_FILE = "training_state.pt"  # sdlora before 0.2: a pickle, never read
@@ -41,69 +40,61 @@ OLD_STATE_FILE = "training_state.pt"  # sdlora before 0.2: a pickle, never read
 class Example:
     image: Path
     digest: str  # sha256 of the file: the cache key
-    tags: list[str]
+    tags: list[str]  # the training caption (the trigger first where it was missing)
     bucket: Bucket
-    caption_source: str  # "sidecar", "builder" or "trigger"
+    caption_source: str  # "sidecar", "builder", "class_tokens" or "none" (dataset._caption_source)
     size: tuple[int, int] = (0, 0)  # the image's (width, height) before bucketing: SDXL's original size
-
-
-def find_caption(image: Path, cfg: Config, beside_images: bool, log=print) -> tuple[str | None, str]:
-    """(caption text, "sidecar" | "builder"), or (None, "trigger") when the image has none."""
-    from .dataset import existing_caption
-    from .io import read_caption
-
-    path, source = existing_caption(image, cfg, beside_images)
-    return (read_caption(path, log), source) if path else (None, "trigger")
+    subset: "Subset" = None  # its caption rules, repeats and whether it is regularisation
+    repeats: int = 1  # per epoch: the subset's num_repeats; regularisation images: kohya's balance
+    held_out: bool = False  # kept aside for the validation loss (dataset.validation_split)
 
 
 def collect_examples(cfg: Config, log=print) -> list[Example]:
-    from .cache import file_digest
-    from .dataset import captions_beside_images, excluded_images
-    from .images import ImageRejected, load_image, scan_images
+    """The examples, from the dataset manifest (`dataset.current_manifest`): no folder scan, no
+    image decode. Near-duplicates the dataset stage excluded are left out; validation images
+    (`held_out`) come last; regularisation images get kohya's balanced repeats
+    (`subsets.balanced_repeats`) against the training images."""
+    from .dataset import current_manifest
+    from .subsets import Subset, balanced_repeats
     from .tags import parse_caption
 
-    folder = Path(cfg.dataset.image_dir)
-    if not folder.is_dir():
-        raise UserError(f"{cfg.source}: [dataset] image_dir = {folder} does not exist; "
-                        "point it at your image folder (relative to the config file)")
-    d = cfg.dataset
-    reso = resolution_pair(d.resolution)
-    buckets = make_buckets(reso, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps)
-    area = reso[0] * reso[1]
-    examples, rejected, uncaptioned = [], [], []
-    beside_images = captions_beside_images(cfg)
-    duplicates = excluded_images(cfg, log)  # near-duplicates the dataset builder set aside
-    if duplicates:
-        log(f"skipping {len(duplicates)} near-duplicate image(s) the dataset builder excluded "
+    data = current_manifest(cfg, log)
+    subsets = [Subset.from_dict(s) for s in data["subsets"]]
+    entries = [e for e in data["images"] if not e["duplicate_of"]]
+    excluded = len(data["images"]) - len(entries)
+    if excluded:
+        log(f"skipping {excluded} near-duplicate image(s) the dataset builder excluded "
             f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
-    for path in scan_images(folder):
-        if path in duplicates:
-            continue
-        try:
-            image = load_image(path, d.max_pixels, d.min_side, d.background)
-        except ImageRejected as e:
-            rejected.append(f"{path.name}: {e}")
-            continue
-        if d.enable_bucket:
-            bucket = assign_bucket(image.width, image.height, buckets, area, d.bucket_reso_steps, d.bucket_no_upscale)
-        else:
-            bucket = Bucket(*reso)
-        text, source = find_caption(path, cfg, beside_images, log)
-        if text is None:
-            uncaptioned.append(path.name)
-            text = cfg.trigger
-        examples.append(Example(path, file_digest(path), parse_caption(text), bucket, source, image.size))
-    for r in rejected:
-        log(f"skipped {r}")
+    by_subset = [[e for e in entries if e["subset"] == i] for i in range(len(subsets))]
+    held = [set(range(len(b))) if s.validation else set() if s.is_reg else
+            validation_indices(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name)
+            for s, b in zip(subsets, by_subset)]
+    training = [[e for j, e in enumerate(b) if j not in h] for b, h in zip(by_subset, held)]
+    repeats = balanced_repeats([len(b) for b in training], [s.num_repeats for s in subsets],
+                               [s.is_reg for s in subsets])
+    examples = [Example(Path(e["path"]), e["digest"], parse_caption(e["caption"]), Bucket(*e["bucket"]),
+                        e["caption_source"], tuple(e["size"]), subsets[i], n)
+                for i, group in enumerate(training) for e, n in zip(group, repeats[i]) if n]
+    examples += [Example(Path(e["path"]), e["digest"], parse_caption(e["caption"]), Bucket(*e["bucket"]),
+                         e["caption_source"], tuple(e["size"]), subsets[i], 0, held_out=True)
+                 for i, group in enumerate(by_subset) for j, e in enumerate(group) if j in held[i]]
+    if len(subsets) > 1:
+        log("subsets: " + "; ".join(
+            f"{s.name}: {len(b)} {'regularisation ' if s.is_reg else ''}images x "
+            f"{s.num_repeats if not s.is_reg else 'balanced'} repeats" for s, b in zip(subsets, by_subset)))
+    uncaptioned = [ex.image.name for ex in examples if ex.caption_source == "none"]
     if uncaptioned:
         what = f"the trigger '{cfg.trigger}'" if cfg.trigger else "an empty caption"
         log(f"warning: {len(uncaptioned)} image(s) have no caption ({', '.join(uncaptioned[:5])}"
             f"{', ...' if len(uncaptioned) > 5 else ''}); training them with {what}. "
             f"Run `sdlora dataset {cfg.source}` to auto-tag them.")
-    if not examples:
-        raise UserError(f"{folder}: no usable training image"
-                        f"{' (' + str(len(rejected)) + ' rejected: ' + '; '.join(rejected[:3]) + ')' if rejected else ''}; "
-                        "add PNG/JPEG/WebP images to [dataset] image_dir")
+    added = sum(e["trigger_added"] for e in entries if e["caption_source"] != "none")
+    if added:
+        log(f"{added} caption(s) lack the trigger '{cfg.trigger}': trained with it first (keep_tokens counts it)")
+    if not any(not ex.subset.is_reg and not ex.held_out for ex in examples):
+        raise UserError(f"{cfg.source}: no usable training image in "
+                        f"{', '.join(str(s.image_dir) for s in subsets if not s.is_reg) or 'any subset'} "
+                        "(see the dataset report); add PNG/JPEG/WebP images to [dataset] image_dir")
     return examples
 
 
@@ -121,13 +112,13 @@ def make_caption(tags: list[str], keep_tokens: int, shuffle: bool, tag_dropout: 
     return ", ".join(kept + rest)
 
 
-def epoch_order(examples: list[Example], repeats: int, batch_size: int, seed: int, epoch: int) -> tuple[list[int], list[list[int]]]:
-    """(order, batches): each example `repeats` times, shuffled per bucket, batched within a bucket,
+def epoch_order(examples: list[Example], batch_size: int, seed: int, epoch: int) -> tuple[list[int], list[list[int]]]:
+    """(order, batches): each example `ex.repeats` times, shuffled per bucket, batched within a bucket,
     batches shuffled. `batches` hold positions into `order`."""
     rng = random.Random(f"{seed}-{epoch}")
     by_bucket: dict[Bucket, list[int]] = {}
     for i, ex in enumerate(examples):
-        by_bucket.setdefault(ex.bucket, []).extend([i] * repeats)
+        by_bucket.setdefault(ex.bucket, []).extend([i] * ex.repeats)
     order, batches = [], []
     for bucket in sorted(by_bucket, key=str):
         items = by_bucket[bucket]
@@ -140,11 +131,12 @@ def epoch_order(examples: list[Example], repeats: int, batch_size: int, seed: in
     return order, batches
 
 
-def steps_per_epoch(examples: list[Example], repeats: int, batch_size: int) -> int:
-    """Micro-batches per epoch: ceil(images x repeats / batch) per bucket (kohya's count)."""
+def steps_per_epoch(examples: list[Example], batch_size: int) -> int:
+    """Micro-batches per epoch, kohya's count: the sum over buckets of ceil(images x repeats / batch),
+    regularisation images (with their balanced repeats) sharing the buckets of the training images."""
     counts: dict[Bucket, int] = {}
     for ex in examples:
-        counts[ex.bucket] = counts.get(ex.bucket, 0) + repeats
+        counts[ex.bucket] = counts.get(ex.bucket, 0) + ex.repeats
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
@@ -177,10 +169,10 @@ class EpochDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
         entry = t.latents[ex.digest, ex.bucket]
-        flip = cfg.dataset.flip_aug and rng.random() < 0.5
+        d = ex.subset
+        flip = d.flip_aug and rng.random() < 0.5
         mean, std = (entry["flip_mean"], entry["flip_std"]) if flip else (entry["mean"], entry["std"])
         latents = mean + std * torch.randn(mean.shape, generator=g)  # (4, h, w)
-        d = cfg.dataset
         caption = make_caption(ex.tags, d.keep_tokens, d.shuffle_caption, d.caption_tag_dropout_rate,
                                d.caption_dropout_rate, rng)
         sample = {
@@ -188,6 +180,7 @@ class EpochDataset(torch.utils.data.Dataset):
             "noise": torch.randn(latents.shape, generator=g),
             "offset": torch.randn((latents.shape[0], 1, 1), generator=g),
             "timesteps": torch.randint(0, t.num_timesteps, (), generator=g),
+            "loss_weight": torch.tensor(cfg.train.prior_loss_weight if d.is_reg else 1.0),
         }
         if t.te_cache is not None:
             sample["text"] = t.te_cache.get(caption).to_dict()  # {"hidden"(, "pooled")}
@@ -363,7 +356,15 @@ class Trainer:
         self.text_encoder_lrs = text_encoder_lrs(cfg, self.base)
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
-        self.examples = collect_examples(cfg, log=self._main_log)
+        with self.accelerator.main_process_first():  # one process rebuilds a stale manifest, the others read it
+            self.dataset = collect_examples(cfg, log=self._main_log)  # what config_hash covers
+        self.examples = [ex for ex in self.dataset if not ex.held_out]
+        self.validation = [ex for ex in self.dataset if ex.held_out]
+        self.validation_losses: list[tuple[int, float]] = []  # (epoch, loss) of the held-out images
+        if self.validation:
+            self._main_log(f"validation: {len(self.validation)} image(s) held out (dataset.validation_split = "
+                           f"{cfg.dataset.validation_split:g}); their loss is logged every epoch")
+        self._warn_cut_captions()
         self.te_cache = None  # cached text-encoder outputs (frozen encoders, fixed captions); set up in setup()
         self.text_encoders: list = []  # the prepared text encoder(s): [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]
 
@@ -372,16 +373,29 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.log(msg)
 
-    def tokenize(self, caption: str) -> list[torch.Tensor]:
-        """One (77,) tensor of input ids per text encoder."""
-        from .family import tokenize
+    def _warn_cut_captions(self) -> None:
+        from .longprompt import LENGTHS, count_cut
 
-        return [ids[0] for ids in tokenize(self.base.tokenizers, [caption])]
+        limit = self.cfg.dataset.max_token_length
+        cut = count_cut(self.base.tokenizers[0], (", ".join(ex.tags) for ex in self.examples), limit)
+        if cut:
+            longer = [n for n in LENGTHS if n > limit]
+            fix = f"; set dataset.max_token_length = {longer[0]} to keep more" if longer else ""
+            self._main_log(f"warning: {cut} caption(s) are longer than dataset.max_token_length = {limit} tokens "
+                           f"and are cut{fix}")
+
+    def tokenize(self, caption: str) -> list[torch.Tensor]:
+        """One (77,) tensor of input ids per text encoder; (n, 77) chunks with max_token_length > 75."""
+        from .longprompt import tokenize_long
+
+        return [ids[0] for ids in tokenize_long(self.base.tokenizers, [caption], self.cfg.dataset.max_token_length)]
 
     def encode_text(self, input_ids: list[torch.Tensor]) -> TextConditioning:
+        from .longprompt import encode_long
+
         # The prepared (DDP-wrapped when multi-process) encoders, so their adapter gradients are all-reduced.
         device = self.accelerator.device
-        return encode_text(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
+        return encode_long(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
                            self.cfg.model.clip_skip)
 
     # -- setup
@@ -401,8 +415,8 @@ class Trainer:
         self.latents = {}
         # The main process encodes first; the others then read its cache entries.
         with self.accelerator.main_process_first():
-            for ex in self.examples:
-                self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, d.flip_aug, load)
+            for ex in self.examples + self.validation:
+                self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, ex.subset.flip_aug, load)
         self.base.vae.to("cpu")  # not needed while training
 
     def setup(self) -> None:
@@ -422,6 +436,8 @@ class Trainer:
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
+        if cfg.network.init_weights:
+            self.load_init_weights(cfg.network.init_weights)
         if train_te:
             layers = [te.config.num_hidden_layers for te in encoders]
             for part, unread in unread_text_layers(base.family, cfg.model.clip_skip, layers).items():
@@ -433,27 +449,27 @@ class Trainer:
                 for te in encoders:
                     te.gradient_checkpointing_enable()
         self.train_te = train_te
-        captions_fixed = not (cfg.dataset.shuffle_caption or cfg.dataset.caption_dropout_rate
-                              or cfg.dataset.caption_tag_dropout_rate)
+        captions_fixed = not any(ex.subset.shuffle_caption or ex.subset.caption_dropout_rate
+                                 or ex.subset.caption_tag_dropout_rate for ex in self.examples)
         self.text_encoders = [te.to(acc.device) for te in encoders]
         if not train_te and captions_fixed:
             # Every caption is known now: encode them all once, then the encoders leave the accelerator.
+            tokens = "" if cfg.dataset.max_token_length == 75 else f"_tok{cfg.dataset.max_token_length}"
             self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", encoders,
-                                               f"{base.family}_skip{cfg.model.clip_skip}", self.encode_captions)
-            self.te_cache.fill(", ".join(ex.tags) for ex in self.examples)
+                                               f"{base.family}_skip{cfg.model.clip_skip}{tokens}", self.encode_captions)
+            self.te_cache.fill(", ".join(ex.tags) for ex in self.examples + self.validation)
             for te in encoders:
                 te.to("cpu")
         self.prepare_latents()
 
         groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs if train_te else 0.0)
         self.optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
-        d = cfg.dataset
-        micro = steps_per_epoch(self.examples, d.num_repeats, tc.batch_size)
+        micro = steps_per_epoch(self.examples, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
         self.total_steps = tc.max_train_steps or self.steps_per_epoch * tc.epochs
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr_scheduler = get_scheduler(
-            tc.lr_scheduler, self.optimizer, num_warmup_steps=round(tc.lr_warmup_ratio * self.total_steps),
+            tc.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps(tc, self.total_steps),
             num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)
         models_to_train = [base.unet] + (encoders if train_te else [])
         prepared = acc.prepare(*models_to_train, self.optimizer, self.lr_scheduler)
@@ -486,10 +502,20 @@ class Trainer:
             for te in self.base.text_encoders:
                 te.to("meta")
 
-    def encode_captions(self, captions: list[str]) -> TextConditioning:
-        from .family import tokenize
+    def load_init_weights(self, path: str) -> None:
+        """network.init_weights: continue from an existing adapter (kohya's network_weights)."""
+        from .lora import read_adapter
 
-        return self.encode_text(tokenize(self.base.tokenizers, captions))
+        try:
+            self.network.load_kohya_state_dict(read_adapter(path)[0])
+        except UserError as e:
+            raise UserError(f"{self.cfg.source}: [network] init_weights = {path}: {e}") from None
+        self._main_log(f"adapters start from {path}")
+
+    def encode_captions(self, captions: list[str]) -> TextConditioning:
+        from .longprompt import tokenize_long
+
+        return self.encode_text(tokenize_long(self.base.tokenizers, captions, self.cfg.dataset.max_token_length))
 
     # -- the step
     def step(self, batch: dict) -> torch.Tensor:
@@ -518,7 +544,7 @@ class Trainer:
         if cfg.train.min_snr_gamma:
             loss = loss * snr_weights(base.noise_scheduler, timesteps, cfg.train.min_snr_gamma,
                                       self.v_prediction)
-        return loss.mean()
+        return (loss * batch["loss_weight"]).mean()  # regularisation images: train.prior_loss_weight
 
     # -- saving
     def adapter_path(self, epoch: int | None) -> Path:
@@ -533,10 +559,12 @@ class Trainer:
         dtype = DTYPES[tc.save_precision]
         stats = {"epoch": epoch, "num_epochs": self.epochs, "steps": step, "max_train_steps": self.total_steps,
                  "num_batches_per_epoch": self.steps_per_epoch, "training_started_at": started,
-                 "training_finished_at": time.time(), "num_train_images": len(self.examples),
-                 "config_hash": config_hash(self.cfg, self.examples)}
-        metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.cfg, self.examples),
-                                         dataset_dirs(self.cfg, self.examples))
+                 "training_finished_at": time.time(), "config_hash": config_hash(self.cfg, self.dataset),
+                 "lr_warmup_steps": warmup_steps(self.cfg.train, self.total_steps),
+                 "total_batch_size": self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps,
+                 **dataset_stats(self.examples)}
+        metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.examples),
+                                         dataset_dirs(self.examples, reg=False))
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
         lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
 
@@ -551,7 +579,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step, "losses": losses,
-            "config_hash": config_hash(self.cfg, self.examples),
+            "config_hash": config_hash(self.cfg, self.dataset),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             # for the report and the metadata of a resumed run: the whole training, not the last session
             "training_started_at": progress.started_at, "seconds": progress.seconds(),
@@ -577,7 +605,7 @@ class Trainer:
             state = training_state.load_state(path)
         except training_state.DamagedState as e:
             raise UserError(f"--resume: {path} is damaged ({e}); {fix}") from None
-        if state.get("config_hash") != config_hash(self.cfg, self.examples):
+        if state.get("config_hash") != config_hash(self.cfg, self.dataset):
             raise UserError(f"--resume: {path} was written for a different config or dataset; "
                             "resume with the same settings, or start a new run without --resume")
         try:
@@ -632,7 +660,7 @@ class Trainer:
             self._main_log(f"resumed at epoch {start_epoch + 1}, step {step}")
         if acc.is_main_process:
             acc.init_trackers("sdlora")
-            self.log(f"training {len(self.examples)} images x {cfg.dataset.num_repeats} repeats, "
+            self.log(f"training {describe_examples(self.examples)}, "
                      f"{self.epochs} epochs, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps "
                      f"({acc.num_processes} process(es), {self.cfg.network.type} on {len(self.network.exported_keys())} modules)")
         started = self.progress.started_at
@@ -641,7 +669,8 @@ class Trainer:
         for epoch in range(start_epoch, self.epochs):
             for m in models:
                 m.train()
-            order, batches = epoch_order(self.examples, cfg.dataset.num_repeats, tc.batch_size, tc.seed, epoch)
+            self.optimizer.train()  # schedule-free optimizers: the training weights (a no-op for others)
+            order, batches = epoch_order(self.examples, tc.batch_size, tc.seed, epoch)
             loader = acc.prepare(torch.utils.data.DataLoader(EpochDataset(self, epoch, order), batch_sampler=BucketBatches(batches, tc.batch_size),
                                                              pin_memory=acc.device.type == "cuda"))
             if skip:
@@ -689,6 +718,8 @@ class Trainer:
                     if step >= self.total_steps:
                         break
             skip = 0
+            self.optimizer.eval()  # schedule-free optimizers: validate and save the averaged weights
+            self.validate(epoch + 1, step)
             last = epoch + 1 == self.epochs
             every = tc.save_every_n_epochs
             if acc.is_main_process:
@@ -709,6 +740,25 @@ class Trainer:
         acc.end_training()
         return result
 
+    @torch.no_grad()
+    def validate(self, epoch: int, step: int) -> None:
+        """The held-out images' loss: `validation_batch` (fixed noise, fixed timesteps, full captions)
+        through the same `step()`; every process computes it alike, the main one logs it."""
+        if not self.validation:
+            return
+        from accelerate.utils import send_to_device
+
+        models = [self.unet] + (self.text_encoders if self.train_te else [])
+        for m in models:
+            m.eval()
+        with self.accelerator.autocast():
+            losses = [self.step(send_to_device(validation_batch(self, ex, i), self.accelerator.device)).item()
+                      for i, ex in enumerate(self.validation)]
+        value = sum(losses) / len(losses)
+        self.validation_losses.append((epoch, value))
+        self.accelerator.log({"loss/validation": value}, step=step)
+        self._main_log(f"epoch {epoch}: validation loss {value:.4f}")
+
     def maybe_preview(self, epoch: int, step: int, started: float, last: bool) -> None:
         every = self.cfg.sample.every_n_epochs
         if not every or epoch % every or last or not self.cfg.sample.prompts:
@@ -722,35 +772,139 @@ class Trainer:
         self.log(f"preview: {grid}")
 
 
-def make_optimizer(tc, groups: list[dict], source, fused: bool = False) -> torch.optim.Optimizer:
-    """fused: one CUDA kernel for the whole AdamW update (PyTorch's fastest implementation)."""
-    if tc.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=tc.weight_decay, fused=fused or None)
-    if tc.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError(f"{source}: [train] optimizer = 'adamw8bit' needs bitsandbytes (and a CUDA GPU): "
-                            "pip install 'sdlora[bnb]', or use optimizer = 'adamw'") from None
-        return bnb.optim.AdamW8bit(groups, weight_decay=tc.weight_decay)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise UserError(f"{source}: [train] optimizer = 'prodigy' needs prodigyopt: pip install 'sdlora[prodigy]', "
-                        "or use optimizer = 'adamw'") from None
+# optimizer name -> (module, class, the sdlora extra that installs it, defaults kohya users expect)
+OPTIMIZERS = {
+    "adamw": ("torch.optim", "AdamW", None, {}),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", "bnb", {}),
+    "lion": ("lion_pytorch", "Lion", "lion", {}),
+    # Adafactor with the given learning rates (kohya_ss's preset); relative_step=True would ignore them.
+    "adafactor": ("transformers.optimization", "Adafactor", None,
+                  {"scale_parameter": False, "relative_step": False, "warmup_init": False}),
     # Prodigy estimates the step size itself: learning rates of ~1.0 are its convention.
-    return Prodigy(groups, weight_decay=tc.weight_decay)
+    "prodigy": ("prodigyopt", "Prodigy", "prodigy", {}),
+    # Schedule-free AdamW: the trainer switches it to eval() (averaged weights) before validating and saving.
+    "adamw_schedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree", {}),
+}
 
 
-def tag_frequency(cfg: Config, examples: list[Example]) -> dict[str, dict[str, int]]:
-    """ss_tag_frequency: {dataset dir basename: {tag: images carrying it}} (not x repeats)."""
+def make_optimizer(tc, groups: list[dict], source, fused: bool = False) -> torch.optim.Optimizer:
+    """train.optimizer over the adapter groups, with weight_decay and train.optimizer_args passed through.
+    fused: AdamW's one-CUDA-kernel update (PyTorch's fastest implementation)."""
+    import importlib
+
+    module, name, extra, defaults = OPTIMIZERS[tc.optimizer]
+    if fused and tc.optimizer == "adamw":
+        defaults = {**defaults, "fused": True}
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError:
+        package = module.split(".")[0]
+        raise UserError(f"{source}: [train] optimizer = '{tc.optimizer}' needs {package}"
+                        f"{' (and a CUDA GPU)' if extra == 'bnb' else ''}: pip install 'sdlora[{extra}]', "
+                        "or use optimizer = 'adamw'") from None
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in tc.optimizer_args.items()}
+    try:
+        return cls(groups, **{"weight_decay": tc.weight_decay, **defaults, **args})
+    except TypeError as e:
+        raise UserError(f"{source}: [train] optimizer_args {tc.optimizer_args} do not fit {name}: {e}") from None
+
+
+def warmup_steps(tc, total_steps: int) -> int:
+    """train.lr_warmup_steps, or lr_warmup_ratio x total steps."""
+    return tc.lr_warmup_steps or round(tc.lr_warmup_ratio * total_steps)
+
+
+def _by_subset(examples: list[Example]) -> dict:
+    groups: dict = {}
+    for ex in examples:
+        groups.setdefault(ex.subset, []).append(ex)
+    return groups
+
+
+VALIDATION_TIMESTEPS = 4  # per held-out image, spread evenly over (0, num_timesteps)
+
+
+def validation_indices(count: int, fraction: float, seed: int, name: str) -> set[int]:
+    """Indices of a training subset's `count` images held out for validation: kohya's
+    validation_split (the images shuffled by a seeded generator; the first ceil(count x (1 -
+    fraction)) train, the rest validate)."""
+    if not fraction:
+        return set()
+    order = list(range(count))
+    random.Random(f"{seed}-validation-{name}").shuffle(order)
+    return set(order[math.ceil(count * (1 - fraction)):])
+
+
+def validation_batch(trainer: Trainer, ex: Example, index: int) -> dict:
+    """One held-out image at VALIDATION_TIMESTEPS fixed timesteps with fixed noise (seeded by its
+    position), its latent mean, its whole caption and no noise offset: the same numbers every
+    epoch, so only the adapter changes the loss."""
+    k, t = VALIDATION_TIMESTEPS, trainer.num_timesteps
+    seed = int(hashlib.sha256(f"{trainer.cfg.train.seed}-validation-{index}".encode()).hexdigest()[:15], 16)
+    mean = trainer.latents[ex.digest, ex.bucket]["mean"]  # (4, h, w)
+    batch = {
+        "latents": mean.expand(k, *mean.shape),
+        "noise": torch.randn((k, *mean.shape), generator=torch.Generator().manual_seed(seed)),
+        "offset": torch.zeros((k, mean.shape[0], 1, 1)),
+        "timesteps": torch.tensor([(i + 1) * t // (k + 1) for i in range(k)]),
+        "loss_weight": torch.ones(k),
+    }
+    caption = ", ".join(ex.tags)
+    if trainer.te_cache is not None:
+        batch["text"] = {name: v.expand(k, *v.shape) for name, v in trainer.te_cache.get(caption).to_dict().items()}
+    else:
+        batch["input_ids"] = [ids.expand(k, *ids.shape) for ids in trainer.tokenize(caption)]
+    if is_sdxl(trainer.base.family):
+        ids = time_ids((ex.size[1], ex.size[0]), crop_top_left(ex.size, ex.bucket, False),
+                       (ex.bucket.height, ex.bucket.width))
+        batch["time_ids"] = ids.expand(k, *ids.shape)
+    return batch
+
+
+def tag_frequency(examples: list[Example]) -> dict[str, dict[str, int]]:
+    """ss_tag_frequency: {subset folder basename: {tag: images carrying it}} (not x repeats), as kohya."""
     from .tags import tag_frequency as freq
 
-    return {Path(cfg.dataset.image_dir).name: freq([", ".join(ex.tags) for ex in examples])}
+    return {s.name: freq([", ".join(ex.tags) for ex in group]) for s, group in _by_subset(examples).items()}
 
 
-def dataset_dirs(cfg: Config, examples: list[Example]) -> dict[str, dict[str, int]]:
-    return {Path(cfg.dataset.image_dir).name: {"n_repeats": cfg.dataset.num_repeats, "img_count": len(examples)}}
+def dataset_dirs(examples: list[Example], reg: bool) -> dict[str, dict[str, int]]:
+    """ss_dataset_dirs (reg=False) / ss_reg_dataset_dirs (reg=True): {basename: {n_repeats, img_count}}."""
+    return {s.name: {"n_repeats": s.num_repeats, "img_count": len(group)}
+            for s, group in _by_subset(examples).items() if s.is_reg == reg}
+
+
+def dataset_stats(examples: list[Example]) -> dict:
+    """kohya's image counts: ss_num_train_images is training images x repeats; ss_num_reg_images the
+    regularisation images x their subset's repeats (before balancing)."""
+    train = [ex for ex in examples if not ex.subset.is_reg]
+    reg = [ex for ex in examples if ex.subset.is_reg]
+    return {"num_train_images": sum(ex.repeats for ex in train),
+            "num_reg_images": sum(ex.subset.num_repeats for ex in reg),
+            "reg_dataset_dirs": dataset_dirs(examples, reg=True),
+            "bucket_info": bucket_info(examples)}
+
+
+def bucket_info(examples: list[Example]) -> dict:
+    """ss_bucket_info as kohya writes it: {"buckets": {i: {"resolution": [w, h], "count": images x
+    repeats}}, "mean_img_ar_error": mean |bucket aspect - image aspect| over the images}."""
+    counts: dict[Bucket, int] = {}
+    for ex in examples:
+        counts[ex.bucket] = counts.get(ex.bucket, 0) + ex.repeats
+    buckets = sorted(counts, key=lambda b: (b.aspect, b.width))
+    errors = [abs(ex.bucket.aspect - ex.size[0] / ex.size[1]) for ex in examples if ex.size[1]]
+    return {"buckets": {str(i): {"resolution": [b.width, b.height], "count": counts[b]} for i, b in enumerate(buckets)},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0.0}
+
+
+def describe_examples(examples: list[Example]) -> str:
+    """'12 images x 10 repeats' or, with several subsets, '3 x 5 (5_a) + 2 x 1 (1_reg, regularisation)'."""
+    groups = _by_subset(examples)
+    if len(groups) == 1:
+        (s, group), = groups.items()
+        return f"{len(group)} images x {s.num_repeats} repeats"
+    return " + ".join(f"{len(g)} x {sum(ex.repeats for ex in g) / len(g):g} ({s.name}"
+                      f"{', regularisation' if s.is_reg else ''})" for s, g in groups.items())
 
 
 def config_hash(cfg: Config, examples: list[Example]) -> str:
@@ -759,9 +913,22 @@ def config_hash(cfg: Config, examples: list[Example]) -> str:
     relevant = {k: d[k] for k in ("model", "dataset", "network", "train")}
     for key in ("overwrite", "save_every_n_epochs"):
         relevant["train"].pop(key, None)
-    relevant["examples"] = [(ex.digest, ex.tags) for ex in examples]
+    relevant["examples"] = [(ex.digest, ex.tags, ex.repeats, ex.subset.to_dict(), ex.held_out) for ex in examples]
     relevant["trigger"] = cfg.trigger
+    if cfg.network.init_weights:  # the starting adapter's content, not only its name
+        from .cache import file_digest
+
+        relevant["init_weights"] = file_digest(Path(cfg.network.init_weights))
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def validation_lines(trainer: Trainer) -> list[str]:
+    """The report's validation-loss line: one figure per epoch (held-out images, fixed noise)."""
+    if not trainer.validation_losses:
+        return []
+    figures = ", ".join(f"{epoch}: {value:.4f}" for epoch, value in trainer.validation_losses)
+    return [f"- validation loss per epoch ({len(trainer.validation)} held-out images, fixed noise and "
+            f"timesteps): {figures}"]
 
 
 def write_report(trainer: Trainer, result: TrainResult) -> Path:
@@ -776,7 +943,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
     lines = [
         f"# {cfg.output_name}: training report", "",
         f"- base: {trainer.base.name} ({trainer.base.family}, {trainer.base.prediction_type})",
-        f"- images: {len(trainer.examples)} x {cfg.dataset.num_repeats} repeats, {trainer.epochs} epochs, "
+        f"- images: {describe_examples(trainer.examples)}, {trainer.epochs} epochs, "
         f"batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation",
         f"- network: {cfg.network.type}, dim {cfg.network.dim}, alpha {cfg.network.alpha}, "
         f"targets {cfg.network.unet_targets}, text encoder {'trained' if trainer.train_te else 'frozen'}",
@@ -784,6 +951,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
         f"{cfg.train.lr_scheduler}, optimizer {cfg.train.optimizer}",
         f"- steps: {result.steps} in {result.seconds:.0f} s ({result.steps / max(result.seconds, 1e-9):.2f} steps/s)",
         f"- final loss (mean of last {len(last)} steps): {sum(last) / len(last):.4f}",
+        *validation_lines(trainer),
         "", "## Files", "",
         *[f"- `{p.relative_to(out)}`" for p in result.adapters],
         f"- `loss_curve.png`, TensorBoard logs in `logs/`, resumable state in `state/{STATE_FILE}`",

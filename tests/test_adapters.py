@@ -704,3 +704,24 @@ def test_sdxl_files_keyed_by_diffusers_paths_load_under_sgm_names(tmp_path, mini
     W0 = layer.weight.detach().clone()
     lowrank.merge_adapters(base, [(file, 1.0)])
     torch.testing.assert_close(layer.weight.detach(), W0 + up @ down, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_loha_sampling_peaks_within_1_3x_of_a_lora_on_the_cpu():
+    """The same measurement in host memory: each kind in a fresh process, its peak resident set."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    peaks = {}
+    for kind in ("lora", "loha"):
+        code = ("import resource, sys, torch; sys.path.insert(0, 'tests'); torch.set_num_threads(2); "
+                "from test_adapters import sampling_peak; "
+                f"sampling_peak({kind!r}, 'cpu', torch.float32, latent=32); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[kind] = int(done.stdout.split()[-1]) * 1024
+    print(f"sampling peak RSS, SD1.5 U-Net fp32: LoRA {peaks['lora'] / 2**30:.2f} GB, "
+          f"LoHa {peaks['loha'] / 2**30:.2f} GB ({peaks['loha'] / peaks['lora']:.2f}x)")
+    assert peaks["loha"] <= 1.3 * peaks["lora"]

@@ -33,7 +33,6 @@ trigger = "clrscn"
 image_dir = "{image_dir}"
 {extra}
 [caption]
-vocabulary = "{REPO / 'datasets_cfg' / 'tags' / 'scenery.txt'}"
 blacklist = ["landscape", "scenery", "outdoors"]
 style_tags = {json.dumps(STYLE_TAGS)}
 [output]
@@ -213,3 +212,22 @@ def test_tagger_config_mistakes_are_user_errors(tmp_path):
         caption.load_tagger(cfg(model="ViT-B-32", pretrained=str(tmp_path / "missing.safetensors")))
     with pytest.raises(UserError, match="vocabulary"):
         caption.read_vocabulary(tmp_path / "none.txt")
+
+
+def test_packaged_vocabulary_works_anywhere_and_vocabulary_mistakes_cost_no_encoding(tmp_path, capsys):
+    demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
+    cfg = write_config(tmp_path, "images")  # no [caption] vocabulary: the packaged one, wherever the config is
+    assert "vocabulary" not in cfg.read_text()
+    assert cli.main(["dataset", str(cfg)]) == 0
+    assert all(r["caption"].startswith("clrscn, ") for r in report_of(tmp_path)["kept"])
+
+    (tmp_path / "unknown.txt").write_text("spaceship\nrobot arm\n")
+    for vocabulary, message in (("missing.txt", "tag vocabulary not found"),
+                                ("unknown.txt", "none of its tags is known to the tiny tagger")):
+        before = caption.images_encoded
+        demo_copy(tmp_path / "more", {"scene_02.png"})
+        code = cli.main(["dataset", str(cfg), "--retag", "--set", f"caption.vocabulary='{tmp_path / vocabulary}'",
+                         "--set", f"dataset.image_dir='{tmp_path / 'more'}'"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err
+        assert caption.images_encoded == before  # refused before the tagger encoded any image

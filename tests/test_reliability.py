@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_train import make_style
 
 from sdlora import cache, dataset, io, lora, models, run, train
+from sdlora.caption import DEFAULT_VOCABULARY
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 
@@ -249,7 +250,7 @@ def test_captions_are_not_written_over_a_file_that_is_not_a_caption(tmp_path, mi
     data = tmp_path / "images" / "img0.dat"
     data.write_bytes(b"\x00\x01 the user's binary data")
     code = main(["dataset", str(path), "--retag", "--set", 'dataset.caption_extension=".dat"',
-                 "--set", f'caption.vocabulary="{REPO / "datasets_cfg" / "tags" / "scenery.txt"}"'])
+                 "--set", f'caption.vocabulary="{DEFAULT_VOCABULARY}"'])
     assert "img0.dat" in one_line_error(capsys, code, "not a caption file")
     assert data.read_bytes() == b"\x00\x01 the user's binary data"
 
@@ -291,7 +292,7 @@ def test_the_base_digest_is_remembered_by_size_and_mtime(tmp_path, monkeypatch):
 def test_disk_full_is_one_line_naming_the_file(tmp_path, mini_base_dir, capsys, monkeypatch, command):
     path = make_style(tmp_path, mini_base_dir, captions=command != "dataset", extra=SAMPLE_SMALL)
     args = {"train": [], "sample": ["--lora", str(small_adapter(tmp_path / "a.safetensors"))],
-            "dataset": ["--set", f'caption.vocabulary="{REPO / "datasets_cfg" / "tags" / "scenery.txt"}"']}[command]
+            "dataset": ["--set", f'caption.vocabulary="{DEFAULT_VOCABULARY}"']}[command]
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -351,7 +352,7 @@ def test_damaged_caches_and_dataset_report_are_rebuilt_and_said(tmp_path, mini_b
     assert any("text" in p.parts for p in entries) and any("latents" in p.parts for p in entries)
     for p in entries:
         p.write_bytes(b"damaged")
-    (tmp_path / "out" / "dataset_report.json").write_text("{damaged")
+    (tmp_path / "out" / "dataset_manifest.json").write_text("{damaged")
     messages = []
     cfg = load_config(cfg.source, ["dataset.shuffle_caption=false", "train.overwrite=true"])
     from contextlib import redirect_stdout
@@ -361,7 +362,7 @@ def test_damaged_caches_and_dataset_report_are_rebuilt_and_said(tmp_path, mini_b
     with redirect_stdout(printed):
         train.train(cfg, log=messages.append)
     said = "\n".join(messages) + printed.getvalue()
-    assert "dataset_report.json is damaged" in said
+    assert "dataset_manifest.json is damaged" in said
     assert said.count("was damaged") == len(entries)
 
 

@@ -47,8 +47,7 @@ def test_trainer_renders_previews_every_n_epochs(tmp_path, mini_base_dir):
 
 
 def _first_batch(trainer):
-    order, batches = train.epoch_order(trainer.examples, trainer.cfg.dataset.num_repeats,
-                                       trainer.cfg.train.batch_size, trainer.cfg.train.seed, 0)
+    order, batches = train.epoch_order(trainer.examples, trainer.cfg.train.batch_size, trainer.cfg.train.seed, 0)
     dataset = train.EpochDataset(trainer, 0, order)
     return torch.utils.data.default_collate([dataset[i] for i in batches[0]])
 
@@ -109,7 +108,7 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_n_micro_batches(tmp_
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.gradient_accumulation_steps=2"])
     trainer = train.Trainer(cfg, log=lambda m: None)
     result = trainer.run()
-    micro = train.steps_per_epoch(trainer.examples, 2, 2)
+    micro = train.steps_per_epoch(trainer.examples, 2)
     assert micro == 4 and result.steps == 2 and len(result.losses) == 2
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert steps == {2}  # Adam stepped twice, not four times

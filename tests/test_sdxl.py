@@ -84,7 +84,7 @@ def test_sdxl_time_ids_record_original_size_crop_and_bucket(tmp_path, mini_sdxl_
     cfg = sdxl_style(tmp_path, mini_sdxl_dir)
     trainer = train.Trainer(cfg, log=lambda m: None)
     trainer.setup()
-    order, _ = train.epoch_order(trainer.examples, 1, 1, 0, 0)
+    order, _ = train.epoch_order(trainer.examples, 1, 0, 0)
     dataset = train.EpochDataset(trainer, 0, order)
     for pos, index in enumerate(order):
         ex = trainer.examples[index]
@@ -394,7 +394,7 @@ def test_sdxl_training_lowers_the_loss_on_its_examples(tmp_path, mini_sdxl_dir):
                       ["train.text_encoder_lr=0", "train.min_snr_gamma=0"])
     trainer = train.Trainer(cfg, log=lambda m: None)
     trainer.run()
-    order, batches = train.epoch_order(trainer.examples, 2, 2, cfg.train.seed, 0)
+    order, batches = train.epoch_order(trainer.examples, 2, cfg.train.seed, 0)
     dataset = train.EpochDataset(trainer, 0, order)
     batches = [torch.utils.data.default_collate([dataset[i] for i in b]) for b in batches]
     with torch.no_grad():

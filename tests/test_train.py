@@ -190,16 +190,16 @@ def test_caption_shuffle_keeps_the_first_keep_tokens():
 
 
 def test_steps_per_epoch_is_kohyas_count(tmp_path, mini_base_dir):
-    cfg = load_config(make_style(tmp_path, mini_base_dir, n=3), ["dataset.resolution=96"])
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=3), ["dataset.resolution=96", "dataset.num_repeats=5"])
     examples = train.collect_examples(cfg, log=lambda m: None)
     assert [str(ex.bucket) for ex in examples] == ["96x96", "128x64", "96x96"]
     # img0, img2 square (one bucket), img1 3:2 (another): ceil(2*5/3) + ceil(1*5/3)
-    assert train.steps_per_epoch(examples, 5, 3) == 4 + 2
+    assert train.steps_per_epoch(examples, 3) == 4 + 2
 
 
 @pytest.mark.parametrize("problem, expected", [
     ("missing", "does not exist"),
-    ("empty", "no usable training image"),
+    ("empty", "no usable image"),
 ])
 def test_bad_datasets_give_one_clear_message(tmp_path, mini_base_dir, capsys, problem, expected):
     path = make_style(tmp_path, mini_base_dir, n=1)

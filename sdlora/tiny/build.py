@@ -264,7 +264,9 @@ def stage_clip(b: Build) -> None:
 
 
 def _vocabulary() -> list[str]:
-    path = REPO / "datasets_cfg" / "tags" / "scenery.txt"
+    from ..caption import DEFAULT_VOCABULARY
+
+    path = DEFAULT_VOCABULARY
     if not path.exists():
         return list(TAGGER_TAGS)
     lines = [ln.split("#", 1)[0].strip().lower() for ln in path.read_text().splitlines()]
