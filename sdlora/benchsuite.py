@@ -19,9 +19,9 @@ Rows (each guarded: a failing row is recorded with its one-line error and the re
 
 Timing: CUDA-synchronised wall time of `steps` consecutive steps after warm-up steps, the
 fastest of `rounds` (bench.fastest_in_turns). FLOPs: torch.utils.flop_counter.FlopCounterMode
-over one adapted forward + backward at batch 1 (matmuls, convolutions and attention as
-dispatched: the frozen weights get no weight gradient, so backward is about one forward,
-the adapters' few extra). MFU = FLOPs per sample x samples/s / the GPU's dense fp16/bf16 peak
+over one adapted forward + backward at batch 1 on the meta device (matmuls, convolutions and
+attention of the architecture: the frozen weights get no weight gradient, so backward is about
+one forward, the adapters' few extra). MFU = FLOPs per sample x samples/s / the GPU's dense fp16/bf16 peak
 (the vendor's figure for the named GPU, or --peak-tflops).
 
 On a machine without CUDA the same rows run at toy sizes (the families' block structure at
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -171,6 +170,20 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def training_flops(family: str, latent: int, reduced: bool = False) -> int:
+    """FLOPs of one LoRA training sample (forward + backward, batch 1) of the family's U-Net at
+    `latent` x `latent`, counted on the meta device: the architecture's arithmetic, no compute.
+    SD1.5 at 512 px (64x64): ~1.75 TFLOP; SDXL at 1024 px (128x128): ~14.3 TFLOP."""
+    from . import arch, lora
+    from .config import NetworkConfig
+
+    unet = arch.build_unet(family, reduced=reduced, device="meta").requires_grad_(False)
+    lora.inject(unet, None, NetworkConfig(train_text_encoder=False))
+    x = torch.randn(1, unet.config.in_channels, latent, latent, device="meta")
+    cond = arch.unet_conditioning(unet, 1, device="meta")
+    return count_flops(lambda: F.mse_loss(unet(x, torch.tensor([500], device="meta"), **cond).sample, x).backward())
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -191,7 +204,8 @@ class Suite:
                 datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "peak_tflops": self.peak,
             "timing": "CUDA-synchronised wall time, fastest of rounds, after warm-up",
-            "flop_counting": "torch.utils.flop_counter.FlopCounterMode over one adapted forward+backward at batch 1",
+            "flop_counting": "torch.utils.flop_counter.FlopCounterMode over one adapted forward+backward at batch 1 "
+                             "on the meta device",
             "flops_per_sample": self.flops, "rows": []}
 
     # -- guards
@@ -229,8 +243,7 @@ class Suite:
 
     def flops_per_sample(self, key: str, family: str, latent: int) -> float:
         if key not in self.flops:
-            t = Trainee(family, self.shapes, self.device, DTYPES[self.shapes.dtype], 1, latent)
-            self.flops[key] = count_flops(lambda: t.loss().backward())
+            self.flops[key] = training_flops(family, latent, self.shapes.reduced)
         return self.flops[key]
 
     def train_figures(self, t: Trainee, flops_key: str, family: str, latent: int, overhead: bool = True) -> dict:
@@ -448,7 +461,3 @@ def markdown_table(result: dict) -> str:
             other = row.get("error", "")
         lines.append(f"| {row['name']} | {row['status']} | " + " | ".join(cells) + f" | {other} |")
     return "\n".join(lines)
-
-
-def is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

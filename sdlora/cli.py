@@ -48,6 +48,9 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from .speed import tune_cpu_allocator
+
+    tune_cpu_allocator()  # big training buffers reused instead of re-faulted every step (speed.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -152,3 +152,9 @@ def test_bench_json_has_no_nan_even_when_a_figure_diverged(tmp_path, monkeypatch
     out = tmp_path / "figures.json"
     assert cli.main(["bench", "--parts", "train", "--json", str(out)]) == 0
     assert json.loads(out.read_text()) == {"train": {"loss": None, "samples_per_s": 2.0}}
+
+
+def test_training_flops_are_counted_from_the_architecture():
+    """SD1.5 at 512 px with Kohya's default targets: ~0.81 TFLOP forward, ~1.75 forward + backward
+    (no weight gradients for the frozen base)."""
+    assert 1.6e12 < benchsuite.training_flops("sd_v1", 64) < 1.9e12

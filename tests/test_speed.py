@@ -1,5 +1,7 @@
 """[train] attention / tf32 / channels_last / compile (speed.py) and the fused AdamW switch."""
 
+from pathlib import Path
+
 import torch
 
 from sdlora import arch, speed, train
@@ -52,3 +54,44 @@ def test_adamw_is_fused_when_asked():
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert train.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None, fused=True).defaults["fused"] is True
     assert not train.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None).defaults["fused"]
+
+
+
+FAULTS_OF_A_CONV_STEP = """
+import contextlib, io, resource, sys
+import torch
+torch.set_num_threads(1)
+if sys.argv[1] == "cli":
+    from sdlora.cli import main
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(["config", "keys"])
+conv = torch.nn.Conv2d(1280, 1280, 3, padding=1).requires_grad_(False)  # SD1.5's largest 3x3 conv, 59 MB
+x = torch.randn(1, 1280, 8, 8)
+def step():
+    conv(x.clone().requires_grad_(True)).square().mean().backward()
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+def test_the_cli_keeps_big_training_buffers_instead_of_refaulting_them():
+    """oneDNN re-lays a 59 MB conv weight per call; glibc's default mmaps and unmaps that buffer,
+    so each call zero-fills ~14k pages again (twice: forward and backward)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_CONV_STEP, how], env=env, check=True,
+                                      capture_output=True, text=True).stdout.split()[-1]) for how in ("plain", "cli")}
+    assert faults["plain"] > 10_000  # glibc's default on this machine
+    assert faults["cli"] < faults["plain"] / 10
+
+
+def test_the_allocator_setting_yields_to_the_environment(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert speed.tune_cpu_allocator() is False
