@@ -10,7 +10,6 @@ safetensors metadata), and the original -> diffusers key conversion from diffuse
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 

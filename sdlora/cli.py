@@ -19,7 +19,7 @@ import traceback
 from .errors import USER_ERRORS
 
 # Stage modules with a subcommand, in the order `--help` lists them.
-COMMAND_MODULES = ["run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny.build", "bench"]
+COMMAND_MODULES = ["run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny.build", "benchsuite"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ from .buckets import Bucket, crop_top_left
 from .config import Config, add_override_argument
 from .errors import UserError
 from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning, unread_text_layers
+from .subsets import Subset
 
 STATE_FILE = "training_state.safetensors"
 OLD_STATE_FILE = "training_state.pt"  # sdlora before 0.2: a pickle, never read
@@ -44,7 +45,7 @@ class Example:
     bucket: Bucket
     caption_source: str  # "sidecar", "builder", "class_tokens" or "none" (dataset._caption_source)
     size: tuple[int, int] = (0, 0)  # the image's (width, height) before bucketing: SDXL's original size
-    subset: "Subset" = None  # its caption rules, repeats and whether it is regularisation
+    subset: Subset = None  # its caption rules, repeats and whether it is regularisation
     repeats: int = 1  # per epoch: the subset's num_repeats; regularisation images: kohya's balance
     held_out: bool = False  # kept aside for the validation loss (dataset.validation_split)
 

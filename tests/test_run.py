@@ -1,7 +1,5 @@
 """`sdlora run` as a whole, and the loss the trainer computes, against references written from the papers."""
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F

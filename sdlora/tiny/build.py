@@ -13,7 +13,6 @@ Stages (each writes its result, so a stage can be rerun alone):
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
