@@ -133,10 +133,6 @@ class Network:
     modules: dict[str, tuple[str, str]]  # kohya key -> (part, module path)
     frozen_parts: set[str] = field(default_factory=set)
 
-    def module_map(self, part: str) -> dict[str, str]:
-        """{kohya key: module path} of the adapted modules of one part."""
-        return {key: path for key, (p, path) in self.modules.items() if p == part}
-
     def layer(self, key: str) -> nn.Module:
         part, path = self.modules[key]
         return self.models[part].get_submodule(path)
@@ -213,12 +209,6 @@ class Network:
                     param.requires_grad_(False)
                 frozen.append(key)
         return frozen
-
-    def set_multiplier(self, multiplier: float) -> None:
-        """Scale every adapter (Kohya's multiplier, the UIs' LoRA weight): delta W * multiplier."""
-        for key in self.modules:
-            layer = self.layer(key)
-            layer.scaling[ADAPTER_NAME] = multiplier * self._alpha(key) / layer.r[ADAPTER_NAME]
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),

@@ -334,7 +334,7 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
+        from accelerate.state import AcceleratorState, is_initialized
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
         from . import models
@@ -346,9 +346,11 @@ class Trainer:
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
         no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
         # accelerate keeps one AcceleratorState per process and refuses a second training in it
-        # (a notebook, a sweep) with other mixed-precision settings; the process group itself
-        # (PartialState) is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
+        # (a notebook, a sweep) with other mixed-precision settings. It has no public way to start
+        # over, so only then is its state reset (the process group, PartialState, is kept): the one
+        # private accelerate call in sdlora.
+        if is_initialized() and AcceleratorState().mixed_precision != tc.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             cpu=no_gpu,
             mixed_precision=tc.mixed_precision,
