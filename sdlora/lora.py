@@ -96,13 +96,18 @@ def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
 # Injection
 
 
+def network_ranks(net) -> tuple[int, float, int, float]:
+    """(dim, alpha, conv_dim, conv_alpha) of a [network] config with Kohya's defaults: alpha 0 means
+    alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2."""
+    conv_dim = net.conv_dim or net.dim
+    return net.dim, net.alpha or net.dim, conv_dim, net.conv_alpha or conv_dim / 2
+
+
 def _peft_config(network_cfg, paths: list[str], model: nn.Module):
     """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    dim, alpha = network_cfg.dim, network_cfg.alpha or network_cfg.dim  # Kohya: alpha 0 means alpha = dim
-    conv_dim = network_cfg.conv_dim or dim
-    conv_alpha = network_cfg.conv_alpha or conv_dim / 2
+    dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg)
     modules = dict(model.named_modules())
     convs = [re.escape(p) for p in paths if _is_spatial_conv(modules[p])]
     rank_pattern = {p: conv_dim for p in convs}
@@ -487,7 +492,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
     width, height = resolution_pair(data.resolution)
-    alpha = net.alpha or net.dim
+    _, alpha, conv_dim, conv_alpha = network_ranks(net)
     network_args = {}
     lycoris = net.type in ("loha", "lokr") or net.dora  # Kohya's own networks.lora has neither
     if lycoris:
@@ -495,8 +500,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     if net.dora:
         network_args["dora_wd"] = "True"
     if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
-        conv_dim = net.conv_dim or net.dim
-        network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{net.conv_alpha or conv_dim / 2:g}")
+        network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"
     now = time.time()

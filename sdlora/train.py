@@ -380,8 +380,17 @@ class Trainer:
             self._main_log(f"validation: {len(self.validation)} image(s) held out (dataset.validation_split = "
                            f"{cfg.dataset.validation_split:g}); their loss is logged every epoch")
         self._warn_cut_captions()
-        self.te_cache = None  # cached text-encoder outputs (frozen encoders, fixed captions); set up in setup()
+        # Made by setup(), which needs the accelerator's device and the dataset above:
+        self.te_cache = None  # cached text-encoder outputs (frozen encoders, fixed captions)
         self.text_encoders: list = []  # the prepared text encoder(s): [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]
+        self.unet = None  # the prepared (DDP-wrapped when multi-process) U-Net
+        self.network = None  # lora.Network: the adapters, seen through Kohya's names
+        self.train_te = False  # text-encoder adapters are trained (not frozen and not 0-rate)
+        self.latents: dict = {}  # (digest, bucket) -> cached latent distribution
+        self.optimizer = self.lr_scheduler = None
+        self.trainable: list = []  # the adapter parameters the optimizer updates
+        self.steps_per_epoch = self.total_steps = self.epochs = 0
+        self.batches = self.loader = None  # EpochBatches and its prepared DataLoader
 
     # -- helpers
     def _main_log(self, msg: str) -> None:

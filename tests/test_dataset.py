@@ -75,8 +75,21 @@ def test_mixed_folder_good_images_captioned_bad_ones_listed_with_reasons(tmp_pat
         assert parse_caption(text)[0] == "clrscn", (name, text)
     md = (tmp_path / "out" / "dataset_report.md").read_text()
     assert "truncated.jpg" in md and "decompression bomb" in md
-    sheet = Image.open(tmp_path / "out" / "dataset_contact_sheet.png")
-    assert sheet.width > 0 and sheet.height > 0
+    # one cell (thumbnail and caption) per accepted image, five to a row; no cell for a rejected file
+    sheet = Image.open(tmp_path / "out" / "dataset_contact_sheet.png").convert("RGB")
+    kept = report["counts"]["valid"]
+    assert kept == len(good) + 2
+    rows = -(-kept // 5)
+    cell_h = sheet.height // rows
+    assert sheet.size == (5 * dataset.SHEET_CELL, rows * cell_h) and cell_h > dataset.SHEET_CELL
+    white = ((255, 255), (255, 255), (255, 255))
+    drawn = sum(sheet.crop(((i % 5) * dataset.SHEET_CELL, (i // 5) * cell_h, (i % 5 + 1) * dataset.SHEET_CELL,
+                            (i // 5) * cell_h + dataset.SHEET_CELL)).getextrema() != white for i in range(kept))
+    from sdlora.images import load_image
+
+    blank = sum(load_image(images / r["file"], 40_000_000, 16, "#ffffff").getextrema() == white
+                for r in report["kept"])  # e.g. a fully transparent image on the white background
+    assert drawn == kept - blank  # every other cell shows its thumbnail
 
 
 def test_all_bad_folder_fails_with_a_clear_message(tmp_path, capsys):
