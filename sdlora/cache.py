@@ -108,12 +108,16 @@ class LatentCache:
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
 
+    def read(self, digest: str, bucket: Bucket, flip_aug: bool) -> dict[str, torch.Tensor] | None:
+        """The stored entry, or None when it is missing (or was damaged, and is now removed)."""
+        return read_entry(self.path(self.key(digest, bucket, flip_aug)), self.log)
+
     def get(self, image_path: Path, digest: str, bucket: Bucket, flip_aug: bool, load_image) -> dict[str, torch.Tensor]:
         """{"mean", "std"} (+ "flip_mean", "flip_std" with flip_aug), encoding only on a miss."""
-        path = self.path(self.key(digest, bucket, flip_aug))
-        entry = read_entry(path, self.log)
+        entry = self.read(digest, bucket, flip_aug)
         if entry is not None:
             return entry
+        path = self.path(self.key(digest, bucket, flip_aug))
         image, _ = fit_to_bucket(load_image(image_path), bucket)
         pixels = image_to_tensor(image)[None]
         if flip_aug:
@@ -131,6 +135,41 @@ class LatentCache:
         if len(pixels) == 2:
             entry.update(flip_mean=mean[1], flip_std=std[1])
         return entry
+
+
+class LazyLatents:
+    """(digest, bucket) -> an example's latent distribution, for the trainer.
+
+    Entries already on disk are read up front; the others are encoded when training first
+    reaches their example, so the first step waits for one batch's encodes, not the whole
+    dataset's (the time to first step of diffusers' example), and each image is still encoded
+    once. `on_complete` runs once every entry is in memory (the trainer then drops the VAE)."""
+
+    def __init__(self, cache: LatentCache, examples, load_image, on_complete=None):
+        self.cache, self.load_image, self.on_complete = cache, load_image, on_complete
+        self.examples = {(ex.digest, ex.bucket): ex for ex in examples}
+        self.entries: dict = {}
+        for key, ex in self.examples.items():
+            entry = cache.read(ex.digest, ex.bucket, ex.subset.flip_aug)
+            if entry is not None:
+                self.entries[key] = entry
+        self._check_complete()
+
+    @property
+    def missing(self) -> int:
+        return len(self.examples) - len(self.entries)
+
+    def __getitem__(self, key) -> dict[str, torch.Tensor]:
+        if key not in self.entries:
+            ex = self.examples[key]
+            self.entries[key] = self.cache.get(ex.image, ex.digest, ex.bucket, ex.subset.flip_aug, self.load_image)
+            self._check_complete()
+        return self.entries[key]
+
+    def _check_complete(self) -> None:
+        if self.on_complete is not None and not self.missing:
+            self.on_complete, done = None, self.on_complete
+            done()
 
 
 class TextEmbeddingCache:

@@ -386,7 +386,7 @@ class Trainer:
         self.unet = None  # the prepared (DDP-wrapped when multi-process) U-Net
         self.network = None  # lora.Network: the adapters, seen through Kohya's names
         self.train_te = False  # text-encoder adapters are trained (not frozen and not 0-rate)
-        self.latents: dict = {}  # (digest, bucket) -> cached latent distribution
+        self.latents = None  # cache.LazyLatents: (digest, bucket) -> cached latent distribution
         self.optimizer = self.lr_scheduler = None
         self.trainable: list = []  # the adapter parameters the optimizer updates
         self.steps_per_epoch = self.total_steps = self.epochs = 0
@@ -424,7 +424,9 @@ class Trainer:
 
     # -- setup
     def prepare_latents(self) -> None:
-        from .cache import LatentCache
+        """Cached latents of every example (`cache.LazyLatents`: stored ones now, the rest as the
+        first epoch reaches them); the VAE leaves the device once all are in memory."""
+        from .cache import LatentCache, LazyLatents
         from .images import load_image
 
         d = self.cfg.dataset
@@ -436,12 +438,12 @@ class Trainer:
         vae = self.base.vae.to(self.accelerator.device, torch.float32)
         cache = LatentCache(self.cfg.output_dir / "cache" / "latents", vae, self.accelerator.device)
         load = lambda p: load_image(p, d.max_pixels, d.min_side, d.background)  # noqa: E731
-        self.latents = {}
-        # The main process encodes first; the others then read its cache entries.
-        with self.accelerator.main_process_first():
-            for ex in self.examples + self.validation:
-                self.latents[ex.digest, ex.bucket] = cache.get(ex.image, ex.digest, ex.bucket, ex.subset.flip_aug, load)
-        self.base.vae.to("cpu")  # not needed while training
+        # Each process encodes the examples of its own batches (entries are written atomically).
+        self.latents = LazyLatents(cache, self.examples + self.validation, load,
+                                   on_complete=lambda: self.base.vae.to("meta"))
+        if self.latents.missing:
+            self._main_log(f"latents: {len(self.latents.entries)} cached, {self.latents.missing} encoded as the "
+                           "first epoch reaches them")
 
     def setup(self) -> None:
         from accelerate.utils import set_seed
@@ -520,11 +522,10 @@ class Trainer:
             self._main_log(f"speed: {', '.join(done)}")
 
     def release_frozen_encoders(self) -> None:
-        """Once every latent (and, with frozen encoders and fixed captions, every caption's
-        text-encoder outputs: setup fills that cache up front) is cached, the VAE and those
-        encoders never run again: drop their weights (to the meta device, which keeps their
-        configs readable)."""
-        self.base.vae.to("meta")
+        """With frozen encoders and fixed captions, every caption's text-encoder outputs are cached
+        up front by setup: the encoders never run again, so drop their weights (to the meta device,
+        which keeps their configs readable). The VAE goes the same way once every latent is cached
+        (`prepare_latents`)."""
         if self.te_cache is not None:
             for te in self.base.text_encoders:
                 te.to("meta")

@@ -146,9 +146,12 @@ def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path
     trainer = train.Trainer(cfg, log=lambda m: None)
     trainer.setup()
     assert cache.STATS["te_encodes"] == 4  # one per distinct caption, all before the first step
-    assert trainer.base.text_encoder.device.type == "meta"  # then released, as is the VAE
-    assert trainer.base.vae.device.type == "meta"
+    assert trainer.base.text_encoder.device.type == "meta"  # then released
+    assert trainer.base.vae.device.type != "meta"  # the latents are encoded as training first reaches them
     result = train.Trainer(cfg, log=lambda m: None).run()
+    again = train.Trainer(cfg, log=lambda m: None)
+    again.setup()
+    assert again.base.vae.device.type == "meta"  # all cached now: the VAE leaves before the first step
     assert not any(k.startswith("lora_te") for k in load_file(result.adapter))
     assert cache.STATS["te_encodes"] == 4  # the second run reads them all from the cache
 
@@ -281,3 +284,20 @@ def test_train_then_merge_then_sample_agrees_with_the_loaded_adapter(tmp_path, m
     merged_image = render(merged_base.pipeline())
     assert abs(merged_image - loaded).max() < 1e-3
     assert abs(base_image - loaded).max() > 1e-3
+
+
+def test_the_first_step_waits_for_one_batch_of_latents_not_the_whole_dataset(tmp_path, mini_base_dir):
+    """Time to first step: setup encodes nothing; each image is encoded when training first reaches it, once."""
+    cfg = load_config(make_style(tmp_path, mini_base_dir, n=8), ["train.max_train_steps=1"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    cache.STATS["vae_encodes"] = 0
+    trainer.setup()
+    assert cache.STATS["vae_encodes"] == 0 and trainer.latents.missing == 8
+    loader = iter(trainer.loader)
+    next(loader)
+    # this batch's images and, at most, the next batch's (accelerate's loader reads one batch ahead)
+    assert 2 <= cache.STATS["vae_encodes"] <= 4 and trainer.latents.missing >= 4
+    assert trainer.base.vae.device.type != "meta"
+    for _ in loader:  # the rest of the epoch: the other images, each once, then the VAE goes
+        pass
+    assert cache.STATS["vae_encodes"] == 8 and trainer.base.vae.device.type == "meta"
