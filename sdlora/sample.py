@@ -375,29 +375,27 @@ class Sampler:
     def encode(self, prompts: list[str]):
         """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
         the config's clip_skip (Kohya/A1111 semantics), and SDXL's pooled embeddings."""
-        from .family import encode_text, tokenize
+        from .family import tokenize
 
-        base = self.base
-        ids = [x.to(self.device) for x in tokenize(base.tokenizers, prompts)]
+        return self.encode_ids(tokenize(self.base.tokenizers, prompts))
+
+    def encode_ids(self, ids: list[torch.Tensor]):
+        """`encode` from each text encoder's (B, 77) input ids."""
+        from .family import encode_text
+
         with torch.no_grad():
-            return encode_text(base.family, base.text_encoders, ids, self.cfg.model.clip_skip)
+            return encode_text(self.base.family, self.base.text_encoders, [x.to(self.device) for x in ids],
+                               self.cfg.model.clip_skip)
 
     def embeds(self, prompts: list[str], negative: list[str]) -> dict:
         """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
         encoded by A1111's rules (`prompts.encode`: emphasis, BREAK, 75-token chunks) and padded
         to one chunk count."""
         from . import prompts as rules
-        from .family import encode_text
 
         base = self.base
-
-        def encode_ids(ids: list[torch.Tensor]):
-            with torch.no_grad():
-                return encode_text(base.family, base.text_encoders, [x.to(self.device) for x in ids],
-                                   self.cfg.model.clip_skip)
-
         widths = [te.config.hidden_size for te in base.text_encoders]
-        encoded = {t: rules.encode(t, base.tokenizers, encode_ids, widths) for t in {*prompts, *negative, ""}}
+        encoded = {t: rules.encode(t, base.tokenizers, self.encode_ids, widths) for t in {*prompts, *negative, ""}}
         padded = rules.pad_to_same_length([encoded[t] for t in [*prompts, *negative]], encoded[""])
         text, neg = padded[:len(prompts)], padded[len(prompts):]
         kwargs = dict(prompt_embeds=torch.cat([e.hidden for e in text]),

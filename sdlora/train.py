@@ -44,7 +44,7 @@ class Example:
     tags: list[str]  # the training caption (the trigger first where it was missing)
     bucket: Bucket
     caption_source: str  # "sidecar", "builder", "class_tokens" or "none" (dataset._caption_source)
-    size: tuple[int, int] = (0, 0)  # the image's (width, height) before bucketing: SDXL's original size
+    size: tuple[int, int]  # the image's (width, height) before bucketing: SDXL's original size
     subset: Subset = None  # its caption rules, repeats and whether it is regularisation
     repeats: int = 1  # per epoch: the subset's num_repeats; regularisation images: kohya's balance
     held_out: bool = False  # kept aside for the validation loss (dataset.validation_split)
@@ -150,14 +150,14 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
-        self.epoch, self.order = 0, epoch_order(examples, batch_size, seed, 0)[0]
+        self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.order = epoch, epoch_order(self.examples, self.batch_size, self.seed, epoch)[0]
+        self.epoch = epoch
+        self.order, self.batches = epoch_order(self.examples, self.batch_size, self.seed, epoch)
 
     def __iter__(self):
-        _, batches = epoch_order(self.examples, self.batch_size, self.seed, self.epoch)
-        return iter([[(self.epoch, pos) for pos in batch] for batch in batches])
+        return iter([[(self.epoch, pos) for pos in batch] for batch in self.batches])
 
     def __len__(self):
         return steps_per_epoch(self.examples, self.batch_size)
@@ -175,9 +175,9 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         t, cfg = self.t, self.t.cfg
         epoch, pos = key
-        order = self.batches.order if epoch == self.batches.epoch else epoch_order(
-            t.examples, cfg.train.batch_size, cfg.train.seed, epoch)[0]
-        ex = t.examples[order[pos]]
+        if epoch != self.batches.epoch:
+            raise ValueError(f"sample {key} asked for while EpochBatches yields epoch {self.batches.epoch}")
+        ex = t.examples[self.batches.order[pos]]
         seed = int(hashlib.sha256(f"{cfg.train.seed}-{epoch}-{pos}".encode()).hexdigest()[:15], 16)
         g = torch.Generator().manual_seed(seed)
         rng = random.Random(seed)
@@ -199,11 +199,16 @@ class TrainingSamples(torch.utils.data.Dataset):
             sample["text"] = t.te_cache.get(caption).to_dict()  # {"hidden"(, "pooled")}
         else:
             sample["input_ids"] = t.tokenize(caption)  # one (77,) per text encoder
-        if is_sdxl(t.base.family):  # SDXL's size conditioning: (height, width) pairs
-            bucket = ex.bucket
-            sample["time_ids"] = time_ids((ex.size[1], ex.size[0]), crop_top_left(ex.size, bucket, flip),
-                                          (bucket.height, bucket.width))
+        if is_sdxl(t.base.family):
+            sample["time_ids"] = example_time_ids(ex, flip)
         return sample
+
+
+def example_time_ids(ex: Example, flipped: bool) -> torch.Tensor:
+    """SDXL's size conditioning of one example, (6,): its original size, the crop of its bucket
+    (of the mirror image when flipped) and the bucket, as (height, width) / (top, left) pairs."""
+    return time_ids((ex.size[1], ex.size[0]), crop_top_left(ex.size, ex.bucket, flipped),
+                    (ex.bucket.height, ex.bucket.width))
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -391,6 +396,7 @@ class Trainer:
         self.trainable: list = []  # the adapter parameters the optimizer updates
         self.steps_per_epoch = self.total_steps = self.epochs = 0
         self.batches = self.loader = None  # EpochBatches and its prepared DataLoader
+        self.stop = self.progress = None  # run(): the signal handlers and the wall-clock bookkeeping
 
     # -- helpers
     def _main_log(self, msg: str) -> None:
@@ -484,8 +490,8 @@ class Trainer:
             self.te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", encoders,
                                                f"{base.family}_skip{cfg.model.clip_skip}{tokens}", self.encode_captions)
             self.te_cache.fill(", ".join(ex.tags) for ex in self.examples + self.validation)
-            for te in encoders:
-                te.to("cpu")
+            for te in encoders:  # never run again: drop their weights (the meta device keeps their configs)
+                te.to("meta")
         self.prepare_latents()
 
         groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs if train_te else 0.0)
@@ -507,7 +513,6 @@ class Trainer:
         self.batches = EpochBatches(self.examples, tc.batch_size, tc.seed)
         self.loader = acc.prepare(torch.utils.data.DataLoader(
             TrainingSamples(self, self.batches), batch_sampler=self.batches, pin_memory=acc.device.type == "cuda"))
-        self.release_frozen_encoders()
 
     def apply_speed_settings(self) -> None:
         """model.quantize on the frozen base (after injection: adapters stay full precision), then
@@ -520,15 +525,6 @@ class Trainer:
         done = speed.apply(self.cfg.train, base.unet, self.accelerator.device)
         if done:
             self._main_log(f"speed: {', '.join(done)}")
-
-    def release_frozen_encoders(self) -> None:
-        """With frozen encoders and fixed captions, every caption's text-encoder outputs are cached
-        up front by setup: the encoders never run again, so drop their weights (to the meta device,
-        which keeps their configs readable). The VAE goes the same way once every latent is cached
-        (`prepare_latents`)."""
-        if self.te_cache is not None:
-            for te in self.base.text_encoders:
-                te.to("meta")
 
     def load_init_weights(self, path: str) -> None:
         """network.init_weights: continue from an existing adapter (kohya's network_weights)."""
@@ -670,10 +666,10 @@ class Trainer:
     def _run(self, resume: bool) -> TrainResult:
         from tqdm import tqdm
 
-        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
-        final = self.adapter_path(None)
         from .lora import refuse_to_overwrite
 
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        final = self.adapter_path(None)
         # every process stops, none waits for the others
         refuse_to_overwrite(final, tc.overwrite or resume, "set train.overwrite = true (or --set train.overwrite=true)")
         self.setup()
@@ -880,8 +876,7 @@ def validation_batch(trainer: Trainer, ex: Example, index: int) -> dict:
     else:
         batch["input_ids"] = [ids.expand(k, *ids.shape) for ids in trainer.tokenize(caption)]
     if is_sdxl(trainer.base.family):
-        ids = time_ids((ex.size[1], ex.size[0]), crop_top_left(ex.size, ex.bucket, False),
-                       (ex.bucket.height, ex.bucket.width))
+        ids = example_time_ids(ex, flipped=False)
         batch["time_ids"] = ids.expand(k, *ids.shape)
     return batch
 
