@@ -175,7 +175,8 @@ class TrainConfig:
     min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
     prior_loss_weight: float = opt(1.0, "loss weight of regularisation images (kohya's prior_loss_weight)", min=0.0)
-    mixed_precision: str = opt("no", "mixed precision", choices=["no", "fp16", "bf16"])
+    mixed_precision: str = opt("no", "mixed precision of the frozen base and autocast (accelerate fixes it once "
+                               "per Python process)", choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
     save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
     save_every_n_steps: int = opt(0, "also save an adapter (NAME-stepNNNNNNNN) and training state every n "

@@ -350,12 +350,16 @@ class Trainer:
         out = cfg.output_dir
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
         no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
-        # accelerate keeps one AcceleratorState per process and refuses a second training in it
-        # (a notebook, a sweep) with other mixed-precision settings. It has no public way to start
-        # over, so only then is its state reset (the process group, PartialState, is kept): the one
-        # private accelerate call in sdlora.
+        # accelerate keeps one AcceleratorState per process, its mixed precision fixed by the first
+        # Accelerator, and has no public way to start over: a second training in one process (a
+        # notebook, a sweep) in another precision is refused here, in words, before accelerate's own.
         if is_initialized() and AcceleratorState().mixed_precision != tc.mixed_precision:
-            AcceleratorState._reset_state(reset_partial_state=False)
+            raise UserError(
+                f"{cfg.source or 'training'}: [train] mixed_precision = {tc.mixed_precision!r}, but this Python "
+                f"process already trained with {AcceleratorState().mixed_precision!r}, and accelerate fixes the "
+                f"mixed precision once per process. Train in a new process (a new `sdlora train` command, or "
+                f"restart the notebook kernel), or keep mixed_precision = "
+                f"{AcceleratorState().mixed_precision!r} in this one.")
         self.accelerator = Accelerator(
             cpu=no_gpu,
             mixed_precision=tc.mixed_precision,

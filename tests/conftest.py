@@ -1,7 +1,9 @@
 """Shared test set-up: one torch thread (on 2 shared cores, the default thread pool makes small
 models ~100x slower), and the fixtures every stage's tests build on."""
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -9,6 +11,27 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new Python process (spawned: nothing of this one's state comes along), its
+    result returned here, its exception raised here.
+
+    For trainings in another mixed precision than the suite's: accelerate fixes a process's mixed
+    precision with its first Accelerator (sdlora says so, tests/test_run.py), as a user meets it.
+    fn: a module-level function of a test module, which the new process imports by name."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        return pool.submit(fn, *args).result()
+
+
+@pytest.fixture
+def fresh_process():
+    """in_fresh_process, for a test to call."""
+    return in_fresh_process
 
 
 @pytest.fixture

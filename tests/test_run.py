@@ -73,19 +73,33 @@ def test_loss_is_min_snr_weighted_mse_to_the_papers_target(tmp_path, mini_base_d
     assert trainer.v_prediction == (prediction == "v_prediction")
 
 
-def test_bf16_mixed_precision_trains_under_autocast(tmp_path, mini_base_dir):
-    cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=1", "train.mixed_precision='bf16'"])
+def _train_in_bf16(config_path):
+    """In its own process: train under bf16 mixed precision; what the U-Net's first layer saw
+    (autocast on, its dtype; the frozen weight's dtype), the adapters' dtypes, the exported tensors."""
+    cfg = load_config(config_path, ["train.epochs=1", "train.mixed_precision='bf16'"])
     trainer = train.Trainer(cfg, log=lambda m: None)
     seen = []
-    hook = trainer.base.unet.conv_in.register_forward_hook(
+    trainer.base.unet.conv_in.register_forward_hook(
         lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
                                                module.weight.dtype)))
     result = trainer.run()
-    hook.remove()
+    return seen, {p.dtype for p in trainer.network.trainable_parameters()}, load_file(result.adapter)
+
+
+def test_bf16_mixed_precision_trains_under_autocast(tmp_path, mini_base_dir, fresh_process):
+    seen, adapter_dtypes, tensors = fresh_process(_train_in_bf16, make_style(tmp_path, mini_base_dir, n=2))
     assert seen and all(s == (True, torch.bfloat16, torch.bfloat16) for s in seen)  # bf16 base, autocast on
-    assert all(p.dtype == torch.float32 for p in trainer.network.trainable_parameters())  # adapters in fp32
-    tensors = load_file(result.adapter)
-    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert adapter_dtypes == {torch.float32}  # adapters train in fp32
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_a_second_training_in_another_precision_in_one_process_is_refused_in_words(tmp_path, mini_base_dir):
+    path = make_style(tmp_path, mini_base_dir, n=2)
+    train.Trainer(load_config(path), log=lambda m: None)  # this process's precision: "no"
+    with pytest.raises(UserError, match=r"mixed_precision = 'bf16', but this Python process already trained "
+                                        r"with 'no'.*new process"):
+        train.Trainer(load_config(path, ["train.mixed_precision='bf16'"]), log=lambda m: None)
+    train.Trainer(load_config(path), log=lambda m: None)  # the same precision again: fine
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, mini_base_dir):

@@ -273,7 +273,21 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
     assert report
 
 
-def test_sdxl_single_file_base_trains_in_bf16_with_checkpointing_of_all_three_models(tmp_path, mini_sdxl_dir):
+def _train_sdxl_in_bf16_with_checkpointing(config_path):
+    """In its own process (bf16 mixed precision): what the test below checks of the trained network."""
+    cfg = load_config(config_path, ["train.mixed_precision='bf16'", "train.gradient_checkpointing=true"])
+    trainer = train.Trainer(cfg, log=lambda m: None)
+    result = trainer.run()
+    base = trainer.base
+    return {"dtypes": (base.unet.dtype, base.text_encoder_2.dtype),
+            "checkpointing": [base.unet.is_gradient_checkpointing,
+                              *(te.is_gradient_checkpointing for te in base.text_encoders)],
+            "adapter_dtypes": {p.dtype for p in trainer.network.trainable_parameters()},
+            "te1_layers": base.text_encoder.config.num_hidden_layers, "tensors": load_file(result.adapter)}
+
+
+def test_sdxl_single_file_base_trains_in_bf16_with_checkpointing_of_all_three_models(tmp_path, mini_sdxl_dir,
+                                                                                       fresh_process):
     """An original-layout (SGM) single file, frozen weights held in bf16, gradient checkpointing on the
     U-Net and both text encoders: the adapters train (in fp32) and export finite and changed."""
     from sdlora import models
@@ -281,19 +295,16 @@ def test_sdxl_single_file_base_trains_in_bf16_with_checkpointing_of_all_three_mo
 
     single = models.save_single_file(models.load_base(ModelConfig(base=str(mini_sdxl_dir))), tmp_path / "xl.safetensors",
                                      dtype=torch.float32)
-    cfg = load_config(make_style(tmp_path, single, extra="max_train_steps = 3"),
-                      ["train.mixed_precision='bf16'", "train.gradient_checkpointing=true"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    result = trainer.run()
-    assert trainer.base.unet.dtype == torch.bfloat16 and trainer.base.text_encoder_2.dtype == torch.bfloat16
-    assert trainer.base.unet.is_gradient_checkpointing
-    assert all(te.is_gradient_checkpointing for te in trainer.base.text_encoders)
-    assert all(p.dtype == torch.float32 for p in trainer.network.trainable_parameters())
-    tensors = load_file(result.adapter)
+    got = fresh_process(_train_sdxl_in_bf16_with_checkpointing,
+                        make_style(tmp_path, single, extra="max_train_steps = 3"))
+    assert got["dtypes"] == (torch.bfloat16, torch.bfloat16)
+    assert got["checkpointing"] == [True, True, True]  # the U-Net and both text encoders
+    assert got["adapter_dtypes"] == {torch.float32}
+    tensors = got["tensors"]
     assert all(torch.isfinite(t).all() for t in tensors.values())
     # Every module trained but those of encoder 1's last layer: SDXL reads its penultimate state, so
     # that layer gets no gradient (kohya exports it untrained too); encoder 2's feeds the pooled output.
-    last = f"lora_te1_text_model_encoder_layers_{trainer.base.text_encoder.config.num_hidden_layers - 1}_"
+    last = f"lora_te1_text_model_encoder_layers_{got['te1_layers'] - 1}_"
     untrained = {k.split(".")[0] for k, t in tensors.items() if "lora_up" in k and float(t.abs().max()) == 0}
     assert untrained and all(k.startswith(last) for k in untrained)
 
@@ -311,11 +322,9 @@ def test_sdlora_run_end_to_end_on_an_sdxl_base(tmp_path, mini_sdxl_dir):
 
 
 @pytest.mark.slow
-def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path):
+def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path, fresh_process):
     """The full SDXL architecture (random weights from the bundled configs, bf16 frozen base): one
     training step at 512 px with gradient checkpointing; prints the peak memory (README's SDXL table)."""
-    import resource
-
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -338,15 +347,24 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path):
             torch.set_default_dtype(torch.float32)
     pipe.save_pretrained(base_dir)
     del pipe
-    cfg = load_config(make_style(tmp_path, base_dir, n=1, extra="max_train_steps = 1"), ["train.batch_size=1",
-                       "dataset.resolution=512", "dataset.min_bucket_reso=256", "dataset.max_bucket_reso=1024",
-                       "dataset.bucket_reso_steps=64", "train.mixed_precision='bf16'",
-                       "train.gradient_checkpointing=true", "train.save_every_n_epochs=0"])
-    result = train.train(cfg, log=print)
-    tensors = load_file(result.adapter)
-    assert len({k.split(".")[0] for k in tensors}) == 722 + 72 + 192
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    modules, peak_gb = fresh_process(_one_full_sdxl_step, make_style(tmp_path, base_dir, n=1,
+                                                                      extra="max_train_steps = 1"))
+    assert modules == 722 + 72 + 192
     print(f"full SDXL, bf16 base, 512 px, batch 1, checkpointing: one step, peak RSS {peak_gb:.1f} GB")
+
+
+def _one_full_sdxl_step(config_path):
+    """In its own process (bf16; the peak memory its own): one step at 512 px; the exported module
+    count and the process's peak RSS in GB."""
+    import resource
+
+    cfg = load_config(config_path, ["train.batch_size=1", "dataset.resolution=512", "dataset.min_bucket_reso=256",
+                                    "dataset.max_bucket_reso=1024", "dataset.bucket_reso_steps=64",
+                                    "train.mixed_precision='bf16'", "train.gradient_checkpointing=true",
+                                    "train.save_every_n_epochs=0"])
+    result = train.train(cfg, log=print)
+    modules = len({k.split(".")[0] for k in load_file(result.adapter)})
+    return modules, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def test_sdxl_bucket_set_at_the_1024_area():
