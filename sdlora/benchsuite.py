@@ -5,8 +5,7 @@ Rows (each guarded: a failing row is recorded with its one-line error and the re
 - sd15:   SD1.5's U-Net (random weights from the shipped config), 512 px (64x64 latents,
           cached: no VAE in the step), LoRA on Kohya's default targets, batch 1/4/8, fp16 and
           bf16 autocast over fp16/bf16 weights with fp32 adapters (as the trainer runs),
-          sdpa and xformers: samples/s, MFU, LoRA overhead ratio, peak memory; plus the same
-          step with peft's own LoRA forward instead of the fused one (lora.py's fast path);
+          sdpa and xformers: samples/s, MFU, LoRA overhead ratio, peak memory;
 - sdxl:   SDXL's U-Net at 1024 px (128x128 latents, text_embeds (B, 1280) and time_ids (B, 6)),
           batch 1 and 4, bf16, gradient checkpointing off and on;
 - sampler: one-pass images at 1080x720 from an SD1.5-architecture folder: base, LoRA fused,
@@ -276,16 +275,6 @@ class Suite:
                         return self.train_figures(t, "sd15", "sd_v1", s.sd15_latent)
                     self.row(f"sd15 {dtype} {attention} b{batch}", run, family="sd_v1", latent=s.sd15_latent,
                              batch=batch, dtype=dtype, attention=attention)
-        batch = s.sd15_batches[len(s.sd15_batches) // 2]
-
-        def peft():
-            from .lora import use_peft_forward
-
-            t = Trainee("sd_v1", s, self.device, DTYPES[s.dtype], batch, s.sd15_latent)
-            use_peft_forward(t.unet)
-            return self.train_figures(t, "sd15", "sd_v1", s.sd15_latent)
-        self.row(f"sd15 {s.dtype} sdpa b{batch} peft LoRA forward", peft, family="sd_v1", latent=s.sd15_latent,
-                 batch=batch, dtype=s.dtype, lora_forward="peft")
 
     def sdxl_rows(self) -> None:
         s = self.shapes

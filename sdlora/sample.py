@@ -43,7 +43,7 @@ from . import kohya
 from .config import add_override_argument
 from .errors import UserError
 from .io import inside, safe_file_stem
-from .lora import parse_adapter_arg, use_fused_forward
+from .lora import parse_adapter_arg
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -223,8 +223,6 @@ class AdapterSet:
             # The Kohya-named tensors as read (diffusers/peft files converted), not the file again.
             tensors = {f"{key}.{name}": t for key, parts in adapter.modules.items() for name, t in parts.items()}
             self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
-            for model in kohya.model_parts(self.pipe).values():
-                use_fused_forward(model)  # one adapter active: the fused path; several: peft's own
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
