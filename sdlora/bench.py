@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _peak_memory_mb(device: str) -> float:
+def peak_memory_mb(device: str) -> float:
+    """CUDA: the most memory torch allocated; otherwise the process's peak resident set."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -100,7 +101,7 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
         "train_samples_per_s_uncached": batch / (t_step + t_vae),
         "vae_share_uncached": t_vae / (t_step + t_vae),
         "lora_overhead_ratio": passes["lora"] / passes["frozen"],
-        "peak_memory_mb": _peak_memory_mb(device),
+        "peak_memory_mb": peak_memory_mb(device),
     }
 
 
@@ -174,6 +175,7 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
 
     from . import train
     from .config import config_from_dict
+    from .models import compute_device
     from .tiny.scenery import make_scene_image
 
     step_times: list[float] = []
@@ -199,7 +201,7 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
     return {"model": model, "images": images, "resolution": resolution,
             "time_to_first_step_s": step_times[0] - start,
             "steps_per_s": (len(step_times) - 1) / after if after > 0 else None,
-            "peak_memory_mb": _peak_memory_mb("cuda" if torch.cuda.is_available() else "cpu")}
+            "peak_memory_mb": peak_memory_mb(compute_device())}
 
 
 def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128) -> dict:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .bench import fastest_in_turns
+from .bench import fastest_in_turns, peak_memory_mb
 from .models import DTYPES
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
@@ -91,6 +91,8 @@ class Trainee:
     def __init__(self, family: str, shapes: Shapes, device: str, dtype: torch.dtype, batch: int, latent: int,
                  quantize: str = "none", attention: str = "sdpa", checkpointing: bool = False, seed: int = 0,
                  optimizer: str = "adamw"):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         from . import arch, lora, speed
@@ -103,9 +105,8 @@ class Trainee:
         self.unet = arch.build_unet(family, reduced=shapes.reduced, device=device, dtype=dtype)
         self.unet.requires_grad_(False)
         self.network = lora.inject(self.unet, None, NetworkConfig(train_text_encoder=False))
+        cast_training_params(self.unet, dtype=torch.float32)  # fp32 adapters over the frozen dtype, as trained
         self.params = self.network.trainable_parameters()
-        for p in self.params:
-            p.data = p.data.float()
         self.quantized = quantize_frozen(self.unet, quantize)
         speed.set_attention(self.unet, attention, where="attention")
         if checkpointing:
@@ -119,8 +120,8 @@ class Trainee:
         self.noise = torch.randn(batch, channels, latent, latent, device=device, generator=g)
         self.timesteps = torch.randint(0, 1000, (batch,), device=device, generator=g)
         self.cond = arch.unet_conditioning(self.unet, batch, device=device, dtype=dtype, generator=g)
-        alpha = torch.linspace(0.999, 0.01, 1000, device=device)[self.timesteps].view(-1, 1, 1, 1)
-        self.noisy = (alpha.sqrt() * self.latents + (1 - alpha).sqrt() * self.noise).to(dtype)
+        scheduler = DDPMScheduler.from_config(arch.part_config(family, "scheduler"))  # the family's own schedule
+        self.noisy = scheduler.add_noise(self.latents, self.noise, self.timesteps).to(dtype)
 
     def loss(self) -> torch.Tensor:
         with torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -154,13 +155,15 @@ class Trainee:
 
 
 def make_optimizer(name: str, params, device: str):
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
+    """The trainer's optimizer `name` (train.make_optimizer, fused AdamW on CUDA as it trains) over
+    `params` at lr 1e-3; "adamw_foreach": the multi-tensor AdamW the fused-AdamW lever compares with."""
+    from .config import TrainConfig
+    from .train import make_optimizer as trainer_optimizer
 
-        return bnb.optim.AdamW8bit(params, lr=1e-3)
     if name == "adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    return torch.optim.AdamW(params, lr=1e-3, fused=device == "cuda" or None)
+    return trainer_optimizer(TrainConfig(optimizer=name), [{"params": params, "lr": 1e-3}], "sdlora bench",
+                             fused=device == "cuda")
 
 
 def count_flops(fn) -> int:
@@ -185,14 +188,6 @@ def training_flops(family: str, latent: int, reduced: bool = False) -> int:
     x = torch.randn(1, unet.config.in_channels, latent, latent, device="meta")
     cond = arch.unet_conditioning(unet, 1, device="meta")
     return count_flops(lambda: F.mse_loss(unet(x, torch.tensor([500], device="meta"), **cond).sample, x).backward())
-
-
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak (Linux: KiB)
 
 
 class Suite:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import models
 from .errors import UserError
 
 ASSETS = Path(__file__).parent / "assets" / "open_clip"
@@ -122,12 +123,6 @@ class Tagger:
         return [t for t in vocabulary if t.lower() in known], [t for t in vocabulary if t.lower() not in known]
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _resize_normalize(size: int):
     """The tiny tagger's preprocessing: the whole picture squashed to size x size (it was trained
     on whole square scenes; a centre crop would cut the sun or moon out of wide frames), then
@@ -154,7 +149,7 @@ def tiny_tagger(device: str | None = None) -> Tagger:
     known = cfg.pop("known_tags", None)
     floor = cfg.pop("min_duplicate_cosine", 0.0)
     weights = ASSETS / "tiny.safetensors"
-    device = device or _device()
+    device = device or models.compute_device()
     identity = _digest(f"tiny|{_digest(weights.read_bytes())}|squash|{PREPROCESS_VERSION}".encode())[:16]
 
     def load():
@@ -183,7 +178,7 @@ def open_clip_tagger(arch: str, pretrained: str = "", device: str | None = None)
     import open_clip
 
     _check_arch(arch)
-    device = device or _device()
+    device = device or models.compute_device()
     source = pretrained
     if pretrained:
         path = Path(pretrained)
@@ -293,7 +288,7 @@ def bench_tagger(n_tiny: int = 64, n_large: int = 2, batch_size: int = 16) -> di
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)) for _ in range(max(n_tiny, n_large))]
-    result = {"device": _device(), "torch_threads": torch.get_num_threads()}
+    result = {"device": models.compute_device(), "torch_threads": torch.get_num_threads()}
     for key, tagger, n in (("tiny", tiny_tagger(), n_tiny), ("ViT-L-14", open_clip_tagger("ViT-L-14"), n_large)):
         tagger._load()
         tagger.embed_images(images[:1])  # warm-up

@@ -80,6 +80,8 @@ class ModelConfig:
 
 
 # The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
+# Precisions a saved file (adapter, merged model) can be written in: train.save_precision, --save-precision.
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extension", "shuffle_caption",
                       "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug")
 
@@ -181,7 +183,7 @@ class TrainConfig:
     save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
     save_every_n_steps: int = opt(0, "also save an adapter (NAME-stepNNNNNNNN) and training state every n "
                                      "optimizer steps (0 = off)", min=0)
-    save_precision: str = opt("fp16", "dtype of exported adapters", choices=["fp16", "bf16", "fp32"])
+    save_precision: str = opt("fp16", "dtype of exported adapters", choices=list(SAVE_PRECISIONS))
     seed: int = opt(42, "random seed", min=0, max=SEED_MAX)
     attention: str = opt("sdpa", "attention kernel: sdpa (PyTorch) | xformers (needs xformers and CUDA)",
                          choices=["sdpa", "xformers"])

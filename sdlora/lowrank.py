@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from . import kohya
+from .config import SAVE_PRECISIONS
 from .errors import UserError
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
@@ -682,9 +683,6 @@ def bench_resize(dim: int = 128, energy: float = 0.9) -> dict:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-_SAVE_DTYPES = ("fp16", "bf16", "fp32")
-
-
 def _dtype(name: str) -> torch.dtype:
     from .models import DTYPES
 
@@ -781,7 +779,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--no-clamp", action="store_true", help="do not clip the factors (exact truncated SVD)")
     p.add_argument("--te-tolerance", type=float, default=1e-4,
                    help="the text encoder is skipped when no weight changed by more than this (default 1e-4)")
-    p.add_argument("--save-precision", choices=_SAVE_DTYPES, default="fp16", help="dtype of the adapter")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16", help="dtype of the adapter")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_extract)
 
@@ -795,7 +793,7 @@ def add_command(subparsers) -> None:
     p.add_argument("items", nargs="+", metavar="ADAPTER[:SCALE] ... OUT",
                    help="adapters with an optional multiplier (pastel.safetensors:0.8), then OUT: a path ending "
                         ".safetensors writes one checkpoint file, a path without suffix a diffusers folder")
-    p.add_argument("--save-precision", choices=_SAVE_DTYPES, default="fp16", help="dtype of the merged model")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16", help="dtype of the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_merge)
 

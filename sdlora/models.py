@@ -29,6 +29,14 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf
 TINY_DIR = ASSETS / "tiny"
 
 
+def compute_device() -> str:
+    """Where every stage computes: a CUDA GPU, else Apple's GPU (MPS), else the CPU (the order
+    accelerate picks the trainer's device in)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 @dataclass
 class BaseModel:
     tokenizer: Any

@@ -147,8 +147,10 @@ def _layers(pipe, aliases: bool = True) -> dict[str, torch.nn.Module]:
 
 
 def _base_weight(layer) -> torch.nn.Parameter:
-    # A layer with peft adapters keeps the original one as base_layer.
-    return getattr(layer, "base_layer", layer).weight
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # A layer with peft adapters keeps the original one as its base layer.
+    return (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
 
 
 class WeightPatcher:
@@ -363,7 +365,7 @@ class Sampler:
         self.cfg = cfg
         self.base = base if base is not None else models.load_base(cfg.model)
         s = cfg.sample
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = models.compute_device()
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
         self.scheduler_name = s.sampler
         self.pipe.to(self.device)

@@ -57,7 +57,7 @@ def transformer_blocks(unet: nn.Module) -> list[nn.Module]:
     return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
 
 
-def compile_blocks(unet: nn.Module, backend: str = "inductor") -> int:
+def compile_blocks(unet: nn.Module, backend="inductor") -> int:
     """torch.compile each transformer block in place (`nn.Module.compile`); returns how many.
 
     Blocks rather than the whole U-Net: the blocks hold the adapters and most of the FLOPs,

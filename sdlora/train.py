@@ -349,7 +349,7 @@ class Trainer:
         tc = cfg.train
         out = cfg.output_dir
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
-        no_gpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        no_gpu = models.compute_device() == "cpu"
         # accelerate keeps one AcceleratorState per process, its mixed precision fixed by the first
         # Accelerator, and has no public way to start over: a second training in one process (a
         # notebook, a sweep) in another precision is refused here, in words, before accelerate's own.

@@ -8,27 +8,99 @@ from sdlora.config import describe
 PACKAGE = Path(__file__).resolve().parents[1] / "sdlora"
 
 
-def _attributes_read(tree: ast.AST) -> set[str]:
-    """Names read as attributes (`cfg.train.seed` -> seed), leaving out the values of `ss_*` /
-    `modelspec.*` metadata entries: a key that only reaches the metadata does nothing for training."""
-    metadata_values = set()
+def _metadata_values(tree: ast.AST) -> set[int]:
+    """The nodes of `ss_*` / `modelspec.*` metadata values: a key that only reaches the metadata
+    does nothing for training."""
+    found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Dict):
             for key, value in zip(node.keys, node.values):
                 if isinstance(key, ast.Constant) and str(key.value).startswith(("ss_", "modelspec.")):
-                    metadata_values |= {id(n) for n in ast.walk(value)}
-    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and id(n) not in metadata_values}
+                    found |= {id(n) for n in ast.walk(value)}
+    return found
 
 
-def test_every_config_key_is_read_outside_the_config_module():
-    """A key that only config.py (or only an ss_* metadata entry) reads does nothing for the user."""
-    read = set()
-    for path in PACKAGE.rglob("*.py"):
+def _package_trees() -> list[ast.AST]:
+    trees = []
+    for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         if path.name == "config.py":  # its validation reads every key; only Config's own accessors count
             tree = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-        read |= _attributes_read(tree)
-    unread = [key for key, _, _ in describe() if key.rsplit(".", 1)[-1] not in read]
+        trees.append(tree)
+    return trees
+
+
+def _keys_read(sections: set[str]) -> tuple[set[str], set[str]]:
+    """({"section.key" read as cfg.section.key or through a name bound to cfg.section}, {every
+    attribute name read}).
+
+    A name is bound to a section by `tc = cfg.train` (tuples too), by passing cfg.section (or a
+    bound name) as an argument (the parameter of a package function of that name is bound), or
+    is `self.section` inside Config. `cfg` / `config` / `self.cfg` are the config's names."""
+    trees = _package_trees()
+    functions: dict[str, list] = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions.setdefault(node.name, []).append(node)
+    bound: dict[str, set[str]] = {s: set() for s in sections}
+
+    def sections_of(node, in_config: bool) -> set[str]:
+        if isinstance(node, ast.Name):
+            return {s for s, names in bound.items() if node.id in names}
+        if not (isinstance(node, ast.Attribute) and node.attr in sections):
+            return set()
+        root = node.value
+        root_name = root.attr if isinstance(root, ast.Attribute) else getattr(root, "id", None)
+        return {node.attr} if root_name in ("cfg", "config") or (in_config and root_name == "self") else set()
+
+    for _ in range(3):  # bindings through bindings
+        for tree in trees:
+            in_config = isinstance(tree, ast.ClassDef)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Assign):
+                    pairs = [(t, node.value) for t in node.targets]
+                    pairs += [(name, value) for t in node.targets if isinstance(t, ast.Tuple)
+                              and isinstance(node.value, ast.Tuple) for name, value in zip(t.elts, node.value.elts)]
+                    for target, value in pairs:
+                        if isinstance(target, ast.Name) and not isinstance(value, ast.Name):
+                            for section in sections_of(value, in_config):
+                                bound[section].add(target.id)
+                elif isinstance(node, ast.Call):
+                    name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                    for i, arg in enumerate(node.args):
+                        for section in sections_of(arg, in_config):
+                            for function in functions.get(name, []):
+                                params = [p.arg for p in function.args.posonlyargs + function.args.args]
+                                params = params[1:] if params[:1] in (["self"], ["cls"]) else params
+                                if i < len(params):
+                                    bound[section].add(params[i])
+                    for keyword in node.keywords:
+                        for section in sections_of(keyword.value, in_config) if keyword.arg else ():
+                            bound[section].add(keyword.arg)
+    keys, names = set(), set()
+    for tree in trees:
+        in_config, metadata = isinstance(tree, ast.ClassDef), _metadata_values(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and id(node) not in metadata:
+                keys |= {f"{section}.{node.attr}" for section in sections_of(node.value, in_config)}
+                names.add(node.attr)
+    return keys, names
+
+
+def test_every_config_key_is_read_outside_the_config_module():
+    """A key that only config.py (or only an ss_* metadata entry) reads does nothing for the user.
+    `section.key` must be read from that section (not some other object's `.key`); the keys a
+    [[dataset.subsets]] table shares with [dataset] are read from the subset objects (whatever
+    their variable), and top-level keys from the Config, so those are matched by name."""
+    from sdlora.config import SUBSET_SHARED_KEYS
+
+    all_keys = [key for key, _, _ in describe()]
+    sections = {key.split(".")[0] for key in all_keys if "." in key and "[]" not in key}
+    keys, names = _keys_read(sections)
+    by_name = [k for k in all_keys if "." not in k or "[]" in k
+               or (k.startswith("dataset.") and k.split(".")[1] in SUBSET_SHARED_KEYS)]
+    unread = [k for k in all_keys if (k.rsplit(".", 1)[-1] not in names if k in by_name else k not in keys)]
     assert not unread, f"config keys read nowhere: {unread}"
 
 
@@ -71,3 +143,20 @@ def test_the_package_has_no_import_circle():
         if module not in state:
             visit(module, [module])
     assert "sdlora.train" in graph and graph["sdlora.train"]  # the graph was really read
+
+
+def _choices(section: str, key: str) -> list:
+    import dataclasses
+
+    from sdlora.config import SECTION_CLASSES
+
+    return next(f.metadata["choices"] for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name == key)
+
+
+def test_config_choices_are_the_tables_that_implement_them():
+    """config.py names the choices (it is imported by everything, so it cannot import the
+    implementations); each list must be exactly the keys of the table that acts on it."""
+    from sdlora import sample, train
+
+    assert _choices("train", "optimizer") == list(train.OPTIMIZERS)
+    assert _choices("sample", "sampler") == list(sample.SAMPLERS)

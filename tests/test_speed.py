@@ -1,7 +1,9 @@
 """[train] attention / tf32 / channels_last / compile (speed.py) and the fused AdamW switch."""
 
+import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdlora import arch, speed, train
@@ -11,6 +13,8 @@ from sdlora.config import config_from_dict
 from test_train import make_style
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None,
+                    reason="xformers and CUDA are both here: nothing is missing")
 def test_xformers_attention_is_read_and_says_what_is_missing(tmp_path, mini_base_dir, capsys):
     cfg = make_style(tmp_path, mini_base_dir)
     assert main(["train", str(cfg), "--set", "train.attention=xformers"]) == 2
@@ -37,9 +41,14 @@ def test_compiled_transformer_blocks_compute_the_same():
     with torch.no_grad():
         expected = unet(x, t, **cond).sample
         blocks = speed.transformer_blocks(unet)
-        assert speed.compile_blocks(unet, backend="eager") == len(blocks) > 0
-        assert all(b._compiled_call_impl is not None for b in blocks)
+        graphs = []
+
+        def backend(graph, example_inputs):  # what torch.compile hands a backend; runs the graph as is
+            graphs.append(graph)
+            return graph.forward
+        assert speed.compile_blocks(unet, backend=backend) == len(blocks) > 0
         torch.testing.assert_close(unet(x, t, **cond).sample, expected)
+    assert graphs  # the blocks ran compiled
 
 
 def test_apply_turns_on_channels_last_and_reports_it():
