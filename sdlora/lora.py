@@ -29,7 +29,7 @@ from . import kohya
 from .buckets import resolution_pair
 from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
 from .errors import UserError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, refuse_to_overwrite
 
 ADAPTER_NAME = "sdlora"
 
@@ -441,12 +441,6 @@ def parse_adapter_arg(text: str) -> tuple[Path, float | None]:
         except ValueError:
             pass
     return Path(text), None
-
-
-def refuse_to_overwrite(path, overwrite: bool, replace: str = "pass --overwrite") -> None:
-    """The one refusal for an output file that exists: it names the file and both ways out."""
-    if not overwrite and Path(path).exists():
-        raise UserError(f"{path} already exists; choose another output name, or {replace} to replace it")
 
 
 def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:

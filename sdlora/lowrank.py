@@ -34,6 +34,7 @@ import torch
 
 from . import kohya
 from .errors import UserError
+from .io import refuse_to_overwrite
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -241,7 +242,7 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
                         f"singular values")
     if rank is not None and rank < 1:
         raise UserError(f"resize: --rank {rank} must be at least 1")
-    lora.refuse_to_overwrite(dst, overwrite)
+    refuse_to_overwrite(dst, overwrite)
     start = time.perf_counter()
     tensors, metadata = lora.read_adapter(src)
     sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
@@ -390,7 +391,7 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     from . import lora
 
     out = Path(out)
-    lora.refuse_to_overwrite(out, overwrite)
+    refuse_to_overwrite(out, overwrite)
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"extract: --energy {energy} must be in (0, 1]")
     if rank is not None and rank < 1:
@@ -469,10 +470,10 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
-    from . import lora, models
+    from . import models
 
     out = Path(out)
-    lora.refuse_to_overwrite(out, overwrite)
+    refuse_to_overwrite(out, overwrite)
     if not adapters:
         raise UserError("merge: name at least one adapter between BASE and OUT")
     if out.suffix and out.suffix.lower() != ".safetensors":
@@ -500,7 +501,7 @@ def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
     from . import lora
 
     src, dst = Path(src), Path(dst)
-    lora.refuse_to_overwrite(dst, overwrite)
+    refuse_to_overwrite(dst, overwrite)
     tensors, metadata = lora.read_adapter(src)
     metadata = {k: v for k, v in metadata.items()
                 if k not in ("lora_adapter_metadata", "format", "sshs_model_hash")}  # save_adapter hashes anew

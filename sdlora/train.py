@@ -670,7 +670,7 @@ class Trainer:
     def _run(self, resume: bool) -> TrainResult:
         from tqdm import tqdm
 
-        from .lora import refuse_to_overwrite
+        from .io import refuse_to_overwrite
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         final = self.adapter_path(None)

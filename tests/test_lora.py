@@ -438,3 +438,44 @@ def test_one_message_for_an_existing_output(tmp_path, mini_base_dir):
         messages.append(str(e.value))
     assert all(m.startswith(f"{path} already exists; choose another output name, or ") for m in messages)
     assert "--overwrite" in messages[1] and "--overwrite" in messages[2]
+
+
+@pytest.mark.parametrize("command", [
+    ["convert", "{path}", "{path}"],
+    ["resize", "{path}", "{path}", "--rank", "1"],
+    ["bench", "--json", "{path}"],
+    ["import-kohya", "train_network.py --network_dim 4", "-o", "{path}"],
+])
+def test_every_command_refuses_an_existing_output_in_one_wording(tmp_path, capsys, command):
+    """The same sentence and the same flag (--overwrite) whichever command writes the file."""
+    from sdlora.cli import main
+
+    path, _, _ = _saved(tmp_path)
+    before = path.read_bytes()
+    assert main([arg.format(path=path) for arg in command]) == 2
+    assert (f"{path} already exists; choose another output name, or pass --overwrite to replace it"
+            in capsys.readouterr().err)
+    assert path.read_bytes() == before
+
+
+def test_import_kohya_takes_overwrite_like_every_command_and_still_force(tmp_path, capsys):
+    from sdlora.cli import main
+
+    out = tmp_path / "new.toml"
+    for flag in ("--overwrite", "--force"):
+        out.write_text("# mine\n")
+        assert main(["import-kohya", "train_network.py --network_dim 4", "-o", str(out), flag]) == 0
+        assert "dim = 4" in out.read_text()
+
+
+def test_checkpoint_saves_refuse_in_the_same_wording(tmp_path, mini_base_dir):
+    from sdlora import models
+    from sdlora.config import ModelConfig
+
+    base = models.load_base(ModelConfig(base=str(mini_base_dir)))
+    for save, target in ((models.save_single_file, tmp_path / "m.safetensors"),
+                         (models.save_diffusers, tmp_path / "pipe")):
+        target.mkdir() if not target.suffix else target.write_bytes(b"mine")
+        with pytest.raises(UserError) as e:
+            save(base, target)
+        assert str(e.value) == f"{target} already exists; choose another output name, or pass --overwrite to replace it"

@@ -262,7 +262,7 @@ def test_import_kohya_trains_the_same_examples(tmp_path, mini_base_dir, capsys):
 
     assert trained(imported) == trained(by_hand)
     assert main(["import-kohya", str(dataset_toml), "-o", str(out)]) == 2  # never replaces a file unasked
-    assert "--force" in capsys.readouterr().err
+    assert "already exists; choose another output name, or pass --overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, expected", [
