@@ -302,10 +302,33 @@ def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def network_metadata(base, output_name: str, network_module: str, dim: str, alpha: str, network_args: dict,
-                     description: str, finished: float | None = None) -> dict[str, str]:
+def one_or_dynamic(values, fmt=str) -> str:
+    """The one value every module shares, as text, or Kohya's "dynamic" when they differ."""
+    distinct = sorted(set(values))
+    return fmt(distinct[0]) if len(distinct) == 1 else "dynamic"
+
+
+def network_fields(dim: str, alpha: str, algo: str | None = None, dora: bool = False,
+                   args: dict | None = None) -> dict[str, str]:
+    """The `ss_network_*` fields of an adapter file, however it was made (trained, extracted, resized,
+    converted). A plain LoRA / LoCon is Kohya's own "networks.lora"; a LyCORIS algorithm (`algo`:
+    loha, lokr, ...) or DoRA is "lycoris.kohya" with `algo` in the args (DoRA rides on LyCORIS's
+    locon unless `algo` says otherwise) and `dora_wd`; `args` follow (conv_dim, dropout, ...)."""
+    if dora and algo is None:
+        algo = "locon"
+    network_args = ({"algo": algo} if algo else {}) | ({"dora_wd": "True"} if dora else {}) | (args or {})
+    return {
+        "ss_network_module": "lycoris.kohya" if algo else "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(network_args),
+    }
+
+
+def network_metadata(base, output_name: str, network: dict[str, str], description: str,
+                     finished: float | None = None) -> dict[str, str]:
     """What every adapter file states however it was made (trained, extracted): its network
-    (`ss_network_*`), its base model and Stability's `modelspec.*`; every value a string.
+    (`network_fields`), its base model and Stability's `modelspec.*`; every value a string.
 
     base: a BaseModel or dict with family, prediction_type, name, model_hash; finished: unix seconds.
     """
@@ -313,10 +336,7 @@ def network_metadata(base, output_name: str, network_module: str, dim: str, alph
     if family not in ARCHITECTURES:
         raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     return {
-        "ss_network_module": network_module,
-        "ss_network_dim": dim,
-        "ss_network_alpha": alpha,
-        "ss_network_args": json.dumps(network_args),
+        **network,
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],
         "ss_v2": str(family.startswith("sd_v2")),
         "ss_output_name": output_name,
@@ -349,11 +369,6 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     width, height = resolution_pair(data.resolution)
     _, alpha, conv_dim, conv_alpha = network_ranks(net)
     network_args = {}
-    lycoris = net.type in ("loha", "lokr") or net.dora  # Kohya's own networks.lora has neither
-    if lycoris:
-        network_args["algo"] = "locon" if net.type in ("lora", "locon") else net.type
-    if net.dora:
-        network_args["dora_wd"] = "True"
     if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     if net.dropout:
@@ -364,8 +379,9 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     te_lrs = te_lrs if net.train_text_encoder else [0.0]
     description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
                    f"{stats['num_train_images']} images, {stats['steps']} steps")
-    meta = network_metadata(base, cfg.output_name, "lycoris.kohya" if lycoris else "networks.lora", str(net.dim),
-                            f"{alpha:g}", network_args, description, finished)
+    algo = net.type if net.type in ("loha", "lokr") else None  # LoRA and LoCon are Kohya's own networks.lora
+    network = network_fields(str(net.dim), f"{alpha:g}", algo, net.dora, network_args)
+    meta = network_metadata(base, cfg.output_name, network, description, finished)
     meta |= {
         "ss_network_dropout": f"{net.dropout:g}",
         "ss_network_train_unet_only": str(not any(te_lrs)),
