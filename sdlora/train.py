@@ -319,7 +319,10 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
     """
     if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
         return
+    from .lora import network_ranks
+
     tc = cfg.train
+    dim, alpha, _, _ = network_ranks(cfg.network)
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     last = f"last finite loss {losses[-1]:.4f} at step {step - 1}" if losses else "no step had finished"
     if tc.mixed_precision == "fp16":
@@ -328,7 +331,7 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
     else:
         cause = (f"the learning rates are too high for this network (unet_lr {tc.unet_lr:g}, text_encoder_lr "
                  f"{tc.text_encoder_lr}; 1e-4 to 1e-3 is usual for AdamW), or network.alpha / network.dim "
-                 f"({cfg.network.alpha:g} / {cfg.network.dim}) scales the adapters too strongly: lower them, "
+                 f"({alpha:g} / {dim}) scales the adapters too strongly: lower them, "
                  f"keep train.max_grad_norm at 1.0")
     raise TrainingDiverged(
         f"{cfg.source or 'training'}: training stopped at step {step} (epoch {epoch}): {what} ({last}). "
@@ -957,9 +960,11 @@ def validation_lines(trainer: Trainer) -> list[str]:
 
 def write_report(trainer: Trainer, result: TrainResult) -> Path:
     from .io import atomic_write_text
+    from .lora import network_ranks
     from .plot import line_plot
 
     cfg = trainer.cfg
+    dim, alpha, _, _ = network_ranks(cfg.network)
     out = cfg.output_dir
     curve = out / "loss_curve.png"
     line_plot(result.losses, curve, title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss")
@@ -969,7 +974,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
         f"- base: {trainer.base.name} ({trainer.base.family}, {trainer.base.prediction_type})",
         f"- images: {describe_examples(trainer.examples)}, {trainer.epochs} epochs, "
         f"batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation",
-        f"- network: {cfg.network.type}, dim {cfg.network.dim}, alpha {cfg.network.alpha}, "
+        f"- network: {cfg.network.type}, dim {dim}, alpha {alpha:g}, "
         f"targets {cfg.network.unet_targets}, text encoder {'trained' if trainer.train_te else 'frozen'}",
         f"- learning rates: unet {cfg.train.unet_lr}, text encoder {cfg.train.text_encoder_lr}, "
         f"{cfg.train.lr_scheduler}, optimizer {cfg.train.optimizer}",
