@@ -27,7 +27,7 @@ from torch import nn
 
 from . import kohya
 from .buckets import resolution_pair
-from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
+from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS, is_sdxl
 from .errors import UserError
 from .io import atomic_write_bytes, refuse_to_overwrite
 
@@ -100,6 +100,20 @@ def network_ranks(net) -> tuple[int, float, int, float]:
     alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2."""
     conv_dim = net.conv_dim or net.dim
     return net.dim, net.alpha or net.dim, conv_dim, net.conv_alpha or conv_dim / 2
+
+
+def text_encoder_lrs(cfg, base) -> list[float]:
+    """The learning rate of each text encoder of `base` (BaseModel or dict with family and name), from
+    train.text_encoder_lr (one rate, or a pair [te1, te2] for SDXL); every one 0 when
+    network.train_text_encoder is false. A text encoder is trained when its rate here is > 0: the
+    optimizer groups, the trainer and the metadata all read this list."""
+    lr = cfg.train.text_encoder_lr
+    count = 2 if is_sdxl(_get(base, "family")) else 1
+    if isinstance(lr, list) and len(lr) != count:
+        raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {_get(base, 'name')} has {count} text "
+                        f"encoder(s); give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
+    lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)] * count
+    return lrs if cfg.network.train_text_encoder else [0.0] * count
 
 
 def _peft_config(network_cfg, paths: list[str], model: nn.Module):
@@ -182,14 +196,13 @@ class Network:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for key in self.modules for p in self._adapter_params(key).values() if p.requires_grad]
 
-    def param_groups(self, unet_lr: float, text_encoder_lr: float | list[float]) -> list[dict]:
+    def param_groups(self, unet_lr: float, text_encoder_lrs: list[float]) -> list[dict]:
         """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported.
 
-        text_encoder_lr: one rate for every text encoder, or one per encoder ([te1, te2] for SDXL)."""
-        te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr] * 2
+        text_encoder_lrs: one rate per text encoder (`text_encoder_lrs`: [te] or SDXL's [te1, te2])."""
         groups = []
         for part in self.models:
-            lr = unet_lr if part == "unet" else te_lrs[1] if part == "te2" else te_lrs[0]
+            lr = unet_lr if part == "unet" else text_encoder_lrs[1] if part == "te2" else text_encoder_lrs[0]
             params = self.parameters_of(part)
             if lr == 0:
                 for p in params:
@@ -375,8 +388,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         network_args["dropout"] = f"{net.dropout:g}"
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
-    te_lrs = train.text_encoder_lr if isinstance(train.text_encoder_lr, list) else [train.text_encoder_lr]
-    te_lrs = te_lrs if net.train_text_encoder else [0.0]
+    te_lrs = text_encoder_lrs(cfg, base)
     description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
                    f"{stats['num_train_images']} images, {stats['steps']} steps")
     algo = net.type if net.type in ("loha", "lokr") else None  # LoRA and LoCon are Kohya's own networks.lora
@@ -397,7 +409,8 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
         "ss_learning_rate": f"{train.unet_lr:g}",
         "ss_unet_lr": f"{train.unet_lr:g}",
-        "ss_text_encoder_lr": ", ".join(f"{lr:g}" for lr in te_lrs),  # SDXL may give [te1, te2]
+        # one rate, or SDXL's two when they differ
+        "ss_text_encoder_lr": ", ".join(f"{lr:g}" for lr in (te_lrs if len(set(te_lrs)) > 1 else te_lrs[:1])),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(stats.get("lr_warmup_steps", "")),
         "ss_optimizer": str(stats.get("optimizer", train.optimizer)),

@@ -345,7 +345,7 @@ class Trainer:
         from accelerate.state import AcceleratorState, is_initialized
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-        from . import models
+        from . import lora, models
 
         self.cfg, self.log = cfg, log
         self.bar = None  # the progress bar while the loop runs
@@ -380,7 +380,7 @@ class Trainer:
         note = clip_skip_note(self.base.family, cfg.model.clip_skip)
         if note:
             self._main_log(f"warning: {note}")
-        self.text_encoder_lrs = text_encoder_lrs(cfg, self.base)
+        self.text_encoder_lrs = lora.text_encoder_lrs(cfg, self.base)  # checks a pair against the encoders
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
         with self.accelerator.main_process_first():  # one process rebuilds a stale manifest, the others read it
@@ -471,7 +471,7 @@ class Trainer:
         encoders = base.text_encoders
         for m in (base.unet, base.vae, *encoders):
             m.requires_grad_(False)
-        train_te = cfg.network.train_text_encoder and any(lr > 0 for lr in self.text_encoder_lrs)
+        train_te = any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
@@ -501,7 +501,7 @@ class Trainer:
                 te.to("meta")
         self.prepare_latents()
 
-        groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs if train_te else 0.0)
+        groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs)
         self.optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
         micro = steps_per_epoch(self.examples, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
@@ -1016,15 +1016,3 @@ def _cmd_train(args) -> int:
     if result.report:
         print(f"adapter: {result.adapter}\nreport: {result.report}")
     return 0
-
-
-def text_encoder_lrs(cfg: Config, base) -> list[float]:
-    """train.text_encoder_lr as one learning rate per text encoder: a pair [te1, te2] is for SDXL."""
-    lr = cfg.train.text_encoder_lr
-    count = len(base.text_encoders)
-    if isinstance(lr, list):
-        if len(lr) != count:
-            raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {base.name} has {count} text encoder(s); "
-                            f"give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
-        return [float(x) for x in lr]
-    return [float(lr)] * count
