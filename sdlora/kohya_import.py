@@ -27,7 +27,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodi
 SAMPLERS = {"ddim": "ddim", "euler": "euler", "k_euler": "euler", "euler_a": "euler_a", "k_euler_a": "euler_a",
             "dpmsolver++": "dpmpp_2m"}
 NETWORK_TYPES = {"standard": "lora", "lora": "lora", "locon": "locon", "kohya locon": "locon",
-                 "lycoris/locon": "locon", "loha": "loha", "lycoris/loha": "loha"}
+                 "lycoris/locon": "locon", "loha": "loha", "lycoris/loha": "loha", "lokr": "lokr", "lycoris/lokr": "lokr"}
 PATH_KEYS = {"model.base", "model.vae", "dataset.image_dir", "dataset.reg_dir", "output.dir",
              "dataset.subsets[].image_dir", "network.init_weights"}
 # kohya settings sdlora decides itself: converting them would change nothing.
