@@ -491,12 +491,11 @@ def _finite(value):
 
 
 def _cmd_bench(args) -> int:
-    from .errors import UserError
-    from .io import atomic_write_text
+    from .io import atomic_write_text, refuse_to_overwrite
 
     out = Path(args.json) if args.json not in (None, "-") else None
-    if out is not None and out.exists() and not args.overwrite:
-        raise UserError(f"bench --json: {out} exists; pass --overwrite to replace it or choose another path")
+    if out is not None:
+        refuse_to_overwrite(out, args.overwrite)
     if args.suite == "gpu":
         reduced = {"auto": None, "full": False, "reduced": True}[args.shapes]
         results = run_suite(args.device, reduced, args.budget_s, args.peak_tflops,

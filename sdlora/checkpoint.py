@@ -418,13 +418,12 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     The diffusers configs ride along in the metadata, so sdlora reloads non-standard sizes
     (the tiny model) exactly; A1111 and ComfyUI ignore them.
     """
-    from .io import atomic_save_file
+    from .io import atomic_save_file, refuse_to_overwrite
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: single-file checkpoints are written as .safetensors")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; choose another name or pass overwrite=True")
+    refuse_to_overwrite(path, overwrite)
     tensors = {}
     tensors.update(unet_to_original(base.unet.state_dict(), base.unet.config))
     tensors.update(vae_to_original(base.vae.state_dict(), base.vae.config))
@@ -448,11 +447,10 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
 
 def save_diffusers(base, folder, overwrite: bool = False) -> Path:
     """A diffusers StableDiffusionPipeline folder, written to a temp folder then renamed."""
-    from .io import atomic_folder
+    from .io import atomic_folder, refuse_to_overwrite
 
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise UserError(f"{folder} exists; choose another folder or pass overwrite=True")
+    refuse_to_overwrite(folder, overwrite)
     with atomic_folder(folder) as tmp:
         base.pipeline().save_pretrained(tmp)
     return folder

@@ -599,12 +599,6 @@ def current_manifest(cfg: Config, log=print) -> dict:
     return data
 
 
-def excluded_images(cfg: Config) -> set[Path]:
-    """Images the dataset builder excluded as near-duplicates (per the current manifest)."""
-    data = read_manifest(cfg)
-    return {Path(e["path"]) for e in data["images"] if e["duplicate_of"]} if data else set()
-
-
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "dataset", help="validate, de-duplicate and auto-tag a folder of images (writes .txt captions)",

@@ -27,7 +27,7 @@ OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "lion": "lion", "prodi
 SAMPLERS = {"ddim": "ddim", "euler": "euler", "k_euler": "euler", "euler_a": "euler_a", "k_euler_a": "euler_a",
             "dpmsolver++": "dpmpp_2m"}
 NETWORK_TYPES = {"standard": "lora", "lora": "lora", "locon": "locon", "kohya locon": "locon",
-                 "lycoris/locon": "locon", "loha": "loha", "lycoris/loha": "loha"}
+                 "lycoris/locon": "locon", "loha": "loha", "lycoris/loha": "loha", "lokr": "lokr", "lycoris/lokr": "lokr"}
 PATH_KEYS = {"model.base", "model.vae", "dataset.image_dir", "dataset.reg_dir", "output.dir",
              "dataset.subsets[].image_dir", "network.init_weights"}
 # kohya settings sdlora decides itself: converting them would change nothing.
@@ -272,22 +272,22 @@ def add_command(subparsers) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="a kohya file, or a quoted command line such as \"train_network.py --network_dim 16\"")
     p.add_argument("-o", "--output", help="the sdlora config to write (default: print it)")
-    p.add_argument("--force", action="store_true", help="replace an existing --output file")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help="replace an existing --output file")
     p.set_defaults(func=_cmd_import)
 
 
 def _cmd_import(args) -> int:
     import sys
 
-    from .io import atomic_write_text
+    from .io import atomic_write_text, refuse_to_overwrite
 
     text = import_kohya(args.sources, log=lambda m: print(m, file=sys.stderr))
     if not args.output:
         print(text, end="")
         return 0
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise UserError(f"{out} exists; choose another -o file or add --force to replace it")
+    refuse_to_overwrite(out, args.overwrite)
     atomic_write_text(out, text)
     print(f"wrote {out}; check it with `sdlora config check {out}`", file=sys.stderr)
     return 0

@@ -27,9 +27,9 @@ from torch import nn
 
 from . import kohya
 from .buckets import resolution_pair
-from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS
+from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS, is_sdxl
 from .errors import UserError
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, refuse_to_overwrite
 
 ADAPTER_NAME = "sdlora"
 
@@ -100,6 +100,20 @@ def network_ranks(net) -> tuple[int, float, int, float]:
     alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2."""
     conv_dim = net.conv_dim or net.dim
     return net.dim, net.alpha or net.dim, conv_dim, net.conv_alpha or conv_dim / 2
+
+
+def text_encoder_lrs(cfg, base) -> list[float]:
+    """The learning rate of each text encoder of `base` (BaseModel or dict with family and name), from
+    train.text_encoder_lr (one rate, or a pair [te1, te2] for SDXL); every one 0 when
+    network.train_text_encoder is false. A text encoder is trained when its rate here is > 0: the
+    optimizer groups, the trainer and the metadata all read this list."""
+    lr = cfg.train.text_encoder_lr
+    count = 2 if is_sdxl(_get(base, "family")) else 1
+    if isinstance(lr, list) and len(lr) != count:
+        raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {_get(base, 'name')} has {count} text "
+                        f"encoder(s); give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
+    lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)] * count
+    return lrs if cfg.network.train_text_encoder else [0.0] * count
 
 
 def _peft_config(network_cfg, paths: list[str], model: nn.Module):
@@ -182,14 +196,13 @@ class Network:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for key in self.modules for p in self._adapter_params(key).values() if p.requires_grad]
 
-    def param_groups(self, unet_lr: float, text_encoder_lr: float | list[float]) -> list[dict]:
+    def param_groups(self, unet_lr: float, text_encoder_lrs: list[float]) -> list[dict]:
         """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported.
 
-        text_encoder_lr: one rate for every text encoder, or one per encoder ([te1, te2] for SDXL)."""
-        te_lrs = text_encoder_lr if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr] * 2
+        text_encoder_lrs: one rate per text encoder (`text_encoder_lrs`: [te] or SDXL's [te1, te2])."""
         groups = []
         for part in self.models:
-            lr = unet_lr if part == "unet" else te_lrs[1] if part == "te2" else te_lrs[0]
+            lr = unet_lr if part == "unet" else text_encoder_lrs[1] if part == "te2" else text_encoder_lrs[0]
             params = self.parameters_of(part)
             if lr == 0:
                 for p in params:
@@ -302,10 +315,33 @@ def _iso(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def network_metadata(base, output_name: str, network_module: str, dim: str, alpha: str, network_args: dict,
-                     description: str, finished: float | None = None) -> dict[str, str]:
+def one_or_dynamic(values, fmt=str) -> str:
+    """The one value every module shares, as text, or Kohya's "dynamic" when they differ."""
+    distinct = sorted(set(values))
+    return fmt(distinct[0]) if len(distinct) == 1 else "dynamic"
+
+
+def network_fields(dim: str, alpha: str, algo: str | None = None, dora: bool = False,
+                   args: dict | None = None) -> dict[str, str]:
+    """The `ss_network_*` fields of an adapter file, however it was made (trained, extracted, resized,
+    converted). A plain LoRA / LoCon is Kohya's own "networks.lora"; a LyCORIS algorithm (`algo`:
+    loha, lokr, ...) or DoRA is "lycoris.kohya" with `algo` in the args (DoRA rides on LyCORIS's
+    locon unless `algo` says otherwise) and `dora_wd`; `args` follow (conv_dim, dropout, ...)."""
+    if dora and algo is None:
+        algo = "locon"
+    network_args = ({"algo": algo} if algo else {}) | ({"dora_wd": "True"} if dora else {}) | (args or {})
+    return {
+        "ss_network_module": "lycoris.kohya" if algo else "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(network_args),
+    }
+
+
+def network_metadata(base, output_name: str, network: dict[str, str], description: str,
+                     finished: float | None = None) -> dict[str, str]:
     """What every adapter file states however it was made (trained, extracted): its network
-    (`ss_network_*`), its base model and Stability's `modelspec.*`; every value a string.
+    (`network_fields`), its base model and Stability's `modelspec.*`; every value a string.
 
     base: a BaseModel or dict with family, prediction_type, name, model_hash; finished: unix seconds.
     """
@@ -313,10 +349,7 @@ def network_metadata(base, output_name: str, network_module: str, dim: str, alph
     if family not in ARCHITECTURES:
         raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
     return {
-        "ss_network_module": network_module,
-        "ss_network_dim": dim,
-        "ss_network_alpha": alpha,
-        "ss_network_args": json.dumps(network_args),
+        **network,
         "ss_base_model_version": BASE_MODEL_VERSIONS[family],
         "ss_v2": str(family.startswith("sd_v2")),
         "ss_output_name": output_name,
@@ -349,23 +382,18 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     width, height = resolution_pair(data.resolution)
     _, alpha, conv_dim, conv_alpha = network_ranks(net)
     network_args = {}
-    lycoris = net.type in ("loha", "lokr") or net.dora  # Kohya's own networks.lora has neither
-    if lycoris:
-        network_args["algo"] = "locon" if net.type in ("lora", "locon") else net.type
-    if net.dora:
-        network_args["dora_wd"] = "True"
     if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
-    te_lrs = train.text_encoder_lr if isinstance(train.text_encoder_lr, list) else [train.text_encoder_lr]
-    te_lrs = te_lrs if net.train_text_encoder else [0.0]
+    te_lrs = text_encoder_lrs(cfg, base)
     description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
                    f"{stats['num_train_images']} images, {stats['steps']} steps")
-    meta = network_metadata(base, cfg.output_name, "lycoris.kohya" if lycoris else "networks.lora", str(net.dim),
-                            f"{alpha:g}", network_args, description, finished)
+    algo = net.type if net.type in ("loha", "lokr") else None  # LoRA and LoCon are Kohya's own networks.lora
+    network = network_fields(str(net.dim), f"{alpha:g}", algo, net.dora, network_args)
+    meta = network_metadata(base, cfg.output_name, network, description, finished)
     meta |= {
         "ss_network_dropout": f"{net.dropout:g}",
         "ss_network_train_unet_only": str(not any(te_lrs)),
@@ -381,7 +409,8 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
         "ss_learning_rate": f"{train.unet_lr:g}",
         "ss_unet_lr": f"{train.unet_lr:g}",
-        "ss_text_encoder_lr": ", ".join(f"{lr:g}" for lr in te_lrs),  # SDXL may give [te1, te2]
+        # one rate, or SDXL's two when they differ
+        "ss_text_encoder_lr": ", ".join(f"{lr:g}" for lr in (te_lrs if len(set(te_lrs)) > 1 else te_lrs[:1])),
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(stats.get("lr_warmup_steps", "")),
         "ss_optimizer": str(stats.get("optimizer", train.optimizer)),
@@ -441,12 +470,6 @@ def parse_adapter_arg(text: str) -> tuple[Path, float | None]:
         except ValueError:
             pass
     return Path(text), None
-
-
-def refuse_to_overwrite(path, overwrite: bool, replace: str = "pass --overwrite") -> None:
-    """The one refusal for an output file that exists: it names the file and both ways out."""
-    if not overwrite and Path(path).exists():
-        raise UserError(f"{path} already exists; choose another output name, or {replace} to replace it")
 
 
 def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:

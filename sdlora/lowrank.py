@@ -35,6 +35,7 @@ import torch
 from . import kohya
 from .config import SAVE_PRECISIONS
 from .errors import UserError
+from .io import refuse_to_overwrite
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -242,7 +243,7 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
                         f"singular values")
     if rank is not None and rank < 1:
         raise UserError(f"resize: --rank {rank} must be at least 1")
-    lora.refuse_to_overwrite(dst, overwrite)
+    refuse_to_overwrite(dst, overwrite)
     start = time.perf_counter()
     tensors, metadata = lora.read_adapter(src)
     sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
@@ -255,21 +256,26 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
 
 def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], rank, energy, max_rank,
                       src: Path) -> dict[str, str]:
+    from . import lora
+
     source_hash = metadata.get("sshs_model_hash")
     metadata = {k: v for k, v in metadata.items() if k != "sshs_model_hash"}  # save_adapter writes the new one
     ranks = sorted({r.new_rank for r in records})
     # scale = alpha / rank is unchanged per module; ss_network_alpha states it at the new dim.
     old_dim, old_alpha = _float_or_none(metadata.get("ss_network_dim")), _float_or_none(metadata.get("ss_network_alpha"))
-    metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "dynamic"
-    if old_alpha is not None and old_dim and len(ranks) == 1:
-        metadata["ss_network_alpha"] = f"{old_alpha / old_dim * ranks[0]:g}"
-    elif len(ranks) > 1:
-        metadata["ss_network_alpha"] = "dynamic"
+    alpha = metadata.get("ss_network_alpha")  # kept when the old scale is unknown
+    if len(ranks) > 1:
+        alpha = "dynamic"
+    elif old_alpha is not None and old_dim:
+        alpha = f"{old_alpha / old_dim * ranks[0]:g}"
     dora = any("dora" in r.kind for r in records)
+    fields = lora.network_fields(lora.one_or_dynamic(ranks), alpha, dora=dora)
+    metadata["ss_network_dim"] = fields["ss_network_dim"]
+    if alpha is not None:
+        metadata["ss_network_alpha"] = alpha
     if any(r.kind.split("+")[0] != "lora" or "tucker" in r.kind for r in records):  # a plain LoRA now
-        # LyCORIS's LoCon carries DoRA (algo locon, dora_wd); without it, Kohya's own module.
-        metadata["ss_network_module"] = "lycoris.kohya" if dora else "networks.lora"
-        metadata["ss_network_args"] = json.dumps({"algo": "locon", "dora_wd": "True"} if dora else {})
+        metadata["ss_network_module"] = fields["ss_network_module"]
+        metadata["ss_network_args"] = fields["ss_network_args"]
         if "modelspec.architecture" in metadata:
             metadata["modelspec.architecture"] = metadata["modelspec.architecture"].split("/")[0] + "/lora"
     elif not dora and "dora_wd" in metadata.get("ss_network_args", ""):
@@ -391,7 +397,7 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     from . import lora
 
     out = Path(out)
-    lora.refuse_to_overwrite(out, overwrite)
+    refuse_to_overwrite(out, overwrite)
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"extract: --energy {energy} must be in (0, 1]")
     if rank is not None and rank < 1:
@@ -402,11 +408,10 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     base, tuned = _load(base_source, "--base"), _load(tuned_source, "--tuned")
     tensors, records, te_skipped = extract_tensors(base, tuned, rank, energy, max_rank, conv_rank, clamp,
                                                    te_tolerance, dtype)
-    ranks = sorted({r.new_rank for r in records})
-    dim = str(ranks[0]) if len(ranks) == 1 else "dynamic"
+    dim = lora.one_or_dynamic(r.new_rank for r in records)
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
-    metadata = lora.network_metadata(base, out.stem, "networks.lora", dim, dim, args,  # alpha = rank: scale 1
-                                     f"extracted by sdlora: {tuned_source} - {base_source}")
+    network = lora.network_fields(dim, dim, args=args)  # alpha = rank: scale 1
+    metadata = lora.network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
     metadata["sdlora_extract"] = json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
                                              "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
                                              "clamp_quantile": clamp, "text_encoder_skipped": te_skipped})
@@ -470,10 +475,10 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
-    from . import lora, models
+    from . import models
 
     out = Path(out)
-    lora.refuse_to_overwrite(out, overwrite)
+    refuse_to_overwrite(out, overwrite)
     if not adapters:
         raise UserError("merge: name at least one adapter between BASE and OUT")
     if out.suffix and out.suffix.lower() != ".safetensors":
@@ -501,24 +506,20 @@ def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
     from . import lora
 
     src, dst = Path(src), Path(dst)
-    lora.refuse_to_overwrite(dst, overwrite)
+    refuse_to_overwrite(dst, overwrite)
     tensors, metadata = lora.read_adapter(src)
     metadata = {k: v for k, v in metadata.items()
                 if k not in ("lora_adapter_metadata", "format", "sshs_model_hash")}  # save_adapter hashes anew
     groups = kohya.group_modules(tensors)
     kinds = {kohya.module_variant(parts) for parts in groups.values()}
-    ranks = sorted({kohya.module_rank(parts) or 0 for parts in groups.values()})
-    alphas = sorted({round(kohya.module_scale(parts) * (kohya.module_rank(parts) or 1), 6) for parts in groups.values()})
     if "ss_network_module" not in metadata:
-        algo = sorted({k.split("+")[0] for k in kinds})
-        lycoris = algo != ["lora"] or any("+" in k for k in kinds)
-        metadata["ss_network_module"] = "lycoris.kohya" if lycoris else "networks.lora"
-        args = {"algo": algo[0] if len(algo) == 1 else "locon"} if lycoris else {}
-        if any("dora" in k for k in kinds):
-            args["dora_wd"] = "True"
-        metadata["ss_network_args"] = json.dumps(args)
-        metadata["ss_network_dim"] = str(ranks[0]) if len(ranks) == 1 else "dynamic"
-        metadata["ss_network_alpha"] = f"{alphas[0]:g}" if len(alphas) == 1 else "dynamic"
+        algos = sorted({k.split("+")[0] for k in kinds})
+        lycoris = algos != ["lora"] or any("+" in k for k in kinds)
+        algo = (algos[0] if len(algos) == 1 else "locon") if lycoris else None
+        ranks = [kohya.module_rank(parts) or 0 for parts in groups.values()]
+        alphas = [round(kohya.module_scale(parts) * (kohya.module_rank(parts) or 1), 6) for parts in groups.values()]
+        metadata |= lora.network_fields(lora.one_or_dynamic(ranks), lora.one_or_dynamic(alphas, "{:g}".format), algo,
+                                        dora=any("dora" in k for k in kinds))
     metadata.setdefault("ss_output_name", dst.stem)
     lora.save_adapter(dst, tensors, metadata, overwrite=overwrite)
     return metadata

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, add_override_argument, load_config
-from .errors import UserError
+from .io import refuse_to_overwrite
 
 
 def adapter_up_to_date(cfg: Config, path: Path) -> bool:
@@ -83,9 +83,8 @@ def run(cfg: Config, log=print) -> dict:
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
     else:
         log("== 2/3 train")
-        if final.exists() and not cfg.train.overwrite:
-            raise UserError(f"{final} exists but was trained with other settings or images; "
-                            "rerun with --set train.overwrite=true to replace it, or set output.output_name")
+        refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
+                            why=" but was trained with other settings or images")
         train.train(cfg, log=log)
     log("== 3/3 samples")
     result = sample.run_sample(cfg, loras=[(final, None)], log=log)

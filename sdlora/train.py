@@ -319,7 +319,10 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
     """
     if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
         return
+    from .lora import network_ranks
+
     tc = cfg.train
+    dim, alpha, _, _ = network_ranks(cfg.network)
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     last = f"last finite loss {losses[-1]:.4f} at step {step - 1}" if losses else "no step had finished"
     if tc.mixed_precision == "fp16":
@@ -328,7 +331,7 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
     else:
         cause = (f"the learning rates are too high for this network (unet_lr {tc.unet_lr:g}, text_encoder_lr "
                  f"{tc.text_encoder_lr}; 1e-4 to 1e-3 is usual for AdamW), or network.alpha / network.dim "
-                 f"({cfg.network.alpha:g} / {cfg.network.dim}) scales the adapters too strongly: lower them, "
+                 f"({alpha:g} / {dim}) scales the adapters too strongly: lower them, "
                  f"keep train.max_grad_norm at 1.0")
     raise TrainingDiverged(
         f"{cfg.source or 'training'}: training stopped at step {step} (epoch {epoch}): {what} ({last}). "
@@ -342,7 +345,7 @@ class Trainer:
         from accelerate.state import AcceleratorState, is_initialized
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-        from . import models
+        from . import lora, models
 
         self.cfg, self.log = cfg, log
         self.bar = None  # the progress bar while the loop runs
@@ -377,7 +380,7 @@ class Trainer:
         note = clip_skip_note(self.base.family, cfg.model.clip_skip)
         if note:
             self._main_log(f"warning: {note}")
-        self.text_encoder_lrs = text_encoder_lrs(cfg, self.base)
+        self.text_encoder_lrs = lora.text_encoder_lrs(cfg, self.base)  # checks a pair against the encoders
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
         with self.accelerator.main_process_first():  # one process rebuilds a stale manifest, the others read it
@@ -468,7 +471,7 @@ class Trainer:
         encoders = base.text_encoders
         for m in (base.unet, base.vae, *encoders):
             m.requires_grad_(False)
-        train_te = cfg.network.train_text_encoder and any(lr > 0 for lr in self.text_encoder_lrs)
+        train_te = any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
         self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
         cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
@@ -498,7 +501,7 @@ class Trainer:
                 te.to("meta")
         self.prepare_latents()
 
-        groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs if train_te else 0.0)
+        groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs)
         self.optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
         micro = steps_per_epoch(self.examples, tc.batch_size)
         self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
@@ -670,7 +673,7 @@ class Trainer:
     def _run(self, resume: bool) -> TrainResult:
         from tqdm import tqdm
 
-        from .lora import refuse_to_overwrite
+        from .io import refuse_to_overwrite
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         final = self.adapter_path(None)
@@ -957,9 +960,11 @@ def validation_lines(trainer: Trainer) -> list[str]:
 
 def write_report(trainer: Trainer, result: TrainResult) -> Path:
     from .io import atomic_write_text
+    from .lora import network_ranks
     from .plot import line_plot
 
     cfg = trainer.cfg
+    dim, alpha, _, _ = network_ranks(cfg.network)
     out = cfg.output_dir
     curve = out / "loss_curve.png"
     line_plot(result.losses, curve, title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss")
@@ -969,7 +974,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
         f"- base: {trainer.base.name} ({trainer.base.family}, {trainer.base.prediction_type})",
         f"- images: {describe_examples(trainer.examples)}, {trainer.epochs} epochs, "
         f"batch {cfg.train.batch_size} x {cfg.train.gradient_accumulation_steps} accumulation",
-        f"- network: {cfg.network.type}, dim {cfg.network.dim}, alpha {cfg.network.alpha}, "
+        f"- network: {cfg.network.type}, dim {dim}, alpha {alpha:g}, "
         f"targets {cfg.network.unet_targets}, text encoder {'trained' if trainer.train_te else 'frozen'}",
         f"- learning rates: unet {cfg.train.unet_lr}, text encoder {cfg.train.text_encoder_lr}, "
         f"{cfg.train.lr_scheduler}, optimizer {cfg.train.optimizer}",
@@ -1011,15 +1016,3 @@ def _cmd_train(args) -> int:
     if result.report:
         print(f"adapter: {result.adapter}\nreport: {result.report}")
     return 0
-
-
-def text_encoder_lrs(cfg: Config, base) -> list[float]:
-    """train.text_encoder_lr as one learning rate per text encoder: a pair [te1, te2] is for SDXL."""
-    lr = cfg.train.text_encoder_lr
-    count = len(base.text_encoders)
-    if isinstance(lr, list):
-        if len(lr) != count:
-            raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {base.name} has {count} text encoder(s); "
-                            f"give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
-        return [float(x) for x in lr]
-    return [float(lr)] * count

@@ -209,6 +209,29 @@ def test_lora_deltas_in_the_file_are_the_trained_layers_deltas():
 # Training-side behaviour -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family, text_encoder_lr, train_te, per_encoder, written", [
+    ("sd_v1", 1e-4, True, [1e-4], "0.0001"),
+    ("sdxl", 1e-4, True, [1e-4, 1e-4], "0.0001"),  # one rate for both encoders, written once
+    ("sdxl", [1e-4, 0.0], True, [1e-4, 0.0], "0.0001, 0"),
+    ("sdxl", [1e-4, 5e-5], False, [0.0, 0.0], "0"),
+    ("sd_v1", 0.0, True, [0.0], "0"),
+])
+def test_text_encoder_rates_per_encoder_feed_the_metadata(family, text_encoder_lr, train_te, per_encoder, written):
+    cfg = config_from_dict({"name": "s", "network": {"train_text_encoder": train_te},
+                            "train": {"text_encoder_lr": text_encoder_lr}})
+    base = dict(BASE, family=family)
+    assert lora.text_encoder_lrs(cfg, base) == per_encoder
+    meta = lora.adapter_metadata(cfg, base, STATS)
+    assert meta["ss_text_encoder_lr"] == written
+    assert meta["ss_network_train_unet_only"] == str(not any(per_encoder))
+
+
+def test_a_text_encoder_rate_pair_for_one_encoder_is_refused():
+    cfg = config_from_dict({"name": "s", "train": {"text_encoder_lr": [1e-4, 1e-5]}})
+    with pytest.raises(UserError, match=r"tiny has 1 text encoder\(s\); give one learning rate$"):
+        lora.text_encoder_lrs(cfg, BASE)
+
+
 def test_only_adapters_train_and_a_zero_text_encoder_lr_freezes_and_drops_them():
     pipe = build_pipeline("mini")
     network = lora.inject(pipe.unet, pipe.text_encoder, network_cfg())
@@ -217,16 +240,16 @@ def test_only_adapters_train_and_a_zero_text_encoder_lr_freezes_and_drops_them()
     assert all(p.abs().sum() == 0 for k in network.modules
                for p in [network._adapter_params(k)["lora_up.weight"]])
 
-    groups = network.param_groups(unet_lr=5e-4, text_encoder_lr=1e-4)
+    groups = network.param_groups(unet_lr=5e-4, text_encoder_lrs=[1e-4])
     assert [(g["name"], g["lr"]) for g in groups] == [("unet", 5e-4), ("text_encoder", 1e-4)]
     assert sum(len(g["params"]) for g in groups) == len(network.trainable_parameters())
 
-    groups = network.param_groups(unet_lr=5e-4, text_encoder_lr=0)
+    groups = network.param_groups(unet_lr=5e-4, text_encoder_lrs=[0.0])
     assert [g["name"] for g in groups] == ["unet"]
     assert not any(p.requires_grad for p in network.parameters_of("te"))
     assert not [k for k in network.kohya_state_dict() if k.startswith("lora_te")]
     with pytest.raises(UserError, match="both 0"):
-        network.param_groups(0, 0)
+        network.param_groups(0, [0.0])
 
 
 def test_text_encoder_adapters_are_not_created_when_not_trained():
@@ -438,3 +461,44 @@ def test_one_message_for_an_existing_output(tmp_path, mini_base_dir):
         messages.append(str(e.value))
     assert all(m.startswith(f"{path} already exists; choose another output name, or ") for m in messages)
     assert "--overwrite" in messages[1] and "--overwrite" in messages[2]
+
+
+@pytest.mark.parametrize("command", [
+    ["convert", "{path}", "{path}"],
+    ["resize", "{path}", "{path}", "--rank", "1"],
+    ["bench", "--json", "{path}"],
+    ["import-kohya", "train_network.py --network_dim 4", "-o", "{path}"],
+])
+def test_every_command_refuses_an_existing_output_in_one_wording(tmp_path, capsys, command):
+    """The same sentence and the same flag (--overwrite) whichever command writes the file."""
+    from sdlora.cli import main
+
+    path, _, _ = _saved(tmp_path)
+    before = path.read_bytes()
+    assert main([arg.format(path=path) for arg in command]) == 2
+    assert (f"{path} already exists; choose another output name, or pass --overwrite to replace it"
+            in capsys.readouterr().err)
+    assert path.read_bytes() == before
+
+
+def test_import_kohya_takes_overwrite_like_every_command_and_still_force(tmp_path, capsys):
+    from sdlora.cli import main
+
+    out = tmp_path / "new.toml"
+    for flag in ("--overwrite", "--force"):
+        out.write_text("# mine\n")
+        assert main(["import-kohya", "train_network.py --network_dim 4", "-o", str(out), flag]) == 0
+        assert "dim = 4" in out.read_text()
+
+
+def test_checkpoint_saves_refuse_in_the_same_wording(tmp_path, mini_base_dir):
+    from sdlora import models
+    from sdlora.config import ModelConfig
+
+    base = models.load_base(ModelConfig(base=str(mini_base_dir)))
+    for save, target in ((models.save_single_file, tmp_path / "m.safetensors"),
+                         (models.save_diffusers, tmp_path / "pipe")):
+        target.mkdir() if not target.suffix else target.write_bytes(b"mine")
+        with pytest.raises(UserError) as e:
+            save(base, target)
+        assert str(e.value) == f"{target} already exists; choose another output name, or pass --overwrite to replace it"

@@ -262,7 +262,7 @@ def test_import_kohya_trains_the_same_examples(tmp_path, mini_base_dir, capsys):
 
     assert trained(imported) == trained(by_hand)
     assert main(["import-kohya", str(dataset_toml), "-o", str(out)]) == 2  # never replaces a file unasked
-    assert "--force" in capsys.readouterr().err
+    assert "already exists; choose another output name, or pass --overwrite" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -350,6 +350,23 @@ def test_import_kohya_reads_a_gui_json(tmp_path, capsys):
     assert (cfg.train.optimizer, cfg.train.optimizer_args) == ("prodigy", {"d_coef": 2, "betas": [0.9, 0.99]})
     assert cfg.train.lr_warmup_steps == 10 and cfg.dataset.image_dir == str(tmp_path / "img")
     assert "not mapped: --wandb_api_key" in out.err
+
+
+@pytest.mark.parametrize("source", [
+    'train_network.py --network_module lycoris.kohya --network_dim 8 --network_args "algo=lokr" "factor=4"',
+    '{"LoRA_type": "LyCORIS/LoKr", "network_dim": 8}',
+], ids=["command line", "kohya_ss GUI json"])
+def test_import_kohya_maps_lokr(tmp_path, capsys, source):
+    """kohya/LyCORIS users write network_module lycoris.kohya with algo=lokr; the kohya_ss GUI says LyCORIS/LoKr."""
+    if source.startswith("{"):
+        (tmp_path / "gui.json").write_text(source)
+        source = str(tmp_path / "gui.json")
+    assert main(["import-kohya", source]) == 0
+    out = capsys.readouterr()
+    (tmp_path / "x.toml").write_text(out.out)
+    cfg = load_config(tmp_path / "x.toml")
+    assert (cfg.network.type, cfg.network.dim) == ("lokr", 8)
+    assert 'network.type = "lokr"' in out.err
 
 
 def test_a_validation_subset_is_held_out_whole(tmp_path, mini_base_dir):

@@ -301,3 +301,22 @@ def test_the_first_step_waits_for_one_batch_of_latents_not_the_whole_dataset(tmp
     for _ in loader:  # the rest of the epoch: the other images, each once, then the VAE goes
         pass
     assert cache.STATS["vae_encodes"] == 8 and trainer.base.vae.device.type == "meta"
+
+
+def test_divergence_message_and_report_state_the_effective_alpha(tmp_path):
+    """network.alpha = 0 means alpha = dim (Kohya's default): the user reads 8, not 0."""
+    from types import SimpleNamespace
+
+    from sdlora.config import config_from_dict
+
+    cfg = config_from_dict({"name": "style", "network": {"dim": 8, "alpha": 0}, "output": {"dir": str(tmp_path)}})
+    with pytest.raises(train.TrainingDiverged) as e:
+        train.check_finite(cfg, step=3, epoch=1, loss=float("nan"), grad_norm=1.0, losses=[0.1], overflow_skips=False)
+    assert "network.alpha / network.dim (8 / 8)" in str(e.value)
+
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = SimpleNamespace(cfg=cfg, base=SimpleNamespace(name="tiny", family="sd_v1", prediction_type="epsilon"),
+                              examples=[], epochs=1, train_te=False, validation=[], validation_losses=[])
+    report = train.write_report(trainer, train.TrainResult(adapter=tmp_path / "style.safetensors", steps=2,
+                                                           losses=[0.2, 0.1], seconds=1.0)).read_text()
+    assert "- network: lora, dim 8, alpha 8, " in report
