@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -257,6 +258,11 @@ class Config:
             stem = f"{stem}-{epoch:06d}"
         return inside(self.output_dir, self.output_dir / f"{stem}.safetensors", "adapter")
 
+    @property
+    def report_path(self) -> Path:
+        """The training report, `<output.dir>/report.md` (the run's style figures are appended to it)."""
+        return self.output_dir / "report.md"
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source", None)
@@ -271,6 +277,16 @@ class _SubsetOnly:
                               "the training images, never tagged with the trigger nor written to")
     validation: bool = opt(False, "validation images: never trained; their loss is logged every epoch (see "
                                   "dataset.validation_split)")
+
+
+_EPOCH_ADAPTER = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})\.safetensors$")
+
+
+def epoch_of_adapter(file_name: str) -> tuple[str, int] | None:
+    """(output name, epoch) of a file that Config.adapter_path(epoch=N) names; None for any other
+    (the final adapter, a step one)."""
+    m = _EPOCH_ADAPTER.match(file_name)
+    return (m["name"], int(m["epoch"])) if m else None
 
 
 SubsetConfig = dataclasses.make_dataclass(

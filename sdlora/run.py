@@ -55,7 +55,7 @@ def style_figures(cfg: Config, rendered) -> dict | None:
 def append_style_report(cfg: Config, figures: dict) -> None:
     from .io import atomic_write_text
 
-    report = cfg.output_dir / "report.md"
+    report = cfg.report_path
     text = report.read_text() if report.exists() else f"# {cfg.output_name}\n"
     section = "\n## Style shift (samples at LoRA scale 1.0 vs the base, same prompts and seeds)\n\n"
     marker = section.strip().splitlines()[0]
@@ -94,8 +94,8 @@ def run(cfg: Config, log=print) -> dict:
         log(f"style: colourfulness {figures['colourfulness_base']:.1f} -> {figures['colourfulness_lora']:.1f} "
             f"({figures['colourfulness_ratio']:.2f}x); palette distance to the style set "
             f"{figures['hist_distance_base']:.3f} -> {figures['hist_distance_lora']:.3f}")
-    paths = {"adapter": final, "samples": result.folder, "report": out / "report.md",
-             "dataset report": out / "dataset_report.md"}
+    paths = {"adapter": final, "samples": result.folder, "report": cfg.report_path,
+             "dataset report": out / dataset.REPORT_MD}
     log("\nDone.")
     for name, path in paths.items():
         log(f"  {name:15s} {path}")

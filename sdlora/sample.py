@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import kohya
-from .config import add_override_argument
+from .config import add_override_argument, epoch_of_adapter
 from .errors import UserError
 from .io import inside, safe_file_stem
 from .lora import parse_adapter_arg
@@ -58,7 +58,6 @@ SAMPLERS = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler", "Uniform"),
     "ddim": ("DDIMScheduler", {}, "DDIM", "Automatic"),
 }
-EPOCH_FILE = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})\.safetensors$")
 
 
 def make_scheduler(name: str, base_scheduler):
@@ -619,9 +618,9 @@ def epoch_files(folder, name: str | None = None) -> list[tuple[str, Path]]:
         raise UserError(f"--epochs-dir {folder}: not a folder")
     found: dict[str, list[tuple[int, Path]]] = {}
     for path in folder.glob("*.safetensors"):
-        m = EPOCH_FILE.match(path.name)
-        if m:
-            found.setdefault(m["name"], []).append((int(m["epoch"]), path))
+        named = epoch_of_adapter(path.name)
+        if named:
+            found.setdefault(named[0], []).append((named[1], path))
     if name is None or name not in found:
         if len(found) != 1:
             names = ", ".join(sorted(found)) or "none"

@@ -55,7 +55,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     image decode. Near-duplicates the dataset stage excluded are left out; validation images
     (`held_out`) come last; regularisation images get kohya's balanced repeats
     (`subsets.balanced_repeats`) against the training images."""
-    from .dataset import current_manifest
+    from .dataset import REPORT_MD, current_manifest
     from .subsets import Subset, balanced_repeats
     from .tags import parse_caption
 
@@ -65,7 +65,7 @@ def collect_examples(cfg: Config, log=print) -> list[Example]:
     excluded = len(data["images"]) - len(entries)
     if excluded:
         log(f"skipping {excluded} near-duplicate image(s) the dataset builder excluded "
-            f"(see {cfg.output_dir / 'dataset_report.md'}; `sdlora dataset --keep-duplicates` keeps them)")
+            f"(see {cfg.output_dir / REPORT_MD}; `sdlora dataset --keep-duplicates` keeps them)")
     by_subset = [[e for e in entries if e["subset"] == i] for i in range(len(subsets))]
     held = [set(range(len(b))) if s.validation else set() if s.is_reg else
             validation_indices(len(b), cfg.dataset.validation_split, cfg.train.seed, s.name)
@@ -986,7 +986,7 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
         f"- `loss_curve.png`, TensorBoard logs in `logs/`, resumable state in `state/{STATE_FILE}`",
         "", "![loss](loss_curve.png)", "",
     ]
-    path = out / "report.md"
+    path = cfg.report_path
     atomic_write_text(path, "\n".join(lines))
     return path
 

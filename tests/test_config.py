@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from sdlora.cli import main
-from sdlora.config import ConfigError, describe, load_config
+from sdlora.config import ConfigError, config_from_dict, describe, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,3 +86,12 @@ def test_readme_config_reference_is_current():
 
     assert reference_markdown() in (REPO / "README.md").read_text(), \
         "README's config reference is stale: regenerate it from `sdlora config keys`"
+
+
+def test_epoch_adapter_names_are_read_back_by_the_rule_that_writes_them(tmp_path):
+    from sdlora.config import epoch_of_adapter
+
+    cfg = config_from_dict({"name": "pastel-v2", "output": {"dir": str(tmp_path)}})
+    assert epoch_of_adapter(cfg.adapter_path(epoch=3).name) == ("pastel-v2", 3)
+    assert epoch_of_adapter(cfg.adapter_path().name) is None  # the final adapter
+    assert epoch_of_adapter(cfg.adapter_path(step=40).name) is None  # a save_every_n_steps one
