@@ -396,6 +396,14 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
     return obj
 
 
+def path_keys() -> set[str]:
+    """The keys whose value is a file or folder (opt(path=True): a relative one is read from the
+    config file's folder), subsets' as `dataset.subsets[].KEY`."""
+    keys = {f"{section}.{f.name}" for section, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls)
+            if f.metadata.get("path")}
+    return keys | {f"dataset.subsets[].{f.name}" for f in dataclasses.fields(SubsetConfig) if f.metadata.get("path")}
+
+
 def _build_subsets(entries, dataset: dict, where: str, base_dir: Path | None) -> list:
     """[[dataset.subsets]] -> SubsetConfig list; each unset shared key takes the [dataset] value."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

@@ -17,7 +17,7 @@ import shlex
 import tomllib
 from pathlib import Path
 
-from .config import ConfigError, SUBSET_SHARED_KEYS, config_from_dict, describe
+from .config import ConfigError, SUBSET_SHARED_KEYS, config_from_dict, describe, path_keys
 from .errors import UserError
 from .kohya_names import KOHYA_KEYS
 
@@ -28,8 +28,8 @@ SAMPLERS = {"ddim": "ddim", "euler": "euler", "k_euler": "euler", "euler_a": "eu
             "dpmsolver++": "dpmpp_2m"}
 NETWORK_TYPES = {"standard": "lora", "lora": "lora", "locon": "locon", "kohya locon": "locon",
                  "lycoris/locon": "locon", "loha": "loha", "lycoris/loha": "loha", "lokr": "lokr", "lycoris/lokr": "lokr"}
-PATH_KEYS = {"model.base", "model.vae", "dataset.image_dir", "dataset.reg_dir", "output.dir",
-             "dataset.subsets[].image_dir", "network.init_weights"}
+# model.base is a file, a folder or a hub id: made absolute only when it exists here.
+PATH_KEYS = path_keys() | {"model.base"}
 # kohya settings sdlora decides itself: converting them would change nothing.
 NOT_NEEDED = {"v2": "the base model's family is read from the base itself",
               "sdxl": "the base model's family is read from the base itself",
