@@ -36,6 +36,14 @@ def is_sdxl(family: str) -> bool:
     return family == "sdxl"
 
 
+def with_prediction_type(family: str, prediction_type: str) -> str:
+    """SD2.x's two variants are named by their prediction type (sd_v2: epsilon, the 512 px base;
+    sd_v2_v: v_prediction, 768 px); the other families keep their name."""
+    if family.startswith("sd_v2"):
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    return family
+
+
 # transformers 4 nests CLIPTextModel's transformer as `.text_model` (so its module paths read
 # `text_model.encoder.layers.N...`); transformers 5 flattens CLIPTextModel (`encoder.layers.N...`)
 # and keeps the nesting in CLIPTextModelWithProjection. Files (Kohya adapters, original-layout
