@@ -1,5 +1,6 @@
 """The architectures of the public Stable Diffusion families, built from the configs shipped in
-`assets/configs/<family>/` (the one copy of each; `checkpoint.py` reads the same folder).
+`assets/configs/<family>/` (the one copy of each; `checkpoint.py` hands the same folders to
+diffusers' single-file loader).
 
 Random weights, no download: the benchmarks, the shape tables of the low-rank tools and the
 tests that need SD1.5 / SDXL sizes all build their models here.
@@ -8,12 +9,12 @@ tests that need SD1.5 / SDXL sizes all build their models here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIGS
-
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# One diffusers pipeline folder per family (model_index.json, <part>/config.json), without weights.
+CONFIGS = Path(__file__).parent / "assets" / "configs"
 
 
 def part_config(family: str, part: str) -> dict:
@@ -81,18 +82,3 @@ def unet_conditioning(unet, batch: int, device=None, dtype: torch.dtype | None =
                                      "time_ids": time_ids.repeat(batch, 1)}
     return cond
 
-
-def random_base(family: str = "sd_v1", device=None):
-    """A models.BaseModel of an SD1.x-tokenizer family (sd_v1) at random weights, full size:
-    what `save_diffusers` writes as a folder that `model.base` loads like a real checkpoint."""
-    from diffusers import DDPMScheduler
-
-    from .models import BaseModel
-    from .tokenizer import clip_tokenizer
-
-    scheduler = DDPMScheduler.from_config(part_config(family, "scheduler"))
-    vae = build_vae(family, device)
-    return BaseModel(tokenizer=clip_tokenizer(), text_encoder=build_text_encoder(family, device=device), vae=vae,
-                     unet=build_unet(family, device=device), noise_scheduler=scheduler, family=family,
-                     prediction_type=scheduler.config.prediction_type, resolution=vae.config.sample_size,
-                     name=f"random-{family}", model_hash="", source="random")

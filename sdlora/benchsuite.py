@@ -292,10 +292,10 @@ class Suite:
         def run():
             if self.shapes.reduced:
                 return bench_sampler(model="tiny", **self.shapes.sampler)
-            from . import arch, models
+            from . import models
 
             with tempfile.TemporaryDirectory() as tmp:
-                folder = models.save_diffusers(arch.random_base("sd_v1"), Path(tmp) / "sd15")
+                folder = models.save_diffusers(models.random_base("sd_v1"), Path(tmp) / "sd15")
                 return bench_sampler(model=str(folder), **self.shapes.sampler)
         self.row("sampler " + "x".join(str(self.shapes.sampler[k]) for k in ("width", "height")), run,
                  model="tiny" if self.shapes.reduced else "sd_v1 architecture", **self.shapes.sampler)

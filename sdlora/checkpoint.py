@@ -1,30 +1,37 @@
 """Single-file checkpoints in the original Stable Diffusion key layout (what A1111 and ComfyUI
 load) and separate VAE files.
 
-Reading: the family comes from the keys, the architecture from the configs shipped in
+Reading: `read_state_dict` is the one reader of the user's file (the pickle gate, truncation
+checks); the family comes from the keys, the architecture from the config folder shipped in
 `assets/configs/<family>/` (or, for a file sdlora wrote, from the configs it embedded in the
-safetensors metadata), and the original -> diffusers key conversion from diffusers'
-`single_file_utils`. Writing: the diffusers -> original mapping below, stated per block.
+safetensors metadata). The U-Net and VAE load through diffusers' public single-file loader
+(`from_single_file` given the tensors and that folder), the text encoders through transformers'
+`from_pretrained(state_dict=...)`: OpenAI CLIP keys already have transformers' names, OpenCLIP keys
+are renamed by the table below that also writes them. Writing: the diffusers -> original mapping
+below, stated per block.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from .arch import CONFIGS
 from .errors import UserError
-from .family import ARCHITECTURES
+from .family import ARCHITECTURES, is_sdxl, nested_text_name, with_prediction_type
 
-CONFIGS = Path(__file__).parent / "assets" / "configs"
 CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # Keys whose presence says which model a file holds.
 SD1_TE = "cond_stage_model.transformer."  # OpenAI CLIP-L
-SD2_TE = "cond_stage_model.model.transformer.resblocks."  # OpenCLIP ViT-H
+SD2_OPENCLIP = "cond_stage_model.model."  # OpenCLIP ViT-H
+SD2_TE = SD2_OPENCLIP + "transformer.resblocks."
 SDXL_TE1 = "conditioner.embedders.0.transformer."  # OpenAI CLIP-L
 SDXL_TE2 = "conditioner.embedders.1."  # OpenCLIP ViT-bigG
 UNET = "model.diffusion_model."
@@ -109,115 +116,184 @@ def sd2_prediction_type(tensors: dict) -> str:
     return "epsilon"
 
 
-def _configs_for(family: str, metadata: dict) -> dict:
-    if CONFIG_META_KEY in metadata:
-        return json.loads(metadata[CONFIG_META_KEY])
-    folder = CONFIGS / family
-    parts = {p.name: json.loads(next(p.glob("*.json")).read_text()) for p in folder.iterdir() if p.is_dir()}
-    return parts
+@contextmanager
+def _config_folder(family: str, metadata: dict):
+    """The diffusers config folder (`<part>/config.json`) of a checkpoint: the shipped one of its family,
+    or, for a file sdlora wrote, a temporary folder holding the configs embedded in its metadata."""
+    if CONFIG_META_KEY not in metadata:
+        yield CONFIGS / family
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, config in json.loads(metadata[CONFIG_META_KEY]).items():
+            (Path(tmp) / part).mkdir()
+            name = "scheduler_config.json" if part == "scheduler" else "config.json"
+            (Path(tmp) / part / name).write_text(json.dumps(config))
+        yield Path(tmp)
 
 
-def load_single_file(path: Path, model_cfg, dtype: torch.dtype) -> dict:
-    """The components of an original-layout SD1.x / SD2.x / SDXL checkpoint (see models.load_base)."""
+def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
+                     prediction_type: str | None = None) -> dict:
+    """The components of an original-layout SD1.x / SD2.x / SDXL checkpoint (see models.load_base).
+    `prediction_type` is model.v_parameterization when set; None: SD2's is guessed from the weights
+    (and picks the sd_v2 or sd_v2_v configs), SD1.x and SDXL base predict epsilon."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .cache import file_digest
 
-    tensors, metadata = read_state_dict(path, model_cfg.allow_pickle)
+    tensors, metadata = read_state_dict(path, allow_pickle)
     family = detect_family(tensors, path)
-    if family == "sd_v2":
-        if model_cfg.v_parameterization != "auto":
-            prediction_type = model_cfg.v_parameterization
-            how = "model.v_parameterization"
-        else:
-            prediction_type = sd2_prediction_type(tensors)
-            how = "guessed from the weights; set model.v_parameterization if wrong"
-        if prediction_type == "v_prediction":
-            family = "sd_v2_v"
+    if prediction_type:
+        how = "model.v_parameterization"
+    elif family == "sd_v2":
+        prediction_type = sd2_prediction_type(tensors)
+        how = "guessed from the weights; set model.v_parameterization if wrong"
     else:
         prediction_type, how = "epsilon", "SD1.x" if family == "sd_v1" else "SDXL base"
-    configs = _configs_for(family, metadata)
-    # Parameters start on the meta device (no random init of a billion weights); the file's
-    # tensors are then assigned in place. Buffers (position ids) are built normally.
-    from accelerate import init_empty_weights
+    family = with_prediction_type(family, prediction_type)
 
-    with init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
-        if family == "sdxl":
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
-    _load(unet, _unet_to_diffusers(tensors, unet.config), path, "UNet", dtype)
-    _load(vae, _vae_to_diffusers(tensors, vae.config), path, "VAE", dtype)
-    parts = dict(tokenizer=_tokenizer(family))
-    if family == "sdxl":
-        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, "sd_v1", SDXL_TE1), path, "text encoder 1", dtype)
-        _load(text_encoder_2, _te_to_diffusers(tensors, text_encoder_2, "sd_v2", SDXL_TE2 + "model."), path,
-              "text encoder 2", dtype)
-        parts.update(text_encoder_2=text_encoder_2.eval(), tokenizer_2=_tokenizer("sd_v2"))
-    else:
-        te_prefix = SD1_TE if family == "sd_v1" else "cond_stage_model.model."
-        _load(text_encoder, _te_to_diffusers(tensors, text_encoder, family, te_prefix), path, "text encoder", dtype)
-    scheduler = DDPMScheduler.from_config(configs["scheduler"], prediction_type=prediction_type)
-    parts.update(text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
-                 noise_scheduler=scheduler, family=family, prediction_type=prediction_type,
-                 model_hash=file_digest(path))
+    def where(part: str) -> str:
+        return f"model.base: the {part} in {path}"
+
+    with _config_folder(family, metadata) as configs:
+        # Each part's tensors leave `tensors` as it loads, so a cast to `dtype` never holds two whole copies.
+        unet = _load_model(UNet2DConditionModel, _take(tensors, UNET), configs, "unet", where("UNet"), dtype)
+        vae = _load_model(AutoencoderKL, _take(tensors, VAE), configs, "vae", where("VAE"), dtype)
+        parts = dict(tokenizer=_tokenizer(family))
+        if is_sdxl(family):
+            text_encoder = _load_text_encoder(CLIPTextModel, _clip_state(tensors, SDXL_TE1), configs,
+                                              "text_encoder", where("text encoder 1"), dtype)
+            text_encoder_2 = _load_text_encoder(CLIPTextModelWithProjection,
+                                                _open_clip_state(tensors, SDXL_TE2 + "model.", projection=True),
+                                                configs, "text_encoder_2", where("text encoder 2"), dtype)
+            parts.update(text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("sd_v2"))
+        else:
+            state = (_clip_state(tensors, SD1_TE) if family == "sd_v1"
+                     else _open_clip_state(tensors, SD2_OPENCLIP, projection=False))
+            text_encoder = _load_text_encoder(CLIPTextModel, state, configs, "text_encoder",
+                                              where("text encoder"), dtype)
+        scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
+    parts.update(text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler, family=family,
+                 prediction_type=prediction_type, model_hash=file_digest(path))
     print(f"{path.name}: {family}, {prediction_type} ({how})")
     return parts
 
 
-def _clip_config(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "transformers_version", "dtype",
-                                                      "torch_dtype", "_name_or_path")}
+def _take(tensors: dict, prefix: str) -> dict:
+    """The tensors under `prefix`, removed from `tensors`."""
+    return {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
 
 
-def _load(model: torch.nn.Module, state: dict, path: Path, what: str, dtype: torch.dtype) -> None:
-    expected = model.state_dict()
-    state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
-    missing = sorted(set(expected) - set(state) - {k for k in expected if k.endswith("position_ids")})
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape mismatch at {wrong[:3]}")
-        raise UserError(f"model.base: the {what} in {path} does not match the expected architecture ({detail}); "
-                        "is it a complete SD checkpoint?")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items() if k in expected}, strict=False, assign=True)
+def _load_model(cls, state: dict, configs: Path, part: str, where: str, dtype: torch.dtype):
+    """A diffusers UNet2DConditionModel / AutoencoderKL from original-layout (a VAE also: diffusers-layout)
+    tensors, through diffusers' public single-file loader with the config in `configs/<part>`."""
+    from diffusers.utils import logging
+
+    # Quiet: from_single_file's ModelMixin.to(dtype) warns "modules ... should be kept in float32: []"
+    # for every model without such modules; what else it logs (an EMA copy, unused keys) cannot
+    # arise from the tensors of one part converted for its own config; a mismatch raises.
+    try:
+        with _warnings_off(logging):
+            model = cls.from_single_file(state, config=str(configs), subfolder=part, local_files_only=True,
+                                         torch_dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - the converter fails with KeyError, IndexError, ValueError, ...
+        raise UserError(_mismatch(where, _reason(e))) from e
+    missing = [name for name, p in model.named_parameters() if p.is_meta]  # never assigned from the file
+    if missing:
+        raise UserError(_mismatch(where, f"missing {missing[:3]}"))
+    return model.eval()
 
 
-def _unet_to_diffusers(tensors: dict, config) -> dict:
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    return convert_ldm_unet_checkpoint(tensors, dict(config))
-
-
-def _vae_to_diffusers(tensors: dict, config) -> dict:
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    return convert_ldm_vae_checkpoint(tensors, dict(config))
+def _reason(error: Exception) -> str:
+    """One line for a library's loading error: its first sentence."""
+    text = str(error)
+    if isinstance(error, NotImplementedError) and "meta tensor" in text:
+        return "weights missing from the file"  # left on the meta device, which .to(dtype) cannot copy
+    return f"{error.__class__.__name__}: " + next(iter(text.splitlines()), "").split(". ")[0]
 
 
-def _te_to_diffusers(tensors: dict, text_encoder, layout: str, prefix: str) -> dict:
-    """`layout` sd_v1: OpenAI CLIP keys under `prefix`; otherwise OpenCLIP keys (fused in_proj)."""
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, dtype: torch.dtype):
+    """A CLIPTextModel(WithProjection) from tensors under transformers-4 names (`text_model.*`, as files
+    name them; transformers 5 maps them onto its flat CLIPTextModel), via `from_pretrained(state_dict=...)`."""
+    from transformers import CLIPTextConfig
+    from transformers.utils import logging
 
-    if layout == "sd_v1":
-        state = convert_ldm_clip_checkpoint({k: v for k, v in tensors.items() if k.startswith(prefix)}, prefix)
-    else:
-        state = convert_open_clip_checkpoint(text_encoder, tensors, prefix=prefix)
-        if not hasattr(text_encoder, "text_projection"):
-            # SD2 files carry OpenCLIP's text_projection, which the UNet never sees.
-            state.pop("text_projection.weight", None)
-    return _match_text_model_prefix(state, text_encoder)
+    config = CLIPTextConfig.from_pretrained(configs, subfolder=part, local_files_only=True)
+    with _warnings_off(logging):  # its load report says what the UserError below says in one line
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
+    mismatched = sorted(k[0] for k in info["mismatched_keys"])
+    for what, keys in (("missing", sorted(info["missing_keys"])), ("unexpected", sorted(info["unexpected_keys"])),
+                       ("shape mismatch at", mismatched)):
+        if keys:
+            raise UserError(_mismatch(where, f"{what} {keys[:3]}"))
+    return model.eval()
 
 
-def _match_text_model_prefix(state: dict, text_encoder) -> dict:
-    # diffusers names keys `text_model.*`; transformers 5's CLIPTextModel has no `text_model.`.
-    nested = any(k.startswith("text_model.") for k in text_encoder.state_dict())
-    if nested:
-        return state
-    return {k.removeprefix("text_model."): v for k, v in state.items()}
+@contextmanager
+def _warnings_off(logging):
+    """diffusers' or transformers' logging (the same API) at errors only, for one call whose outcome
+    sdlora checks and reports itself."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _mismatch(where: str, detail: str) -> str:
+    return f"{where} does not match the expected architecture ({detail}); is it a complete SD checkpoint?"
+
+
+def _clip_state(tensors: dict, prefix: str) -> dict:
+    # OpenAI CLIP in the original layout is transformers' CLIPTextModel under a prefix; position_ids
+    # are a buffer transformers builds itself.
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+
+
+# OpenCLIP (SD2's text encoder, SDXL's second) <-> transformers CLIP, both ways. OpenCLIP stacks
+# q, k, v in one in_proj (dim 0) and applies text_projection as x @ P, so P is the transposed
+# Linear weight.
+_OPEN_CLIP_NAMES = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                    "text_model.final_layer_norm.weight": "ln_final.weight",
+                    "text_model.final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def _open_clip_state(tensors: dict, prefix: str, projection: bool) -> dict:
+    """The OpenCLIP text encoder under `prefix` in transformers-4 names (`projection`: keep its
+    text_projection, which SDXL's pooled embedding uses and SD2's U-Net never sees)."""
+    names = {v: k for k, v in _OPEN_CLIP_NAMES.items()}
+    layer_names = {v: k for k, v in _OPEN_CLIP_LAYER.items()}
+    state = {}
+    for key, value in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if name in names:
+            state[names[name]] = value
+        elif name == "text_projection":
+            if projection:
+                state["text_projection.weight"] = value.T.contiguous()
+        elif name.startswith("transformer.resblocks."):
+            index, rest = name.removeprefix("transformer.resblocks.").split(".", 1)
+            module, param = rest.rsplit(".", 1)
+            base = f"text_model.encoder.layers.{index}."
+            if module == "attn" and param.startswith("in_proj_"):
+                for proj, chunk in zip(_QKV, value.chunk(3)):
+                    state[f"{base}{proj}.{param.removeprefix('in_proj_')}"] = chunk.clone()
+            else:
+                state[base + layer_names.get(module, module) + "." + param] = value
+        # logit_scale and the like belong to CLIP's image-text training, not to the U-Net's conditioning
+    if prefix == SD2_OPENCLIP:
+        # SD2 conditions on the penultimate of OpenCLIP-H's 24 blocks: its config has 23 and the
+        # file's last block never runs (diffusers leaves it out too).
+        state = {k: v for k, v in state.items() if not k.startswith("text_model.encoder.layers.23.")}
+    return state
 
 
 def _tokenizer(family: str):
@@ -245,22 +321,13 @@ def load_vae(path: Path, dtype: torch.dtype, family: str = "sd_v1"):
         raise UserError(f"model.vae: {path} does not exist; give a VAE .safetensors file or diffusers folder")
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"model.vae: {path} is not a .safetensors file")
-    from accelerate import init_empty_weights
-
     tensors, metadata = read_state_dict(path)
-    with init_empty_weights(include_buffers=False):
-        vae = AutoencoderKL.from_config(_configs_for(family, metadata)["vae"])
-    if "encoder.conv_in.weight" in tensors and "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
-        state = tensors  # diffusers layout
-    else:
-        if not any(k.startswith(("encoder.down.", VAE + "encoder.down.")) for k in tensors):
-            raise UserError(f"model.vae: {path} holds no VAE weights (no encoder.down.* / first_stage_model.* keys)")
-        state = _vae_to_diffusers(tensors, vae.config)
-    try:
-        _load(vae, state, path, "VAE", dtype)
-    except UserError as e:
-        raise UserError(f"model.vae: {str(e).removeprefix('model.base: ')}") from None
-    return vae.eval()
+    diffusers_layout = "encoder.conv_in.weight" in tensors and "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors
+    if not diffusers_layout and not any(k.startswith(("encoder.down.", VAE + "encoder.down.")) for k in tensors):
+        raise UserError(f"model.vae: {path} holds no VAE weights (no encoder.down.* / first_stage_model.* keys)")
+    with _config_folder(family, metadata) as configs:
+        # diffusers' loader converts the original layout and takes a diffusers-layout file as it is
+        return _load_model(AutoencoderKL, tensors, configs, "vae", f"model.vae: the VAE in {path}", dtype)
 
 
 # ---------------------------------------------------------------- writing
@@ -383,32 +450,24 @@ def text_encoder_to_original(state: dict, layout: str, prefix: str) -> dict:
     """A CLIPTextModel(WithProjection) state dict under `prefix`, in OpenAI CLIP names (layout
     sd_v1: SD1, SDXL's first encoder) or OpenCLIP names (SD2, SDXL's second encoder)."""
     projection = state.get("text_projection.weight")
-    state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in state.items()
+    state = {nested_text_name(k): v for k, v in state.items()
              if not k.endswith("position_ids") and k != "text_projection.weight"}
     if layout == "sd_v1":
         return {prefix + k: v for k, v in state.items()}
-    # OpenCLIP: fused in_proj (q, k, v stacked on dim 0), resblocks, ln_final, and
-    # text_projection applied as x @ P, so P is the transposed Linear weight.
     out = {} if projection is None else {prefix + "text_projection": projection.T.contiguous()}
-    simple = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-              "text_model.embeddings.position_embedding.weight": "positional_embedding",
-              "text_model.final_layer_norm.weight": "ln_final.weight",
-              "text_model.final_layer_norm.bias": "ln_final.bias"}
-    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                   "self_attn.out_proj": "attn.out_proj"}
     for key, value in state.items():
-        if key in simple:
-            out[prefix + simple[key]] = value
+        if key in _OPEN_CLIP_NAMES:
+            out[prefix + _OPEN_CLIP_NAMES[key]] = value
             continue
         layer, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
         module, param = rest.rsplit(".", 1)
         base = f"{prefix}transformer.resblocks.{layer}."
-        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            if module == "self_attn.q_proj":
-                parts = [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+        if module in _QKV:
+            if module == _QKV[0]:
+                parts = [state[key.replace(_QKV[0], p)] for p in _QKV]
                 out[base + f"attn.in_proj_{param}"] = torch.cat(parts, 0)
             continue
-        out[base + layer_names[module] + "." + param] = value
+        out[base + _OPEN_CLIP_LAYER[module] + "." + param] = value
     return out
 
 
@@ -430,14 +489,14 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     configs = {"unet": dict(base.unet.config), "vae": dict(base.vae.config),
                "text_encoder": base.text_encoder.config.to_dict(), "scheduler": dict(base.noise_scheduler.config)}
     te = base.text_encoder.state_dict()
-    if base.family == "sdxl":
+    if is_sdxl(base.family):
         tensors.update(text_encoder_to_original(te, "sd_v1", SDXL_TE1))
         tensors.update(text_encoder_to_original(base.text_encoder_2.state_dict(), "sd_v2", SDXL_TE2 + "model."))
         configs["text_encoder_2"] = base.text_encoder_2.config.to_dict()
     elif base.family == "sd_v1":
         tensors.update(text_encoder_to_original(te, "sd_v1", SD1_TE))
     else:
-        tensors.update(text_encoder_to_original(te, "sd_v2", "cond_stage_model.model."))
+        tensors.update(text_encoder_to_original(te, "sd_v2", SD2_OPENCLIP))
     tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
     meta = {CONFIG_META_KEY: json.dumps(configs, default=str), "modelspec.architecture": ARCHITECTURES[base.family],
             "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon"}

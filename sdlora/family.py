@@ -36,6 +36,36 @@ def is_sdxl(family: str) -> bool:
     return family == "sdxl"
 
 
+def with_prediction_type(family: str, prediction_type: str) -> str:
+    """SD2.x's two variants are named by their prediction type (sd_v2: epsilon, the 512 px base;
+    sd_v2_v: v_prediction, 768 px); the other families keep their name."""
+    if family.startswith("sd_v2"):
+        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    return family
+
+
+# transformers 4 nests CLIPTextModel's transformer as `.text_model` (so its module paths read
+# `text_model.encoder.layers.N...`); transformers 5 flattens CLIPTextModel (`encoder.layers.N...`)
+# and keeps the nesting in CLIPTextModelWithProjection. Files (Kohya adapters, original-layout
+# checkpoints) always use the 4.x names.
+_TEXT_TRANSFORMER_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
+
+
+def nested_text_name(path: str) -> str:
+    """A text encoder's module or parameter path under its transformers-4 name: `encoder.layers.3.mlp.fc1`
+    -> `text_model.encoder.layers.3.mlp.fc1`; nested paths and `text_projection` are kept."""
+    return "text_model." + path if path.startswith(_TEXT_TRANSFORMER_CHILDREN) else path
+
+
+def text_transformer(text_encoder):
+    """The CLIPTextTransformer (embeddings, encoder, final_layer_norm) of a text encoder, nested or flat,
+    also when accelerate wrapped it for multi-process training."""
+    from accelerate.utils import extract_model_from_parallel
+
+    text_encoder = extract_model_from_parallel(text_encoder)
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
 @dataclass
 class TextConditioning:
     """What the text encoder(s) give the U-Net for a batch of captions."""
@@ -80,15 +110,7 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
         return text_encoder(input_ids)[0]
     out = text_encoder(input_ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
-    return final_layer_norm(text_encoder)(hidden)
-
-
-def final_layer_norm(text_encoder):
-    # transformers 5 flattens CLIPTextModel (no `.text_model`); 4.x nests it. A DDP-wrapped
-    # encoder (multi-process training) keeps the model in `.module`.
-    text_encoder = getattr(text_encoder, "module", text_encoder)
-    inner = getattr(text_encoder, "text_model", text_encoder)
-    return inner.final_layer_norm
+    return text_transformer(text_encoder).final_layer_norm(hidden)
 
 
 def clip_skip_note(family: str, clip_skip: int) -> str | None:

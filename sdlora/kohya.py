@@ -9,7 +9,7 @@ SDXL's U-Net is named as in Stability's original (SGM) layout, as kohya writes i
 `down_blocks.1.attentions.0...` -> `lora_unet_input_blocks_4_1_...` (`checkpoint.unet_original_paths`).
 Text-encoder keys always read `lora_te_text_model_encoder_layers_N_...`: transformers 4
 wrapped CLIPTextModel's layers in `text_model`, transformers 5 does not, and every UI
-reads the 4.x names. "_" is ambiguous in reverse, so key -> module path goes through a
+reads the 4.x names (`family.nested_text_name`). "_" is ambiguous in reverse, so key -> module path goes through a
 map built from the model itself (`kohya_module_map`).
 
 Per module, with r the rank and scale = alpha / r (alpha = r when the file has none):
@@ -38,11 +38,10 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .family import nested_text_name
 
 PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 TEXT_PARTS = ("te", "te1", "te2")
-# Children of CLIPTextTransformer: a flat transformers-5 CLIPTextModel path starts with one.
-_TEXT_TRANSFORMER_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight")
 LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -59,8 +58,8 @@ def kohya_key(part: str, module_path: str) -> str:
     """Module path as in named_modules() -> Kohya module key (no tensor suffix)."""
     if part not in PREFIXES:
         raise ValueError(f"unknown model part {part!r}; expected one of {', '.join(PREFIXES)}")
-    if part in TEXT_PARTS and module_path.startswith(_TEXT_TRANSFORMER_CHILDREN):
-        module_path = "text_model." + module_path
+    if part in TEXT_PARTS:
+        module_path = nested_text_name(module_path)
     return f"{PREFIXES[part]}_{module_path.replace('.', '_')}"
 
 

@@ -22,6 +22,7 @@ import torch
 
 from .cache import file_digest
 from .errors import UserError
+from .family import is_sdxl, with_prediction_type
 
 ASSETS = Path(__file__).parent / "assets"
 # Config names of float precisions (train.mixed_precision, save_precision, --save-precision).
@@ -58,7 +59,7 @@ class BaseModel:
         a StableDiffusionXLPipeline for an SDXL base."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        if self.family == "sdxl":
+        if is_sdxl(self.family):
             return StableDiffusionXLPipeline(
                 vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
                 tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
@@ -85,6 +86,8 @@ class BaseModel:
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load model.base (and model.vae when set) as float `dtype` components."""
     source = model_cfg.base
+    # model.v_parameterization overrides what the base says (or, for a single file, what its weights suggest)
+    forced_prediction = None if model_cfg.v_parameterization == "auto" else model_cfg.v_parameterization
     if source == "tiny":
         parts = _load_folder(TINY_DIR, dtype)
         name = "tiny"
@@ -99,7 +102,7 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
         elif path.is_file():
             from .checkpoint import load_single_file
 
-            parts = load_single_file(path, model_cfg, dtype)
+            parts = load_single_file(path, dtype, model_cfg.allow_pickle, forced_prediction)
             name = path.stem
         else:
             parts = load_hub(source, dtype)
@@ -109,10 +112,9 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
 
         parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), dtype, parts["family"])
     family, prediction_type = parts.pop("family"), parts.pop("prediction_type")
-    if model_cfg.v_parameterization != "auto":
-        prediction_type = model_cfg.v_parameterization
-        if family.startswith("sd_v2"):
-            family = "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+    if forced_prediction:
+        prediction_type = forced_prediction
+        family = with_prediction_type(family, prediction_type)
     scheduler = parts["noise_scheduler"]
     if scheduler.config.prediction_type != prediction_type:
         from diffusers import DDPMScheduler
@@ -134,12 +136,29 @@ def _native_resolution(vae, unet) -> int:
     return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def random_base(family: str = "sd_v1", device=None) -> BaseModel:
+    """A BaseModel of an SD1.x-tokenizer family (sd_v1) at random weights, full size, built from the
+    shipped configs (arch): what `save_diffusers` writes as a folder that `model.base` loads like a real
+    checkpoint."""
+    from diffusers import DDPMScheduler
+
+    from . import arch
+    from .tokenizer import clip_tokenizer
+
+    scheduler = DDPMScheduler.from_config(arch.part_config(family, "scheduler"))
+    vae = arch.build_vae(family, device)
+    return BaseModel(tokenizer=clip_tokenizer(), text_encoder=arch.build_text_encoder(family, device=device), vae=vae,
+                     unet=arch.build_unet(family, device=device), noise_scheduler=scheduler, family=family,
+                     prediction_type=scheduler.config.prediction_type, resolution=vae.config.sample_size,
+                     name=f"random-{family}", model_hash="", source="random")
+
+
 def family_of(text_encoder_dim: int, cross_attention_dim: int, prediction_type: str, sdxl: bool = False) -> str:
     """The family from the text encoder width / the UNet's cross attention width."""
     if sdxl:
         return "sdxl"
     if 1024 in (text_encoder_dim, cross_attention_dim):
-        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
+        return with_prediction_type("sd_v2", prediction_type)
     return "sd_v1"
 
 

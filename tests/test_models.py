@@ -2,14 +2,13 @@
 original SD layout (round trips through diffusers' own converter), hub ids offline, clip_skip."""
 
 import dataclasses
-import json
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora import checkpoint, family, models
+from sdlora import arch, checkpoint, family, models
 from sdlora.cache import file_digest
 from sdlora.config import Config, ModelConfig
 from sdlora.errors import UserError
@@ -162,10 +161,7 @@ def test_separate_vae_replaces_the_base_vae(mini, tmp_path):
 
 
 def test_sd_sized_vae_file_in_both_layouts(tmp_path):
-    from diffusers import AutoencoderKL
-
-    cfg = json.loads((checkpoint.CONFIGS / "sd_v1" / "vae" / "config.json").read_text())
-    vae = AutoencoderKL.from_config(cfg)
+    vae = arch.build_vae("sd_v1")
     for layout, tensors in (("ldm", checkpoint.vae_to_original(vae.state_dict(), vae.config)),
                             ("diffusers", vae.state_dict())):
         path = tmp_path / f"{layout}.safetensors"
@@ -261,11 +257,7 @@ def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
 
 def test_family_detection_from_full_key_sets(mini, tmp_path):
     """SD2 and SDXL key sets as the writers produce them (meta-device SD2.1 text encoder)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = json.loads((checkpoint.CONFIGS / "sd_v2" / "text_encoder" / "config.json").read_text())
-    with torch.device("meta"):
-        te = CLIPTextModel(CLIPTextConfig(**checkpoint._clip_config(cfg)))
+    te = arch.build_text_encoder("sd_v2", device="meta")
     sd2_keys = checkpoint.text_encoder_to_original(te.state_dict(), "sd_v2", "cond_stage_model.model.")
     assert len([k for k in sd2_keys if k.endswith("attn.in_proj_weight")]) == 23
     unet_keys = checkpoint.unet_to_original(mini.unet.state_dict(), mini.unet.config)
@@ -273,6 +265,41 @@ def test_family_detection_from_full_key_sets(mini, tmp_path):
     xl = mini_sdxl(mini)
     xl_keys = checkpoint.text_encoder_to_original(xl.text_encoder_2.state_dict(), "sd_v2", checkpoint.SDXL_TE2 + "model.")
     assert checkpoint.detect_family([*xl_keys, *unet_keys]) == "sdxl"
+
+
+@pytest.mark.parametrize("layers, prefix, projection", [(24, "cond_stage_model.model.", False),
+                                                       (3, checkpoint.SDXL_TE2 + "model.", True)], ids=["sd2", "sdxl"])
+def test_open_clip_names_agree_with_diffusers_converter(layers, prefix, projection):
+    """OpenCLIP text-encoder keys are read with the table that writes them; diffusers' converter (an
+    internal function, used here only as the reference) must agree, SD2's unused 24th block included."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def encoder(n):
+        return CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                                          num_hidden_layers=n, projection_dim=8))
+
+    torch.manual_seed(0)
+    tensors = checkpoint.text_encoder_to_original(encoder(layers).state_dict(), "sd_v2", prefix)
+    tensors[prefix + "logit_scale"] = torch.tensor(4.6)
+    expected = convert_open_clip_checkpoint(encoder(min(layers, 23)), tensors, prefix=prefix)
+    ours = checkpoint._open_clip_state(tensors, prefix, projection)
+    assert ours.keys() == expected.keys()
+    assert all(torch.equal(ours[k], expected[k]) for k in ours)
+
+
+@pytest.mark.parametrize("part, key", [
+    ("UNet", "model.diffusion_model.out.2.weight"),
+    ("VAE", "first_stage_model.decoder.conv_out.weight"),
+    ("text encoder", "cond_stage_model.transformer.text_model.final_layer_norm.bias"),
+])
+def test_an_incomplete_checkpoint_names_the_part_and_the_file_in_one_line(part, key, mini, tmp_path):
+    tensors, meta = checkpoint.read_state_dict(models.save_single_file(mini, tmp_path / "good.safetensors"))
+    del tensors[key]
+    save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
+    with pytest.raises(UserError, match=rf"model\.base: the {part} in .*bad\.safetensors does not match") as err:
+        models.load_base(ModelConfig(base=str(tmp_path / "bad.safetensors")))
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------- missing paths and hub ids
@@ -317,16 +344,7 @@ def test_network_probe_is_bounded(monkeypatch):
 @pytest.mark.slow
 def test_full_size_sd15_random_weights_round_trip(tmp_path):
     """SD1.5-sized random weights from the shipped config: original layout, fp16, and back."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = checkpoint._configs_for("sd_v1", {})
-    base = models.BaseModel(
-        tokenizer=checkpoint._tokenizer("sd_v1"),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**checkpoint._clip_config(cfg["text_encoder"]))),
-        vae=AutoencoderKL.from_config(cfg["vae"]), unet=UNet2DConditionModel.from_config(cfg["unet"]),
-        noise_scheduler=DDPMScheduler.from_config(cfg["scheduler"]), family="sd_v1", prediction_type="epsilon",
-        resolution=512, name="sd15", model_hash="", source="random")
+    base = models.random_base("sd_v1")
     path = models.save_single_file(base, tmp_path / "sd15.safetensors")
     assert 2.0e9 < path.stat().st_size < 2.3e9  # the size of a pruned fp16 SD1.5 file
     again = models.load_base(ModelConfig(base=str(path)), dtype=torch.float16)

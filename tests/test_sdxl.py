@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora import cache, family, kohya, train
+from sdlora import arch, cache, family, kohya, train
 from sdlora.config import load_config
 from test_train import make_style
 
@@ -159,20 +159,13 @@ def sgm_kohya_names(transformer_depths: dict[str, int]) -> set[str]:
 
 def test_full_sdxl_architecture_gives_kohyas_module_names_and_counts():
     """The bundled SDXL configs on the meta device (no weights, no download): 722 U-Net + 72 te1 + 192 te2."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdlora.checkpoint import CONFIGS, _clip_config
     from sdlora.config import NetworkConfig
     from sdlora.lora import inject
 
-    configs = {p.name: json.loads((p / "config.json").read_text()) for p in (CONFIGS / "sdxl").iterdir()
-               if (p / "config.json").exists()}
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        te1 = CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"])))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"])))
+    unet = arch.build_unet("sdxl", device="meta")
+    te1 = arch.build_text_encoder("sdxl", device="meta")
+    te2 = arch.build_text_encoder("sdxl", "text_encoder_2", device="meta")
+    with torch.device("meta"):
         network = inject(unet, [te1, te2], NetworkConfig())
     keys = network.modules
     parts = {part: {k for k, (p, _) in keys.items() if p == part} for part in ("unet", "te1", "te2")}
@@ -325,24 +318,19 @@ def test_sdlora_run_end_to_end_on_an_sdxl_base(tmp_path, mini_sdxl_dir):
 def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path, fresh_process):
     """The full SDXL architecture (random weights from the bundled configs, bf16 frozen base): one
     training step at 512 px with gradient checkpointing; prints the peak memory (README's SDXL table)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    from sdlora.checkpoint import CONFIGS, _clip_config, _tokenizer
+    from sdlora.checkpoint import _tokenizer
 
-    configs = {p.name: json.loads(next(p.glob("*.json")).read_text()) for p in (CONFIGS / "sdxl").iterdir()
-               if p.is_dir()}
     base_dir = tmp_path / "sdxl"
     with torch.device("cpu"):
         torch.set_default_dtype(torch.bfloat16)
         try:
             pipe = StableDiffusionXLPipeline(
-                vae=AutoencoderKL.from_config(configs["vae"]),
-                text_encoder=CLIPTextModel(CLIPTextConfig(**_clip_config(configs["text_encoder"]))),
-                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(configs["text_encoder_2"]))),
-                tokenizer=_tokenizer("sd_v1"), tokenizer_2=_tokenizer("sd_v2"),
-                unet=UNet2DConditionModel.from_config(configs["unet"]),
-                scheduler=DDPMScheduler.from_config(configs["scheduler"]))
+                vae=arch.build_vae("sdxl"), text_encoder=arch.build_text_encoder("sdxl"),
+                text_encoder_2=arch.build_text_encoder("sdxl", "text_encoder_2"),
+                tokenizer=_tokenizer("sd_v1"), tokenizer_2=_tokenizer("sd_v2"), unet=arch.build_unet("sdxl"),
+                scheduler=DDPMScheduler.from_config(arch.part_config("sdxl", "scheduler")))
         finally:
             torch.set_default_dtype(torch.float32)
     pipe.save_pretrained(base_dir)
