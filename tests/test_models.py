@@ -328,14 +328,21 @@ def test_hub_id_without_network_fails_fast(offline_env, monkeypatch):
 def test_network_probe_is_bounded(monkeypatch):
     """A hub that never answers (no real socket: the suite runs offline) costs the timeout, not a hang."""
     import socket
+    import threading
+
+    released = threading.Event()
 
     def never_answers(address, timeout=None):
-        time.sleep(30)
+        released.wait(30)  # until the test is over; then fails as an unreachable host does
+        raise OSError("unreachable")
 
     monkeypatch.setattr(socket, "create_connection", never_answers)
     start = time.monotonic()
-    assert models._hub_reachable(timeout=0.5) is False
-    assert time.monotonic() - start < 3
+    try:
+        assert models._hub_reachable(timeout=0.5) is False
+        assert time.monotonic() - start < 3
+    finally:
+        released.set()
 
 
 # ------------------------------------------------------------- full size (opt-in)

@@ -175,7 +175,7 @@ def stage_vae(b: Build) -> None:
         l1, loss = _reconstruction_loss(recon, batch)
         loss = loss + 1e-4 * posterior.kl().mean() / (VAE_CROP * VAE_CROP * 3)
         _optimizer_step(opt, sched, loss, vae.parameters())
-        losses.append(float(l1))
+        losses.append(float(l1.detach()))
         if step % 20 == 0:
             bar.set_postfix(l1_255=f"{np.mean(losses[-20:]) * 127.5:.2f}")
     vae.eval()
