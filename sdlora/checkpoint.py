@@ -297,13 +297,9 @@ def _open_clip_state(tensors: dict, prefix: str, projection: bool) -> dict:
 
 
 def _tokenizer(family: str):
-    from .tokenizer import clip_tokenizer
+    from .tokenizer import clip_tokenizer, open_clip_tokenizer
 
-    tok = clip_tokenizer()
-    if family.startswith("sd_v2"):
-        # OpenCLIP pads with "!" (id 0) where OpenAI CLIP pads with <|endoftext|>.
-        tok.pad_token = "!"
-    return tok
+    return open_clip_tokenizer() if family.startswith("sd_v2") else clip_tokenizer()
 
 
 def load_vae(path: Path, dtype: torch.dtype, family: str = "sd_v1"):

@@ -67,3 +67,11 @@ def clip_tokenizer(cache_dir: str | Path | None = None):
     if not (cache_dir / "vocab.json").exists():
         write_clip_tokenizer_files(cache_dir)
     return CLIPTokenizer.from_pretrained(str(cache_dir))
+
+
+def open_clip_tokenizer(cache_dir: str | Path | None = None):
+    """SD2's tokenizer and SDXL's second: the same vocabulary, padded with "!" (id 0) as OpenCLIP
+    pads, where OpenAI CLIP pads with <|endoftext|>."""
+    tokenizer = clip_tokenizer(cache_dir)
+    tokenizer.pad_token = "!"
+    return tokenizer

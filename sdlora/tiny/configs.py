@@ -6,6 +6,8 @@ variant that tests build in milliseconds (no files, no downloads).
 
 from __future__ import annotations
 
+from ..arch import part_config
+
 NATIVE = 128  # pixels; latents are NATIVE // 8
 
 TEXT_ENCODER = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
@@ -23,8 +25,7 @@ UNET = dict(sample_size=NATIVE // 8, in_channels=4, out_channels=4, layers_per_b
             block_out_channels=[64, 96, 128], cross_attention_dim=64, attention_head_dim=4,
             norm_num_groups=32)
 
-SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SCHEDULER = part_config("sd_v1", "scheduler")  # SD1.x's noise schedule
 
 # Tests: the same classes, a fraction of the size.
 MINI_TEXT_ENCODER = dict(TEXT_ENCODER, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -38,7 +39,9 @@ MINI_UNET = dict(UNET, sample_size=8, block_out_channels=[32, 32, 64], cross_att
 # An SDXL-architecture family at test size: the same classes and conditioning paths as SDXL
 # (CLIP-L-style encoder 1, OpenCLIP-style encoder 2 with a projection, a `text_time` U-Net whose
 # cross attention takes both widths concatenated and whose addition embedding takes the pooled
-# projection and six time ids).
+# projection and six time ids). A whole pipeline, so its U-Net's widths follow these encoders;
+# arch.reduced_unet_config is SDXL's U-Net alone at toy width, for the benchmarks. (Built from that
+# one instead, the fixture learns more slowly and the SDXL training tests' margins move.)
 MINI_SDXL_TEXT_ENCODER = dict(MINI_TEXT_ENCODER, num_attention_heads=4)
 MINI_SDXL_TEXT_ENCODER_2 = dict(MINI_TEXT_ENCODER, num_attention_heads=4, projection_dim=16, hidden_act="gelu")
 MINI_SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
@@ -85,13 +88,11 @@ def build_sdxl_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..tokenizer import clip_tokenizer
+    from ..tokenizer import clip_tokenizer, open_clip_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer_2 = clip_tokenizer()
-    tokenizer_2.pad_token = "!"  # OpenCLIP pads with "!" (id 0), as SDXL's second tokenizer does
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL(**MINI_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER_2)),
-        tokenizer=clip_tokenizer(), tokenizer_2=tokenizer_2, unet=UNet2DConditionModel(**MINI_SDXL_UNET),
+        tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(), unet=UNet2DConditionModel(**MINI_SDXL_UNET),
         scheduler=DDPMScheduler.from_config(SCHEDULER))
