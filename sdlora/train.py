@@ -448,7 +448,8 @@ class Trainer:
         if self.weight_dtype != torch.float32:
             self._main_log("encoding latents with the VAE in fp32 (the frozen U-Net and text encoders stay in "
                            f"{self.cfg.train.mixed_precision})")
-        vae = self.base.vae.to(self.accelerator.device, torch.float32)
+        # .float(), not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast.
+        vae = self.base.vae.to(self.accelerator.device).float()
         cache = LatentCache(self.cfg.output_dir / "cache" / "latents", vae, self.accelerator.device)
         load = lambda p: load_image(p, d.max_pixels, d.min_side, d.background)  # noqa: E731
         # Each process encodes the examples of its own batches (entries are written atomically).
