@@ -189,27 +189,40 @@ def _load_model(cls, state: dict, configs: Path, part: str, where: str, dtype: t
     tensors, through diffusers' public single-file loader with the config in `configs/<part>`."""
     from diffusers.utils import logging
 
+    state = _known_tensors(cls, state, configs, part, where)
     # Quiet: from_single_file's ModelMixin.to(dtype) warns "modules ... should be kept in float32: []"
     # for every model without such modules; what else it logs (an EMA copy, unused keys) cannot
-    # arise from the tensors of one part converted for its own config; a mismatch raises.
+    # arise from the tensors of one part checked against its own config; a mismatch raises.
     try:
         with _warnings_off(logging):
             model = cls.from_single_file(state, config=str(configs), subfolder=part, local_files_only=True,
                                          torch_dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - the converter fails with KeyError, IndexError, ValueError, ...
-        raise UserError(_mismatch(where, _reason(e))) from e
-    missing = [name for name, p in model.named_parameters() if p.is_meta]  # never assigned from the file
-    if missing:
-        raise UserError(_mismatch(where, f"missing {missing[:3]}"))
+    except (KeyError, IndexError, ValueError) as e:  # what a tensor of the wrong shape raises
+        text = next(iter(str(e).splitlines()), "").split(". ")[0]
+        raise UserError(_mismatch(where, f"{e.__class__.__name__}: {text}")) from e
     return model.eval()
 
 
-def _reason(error: Exception) -> str:
-    """One line for a library's loading error: its first sentence."""
-    text = str(error)
-    if isinstance(error, NotImplementedError) and "meta tensor" in text:
-        return "weights missing from the file"  # left on the meta device, which .to(dtype) cannot copy
-    return f"{error.__class__.__name__}: " + next(iter(text.splitlines()), "").split(". ")[0]
+def _known_tensors(cls, state: dict, configs: Path, part: str, where: str) -> dict:
+    """`state` checked against the names the part's config has: in the original layout (the names
+    sdlora writes, `unet_to_original` / `vae_to_original`; a VAE file also without the
+    first_stage_model. prefix) or, for a VAE, diffusers' own. A missing tensor is refused by name;
+    tensors the config has no place for (a training checkpoint's loss weights, say) are left out,
+    as the original -> diffusers conversion leaves them."""
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(configs, subfolder=part, local_files_only=True))
+    names = model.state_dict()
+    if part == "unet":
+        layouts = [set(unet_to_original(names, model.config))]
+    else:
+        original = set(vae_to_original(names, model.config))
+        layouts = [original, {k.removeprefix(VAE) for k in original}, set(names)]
+    expected = max(layouts, key=lambda layout: len(layout & state.keys()))
+    missing = sorted(expected - state.keys())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(_mismatch(where, f"missing {missing[:3]}{more}"))
+    return {k: v for k, v in state.items() if k in expected}
 
 
 def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, dtype: torch.dtype):
@@ -222,7 +235,7 @@ def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, d
     with _warnings_off(logging):  # its load report says what the UserError below says in one line
         model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                           output_loading_info=True, ignore_mismatched_sizes=True)
-    mismatched = sorted(k[0] for k in info["mismatched_keys"])
+    mismatched = sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])  # 4.x: names; 5: tuples
     for what, keys in (("missing", sorted(info["missing_keys"])), ("unexpected", sorted(info["unexpected_keys"])),
                        ("shape mismatch at", mismatched)):
         if keys:
@@ -232,14 +245,17 @@ def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, d
 
 @contextmanager
 def _warnings_off(logging):
-    """diffusers' or transformers' logging (the same API) at errors only, for one call whose outcome
-    sdlora checks and reports itself."""
-    verbosity = logging.get_verbosity()
+    """diffusers' or transformers' logging (the same API) at errors only and no progress bar, for
+    one call whose outcome sdlora checks and reports itself."""
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def _mismatch(where: str, detail: str) -> str:
@@ -248,8 +264,8 @@ def _mismatch(where: str, detail: str) -> str:
 
 def _clip_state(tensors: dict, prefix: str) -> dict:
     # OpenAI CLIP in the original layout is transformers' CLIPTextModel under a prefix; position_ids
-    # are a buffer transformers builds itself.
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+    # are a buffer transformers builds itself. The tensors leave `tensors`.
+    return {k[len(prefix):]: v for k, v in _take(tensors, prefix).items() if not k.endswith("position_ids")}
 
 
 # OpenCLIP (SD2's text encoder, SDXL's second) <-> transformers CLIP, both ways. OpenCLIP stacks
@@ -265,14 +281,12 @@ _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 def _open_clip_state(tensors: dict, prefix: str, projection: bool) -> dict:
-    """The OpenCLIP text encoder under `prefix` in transformers-4 names (`projection`: keep its
+    """The OpenCLIP text encoder under `prefix` in transformers-4 names, taken out of `tensors` (`projection`: keep its
     text_projection, which SDXL's pooled embedding uses and SD2's U-Net never sees)."""
     names = {v: k for k, v in _OPEN_CLIP_NAMES.items()}
     layer_names = {v: k for k, v in _OPEN_CLIP_LAYER.items()}
     state = {}
-    for key, value in tensors.items():
-        if not key.startswith(prefix):
-            continue
+    for key, value in _take(tensors, prefix).items():  # they leave `tensors`
         name = key[len(prefix):]
         if name in names:
             state[names[name]] = value
@@ -478,7 +492,7 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: single-file checkpoints are written as .safetensors")
-    refuse_to_overwrite(path, overwrite)
+    refuse_to_overwrite(path, overwrite, "pass overwrite=True")
     tensors = {}
     tensors.update(unet_to_original(base.unet.state_dict(), base.unet.config))
     tensors.update(vae_to_original(base.vae.state_dict(), base.vae.config))
@@ -505,7 +519,7 @@ def save_diffusers(base, folder, overwrite: bool = False) -> Path:
     from .io import atomic_folder, refuse_to_overwrite
 
     folder = Path(folder)
-    refuse_to_overwrite(folder, overwrite)
+    refuse_to_overwrite(folder, overwrite, "pass overwrite=True")
     with atomic_folder(folder) as tmp:
         base.pipeline().save_pretrained(tmp)
     return folder

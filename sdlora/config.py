@@ -80,9 +80,9 @@ class ModelConfig:
                         choices=["none", "fp8", "nf4"])
 
 
-# The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
 # Precisions a saved file (adapter, merged model) can be written in: train.save_precision, --save-precision.
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+# The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
 SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extension", "shuffle_caption",
                       "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug")
 

@@ -92,11 +92,12 @@ def atomic_folder(folder: str | Path):
         raise
 
 
-def refuse_to_overwrite(path: str | Path, overwrite: bool, replace: str = "pass --overwrite", why: str = "") -> None:
+def refuse_to_overwrite(path: str | Path, overwrite: bool, replace: str = "pass --overwrite", why: str = "",
+                        rename: str = "choose another output name") -> None:
     """The one refusal for an output that exists: it names the file (and `why` it is not reused),
-    and both ways out: another name, or `replace`."""
+    and both ways out: `rename`, or `replace`."""
     if not overwrite and Path(path).exists():
-        raise UserError(f"{path} already exists{why}; choose another output name, or {replace} to replace it")
+        raise UserError(f"{path} already exists{why}; {rename}, or {replace} to replace it")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -84,7 +84,8 @@ def run(cfg: Config, log=print) -> dict:
     else:
         log("== 2/3 train")
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
-                            why=" but was trained with other settings or images")
+                            why=" but was trained with other settings or images",
+                            rename="set output.output_name to another name")
         train.train(cfg, log=log)
     log("== 3/3 samples")
     result = sample.run_sample(cfg, loras=[(final, None)], log=log)

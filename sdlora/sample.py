@@ -424,7 +424,10 @@ class Sampler:
                 raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
         two_pass = uses_hires(hires, width, height, self.base.resolution)
         w0, h0 = first_pass_size(width, height, self.base.resolution) if two_pass else (width, height)
-        generators = lambda: [torch.Generator(self.device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
+        # Noise on the GPU where CUDA draws it (A1111's default); on Apple's GPU from the CPU, as
+        # diffusers advises there, so a seed gives the CPU's image.
+        noise_device = "cpu" if self.device == "mps" else self.device
+        generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
         embeds = self.embeds(list(prompts), list(negatives) if negatives else [s.negative_prompt] * len(prompts))
         images = self.pipe(**embeds, width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
                            generator=generators()).images
@@ -434,7 +437,7 @@ class Sampler:
                   "CFG scale": float(s.cfg_scale), "Seed": None, "Size": f"{w0}x{h0}",
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
-                  "RNG": "CPU" if self.device == "cpu" else None}  # A1111's field when its noise is drawn on the CPU
+                  "RNG": "CPU" if noise_device == "cpu" else None}  # A1111's field when its noise is drawn on the CPU
         if two_pass:
             from diffusers import AutoPipelineForImage2Image
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ def transformer_blocks(unet: nn.Module) -> list[nn.Module]:
     return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
 
 
-def compile_blocks(unet: nn.Module, backend="inductor") -> int:
+def compile_blocks(unet: nn.Module, backend: str | Callable = "inductor") -> int:
     """torch.compile each transformer block in place (`nn.Module.compile`); returns how many.
 
     Blocks rather than the whole U-Net: the blocks hold the adapters and most of the FLOPs,

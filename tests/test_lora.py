@@ -491,7 +491,7 @@ def test_import_kohya_takes_overwrite_like_every_command_and_still_force(tmp_pat
         assert "dim = 4" in out.read_text()
 
 
-def test_checkpoint_saves_refuse_in_the_same_wording(tmp_path, mini_base_dir):
+def test_checkpoint_saves_refuse_in_the_same_wording_with_their_own_keyword(tmp_path, mini_base_dir):
     from sdlora import models
     from sdlora.config import ModelConfig
 
@@ -501,4 +501,4 @@ def test_checkpoint_saves_refuse_in_the_same_wording(tmp_path, mini_base_dir):
         target.mkdir() if not target.suffix else target.write_bytes(b"mine")
         with pytest.raises(UserError) as e:
             save(base, target)
-        assert str(e.value) == f"{target} already exists; choose another output name, or pass --overwrite to replace it"
+        assert str(e.value) == f"{target} already exists; choose another output name, or pass overwrite=True to replace it"

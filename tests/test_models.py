@@ -288,18 +288,31 @@ def test_open_clip_names_agree_with_diffusers_converter(layers, prefix, projecti
     assert all(torch.equal(ours[k], expected[k]) for k in ours)
 
 
-@pytest.mark.parametrize("part, key", [
-    ("UNet", "model.diffusion_model.out.2.weight"),
-    ("VAE", "first_stage_model.decoder.conv_out.weight"),
-    ("text encoder", "cond_stage_model.transformer.text_model.final_layer_norm.bias"),
+@pytest.mark.parametrize("part, key, named", [
+    ("UNet", "model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.weight"),
+    ("VAE", "first_stage_model.decoder.conv_out.weight", "first_stage_model.decoder.conv_out.weight"),
+    ("text encoder", "cond_stage_model.transformer.text_model.final_layer_norm.bias", "final_layer_norm.bias"),
 ])
-def test_an_incomplete_checkpoint_names_the_part_and_the_file_in_one_line(part, key, mini, tmp_path):
+def test_an_incomplete_checkpoint_names_the_part_the_file_and_the_tensor_in_one_line(part, key, named, mini,
+                                                                                      tmp_path):
     tensors, meta = checkpoint.read_state_dict(models.save_single_file(mini, tmp_path / "good.safetensors"))
     del tensors[key]
     save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
     with pytest.raises(UserError, match=rf"model\.base: the {part} in .*bad\.safetensors does not match") as err:
         models.load_base(ModelConfig(base=str(tmp_path / "bad.safetensors")))
     assert "\n" not in str(err.value)
+    assert f"missing ['{named}" in str(err.value) or f"missing ['text_model.{named}" in str(err.value)
+
+
+def test_tensors_a_checkpoint_has_no_place_for_are_left_out(mini, tmp_path):
+    """A training checkpoint also holds e.g. the VAE's loss weights and EMA bookkeeping: ignored, as
+    the original -> diffusers conversion ignores them."""
+    tensors, meta = checkpoint.read_state_dict(models.save_single_file(mini, tmp_path / "good.safetensors"))
+    tensors["first_stage_model.loss.logvar"] = torch.zeros(())
+    tensors["model.diffusion_model.num_updates"] = torch.tensor(3)
+    save_file(tensors, tmp_path / "extra.safetensors", metadata=meta)
+    loaded = models.load_base(ModelConfig(base=str(tmp_path / "extra.safetensors")))
+    assert torch.equal(loaded.unet.conv_out.weight, mini.unet.conv_out.weight.half().float())
 
 
 # ------------------------------------------------------------- missing paths and hub ids

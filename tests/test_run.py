@@ -29,8 +29,9 @@ def test_run_trains_once_then_a_second_run_does_nothing_and_a_changed_config_is_
     assert cache.STATS["vae_encodes"] == encodes["vae_encodes"]  # nothing re-encoded
     assert again["figures"] is not None  # samples at scale 0 and 1: style figures in the report
     changed = load_config(path, ["train.unet_lr=1e-3"])
-    with pytest.raises(UserError, match=r"already exists but was trained with other settings or images; choose "
-                                         r"another output name, or rerun with --set train.overwrite=true"):
+    with pytest.raises(UserError, match=r"already exists but was trained with other settings or images; set "
+                                         r"output\.output_name to another name, or rerun with --set "
+                                         r"train\.overwrite=true"):
         run.run(changed, log=lambda m: None)
     assert adapter.stat().st_mtime_ns == mtime
     run.run(load_config(path, ["train.unet_lr=1e-3", "train.overwrite=true"]), log=lambda m: None)
