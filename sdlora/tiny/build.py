@@ -253,7 +253,7 @@ def stage_clip(b: Build) -> None:
         target = torch.from_numpy(labels[idx])[:, cols]
         loss = F.binary_cross_entropy_with_logits(logits, target)
         _optimizer_step(opt, sched, loss)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     model.eval()
@@ -331,7 +331,7 @@ def stage_unet(b: Build) -> None:
         weight = snr_weights(noise_scheduler, timesteps, 5.0, v_prediction=False)  # min-SNR-5
         loss = (F.mse_loss(noise_pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         _optimizer_step(opt, sched, loss, list(unet.parameters()) + list(text_encoder.parameters()))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if (step + 1) % 500 == 0:
