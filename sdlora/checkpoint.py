@@ -23,6 +23,7 @@ import torch
 
 from .arch import CONFIGS
 from .errors import UserError
+from .quiet import quiet
 from .family import ARCHITECTURES, is_sdxl, nested_text_name, with_prediction_type
 
 CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
@@ -194,7 +195,7 @@ def _load_model(cls, state: dict, configs: Path, part: str, where: str, dtype: t
     # for every model without such modules; what else it logs (an EMA copy, unused keys) cannot
     # arise from the tensors of one part checked against its own config; a mismatch raises.
     try:
-        with _warnings_off(logging):
+        with quiet(logging, warnings=False):
             model = cls.from_single_file(state, config=str(configs), subfolder=part, local_files_only=True,
                                          torch_dtype=dtype)
     except (KeyError, IndexError, ValueError) as e:  # what a tensor of the wrong shape raises
@@ -232,7 +233,7 @@ def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, d
     from transformers.utils import logging
 
     config = CLIPTextConfig.from_pretrained(configs, subfolder=part, local_files_only=True)
-    with _warnings_off(logging):  # its load report says what the UserError below says in one line
+    with quiet(logging, warnings=False):  # its load report says what the UserError below says in one line
         model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
                                           output_loading_info=True, ignore_mismatched_sizes=True)
     mismatched = sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])  # 4.x: names; 5: tuples
@@ -241,21 +242,6 @@ def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, d
         if keys:
             raise UserError(_mismatch(where, f"{what} {keys[:3]}"))
     return model.eval()
-
-
-@contextmanager
-def _warnings_off(logging):
-    """diffusers' or transformers' logging (the same API) at errors only and no progress bar, for
-    one call whose outcome sdlora checks and reports itself."""
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def _mismatch(where: str, detail: str) -> str:

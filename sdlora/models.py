@@ -184,7 +184,11 @@ def _folder_unet_weights(folder: Path) -> Path:
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     """A local diffusers StableDiffusionPipeline (or SDXL) folder, without network."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from .quiet import quiet
 
     index = json.loads((folder / "model_index.json").read_text())
     sdxl = "text_encoder_2" in index
@@ -194,18 +198,20 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     if missing:
         raise UserError(f"model.base: {folder} lacks the subfolder(s) {', '.join(missing)}; "
                         "save the pipeline with save_pretrained or give a complete diffusers folder")
-    kw = dict(local_files_only=True, torch_dtype=dtype)
+    kw = dict(local_files_only=True, torch_dtype=dtype)  # diffusers' name; transformers 4.56+ says dtype
+    te_kw = dict(local_files_only=True, dtype=dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
-        noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-        extra = {}
-        if sdxl:
-            extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                folder, subfolder="text_encoder_2", **kw).eval(),
-                tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
+        with quiet(diffusers_logging, transformers_logging):  # a "Loading weights" bar per model otherwise
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **te_kw)
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+            extra = {}
+            if sdxl:
+                extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", **te_kw).eval(),
+                    tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"model.base: cannot load the diffusers folder {folder}: {e}") from e
     prediction_type = noise_scheduler.config.prediction_type
