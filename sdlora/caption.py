@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models
 from .errors import UserError
 
 ASSETS = Path(__file__).parent / "assets" / "open_clip"
@@ -145,11 +144,13 @@ def _digest(data: bytes) -> str:
 
 def tiny_tagger(device: str | None = None) -> Tagger:
     """The embedded open_clip tagger: `assets/open_clip/tiny.json` + `tiny.safetensors`, fp32."""
+    from .models import compute_device  # here: importing this module stays free of torch
+
     cfg = json.loads((ASSETS / "tiny.json").read_text())
     known = cfg.pop("known_tags", None)
     floor = cfg.pop("min_duplicate_cosine", 0.0)
     weights = ASSETS / "tiny.safetensors"
-    device = device or models.compute_device()
+    device = device or compute_device()
     identity = _digest(f"tiny|{_digest(weights.read_bytes())}|squash|{PREPROCESS_VERSION}".encode())[:16]
 
     def load():
@@ -177,8 +178,10 @@ def open_clip_tagger(arch: str, pretrained: str = "", device: str | None = None)
     weights (`pretrained=""`, for benchmarks only)."""
     import open_clip
 
+    from .models import compute_device
+
     _check_arch(arch)
-    device = device or models.compute_device()
+    device = device or compute_device()
     source = pretrained
     if pretrained:
         path = Path(pretrained)
@@ -286,9 +289,11 @@ def bench_tagger(n_tiny: int = 64, n_large: int = 2, batch_size: int = 16) -> di
     import torch
     from PIL import Image
 
+    from .models import compute_device
+
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)) for _ in range(max(n_tiny, n_large))]
-    result = {"device": models.compute_device(), "torch_threads": torch.get_num_threads()}
+    result = {"device": compute_device(), "torch_threads": torch.get_num_threads()}
     for key, tagger, n in (("tiny", tiny_tagger(), n_tiny), ("ViT-L-14", open_clip_tagger("ViT-L-14"), n_large)):
         tagger._load()
         tagger.embed_images(images[:1])  # warm-up

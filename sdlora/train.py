@@ -356,13 +356,13 @@ class Trainer:
         # accelerate keeps one AcceleratorState per process, its mixed precision fixed by the first
         # Accelerator, and has no public way to start over: a second training in one process (a
         # notebook, a sweep) in another precision is refused here, in words, before accelerate's own.
-        if is_initialized() and AcceleratorState().mixed_precision != tc.mixed_precision:
+        fixed = AcceleratorState().mixed_precision if is_initialized() else tc.mixed_precision
+        if fixed != tc.mixed_precision:
             raise UserError(
                 f"{cfg.source or 'training'}: [train] mixed_precision = {tc.mixed_precision!r}, but this Python "
-                f"process already trained with {AcceleratorState().mixed_precision!r}, and accelerate fixes the "
-                f"mixed precision once per process. Train in a new process (a new `sdlora train` command, or "
-                f"restart the notebook kernel), or keep mixed_precision = "
-                f"{AcceleratorState().mixed_precision!r} in this one.")
+                f"process already trained with {fixed!r}, and accelerate fixes the mixed precision once per "
+                f"process. Train in a new process (a new `sdlora train` command, or restart the notebook "
+                f"kernel), or keep mixed_precision = {fixed!r} in this one.")
         self.accelerator = Accelerator(
             cpu=no_gpu,
             mixed_precision=tc.mixed_precision,

@@ -160,3 +160,15 @@ def test_config_choices_are_the_tables_that_implement_them():
 
     assert _choices("train", "optimizer") == list(train.OPTIMIZERS)
     assert _choices("sample", "sampler") == list(sample.SAMPLERS)
+
+
+def test_the_dataset_builder_and_the_cli_import_without_torch():
+    """Torch (~1.5 s to import) loads only when a stage needs it: a second `sdlora dataset` on an
+    unchanged folder, `sdlora config check` and `--help` never do."""
+    import subprocess
+    import sys
+
+    code = "import sys, sdlora.cli, sdlora.dataset, sdlora.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "False"
