@@ -48,6 +48,7 @@ KOHYA_KEYS: dict[str, str] = {
     "conv_dim": "network.conv_dim",
     "conv_alpha": "network.conv_alpha",
     "network_weights": "network.init_weights",
+    "lora_network_weights": "network.init_weights",  # the kohya_ss GUI's name
     # train
     "learning_rate": "train.unet_lr",
     "unet_lr": "train.unet_lr",
@@ -72,6 +73,7 @@ KOHYA_KEYS: dict[str, str] = {
     "mixed_precision": "train.mixed_precision",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "save_every_n_epochs": "train.save_every_n_epochs",
+    "save_every_n_steps": "train.save_every_n_steps",
     "save_precision": "train.save_precision",
     "seed": "train.seed",
     "xformers": "train.attention",
@@ -79,8 +81,26 @@ KOHYA_KEYS: dict[str, str] = {
     # sample, output
     "sample_every_n_epochs": "sample.every_n_epochs",
     "sample_sampler": "sample.sampler",
+    "sample_prompts": "sample.prompt_file",
     "output_dir": "output.dir",
     "output_name": "output.output_name",
+    # ---- Keys the ktrain branch adds for issue 20 (not in this branch's config yet). The integrator checks
+    # these names against the merged config; until a key exists, import-kohya notes the value as having
+    # "no sdlora key ... in this version". The network ones also come from network_args (kohya_import).
+    "multires_noise_iterations": "train.multires_noise_iterations",
+    "multires_noise_discount": "train.multires_noise_discount",
+    "adaptive_noise_scale": "train.adaptive_noise_scale",
+    "scale_weight_norms": "train.scale_weight_norms",
+    "stop_text_encoder_training": "train.stop_text_encoder_training",
+    "block_dims": "network.block_dims",
+    "block_alphas": "network.block_alphas",
+    "conv_block_dims": "network.conv_block_dims",
+    "conv_block_alphas": "network.conv_block_alphas",
+    "down_lr_weight": "network.down_lr_weight",
+    "mid_lr_weight": "network.mid_lr_weight",
+    "up_lr_weight": "network.up_lr_weight",
+    "block_lr_zero_threshold": "network.block_lr_zero_threshold",
+    # ---- end of the ktrain keys
 }
 
 
