@@ -391,19 +391,29 @@ def test_scale_weight_norms_and_stop_text_encoder_training(tmp_path, capsys):
 @needs("network.block_dims", "network.block_alphas", "network.conv_block_dims", "network.conv_block_alphas",
        "network.down_lr_weight", "network.mid_lr_weight", "network.up_lr_weight", "network.block_lr_zero_threshold")
 def test_block_weights_from_network_args_and_gui_fields(tmp_path, capsys):
+    """kohya's comma strings and preset names give what the same values written in sdlora's own form give."""
+    from sdlora.config import config_from_dict
+
     dims = ",".join(["4"] * 25)
     command = (f'train_network.py --network_dim 4 --network_args "block_dims={dims}" "block_alphas={dims}" '
                '"down_lr_weight=sine+.5" "mid_lr_weight=2.0" "up_lr_weight=0,0,0,0,0,0,0,0,0,0,0,1" '
                '"block_lr_zero_threshold=0.1"')
     code, cfg, err = convert(tmp_path, capsys, command)
     assert code == 0, err
-    assert cfg.network.block_dims == [4] * 25 and cfg.network.block_alphas == [4.0] * 25
-    assert (cfg.network.down_lr_weight, cfg.network.mid_lr_weight) == ("sine+.5", 2.0)
-    assert cfg.network.up_lr_weight == [0.0] * 11 + [1.0] and cfg.network.block_lr_zero_threshold == 0.1
+    by_hand = config_from_dict({"network": {
+        "dim": 4, "block_dims": [4] * 25, "block_alphas": [4.0] * 25, "down_lr_weight": "sine+.5",
+        "mid_lr_weight": 2.0, "up_lr_weight": [0.0] * 11 + [1.0], "block_lr_zero_threshold": 0.1}}).network
+    for key in ("block_dims", "block_alphas", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
+                "block_lr_zero_threshold"):
+        assert getattr(cfg.network, key) == getattr(by_hand, key), key
+    assert cfg.network.block_dims == [4] * 25 and cfg.network.down_lr_weight == "sine+.5"
     source = write(tmp_path / "gui.json", gui_preset(conv_block_dims=dims, conv_block_alphas=dims,
                                                      up_lr_weight="cosine"))
     code, cfg, err = convert(tmp_path, capsys, source)
-    assert cfg.network.conv_block_dims == [4] * 25 and cfg.network.up_lr_weight == "cosine"
+    by_hand = config_from_dict({"network": {"conv_block_dims": [4] * 25, "conv_block_alphas": [4.0] * 25,
+                                            "up_lr_weight": "cosine"}}).network
+    assert (cfg.network.conv_block_dims, cfg.network.conv_block_alphas, cfg.network.up_lr_weight) == (
+        by_hand.conv_block_dims, by_hand.conv_block_alphas, by_hand.up_lr_weight)
 
 
 def test_the_ktrain_keys_are_named_in_one_table():
