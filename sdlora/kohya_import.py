@@ -215,11 +215,6 @@ def _read_arguments(args: dict, where: str, setup: Setup, seen: frozenset, gui: 
         raise UserError(f"{where}: not a kohya training config: none of its keys ({keys}) is a kohya "
                         "argument or dataset setting; give a kohya_ss GUI .json, a train_network.py arguments "
                         ".toml, a dataset config .toml or a command line")
-    if gui:  # the GUI's names for what sd-scripts names otherwise
-        if "stop_text_encoder_training" in args:  # the GUI's is a percentage of the steps
-            args.setdefault("stop_text_encoder_training_pct", args.pop("stop_text_encoder_training"))
-        if "lora_network_weights" in args:
-            args.setdefault("network_weights", args.pop("lora_network_weights"))
     config_file, dataset_config = args.pop("config_file", None), args.pop("dataset_config", None)
     extra = args.pop("additional_parameters", None)
     if _given(config_file):
@@ -465,16 +460,21 @@ def convert(setup: Setup) -> Conversion:
             del args[k]
     _learning_rates(args, put)
     _noise(args, out)
-    pct = args.pop("stop_text_encoder_training_pct", None)
-    if pct is not None:  # the GUI's percentage of the steps; kohya's own argument counts steps
+    # The GUI's stop_text_encoder_training(_pct) is a percentage of the steps; sd-scripts' own counts steps.
+    for key in ["stop_text_encoder_training_pct"] + ["stop_text_encoder_training"] * (
+            "stop_text_encoder_training" in setup.gui):
+        if key not in args:
+            continue
+        pct = _typed(args[key], float, where(key))
+        del args[key]
         steps = _typed(args.get("max_train_steps", 0), int, where("max_train_steps"))
-        if steps:  # the GUI's own conversion: ceil(steps x percent / 100)
-            percent = _typed(pct, float, "stop_text_encoder_training")
-            put("train.stop_text_encoder_training", math.ceil(steps * percent / 100), "stop_text_encoder_training",
-                raw=f"{pct}% of {steps} steps")
+        if not pct:
+            out.off.append(key)
+        elif steps:  # the GUI's own conversion: ceil(steps x percent / 100)
+            put("train.stop_text_encoder_training", math.ceil(steps * pct / 100), key, raw=f"{pct:g}% of {steps} steps")
         else:
-            out.unmapped.append(f"--stop_text_encoder_training = {pct}% of the steps: the step count is not known "
-                                "here; set train.stop_text_encoder_training to that many optimizer steps")
+            out.unmapped.append(f"--{key} = {pct:g}% of the steps: the step count is not known here; set "
+                                "train.stop_text_encoder_training to that many optimizer steps")
     if "use_8bit_adam" in args and "optimizer" not in args and "optimizer_type" not in args:
         if _typed(args.pop("use_8bit_adam"), bool, where("use_8bit_adam")):
             put("train.optimizer", "adamw8bit", "use_8bit_adam", raw="true")
@@ -517,7 +517,7 @@ def convert(setup: Setup) -> Conversion:
         elif key == "save_precision":
             put(target, {"float": "fp32"}.get(str(value), str(value)), key)
         elif key in ("xformers", "sdpa"):
-            choice = value if isinstance(value, str) else (key if value else "sdpa")
+            choice = value if isinstance(value, str) else (key if _typed(value, bool, where(key)) else "sdpa")
             put(target, choice if choice in ("xformers", "sdpa") else "sdpa", key)
         elif key == "sample_sampler":
             if str(value).lower() in SAMPLERS:
@@ -687,7 +687,7 @@ def _subsets(subsets: list[dict], out: Conversion) -> list[dict]:
         entry = {}
         for key, value in subset.items():
             found = _field(f"dataset.subsets[].{key}")
-            if found is None or key == "image_dir" and not isinstance(value, str):
+            if found is None:
                 if not _is_off(value):
                     out.unmapped.append(f"{label} {key} = {value!r}: no sdlora equivalent")
                 continue
