@@ -434,16 +434,7 @@ def convert(setup: Setup) -> Conversion:
     def not_mapped(key: str, why: str) -> None:
         out.unmapped.append(f"--{key} = {args[key]!r}: {why}")
 
-    # The GUI's "unset": "" (and 0 where kohya means unset) leaves sdlora's default.
-    unset = [k for k, v in args.items() if not _given(v) or v == [] or (
-        (k in ZERO_IS_UNSET or k == "seed" and k in setup.gui) and not isinstance(v, bool) and _number(v) == 0)]
-    defaults = sorted(f"{KOHYA_KEYS[k]} ({k})" for k in unset if k in KOHYA_KEYS and _field(KOHYA_KEYS[k]))
-    out.off += [k for k in unset if not (k in KOHYA_KEYS and _field(KOHYA_KEYS[k]))]
-    if defaults:
-        out.notes.append(f"unset in the source (\"\" or 0), so sdlora's default applies: {', '.join(defaults)}")
-    for k in unset:
-        del args[k]
-
+    _drop_unset(args, setup.gui, out)
     subsets = _apply_datasets(setup.datasets, args, origin, out)
     network_args = _key_value_list(args.pop("network_args", []), where("network_args"))
     for key in BLOCK_ARGS:  # the GUI's top-level block weights; network_args win, as the GUI puts them there
@@ -452,29 +443,9 @@ def convert(setup: Setup) -> Conversion:
 
     if "max_train_epochs" in args and "epoch" in args:  # kohya_ss: max_train_epochs, when set, replaces epoch
         out.notes.append(f"--epoch {args.pop('epoch')}: replaced by --max_train_epochs {args['max_train_epochs']}")
-    rates = ("unet_lr", "text_encoder_lr")
-    if set(rates) <= setup.gui & set(args) and all(_number(args[k]) == 0 for k in rates):
-        # The kohya_ss GUI passes neither rate when both are 0, so kohya trains both at learning_rate.
-        out.notes.append("unet_lr = 0 and text_encoder_lr = 0: the kohya_ss GUI then trains both at learning_rate")
-        for k in rates:
-            del args[k]
-    _learning_rates(args, put)
+    _learning_rates(args, setup.gui, put, out)
     _noise(args, out)
-    # The GUI's stop_text_encoder_training(_pct) is a percentage of the steps; sd-scripts' own counts steps.
-    for key in ["stop_text_encoder_training_pct"] + ["stop_text_encoder_training"] * (
-            "stop_text_encoder_training" in setup.gui):
-        if key not in args:
-            continue
-        pct = _typed(args[key], float, where(key))
-        del args[key]
-        steps = _typed(args.get("max_train_steps", 0), int, where("max_train_steps"))
-        if not pct:
-            out.off.append(key)
-        elif steps:  # the GUI's own conversion: ceil(steps x percent / 100)
-            put("train.stop_text_encoder_training", math.ceil(steps * pct / 100), key, raw=f"{pct:g}% of {steps} steps")
-        else:
-            out.unmapped.append(f"--{key} = {pct:g}% of the steps: the step count is not known here; set "
-                                "train.stop_text_encoder_training to that many optimizer steps")
+    _stop_text_encoder_training(args, setup.gui, put, out, where)
     if "use_8bit_adam" in args and "optimizer" not in args and "optimizer_type" not in args:
         if _typed(args.pop("use_8bit_adam"), bool, where("use_8bit_adam")):
             put("train.optimizer", "adamw8bit", "use_8bit_adam", raw="true")
@@ -552,8 +523,48 @@ def convert(setup: Setup) -> Conversion:
             put(target, _caption_extension(text), key)
         else:
             put(target, value, key)
+    _network_args(network_args, put, out, where('network_args'))
+    if out.off:
+        out.unmapped.append(f"off or unset in the source, nothing lost: {', '.join('--' + k for k in out.off)}")
+    if subsets:
+        out.config.setdefault("dataset", {})["subsets"] = _subsets(subsets, out)
+    return out
+
+
+def _drop_unset(args: dict, gui: set, out: Conversion) -> None:
+    """The GUI's "unset": "" (and 0 where kohya means unset; a GUI's seed 0 too) leaves sdlora's default."""
+    unset = [k for k, v in args.items() if not _given(v) or v == [] or (
+        (k in ZERO_IS_UNSET or k == "seed" and k in gui) and not isinstance(v, bool) and _number(v) == 0)]
+    defaults = sorted(f"{KOHYA_KEYS[k]} ({k})" for k in unset if k in KOHYA_KEYS and _field(KOHYA_KEYS[k]))
+    out.off += [k for k in unset if not (k in KOHYA_KEYS and _field(KOHYA_KEYS[k]))]
+    if defaults:
+        out.notes.append(f"unset in the source (\"\" or 0), so sdlora's default applies: {', '.join(defaults)}")
+    for k in unset:
+        del args[k]
+
+
+def _stop_text_encoder_training(args: dict, gui: set, put, out: Conversion, where) -> None:
+    """The GUI's stop_text_encoder_training(_pct) is a percentage of the steps; sd-scripts' own counts steps."""
+    for key in ["stop_text_encoder_training_pct"] + ["stop_text_encoder_training"] * (
+            "stop_text_encoder_training" in gui):
+        if key not in args:
+            continue
+        pct = _typed(args.pop(key), float, where(key))
+        steps = _typed(args.get("max_train_steps", 0), int, where("max_train_steps"))
+        if not pct:
+            out.off.append(key)
+        elif steps:  # the GUI's own conversion: ceil(steps x percent / 100)
+            put("train.stop_text_encoder_training", math.ceil(steps * pct / 100), key, raw=f"{pct:g}% of {steps} steps")
+        else:
+            out.unmapped.append(f"--{key} = {pct:g}% of the steps: the step count is not known here; set "
+                                "train.stop_text_encoder_training to that many optimizer steps")
+
+
+def _network_args(network_args: dict, put, out: Conversion, where: str) -> None:
+    """network_args -> [network] keys: conv_dim, conv_alpha, dropout and the block weights (comma lists of
+    numbers; the lr weights may be a preset name instead)."""
     for key, value in network_args.items():
-        label = f"{where('network_args')} {key}"
+        label = f"{where} {key}"
         if _is_off(value):
             out.off.append(f"network_args {key}")
         elif key in NETWORK_ARGS:
@@ -568,16 +579,17 @@ def convert(setup: Setup) -> Conversion:
                 converted=converted)
         else:
             out.unmapped.append(f"--network_args {key}={value}: no sdlora equivalent")
-    if out.off:
-        out.unmapped.append(f"off or unset in the source, nothing lost: {', '.join('--' + k for k in out.off)}")
-    if subsets:
-        out.config.setdefault("dataset", {})["subsets"] = _subsets(subsets, out)
-    return out
 
 
-def _learning_rates(args: dict, put) -> None:
+def _learning_rates(args: dict, gui: set, put, out: Conversion) -> None:
     """kohya's learning_rate is the rate of whichever of unet_lr / text_encoder_lr is not given; SDXL's two
     text encoders take text_encoder_lr1/2 (or text_encoder_lr as a list of two) -> sdlora's [te1, te2]."""
+    rates = ("unet_lr", "text_encoder_lr")
+    if set(rates) <= gui & set(args) and all(_number(args[k]) == 0 for k in rates):
+        # The kohya_ss GUI passes neither rate when both are 0, so kohya trains both at learning_rate.
+        out.notes.append("unet_lr = 0 and text_encoder_lr = 0: the kohya_ss GUI then trains both at learning_rate")
+        for k in rates:
+            del args[k]
     lr = args.pop("learning_rate", None)
     if "unet_lr" in args or lr is not None:
         key = "unet_lr" if "unet_lr" in args else "learning_rate"
