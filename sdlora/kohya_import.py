@@ -680,7 +680,7 @@ def _apply_datasets(datasets: list[dict], args: dict, origin: dict, out: Convers
         args[key], origin[key] = value, first["where"]
     for dataset in datasets[1:]:
         ignored = [f"{k} = {v}" for k, v in dataset["keys"].items()
-                   if k not in INHERITED and k != "validation_split" and own.get(k) != v]
+                   if k not in INHERITED and not (k == "validation_split" and _number(v) == 1) and own.get(k) != v]
         if ignored:
             out.notes.append(f"{dataset['where']}: {', '.join(ignored)} not used: sdlora trains one dataset, and "
                              f"{first['where']}'s settings apply to every subset")

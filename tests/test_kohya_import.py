@@ -295,6 +295,7 @@ enable_bucket = true
 resolution = 768
 batch_size = 5
 keep_tokens = 3
+validation_split = 0.2
   [[datasets.subsets]]
   image_dir = "{tmp_path / 'b'}"
 [[datasets]]
@@ -305,7 +306,8 @@ validation_split = 1.0
     code, cfg, err = convert(tmp_path, capsys, source)
     assert code == 0, err
     assert (cfg.dataset.resolution, cfg.train.batch_size, cfg.dataset.enable_bucket) == (1024, 2, True)
-    assert "[[datasets]] 2: resolution = 768, batch_size = 5 not used" in err
+    assert "[[datasets]] 2: resolution = 768, batch_size = 5, validation_split = 0.2 not used" in err
+    assert cfg.dataset.validation_split == 0.0
     assert "[[datasets]] 1's settings apply to every subset" in err
     subsets = {s.image_dir.rsplit("/", 1)[1]: s for s in cfg.dataset.subsets}
     assert (subsets["a"].num_repeats, subsets["a"].keep_tokens, subsets["b"].keep_tokens) == (4, 1, 3)
