@@ -55,7 +55,7 @@ SAMPLERS = {"ddim": "ddim", "euler": "euler", "k_euler": "euler", "euler_a": "eu
 NEAREST_SCHEDULERS = {"adafactor": ("constant", "Adafactor's own schedule keeps the set rate, as sdlora's "
                                                 "adafactor does"),
                       "polynomial": ("linear", "kohya's polynomial decay with its default power 1 is linear")}
-NETWORK_TYPES = {"standard": "lora", "lora": "lora", "locon": "locon", "kohya locon": "locon",
+NETWORK_TYPES = {"standard": "lora", "lora": "lora", "flux1": "lora", "locon": "locon", "kohya locon": "locon",
                  "lycoris/locon": "locon", "loha": "loha", "lycoris/loha": "loha", "kohya loha": "loha",
                  "lokr": "lokr", "lycoris/lokr": "lokr", "kohya lokr": "lokr"}
 # model.base is a file, a folder or a hub id: made absolute only when it exists here.
@@ -67,7 +67,11 @@ NOT_NEEDED = {"v2": "the base model's family is read from the base itself",
               "save_model_as": "adapters are always .safetensors",
               "network_weights_dtype": "", "persistent_data_loader_workers": "", "max_data_loader_n_workers": "",
               "cache_latents": "latents are always cached on disk",
-              "cache_latents_to_disk": "latents are always cached on disk"}
+              "cache_latents_to_disk": "latents are always cached on disk",
+              **dict.fromkeys(("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
+                               "sdxl_cache_text_encoder_outputs"),
+                              "text-encoder outputs are cached whenever the text encoder is frozen"),
+              **dict.fromkeys(("no_half_vae", "sdxl_no_half_vae"), "latents are always encoded with the VAE in fp32")}
 # Keys read here rather than through KOHYA_KEYS: further sources, and the GUI's switches and percentages.
 READ_HERE = {"network_args", "additional_parameters", "dataset_config", "config_file", "noise_offset_type",
              "stop_text_encoder_training_pct", "use_8bit_adam", "text_encoder_lr1", "text_encoder_lr2",
@@ -474,6 +478,7 @@ def convert(setup: Setup) -> Conversion:
         elif key in ("network_module", "LoRA_type"):
             kind = str(network_args.pop("algo", value)).lower().rpartition(".")[2] if key == "network_module" \
                 else str(value).lower()
+            kind = "lora" if kind.startswith("lora_") else kind  # networks.lora_flux, lora_sd3: a family's LoRA
             kind = {"lora": "locon" if "conv_dim" in network_args else "lora", "kohya": "lora"}.get(kind, kind)
             if kind in NETWORK_TYPES:
                 put(target, NETWORK_TYPES[kind], key)

@@ -193,6 +193,18 @@ def test_long_command_lines_with_continuations_are_read(tmp_path, capsys):
     assert "quotes" in line
 
 
+def test_family_lora_modules_and_settings_sdlora_decides_itself(tmp_path, capsys):
+    """sd-scripts' networks.lora_flux / lora_sd3 are its LoRA for those families; caching text-encoder
+    outputs and an fp32 VAE are what sdlora does anyway, so they are "not needed", not "no equivalent"."""
+    command = ("accelerate launch flux_train_network.py --network_module=networks.lora_flux --network_dim=16 "
+               "--cache_text_encoder_outputs --sdxl_no_half_vae")
+    code, cfg, err = convert(tmp_path, capsys, command)
+    assert code == 0, err
+    assert cfg.network.type == "lora" and 'network.type = "lora"' in err
+    assert "not mapped: --cache_text_encoder_outputs: not needed (text-encoder outputs are cached" in err
+    assert "not mapped: --sdxl_no_half_vae: not needed" in err
+
+
 def test_command_line_names_its_config_file_and_dataset_config(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # kohya reads relative paths from the current folder
     write(tmp_path / "args.toml", "network_dim = 8\nnetwork_alpha = 4\nmax_train_epochs = 2\n")
