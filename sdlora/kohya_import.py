@@ -88,7 +88,7 @@ ZERO_IS_UNSET = {"epoch", "max_train_epochs", "max_train_steps", "clip_skip", "l
 # dims and alphas; the lr weights a list or a preset name ("sine", "cosine+.25").
 BLOCK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
               "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
-NETWORK_ARGS = ("conv_dim", "conv_alpha", "dropout", *BLOCK_ARGS)
+NETWORK_ARGS = ("conv_dim", "conv_alpha", "dropout", "dora_wd", *BLOCK_ARGS)
 # The dataset-config keys a subset inherits from its dataset and [general] (kohya's "ascendable" ones).
 INHERITED = (*SUBSET_SHARED_KEYS, "class_tokens")
 COMMAND_FILES = {".sh", ".bat", ".cmd", ".ps1", ".txt"}
@@ -529,6 +529,11 @@ def convert(setup: Setup) -> Conversion:
         else:
             put(target, value, key)
     _network_args(network_args, put, out, where('network_args'))
+    network = out.config.get("network", {})
+    if network.get("dora") and network.get("type", "lora") not in ("lora", "locon"):
+        out.notes.append(f"dora_wd = true: sdlora's DoRA is for lora and locon adapters, not {network['type']}; "
+                         "not used")
+        del network["dora"]
     if out.off:
         out.unmapped.append(f"off or unset in the source, nothing lost: {', '.join('--' + k for k in out.off)}")
     if subsets:

@@ -48,6 +48,7 @@ KOHYA_KEYS: dict[str, str] = {
     "conv_dim": "network.conv_dim",
     "conv_alpha": "network.conv_alpha",
     "network_weights": "network.init_weights",
+    "dora_wd": "network.dora",  # LyCORIS's network_args / the kohya_ss GUI's field
     "lora_network_weights": "network.init_weights",  # the kohya_ss GUI's name
     # train
     "learning_rate": "train.unet_lr",

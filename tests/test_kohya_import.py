@@ -193,7 +193,7 @@ def test_long_command_lines_with_continuations_are_read(tmp_path, capsys):
     assert "quotes" in line
 
 
-def test_family_lora_modules_and_settings_sdlora_decides_itself(tmp_path, capsys):
+def test_family_lora_modules_dora_and_settings_sdlora_decides_itself(tmp_path, capsys):
     """sd-scripts' networks.lora_flux / lora_sd3 are its LoRA for those families; caching text-encoder
     outputs and an fp32 VAE are what sdlora does anyway, so they are "not needed", not "no equivalent"."""
     command = ("accelerate launch flux_train_network.py --network_module=networks.lora_flux --network_dim=16 "
@@ -203,6 +203,13 @@ def test_family_lora_modules_and_settings_sdlora_decides_itself(tmp_path, capsys
     assert cfg.network.type == "lora" and 'network.type = "lora"' in err
     assert "not mapped: --cache_text_encoder_outputs: not needed (text-encoder outputs are cached" in err
     assert "not mapped: --sdxl_no_half_vae: not needed" in err
+    # LyCORIS's DoRA (dora_wd) is sdlora's network.dora, which peft has for lora and locon only
+    code, cfg, err = convert(tmp_path, capsys, 'train_network.py --network_module lycoris.kohya --network_dim 8 '
+                                               '--network_args "algo=loha" "dora_wd=True"')
+    assert (cfg.network.type, cfg.network.dora) == ("loha", False) and "sdlora's DoRA is for lora and locon" in err
+    code, cfg, err = convert(tmp_path, capsys, 'train_network.py --network_module lycoris.kohya --network_dim 8 '
+                                               '--network_args "algo=lora" "conv_dim=4" "dora_wd=True"')
+    assert (cfg.network.type, cfg.network.dora) == ("locon", True)
 
 
 def test_command_line_names_its_config_file_and_dataset_config(tmp_path, capsys, monkeypatch):
@@ -462,6 +469,9 @@ PRESETS = {  # modelled on kohya_ss presets/lora/*.json and test/config/*.json (
     "sd15 lokr full": (gui_preset(LoRA_type="LyCORIS/LoKr", network_dim=100000, conv_dim=100000, factor=8,
                                   network_alpha=1, keep_tokens=1),
                        {"network.type": "lokr", "network.dim": 1024, "dataset.keep_tokens": 1}),
+    "locon dora": (gui_preset(LoRA_type="LyCORIS/LoCon", dora_wd=True, conv_dim=8, conv_alpha=4),
+                   {"network.type": "locon", "network.dora": True}),
+    "loha dora": (gui_preset(LoRA_type="LyCORIS/LoHa", dora_wd=True), {"network.type": "loha", "network.dora": False}),
     "ia3": (gui_preset(LoRA_type="LyCORIS/iA3", learning_rate=1.0, optimizer="Prodigy", network_dim=32),
             {"network.type": "lora", "train.optimizer": "prodigy"}),
     "dadaptation": (gui_preset(optimizer="DAdaptAdam", learning_rate=1, unet_lr=1, text_encoder_lr=0.5,
