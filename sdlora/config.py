@@ -548,25 +548,3 @@ def reference_markdown() -> str:
     for key, default, help_text in describe():
         lines.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
     return "\n".join(lines)
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser("config", help="check a config, or list every key",
-                              description="`sdlora config keys` prints every config key with its default and "
-                                          "meaning; `sdlora config check CONFIG` validates a file and prints it "
-                                          "resolved (paths made absolute).")
-    sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    sub.add_parser("keys", help="every key, its default and meaning (markdown)").set_defaults(
-        func=lambda a: print(reference_markdown()) or 0)
-    check = sub.add_parser("check", help="validate a config and print it resolved")
-    check.add_argument("config", help="a style's TOML config")
-    add_override_argument(check)
-    check.set_defaults(func=_cmd_check)
-
-
-def _cmd_check(args) -> int:
-    import json
-
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(cfg.to_dict(), indent=2))
-    return 0

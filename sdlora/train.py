@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .buckets import Bucket, crop_top_left
-from .config import Config, add_override_argument
+from .config import Config
 from .errors import UserError
 from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning, unread_text_layers
 from .subsets import Subset
@@ -994,26 +994,3 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
 
 def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     return Trainer(cfg, log=log).run(resume=resume)
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a LoRA from a config",
-        description="Train a LoRA (or LoHa) on the images and .txt captions of [dataset] image_dir and export "
-                    "Kohya-format .safetensors adapters into [output] dir. Runs unchanged under "
-                    "`accelerate launch --num_processes N -m sdlora.cli train CONFIG`.")
-    p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    add_override_argument(p)
-    p.add_argument("--resume", action="store_true",
-                   help=f"continue from <output dir>/state/{STATE_FILE} (same config and images)")
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(args) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
-    if result.report:
-        print(f"adapter: {result.adapter}\nreport: {result.report}")
-    return 0

@@ -24,7 +24,7 @@ def _package_trees() -> list[ast.AST]:
     trees = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
-        if path.name == "config.py":  # its validation reads every key; only Config's own accessors count
+        if path == PACKAGE / "config.py":  # its validation reads every key; only Config's own accessors count
             tree = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
         trees.append(tree)
     return trees
