@@ -222,7 +222,13 @@ class AdapterSet:
             self._count += 1
             # The Kohya-named tensors as read (diffusers/peft files converted), not the file again.
             tensors = {f"{key}.{name}": t for key, parts in adapter.modules.items() for name, t in parts.items()}
-            self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
+            from diffusers.utils import logging as diffusers_logging
+            from transformers.utils import logging as transformers_logging
+
+            from .quiet import quiet
+
+            with quiet(diffusers_logging, transformers_logging):  # transformers' "Loading weights" bar otherwise
+                self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
