@@ -65,19 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "sampler and low-rank tools. New here? `sdlora new NAME --images DIR` writes a starter config.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"sdlora {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show sdlora's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_commands(sub, COMMAND_MODULES)
     return parser
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+class _Version(argparse.Action):
+    """argparse's version action, with the version read only when asked (importlib.metadata costs
+    ~0.1 s, which every other command would pay)."""
 
-    try:
-        return version("sdlora")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("sdlora")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            text = "unknown (not installed)"
+        print(f"sdlora {text}")  # to stdout, as argparse's own version action prints
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
