@@ -327,7 +327,8 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
             backup, n = old.with_name(f"{old.name}.bak-{stamp}"), 1
             while backup.exists():  # two --retag runs within a second: never replace a backup
                 backup, n = old.with_name(f"{old.name}.bak-{stamp}-{n}"), n + 1
-            shutil.copy2(old, backup)
+            with atomic_path(backup) as tmp:  # a full disk leaves no half backup under its name
+                shutil.copy2(old, tmp)
             backups.append(backup)
         atomic_write_text(target, text)
         written.append(target)

@@ -92,3 +92,62 @@ def test_a_failed_write_during_sampling_keeps_the_earlier_images(tmp_path, mini_
     _assert_one_line(proc, path)
     assert path in good and _snapshot(samples) == good and first.read_bytes() == good[first]
     assert not _temp_files(samples)
+
+
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors 0.4+
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',
+])
+def test_a_folder_save_failing_in_safetensors_names_the_folder_and_keeps_the_old_one(tmp_path, message):
+    """`sdlora merge` to a diffusers folder: save_pretrained's safetensors writer fails on a full disk."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from sdlora.cli import os_error_message
+    from sdlora.io import atomic_folder
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    with pytest.raises(OSError) as e, atomic_folder(folder) as tmp:
+        (tmp / "unet").mkdir()
+        raise SafetensorError(message)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(folder)
+    assert "disk is full" in os_error_message(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and (folder / "model_index.json").read_text() == "{}"
+
+
+def test_a_safetensors_error_that_is_no_write_failure_stays_what_it_is(tmp_path):
+    from safetensors import SafetensorError
+
+    from sdlora.io import atomic_path, os_error_of
+
+    error = SafetensorError("Error while deserializing header: HeaderTooLarge")
+    assert os_error_of(error) is None
+    with pytest.raises(SafetensorError), atomic_path(tmp_path / "a.safetensors"):
+        raise error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_retag_backup_cut_short_by_a_full_disk_leaves_no_half_backup(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from test_dataset import demo_copy, write_config
+
+    from sdlora import dataset
+
+    images = demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
+    config = write_config(tmp_path, "images")
+    assert main(["dataset", str(config)]) == 0
+    (images / "scene_01.txt").write_text("my own words, clrscn\n")
+
+    def copy_half_then_fail(src, dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dataset.shutil, "copy2", copy_half_then_fail)
+    assert main(["dataset", str(config), "--retag"]) == 2
+    assert "disk is full" in capsys.readouterr().err
+    assert not list(images.glob("*.bak-*")) and not list(images.glob(".*"))
+    assert (images / "scene_01.txt").read_text() == "my own words, clrscn\n"

@@ -338,9 +338,9 @@ def stage_export(b: Build) -> None:
 
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
+    from ..io import atomic_save_file, atomic_write_text
     from ..tokenizer import clip_tokenizer, write_clip_tokenizer_files
 
     pipe = StableDiffusionPipeline(
@@ -360,11 +360,11 @@ def stage_export(b: Build) -> None:
     clip_dir = assets / "open_clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
     state = torch.load(work / "clip.pt", weights_only=True)
-    save_file({k: v.half().contiguous() for k, v in state.items()}, str(clip_dir / "tiny.safetensors"))
+    atomic_save_file({k: v.half() for k, v in state.items()}, clip_dir / "tiny.safetensors")
     # known_tags: the tagger was trained on these alone and scores other tags arbitrarily;
     # min_duplicate_cosine: distinct scenes reach 0.985 in its coarse embedding, copies >= 0.9995.
     tagger_json = dict(configs.OPEN_CLIP, known_tags=TAGGER_TAGS, min_duplicate_cosine=0.995)
-    (clip_dir / "tiny.json").write_text(json.dumps(tagger_json, indent=2))
+    atomic_write_text(clip_dir / "tiny.json", json.dumps(tagger_json, indent=2))
     total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
     _log(f"export: assets {total / 1e6:.1f} MB", log)
 
