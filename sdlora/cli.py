@@ -42,17 +42,17 @@ class Parser(argparse.ArgumentParser):
         namespace, extras = super().parse_known_args(args, namespace)
         # A subcommand's parser sees its own unknown options here; argparse would report them from the
         # top-level parser, which knows none of the subcommand's options to suggest.
-        unknown = [a for a in extras if a.startswith("-")]
-        if unknown and self.option_names:
-            hints = [f"{a} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(
-                a.split("=")[0], self.option_names, n=1)) else a for a in unknown]
+        if extras:
+            hints = [f"{a} (did you mean {close[0]}?)" if a.startswith("-") and (close := difflib.get_close_matches(
+                a.split("=")[0], self.option_names, n=1)) else a for a in extras]
             self.error(f"unrecognized arguments: {' '.join(hints)}")
         return namespace, extras
 
     def error(self, message: str):
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
-            close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1)
+            choices = [c.strip(" '") for c in m[2].split(",")]  # quoted up to Python 3.13, bare after
+            close = difflib.get_close_matches(m[1], choices, n=1)
             if close:
                 message = f"{message}; did you mean {close[0]}?"
         super().error(message)
