@@ -138,3 +138,13 @@ def test_loading_an_adapter_for_sampling_shows_no_library_progress_bar(tmp_path,
     capfd.readouterr()
     sampler.adapters.add(adapter)  # diffusers' load_lora_weights: transformers drew "Loading weights" here
     assert sampler.adapters.adapters and "Loading weights" not in capfd.readouterr().err
+
+
+def test_the_startup_bench_times_every_help_and_the_version(monkeypatch):
+    from sdlora import bench
+    from sdlora.commands.bench import startup_argvs
+
+    argvs = startup_argvs()
+    assert ["--help"] in argvs and ["--version"] in argvs and ["train", "--help"] in argvs and ["new", "--help"] in argvs
+    figures = bench.bench_startup([["--version"], ["config", "--help"]], repeats=1)
+    assert set(figures) == {"--version_s", "config --help_s"} and all(0 < s < 60 for s in figures.values())

@@ -83,7 +83,7 @@ def _cmd_bench(args) -> int:
 
         parts = [s.strip() for s in args.parts.split(",")]
         results = run_bench(parts, device, args.first_step_base, args.first_step_resolution,
-                            startup_argvs=startup_argvs() if "startup" in parts else ())
+                            startup_argvs() if "startup" in parts else [])
         table = "\n".join(f"\n{name}\n" + "\n".join(
             f"  {key:32s} {value:.4g}" if isinstance(value, float) else f"  {key:32s} {value}"
             for key, value in figures.items()) for name, figures in results.items())
