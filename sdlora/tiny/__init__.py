@@ -1,8 +1,7 @@
 """`sdlora tiny build`: regenerate the data and retrain the embedded base family from fixed seeds.
 
-It takes ~45 minutes on 2 CPU cores (`--scale 0.01`: a smoke test in seconds) and replaces the
-packaged base model (sdlora/assets/tiny, assets/open_clip/tiny.*) only with --overwrite; use
---assets-dir to build a copy elsewhere.
+It replaces the packaged base model (sdlora/assets/tiny, assets/open_clip/tiny.*) only with
+--overwrite; use --assets-dir to build a copy elsewhere (`--scale 0.01`: a smoke test in seconds).
 
 Stages (each writes its result, so a stage can be rerun alone):
   data     procedural scenes: muted 128 px squares and 3:2 / 2:3 frames, with tags
@@ -19,3 +18,4 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"  # the packaged models: tiny/, open_clip/
 STAGES = ["data", "demo", "vae", "unet", "clip", "export", "report"]
+BUILD_MINUTES = 45  # the whole build at --scale 1 on 2 CPU cores (README)

@@ -17,7 +17,7 @@ from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, 
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Fixed sizes and step counts: the whole build fits in ~60 minutes on 2 CPU cores.
+# Fixed sizes and step counts: the whole build takes BUILD_MINUTES (tiny/__init__.py) on 2 CPU cores.
 N_SQUARE, N_WIDE, N_TALL = 4000, 800, 800
 N_VAE_COLOURFUL = 2000
 N_CLIP = 3000
