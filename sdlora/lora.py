@@ -227,16 +227,44 @@ class Network:
                 frozen.append(key)
         return frozen
 
+    def module_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """One module's tensors as the file holds them (fp32, on the adapter's device), `alpha` included."""
+        tensors = {suffix: (param.detach().float() * self._file_factor(key, suffix)).reshape(
+            self._file_shape(key, suffix, param)) for suffix, param in self._adapter_params(key).items()}
+        return tensors | {"alpha": torch.tensor(self._alpha(key))}
+
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),
         `<key>.alpha` (0-dim)."""
-        tensors = {}
+        return {f"{key}.{suffix}": tensor.to("cpu", dtype) for key in self.exported_keys()
+                for suffix, tensor in self.module_tensors(key).items()}
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's max-norm regularisation (scale_weight_norms): each module still learning whose weight change
+        dW = (alpha / r) * update (kohya.module_update; for DoRA the update inside the decomposition,
+        as LyCORIS) has ||dW||_F > max_norm is scaled to max_norm. dW is multilinear in the module's n
+        factors (LoRA: up, down; LoHa: four; LoKr: two to five), so each is multiplied by ratio^(1/n).
+
+        Returns kohya's figures: (modules scaled, mean and max of the norms after scaling)."""
+        scaled, norms = 0, []
         for key in self.exported_keys():
-            for suffix, param in self._adapter_params(key).items():
-                tensor = param.detach().float() * self._file_factor(key, suffix)
-                tensors[f"{key}.{suffix}"] = tensor.reshape(self._file_shape(key, suffix, param)).to("cpu", dtype)
-            tensors[f"{key}.alpha"] = torch.tensor(self._alpha(key), dtype=dtype)
-        return tensors
+            if not any(p.requires_grad for p in self._adapter_params(key).values()):
+                continue  # no longer learning (stop_text_encoder_training, unread text layers): left as it is
+            parts = self.module_tensors(key)
+            parts.pop("dora_scale", None)  # DoRA's magnitude is not part of dW
+            base = self.layer(key).get_base_layer()
+            # a quantize.QuantizedLayer says its shape: reading its .weight would dequantise it
+            norm = kohya.module_update(parts, getattr(base, "shape", None) or base.weight.shape).norm()
+            clamped = norm.clamp(min=max_norm / 2)  # kohya's guard: no division by a near-zero norm
+            ratio = float(clamped.clamp(max=max_norm) / clamped)
+            if ratio != 1:
+                scaled += 1
+                factors = [p for suffix, p in self._adapter_params(key).items() if suffix != "dora_scale"]
+                for p in factors:
+                    p.mul_(ratio ** (1 / len(factors)))
+            norms.append(float(norm) * ratio)
+        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
     def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a Kohya state dict of the same network into the adapters (resume, tests)."""
@@ -418,6 +446,12 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_seed": str(train.seed),
         "ss_min_snr_gamma": f"{train.min_snr_gamma:g}",
         "ss_noise_offset": f"{train.noise_offset:g}",
+        # kohya writes str() of its arguments: "None" when an option is off
+        "ss_adaptive_noise_scale": str(train.adaptive_noise_scale or None),
+        "ss_multires_noise_iterations": str(train.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(train.multires_noise_discount),
+        "ss_scale_weight_norms": str(train.scale_weight_norms or None),
+        "ss_stop_text_encoder_training": str(train.stop_text_encoder_training or None),
         "ss_mixed_precision": train.mixed_precision,
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
         "ss_cache_latents": "True",  # latents are always cached (cache.LatentCache)
