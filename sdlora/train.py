@@ -516,7 +516,7 @@ class Trainer:
             m.requires_grad_(False)
         train_te = any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
-        self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
+        self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network, log=self._main_log)
         cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
         if cfg.network.init_weights:
             self.load_init_weights(cfg.network.init_weights)

@@ -1,16 +1,21 @@
 """kohya's training options: pyramid (multires) noise, adaptive noise offset, max-norm regularisation
-(scale_weight_norms) and stop_text_encoder_training, each checked against kohya's published formula
-(written here from sd-scripts' source) and in a short training on the mini base."""
+(scale_weight_norms), stop_text_encoder_training and block-wise dims / alphas / learning-rate weights,
+each checked against kohya's published formula (written here from sd-scripts' source) and in a short
+training on the mini base."""
+
+import json
+import math
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdlora import lora, train
+from sdlora import blocks, lora, train
 from sdlora.config import ConfigError, config_from_dict, load_config
-from sdlora.tiny.configs import build_pipeline
-from test_lora import BASE, STATS, randomise_adapters
+from sdlora.errors import UserError
+from sdlora.tiny.configs import build_pipeline, build_sdxl_pipeline
+from test_lora import BASE, STATS, _outputs, leftover_messages, randomise_adapters
 from test_train import make_style
 
 
@@ -32,7 +37,8 @@ def kohya_pyramid_noise_like(noise, generator, iterations, discount):
     return noise / noise.std()
 
 
-@pytest.mark.parametrize("iterations, discount, shape", [(6, 0.3, (4, 24, 40)), (10, 0.8, (4, 7, 9)), (1, 0.3, (4, 8, 8))])
+@pytest.mark.parametrize("iterations, discount, shape",
+                         [(6, 0.3, (4, 24, 40)), (10, 0.8, (4, 7, 9)), (1, 0.3, (4, 8, 8))])
 def test_pyramid_noise_is_kohyas_formula_with_unit_std(iterations, discount, shape):
     g = torch.Generator().manual_seed(3)
     noise = torch.randn((1, *shape), generator=g)
@@ -114,7 +120,8 @@ def test_the_step_uses_each_noise_option_and_nothing_else_changes(tmp_path, mini
 
 def peft_deltas(network):
     """{key: dW} from peft's own get_delta_weight: (alpha / r) * update, DoRA's inside its decomposition."""
-    return {key: network.layer(key).get_delta_weight(lora.ADAPTER_NAME).detach().float() for key in network.exported_keys()}
+    return {key: network.layer(key).get_delta_weight(lora.ADAPTER_NAME).detach().float()
+            for key in network.exported_keys()}
 
 
 @pytest.mark.parametrize("network", [
@@ -146,6 +153,131 @@ def test_max_norm_scales_every_module_above_the_norm_and_reports_kohyas_figures(
         assert torch.equal(net._adapter_params(key)["dora_scale"], params_before[key][-1])
 
 
+# -- block-wise dims, alphas and learning-rate weights -------------------------------------------------
+
+
+def test_block_numbers_are_kohyas():
+    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in": 1, "lora_unet_down_blocks_0_resnets_1_conv1": 2,
+          "lora_unet_down_blocks_1_downsamplers_0_conv": 6, "lora_unet_down_blocks_3_resnets_1_conv2": 11,
+          "lora_unet_mid_block_attentions_0_proj_out": 12, "lora_unet_up_blocks_0_resnets_0_conv1": 13,
+          "lora_unet_up_blocks_1_upsamplers_0_conv": 18, "lora_unet_up_blocks_3_attentions_2_proj_out": 24}
+    for key, block in sd.items():
+        assert blocks.block_index(key, sgm=False) == block, key
+    sdxl = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": 5, "lora_unet_input_blocks_0_0": 1,
+            "lora_unet_middle_block_1_proj_in": 11, "lora_unet_output_blocks_8_0_in_layers_2": 21}
+    for key, block in sdxl.items():
+        assert blocks.block_index(key, sgm=True) == block, key
+    assert (blocks.block_count(False), blocks.block_count(True)) == (25, 23)
+
+
+def kohya_preset(name, n, plus=0.0):
+    """networks/lora.py get_block_lr_weight's presets."""
+    return {"cosine": [math.sin(math.pi * (i / (n - 1)) / 2) + plus for i in reversed(range(n))],
+            "sine": [math.sin(math.pi * (i / (n - 1)) / 2) + plus for i in range(n)],
+            "linear": [i / (n - 1) + plus for i in range(n)],
+            "reverse_linear": [i / (n - 1) + plus for i in reversed(range(n))],
+            "zeros": [0.0 + plus] * n}[name]
+
+
+@pytest.mark.parametrize("preset", ["cosine", "sine", "linear", "reverse_linear", "zeros+0.5"])
+def test_lr_weight_presets_are_kohyas(preset):
+    name, _, plus = preset.partition("+")
+    net = config_from_dict({"network": {"down_lr_weight": preset, "up_lr_weight": "1,0.5,,2",
+                                        "block_lr_zero_threshold": 0.1}}).network
+    weights = blocks.block_lr_weights(net, sgm=False, log=lambda m: None)
+    down = [w if w > 0.1 else 0 for w in kohya_preset(name, 12, float(plus or 0))]
+    assert weights == pytest.approx(down + [1.0] + [1.0, 0.5, 0.0, 2.0] + [1.0] * 8)
+    sdxl = blocks.block_lr_weights(net, sgm=True, log=lambda m: None)
+    down = [w if w > 0.1 else 0 for w in kohya_preset(name, 9, float(plus or 0))]
+    assert sdxl == pytest.approx([1.0] + down + [1.0] * 3 + [1.0, 0.5, 0.0, 2.0] + [1.0] * 5 + [1.0])
+
+
+@pytest.mark.parametrize("network, message", [
+    ({"block_dims": "4,x"}, r"block_dims: '4,x' is not a comma-separated list of integers"),
+    ({"block_dims": [4, 2.5]}, r"block_dims\[1\]: expected an integer"),
+    ({"block_alphas": [-1.0]}, r"block_alphas\[0\]: alpha -1 is below 0"),
+    ({"down_lr_weight": "sinus"}, r"down_lr_weight: 'sinus' is neither a list of weights nor a preset"),
+    ({"mid_lr_weight": "sine"}, r"mid_lr_weight: 'sine' is not a comma-separated list of numbers"),
+])
+def test_bad_block_values_are_refused_in_one_line(network, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"network": network})
+
+
+def test_a_block_list_of_the_wrong_length_names_the_blocks_this_unet_has():
+    pipe = build_sdxl_pipeline()
+    cfg = config_from_dict({"network": {"block_dims": [4] * 25}})
+    with pytest.raises(UserError, match=r"block_dims has 25 values; this U-Net \(SDXL\) has 23 blocks"):
+        lora.inject(pipe.unet, None, cfg.network)
+    net = lora.inject(pipe.unet, None, config_from_dict({"network": {
+        "block_dims": [4] * 4 + [2] + [4] * 18, "train_text_encoder": False}}).network)
+    ranks = {blocks.block_index(k, sgm=True): net.layer(k).r[lora.ADAPTER_NAME] for k in net.modules}
+    assert ranks.get(4) == 2 and set(ranks.values()) == {2, 4}  # input_blocks.3: IN03
+
+
+BLOCKWISE = {"type": "locon", "unet_targets": "all", "dim": 4, "alpha": 2, "conv_dim": 2,
+             "block_dims": [4] * 4 + [8] + [4] * 7 + [6] + [3] * 12, "block_alphas": [2.0] * 12 + [1.0] * 13,
+             "conv_block_dims": "2,2,2,2,2,2,2,0,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2",
+             "down_lr_weight": "0,1,1,1,0.5", "up_lr_weight": "zeros+1"}
+
+
+@pytest.mark.parametrize("alphas", ["network.alpha", "block_alphas"])
+def test_block_dims_reach_the_file_and_the_sampler_renders_it_exactly(tmp_path, alphas):
+    """Per-block ranks load through diffusers' load_lora_weights with no key left; per-block alphas
+    of attention modules diffusers misreads, so the sampler patches those files in (A1111's way)."""
+    from sdlora.sample import AdapterSet
+
+    settings = BLOCKWISE if alphas == "block_alphas" else {**BLOCKWISE, "block_alphas": []}
+    pipe = build_pipeline("mini")
+    network = lora.inject(pipe.unet, pipe.text_encoder, config_from_dict({"network": settings}).network)
+    randomise_adapters(network)
+    hidden, noise_pred = _outputs(pipe)
+    tensors = network.kohya_state_dict(torch.float32)
+    unet_keys = {k.split(".")[0] for k in tensors if k.startswith("lora_unet")}
+    for key in unet_keys:
+        block = blocks.block_index(key, sgm=False)
+        conv = tensors[f"{key}.lora_down.weight"].shape[2:] == (3, 3)
+        rank, alpha = (2, 1.0) if conv else (BLOCKWISE["block_dims"][block],
+                                              settings["block_alphas"][block] if settings["block_alphas"] else 2.0)
+        assert tensors[f"{key}.lora_down.weight"].shape[0] == rank, key
+        assert float(tensors[f"{key}.alpha"]) == alpha, key
+        assert not (conv and block == 7) and block != 0  # conv rank 0 / lr weight 0: no module
+    assert {blocks.block_index(k, sgm=False) for k in unet_keys} >= {4, 12}  # the mini U-Net's blocks with 8 and 6
+    assert all(tensors[k].shape[0] == 4 for k in tensors if k.startswith("lora_te") and "lora_down" in k)
+
+    path = tmp_path / "blocks.safetensors"
+    lora.save_adapter(path, tensors, {"ss_output_name": "blocks"})
+    fresh = build_pipeline("mini")
+    adapters = AdapterSet(fresh, fuse=False)
+    problems = leftover_messages(lambda: adapters.add(path))
+    assert not problems, problems
+    adapters.set_weights([1.0])
+    assert (not adapters.adapters[0].name) == (alphas == "block_alphas")  # patched, or diffusers' peft layers
+    loaded_hidden, loaded_pred = _outputs(fresh)
+    torch.testing.assert_close(loaded_hidden, hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded_pred, noise_pred, rtol=1e-5, atol=1e-5)
+
+
+def test_block_lr_weights_make_one_group_per_block_at_unet_lr_times_its_weight():
+    pipe = build_pipeline("mini")
+    net = config_from_dict({"network": {**BLOCKWISE, "down_lr_weight": "sine", "mid_lr_weight": 0.25,
+                                        "block_lr_zero_threshold": 0.3}}).network
+    network = lora.inject(pipe.unet, pipe.text_encoder, net)
+    groups = network.param_groups(1e-3, [1e-4])
+    weights = kohya_preset("sine", 12) + [0.25] + [1.0] * 12
+    weights = [w if w > 0.3 else 0 for w in weights[:13]] + weights[13:]
+    unet_blocks = {blocks.block_index(k, sgm=False) for k, (part, _) in network.modules.items() if part == "unet"}
+    assert [g["name"] for g in groups] == [f"unet_block{b}" for b in sorted(unet_blocks)] + ["text_encoder"]
+    for group, block in zip(groups, sorted(unet_blocks)):
+        assert group["lr"] == pytest.approx(1e-3 * weights[block])
+        keys = [k for k, (part, _) in network.modules.items() if part == "unet"
+                and blocks.block_index(k, sgm=False) == block]
+        assert {id(p) for p in group["params"]} == {id(p) for k in keys for p in network._adapter_params(k).values()}
+    assert all(weights[b] > 0 for b in unet_blocks)  # blocks of weight <= the threshold have no modules
+    assert 1 not in unet_blocks and 12 not in unet_blocks  # sine's IN01 (0.14) and MID (0.25) are under 0.3
+    assert groups[-1]["lr"] == 1e-4
+
+
 # -- metadata, and all of it in one training --------------------------------------------------------
 
 
@@ -155,19 +287,26 @@ def test_metadata_spells_the_options_as_kohya_writes_them():
                                 "ss_adaptive_noise_scale", "ss_scale_weight_norms")} == {
         "ss_multires_noise_iterations": "None", "ss_multires_noise_discount": "0.3",
         "ss_adaptive_noise_scale": "None", "ss_scale_weight_norms": "None"}  # kohya's str(None) for "off"
-    cfg = config_from_dict({"train": {
+    assert "block_dims" not in json.loads(off["ss_network_args"])
+    cfg = config_from_dict({"network": BLOCKWISE | {"block_lr_zero_threshold": 0.1}, "train": {
         "noise_offset": 0.05, "adaptive_noise_scale": 0.01, "multires_noise_iterations": 8,
         "multires_noise_discount": 0.4, "scale_weight_norms": 1, "stop_text_encoder_training": 100}})
     on = lora.adapter_metadata(cfg, BASE, STATS)
     assert (on["ss_multires_noise_iterations"], on["ss_multires_noise_discount"], on["ss_adaptive_noise_scale"],
             on["ss_scale_weight_norms"], on["ss_stop_text_encoder_training"]) == ("8", "0.4", "0.01", "1.0", "100")
+    assert json.loads(on["ss_network_args"]) == {
+        "conv_dim": "2", "conv_alpha": "1",
+        "block_dims": "4,4,4,4,8,4,4,4,4,4,4,4,6,3,3,3,3,3,3,3,3,3,3,3,3",
+        "block_alphas": "2,2,2,2,2,2,2,2,2,2,2,2,1,1,1,1,1,1,1,1,1,1,1,1,1",
+        "conv_block_dims": "2,2,2,2,2,2,2,0,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2",
+        "down_lr_weight": "0,1,1,1,0.5", "up_lr_weight": "zeros+1", "block_lr_zero_threshold": "0.1"}
 
 
 def test_a_training_with_every_option_stops_the_text_encoder_and_bounds_the_norms(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2, extra="max_train_steps = 3"), [
         "train.save_every_n_steps=1", "train.stop_text_encoder_training=1", "train.scale_weight_norms=0.02",
         "train.noise_offset=0.05", "train.adaptive_noise_scale=0.1", "train.multires_noise_iterations=6",
-        "train.unet_lr=1e-2", "train.text_encoder_lr=1e-2"])
+        "train.unet_lr=1e-2", "train.text_encoder_lr=1e-2", 'network.down_lr_weight="1,0,1,1,0.5"'])
     logs = []
     result = train.train(cfg, log=logs.append)
     first, final = load_file(cfg.adapter_path(step=1)), load_file(result.adapter)
@@ -181,7 +320,9 @@ def test_a_training_with_every_option_stops_the_text_encoder_and_bounds_the_norm
         down, up = final[f"{key}.lora_down.weight"], final[f"{key}.lora_up.weight"]
         delta = float(final[f"{key}.alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1))
         assert float(delta.norm()) <= 0.02 * (1 + 1e-4), key
+    assert not any(blocks.block_index(k, sgm=False) == 1 for k in unet)  # IN01: weight 0, no modules
     with safe_open(str(result.adapter), "pt") as f:
         metadata = f.metadata()
     assert (metadata["ss_scale_weight_norms"], metadata["ss_multires_noise_iterations"],
             metadata["ss_adaptive_noise_scale"], metadata["ss_stop_text_encoder_training"]) == ("0.02", "6", "0.1", "1")
+    assert json.loads(metadata["ss_network_args"])["down_lr_weight"] == "1,0,1,1,0.5"
