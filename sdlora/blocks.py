@@ -147,7 +147,7 @@ def _expand(value, n: int) -> list[float]:
 
 def uses_blocks(net) -> bool:
     """Whether any block-wise key of [network] is set."""
-    return any(getattr(net, k) not in ([], "") for k in (*DIM_KEYS, *LR_WEIGHT_KEYS))
+    return any(getattr(net, k) for k in (*DIM_KEYS, *LR_WEIGHT_KEYS))
 
 
 def block_lr_weights(net, sgm: bool, log=print) -> list[float] | None:
@@ -157,16 +157,16 @@ def block_lr_weights(net, sgm: bool, log=print) -> list[float] | None:
     side, mid = SIDES[sgm]
     sides = [("down_lr_weight", net.down_lr_weight, side), ("mid_lr_weight", net.mid_lr_weight, mid),
              ("up_lr_weight", net.up_lr_weight, side)]
-    if all(value in ([], "") for _, value, _ in sides):
+    if not any(value for _, value, _ in sides):
         return None
     weights = []
     for key, value, n in sides:
-        w = _expand(value, n) if value not in ([], "") else [1.0] * n
+        w = _expand(value, n) if value else [1.0] * n
         if len(w) != n:
             log(f"warning: [network] {key} has {len(w)} weights, this U-Net's {key.split('_')[0]} side has {n}: "
                 f"{'the rest are cut' if len(w) > n else 'the missing ones are 1.0'} (as kohya does)")
             w = (w + [1.0] * n)[:n]
-        if value not in ([], ""):
+        if value:
             w = [x if x > net.block_lr_zero_threshold else 0.0 for x in w]
         weights += w
     return [1.0, *weights, 1.0] if sgm else weights
@@ -188,7 +188,7 @@ def kohya_args(net) -> dict[str, str]:
     args = {}
     for key in (*DIM_KEYS, *LR_WEIGHT_KEYS):
         value = getattr(net, key)
-        if value not in ([], ""):
+        if value:
             args[key] = value if isinstance(value, str) else ",".join(f"{v:g}" for v in value)
     if any(key in args for key in LR_WEIGHT_KEYS) and net.block_lr_zero_threshold:
         args["block_lr_zero_threshold"] = f"{net.block_lr_zero_threshold:g}"
