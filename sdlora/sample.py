@@ -196,6 +196,20 @@ class WeightPatcher:
         self.modules.clear()
 
 
+def diffusers_misreads_alphas(modules: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """diffusers (0.42) gives a U-Net attention projection (attn1/attn2 to_q, to_k, to_v, to_out) whose
+    alpha differs from the file's most common U-Net alpha a name peft does not match, and loads it at
+    the common alpha: files with per-block alphas (kohya's block_alphas) are patched in instead."""
+    import collections
+
+    alphas = {key: float(parts["alpha"]) for key, parts in modules.items()
+              if key.startswith("lora_unet_") and "alpha" in parts}
+    if len(set(alphas.values())) < 2:
+        return False
+    common = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return any(alpha != common and re.search(r"_attn[12]_", key) for key, alpha in alphas.items())
+
+
 class AdapterSet:
     """The adapters applied to one pipeline.
 
@@ -213,7 +227,7 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if self.fuse or adapter.kind != "lora":
+        if self.fuse or adapter.kind != "lora" or diffusers_misreads_alphas(adapter.modules):
             if self.patcher is None:
                 self.patcher = WeightPatcher(self.pipe)
             self.patcher.add(adapter)
