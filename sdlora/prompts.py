@@ -296,7 +296,10 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
     def end(edit: _Edit) -> int:
         v = float(edit.when)
-        return min(total, int((v - fraction) * total if "." in edit.when else v - whole))
+        v = (v - fraction) * total if "." in edit.when else v - whole
+        # A1111's min(total, int(v)); clamped first so that 1e999 is `total`, not an overflow
+        # (any end below 0 acts alike: never reached).
+        return int(min(max(v, -1.0), total))
 
     def walk(items):
         for item in items:

@@ -236,6 +236,11 @@ def test_an_edit_touching_stray_brackets_is_an_edit():
     assert prompts.prompt_schedule("[a:b:2]):", 4) == [(2, "a):"), (4, "b):")]
 
 
+def test_an_edit_beyond_any_float_ends_with_the_pass():
+    assert prompts.prompt_schedule("[a:b:1e999]", 4) == [(4, "a")]
+    assert prompts.prompt_schedule("[a:b:-1e999]", 4) == [(4, "b")]
+
+
 def test_each_step_takes_the_first_text_whose_end_it_has_not_passed():
     """A1111's sampler counts steps from 0 and switches after step `end`: [a:b:2] is a for 3 steps."""
     schedule = prompts.prompt_schedule("[a:b:2]", 5)
