@@ -289,7 +289,10 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
     steps: the first pass's steps; hires_steps: the hires pass's, for its schedule (section 3).
     """
-    items = _parse_editing(prompt)
+    try:
+        items = _parse_editing(prompt)
+    except RecursionError:  # hundreds of nested brackets: read as text rather than fail
+        items = None
     if items is None:
         return [(hires_steps or steps, prompt)]
     total, whole, fraction = (steps, 0, 0.0) if hires_steps is None else (hires_steps, steps, 1.0)

@@ -266,3 +266,8 @@ def test_composable_diffusion_is_refused_in_one_line(prompt):
                                           ("[a:b:3]", "[a:b:3]")])
 def test_prompts_without_composition_pass(prompt, text):
     assert prompts.conditioned_text(prompt) == text
+
+
+def test_thousands_of_nested_brackets_are_text_not_a_traceback():
+    prompt = "(" * 3000 + "[a:b:2]"
+    assert prompts.prompt_schedule(prompt, 4) == [(4, prompt)]
