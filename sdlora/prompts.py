@@ -1,7 +1,7 @@
-"""Prompts as A1111 users write them: `<lora:name:w>` tags, emphasis, BREAK, 75-token chunks, and
-kohya's prompt files.
+"""Prompts as A1111 users write them: `<lora:name:w>` tags, prompt editing, emphasis, BREAK,
+75-token chunks, and kohya's prompt files.
 
-    "a (red:1.2) house, [blurry], <lora:pastel:0.8> BREAK sunset"
+    "a (red:1.2) [house:castle:0.5], [blurry], <lora:pastel:0.8:unet=1> BREAK sunset"
 
 1. Extra-network tags `<kind:args>` are taken out of the text; `<lora:name:w>` (and A1111's alias
    `<lyco:...>`) asks for the adapter `name` at weight w (default 1). A1111's fields: positional
@@ -14,8 +14,9 @@ kohya's prompt files.
    written 1.x and a step number counts on from the first pass's steps. Denoising step i (from 0)
    uses the first text whose end step e has i <= e, as A1111's sampler does.
 4. Emphasis (A1111's `parse_prompt_attention`): `(text)` multiplies the weight of its tokens by
-   1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by w; brackets nest by multiplying,
-   an unclosed bracket runs to the end, `\\(` is a literal bracket; `BREAK` ends a chunk.
+   1.1, `[text]` divides it by 1.1, `(text:w)` (spaces allowed around w) multiplies it by w;
+   brackets nest by multiplying, an unclosed bracket runs to the end, `\\(` is a literal bracket;
+   `BREAK` ends a chunk.
 5. Chunks (A1111's `tokenize_line`): the tokens go into chunks of 75, each encoded on its own
    as [BOS] + 75 tokens (padded) + [EOS], so a prompt never loses its tail; when a chunk is full
    and a comma came within the last 20 tokens, the text after that comma moves to the next one.
