@@ -151,6 +151,14 @@ def _base_weight(layer) -> torch.nn.Parameter:
     return (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
 
 
+def part_multiplier(weight: float | tuple[float, float], text_encoder: bool) -> float:
+    """An adapter's multiplier on one part: a number is both parts'; (te, unet) is A1111's
+    `<lora:name:te:unet>`, te for the text encoder(s), unet for the U-Net."""
+    if isinstance(weight, tuple):
+        return weight[0] if text_encoder else weight[1]
+    return weight
+
+
 class WeightPatcher:
     """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside.
 
@@ -175,14 +183,15 @@ class WeightPatcher:
         self.modules.pop(id(adapter), None)
 
     @torch.no_grad()
-    def apply(self, weights: dict[int, float]) -> None:
+    def apply(self, weights: dict[int, float | tuple[float, float]]) -> None:
         """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
         for key, original in self.originals.items():
             weight = _base_weight(self.layers[key])
             base = original.to(weight.device)
             merged = base.to(torch.float32, copy=True)  # never an alias of the kept W0
+            in_text_encoder = kohya.part_of(key) in kohya.TEXT_PARTS
             for adapter_id, modules in self.modules.items():
-                w = weights.get(adapter_id, 0.0)
+                w = part_multiplier(weights.get(adapter_id, 0.0), in_text_encoder)
                 if w and key in modules:
                     merged += w * kohya.module_delta(modules[key], weight.shape, base)
             weight.copy_(merged.to(original.dtype))
@@ -255,15 +264,24 @@ class AdapterSet:
         elif self.patcher is not None:
             self.patcher.remove(adapter)
 
+    def _peft_weights(self, adapter: Adapter, weight):
+        """diffusers' set_adapters weight: a number, or {component: multiplier} for the components
+        that hold this adapter (get_list_adapters), so te and unet reach their own layers."""
+        if not isinstance(weight, tuple):
+            return weight
+        return {component: part_multiplier(weight, component != "unet")
+                for component, names in self.pipe.get_list_adapters().items() if adapter.name in names}
+
     def weights_at(self, scale: float) -> list[float]:
         """Each adapter's weight in a column of scale `scale` (in the order they were added)."""
         return [scale if a.weight is None else a.weight for a in self.adapters]
 
-    def set_weights(self, weights: list[float]) -> None:
+    def set_weights(self, weights: list[float | tuple[float, float]]) -> None:
+        """Each adapter's multiplier: a number, or (te, unet) for the text encoder(s) and the U-Net apart."""
         self.current = list(weights)
         peft = [(a, w) for a, w in zip(self.adapters, weights) if a.name]
         if peft:
-            self.pipe.set_adapters([a.name for a, _ in peft], [w for _, w in peft])
+            self.pipe.set_adapters([a.name for a, _ in peft], [self._peft_weights(a, w) for a, w in peft])
         if self.patcher is not None:
             self.patcher.apply({id(a): w for a, w in zip(self.adapters, weights) if not a.name})
 
@@ -423,6 +441,25 @@ class Sampler:
                           negative_pooled_prompt_embeds=torch.cat([e.pooled for e in neg]))
         return kwargs
 
+    def step_embeds(self, prompts: list[str], negative: list[str], steps: int,
+                    hires_steps: int | None = None) -> list[dict]:
+        """`embeds` for each denoising step of a pass, by A1111's prompt editing and alternation
+        (`prompts.prompt_schedule`: the first pass, or with hires_steps the hires pass); steps
+        with the same texts share one encoding. Prompts are refused for AND (`conditioned_text`)."""
+        from . import prompts as rules
+
+        texts = [rules.conditioned_text(p) for p in prompts] + list(negative)
+        n = hires_steps or steps
+        schedules = [rules.prompt_schedule(t, steps, hires_steps) for t in texts]
+        encoded: dict[tuple, dict] = {}
+        per_step = []
+        for step in range(n):
+            at = tuple(rules.text_at(schedule, step) for schedule in schedules)
+            if at not in encoded:
+                encoded[at] = self.embeds(list(at[:len(prompts)]), list(at[len(prompts):]))
+            per_step.append(encoded[at])
+        return per_step
+
     def render(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
                hires: str = "off", negatives: list[str] | None = None, cfg_scale: float | None = None,
                sampler: str | None = None) -> tuple[list, dict]:
@@ -447,9 +484,10 @@ class Sampler:
         # diffusers advises there, so a seed gives the CPU's image.
         noise_device = "cpu" if self.device == "mps" else self.device
         generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
-        embeds = self.embeds(list(prompts), list(negatives) if negatives else [s.negative_prompt] * len(prompts))
-        images = self.pipe(**embeds, width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
-                           generator=generators()).images
+        negatives = list(negatives) if negatives else [s.negative_prompt] * len(prompts)
+        per_step = self.step_embeds(list(prompts), negatives, steps)
+        images = self.pipe(**per_step[0], width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
+                           generator=generators(), **switching(per_step)).images
         # A1111's key order (processing.create_infotext); None values are left out of the text.
         clip_skip = self.cfg.model.clip_skip
         params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
@@ -468,19 +506,45 @@ class Sampler:
             hires_steps = s.hires_steps or steps
             images = upscaled
             if s.hires_denoise > 0:
-                images = img2img(**embeds, image=upscaled, strength=s.hires_denoise,
+                # Prompt editing over the hires pass's own steps, as A1111 schedules it.
+                per_step = self.step_embeds(list(prompts), negatives, steps, hires_steps)
+                images = img2img(**per_step[0], image=upscaled, strength=s.hires_denoise,
                                  num_inference_steps=img2img_steps(hires_steps, s.hires_denoise),
-                                 guidance_scale=s.cfg_scale, generator=generators()).images
+                                 guidance_scale=s.cfg_scale, generator=generators(), **switching(per_step)).images
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
                            "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
         return images, params
+
+
+def switching(per_step: list[dict]) -> dict:
+    """The pipeline's step-end callback arguments that switch to each step's conditioning (none
+    when one conditioning serves every step).
+
+    At the end of step i the pipelines take the returned `prompt_embeds` (and SDXL's
+    `add_text_embeds`) for step i + 1; under classifier-free guidance both are the batch
+    [negative, positive], which is how the pipelines concatenate them themselves.
+    """
+    if all(embeds is per_step[0] for embeds in per_step):
+        return {}
+    inputs = ["prompt_embeds"] + (["add_text_embeds"] if "pooled_prompt_embeds" in per_step[0] else [])
+
+    def on_step_end(pipe, i, t, tensors):
+        if i + 1 >= len(per_step) or per_step[i + 1] is per_step[i]:
+            return {}
+        embeds, guided = per_step[i + 1], pipe.do_classifier_free_guidance
+        pairs = {"prompt_embeds": ("negative_prompt_embeds", "prompt_embeds"),
+                 "add_text_embeds": ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")}
+        return {name: (torch.cat([embeds[pairs[name][0]], embeds[pairs[name][1]]]) if guided
+                       else embeds[pairs[name][1]]).to(tensors[name]) for name in inputs}
+
+    return dict(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=inputs)
 
 
 def parameters_for(prompt: str, seed: int, adapters: list[Adapter], weights: list[float], negative: str,
                    params: dict) -> str:
     """The infotext of one image: the prompt as written, a `<lora:alias:w>` tag for each active
     adapter the prompt does not already name, and each active adapter's hash once."""
-    active = [(a, w) for a, w in zip(adapters, weights) if w != 0]
+    active = [(a, w) for a, w in zip(adapters, weights) if (w != (0, 0) if isinstance(w, tuple) else w != 0)]
     tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active if not a.from_prompt)
     hashes = ", ".join(dict.fromkeys(f"{a.alias}: {a.short_hash}" for a, _ in active)) or None
     return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes, "Version": "sdlora"})
@@ -492,7 +556,7 @@ class Row:
 
     line: object  # prompts.PromptLine
     text: str  # the prompt without its <lora:...> tags
-    tags: dict[int, float]  # id(adapter) -> weight, for the adapters loaded for its tags
+    tags: dict[int, float | tuple[float, float]]  # id(adapter) -> multiplier (or (te, unet)), for its tags' adapters
 
 
 def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[Row]:
@@ -513,7 +577,7 @@ def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[
             if path not in loaded:
                 loaded[path] = sampler.adapters.add(path, 0.0)
                 loaded[path].from_prompt = True
-            row_tags[id(loaded[path])] = tag.weight
+            row_tags[id(loaded[path])] = tag.multiplier
         rows.append(Row(line, text, row_tags))
     return rows
 

@@ -390,6 +390,11 @@ class Trainer:
 
         self.cfg, self.log = cfg, log
         self.bar = None  # the progress bar while the loop runs
+        if cfg.sample.every_n_epochs:  # previews sample these: refuse what they cannot render before training
+            from .prompts import check_prompt
+
+            for prompt in cfg.sample.prompts:
+                check_prompt(prompt, f"{cfg.source or 'config'}: [sample] prompts")
         tc = cfg.train
         out = cfg.output_dir
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.

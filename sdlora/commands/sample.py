@@ -26,7 +26,8 @@ def add_command(subparsers) -> None:
                         "Default: the trained <output.dir>/<output_name>.safetensors, swept")
     add_override_argument(p, "sample.cfg_scale=5")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces [sample] prompts. "
-                   "A1111 syntax: (word:1.2), (word), [word], BREAK, <lora:name:0.8>")
+                   "A1111 syntax: (word:1.2), (word), [word], BREAK, [from:to:0.5], [a|b], <lora:name:0.8>, "
+                   "<lora:name:te=0.5:unet=1>")
     p.add_argument("--from-file", metavar="FILE", help="prompt file, one prompt per line with kohya's options "
                    "--n NEGATIVE --w W --h H --d SEED --s STEPS --l CFG --ss SAMPLER (sets [sample] prompt_file)")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
