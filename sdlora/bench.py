@@ -1,11 +1,5 @@
-"""`sdlora bench`: speed and memory figures (benchmarks, not tests).
-
-Training (embedded tiny base and the SD1.5 architecture at random weights, small latents):
-samples/s, peak memory, the share of step time spent in VAE encoding without and with the
-latent cache, and the LoRA overhead ratio = (forward + backward with adapters) /
-(forward + backward of the same frozen model, gradients flowing to its input: the work a
-LoRA step cannot avoid). Plus the tagger, sampler and resize figures of their stages.
-"""
+"""`sdlora bench`: speed and memory figures (benchmarks, not tests); what each figure means is
+the command's help (`sdlora/commands/bench.py`)."""
 
 from __future__ import annotations
 
@@ -204,8 +198,28 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
             "peak_memory_mb": peak_memory_mb(compute_device())}
 
 
-def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128) -> dict:
+def bench_startup(argvs: list[list[str]], repeats: int = 3) -> dict:
+    """Seconds from starting `python -m sdlora.cli ARGV` to its exit, the fastest of `repeats`, per
+    argv (each `--help` and `--version`): what a user waits for before anything happens."""
+    import subprocess
+    import sys
+
+    figures = {}
+    for argv in argvs:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "sdlora.cli", *argv], check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        figures[" ".join(argv) + "_s"] = min(times)
+    return figures
+
+
+def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128,
+              startup_argvs: list[list[str]] = ()) -> dict:
     results = {}
+    if "startup" in parts:
+        results["startup"] = bench_startup(list(startup_argvs))
     if "train" in parts:
         results["train_tiny"] = bench_training("tiny", batch=8, latent=16, device=device)
         results["train_sd15"] = bench_training("sd15", batch=1, latent=32, repeats=4, device=device)

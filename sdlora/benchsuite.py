@@ -32,12 +32,8 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
-import math
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -449,73 +445,3 @@ def markdown_table(result: dict) -> str:
             other = row.get("error", "")
         lines.append(f"| {row['name']} | {row['status']} | " + " | ".join(cells) + f" | {other} |")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# `sdlora bench`: the CPU figures (bench.py) or this suite. The command lives here, above both,
-# so that neither module imports the other's caller.
-
-
-def add_command(subparsers) -> None:
-    from . import bench
-
-    p = subparsers.add_parser("bench", help="print speed and memory figures",
-                              description=bench.__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu: the --parts figures; gpu: the GPU suite (benchsuite.py; toy shapes without CUDA)")
-    p.add_argument("--parts", default="train,tagger,sampler,resize,first_step",
-                   help="cpu suite, comma-separated: train, tagger, sampler, resize, first_step (default: all)")
-    p.add_argument("--first-step-base", default="tiny",
-                   help="first_step: model.base to train (e.g. a diffusers folder of SD1.5's architecture)")
-    p.add_argument("--first-step-resolution", type=int, default=128, help="first_step: training resolution")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                   help="write the figures as JSON to PATH (alone: print JSON instead of the table)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.add_argument("--shapes", choices=["auto", "full", "reduced"], default="auto",
-                   help="gpu suite: full sizes (SD1.5 512 px, SDXL 1024 px) or toy ones; auto: full on CUDA")
-    p.add_argument("--budget-s", type=float, default=400.0,
-                   help="gpu suite: rows starting after this many seconds are skipped (default 400)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="gpu suite: the GPU's dense fp16/bf16 peak for MFU (default: known GPUs' data sheets)")
-    p.set_defaults(func=_cmd_bench)
-
-
-def _finite(value):
-    """The results with every non-finite float (a diverged fp16 loss, say) as null: JSON has no NaN."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _cmd_bench(args) -> int:
-    from .io import atomic_write_text, refuse_to_overwrite
-
-    out = Path(args.json) if args.json not in (None, "-") else None
-    if out is not None:
-        refuse_to_overwrite(out, args.overwrite)
-    if args.suite == "gpu":
-        reduced = {"auto": None, "full": False, "reduced": True}[args.shapes]
-        results = run_suite(args.device, reduced, args.budget_s, args.peak_tflops,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
-        table = markdown_table(results)
-    else:
-        from .bench import run_bench
-
-        results = run_bench([s.strip() for s in args.parts.split(",")], args.device, args.first_step_base,
-                            args.first_step_resolution)
-        table = "\n".join(f"\n{name}\n" + "\n".join(
-            f"  {key:32s} {value:.4g}" if isinstance(value, float) else f"  {key:32s} {value}"
-            for key, value in figures.items()) for name, figures in results.items())
-    text = json.dumps(_finite(results), indent=2, allow_nan=False)
-    if args.json == "-":
-        print(text)
-        return 0
-    if out is not None:
-        atomic_write_text(out, text + "\n")
-    print(table)
-    if out is not None:
-        print(f"\nwrote {out}")
-    return 0

@@ -268,9 +268,11 @@ def checked_vocabulary(tagger: "Tagger", path: str | Path, log=print) -> tuple[l
     any image is encoded, so a vocabulary mistake costs no tagging time."""
     vocabulary, unknown = tagger.scorable(read_vocabulary(path))
     name = path or "the packaged vocabulary"
-    if unknown:
-        log(f"{len(unknown)} tags of {name} are unknown to the {tagger.name} tagger and not scored "
-            f"(e.g. {', '.join(unknown[:5])})")
+    # The packaged vocabulary is meant for every tagger; that a small one scores part of it is no news
+    # to the user (the dataset report lists the tags). A vocabulary the user wrote is theirs to fix.
+    if unknown and path:
+        log(f"note: {len(unknown)} tags of {path} will never be written: the {tagger.name} tagger was not "
+            f"trained on them (e.g. {', '.join(unknown[:5])}); remove them, or choose another caption.model")
     if not vocabulary:
         raise UserError(f"{name}: none of its tags is known to the {tagger.name} tagger; "
                         f"it knows: {', '.join(tagger.known_tags or [])}")

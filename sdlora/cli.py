@@ -1,58 +1,97 @@
-"""`sdlora` command line: thin subcommands onto the stage modules.
+"""`sdlora` command line: parse, then call the command (`commands/`, one module per subcommand).
 
-Each stage module that has a command defines `add_command(subparsers)`, which adds its
-parser and sets `func(args) -> int`. Every expected failure prints one line and no traceback:
-user mistakes (`UserError` and its kin) exit 2; the system refusing a write or a read (a full
-disk, permissions) and undecodable text exit 1; an interrupt exits 128 + the signal (130 for
-Ctrl-C). Only a bug in sdlora prints a traceback, with a request to report it.
+Building the parser imports no torch, numpy, diffusers or transformers, so `--help`, every
+`COMMAND --help` and `--version` answer at once; a command imports its stage when it runs.
+
+Every expected failure prints one line and no traceback, and exits 2: user mistakes (`UserError`
+and its kin), the system refusing a write or a read (a full disk, a quota, a file-size limit,
+permissions: the user frees space or picks another path) and undecodable text. An interrupt exits
+128 + the signal (130 for Ctrl-C). Only a bug in sdlora prints a traceback, with a request to
+report it, and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
-import importlib
 import os
+import re
 import sys
 import traceback
 
+from .commands import COMMAND_MODULES, add_commands
 from .errors import USER_ERRORS
+from .io import os_error_of
 
-# Stage modules with a subcommand, in the order `--help` lists them.
-COMMAND_MODULES = ["run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny.build", "benchsuite"]
+
+class Parser(argparse.ArgumentParser):
+    """argparse, plus "did you mean" for a mistyped command, action or option (argparse 3.14's
+    suggest_on_error, for the Pythons sdlora supports)."""
+
+    def __init__(self, *args, **kwargs):
+        self.option_names: list[str] = []  # before super().__init__, which adds -h
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.option_names += action.option_strings
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # A subcommand's parser sees its own unknown options here; argparse would report them from the
+        # top-level parser, which knows none of the subcommand's options to suggest.
+        if extras:
+            hints = [f"{a} (did you mean {close[0]}?)" if a.startswith("-") and (close := difflib.get_close_matches(
+                a.split("=")[0], self.option_names, n=1)) else a for a in extras]
+            self.error(f"unrecognized arguments: {' '.join(hints)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip(" '") for c in m[2].split(",")]  # quoted up to Python 3.13, bare after
+            close = difflib.get_close_matches(m[1], choices, n=1)
+            if close:
+                message = f"{message}; did you mean {close[0]}?"
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sdlora",
         description="Stable Diffusion LoRA style trainer: dataset builder, trainer, Kohya export, "
-                    "sampler and low-rank tools.",
+                    "sampler and low-rank tools. New here? `sdlora new NAME --images DIR` writes a starter config.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"sdlora {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show sdlora's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f".{name}", __package__)
-        module.add_command(sub)
+    add_commands(sub, COMMAND_MODULES)
     return parser
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+class _Version(argparse.Action):
+    """argparse's version action, with the version read only when asked (importlib.metadata costs
+    ~0.1 s, which every other command would pay)."""
 
-    try:
-        return version("sdlora")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown (not installed)"
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("sdlora")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            text = "unknown (not installed)"
+        print(f"sdlora {text}")  # to stdout, as argparse's own version action prints
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from .speed import tune_cpu_allocator
+    from .speed import tune_cpu_allocator  # torch-free: speed.py imports torch where a function needs it
 
     tune_cpu_allocator()  # big training buffers reused instead of re-faulted every step (speed.py)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
@@ -68,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"sdlora: {e or 'interrupted'}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
-    except OSError as e:
-        print(f"sdlora: error: {os_error_message(e)}", file=sys.stderr)
-        return 1
     except UnicodeDecodeError as e:
         print(f"sdlora: error: a file is not UTF-8 text ({e}); save it as UTF-8", file=sys.stderr)
-        return 1
-    except Exception:
+        return 2
+    except Exception as e:
+        failed = os_error_of(e)  # OSError, or a library's wrapper of one (safetensors' writer)
+        if failed is not None:
+            print(f"sdlora: error: {os_error_message(failed)}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print("sdlora: internal error: this is a bug in sdlora, not in your files or settings; please report it "
               "to the sdlora maintainers with the traceback above and the command you ran", file=sys.stderr)
@@ -87,7 +127,10 @@ def os_error_message(e: OSError) -> str:
     fixes = {
         errno.ENOSPC: "the disk is full: free some space (or set output.dir on another disk) and run again; "
                       "files written before stay whole",
-        errno.EDQUOT: "the disk quota is used up: free some space and run again",
+        errno.EDQUOT: "the disk quota is used up: free some space and run again; files written before stay whole",
+        errno.EFBIG: "the file is larger than this system allows (a file-size limit such as `ulimit -f`, or the "
+                     "file system's maximum): raise the limit or set output.dir on another disk; files written "
+                     "before stay whole",
         errno.EACCES: "permission denied: make the folder writable for you, or choose another path",
         errno.EPERM: "operation not permitted: check the file's owner and permissions, or choose another path",
         errno.EROFS: "the file system is read-only: choose a writable path (e.g. set output.dir)",

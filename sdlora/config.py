@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import blocks
 from .errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
 
 
@@ -152,6 +153,27 @@ class NetworkConfig:
     init_weights: str = opt("", "start from this Kohya LoRA file (kohya's network_weights); its modules, ranks and "
                                 "alphas must match [network]", path=True)
     dora: bool = opt(False, "DoRA: learn a magnitude per output row too (lora and locon; LyCORIS dora_wd)")
+    # kohya's block-wise network_args (networks/lora.py); blocks.py numbers the blocks
+    block_dims: Any = opt([], "U-Net rank per block (kohya's block_dims): 25 values IN00-IN11, MID, OUT00-OUT11 "
+                              "(SDXL: 23), a list or \"2,4,...\"; 0 = no adapter in that block; 3x3 convs keep "
+                              "conv_dim",
+                          check=blocks.check_block_dims)
+    block_alphas: Any = opt([], "U-Net alpha per block (kohya's block_alphas); empty = alpha (0: the block's dim)",
+                            check=blocks.check_block_alphas)
+    conv_block_dims: Any = opt([], "rank of the 3x3 conv adapters per block (kohya's conv_block_dims); empty = "
+                                   "conv_dim",
+                               check=blocks.check_block_dims)
+    conv_block_alphas: Any = opt([], "alpha of the 3x3 conv adapters per block; empty = conv_alpha (0: the block's "
+                                     "conv dim / 2)", check=blocks.check_block_alphas)
+    down_lr_weight: Any = opt([], "unet_lr weight of each down block IN00-IN11 (SDXL: 9, IN00-IN08), a list or "
+                                  "a preset: cosine, sine, linear, reverse_linear, zeros, with an optional "
+                                  "\"+number\" (e.g. \"sine+0.5\")", check=blocks.check_lr_weight)
+    mid_lr_weight: Any = opt([], "unet_lr weight of the mid block (SDXL: 3 values)",
+                             check=blocks.check_mid_lr_weight)
+    up_lr_weight: Any = opt([], "unet_lr weight of each up block OUT00-OUT11 (SDXL: 9), a list or a preset as "
+                                "down_lr_weight", check=blocks.check_lr_weight)
+    block_lr_zero_threshold: float = opt(0.0, "a block lr weight at or below this becomes 0: the block gets no "
+                                              "adapters (kohya's block_lr_zero_threshold)", min=0.0)
 
 
 @dataclass
@@ -159,6 +181,10 @@ class TrainConfig:
     unet_lr: float = opt(5e-4, "learning rate of the U-Net adapters", min=0.0)
     text_encoder_lr: Any = opt(1e-4, "learning rate of the text-encoder adapters (SDXL: one, or a pair "
                                "[te1, te2]); 0 freezes it", check=_learning_rates)
+    stop_text_encoder_training: int = opt(0, "text-encoder adapters stop learning after this many optimizer steps and "
+                                             "are saved as they are then (kohya's stop_text_encoder_training; "
+                                             "0 = never)",
+                                          min=0)
     epochs: int = opt(10, "passes over the repeated dataset", min=1)
     max_train_steps: int = opt(0, "stop after this many optimizer steps (0 = epochs decide)", min=0)
     batch_size: int = opt(2, "images per optimizer step (all processes together)", min=1)
@@ -175,8 +201,17 @@ class TrainConfig:
     lr_warmup_steps: int = opt(0, "warm-up steps (kohya's lr_warmup_steps); when > 0 it replaces lr_warmup_ratio",
                                min=0)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", min=0.0)
+    scale_weight_norms: float = opt(0.0, "max-norm regularisation (kohya's scale_weight_norms): after each optimizer "
+                                         "step, any adapter module whose weight change has a norm above this is "
+                                         "scaled down to it (1.0 is kohya's starting point; 0 = off)", min=0.0)
     min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
+    adaptive_noise_scale: float = opt(0.0, "adds this x abs(mean of each latent channel) to noise_offset (kohya's "
+                                           "adaptive_noise_scale; needs noise_offset; 0 = off)", min=-1.0, max=1.0)
+    multires_noise_iterations: int = opt(0, "multi-resolution (pyramid) noise levels (kohya's "
+                                            "multires_noise_iterations; 6 to 10 is usual; 0 = off)", min=0, max=64)
+    multires_noise_discount: float = opt(0.3, "weight ratio of each coarser pyramid noise level (kohya's "
+                                              "multires_noise_discount)", min=0.0, max=1.0)
     prior_loss_weight: float = opt(1.0, "loss weight of regularisation images (kohya's prior_loss_weight)", min=0.0)
     mixed_precision: str = opt("no", "mixed precision of the frozen base and autocast (accelerate fixes it once "
                                "per Python process)", choices=["no", "fp16", "bf16"])
@@ -491,6 +526,11 @@ def _check_consistency(cfg: Config, path: Path) -> None:
     for side, v in (("width", s.width), ("height", s.height)):
         if v % 8:
             raise ConfigError(f"{path}: [sample] {side} = {v} is not a multiple of 8; try {v - v % 8}")
+    t = cfg.train
+    if t.adaptive_noise_scale and not t.noise_offset:
+        raise ConfigError(f"{path}: [train] adaptive_noise_scale = {t.adaptive_noise_scale:g} adds to noise_offset, "
+                          "which is 0 (kohya requires it too); set noise_offset (e.g. 0.05) or "
+                          "adaptive_noise_scale = 0")
     if cfg.trigger and "," in cfg.trigger:
         raise ConfigError(f"{path}: trigger {cfg.trigger!r} must be one tag without commas")
     _check_file_names(cfg, path)
@@ -548,25 +588,3 @@ def reference_markdown() -> str:
     for key, default, help_text in describe():
         lines.append(f"| `{key}` | `{default}` | {help_text.replace('|', '/')} |")
     return "\n".join(lines)
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser("config", help="check a config, or list every key",
-                              description="`sdlora config keys` prints every config key with its default and "
-                                          "meaning; `sdlora config check CONFIG` validates a file and prints it "
-                                          "resolved (paths made absolute).")
-    sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    sub.add_parser("keys", help="every key, its default and meaning (markdown)").set_defaults(
-        func=lambda a: print(reference_markdown()) or 0)
-    check = sub.add_parser("check", help="validate a config and print it resolved")
-    check.add_argument("config", help="a style's TOML config")
-    add_override_argument(check)
-    check.set_defaults(func=_cmd_check)
-
-
-def _cmd_check(args) -> int:
-    import json
-
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(cfg.to_dict(), indent=2))
-    return 0

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import caption as captioner
-from .config import Config, add_override_argument
+from .config import Config
 from .errors import UserError
 from .images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
 from .io import atomic_path, atomic_write_text, read_caption, remove_stale_temps
@@ -327,7 +327,8 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
             backup, n = old.with_name(f"{old.name}.bak-{stamp}"), 1
             while backup.exists():  # two --retag runs within a second: never replace a backup
                 backup, n = old.with_name(f"{old.name}.bak-{stamp}-{n}"), n + 1
-            shutil.copy2(old, backup)
+            with atomic_path(backup) as tmp:  # a full disk leaves no half backup under its name
+                shutil.copy2(old, tmp)
             backups.append(backup)
         atomic_write_text(target, text)
         written.append(target)
@@ -597,34 +598,3 @@ def current_manifest(cfg: Config, log=print) -> dict:
             raise UserError(f"{cfg.output_dir / MANIFEST}: the images changed while the manifest was written; "
                             "run again")
     return data
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "dataset", help="validate, de-duplicate and auto-tag a folder of images (writes .txt captions)",
-        description="Step one of the pipeline. Validates every image of [dataset] image_dir (rejects are "
-                    "listed with their reason), finds near-duplicates, auto-tags images without a caption "
-                    "with the open_clip tagger ([caption] section), prunes the tags (blacklist, replace, "
-                    "duplicates, style tags, trigger first, min_tag_count) and writes .txt sidecars next to "
-                    "the images (or into OUTPUT/captions when the folder is read-only). Writes "
-                    "dataset_report.md/.json, dataset_contact_sheet.png and dataset_manifest.json (what the "
-                    "trainer reads) to [output] dir. Subsets: [[dataset.subsets]] and kohya's N_words / img / reg "
-                    "folders; regularisation images are never tagged nor written to. Existing captions "
-                    "are kept unless --retag. Re-running on an unchanged folder changes nothing.")
-    p.add_argument("config", help="a style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    add_override_argument(p, "caption.threshold=0.5")
-    p.add_argument("--retag", action="store_true", default=None,
-                   help="re-tag images that already have captions; the old captions are kept as "
-                        "NAME.txt.bak-<timestamp> (same as caption.retag = true)")
-    p.add_argument("--keep-duplicates", action="store_true", default=None,
-                   help="report near-duplicates but train on all of them (default: only the first of "
-                        "each group is kept)")
-    p.set_defaults(func=_cmd_dataset)
-
-
-def _cmd_dataset(args) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    build_dataset(cfg, retag=args.retag, keep_duplicates=args.keep_duplicates)
-    return 0

@@ -39,6 +39,24 @@ def _name_the_target(e: OSError, path: Path) -> OSError:
     return type(e)(e.errno, e.strerror, str(path)) if e.errno else e
 
 
+# safetensors' Rust writer reports a failed write as its own SafetensorError, not OSError, with the
+# system's error number only in the text: "I/O error: No space left on device (os error 28)"
+# (older releases: "IoError(Os { code: 28, kind: StorageFull, ... })").
+_OS_ERROR_NUMBER = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+
+def os_error_of(e: BaseException, path: str | Path | None = None) -> OSError | None:
+    """`e` as an OSError naming `path` when it is one, or a library's wrapper of one (safetensors');
+    None for anything else."""
+    if isinstance(e, OSError):
+        return e
+    m = _OS_ERROR_NUMBER.search(str(e)) if type(e).__name__ == "SafetensorError" else None
+    if m is None:
+        return None
+    number = int(m[1] or m[2])
+    return OSError(number, os.strerror(number), None if path is None else str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to `path`; on success it replaces `path` atomically.
@@ -62,8 +80,9 @@ def atomic_path(path: str | Path):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename in (None, tmp):  # write() and fsync() name no file
-            raise _name_the_target(e, path) from None
+        failed = os_error_of(e)
+        if failed is not None and failed.filename in (None, tmp):  # write() and fsync() name no file
+            raise _name_the_target(failed, path) from None
         raise
 
 
@@ -87,8 +106,11 @@ def atomic_folder(folder: str | Path):
             shutil.rmtree(old)
         else:
             os.replace(tmp, folder)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        failed = os_error_of(e)
+        if failed is not None and (failed.filename is None or str(tmp) in str(failed.filename)):
+            raise _name_the_target(failed, folder) from None  # a file inside the temp folder: name the folder
         raise
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import kohya
+from . import blocks, kohya
 from .buckets import resolution_pair
 from .family import ARCHITECTURES, BASE_MODEL_VERSIONS, IMPLEMENTATIONS, is_sdxl
 from .errors import UserError
@@ -95,11 +95,35 @@ def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
 # Injection
 
 
-def network_ranks(net) -> tuple[int, float, int, float]:
+def network_ranks(net, block: int | None = None) -> tuple[int, float, int, float]:
     """(dim, alpha, conv_dim, conv_alpha) of a [network] config with Kohya's defaults: alpha 0 means
-    alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2."""
-    conv_dim = net.conv_dim or net.dim
-    return net.dim, net.alpha or net.dim, conv_dim, net.conv_alpha or conv_dim / 2
+    alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2.
+
+    block: a U-Net block's (`blocks.block_index`), where network.block_dims / block_alphas /
+    conv_block_dims / conv_block_alphas replace dim, alpha, conv_dim, conv_alpha when set."""
+    pick = lambda values, default: values[block] if block is not None and values else default  # noqa: E731
+    dim = pick(net.block_dims, net.dim)
+    conv_dim = pick(net.conv_block_dims, net.conv_dim or net.dim)
+    return (dim, pick(net.block_alphas, net.alpha or dim), conv_dim,
+            pick(net.conv_block_alphas, net.conv_alpha or conv_dim / 2))
+
+
+def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -> tuple[dict, dict, list | None]:
+    """kohya's block-wise [network] settings on the U-Net modules `paths`: ({path: (dim, alpha)} of the
+    modules to create, {path: block}, one lr weight per block or None). A module whose block has
+    rank 0, or an lr weight of 0 (at or below block_lr_zero_threshold), is not created, as in kohya."""
+    sgm = kohya.uses_sgm_names(unet)
+    blocks.check_block_lengths(network_cfg, sgm)
+    lr_weights = blocks.block_lr_weights(network_cfg, sgm, log)
+    modules = dict(unet.named_modules())
+    ranks, block_of = {}, {}
+    for key, path in kohya.module_keys(unet, "unet", paths).items():
+        block = blocks.block_index(key, sgm)
+        dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg, block)
+        rank = (conv_dim, conv_alpha) if _is_spatial_conv(modules[path]) else (dim, alpha)
+        if rank[0] and (lr_weights is None or lr_weights[block]):
+            ranks[path], block_of[path] = rank, block
+    return ranks, block_of, lr_weights
 
 
 def text_encoder_lrs(cfg, base) -> list[float]:
@@ -116,15 +140,17 @@ def text_encoder_lrs(cfg, base) -> list[float]:
     return lrs if cfg.network.train_text_encoder else [0.0] * count
 
 
-def _peft_config(network_cfg, paths: list[str], model: nn.Module):
-    """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha."""
+def _peft_config(network_cfg, paths: list[str], model: nn.Module, ranks: dict | None = None):
+    """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha,
+    or each path its (dim, alpha) from `ranks` (block-wise settings)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg)
-    modules = dict(model.named_modules())
-    convs = [re.escape(p) for p in paths if _is_spatial_conv(modules[p])]
-    rank_pattern = {p: conv_dim for p in convs}
-    alpha_pattern = {p: conv_alpha for p in convs}
+    if ranks is None:
+        modules = dict(model.named_modules())
+        ranks = {p: (conv_dim, conv_alpha) for p in paths if _is_spatial_conv(modules[p])}
+    rank_pattern = {re.escape(p): r for p, (r, _) in ranks.items()}
+    alpha_pattern = {re.escape(p): a for p, (_, a) in ranks.items()}
     if network_cfg.dora and network_cfg.type not in ("lora", "locon"):
         raise UserError(f"[network] dora = true needs type lora or locon (peft has DoRA for LoRA only), "
                         f"not {network_cfg.type!r}")
@@ -150,6 +176,8 @@ class Network:
     models: dict[str, nn.Module]  # part ("unet", "te", "te1", "te2") -> model
     modules: dict[str, tuple[str, str]]  # kohya key -> (part, module path)
     frozen_parts: set[str] = field(default_factory=set)
+    unet_blocks: dict[str, int] = field(default_factory=dict)  # kohya key -> block, with block lr weights only
+    block_lr_weights: list[float] | None = None  # network.*_lr_weight, one per U-Net block
 
     def layer(self, key: str) -> nn.Module:
         part, path = self.modules[key]
@@ -210,11 +238,22 @@ class Network:
                 self.frozen_parts.add(part)
                 continue
             self.frozen_parts.discard(part)
+            if part == "unet" and self.block_lr_weights is not None:
+                groups += self._block_groups(lr)
+                continue
             name = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder_1", "te2": "text_encoder_2"}[part]
             groups.append({"params": params, "lr": lr, "name": name})
         if not groups:
             raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
         return groups
+
+    def _block_groups(self, unet_lr: float) -> list[dict]:
+        """One group per U-Net block that has modules, at unet_lr x its weight, named as kohya names them."""
+        by_block: dict[int, list[nn.Parameter]] = {}
+        for key, block in self.unet_blocks.items():
+            by_block.setdefault(block, []).extend(self._adapter_params(key).values())
+        return [{"params": by_block[b], "lr": unet_lr * self.block_lr_weights[b], "name": f"unet_block{b}"}
+                for b in sorted(by_block)]
 
     def freeze_text_layers(self, part: str, layers: range) -> list[str]:
         """Stop training the adapters of text-encoder layers `layers` of `part` (they stay exported); returns their keys."""
@@ -227,16 +266,44 @@ class Network:
                 frozen.append(key)
         return frozen
 
+    def module_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """One module's tensors as the file holds them (fp32, on the adapter's device), `alpha` included."""
+        tensors = {suffix: (param.detach().float() * self._file_factor(key, suffix)).reshape(
+            self._file_shape(key, suffix, param)) for suffix, param in self._adapter_params(key).items()}
+        return tensors | {"alpha": torch.tensor(self._alpha(key))}
+
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),
         `<key>.alpha` (0-dim)."""
-        tensors = {}
+        return {f"{key}.{suffix}": tensor.to("cpu", dtype) for key in self.exported_keys()
+                for suffix, tensor in self.module_tensors(key).items()}
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's max-norm regularisation (scale_weight_norms): each module still learning whose weight change
+        dW = (alpha / r) * update (kohya.module_update; for DoRA the update inside the decomposition,
+        as LyCORIS) has ||dW||_F > max_norm is scaled to max_norm. dW is multilinear in the module's n
+        factors (LoRA: up, down; LoHa: four; LoKr: two to five), so each is multiplied by ratio^(1/n).
+
+        Returns kohya's figures: (modules scaled, mean and max of the norms after scaling)."""
+        scaled, norms = 0, []
         for key in self.exported_keys():
-            for suffix, param in self._adapter_params(key).items():
-                tensor = param.detach().float() * self._file_factor(key, suffix)
-                tensors[f"{key}.{suffix}"] = tensor.reshape(self._file_shape(key, suffix, param)).to("cpu", dtype)
-            tensors[f"{key}.alpha"] = torch.tensor(self._alpha(key), dtype=dtype)
-        return tensors
+            if not any(p.requires_grad for p in self._adapter_params(key).values()):
+                continue  # no longer learning (stop_text_encoder_training, unread text layers): left as it is
+            parts = self.module_tensors(key)
+            parts.pop("dora_scale", None)  # DoRA's magnitude is not part of dW
+            base = self.layer(key).get_base_layer()
+            # a quantize.QuantizedLayer says its shape: reading its .weight would dequantise it
+            norm = kohya.module_update(parts, getattr(base, "shape", None) or base.weight.shape).norm()
+            clamped = norm.clamp(min=max_norm / 2)  # kohya's guard: no division by a near-zero norm
+            ratio = float(clamped.clamp(max=max_norm) / clamped)
+            if ratio != 1:
+                scaled += 1
+                factors = [p for suffix, p in self._adapter_params(key).items() if suffix != "dora_scale"]
+                for p in factors:
+                    p.mul_(ratio ** (1 / len(factors)))
+            norms.append(float(norm) * ratio)
+        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
     def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a Kohya state dict of the same network into the adapters (resume, tests)."""
@@ -265,7 +332,7 @@ class Network:
                     param.copy_(parts[suffix].reshape(param.shape) / self._file_factor(key, suffix))
 
 
-def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
+def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
     """Freeze the base models and add adapters (peft, adapter name "sdlora") per `network_cfg`.
 
     `text_encoder` is one model, a (te1, te2) pair (SDXL) or None; text-encoder adapters are
@@ -282,6 +349,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
         names = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
         models.update(zip(names, text_encoders))
     modules: dict[str, tuple[str, str]] = {}
+    ranks, block_of, lr_weights = None, {}, None
     for part, model in models.items():
         model.requires_grad_(False)
         if part == "unet":
@@ -291,7 +359,13 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
         if not paths:
             raise UserError(f"[network] unet_targets = {network_cfg.unet_targets!r} selects no module of the "
                             f"{type(model).__name__} ({part}); is it a Stable Diffusion model?")
-        config = _peft_config(network_cfg, paths, model)
+        if part == "unet" and blocks.uses_blocks(network_cfg):
+            ranks, block_of, lr_weights = unet_block_plan(network_cfg, model, paths, log)
+            paths = [p for p in paths if p in ranks]
+            if not paths:
+                raise UserError("[network] block_dims / *_lr_weight leave no U-Net block with adapters: give some "
+                                "block a rank above 0 and a weight above block_lr_zero_threshold")
+        config = _peft_config(network_cfg, paths, model, ranks if part == "unet" else None)
         if part == "unet":
             model.add_adapter(config, adapter_name=ADAPTER_NAME)  # diffusers' own path: set_adapters etc. work
         else:
@@ -299,8 +373,9 @@ def inject(unet: nn.Module, text_encoder, network_cfg) -> Network:
             # injects with peft directly, as here.
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         modules.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
+    blocks_by_key = {key: block_of[path] for key, (part, path) in modules.items() if part == "unet" and block_of}
     return Network(kind=network_cfg.type if network_cfg.type in ("loha", "lokr") else "lora", models=models,
-                   modules=modules)
+                   modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +461,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"
+    network_args.update(blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
     te_lrs = text_encoder_lrs(cfg, base)
@@ -418,6 +494,12 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_seed": str(train.seed),
         "ss_min_snr_gamma": f"{train.min_snr_gamma:g}",
         "ss_noise_offset": f"{train.noise_offset:g}",
+        # kohya writes str() of its arguments: "None" when an option is off
+        "ss_adaptive_noise_scale": str(train.adaptive_noise_scale or None),
+        "ss_multires_noise_iterations": str(train.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(train.multires_noise_discount),
+        "ss_scale_weight_norms": str(train.scale_weight_norms or None),
+        "ss_stop_text_encoder_training": str(train.stop_text_encoder_training or None),
         "ss_mixed_precision": train.mixed_precision,
         "ss_gradient_checkpointing": str(train.gradient_checkpointing),
         "ss_cache_latents": "True",  # latents are always cached (cache.LatentCache)

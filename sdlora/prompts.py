@@ -1,17 +1,26 @@
-"""Prompts as A1111 users write them: `<lora:name:w>` tags, emphasis, BREAK, 75-token chunks, and
-kohya's prompt files.
+"""Prompts as A1111 users write them: `<lora:name:w>` tags, prompt editing, emphasis, BREAK,
+75-token chunks, and kohya's prompt files.
 
-    "a (red:1.2) house, [blurry], <lora:pastel:0.8> BREAK sunset"
+    "a (red:1.2) [house:castle:0.5], [blurry], <lora:pastel:0.8:unet=1> BREAK sunset"
 
 1. Extra-network tags `<kind:args>` are taken out of the text; `<lora:name:w>` (and A1111's alias
-   `<lyco:...>`) asks for the adapter `name` at weight w (default 1).
-2. Emphasis (A1111's `parse_prompt_attention`): `(text)` multiplies the weight of its tokens by
-   1.1, `[text]` divides it by 1.1, `(text:w)` multiplies it by w; brackets nest by multiplying,
-   an unclosed bracket runs to the end, `\\(` is a literal bracket; `BREAK` ends a chunk.
-3. Chunks (A1111's `tokenize_line`): the tokens go into chunks of 75, each encoded on its own
+   `<lyco:...>`) asks for the adapter `name` at weight w (default 1). A1111's fields: positional
+   `name:te:unet`, or named `te=` / `unet=`; the U-Net multiplier defaults to the text encoder's.
+2. Composable diffusion (A1111's `AND`, and a `:w` weight at the very end of a prompt, which A1111
+   reads as that subprompt's weight) is refused; a `:1` at the end is dropped, as A1111 does.
+3. Prompt editing (A1111's `get_learned_conditioning_prompt_schedules`): `[from:to:when]`,
+   `[to:when]`, `[from::when]` switch text at a step, `[a|b|c]` alternates every step. `when` with a
+   dot is a fraction of the steps, without one a step number; in the hires pass a fraction is
+   written 1.x and a step number counts on from the first pass's steps. Denoising step i (from 0)
+   uses the first text whose end step e has i <= e, as A1111's sampler does.
+4. Emphasis (A1111's `parse_prompt_attention`): `(text)` multiplies the weight of its tokens by
+   1.1, `[text]` divides it by 1.1, `(text:w)` (spaces allowed around w) multiplies it by w;
+   brackets nest by multiplying, an unclosed bracket runs to the end, `\\(` is a literal bracket;
+   `BREAK` ends a chunk.
+5. Chunks (A1111's `tokenize_line`): the tokens go into chunks of 75, each encoded on its own
    as [BOS] + 75 tokens (padded) + [EOS], so a prompt never loses its tail; when a chunk is full
    and a comma came within the last 20 tokens, the text after that comma moves to the next one.
-4. Weights (A1111's "Original" emphasis), per chunk and per text encoder:
+6. Weights (A1111's "Original" emphasis), per chunk and per text encoder:
        z' = z * w[token] * mean(z) / mean(z * w)          z: (1, 77, d) hidden states
    The chunks' states are concatenated: (1, 77 * n, d). A prompt and its negative prompt are
    padded to the same number of chunks with encoded empty chunks (A1111's pad_cond_uncond),
@@ -28,6 +37,7 @@ Prompt files (kohya's sample prompts): one prompt per line, options after ` --`:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +81,12 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif token == "[":
             open_square.append(len(runs))
         elif weight is not None and open_round:
-            multiply(open_round.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:  # "[.\d]+" also matches "1.2.3" or "."; A1111 fails on them too
+                raise UserError(f"prompt {text!r}: {weight!r} is not a weight; write it as a number, e.g. (word:1.2)") \
+                    from None
+            multiply(open_round.pop(), factor)
         elif token == ")" and open_round:
             multiply(open_round.pop(), EMPHASIS)
         elif token == "]" and open_square:
@@ -96,31 +111,234 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
 @dataclass
 class LoraTag:
+    """`<lora:name:te:unet>`: the adapter's multipliers on the text encoder(s) and on the U-Net."""
+
     name: str
-    weight: float
+    te: float
+    unet: float
+
+    @property
+    def multiplier(self) -> float | tuple[float, float]:
+        """One number when both parts take the same multiplier, else (te, unet)."""
+        return self.te if self.te == self.unet else (self.te, self.unet)
+
+
+def _lora_tag(kind: str, args: str) -> LoraTag:
+    """A1111's reading of a tag's fields (extra_networks_lora): each field is `key=value` or
+    positional; positional name, te, unet; `te=` and `unet=` override them; unet defaults to te."""
+    positional, named = [], {}
+    for item in args.split(":"):
+        parts = item.split("=", 2)
+        if len(parts) == 2:
+            named[parts[0]] = parts[1]
+        else:
+            positional.append(item)
+    name = positional[0].strip() if positional else ""
+    example = f"e.g. <lora:{name or 'name'}:0.8> or <lora:{name or 'name'}:te=0.5:unet=1>"
+    if not name:
+        raise UserError(f"prompt tag <{kind}:{args}>: no adapter name; {example}")
+    if "dyn" in named or len(positional) > 3:
+        raise UserError(f"prompt tag <{kind}:{args}>: dyn (a dynamic rank) is not supported by sdlora; remove it "
+                        f"({example})")
+    unknown = sorted(set(named) - {"te", "unet"})
+    if unknown:
+        raise UserError(f"prompt tag <{kind}:{args}>: unknown field {unknown[0]!r}; the fields are te= and unet= "
+                        f"({example})")
+    try:
+        te = float(positional[1]) if len(positional) > 1 else 1.0
+        te = float(named.get("te", te))
+        unet = float(positional[2]) if len(positional) > 2 else te
+        unet = float(named.get("unet", unet))
+    except ValueError:
+        raise UserError(f"prompt tag <{kind}:{args}>: the multipliers must be numbers; {example}") from None
+    if not (math.isfinite(te) and math.isfinite(unet)):
+        raise UserError(f"prompt tag <{kind}:{args}>: the multipliers must be finite numbers; {example}")
+    return LoraTag(name, te, unet)
 
 
 def extract_networks(text: str) -> tuple[str, list[LoraTag], list[str]]:
     """(text without `<kind:...>` tags, the LoRA tags, the other tags as written).
 
-    `<lora:name>` is weight 1; `<lora:name:w>`; A1111's third field (a separate U-Net weight) is
-    accepted only when it equals the second, since sdlora applies one weight per adapter.
+    `<lora:name>` is multiplier 1; `<lora:name:w>` w on both parts; `<lora:name:te:unet>`,
+    `<lora:name:te=a:unet=b>` separate multipliers for the text encoder(s) and the U-Net.
     """
     tags, others = [], []
     for kind, args in _EXTRA_NETWORK.findall(text):
-        if kind not in LORA_TAG_KINDS:
+        if kind in LORA_TAG_KINDS:
+            tags.append(_lora_tag(kind, args))
+        else:
             others.append(f"<{kind}:{args}>")
-            continue
-        name, *weights = [a.strip() for a in args.split(":")]
-        try:
-            numbers = [float(w) for w in weights] or [1.0]
-        except ValueError:
-            raise UserError(f"prompt tag <{kind}:{args}>: the weight must be a number, e.g. <lora:{name}:0.8>") from None
-        if len(set(numbers[:2])) > 1:
-            raise UserError(f"prompt tag <{kind}:{args}>: separate text-encoder and U-Net weights are not supported; "
-                            f"give one weight, e.g. <lora:{name}:{numbers[0]:g}>")
-        tags.append(LoraTag(name, numbers[0]))
     return _EXTRA_NETWORK.sub("", text), tags, others
+
+
+# ---------------------------------------------------------------------------------------------
+# AND and prompt editing
+
+_AND = re.compile(r"\bAND\b")
+# A1111's subprompt weight: "text : w" at the end of a subprompt (re_weight in prompt_parser).
+_SUBPROMPT_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def conditioned_text(prompt: str, where: str = "prompt") -> str:
+    """The text A1111 conditions on for a prompt (tags already removed), or a UserError for
+    composable diffusion, which sdlora does not do: `AND`, or a weight other than 1 at the end."""
+    if len(_AND.split(prompt)) > 1:
+        raise UserError(f"{where} {prompt!r}: AND (composable diffusion) is not supported by sdlora; "
+                        f"write one prompt, e.g. with 'and' or a comma")
+    text, weight = _SUBPROMPT_WEIGHT.search(prompt).groups()
+    if weight is not None and float(weight) != 1:
+        raise UserError(f"{where} {prompt!r}: A1111 reads the ':{weight}' at its end as a composable diffusion "
+                        f"(AND) weight, which sdlora does not support; remove it")
+    return text
+
+
+def check_prompt(prompt: str, where: str = "prompt") -> None:
+    """Raise the UserError that sampling `prompt` would raise (its tags, AND, emphasis weights),
+    so a command can refuse it before hours of work rather than at its first sample."""
+    try:
+        parse_attention(conditioned_text(extract_networks(prompt)[0]))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+# The prompt-editing grammar, read from A1111's rules (prompt_parser.schedule_parser):
+#   prompt    = (text | "(" prompt ")" | "(" prompt ":" prompt ")" | "[" prompt "]" | edit | alternate)*
+#   edit      = "[" [prompt ":"] prompt ":" NUMBER "]"          (spaces allowed around NUMBER)
+#   alternate = "[" prompt ("|" prompt)+ "]"
+#   whole     = (prompt | one of "[]():" as text)*                a stray "|" or "\" : no editing at all
+_TEXT = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+_WHEN = re.compile(r"\s*([+-]?(?:\d+[eE][+-]?\d+|(?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+))\s*\]")
+
+
+@dataclass
+class _Edit:
+    before: list  # items; [] for [to:when]
+    after: list
+    when: str  # the number as written: a dot makes it a fraction
+
+
+@dataclass
+class _Alternate:
+    options: list  # one item list per option
+
+
+def _items(s: str, i: int) -> tuple[list, int]:
+    """The longest `prompt` from position i: (items, end). Items: str, _Edit, _Alternate."""
+    items = []
+    while i < len(s):
+        m = _TEXT.match(s, i)
+        if m:
+            items.append(m.group())
+            i = m.end()
+            continue
+        found = _round(s, i) if s[i] == "(" else _square(s, i) if s[i] == "[" else None
+        if found is None:
+            break
+        more, i = found
+        items.extend(more)
+    return items, i
+
+
+def _round(s: str, i: int):
+    inner, j = _items(s, i + 1)
+    if s[j:j + 1] == ")":
+        return ["(", *inner, ")"], j + 1
+    if s[j:j + 1] == ":":
+        weight, k = _items(s, j + 1)
+        if s[k:k + 1] == ")":
+            return ["(", *inner, ":", *weight, ")"], k + 1
+    return None
+
+
+def _square(s: str, i: int):
+    first, j = _items(s, i + 1)
+    if s[j:j + 1] == "]":
+        return ["[", *first, "]"], j + 1
+    if s[j:j + 1] == "|":
+        options = [first]
+        while s[j:j + 1] == "|":
+            option, j = _items(s, j + 1)
+            options.append(option)
+        return ([_Alternate(options)], j + 1) if s[j:j + 1] == "]" else None
+    if s[j:j + 1] == ":":
+        m = _WHEN.match(s, j + 1)
+        if m:
+            return [_Edit([], first, m.group(1))], m.end()
+        second, k = _items(s, j + 1)
+        m = _WHEN.match(s, k + 1) if s[k:k + 1] == ":" else None
+        if m:
+            return [_Edit(first, second, m.group(1))], m.end()
+    return None
+
+
+def _parse_editing(prompt: str) -> list | None:
+    """The prompt's items, or None when A1111's grammar does not take it (then nothing is edited)."""
+    items, i = [], 0
+    while i < len(prompt):
+        more, i = _items(prompt, i)
+        items.extend(more)
+        if prompt[i:i + 1] in ("[", "]", "(", ")", ":"):  # one character of text, then a prompt again
+            items.append(prompt[i])
+            i += 1
+        elif i < len(prompt):
+            return None
+    return items
+
+
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
+    """A1111's schedule of one prompt: [(end step, text)], the last end being the pass's steps.
+
+    steps: the first pass's steps; hires_steps: the hires pass's, for its schedule (section 3).
+    """
+    try:
+        items = _parse_editing(prompt)
+    except RecursionError:  # hundreds of nested brackets: read as text rather than fail
+        items = None
+    if items is None:
+        return [(hires_steps or steps, prompt)]
+    total, whole, fraction = (steps, 0, 0.0) if hires_steps is None else (hires_steps, steps, 1.0)
+
+    def end(edit: _Edit) -> int:
+        v = float(edit.when)
+        v = (v - fraction) * total if "." in edit.when else v - whole
+        # A1111's min(total, int(v)); clamped first so that 1e999 is `total`, not an overflow
+        # (any end below 0 acts alike: never reached).
+        return int(min(max(v, -1.0), total))
+
+    def walk(items):
+        for item in items:
+            if isinstance(item, _Edit):
+                yield item
+                yield from walk(item.before)
+                yield from walk(item.after)
+            elif isinstance(item, _Alternate):
+                yield item
+                for option in item.options:
+                    yield from walk(option)
+
+    def text(items, step: int) -> str:
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                out.append(item)
+            elif isinstance(item, _Edit):
+                out.append(text(item.before if step <= end(item) else item.after, step))
+            else:
+                out.append(text(item.options[(step - 1) % len(item.options)], step))
+        return "".join(out)
+
+    ends = {total}
+    for node in walk(items):
+        if isinstance(node, _Alternate):
+            ends.update(range(1, total + 1))
+        elif end(node) >= 1:
+            ends.add(end(node))
+    return [(e, text(items, e)) for e in sorted(ends)]
+
+
+def text_at(schedule: list[tuple[int, str]], step: int) -> str:
+    """The text conditioning denoising step `step` (from 0): the first whose end step is >= step."""
+    return next((t for e, t in schedule if step <= e), schedule[0][1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +352,7 @@ class Chunk:
 
 
 def chunk_tokens(runs: list[tuple[str, float]], tokenizer) -> list[Chunk]:
-    """The prompt's chunks for one tokenizer (section 3 of the module docstring)."""
+    """The prompt's chunks for one tokenizer (section 5 of the module docstring)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     comma = tokenizer.get_vocab().get(",</w>")

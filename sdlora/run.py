@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, add_override_argument, load_config
+from .config import Config
 from .io import refuse_to_overwrite
 
 
@@ -101,13 +101,3 @@ def run(cfg: Config, log=print) -> dict:
     for name, path in paths.items():
         log(f"  {name:15s} {path}")
     return {"paths": paths, "figures": figures, "sample": result}
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "run", help="the whole job: dataset, train, export, samples (what train.sh runs)",
-        description="Build the dataset (captions and report), train and export the adapter (skipped when it is "
-                    "up to date), render 1080x720 samples and grids, and print where everything is.")
-    p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    add_override_argument(p)
-    p.set_defaults(func=lambda a: run(load_config(a.config, a.overrides)) and 0)

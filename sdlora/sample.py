@@ -40,10 +40,9 @@ from pathlib import Path
 import torch
 
 from . import kohya
-from .config import add_override_argument, epoch_of_adapter
+from .config import epoch_of_adapter
 from .errors import UserError
 from .io import inside, safe_file_stem
-from .lora import parse_adapter_arg
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -152,6 +151,14 @@ def _base_weight(layer) -> torch.nn.Parameter:
     return (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
 
 
+def part_multiplier(weight: float | tuple[float, float], text_encoder: bool) -> float:
+    """An adapter's multiplier on one part: a number is both parts'; (te, unet) is A1111's
+    `<lora:name:te:unet>`, te for the text encoder(s), unet for the U-Net."""
+    if isinstance(weight, tuple):
+        return weight[0] if text_encoder else weight[1]
+    return weight
+
+
 class WeightPatcher:
     """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside.
 
@@ -176,14 +183,15 @@ class WeightPatcher:
         self.modules.pop(id(adapter), None)
 
     @torch.no_grad()
-    def apply(self, weights: dict[int, float]) -> None:
+    def apply(self, weights: dict[int, float | tuple[float, float]]) -> None:
         """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
         for key, original in self.originals.items():
             weight = _base_weight(self.layers[key])
             base = original.to(weight.device)
             merged = base.to(torch.float32, copy=True)  # never an alias of the kept W0
+            in_text_encoder = kohya.part_of(key) in kohya.TEXT_PARTS
             for adapter_id, modules in self.modules.items():
-                w = weights.get(adapter_id, 0.0)
+                w = part_multiplier(weights.get(adapter_id, 0.0), in_text_encoder)
                 if w and key in modules:
                     merged += w * kohya.module_delta(modules[key], weight.shape, base)
             weight.copy_(merged.to(original.dtype))
@@ -195,6 +203,20 @@ class WeightPatcher:
             _base_weight(self.layers[key]).copy_(original)
         self.originals.clear()
         self.modules.clear()
+
+
+def diffusers_misreads_alphas(modules: dict[str, dict[str, torch.Tensor]]) -> bool:
+    """diffusers (0.42) gives a U-Net attention projection (attn1/attn2 to_q, to_k, to_v, to_out) whose
+    alpha differs from the file's most common U-Net alpha a name peft does not match, and loads it at
+    the common alpha: files with per-block alphas (kohya's block_alphas) are patched in instead."""
+    import collections
+
+    alphas = {key: float(parts["alpha"]) for key, parts in modules.items()
+              if key.startswith("lora_unet_") and "alpha" in parts}
+    if len(set(alphas.values())) < 2:
+        return False
+    common = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return any(alpha != common and re.search(r"_attn[12]_", key) for key, alpha in alphas.items())
 
 
 class AdapterSet:
@@ -214,7 +236,7 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if self.fuse or adapter.kind != "lora":
+        if self.fuse or adapter.kind != "lora" or diffusers_misreads_alphas(adapter.modules):
             if self.patcher is None:
                 self.patcher = WeightPatcher(self.pipe)
             self.patcher.add(adapter)
@@ -223,7 +245,13 @@ class AdapterSet:
             self._count += 1
             # The Kohya-named tensors as read (diffusers/peft files converted), not the file again.
             tensors = {f"{key}.{name}": t for key, parts in adapter.modules.items() for name, t in parts.items()}
-            self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
+            from diffusers.utils import logging as diffusers_logging
+            from transformers.utils import logging as transformers_logging
+
+            from .quiet import quiet
+
+            with quiet(diffusers_logging, transformers_logging):  # transformers' "Loading weights" bar otherwise
+                self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
@@ -236,15 +264,24 @@ class AdapterSet:
         elif self.patcher is not None:
             self.patcher.remove(adapter)
 
+    def _peft_weights(self, adapter: Adapter, weight):
+        """diffusers' set_adapters weight: a number, or {component: multiplier} for the components
+        that hold this adapter (get_list_adapters), so te and unet reach their own layers."""
+        if not isinstance(weight, tuple):
+            return weight
+        return {component: part_multiplier(weight, component != "unet")
+                for component, names in self.pipe.get_list_adapters().items() if adapter.name in names}
+
     def weights_at(self, scale: float) -> list[float]:
         """Each adapter's weight in a column of scale `scale` (in the order they were added)."""
         return [scale if a.weight is None else a.weight for a in self.adapters]
 
-    def set_weights(self, weights: list[float]) -> None:
+    def set_weights(self, weights: list[float | tuple[float, float]]) -> None:
+        """Each adapter's multiplier: a number, or (te, unet) for the text encoder(s) and the U-Net apart."""
         self.current = list(weights)
         peft = [(a, w) for a, w in zip(self.adapters, weights) if a.name]
         if peft:
-            self.pipe.set_adapters([a.name for a, _ in peft], [w for _, w in peft])
+            self.pipe.set_adapters([a.name for a, _ in peft], [self._peft_weights(a, w) for a, w in peft])
         if self.patcher is not None:
             self.patcher.apply({id(a): w for a, w in zip(self.adapters, weights) if not a.name})
 
@@ -404,6 +441,25 @@ class Sampler:
                           negative_pooled_prompt_embeds=torch.cat([e.pooled for e in neg]))
         return kwargs
 
+    def step_embeds(self, prompts: list[str], negative: list[str], steps: int,
+                    hires_steps: int | None = None) -> list[dict]:
+        """`embeds` for each denoising step of a pass, by A1111's prompt editing and alternation
+        (`prompts.prompt_schedule`: the first pass, or with hires_steps the hires pass); steps
+        with the same texts share one encoding. Prompts are refused for AND (`conditioned_text`)."""
+        from . import prompts as rules
+
+        texts = [rules.conditioned_text(p) for p in prompts] + list(negative)
+        n = hires_steps or steps
+        schedules = [rules.prompt_schedule(t, steps, hires_steps) for t in texts]
+        encoded: dict[tuple, dict] = {}
+        per_step = []
+        for step in range(n):
+            at = tuple(rules.text_at(schedule, step) for schedule in schedules)
+            if at not in encoded:
+                encoded[at] = self.embeds(list(at[:len(prompts)]), list(at[len(prompts):]))
+            per_step.append(encoded[at])
+        return per_step
+
     def render(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
                hires: str = "off", negatives: list[str] | None = None, cfg_scale: float | None = None,
                sampler: str | None = None) -> tuple[list, dict]:
@@ -428,9 +484,10 @@ class Sampler:
         # diffusers advises there, so a seed gives the CPU's image.
         noise_device = "cpu" if self.device == "mps" else self.device
         generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
-        embeds = self.embeds(list(prompts), list(negatives) if negatives else [s.negative_prompt] * len(prompts))
-        images = self.pipe(**embeds, width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
-                           generator=generators()).images
+        negatives = list(negatives) if negatives else [s.negative_prompt] * len(prompts)
+        per_step = self.step_embeds(list(prompts), negatives, steps)
+        images = self.pipe(**per_step[0], width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
+                           generator=generators(), **switching(per_step)).images
         # A1111's key order (processing.create_infotext); None values are left out of the text.
         clip_skip = self.cfg.model.clip_skip
         params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
@@ -449,19 +506,45 @@ class Sampler:
             hires_steps = s.hires_steps or steps
             images = upscaled
             if s.hires_denoise > 0:
-                images = img2img(**embeds, image=upscaled, strength=s.hires_denoise,
+                # Prompt editing over the hires pass's own steps, as A1111 schedules it.
+                per_step = self.step_embeds(list(prompts), negatives, steps, hires_steps)
+                images = img2img(**per_step[0], image=upscaled, strength=s.hires_denoise,
                                  num_inference_steps=img2img_steps(hires_steps, s.hires_denoise),
-                                 guidance_scale=s.cfg_scale, generator=generators()).images
+                                 guidance_scale=s.cfg_scale, generator=generators(), **switching(per_step)).images
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
                            "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
         return images, params
+
+
+def switching(per_step: list[dict]) -> dict:
+    """The pipeline's step-end callback arguments that switch to each step's conditioning (none
+    when one conditioning serves every step).
+
+    At the end of step i the pipelines take the returned `prompt_embeds` (and SDXL's
+    `add_text_embeds`) for step i + 1; under classifier-free guidance both are the batch
+    [negative, positive], which is how the pipelines concatenate them themselves.
+    """
+    if all(embeds is per_step[0] for embeds in per_step):
+        return {}
+    inputs = ["prompt_embeds"] + (["add_text_embeds"] if "pooled_prompt_embeds" in per_step[0] else [])
+
+    def on_step_end(pipe, i, t, tensors):
+        if i + 1 >= len(per_step) or per_step[i + 1] is per_step[i]:
+            return {}
+        embeds, guided = per_step[i + 1], pipe.do_classifier_free_guidance
+        pairs = {"prompt_embeds": ("negative_prompt_embeds", "prompt_embeds"),
+                 "add_text_embeds": ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")}
+        return {name: (torch.cat([embeds[pairs[name][0]], embeds[pairs[name][1]]]) if guided
+                       else embeds[pairs[name][1]]).to(tensors[name]) for name in inputs}
+
+    return dict(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=inputs)
 
 
 def parameters_for(prompt: str, seed: int, adapters: list[Adapter], weights: list[float], negative: str,
                    params: dict) -> str:
     """The infotext of one image: the prompt as written, a `<lora:alias:w>` tag for each active
     adapter the prompt does not already name, and each active adapter's hash once."""
-    active = [(a, w) for a, w in zip(adapters, weights) if w != 0]
+    active = [(a, w) for a, w in zip(adapters, weights) if (w != (0, 0) if isinstance(w, tuple) else w != 0)]
     tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active if not a.from_prompt)
     hashes = ", ".join(dict.fromkeys(f"{a.alias}: {a.short_hash}" for a, _ in active)) or None
     return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes, "Version": "sdlora"})
@@ -473,7 +556,7 @@ class Row:
 
     line: object  # prompts.PromptLine
     text: str  # the prompt without its <lora:...> tags
-    tags: dict[int, float]  # id(adapter) -> weight, for the adapters loaded for its tags
+    tags: dict[int, float | tuple[float, float]]  # id(adapter) -> multiplier (or (te, unet)), for its tags' adapters
 
 
 def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[Row]:
@@ -494,7 +577,7 @@ def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[
             if path not in loaded:
                 loaded[path] = sampler.adapters.add(path, 0.0)
                 loaded[path].from_prompt = True
-            row_tags[id(loaded[path])] = tag.weight
+            row_tags[id(loaded[path])] = tag.multiplier
         rows.append(Row(line, text, row_tags))
     return rows
 
@@ -747,81 +830,3 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     finally:
         sampler.adapters.close()
     return result.grids[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def _numbers(text: str, kind, option: str) -> list:
-    try:
-        return [kind(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. {option} 0,0.5,1") from None
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sample", help="render prompts x seeds x LoRA scales (PNG with A1111 parameters) and labelled grids",
-        description="Render the config's [sample] prompts with one or more exported adapters, loaded from their "
-                    ".safetensors files as A1111/ComfyUI load them. Writes full-size PNGs (A1111 generation "
-                    "parameters in each) and one grid per seed (rows: prompts, columns: LoRA scales, 0 = the base) "
-                    "to <output.dir>/samples.")
-    p.add_argument("config", help="the style's TOML config")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="an adapter file; repeatable, all applied together. FILE alone is swept over the grid's "
-                        "scales (--scales / [sample] lora_scales); FILE:SCALE keeps that weight in every column "
-                        "(only fixed files: the columns are the base and the files). "
-                        "Default: the trained <output.dir>/<output_name>.safetensors, swept")
-    add_override_argument(p, "sample.cfg_scale=5")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); replaces [sample] prompts. "
-                   "A1111 syntax: (word:1.2), (word), [word], BREAK, <lora:name:0.8>")
-    p.add_argument("--from-file", metavar="FILE", help="prompt file, one prompt per line with kohya's options "
-                   "--n NEGATIVE --w W --h H --d SEED --s STEPS --l CFG --ss SAMPLER (sets [sample] prompt_file)")
-    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
-                   help="folder searched (recursively) for the adapters <lora:name:w> tags name, by file name or "
-                        "ss_output_name; repeatable")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3; replaces [sample] seeds")
-    p.add_argument("--scales", help="comma-separated LoRA scales (grid columns), e.g. 0,0.5,1; 0 is the base")
-    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default [sample] width, 1080)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default [sample] height, 720)")
-    p.add_argument("--steps", type=int, help="denoising steps (default [sample] steps)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="scheduler (default [sample] sampler)")
-    p.add_argument("--hires", choices=["on", "off", "auto"],
-                   help="two-pass hires fix; auto = when the size exceeds the base's native area (default [sample] hires)")
-    p.add_argument("--fuse", action="store_true", help="merge adapters into the weights (faster; A1111's way)")
-    p.add_argument("--epochs-dir", metavar="DIR",
-                   help="render every NAME-0000NN.safetensors (and NAME.safetensors) in DIR side by side")
-    p.add_argument("--out", metavar="DIR", help="output folder (default <output.dir>/samples)")
-    p.set_defaults(func=_cmd_sample)
-
-
-def _cmd_sample(args) -> int:
-    from .config import load_config
-
-    overrides = list(args.overrides)
-    for key in ("width", "height", "steps", "sampler"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"sample.{key}={json.dumps(value)}")
-    if args.fuse:
-        overrides.append("sample.fuse=true")
-    cfg = load_config(args.config, overrides)
-    changes = {}
-    if args.prompt:
-        changes["prompts"] = args.prompt
-        changes["prompt_file"] = ""
-    if args.from_file:
-        changes["prompt_file"] = str(Path(args.from_file).resolve())
-    if args.seeds:
-        changes["seeds"] = _numbers(args.seeds, int, "--seeds")
-    if args.scales:
-        changes["lora_scales"] = _numbers(args.scales, float, "--scales")
-    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
-    result = run_sample(cfg, [parse_adapter_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
-                        lora_dirs=args.lora_dir,
-                        hires=args.hires)
-    print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
-    for grid in result.grids:
-        print(f"  {grid}")
-    return 0

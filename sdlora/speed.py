@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch loads where a function needs it: the CLI tunes the allocator (below) before parsing
+    import torch
+    from torch import nn
 
 
 def require_attention(kind: str, where: str = "train.attention") -> None:
@@ -27,6 +29,8 @@ def require_attention(kind: str, where: str = "train.attention") -> None:
     except ImportError:
         raise UserError(f"{where} = 'xformers' needs the xformers package: pip install 'sdlora[xformers]' "
                         "(a build matching your torch), or use attention = 'sdpa'") from None
+    import torch
+
     if not torch.cuda.is_available():
         raise UserError(f"{where} = 'xformers' needs a CUDA GPU (xformers has no CPU kernels); "
                         "use attention = 'sdpa'")
@@ -47,6 +51,8 @@ def set_attention(unet: nn.Module, kind: str, where: str = "train.attention") ->
 def set_tf32(enabled: bool) -> None:
     """TF32 tensor cores for fp32 matmuls and cuDNN convolutions (10-bit mantissa products,
     fp32 accumulation); mixed-precision steps are unaffected. A process-wide setting."""
+    import torch
+
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
 
@@ -82,6 +88,8 @@ def apply(tc, unet: nn.Module, device: torch.device) -> list[str]:
         if tc.tf32:
             done.append("TF32")
     if tc.channels_last:
+        import torch
+
         unet.to(memory_format=torch.channels_last)
         done.append("channels-last")
     if tc.compile:

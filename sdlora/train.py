@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .buckets import Bucket, crop_top_left
-from .config import Config, add_override_argument
+from .config import Config
 from .errors import UserError
 from .family import TextConditioning, clip_skip_note, is_sdxl, time_ids, unet_conditioning, unread_text_layers
 from .subsets import Subset
@@ -195,6 +195,9 @@ class TrainingSamples(torch.utils.data.Dataset):
             "timesteps": torch.randint(0, t.num_timesteps, (), generator=g),
             "loss_weight": torch.tensor(cfg.train.prior_loss_weight if d.is_reg else 1.0),
         }
+        if cfg.train.multires_noise_iterations:  # drawn last: the draws above stay those of a run without it
+            sample["pyramid"] = pyramid_noise(latents.shape, cfg.train.multires_noise_iterations,
+                                              cfg.train.multires_noise_discount, g)
         if t.te_cache is not None:
             sample["text"] = t.te_cache.get(caption).to_dict()  # {"hidden"(, "pooled")}
         else:
@@ -202,6 +205,35 @@ class TrainingSamples(torch.utils.data.Dataset):
         if is_sdxl(t.base.family):
             sample["time_ids"] = example_time_ids(ex, flip)
         return sample
+
+
+def pyramid_noise(shape: tuple[int, int, int], iterations: int, discount: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The multi-resolution part of kohya's pyramid noise (custom_train_functions.pyramid_noise_like,
+    after Whitaker's multires noise) for one latent (C, H, W):
+
+        P = sum_i upsample(randn(C, H // r_i^i, W // r_i^i)) * discount^i,   r_i ~ U[2, 4), i < iterations
+
+    bilinear upsampling back to (H, W); it stops after the first level that is 1 pixel high or wide.
+    `add_pyramid` adds P to the noise and rescales the sum to unit variance."""
+    c, h, w = shape
+    pyramid = torch.zeros(shape)
+    for i in range(iterations):
+        r = float(torch.rand((), generator=generator)) * 2 + 2
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        level = torch.randn((1, c, hn, wn), generator=generator)
+        pyramid += F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False)[0] * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return pyramid
+
+
+def add_pyramid(noise: torch.Tensor, pyramid: torch.Tensor) -> torch.Tensor:
+    """(noise + pyramid) / std, the std taken per example (B, C, H, W): kohya divides by the whole
+    batch's, the same for one example; per example, an example's noise does not depend on which
+    examples share its batch or process."""
+    noise = noise + pyramid
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
 
 
 def example_time_ids(ex: Example, flipped: bool) -> torch.Tensor:
@@ -220,6 +252,15 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, v_predic
 
     snr = compute_snr(noise_scheduler, timesteps)
     return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
+
+
+def noise_offset_strength(tc, latents: torch.Tensor) -> torch.Tensor | float:
+    """train.noise_offset, plus adaptive_noise_scale x |mean of each latent channel| (kohya's adaptive
+    noise offset, (B, C, 1, 1), clamped at 0 for a negative scale); latents already scaled."""
+    if not tc.adaptive_noise_scale:
+        return tc.noise_offset
+    channel_mean = latents.mean(dim=(2, 3), keepdim=True).abs()
+    return torch.clamp(tc.noise_offset + tc.adaptive_noise_scale * channel_mean, min=0.0)
 
 
 @dataclass
@@ -349,6 +390,11 @@ class Trainer:
 
         self.cfg, self.log = cfg, log
         self.bar = None  # the progress bar while the loop runs
+        if cfg.sample.every_n_epochs:  # previews sample these: refuse what they cannot render before training
+            from .prompts import check_prompt
+
+            for prompt in cfg.sample.prompts:
+                check_prompt(prompt, f"{cfg.source or 'config'}: [sample] prompts")
         tc = cfg.train
         out = cfg.output_dir
         # With no GPU, accelerate only goes multi-process (gloo) when told to use the CPU.
@@ -398,6 +444,7 @@ class Trainer:
         self.unet = None  # the prepared (DDP-wrapped when multi-process) U-Net
         self.network = None  # lora.Network: the adapters, seen through Kohya's names
         self.train_te = False  # text-encoder adapters are trained (not frozen and not 0-rate)
+        self.te_learning = False  # ... and still learning (train.stop_text_encoder_training not reached)
         self.latents = None  # cache.LazyLatents: (digest, bucket) -> cached latent distribution
         self.optimizer = self.lr_scheduler = None
         self.trainable: list = []  # the adapter parameters the optimizer updates
@@ -474,7 +521,7 @@ class Trainer:
             m.requires_grad_(False)
         train_te = any(lr > 0 for lr in self.text_encoder_lrs)
         set_seed(tc.seed)  # the adapters' initial weights: the same in every process and every run
-        self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network)
+        self.network = lora.inject(base.unet, encoders if train_te else None, cfg.network, log=self._main_log)
         cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
         if cfg.network.init_weights:
             self.load_init_weights(cfg.network.init_weights)
@@ -488,7 +535,10 @@ class Trainer:
             if train_te:
                 for te in encoders:
                     te.gradient_checkpointing_enable()
-        self.train_te = train_te
+        self.train_te = self.te_learning = train_te
+        if tc.stop_text_encoder_training and not train_te:
+            self._main_log(f"warning: [train] stop_text_encoder_training = {tc.stop_text_encoder_training} has no "
+                           "effect: the text encoder is not trained")
         captions_fixed = not any(ex.subset.shuffle_caption or ex.subset.caption_dropout_rate
                                  or ex.subset.caption_tag_dropout_rate for ex in self.examples)
         self.text_encoders = [te.to(acc.device) for te in encoders]
@@ -521,6 +571,22 @@ class Trainer:
         self.batches = EpochBatches(self.examples, tc.batch_size, tc.seed)
         self.loader = acc.prepare(torch.utils.data.DataLoader(
             TrainingSamples(self, self.batches), batch_sampler=self.batches, pin_memory=acc.device.type == "cuda"))
+
+    def stop_text_encoder(self, step: int) -> None:
+        """train.stop_text_encoder_training (kohya's): once that many optimizer steps are done, the
+        text-encoder adapters keep their values: they leave autograd (the encoders then run without
+        it, see step()), get no gradient, and optimizers skip parameters without one. They stay in
+        the saved adapters and state."""
+        stop = self.cfg.train.stop_text_encoder_training
+        if not (stop and self.te_learning and step >= stop):
+            return
+        for part in self.network.models:
+            if part != "unet":
+                for p in self.network.parameters_of(part):
+                    p.requires_grad_(False)
+                    p.grad = None
+        self.te_learning = False
+        self._main_log(f"step {step}: the text-encoder adapters stop training (train.stop_text_encoder_training)")
 
     def apply_speed_settings(self) -> None:
         """model.quantize on the frozen base (after injection: adapters stay full precision), then
@@ -562,13 +628,16 @@ class Trainer:
         latents = batch["latents"] * base.vae.config.scaling_factor  # (B, 4, h, w)
         noise = batch["noise"]
         if cfg.train.noise_offset:  # shifts the mean colour: learns brighter darks and darker lights
-            noise = noise + cfg.train.noise_offset * batch["offset"]  # (B, 4, 1, 1): one shift per channel
+            noise = noise + noise_offset_strength(cfg.train, latents) * batch["offset"]  # (B, 4, 1, 1) per channel
+        if "pyramid" in batch:  # multires noise: low frequencies too (after the offset, as kohya)
+            noise = add_pyramid(noise, batch["pyramid"])
         timesteps = batch["timesteps"]  # (B,)
         noisy_latents = base.noise_scheduler.add_noise(latents, noise, timesteps)
         if "text" in batch:  # cached outputs of the frozen text encoder(s)
             text = TextConditioning.from_dict({k: v.to(self.accelerator.device) for k, v in batch["text"].items()})
         else:
-            text = self.encode_text(batch["input_ids"])  # (B, 77, d) hidden states (+ SDXL's pooled (B, 1280))
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.te_learning):
+                text = self.encode_text(batch["input_ids"])  # (B, 77, d) hidden states (+ SDXL's pooled (B, 1280))
         conditioning = unet_conditioning(text, batch.get("time_ids"), self.weight_dtype)
         noise_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, **conditioning).sample
         target = base.noise_scheduler.get_velocity(latents, noise, timesteps) if self.v_prediction else noise
@@ -706,6 +775,7 @@ class Trainer:
             loader = acc.skip_first_batches(self.loader, skip) if skip else self.loader
             self.stop.armed = True
             for i, batch in enumerate(loader, start=skip):
+                self.stop_text_encoder(step)
                 with acc.accumulate(*models):
                     loss = self.step(batch)
                     acc.backward(loss)
@@ -727,6 +797,10 @@ class Trainer:
                     lrs = self.lr_scheduler.get_last_lr()
                     logs = {"loss": loss_value}
                     logs.update({f"lr/{group['name']}": lr for group, lr in zip(self.optimizer.param_groups, lrs)})
+                    if tc.scale_weight_norms:  # kohya's max-norm regularisation, on the updated weights
+                        keys_scaled, mean_norm, max_key_norm = self.network.apply_max_norm(tc.scale_weight_norms)
+                        logs.update({"max_norm/keys_scaled": keys_scaled, "max_norm/max_key_norm": max_key_norm,
+                                     "norm/avg_key_norm": mean_norm})  # kohya's names
                     acc.log(logs, step=step)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
@@ -994,26 +1068,3 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
 
 def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
     return Trainer(cfg, log=log).run(resume=resume)
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "train", help="train a LoRA from a config",
-        description="Train a LoRA (or LoHa) on the images and .txt captions of [dataset] image_dir and export "
-                    "Kohya-format .safetensors adapters into [output] dir. Runs unchanged under "
-                    "`accelerate launch --num_processes N -m sdlora.cli train CONFIG`.")
-    p.add_argument("config", help="the style's TOML config, e.g. datasets_cfg/colorful_scenery.toml")
-    add_override_argument(p)
-    p.add_argument("--resume", action="store_true",
-                   help=f"continue from <output dir>/state/{STATE_FILE} (same config and images)")
-    p.set_defaults(func=_cmd_train)
-
-
-def _cmd_train(args) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
-    if result.report:
-        print(f"adapter: {result.adapter}\nreport: {result.report}")
-    return 0

@@ -44,13 +44,37 @@ def test_attention_parsing_follows_a1111(text, expected):
 def test_lora_tags_are_taken_out_with_their_weights():
     text, tags, others = prompts.extract_networks("a house <lora:pastel:0.8>, <lyco:ink>, <hypernet:x:1> sky")
     assert text == "a house , ,  sky"
-    assert [(t.name, t.weight) for t in tags] == [("pastel", 0.8), ("ink", 1.0)]
+    assert [(t.name, t.te, t.unet) for t in tags] == [("pastel", 0.8, 0.8), ("ink", 1.0, 1.0)]
     assert others == ["<hypernet:x:1>"]
-    assert prompts.extract_networks("<lora:a:0.5:0.5>")[1][0].weight == 0.5
-    with pytest.raises(UserError, match="separate text-encoder and U-Net weights"):
-        prompts.extract_networks("<lora:a:0.5:1>")
-    with pytest.raises(UserError, match="must be a number"):
+    with pytest.raises(UserError, match="must be numbers"):
         prompts.extract_networks("<lora:a:strong>")
+
+
+@pytest.mark.parametrize("tag, te, unet", [
+    # A1111's extra_networks_lora: positional name, te, unet; te= / unet= override; unet defaults to te.
+    ("<lora:x>", 1.0, 1.0),
+    ("<lora:x:0.5>", 0.5, 0.5),
+    ("<lora:x:0.5:0.7>", 0.5, 0.7),
+    ("<lora:x:te=0.3>", 0.3, 0.3),
+    ("<lora:x:unet=0.3>", 1.0, 0.3),
+    ("<lora:x:1:unet=0.5>", 1.0, 0.5),
+    ("<lora:x:te=0:unet=1>", 0.0, 1.0),
+    ("<lora:x:0.2:0.4:te=0.6>", 0.6, 0.4),
+    ("<lora:x: 0.5 >", 0.5, 0.5),
+])
+def test_lora_tag_text_encoder_and_unet_multipliers(tag, te, unet):
+    (found,) = prompts.extract_networks(f"a house {tag}")[1]
+    assert (found.name, found.te, found.unet) == ("x", te, unet)
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("<lora:x:1:1:4>", "dyn"), ("<lora:x:dyn=4>", "dyn"), ("<lora:x:tenc=0.5>", "unknown field 'tenc'"),
+    ("<lora:x:te=high>", "must be numbers"), ("<lora:x:inf>", "finite"), ("<lora::1>", "no adapter name"),
+])
+def test_lora_tag_fields_sdlora_cannot_honour_are_refused_in_one_line(tag, message):
+    with pytest.raises(UserError, match=message) as e:
+        prompts.extract_networks(tag)
+    assert "\n" not in str(e.value) and tag in str(e.value)
 
 
 # Chunks ------------------------------------------------------------------------------------------
@@ -183,3 +207,115 @@ def test_prompt_file_options_apply_per_row(setup, tmp_path):
     assert (one["Negative prompt"], one["Seed"], one["Steps"], one["CFG scale"]) == ("dark", "11", "2", "4.0")
     assert "Lora hashes" not in one and "pastel: " in two["Lora hashes"]
     assert (two["Seed"], two["Steps"]) == ("5", "3")
+
+
+def _part_of_file(source, dest, prefix):
+    """A copy of an adapter file with only the modules whose keys start with `prefix`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v for k, v in load_file(source).items() if k.startswith(prefix)}, str(dest), metadata)
+    return dest
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["peft", "fused"])
+def test_text_encoder_and_unet_multipliers_reach_their_own_part(setup, tmp_path, fuse):
+    """<lora:x:te=0:unet=1> renders as the file's U-Net modules alone, <lora:x:1:0> as its text
+    encoder modules alone (copies of the file holding one part, given with --lora at 1)."""
+    import dataclasses
+
+    cfg, loras = setup
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, fuse=fuse))
+    source = loras / "file_stem.safetensors"
+
+    def tagged(tag):
+        c = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, prompts=[f"a red house {tag}"]))
+        (image,) = sample.run_sample(c, [], out_dir=tmp_path / tag[7:-1].replace(":", "_"), log=lambda m: None,
+                                     lora_dirs=[loras]).images
+        return np.asarray(image.image)
+
+    def with_file(path):
+        c = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, prompts=["a red house"]))
+        result = sample.run_sample(c, [(path, 1.0)], out_dir=tmp_path / path.stem, log=lambda m: None)
+        return np.asarray(next(r for r in result.images if r.scale == 1.0).image)
+
+    unet_only = with_file(_part_of_file(source, tmp_path / "unet_only.safetensors", "lora_unet_"))
+    te_only = with_file(_part_of_file(source, tmp_path / "te_only.safetensors", "lora_te_"))
+    assert np.array_equal(tagged("<lora:pastel:te=0:unet=1>"), unet_only)
+    assert np.array_equal(tagged("<lora:pastel:1:0>"), te_only)
+    both = tagged("<lora:pastel:1>")
+    assert not np.array_equal(both, unet_only) and not np.array_equal(both, te_only)
+
+
+def test_prompt_editing_switches_the_unets_conditioning_at_a1111s_steps(setup):
+    """[red:blue:1] over 4 steps: red for steps 0 and 1, blue for 2 and 3 (A1111 switches after
+    the step `when`); with hires, [red:blue:1.5] is red for the whole first pass and half of the
+    hires pass's 4 steps plus one (1.5 - 1 = half, then the same inclusive end)."""
+    import dataclasses
+
+    cfg, _ = setup
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, hires_steps=4))
+    sampler = sample.Sampler(cfg)
+    seen = []
+    hook = sampler.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True)
+    negative = cfg.sample.negative_prompt
+
+    def batch(text):  # what the pipelines give the U-Net under guidance: [negative, positive]
+        e = sampler.embeds([text], [negative])
+        return torch.cat([e["negative_prompt_embeds"], e["prompt_embeds"]])
+
+    red, blue = batch("a red house"), batch("a blue house")
+    try:
+        sampler.render(["a [red:blue:1] house"], [5], 64, 64, 4)
+        assert len(seen) == 4
+        for got, expected in zip(seen, [red, red, blue, blue]):
+            torch.testing.assert_close(got, expected.to(got))
+        seen.clear()
+        sampler.render(["a [red:blue:1.5] house"], [5], 96, 64, 4, hires="on")
+        assert len(seen) == 8  # 4 first-pass steps, 4 hires steps
+        for got, expected in zip(seen, [red] * 4 + [red, red, red, blue]):
+            torch.testing.assert_close(got, expected.to(got))
+    finally:
+        hook.remove()
+    with pytest.raises(UserError, match="AND"):
+        sampler.render(["a red house AND a blue lake"], [5], 64, 64, 2)
+
+
+def test_sdxl_prompt_editing_switches_hidden_states_and_pooled_embeddings(mini_sdxl_dir, tmp_path):
+    from test_sample import make_cfg
+
+    sampler = sample.Sampler(make_cfg(mini_sdxl_dir, tmp_path / "out"))
+    seen = []
+    hook = sampler.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["encoder_hidden_states"].clone(),
+                                                  kwargs["added_cond_kwargs"]["text_embeds"].clone())),
+        with_kwargs=True)
+
+    def batch(text):
+        e = sampler.embeds([text], [sampler.cfg.sample.negative_prompt])
+        return (torch.cat([e["negative_prompt_embeds"], e["prompt_embeds"]]),
+                torch.cat([e["negative_pooled_prompt_embeds"], e["pooled_prompt_embeds"]]))
+
+    red, blue = batch("a red house"), batch("a blue house")
+    try:
+        sampler.render(["a [red|blue] house"], [5], 64, 64, 3)  # alternation: step 0, 1 -> red, 2 -> blue
+    finally:
+        hook.remove()
+    assert len(seen) == 3
+    for (hidden, pooled), (want_hidden, want_pooled) in zip(seen, [red, red, blue]):
+        torch.testing.assert_close(hidden, want_hidden.to(hidden))
+        torch.testing.assert_close(pooled, want_pooled.to(pooled))
+
+
+def test_training_refuses_sample_prompts_its_previews_cannot_render_before_it_starts(tmp_path):
+    from sdlora import train
+    from sdlora.config import config_from_dict
+
+    cfg = config_from_dict({"name": "style", "output": {"dir": str(tmp_path / "out")},
+                            "sample": {"prompts": ["a house", "a cat AND a dog"], "every_n_epochs": 1}})
+    with pytest.raises(UserError, match=r"\[sample\] prompts: prompt 'a cat AND a dog': AND"):
+        train.Trainer(cfg)
+    assert not (tmp_path / "out").exists()

@@ -233,15 +233,21 @@ def test_refuses_to_overwrite_a_final_adapter(tmp_path, mini_base_dir, capsys):
     assert "overwrite" in capsys.readouterr().err and final.read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("base", ["mini_base_dir", "mini_sdxl_dir"], ids=["sd1", "sdxl"])
-def test_two_processes_match_one(tmp_path, request, base):
+# kohya's options that touch every step: per-example pyramid noise, max-norm, the encoders leaving autograd
+KOHYA_OPTIONS = ("stop_text_encoder_training = 2\nscale_weight_norms = 0.05\nmultires_noise_iterations = 6\n"
+                 "noise_offset = 0.05\nadaptive_noise_scale = 0.1")
+
+
+@pytest.mark.parametrize("base, extra", [("mini_base_dir", ""), ("mini_sdxl_dir", ""), ("mini_base_dir", KOHYA_OPTIONS)],
+                         ids=["sd1", "sdxl", "sd1-kohya-options"])
+def test_two_processes_match_one(tmp_path, request, base, extra):
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU) == one process, same global batch."""
     base_dir = request.getfixturevalue(base)
     runs = {}
     for procs in (1, 2):
         folder = tmp_path / f"p{procs}"
         folder.mkdir()
-        cfg_path = make_style(folder, base_dir, extra="max_train_steps = 4")
+        cfg_path = make_style(folder, base_dir, extra=f"max_train_steps = 4\n{extra}")
         launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", "29517"] if procs == 2 else [sys.executable])

@@ -1,14 +1,5 @@
 """`sdlora tiny build`: regenerate the data and retrain the embedded base family from seeds.
-
-Stages (each writes its result, so a stage can be rerun alone):
-  data     procedural scenes: muted 128 px squares and 3:2 / 2:3 frames, with tags
-  demo     the 25-image colorful_scenery style set (no captions: the builder writes them)
-  vae      AutoencoderKL (f=8, 4 channels) on 64 px crops of both palettes: L1 + edge + tiny KL
-  clip     open_clip tagger: ViT + text tower, sigmoid (SigLIP) loss of images x tags
-  unet     text encoder + UNet2DConditionModel jointly, epsilon prediction, on cached latents
-  export   fp16 diffusers folder `sdlora/assets/tiny/`, `sdlora/assets/open_clip/tiny.*`,
-           a sample grid and `report.md`
-"""
+The stages, and what each writes, are described in `sdlora/tiny/__init__.py` (the command's help)."""
 
 from __future__ import annotations
 
@@ -21,14 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from . import configs
+from . import ASSETS, STAGES, configs
 from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, size_for
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["data", "demo", "vae", "unet", "clip", "export", "report"]
 
-# Fixed sizes and step counts: the whole build fits in ~60 minutes on 2 CPU cores.
+# Fixed sizes and step counts: the whole build takes BUILD_MINUTES (tiny/__init__.py) on 2 CPU cores.
 N_SQUARE, N_WIDE, N_TALL = 4000, 800, 800
 N_VAE_COLOURFUL = 2000
 N_CLIP = 3000
@@ -349,9 +338,9 @@ def stage_export(b: Build) -> None:
 
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
+    from ..io import atomic_save_file, atomic_write_text
     from ..tokenizer import clip_tokenizer, write_clip_tokenizer_files
 
     pipe = StableDiffusionPipeline(
@@ -371,11 +360,11 @@ def stage_export(b: Build) -> None:
     clip_dir = assets / "open_clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
     state = torch.load(work / "clip.pt", weights_only=True)
-    save_file({k: v.half().contiguous() for k, v in state.items()}, str(clip_dir / "tiny.safetensors"))
+    atomic_save_file({k: v.half() for k, v in state.items()}, clip_dir / "tiny.safetensors")
     # known_tags: the tagger was trained on these alone and scores other tags arbitrarily;
     # min_duplicate_cosine: distinct scenes reach 0.985 in its coarse embedding, copies >= 0.9995.
     tagger_json = dict(configs.OPEN_CLIP, known_tags=TAGGER_TAGS, min_duplicate_cosine=0.995)
-    (clip_dir / "tiny.json").write_text(json.dumps(tagger_json, indent=2))
+    atomic_write_text(clip_dir / "tiny.json", json.dumps(tagger_json, indent=2))
     total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
     _log(f"export: assets {total / 1e6:.1f} MB", log)
 
@@ -470,24 +459,3 @@ def build(stages: list[str], b: Build) -> None:
         _log(f"stage {stage} took {time.time() - t:.0f}s", b.log)
     with open(b.work / "build_log.txt", "a") as f:
         f.write("\n".join(b.log) + f"\n[total {time.time() - t0:.0f}s]\n")
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser("tiny", help="the embedded base model: rebuild it from scratch",
-                              description="Tools for the embedded tiny base model family.")
-    sub = p.add_subparsers(dest="tiny_command", metavar="ACTION", required=True)
-    b = sub.add_parser("build", help="regenerate the data and retrain every part from fixed seeds",
-                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    b.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated stages to run, in order (default: all: {','.join(STAGES)})")
-    b.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every image count and step count (0.01 = a smoke test in seconds)")
-    b.add_argument("--assets-dir", default=str(ASSETS), help="where the finished models are written")
-    b.add_argument("--work-dir", default="build/tiny", help="where intermediate data and checkpoints go")
-    b.set_defaults(func=_cmd_build)
-
-
-def _cmd_build(args) -> int:
-    build([s.strip() for s in args.stages.split(",") if s.strip()],
-          Build(work=Path(args.work_dir), assets=Path(args.assets_dir), scale=args.scale))
-    return 0

@@ -1,0 +1,153 @@
+"""The low-rank tools on adapter files: `resize`, `extract`, `merge`, `convert`, `inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import SAVE_PRECISIONS
+from ..errors import UserError
+from . import ADAPTER_FILES
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser("resize", help="shrink an adapter's rank by SVD (energy or fixed rank)",
+                              description="Shrink each module of an adapter to a lower rank by SVD of its weight "
+                                          "change W (from the factors, never the dense W): the smallest rank keeping "
+                                          "--energy BETA of sum(S^2), or a fixed --rank. LoHa, LoKr and Tucker modules "
+                                          "are written as LoRA; DoRA magnitudes are kept. The scale alpha / rank is "
+                                          "unchanged.")
+    p.add_argument("input", metavar="IN", help=f"adapter (.safetensors): {ADAPTER_FILES}")
+    p.add_argument("output", metavar="OUT", help="resized adapter to write (always a LoRA file)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--energy", type=float, metavar="BETA",
+                     help="per module, keep the smallest rank with sum(S[:k]^2) >= BETA * sum(S^2), e.g. 0.9 "
+                          "(kohya's sv_fro p corresponds to BETA = p^2)")
+    how.add_argument("--rank", type=int, metavar="R", help="the same rank R for every module")
+    p.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_resize)
+
+    p = subparsers.add_parser("extract", help="a LoRA for the difference between two checkpoints (SVD)",
+                              description="Write a Kohya LoRA for the difference W_tuned - W_base of two "
+                                          "checkpoints of one architecture: per module a truncated SVD (fixed --rank "
+                                          "or --energy), factors clipped to a quantile as kohya does, alpha = rank.")
+    p.add_argument("--base", required=True, help="the original checkpoint: diffusers folder or .safetensors file")
+    p.add_argument("--tuned", required=True, help="the fine-tuned checkpoint of the same architecture")
+    p.add_argument("output", metavar="OUT", help="adapter to write (.safetensors, Kohya format)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, metavar="R", help="rank of every Linear / 1x1 conv module")
+    how.add_argument("--energy", type=float, metavar="BETA", help="per module, the smallest rank keeping BETA of "
+                                                                  "the squared singular values")
+    p.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
+    p.add_argument("--conv-rank", type=int, default=0, metavar="R",
+                   help="also extract the ResNet 3x3 convs (LoCon) at this rank (default 0: not extracted)")
+    p.add_argument("--clamp-quantile", type=float, default=0.99,
+                   help="clip the factors to this quantile of their absolute values, as kohya does (default 0.99)")
+    p.add_argument("--no-clamp", action="store_true", help="do not clip the factors (exact truncated SVD)")
+    p.add_argument("--te-tolerance", type=float, default=1e-4,
+                   help="the text encoder is skipped when no weight changed by more than this (default 1e-4)")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16", help="dtype of the adapter")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_extract)
+
+    p = subparsers.add_parser("merge", help="bake adapters into a base checkpoint",
+                              usage="sdlora merge [-h] [--save-precision {fp16,bf16,fp32}] [--overwrite] "
+                                    "BASE ADAPTER[:SCALE] [ADAPTER[:SCALE] ...] OUT",
+                              description="Bake adapters into a base checkpoint: W += SCALE * delta W per module (DoRA: "
+                                         "from the base weight), then save one .safetensors file or a diffusers "
+                                         "folder. Every module must match a layer of the base.")
+    p.add_argument("base", metavar="BASE", help="base checkpoint: 'tiny', a diffusers folder or a .safetensors file")
+    p.add_argument("items", nargs="+", metavar="ADAPTER[:SCALE] ... OUT",
+                   help=f"adapters ({ADAPTER_FILES}) with an optional multiplier "
+                        "(pastel.safetensors:0.8), then OUT: a path ending .safetensors writes one checkpoint file, a path without suffix a diffusers folder")
+    p.add_argument("--save-precision", choices=SAVE_PRECISIONS, default="fp16", help="dtype of the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_merge)
+
+    p = subparsers.add_parser("convert", help="rewrite a diffusers/peft-format adapter as a Kohya file",
+                              description="Read an adapter as every sdlora command reads it (Kohya, LyCORIS, "
+                                          "diffusers or peft key names; bundled embeddings left out) and write it "
+                                          "with Kohya's key names, which A1111, Forge and ComfyUI load.")
+    p.add_argument("input", metavar="IN", help=f"adapter (.safetensors): {ADAPTER_FILES}")
+    p.add_argument("output", metavar="OUT", help="Kohya-format adapter to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_cmd_convert)
+
+    p = subparsers.add_parser("inspect", help="metadata, ranks, norms and energy curves of an adapter",
+                              description="Print an adapter's metadata, module kinds, ranks, alphas, norms and the rank "
+                                          "that keeps 50/80/90/99% of each module's energy (singular values from "
+                                          "the factors); --plot draws the spectra.")
+    p.add_argument("file", metavar="FILE", help=f"adapter (.safetensors): {ADAPTER_FILES}. Modules holding NaN/inf are "
+                                                "listed and the exit code is 1")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write the singular-value spectra and cumulative "
+                                                             "energy curves to this PNG")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _dtype(name: str):
+    from ..models import DTYPES
+
+    return DTYPES[name]
+
+
+def _cmd_resize(args) -> int:
+    from ..lowrank import resize
+
+    report = resize(args.input, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
+                    overwrite=args.overwrite)
+    print(report.table())
+    converted = sorted({m.kind for m in report.modules if m.kind.split("+")[0] != "lora" or "tucker" in m.kind})
+    if converted:
+        print(f"note: the input has {', '.join(converted)} modules; the output is a LoRA file (lora_down / lora_up)")
+    if any("dora" in m.kind for m in report.modules):
+        print("note: DoRA magnitudes (dora_scale) are kept as they are; only the low-rank update is resized")
+    return 0
+
+
+def _cmd_extract(args) -> int:
+    from ..lowrank import extract
+
+    report = extract(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
+                     conv_rank=args.conv_rank, clamp=None if args.no_clamp else args.clamp_quantile,
+                     te_tolerance=args.te_tolerance, dtype=_dtype(args.save_precision),
+                     overwrite=args.overwrite)
+    print(report.table())
+    return 0
+
+
+def _with_default_scale(arg: tuple[Path, float | None]) -> tuple[Path, float]:
+    path, scale = arg
+    return path, 1.0 if scale is None else scale
+
+
+def _cmd_merge(args) -> int:
+    from .. import lora
+    from ..lowrank import merge
+
+    if len(args.items) < 2:
+        raise UserError("merge: usage is `sdlora merge BASE ADAPTER[:SCALE] ... OUT` (at least one adapter and OUT)")
+    *adapters, out = args.items
+    merged = merge(args.base, [_with_default_scale(lora.parse_adapter_arg(a)) for a in adapters], out,
+                   dtype=_dtype(args.save_precision), overwrite=args.overwrite)
+    for path, n in merged.items():
+        print(f"merged {n} modules of {path}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from ..lowrank import convert
+
+    metadata = convert(args.input, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output} ({metadata['ss_network_module']}, dim {metadata.get('ss_network_dim', '?')})")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from ..lowrank import format_inspect, inspect
+
+    summary = inspect(args.file, plot=args.plot)
+    print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))
+    return 1 if summary["non_finite"] else 0
