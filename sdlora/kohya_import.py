@@ -414,14 +414,7 @@ def convert(setup: Setup) -> Conversion:
         """Set sdlora's `target` from kohya's `key`: typed as sdlora's field, moved to the nearest valid value."""
         shown = raw if raw is not None else args.get(key, value)
         shown = " ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
-        found = _field(target)
-        if found is None and _is_off(value):
-            out.off.append(key)
-        elif found is None:
-            out.unmapped.append(f"--{key} = {shown}: no sdlora key {target} in this version")
-        if found is None:
-            return
-        f, kind = found
+        f, kind = _field(target)
         value = converted(value) if converted else _typed(value, kind, where(key))
         nearest = _nearest(value, f, target)
         if nearest != value:
@@ -545,8 +538,8 @@ def _drop_unset(args: dict, gui: set, out: Conversion) -> None:
     """The GUI's "unset": "" (and 0 where kohya means unset; a GUI's seed 0 too) leaves sdlora's default."""
     unset = [k for k, v in args.items() if not _given(v) or v == [] or (
         (k in ZERO_IS_UNSET or k == "seed" and k in gui) and not isinstance(v, bool) and _number(v) == 0)]
-    defaults = sorted(f"{KOHYA_KEYS[k]} ({k})" for k in unset if k in KOHYA_KEYS and _field(KOHYA_KEYS[k]))
-    out.off += [k for k in unset if not (k in KOHYA_KEYS and _field(KOHYA_KEYS[k]))]
+    defaults = sorted(f"{KOHYA_KEYS[k]} ({k})" for k in unset if k in KOHYA_KEYS)
+    out.off += [k for k in unset if k not in KOHYA_KEYS]
     if defaults:
         out.notes.append(f"unset in the source (\"\" or 0), so sdlora's default applies: {', '.join(defaults)}")
     for k in unset:

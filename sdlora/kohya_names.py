@@ -85,9 +85,7 @@ KOHYA_KEYS: dict[str, str] = {
     "sample_prompts": "sample.prompt_file",
     "output_dir": "output.dir",
     "output_name": "output.output_name",
-    # ---- Keys the ktrain branch adds for issue 20 (not in this branch's config yet). The integrator checks
-    # these names against the merged config; until a key exists, import-kohya notes the value as having
-    # "no sdlora key ... in this version". The network ones also come from network_args (kohya_import).
+    # kohya's training options, and the block-wise network_args (kohya_import reads those from network_args too)
     "multires_noise_iterations": "train.multires_noise_iterations",
     "multires_noise_discount": "train.multires_noise_discount",
     "adaptive_noise_scale": "train.adaptive_noise_scale",
@@ -101,7 +99,6 @@ KOHYA_KEYS: dict[str, str] = {
     "mid_lr_weight": "network.mid_lr_weight",
     "up_lr_weight": "network.up_lr_weight",
     "block_lr_zero_threshold": "network.block_lr_zero_threshold",
-    # ---- end of the ktrain keys
 }
 
 

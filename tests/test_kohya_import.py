@@ -17,15 +17,6 @@ from sdlora.config import describe, load_config
 from sdlora.errors import UserError
 from sdlora.kohya_import import import_kohya
 
-KEYS = {key for key, _, _ in describe()}
-
-
-def needs(*keys):
-    """Skip until the ktrain branch's config keys exist (issue 20); the mapping is written already."""
-    missing = [k for k in keys if k not in KEYS]
-    return pytest.mark.skipif(bool(missing), reason=f"config keys not in this version: {', '.join(missing)}")
-
-
 def gui_preset(**changes) -> dict:
     """A kohya_ss GUI LoRA preset as the GUI saves it: unset fields are "" or 0, some numbers are strings,
     some integers floats."""
@@ -378,10 +369,9 @@ def test_values_sdlora_cannot_take_become_the_nearest_and_a_note_says_so(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Keys the ktrain branch adds (skipped until they exist)
+# kohya's training options and block weights
 
 
-@needs("train.multires_noise_iterations", "train.multires_noise_discount", "train.adaptive_noise_scale")
 def test_multires_and_adaptive_noise_map_by_noise_offset_type(tmp_path, capsys):
     source = tmp_path / "gui.json"
     write(source, gui_preset(noise_offset_type="Multires", multires_noise_iterations=6, multires_noise_discount=0.3,
@@ -396,7 +386,6 @@ def test_multires_and_adaptive_noise_map_by_noise_offset_type(tmp_path, capsys):
         0.05, 0.00357, 0)
 
 
-@needs("train.scale_weight_norms", "train.stop_text_encoder_training")
 def test_scale_weight_norms_and_stop_text_encoder_training(tmp_path, capsys):
     code, cfg, err = convert(tmp_path, capsys, "train_network.py --network_dim 4 --scale_weight_norms 1.0 "
                                                "--stop_text_encoder_training 120")
@@ -409,8 +398,6 @@ def test_scale_weight_norms_and_stop_text_encoder_training(tmp_path, capsys):
     assert cfg.train.stop_text_encoder_training == 0 and "25% of the steps: the step count is not known" in err
 
 
-@needs("network.block_dims", "network.block_alphas", "network.conv_block_dims", "network.conv_block_alphas",
-       "network.down_lr_weight", "network.mid_lr_weight", "network.up_lr_weight", "network.block_lr_zero_threshold")
 def test_block_weights_from_network_args_and_gui_fields(tmp_path, capsys):
     """kohya's comma strings and preset names give what the same values written in sdlora's own form give."""
     from sdlora.config import config_from_dict
@@ -437,21 +424,13 @@ def test_block_weights_from_network_args_and_gui_fields(tmp_path, capsys):
         by_hand.conv_block_dims, by_hand.conv_block_alphas, by_hand.up_lr_weight)
 
 
-def test_the_ktrain_keys_are_named_in_one_table():
-    """Until the keys exist their values are noted, never dropped, and the table names each one once."""
+def test_every_kohya_name_points_to_an_sdlora_key():
+    """One table names kohya's keys for the importer and the config's did-you-mean; each must exist."""
     from sdlora.kohya_names import KOHYA_KEYS
 
-    pending = ["multires_noise_iterations", "multires_noise_discount", "adaptive_noise_scale", "scale_weight_norms",
-               "stop_text_encoder_training", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
-               "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"]
-    for key in pending:
-        assert KOHYA_KEYS[key].endswith("." + key)
-    log = []
-    import_kohya(["train_network.py --network_dim 4 --scale_weight_norms 2.5 --network_args block_dims=2,2"],
-                 log=log.append)
-    for key, target in (("scale_weight_norms", "train.scale_weight_norms"), ("network_args block_dims",
-                                                                            "network.block_dims")):
-        assert target in KEYS or f"not mapped: --{key} = " in "\n".join(log)
+    known = {key for key, _, _ in describe()}
+    missing = {k: t for k, t in KOHYA_KEYS.items() if t not in known and t.replace("subsets[].", "") not in known}
+    assert not missing
 
 
 # ---------------------------------------------------------------------------------------------------------
