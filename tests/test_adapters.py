@@ -244,6 +244,89 @@ def test_older_diffusers_key_styles(tmp_path, style):
     assert torch.equal(tensors[f"{key}.lora_down.weight"], down)
 
 
+def _peft_pipeline_with_patterns(seed=0):
+    """A mini pipeline with random peft LoRA in U-Net and text encoder, per-module ranks and alphas."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sdlora.tiny.configs import build_pipeline
+
+    pipe = build_pipeline("mini", seed=0)
+    pipe.unet.add_adapter(LoraConfig(
+        r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "proj_in", "conv2"],
+        rank_pattern={"to_k": 2, "conv2": 3}, alpha_pattern={"to_k": 8, "down_blocks.0.resnets.0.conv2": 6}))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "fc1"], use_rslora=True,
+                                       rank_pattern={"fc1": 2}, alpha_pattern={"q_proj": 1}), pipe.text_encoder)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return pipe
+
+
+def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path):
+    """peft's per-module alpha (alpha_pattern, in diffusers' lora_adapter_metadata) and rsLoRA: sdlora merge
+    gives every weight diffusers' load_lora_weights + fuse_lora gives, and inspect shows each module's alpha."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    from sdlora.cli import main
+    from sdlora.tiny.configs import build_pipeline
+
+    build_pipeline("mini", seed=0).save_pretrained(tmp_path / "base")
+    pipe = _peft_pipeline_with_patterns()
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
+    adapter = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+
+    reference = build_pipeline("mini", seed=0)
+    reference.load_lora_weights(tmp_path / "lora")
+    reference.fuse_lora()
+    reference.unload_lora_weights()
+    assert main(["merge", str(tmp_path / "base"), str(adapter), str(tmp_path / "merged"),
+                 "--save-precision", "fp32"]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", safety_checker=None)
+    base = build_pipeline("mini", seed=0)
+    changed = 0
+    for component in ("unet", "text_encoder"):
+        expected = dict(getattr(reference, component).named_parameters())
+        got = dict(getattr(merged, component).named_parameters())
+        for name, before in getattr(base, component).named_parameters():
+            if not torch.equal(expected[name], before):
+                changed += 1
+                error = (got[name] - expected[name]).abs().max() / (expected[name] - before).abs().max()
+                assert error <= 1e-5, f"{component}.{name}: relative error {float(error):.3g}"
+    assert changed == sum(1 for m in (*pipe.unet.modules(), *pipe.text_encoder.modules()) if hasattr(m, "lora_A"))
+
+    alphas = {m["key"]: m["alpha"] for m in lowrank.inspect(adapter)["modules"]}  # what `sdlora inspect` prints
+    for key, alpha in alphas.items():
+        if key.endswith("to_k"):
+            assert alpha == pytest.approx(8)  # alpha_pattern
+        elif key == kohya.kohya_key("unet", "down_blocks.0.resnets.0.conv2"):
+            assert alpha == pytest.approx(6)  # a pattern naming one module's full path
+        elif key.startswith("lora_unet"):
+            assert alpha == pytest.approx(2)  # lora_alpha (conv2's rank 3 from rank_pattern)
+        else:  # rsLoRA: scale alpha / sqrt(r), so Kohya's alpha (scale * r) is alpha * sqrt(r)
+            assert alpha == pytest.approx((1 if key.endswith("q_proj") else 4) * (4 if key.endswith("q_proj") else 2) ** 0.5)
+
+
+def test_a_model_saved_adapter_reads_its_unprefixed_config(tmp_path):
+    """`UNet2DConditionModel.save_lora_adapter` writes unprefixed keys and config: its alphas apply too."""
+    pipe = _peft_pipeline_with_patterns()
+    pipe.unet.save_lora_adapter(tmp_path)
+    tensors, _ = lora.read_adapter(tmp_path / "pytorch_lora_weights.safetensors", log=lambda m: None)
+    groups = kohya.group_modules(tensors)
+    for path, layer in pipe.unet.named_modules():
+        if hasattr(layer, "lora_A"):
+            expected = layer.get_delta_weight("default")  # peft's own change, its per-module scale
+            torch.testing.assert_close(kohya.module_delta(groups[kohya.kohya_key("unet", path)], expected.shape),
+                                       expected, rtol=1e-5, atol=1e-6)
+
+
 def test_peft_dora_magnitude_becomes_dora_scale(tmp_path):
     path = tmp_path / "dora.safetensors"
     p = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
