@@ -808,3 +808,98 @@ def test_loha_sampling_peaks_within_1_3x_of_a_lora_on_the_cpu():
     print(f"sampling peak RSS, SD1.5 U-Net fp32: LoRA {peaks['lora'] / 2**30:.2f} GB, "
           f"LoHa {peaks['loha'] / 2**30:.2f} GB ({peaks['loha'] / peaks['lora']:.2f}x)")
     assert peaks["loha"] <= 1.3 * peaks["lora"]
+
+
+# Files LyCORIS itself writes (lycoris-lora's kohya-compatible network) -----------------------------
+
+# LyCORIS's own "full" preset targets the U-Net's TimestepEmbedding by class and by name, which its
+# network refuses as a duplicated name on a diffusers U-Net; this is that preset without the duplicate.
+_LYCORIS_PRESET = """
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out"]
+text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+@pytest.mark.parametrize("dora,tucker", [(None, False), (None, True), ("out", False), ("in", True)])
+def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, dora, tucker):
+    """LyCORIS's own network on the mini SD1.x U-Net and text encoder (3x3 convs too, Tucker there when
+    asked; DoRA with the magnitude per output row, its default, or per input column): for every module,
+    the change sdlora merges equals LyCORIS's forward minus the layer's, and the sampler's patched
+    weights equal the merged ones."""
+    import logging
+
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    from sdlora.sample import WeightPatcher, read_for_base
+    from sdlora.tiny.configs import build_pipeline
+
+    (tmp_path / "preset.toml").write_text(_LYCORIS_PRESET)
+    made_by = build_pipeline("mini", seed=0)
+    args = {"algo": algo, "conv_dim": 4, "conv_alpha": 2, "preset": str(tmp_path / "preset.toml"),
+            "use_tucker": tucker, "dora_wd": dora is not None, "wd_on_output": dora != "in"}
+    logging.disable(logging.INFO)
+    try:
+        network = lycoris_kohya.create_network(1.0, 4, 2.0, made_by.vae, made_by.text_encoder, made_by.unet, **args)
+    finally:
+        logging.disable(logging.NOTSET)
+    network.apply_to(made_by.text_encoder, made_by.unet, True, True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LyCORIS starts its up factors at zero: every factor random, so each one counts
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    path = tmp_path / "lycoris.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+
+    merged = build_pipeline("mini", seed=0)
+    lowrank.merge_adapters(merged, [(path, 1.0)])
+    patched = build_pipeline("mini", seed=0)
+    patcher = WeightPatcher(patched)
+    adapter = read_for_base(path, 1.0, patched)
+    patcher.add(adapter)
+    patcher.apply({id(adapter): 1.0})
+
+    paths = {id(m): (component, p) for component in ("unet", "text_encoder")
+             for p, m in getattr(made_by, component).named_modules()}
+    kinds = set()
+    for module in network.loras:
+        layer = module.org_module[0]
+        component, layer_path = paths[id(layer)]
+        merged_layer = getattr(merged, component).get_submodule(layer_path)
+        kinds.add((component, type(layer).__name__))
+        with torch.no_grad():
+            if isinstance(layer, torch.nn.Linear):
+                x = torch.randn(3, layer.in_features, generator=gen)
+                change = F.linear(x, merged_layer.weight - layer.weight)
+            else:
+                x = torch.randn(1, layer.in_channels, 8, 8, generator=gen)
+                change = F.conv2d(x, merged_layer.weight - layer.weight, None, layer.stride, layer.padding)
+            expected = module.forward(x) - module.org_forward(x)
+        error = float((change - expected).norm() / expected.norm())
+        assert error < 1e-4, f"{module.lora_name}: relative error {error:.3g}"
+        torch.testing.assert_close(getattr(patched, component).get_submodule(layer_path).weight, merged_layer.weight,
+                                   rtol=1e-6, atol=1e-6)
+    # Both models, Linear and conv layers, and DoRA / Tucker where asked, were all exercised.
+    assert kinds == {("text_encoder", "Linear"), ("unet", "Linear"), ("unet", "Conv2d")}
+    kind = {"locon": "lora"}.get(algo, algo)
+    assert {kohya.module_variant(parts) for parts in adapter.modules.values()} == {
+        variant + ("+dora" if dora else "") for variant in (kind, kind + "+tucker")[:1 + tucker]}
+
+
+def test_text_encoder_keys_written_under_transformers_5_read_under_the_usual_names(tmp_path, capsys):
+    """kohya and LyCORIS name modules from named_modules(), which transformers 5 gives without `text_model.`."""
+    from safetensors import safe_open
+
+    from sdlora.cli import main
+
+    flat, usual = "lora_te_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    src = _file(tmp_path / "tf5.safetensors", {flat: {"lora_down.weight": rand(2, 32), "lora_up.weight": rand(32, 2),
+                                                      "alpha": torch.tensor(1.0)}})
+    notes = []
+    tensors, _ = lora.read_adapter(src, log=notes.append)
+    assert set(kohya.group_modules(tensors)) == {usual}
+    assert any("without `text_model_`" in note for note in notes)
+    assert main(["convert", str(src), str(tmp_path / "usual.safetensors")]) == 0
+    with safe_open(str(tmp_path / "usual.safetensors"), "pt") as f:  # the names A1111 and ComfyUI read
+        assert {k.partition(".")[0] for k in f.keys()} == {usual}
