@@ -184,6 +184,20 @@ def module_scale(parts: dict[str, torch.Tensor]) -> float:
     return 1.0 if alpha is None or rank is None else float(alpha) / rank
 
 
+def with_alpha_one(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA module rewritten with alpha = 1 and the same change: up' = scale * rank * up, so that
+    (1 / rank) up' @ down = scale * up @ down.
+
+    For diffusers' load_lora_weights: diffusers 0.42 keys the per-module alphas of a Kohya file by
+    names its peft config never matches (`...processor.to_k_lora.down.weight`), so in a file whose
+    modules' alphas differ (LoCon's conv_alpha, a resized file) every module gets the most common
+    alpha. With one alpha for all there is nothing to match.
+    """
+    up = parts["lora_up.weight"]
+    factor = module_scale(parts) * module_rank(parts)
+    return parts | {"lora_up.weight": (up.float() * factor).to(up.dtype), "alpha": torch.tensor(1.0)}
+
+
 def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """W[p, q, k, l] = sum_ij a[i, p] t[i, j, k, l] b[j, q]: a [r, out], b [r, in], t [r, r, k, k]."""
     return torch.einsum("ijkl,ip,jq->pqkl", t.float(), a.float(), b.float())

@@ -271,11 +271,12 @@ def _peft_pipeline_with_patterns(seed=0, use_dora=False):
 def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, use_dora):
     """peft's per-module alpha (alpha_pattern, in diffusers' lora_adapter_metadata) and rsLoRA, with and
     without DoRA: sdlora merge gives every weight diffusers' load_lora_weights + fuse_lora gives, every
-    module changes as peft's own layer does, and inspect shows each module's alpha."""
+    module changes as peft's own layer does, merged and sampled, and inspect shows each module's alpha."""
     from diffusers import StableDiffusionPipeline
     from peft import get_peft_model_state_dict
 
     from sdlora.cli import main
+    from sdlora.sample import AdapterSet
     from sdlora.tiny.configs import build_pipeline
 
     build_pipeline("mini", seed=0).save_pretrained(tmp_path / "base")
@@ -308,18 +309,24 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
                 error = (got[name] - expected[name]).abs().max() / (expected[name] - before).abs().max()
                 assert error <= 1e-5, f"{component}.{name}: relative error {float(error):.3g}"
     assert changed == sum(1 for c in fused_by_diffusers for m in getattr(pipe, c).modules() if hasattr(m, "lora_A"))
+    sampled = build_pipeline("mini", seed=0)
+    adapters = AdapterSet(sampled, fuse=False)  # as `sdlora sample` applies it (diffusers' peft layers unless DoRA)
+    adapters.add(adapter)
+    adapters.set_weights([1.0])
     gen = torch.Generator().manual_seed(1)
     for component in ("unet", "text_encoder"):
         for path, layer in getattr(pipe, component).named_modules():
             if not hasattr(layer, "lora_A"):
                 continue
             base_layer, merged_layer = layer.get_base_layer(), getattr(merged, component).get_submodule(path)
+            sampled_layer = getattr(sampled, component).get_submodule(path)
             shape = (3, base_layer.in_features) if isinstance(base_layer, torch.nn.Linear) else \
                 (1, base_layer.in_channels, 8, 8)
             x = torch.randn(shape, generator=gen)
             with torch.no_grad():
-                expected, got = layer(x) - base_layer(x), merged_layer(x) - base_layer(x)
-            assert float((got - expected).norm() / expected.norm()) <= 1e-5, f"{component}.{path}"
+                expected = layer(x) - base_layer(x)
+                for got in (merged_layer(x) - base_layer(x), sampled_layer(x) - base_layer(x)):
+                    assert float((got - expected).norm() / expected.norm()) <= 1e-5, f"{component}.{path}"
 
     alphas = {m["key"]: m["alpha"] for m in lowrank.inspect(adapter)["modules"]}  # what `sdlora inspect` prints
     for key, alpha in alphas.items():
@@ -331,6 +338,33 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
             assert alpha == pytest.approx(2)  # lora_alpha (conv2's rank 3 from rank_pattern)
         else:  # rsLoRA: scale alpha / sqrt(r), so Kohya's alpha (scale * r) is alpha * sqrt(r)
             assert alpha == pytest.approx((1 if key.endswith("q_proj") else 4) * (4 if key.endswith("q_proj") else 2) ** 0.5)
+
+
+def test_sampling_through_diffusers_keeps_each_modules_alpha(tmp_path):
+    """A Kohya file whose attention modules' alphas differ (a resized file, peft's alpha_pattern): diffusers
+    0.42 alone would give every module the most common alpha; sampled, each changes by alpha / r * up @ down."""
+    from sdlora.sample import AdapterSet
+    from sdlora.tiny.configs import build_pipeline
+
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    ranks_alphas = {"to_q": (4, 2.0), "to_k": (2, 8.0), "to_v": (4, 2.0), "to_out.0": (4, 2.0)}
+    modules = {kohya.kohya_key("unet", f"{attn}.{name}"): {"lora_down.weight": rand(r, 32, seed=r),
+                                                            "lora_up.weight": rand(32, r, seed=r + 1),
+                                                            "alpha": torch.tensor(alpha)}
+               for name, (r, alpha) in ranks_alphas.items()}
+    path = _file(tmp_path / "alphas.safetensors", modules)
+    pipe, base = build_pipeline("mini", seed=0), build_pipeline("mini", seed=0)
+    adapters = AdapterSet(pipe, fuse=False)
+    adapter = adapters.add(path)
+    adapters.set_weights([1.0])
+    assert adapter.name  # loaded by diffusers, not patched
+    x = rand(3, 32, seed=9)
+    for name, (r, alpha) in ranks_alphas.items():
+        parts = modules[kohya.kohya_key("unet", f"{attn}.{name}")]
+        expected = F.linear(x, alpha / r * parts["lora_up.weight"] @ parts["lora_down.weight"])
+        with torch.no_grad():
+            got = pipe.unet.get_submodule(f"{attn}.{name}")(x) - base.unet.get_submodule(f"{attn}.{name}")(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_saved_adapter_reads_its_unprefixed_config(tmp_path):
@@ -856,7 +890,7 @@ def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, 
 
     (tmp_path / "preset.toml").write_text(_LYCORIS_PRESET)
     made_by = build_pipeline("mini", seed=0)
-    args = {"algo": algo, "conv_dim": 4, "conv_alpha": 2, "preset": str(tmp_path / "preset.toml"),
+    args = {"algo": algo, "conv_dim": 4, "conv_alpha": 1, "preset": str(tmp_path / "preset.toml"),
             "use_tucker": tucker, "dora_wd": dora is not None, "wd_on_output": dora != "in"}
     logging.disable(logging.INFO)
     try:
