@@ -188,10 +188,10 @@ def with_alpha_one(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A LoRA module rewritten with alpha = 1 and the same change: up' = scale * rank * up, so that
     (1 / rank) up' @ down = scale * up @ down.
 
-    For diffusers' load_lora_weights: diffusers 0.42 keys the per-module alphas of a Kohya file by
-    names its peft config never matches (`...processor.to_k_lora.down.weight`), so in a file whose
-    modules' alphas differ (LoCon's conv_alpha, a resized file) every module gets the most common
-    alpha. With one alpha for all there is nothing to match.
+    For diffusers' load_lora_weights: diffusers 0.42 keys the alphas of a Kohya file's attention
+    modules by names its peft config never matches (`...processor.to_k_lora.down.weight`), so in a
+    file whose modules' alphas differ (a resized file, peft's alpha_pattern) those modules get the
+    most common alpha. With one alpha for all there is nothing to match.
     """
     up = parts["lora_up.weight"]
     factor = module_scale(parts) * module_rank(parts)
