@@ -57,6 +57,13 @@ def nested_text_name(path: str) -> str:
     return "text_model." + path if path.startswith(_TEXT_TRANSFORMER_CHILDREN) else path
 
 
+def nested_text_key(body: str) -> str:
+    """`nested_text_name` for the body of a Kohya key, whose "." are already "_": `encoder_layers_3_mlp_fc1`
+    (what kohya and LyCORIS write under transformers 5) -> `text_model_encoder_layers_3_mlp_fc1`."""
+    children = tuple(child.replace(".", "_") for child in _TEXT_TRANSFORMER_CHILDREN)
+    return "text_model_" + body if body.startswith(children) else body
+
+
 def text_transformer(text_encoder):
     """The CLIPTextTransformer (embeddings, encoder, final_layer_norm) of a text encoder, nested or flat,
     also when accelerate wrapped it for multi-process training."""

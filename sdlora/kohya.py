@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .family import nested_text_name
+from .family import nested_text_key, nested_text_name
 
 PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 TEXT_PARTS = ("te", "te1", "te2")
@@ -184,6 +184,20 @@ def module_scale(parts: dict[str, torch.Tensor]) -> float:
     return 1.0 if alpha is None or rank is None else float(alpha) / rank
 
 
+def with_alpha_one(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA module rewritten with alpha = 1 and the same change: up' = scale * rank * up, so that
+    (1 / rank) up' @ down = scale * up @ down.
+
+    For diffusers' load_lora_weights: diffusers 0.42 keys the alphas of a Kohya file's attention
+    modules by names its peft config never matches (`...processor.to_k_lora.down.weight`), so in a
+    file whose modules' alphas differ (a resized file, peft's alpha_pattern) those modules get the
+    most common alpha. With one alpha for all there is nothing to match.
+    """
+    up = parts["lora_up.weight"]
+    factor = module_scale(parts) * module_rank(parts)
+    return parts | {"lora_up.weight": (up.float() * factor).to(up.dtype), "alpha": torch.tensor(1.0)}
+
+
 def _tucker(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """W[p, q, k, l] = sum_ij a[i, p] t[i, j, k, l] b[j, q]: a [r, out], b [r, in], t [r, r, k, k]."""
     return torch.einsum("ijkl,ip,jq->pqkl", t.float(), a.float(), b.float())
@@ -293,8 +307,10 @@ _UNET_CHILDREN = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_o
 BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
 
 
-def _diffusers_module(name: str, has_second_encoder: bool) -> tuple[str, str, str] | None:
-    """"unet.<path>.lora_A.weight" -> ("unet", <path>, "lora_down.weight"); None if not that style."""
+def _diffusers_module(name: str, has_second_encoder: bool) -> tuple[str, str, str | None, str] | None:
+    """"unet.<path>.lora_A.weight" -> ("unet", <path>, "unet", "lora_down.weight"): the part, the module path,
+    the diffusers component the name starts with (None for unprefixed names) and the Kohya suffix;
+    None if not that style."""
     for ending, suffix in _DIFFUSERS_SUFFIXES.items():
         if name.endswith(ending):
             path = name[:-len(ending)]
@@ -304,9 +320,10 @@ def _diffusers_module(name: str, has_second_encoder: bool) -> tuple[str, str, st
     path = path.removeprefix("base_model.model.")  # peft's own adapter files
     for prefix, part in _DIFFUSERS_COMPONENTS.items():
         if path.startswith(prefix):
-            path = path[len(prefix):]
+            path, component = path[len(prefix):], prefix[:-1]
             break
     else:
+        component = None
         part = "unet" if path.startswith(_UNET_CHILDREN) else "te" if path.startswith("text_model.") else None
         if part is None:
             return None
@@ -316,7 +333,7 @@ def _diffusers_module(name: str, has_second_encoder: bool) -> tuple[str, str, st
     head, processor, layer = path.rpartition(".processor.")
     if processor:
         path = f"{head}.{'to_out.0' if layer == 'to_out' else layer}"
-    return part, path, suffix
+    return part, path, component, suffix
 
 
 def to_kohya_names(tensors: dict[str, torch.Tensor],
@@ -324,9 +341,11 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
     """Kohya-named tensors for a file in Kohya, diffusers or peft key style, and notes for the user.
 
     diffusers/peft files store no alpha unless diffusers wrote its `lora_adapter_metadata`
-    (lora_alpha per component): without it the scale is 1 (alpha = rank), as diffusers loads them.
-    peft's DoRA magnitude (per output row) becomes `dora_scale` [out, 1, ...]. Bundled textual-
-    inversion embeddings (`bundle_emb.*`, which A1111 loads) are left out with a note.
+    (each component's peft config: lora_alpha, alpha_pattern, use_rslora; `_diffusers_alphas`):
+    without it the scale is 1 (alpha = rank), as diffusers loads them. peft's DoRA magnitude (per
+    output row) becomes `dora_scale` [out, 1, ...]. Bundled textual-inversion embeddings
+    (`bundle_emb.*`, which A1111 loads) are left out with a note. Text-encoder keys written under
+    transformers 5 (`lora_te_encoder_layers_...`) read under the names every UI uses (`_nested_text_keys`).
     """
     notes = []
     embeddings = sorted({k[len(BUNDLED_EMBEDDING_PREFIX):].split(".")[0] for k in tensors
@@ -335,11 +354,17 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
         notes.append(f"{len(embeddings)} bundled embedding(s) ignored ({', '.join(embeddings)}); only the LoRA "
                      f"part is loaded")
         tensors = {k: v for k, v in tensors.items() if not k.startswith(BUNDLED_EMBEDDING_PREFIX)}
+    tensors, renamed = _nested_text_keys(tensors)
+    if renamed:
+        notes.append(f"{renamed} text-encoder modules are keyed without `text_model_` (written under transformers 5, "
+                     f"e.g. by LyCORIS); read as lora_te_text_model_..., the names A1111 and ComfyUI read "
+                     f"(`sdlora convert` writes them so)")
     kohya_prefixes = tuple(p + "_" for p in PREFIXES.values())
     if all(k.startswith(kohya_prefixes) for k in tensors):
         return tensors, notes
     second = any(k.startswith(("text_encoder_2.", "base_model.model.text_encoder_2.")) for k in tensors)
     converted: dict[str, torch.Tensor] = {}
+    origins: dict[str, tuple[str | None, str]] = {}  # kohya key -> (diffusers component, module path)
     for name, tensor in tensors.items():
         if name.startswith(kohya_prefixes):
             converted[name] = tensor
@@ -348,10 +373,12 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
         if found is None:
             converted[name] = tensor  # read_adapter names what is left over
             continue
-        part, path, suffix = found
-        converted[f"{kohya_key(part, path)}.{suffix}"] = tensor
+        part, path, component, suffix = found
+        key = kohya_key(part, path)
+        origins[key] = (component, path)
+        converted[f"{key}.{suffix}"] = tensor
     modules = group_modules({k: v for k, v in converted.items() if k.startswith(kohya_prefixes)})
-    _diffusers_alphas(converted, modules, metadata)
+    _diffusers_alphas(converted, modules, origins, metadata)
     for key, parts in modules.items():
         if "dora_scale" in parts and "lora_up.weight" in parts:  # peft: [out] -> LyCORIS's [out, 1(, 1, 1)]
             up = parts["lora_up.weight"]
@@ -360,27 +387,62 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
     return converted, notes
 
 
+def _nested_text_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """(tensors with every text-encoder key under its transformers-4 name, how many modules were renamed)."""
+    text_prefixes = [PREFIXES[part] + "_" for part in TEXT_PARTS]
+    renamed: dict[str, torch.Tensor] = {}
+    modules = set()
+    for name, tensor in tensors.items():
+        prefix = next((p for p in text_prefixes if name.startswith(p)), None)
+        if prefix is not None:
+            new = prefix + nested_text_key(name[len(prefix):])
+            if new != name:
+                modules.add(name.partition(".")[0])
+                name = new
+        renamed[name] = tensor
+    return renamed, len(modules)
+
+
 def _diffusers_alphas(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str, torch.Tensor]],
-                      metadata: dict[str, str]) -> None:
-    """Add `<key>.alpha` from diffusers' `lora_adapter_metadata` ({"unet.lora_alpha": 8, ...}) in place."""
+                      origins: dict[str, tuple[str | None, str]], metadata: dict[str, str]) -> None:
+    """Add `<key>.alpha` from diffusers' `lora_adapter_metadata` in place.
+
+    The metadata is each component's peft LoraConfig, its fields prefixed by the component
+    (`save_lora_weights`: {"unet.lora_alpha": 8, "unet.alpha_pattern": {"to_k": 16}, ...}) or not
+    (a model's `save_lora_adapter`). peft gives the module at `path` the alpha of the first
+    `alpha_pattern` key matching it (peft's `get_pattern_key`), else `lora_alpha`, and scales by
+    alpha / r (rsLoRA: alpha / sqrt(r)) with r its rank (`rank_pattern`'s, which its tensors' shape
+    is). Kohya's scale is alpha / rank, so the module's Kohya alpha is that scale * rank.
+    """
     import json
     import math
+
+    from peft.utils.other import get_pattern_key
 
     try:
         config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except ValueError:
         return
+    if not isinstance(config, dict):
+        return
+    components = {part: prefix[:-1] for prefix, part in _DIFFUSERS_COMPONENTS.items()}  # "te" -> "text_encoder"
     for key, parts in modules.items():
         if "alpha" in parts or "lora_down.weight" not in parts:
             continue
-        components = {part: prefix[:-1] for prefix, part in _DIFFUSERS_COMPONENTS.items()}  # "te" -> "text_encoder"
-        component = components[part_of(key).replace("te1", "te")]
-        alpha = config.get(f"{component}.lora_alpha")
+        component, path = origins[key]
+        if component is None and "lora_alpha" in config:
+            settings = config
+        else:
+            component = component or components[part_of(key).replace("te1", "te")]
+            settings = {name[len(component) + 1:]: value for name, value in config.items()
+                        if name.startswith(component + ".")}
+        alpha = settings.get("lora_alpha")
         if alpha is None:
             continue
+        patterns = settings.get("alpha_pattern") or {}
+        alpha = patterns.get(get_pattern_key(patterns.keys(), path), alpha)
         rank = parts["lora_down.weight"].shape[0]
-        # peft's scale is lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)); Kohya's is alpha / rank.
-        scale = alpha / (math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank)
+        scale = alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
         tensors[f"{key}.alpha"] = torch.tensor(scale * rank)
 
 

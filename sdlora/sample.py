@@ -9,7 +9,8 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
                        new set of weights (and weight 0, the base exactly) starts from W0; each
                        dW_i is formed one layer at a time, so memory stays that of the base.
                        diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, so
-                       files with any of them always take this path.
+                       files with any of them always take this path, as does a LoRA file of which
+                       diffusers leaves a module out.
     When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
 
 Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
@@ -205,20 +206,6 @@ class WeightPatcher:
         self.modules.clear()
 
 
-def diffusers_misreads_alphas(modules: dict[str, dict[str, torch.Tensor]]) -> bool:
-    """diffusers (0.42) gives a U-Net attention projection (attn1/attn2 to_q, to_k, to_v, to_out) whose
-    alpha differs from the file's most common U-Net alpha a name peft does not match, and loads it at
-    the common alpha: files with per-block alphas (kohya's block_alphas) are patched in instead."""
-    import collections
-
-    alphas = {key: float(parts["alpha"]) for key, parts in modules.items()
-              if key.startswith("lora_unet_") and "alpha" in parts}
-    if len(set(alphas.values())) < 2:
-        return False
-    common = collections.Counter(alphas.values()).most_common(1)[0][0]
-    return any(alpha != common and re.search(r"_attn[12]_", key) for key, alpha in alphas.items())
-
-
 class AdapterSet:
     """The adapters applied to one pipeline.
 
@@ -236,25 +223,47 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if self.fuse or adapter.kind != "lora" or diffusers_misreads_alphas(adapter.modules):
+        if not self.fuse and adapter.kind == "lora":
+            self._load_with_diffusers(adapter)
+        if not adapter.name:
             if self.patcher is None:
                 self.patcher = WeightPatcher(self.pipe)
             self.patcher.add(adapter)
-        else:
-            adapter.name = f"adapter{self._count}"
-            self._count += 1
-            # The Kohya-named tensors as read (diffusers/peft files converted), not the file again.
-            tensors = {f"{key}.{name}": t for key, parts in adapter.modules.items() for name, t in parts.items()}
-            from diffusers.utils import logging as diffusers_logging
-            from transformers.utils import logging as transformers_logging
-
-            from .quiet import quiet
-
-            with quiet(diffusers_logging, transformers_logging):  # transformers' "Loading weights" bar otherwise
-                self.pipe.load_lora_weights(tensors, adapter_name=adapter.name)
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
         return adapter
+
+    def _load_with_diffusers(self, adapter: Adapter) -> None:
+        """Load a LoRA file as peft layers (diffusers' load_lora_weights); if diffusers left any module
+        out, unload it again (the caller patches the weights instead)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        name = f"adapter{self._count}"
+        self._count += 1
+        # The Kohya-named tensors as read (diffusers/peft files converted), not the file again, each module
+        # at alpha 1 (diffusers would give every module the most common alpha: `kohya.with_alpha_one`).
+        tensors = {f"{key}.{part}": t for key, parts in adapter.modules.items()
+                   for part, t in kohya.with_alpha_one(parts).items()}
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        from .quiet import quiet
+
+        try:
+            with quiet(diffusers_logging, transformers_logging):  # transformers' "Loading weights" bar otherwise
+                self.pipe.load_lora_weights(tensors, adapter_name=name)
+        except ValueError:  # diffusers 0.42 cannot tell the format of text-encoder attention without out_proj
+            pass
+        layers = _layers(self.pipe, aliases=False)
+        # diffusers drops some modules silently (a text encoder's q/k/v when its file has an mlp module but no
+        # out_proj), so every module is checked for its peft layer.
+        if all(isinstance(layers[key], BaseTunerLayer) and name in getattr(layers[key], "lora_A", {})
+               for key in adapter.modules):
+            adapter.name = name
+        elif not any(a.name for a in self.adapters):
+            self.pipe.unload_lora_weights()  # also the empty peft layers a failed load leaves
+        elif any(name in names for names in self.pipe.get_list_adapters().values()):
+            self.pipe.delete_adapters(name)
 
     def remove(self, adapter: Adapter) -> None:
         index = next(i for i, a in enumerate(self.adapters) if a is adapter)

@@ -244,6 +244,142 @@ def test_older_diffusers_key_styles(tmp_path, style):
     assert torch.equal(tensors[f"{key}.lora_down.weight"], down)
 
 
+def _peft_pipeline_with_patterns(seed=0, use_dora=False):
+    """A mini pipeline with random peft LoRA (or DoRA) in U-Net and text encoder, per-module ranks and alphas."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from sdlora.tiny.configs import build_pipeline
+
+    pipe = build_pipeline("mini", seed=0)
+    pipe.unet.add_adapter(LoraConfig(
+        r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "proj_in", "conv2"],
+        rank_pattern={"to_k": 2, "conv2": 3}, alpha_pattern={"to_k": 8, "down_blocks.0.resnets.0.conv2": 6},
+        use_dora=use_dora))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "fc1"], use_rslora=True,
+                                       rank_pattern={"fc1": 2}, alpha_pattern={"q_proj": 1}, use_dora=use_dora),
+                            pipe.text_encoder)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (pipe.unet, pipe.text_encoder):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return pipe
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, use_dora):
+    """peft's per-module alpha (alpha_pattern, in diffusers' lora_adapter_metadata) and rsLoRA, with and
+    without DoRA: sdlora merge gives every weight diffusers' load_lora_weights + fuse_lora gives, every
+    module changes as peft's own layer does, merged and sampled, and inspect shows each module's alpha."""
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+
+    from sdlora.cli import main
+    from sdlora.sample import AdapterSet
+    from sdlora.tiny.configs import build_pipeline
+
+    build_pipeline("mini", seed=0).save_pretrained(tmp_path / "base")
+    pipe = _peft_pipeline_with_patterns(use_dora=use_dora)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict())
+    adapter = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+
+    reference = build_pipeline("mini", seed=0)
+    reference.load_lora_weights(tmp_path / "lora")
+    reference.fuse_lora()
+    reference.unload_lora_weights()
+    assert main(["merge", str(tmp_path / "base"), str(adapter), str(tmp_path / "merged"),
+                 "--save-precision", "fp32"]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", safety_checker=None)
+    base = build_pipeline("mini", seed=0)
+    # diffusers 0.42 leaves a text encoder's DoRA magnitudes at peft's initial norm(W0) instead of
+    # loading them (its fused weights then differ from peft's own layers), so there peft is the reference.
+    fused_by_diffusers = ("unet",) if use_dora else ("unet", "text_encoder")
+    changed = 0
+    for component in fused_by_diffusers:
+        expected = dict(getattr(reference, component).named_parameters())
+        got = dict(getattr(merged, component).named_parameters())
+        for name, before in getattr(base, component).named_parameters():
+            if not torch.equal(expected[name], before):
+                changed += 1
+                error = (got[name] - expected[name]).abs().max() / (expected[name] - before).abs().max()
+                assert error <= 1e-5, f"{component}.{name}: relative error {float(error):.3g}"
+    assert changed == sum(1 for c in fused_by_diffusers for m in getattr(pipe, c).modules() if hasattr(m, "lora_A"))
+    sampled = build_pipeline("mini", seed=0)
+    adapters = AdapterSet(sampled, fuse=False)  # as `sdlora sample` applies it (diffusers' peft layers unless DoRA)
+    adapters.add(adapter)
+    adapters.set_weights([1.0])
+    gen = torch.Generator().manual_seed(1)
+    for component in ("unet", "text_encoder"):
+        for path, layer in getattr(pipe, component).named_modules():
+            if not hasattr(layer, "lora_A"):
+                continue
+            base_layer, merged_layer = layer.get_base_layer(), getattr(merged, component).get_submodule(path)
+            sampled_layer = getattr(sampled, component).get_submodule(path)
+            shape = (3, base_layer.in_features) if isinstance(base_layer, torch.nn.Linear) else \
+                (1, base_layer.in_channels, 8, 8)
+            x = torch.randn(shape, generator=gen)
+            with torch.no_grad():
+                expected = layer(x) - base_layer(x)
+                for got in (merged_layer(x) - base_layer(x), sampled_layer(x) - base_layer(x)):
+                    assert float((got - expected).norm() / expected.norm()) <= 1e-5, f"{component}.{path}"
+
+    alphas = {m["key"]: m["alpha"] for m in lowrank.inspect(adapter)["modules"]}  # what `sdlora inspect` prints
+    for key, alpha in alphas.items():
+        if key.endswith("to_k"):
+            assert alpha == pytest.approx(8)  # alpha_pattern
+        elif key == kohya.kohya_key("unet", "down_blocks.0.resnets.0.conv2"):
+            assert alpha == pytest.approx(6)  # a pattern naming one module's full path
+        elif key.startswith("lora_unet"):
+            assert alpha == pytest.approx(2)  # lora_alpha (conv2's rank 3 from rank_pattern)
+        else:  # rsLoRA: scale alpha / sqrt(r), so Kohya's alpha (scale * r) is alpha * sqrt(r)
+            assert alpha == pytest.approx((1 if key.endswith("q_proj") else 4) * (4 if key.endswith("q_proj") else 2) ** 0.5)
+
+
+def test_sampling_through_diffusers_keeps_each_modules_alpha(tmp_path):
+    """A Kohya file whose attention modules' alphas differ (a resized file, peft's alpha_pattern): diffusers
+    0.42 alone would give every module the most common alpha; sampled, each changes by alpha / r * up @ down."""
+    from sdlora.sample import AdapterSet
+    from sdlora.tiny.configs import build_pipeline
+
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    ranks_alphas = {"to_q": (4, 2.0), "to_k": (2, 8.0), "to_v": (4, 2.0), "to_out.0": (4, 2.0)}
+    modules = {kohya.kohya_key("unet", f"{attn}.{name}"): {"lora_down.weight": rand(r, 32, seed=r),
+                                                            "lora_up.weight": rand(32, r, seed=r + 1),
+                                                            "alpha": torch.tensor(alpha)}
+               for name, (r, alpha) in ranks_alphas.items()}
+    path = _file(tmp_path / "alphas.safetensors", modules)
+    pipe, base = build_pipeline("mini", seed=0), build_pipeline("mini", seed=0)
+    adapters = AdapterSet(pipe, fuse=False)
+    adapter = adapters.add(path)
+    adapters.set_weights([1.0])
+    assert adapter.name  # loaded by diffusers, not patched
+    x = rand(3, 32, seed=9)
+    for name, (r, alpha) in ranks_alphas.items():
+        parts = modules[kohya.kohya_key("unet", f"{attn}.{name}")]
+        expected = F.linear(x, alpha / r * parts["lora_up.weight"] @ parts["lora_down.weight"])
+        with torch.no_grad():
+            got = pipe.unet.get_submodule(f"{attn}.{name}")(x) - base.unet.get_submodule(f"{attn}.{name}")(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_saved_adapter_reads_its_unprefixed_config(tmp_path):
+    """`UNet2DConditionModel.save_lora_adapter` writes unprefixed keys and config: its alphas apply too."""
+    pipe = _peft_pipeline_with_patterns()
+    pipe.unet.save_lora_adapter(tmp_path)
+    tensors, _ = lora.read_adapter(tmp_path / "pytorch_lora_weights.safetensors", log=lambda m: None)
+    groups = kohya.group_modules(tensors)
+    for path, layer in pipe.unet.named_modules():
+        if hasattr(layer, "lora_A"):
+            expected = layer.get_delta_weight("default")  # peft's own change, its per-module scale
+            torch.testing.assert_close(kohya.module_delta(groups[kohya.kohya_key("unet", path)], expected.shape),
+                                       expected, rtol=1e-5, atol=1e-6)
+
+
 def test_peft_dora_magnitude_becomes_dora_scale(tmp_path):
     path = tmp_path / "dora.safetensors"
     p = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -725,3 +861,98 @@ def test_loha_sampling_peaks_within_1_3x_of_a_lora_on_the_cpu():
     print(f"sampling peak RSS, SD1.5 U-Net fp32: LoRA {peaks['lora'] / 2**30:.2f} GB, "
           f"LoHa {peaks['loha'] / 2**30:.2f} GB ({peaks['loha'] / peaks['lora']:.2f}x)")
     assert peaks["loha"] <= 1.3 * peaks["lora"]
+
+
+# Files LyCORIS itself writes (lycoris-lora's kohya-compatible network) -----------------------------
+
+# LyCORIS's own "full" preset targets the U-Net's TimestepEmbedding by class and by name, which its
+# network refuses as a duplicated name on a diffusers U-Net; this is that preset without the duplicate.
+_LYCORIS_PRESET = """
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
+unet_target_name = ["conv_in", "conv_out"]
+text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+text_encoder_target_name = []
+"""
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+@pytest.mark.parametrize("dora,tucker", [(None, False), (None, True), ("out", False), ("in", True)])
+def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, dora, tucker):
+    """LyCORIS's own network on the mini SD1.x U-Net and text encoder (3x3 convs too, Tucker there when
+    asked; DoRA with the magnitude per output row, its default, or per input column): for every module,
+    the change sdlora merges equals LyCORIS's forward minus the layer's, and so does the sampler's
+    (diffusers' peft layers for a plain LoCon, patched weights for the rest)."""
+    import logging
+
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    from sdlora.sample import AdapterSet
+    from sdlora.tiny.configs import build_pipeline
+
+    (tmp_path / "preset.toml").write_text(_LYCORIS_PRESET)
+    made_by = build_pipeline("mini", seed=0)
+    args = {"algo": algo, "conv_dim": 4, "conv_alpha": 1, "preset": str(tmp_path / "preset.toml"),
+            "use_tucker": tucker, "dora_wd": dora is not None, "wd_on_output": dora != "in"}
+    logging.disable(logging.INFO)
+    try:
+        network = lycoris_kohya.create_network(1.0, 4, 2.0, made_by.vae, made_by.text_encoder, made_by.unet, **args)
+    finally:
+        logging.disable(logging.NOTSET)
+    network.apply_to(made_by.text_encoder, made_by.unet, True, True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LyCORIS starts its up factors at zero: every factor random, so each one counts
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    path = tmp_path / "lycoris.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+
+    merged = build_pipeline("mini", seed=0)
+    lowrank.merge_adapters(merged, [(path, 1.0)])
+    sampled = build_pipeline("mini", seed=0)
+    adapters = AdapterSet(sampled, fuse=False)  # plain LoRA/LoCon through diffusers, the others patched
+    adapter = adapters.add(path)
+    adapters.set_weights([1.0])
+    assert bool(adapter.name) == (algo == "locon" and not dora and not tucker)  # loaded by diffusers
+
+    paths = {id(m): (component, p) for component in ("unet", "text_encoder")
+             for p, m in getattr(made_by, component).named_modules()}
+    kinds = set()
+    for module in network.loras:
+        layer = module.org_module[0]
+        component, layer_path = paths[id(layer)]
+        merged_layer = getattr(merged, component).get_submodule(layer_path)
+        kinds.add((component, type(layer).__name__))
+        with torch.no_grad():
+            if isinstance(layer, torch.nn.Linear):
+                x = torch.randn(3, layer.in_features, generator=gen)
+                change = F.linear(x, merged_layer.weight - layer.weight)
+            else:
+                x = torch.randn(1, layer.in_channels, 8, 8, generator=gen)
+                change = F.conv2d(x, merged_layer.weight - layer.weight, None, layer.stride, layer.padding)
+            expected = module.forward(x) - module.org_forward(x)
+            sampled_change = getattr(sampled, component).get_submodule(layer_path)(x) - merged_layer(x) + change
+        for got in (change, sampled_change):
+            error = float((got - expected).norm() / expected.norm())
+            assert error < 1e-4, f"{module.lora_name}: relative error {error:.3g}"
+    # Both models, Linear and conv layers, and DoRA / Tucker where asked, were all exercised.
+    assert kinds == {("text_encoder", "Linear"), ("unet", "Linear"), ("unet", "Conv2d")}
+    kind = {"locon": "lora"}.get(algo, algo)
+    assert {kohya.module_variant(parts) for parts in adapter.modules.values()} == {
+        variant + ("+dora" if dora else "") for variant in (kind, kind + "+tucker")[:1 + tucker]}
+
+
+def test_text_encoder_keys_written_under_transformers_5_read_under_the_usual_names(tmp_path):
+    """kohya and LyCORIS name modules from named_modules(), which transformers 5 gives without `text_model.`."""
+    from safetensors import safe_open
+
+    from sdlora.cli import main
+
+    flat, usual = "lora_te_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    src = _file(tmp_path / "tf5.safetensors", {flat: {"lora_down.weight": rand(2, 32), "lora_up.weight": rand(32, 2),
+                                                      "alpha": torch.tensor(1.0)}})
+    notes = []
+    tensors, _ = lora.read_adapter(src, log=notes.append)
+    assert set(kohya.group_modules(tensors)) == {usual}
+    assert any("without `text_model_`" in note for note in notes)
+    assert main(["convert", str(src), str(tmp_path / "usual.safetensors")]) == 0
+    with safe_open(str(tmp_path / "usual.safetensors"), "pt") as f:  # the names A1111 and ComfyUI read
+        assert {k.partition(".")[0] for k in f.keys()} == {usual}
