@@ -158,21 +158,22 @@ def overrides(project: Project, config: str, values: dict[str, Any]) -> list[str
     for key, value in values.items():
         if key not in kinds:
             raise ConfigError(f"{config}: unknown key '{key}'")
-        if value == current[key]:
-            continue
         if kinds[key] == "toml":
             text = str(value).strip()
             parsed = parse_override(f"{key}={text}")[1]
             if isinstance(parsed, str) and parsed == text:  # not TOML: parse_override fell back to a string
                 raise ConfigError(f"{config}: {key} = {text!r} is not a TOML value; write e.g. [1, 2] or "
                                   "\"text\" or { key = \"value\" }")
-            out.append(f"{key}={text}")
-        else:
-            if value is None:
-                raise ConfigError(f"{config}: {key} is empty; give a value (default {current[key]!r})")
-            if kinds[key] == "int" and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            out.append(f"{key}={_toml(value)}")
+            if parsed != parse_override(f"{key}={current[key]}")[1]:
+                out.append(f"{key}={text}")
+            continue
+        if value == current[key]:
+            continue
+        if value is None:
+            raise ConfigError(f"{config}: {key} is empty; give a value (default {current[key]!r})")
+        if kinds[key] == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        out.append(f"{key}={_toml(value)}")
     return out
 
 
