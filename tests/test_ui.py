@@ -284,3 +284,26 @@ def test_a_training_started_from_the_ui_gives_the_clis_adapter(tmp_path, mini_ba
     cli = load_file(cli_out / "style.safetensors")
     assert ui.keys() == cli.keys()
     assert all((ui[k] == cli[k]).all() for k in ui)
+
+
+
+@pytest.mark.slow  # ~1 min on 2 shared cores: a 1080x720 two-pass render in a new process
+def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapter(tmp_path, mini_base_dir, monkeypatch):
+    from PIL import Image
+
+    from sdlora.cli import main
+    from sdlora.sample import parse_infotext
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    project, config = make_project(tmp_path, base=str(mini_base_dir), extra="max_train_steps = 1")
+    cfg = project.load(config)
+    assert main(["train", str(tmp_path / config)]) == 0
+    images = training.sample(cfg, tmp_path / config, "(clrscn:1.2), lake, [mountains]", cfg.adapter_path(), 0.8, 3,
+                             tmp_path, steps=2)
+    assert len(images) == 1
+    with Image.open(images[0]) as im:
+        assert im.size == (1080, 720)
+        parameters = im.text["parameters"]
+    info = parse_infotext(parameters)
+    assert info["Seed"] == "3" and "Lora hashes" in info
+    assert parameters.startswith("(clrscn:1.2), lake, [mountains] <lora:style:0.8>")

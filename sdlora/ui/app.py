@@ -145,9 +145,9 @@ def build_app(root: str | Path) -> gr.Blocks:
     @guarded(1 + len(fields))
     def load_form(config):
         if not config:
-            return ("",) + (gr.skip(),) * len(fields)
+            return (gr.skip(),) * (1 + len(fields))
         values = form_values(project, config)
-        return ("",) + tuple(values[f.key] for f in fields)
+        return (gr.skip(),) + tuple(values[f.key] for f in fields)  # the message line: the dataset page's
 
     @guarded(2)
     def check_form(config, *values):
@@ -192,19 +192,19 @@ def build_app(root: str | Path) -> gr.Blocks:
         loss = pd.DataFrame(s.loss, columns=["step", "loss"]) if s.loss else None
         lr = pd.DataFrame([(step, v, name) for name, points in s.lr.items() for step, v in points],
                           columns=["step", "lr", "group"]) if s.lr else None
-        val = pd.DataFrame(s.validation, columns=["step", "validation loss"]) if s.validation else None
+        val = pd.DataFrame(s.validation, columns=["step", "validation loss"])
         return head, loss, lr, val, [str(p) for p in s.previews], s.log_tail
 
     # -- results page
     @guarded(4)
     def show_results(config):
         if not config:
-            return "", [], gr.update(choices=[]), ""
+            return gr.skip(), [], gr.update(choices=[]), ""
         cfg = project.load(config)
-        found = [str(p) for p in training.adapters(cfg)]
+        found = [project.relative(p) for p in training.adapters(cfg)]
         report = cfg.report_path.read_text(encoding="utf-8") if cfg.report_path.is_file() else "no report yet"
         report = "\n".join(line for line in report.splitlines() if not line.startswith("!["))  # images: below
-        return "", [(str(p), project.relative(p)) for p in training.grids(cfg)], \
+        return gr.skip(), [(str(p), project.relative(p)) for p in training.grids(cfg)], \
             gr.update(choices=found, value=found[0] if found else None), report
 
     @guarded(2)
@@ -323,7 +323,7 @@ def build_app(root: str | Path) -> gr.Blocks:
                                     elem_id="prompt", scale=3)
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA scale", elem_id="scale")
                 seed = gr.Number(1, precision=0, label="seed", elem_id="seed")
-                steps = gr.Number(None, precision=0, label="steps (empty: the config's)", elem_id="steps")
+                steps = gr.Number(0, precision=0, label="steps (0: the config's)", elem_id="steps")
                 sample_btn = gr.Button("Sample at the config's size", elem_id="sample")
             samples = gr.Gallery(label="samples", columns=2, elem_id="samples")
 
