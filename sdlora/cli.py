@@ -20,7 +20,7 @@ from .errors import USER_ERRORS
 
 # Stage modules with a subcommand, in the order `--help` lists them.
 COMMAND_MODULES = ["run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny.build", "benchsuite",
-                   "ui"]  # ui: its package imports Gradio only when the command runs
+                   "ui.command"]  # imports Gradio only when `sdlora ui` runs
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -307,3 +307,77 @@ def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapte
     info = parse_infotext(parameters)
     assert info["Seed"] == "3" and "Lora hashes" in info
     assert parameters.startswith("(clrscn:1.2), lake, [mountains] <lora:style:0.8>")
+
+
+def test_the_server_binds_localhost_and_serves_no_file_outside_the_project(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from sdlora.ui.app import build_app, launch_options
+
+    project, config = make_project(tmp_path / "p")
+    (tmp_path / "secret.txt").write_text("secret")
+    app = build_app(project.root)
+    options = {**launch_options(app, "127.0.0.1", 0), "prevent_thread_lock": True}
+    options.pop("server_port")
+    _, url, _ = app.launch(**options)
+    try:
+        assert url.startswith("http://127.0.0.1:")
+
+        def get(path):
+            try:
+                with urllib.request.urlopen(url.rstrip("/") + path, timeout=30) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, b""
+
+        inside = project.root / "datasets_cfg" / "style" / "img0.png"
+        assert get(f"/gradio_api/file={inside}") == (200, inside.read_bytes())
+        for path in (tmp_path / "secret.txt", f"{project.root}/../secret.txt", "/etc/passwd"):
+            status, body = get(f"/gradio_api/file={path}")
+            assert status in (403, 404) and b"secret" not in body and b"root:" not in body
+    finally:
+        app.close()
+
+
+def test_listen_warns_that_every_interface_is_served(tmp_path, monkeypatch, capsys):
+    from sdlora.cli import main
+    from sdlora.ui import app
+
+    project, _ = make_project(tmp_path)
+    calls = []
+    monkeypatch.setattr(app.gr.Blocks, "launch", lambda self, **kw: calls.append(kw))
+    assert main(["ui", "--root", str(tmp_path), "--port", "7999", "--listen"]) == 0
+    assert calls[0]["server_name"] == "0.0.0.0" and calls[0]["server_port"] == 7999
+    assert "warning: --listen serves on every network interface" in capsys.readouterr().err
+    assert main(["ui", "--root", str(tmp_path), "--port", "7999"]) == 0
+    assert calls[1]["server_name"] == "127.0.0.1"
+    assert main(["ui", "--root", str(tmp_path / "missing")]) == 2
+
+
+def test_stop_saves_the_state_and_resume_finishes_the_training(tmp_path, mini_base_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    project, config = make_project(tmp_path, base=str(mini_base_dir), extra="max_train_steps = 40")
+    cfg = project.load(config)
+    dataset_edit.build(cfg, log=lambda m: None)
+    total = training.plan(cfg).total_steps
+    training.start(cfg, tmp_path / config, [], False, tmp_path, total)
+    deadline = time.time() + 180
+    while training.status(cfg).step < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    training.stop(cfg)
+    while training.running_pid(cfg) and time.time() < deadline:
+        time.sleep(0.5)
+    stopped = training.status(cfg)
+    assert stopped.state == "stopped", stopped.log_tail
+    assert (cfg.output_dir / "state" / "training_state.safetensors").is_file()
+    assert 2 <= stopped.step < total
+    with pytest.raises(UserError, match="no training is running"):
+        training.stop(cfg)
+    training.start(cfg, tmp_path / config, [], True, tmp_path, total)
+    deadline = time.time() + 240
+    while training.running_pid(cfg) and time.time() < deadline:
+        time.sleep(1)
+    done = training.status(cfg)
+    assert done.state == "finished", done.log_tail
+    assert [s for s, _ in done.loss] == list(range(1, total + 1))  # the first session's steps, then the rest

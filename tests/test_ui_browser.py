@@ -175,7 +175,7 @@ def test_the_whole_job_in_a_browser(ui, tmp_path_factory):
         expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible(timeout=15_000)
         expect(page.locator("#previews img").first).to_be_visible(timeout=15_000)
         expect(progress).to_contain_text("step 4 / 4")
-        page.screenshot(path=str(shots / "ui_train.png"), full_page=True)
+        page.screenshot(path=str(shots / "ui_train.png"))
 
         # results: the grids open, the adapter downloads byte for byte
         page.get_by_role("tab", name="Results").click()
@@ -183,7 +183,7 @@ def test_the_whole_job_in_a_browser(ui, tmp_path_factory):
         grid = page.locator("#grids img").first
         expect(grid).to_be_visible(timeout=30_000)
         grid.click()
-        page.screenshot(path=str(shots / "ui_results.png"), full_page=True)
+        page.screenshot(path=str(shots / "ui_results.png"))
         page.locator("#download").click()
         link = page.locator("#download-file a").first
         expect(link).to_be_visible(timeout=30_000)

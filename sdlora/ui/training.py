@@ -112,13 +112,15 @@ def lock_holder(cfg: Config) -> int | None:
         text = (cfg.output_dir / LOCK_FILE).read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and _pid_alive(int(text)) else None
+    return int(text) if text.isdigit() and _running(int(text)) else None
 
 
 _children: dict[int, subprocess.Popen] = {}  # processes this UI started: polled so they do not linger as zombies
 
 
 def _running(pid: int) -> bool:
+    """A process this UI started is polled (a finished child is a zombie until then, and a zombie's
+    pid answers a signal); any other pid is asked by signal 0."""
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
