@@ -52,7 +52,7 @@ lr_scheduler = "constant"
 prompts = ["clrscn, mountains, lake"]
 seeds = [1]
 every_n_epochs = 1
-preview_steps = 2
+preview_steps = 8
 [output]
 dir = "../output/demo"
 """
