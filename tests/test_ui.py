@@ -295,9 +295,9 @@ def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapte
     from sdlora.sample import parse_infotext
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    project, config = make_project(tmp_path, base=str(mini_base_dir), extra="max_train_steps = 1")
+    project, config = make_project(tmp_path, base=str(mini_base_dir))
     cfg = project.load(config)
-    assert main(["train", str(tmp_path / config)]) == 0
+    assert main(["train", str(tmp_path / config)]) == 0  # 2 epochs: style-000001 and the final style
     images = training.sample(cfg, tmp_path / config, "(clrscn:1.2), lake, [mountains]", cfg.adapter_path(), 0.8, 3,
                              tmp_path, steps=2)
     assert len(images) == 1
@@ -307,6 +307,17 @@ def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapte
     info = parse_infotext(parameters)
     assert info["Seed"] == "3" and "Lora hashes" in info
     assert parameters.startswith("(clrscn:1.2), lake, [mountains] <lora:style:0.8>")
+
+    # epochs side by side, with the style figures of each epoch's images
+    from sdlora.metrics import colourfulness
+
+    (tmp_path / config).write_text((tmp_path / config).read_text() + "[sample]\nwidth = 128\nheight = 128\n"
+                                   "prompts = [\"clrscn, lake\"]\nseeds = [1, 2]\n")
+    grids, rows = training.compare_epochs(project.load(config), tmp_path / config, tmp_path, steps=2)
+    assert [g.name for g in grids] == ["epochs_grid_seed1.png", "epochs_grid_seed2.png"]
+    assert [(r["adapter"], r["images"]) for r in rows] == [("epoch 1", 2), ("final", 2), ("style set", 4)]
+    final = sorted((cfg.output_dir / training.EPOCHS_FOLDER).glob("epochs_final_p00_seed*.png"))
+    assert rows[1]["colourfulness"] == pytest.approx(sum(colourfulness(Image.open(p)) for p in final) / 2)
 
 
 def test_the_server_binds_localhost_and_serves_no_file_outside_the_project(tmp_path):

@@ -227,6 +227,15 @@ def build_app(root: str | Path) -> gr.Blocks:
                                  steps=int(steps) if steps else None)
         return f"{len(images)} image(s) in {project.relative(images[0].parent)}", [str(p) for p in images]
 
+    @guarded(3)
+    def epochs(config, steps):
+        cfg = project.load(config)
+        grids, rows = training.compare_epochs(cfg, config_path(config), project.root,
+                                              steps=int(steps) if steps else None)
+        table = pd.DataFrame(rows).round(3)
+        return f"epochs side by side: {', '.join(project.relative(g) for g in grids)}", \
+            [(str(p), project.relative(p)) for p in training.grids(cfg)], table
+
     theme = gr.themes.Default(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="sdlora", analytics_enabled=False) as app:
         app.sdlora_theme = theme
@@ -326,6 +335,12 @@ def build_app(root: str | Path) -> gr.Blocks:
                 steps = gr.Number(0, precision=0, label="steps (0: the config's)", elem_id="steps")
                 sample_btn = gr.Button("Sample at the config's size", elem_id="sample")
             samples = gr.Gallery(label="samples", columns=2, elem_id="samples")
+            with gr.Row():
+                epochs_btn = gr.Button("Compare epochs (the config's prompts and seeds, every epoch's adapter)",
+                                       elem_id="compare-epochs")
+            figures = gr.Dataframe(label="style figures per epoch: colourfulness (Hasler-Suesstrunk) and hue/"
+                                         "saturation distance to the style set (Hellinger; lower is closer)",
+                                   elem_id="figures", interactive=False)
 
         timer = gr.Timer(3.0)
         create_btn.click(create, [new_name, new_trigger], [message])
@@ -350,6 +365,7 @@ def build_app(root: str | Path) -> gr.Blocks:
         timer.tick(live, [config], [progress, loss_plot, lr_plot, val_table, preview_gallery, log_box])
         download_btn.click(download, [config, adapter], [message, download_file])
         sample_btn.click(sample, [config, prompt, adapter, scale, seed, steps], [message, samples])
+        epochs_btn.click(epochs, [config, steps], [message, grids, figures])
     app.sdlora_project = project
     return app
 

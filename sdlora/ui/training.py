@@ -257,10 +257,52 @@ def sample(cfg: Config, config_path: Path, prompt: str, adapter: Path | None, sc
         argv += ["--lora", str(adapter), "--scales", f"{float(scale):g}"]
     if steps:
         argv += ["--steps", str(int(steps))]
+    _run(argv, cwd, timeout)
+    return sorted(p for p in folder.glob("*.png") if "grid" not in p.stem)
+
+
+EPOCHS_FOLDER = "ui_epochs"
+
+
+def compare_epochs(cfg: Config, config_path: Path, cwd: Path, steps: int | None = None,
+                   timeout: float = 3600) -> tuple[list[Path], list[dict]]:
+    """`sdlora sample CONFIG --epochs-dir OUTPUT`: the config's prompts x seeds with every epoch's adapter
+    (and the final one) side by side; returns the grids and the style figures per epoch: the mean
+    colourfulness of its images and the distance of their hue/saturation histogram to the style set's
+    (`metrics`, the figures `sdlora run` reports for the final adapter)."""
+    from PIL import Image
+
+    from ..dataset import current_manifest
+    from ..metrics import colourfulness, hellinger, hue_sat_histogram
+    from ..sample import epoch_files, label_slug
+
+    folder = cfg.output_dir / EPOCHS_FOLDER
+    argv = [sys.executable, "-m", "sdlora.cli", "sample", str(config_path), "--epochs-dir", str(cfg.output_dir),
+            "--out", str(folder)]
+    if steps:
+        argv += ["--steps", str(int(steps))]
+    _run(argv, cwd, timeout)
+    data = current_manifest(cfg, log=lambda m: None)
+    style = [Image.open(e["path"]) for e in data["images"]
+             if not e["duplicate_of"] and not data["subsets"][e["subset"]]["is_reg"]]
+    style_hist = hue_sat_histogram(style)
+    rows = []
+    for label, _ in epoch_files(cfg.output_dir, cfg.output_name):
+        images = [Image.open(p) for p in sorted(folder.glob(f"epochs_{label_slug(label)}_p*_seed*.png"))]
+        if images:
+            rows.append({"adapter": label, "images": len(images),
+                         "colourfulness": sum(map(colourfulness, images)) / len(images),
+                         "palette distance to the style set": hellinger(hue_sat_histogram(images), style_hist)})
+    rows.append({"adapter": "style set", "images": len(style),
+                 "colourfulness": sum(map(colourfulness, style)) / len(style), "palette distance to the style set": 0.0})
+    return sorted(folder.glob("epochs_grid_seed*.png")), rows
+
+
+def _run(argv: list[str], cwd: Path, timeout: float) -> None:
+    """A CLI command in a new process; its one-line error becomes this UserError."""
     done = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode:
         errors = [line for line in done.stderr.splitlines() if line.startswith("sdlora")]
         raise UserError(errors[-1].removeprefix("sdlora: error: ") if errors else
-                        f"sampling failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
-    return sorted(p for p in folder.glob("*.png") if "grid" not in p.stem)
+                        f"{argv[3]} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
