@@ -17,7 +17,7 @@ from sdlora.dataset import MANIFEST, read_manifest  # noqa: E402
 from sdlora.errors import UserError  # noqa: E402
 from sdlora.tiny.scenery import make_scene_image  # noqa: E402
 from sdlora.ui import dataset_edit, training  # noqa: E402
-from sdlora.ui.project import Project, check, form_fields, form_values, overrides, save  # noqa: E402
+from sdlora.ui.project import PRESETS, Project, apply_preset, check, form_fields, form_values, overrides, save  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -392,3 +392,26 @@ def test_stop_saves_the_state_and_resume_finishes_the_training(tmp_path, mini_ba
     done = training.status(cfg)
     assert done.state == "finished", done.log_tail
     assert [s for s, _ in done.loss] == list(range(1, total + 1))  # the first session's steps, then the rest
+
+
+def test_presets_are_the_readmes_family_settings_and_load(tmp_path):
+    """Each preset equals the config the README (or the demo config) gives for its family, and a form
+    with it applied is a valid config."""
+    import re
+    import tomllib
+
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    sd = next(tomllib.loads(b) for b in blocks if 'v1-5-pruned-emaonly' in b)
+    sdxl = next(tomllib.loads(b) for b in blocks if "sd_xl_base_1.0" in b)
+    demo = tomllib.loads((REPO / "datasets_cfg" / "colorful_scenery.toml").read_text())
+    sources = {"SD1.x / SD2.x (512 px)": sd, "SDXL (1024 px)": sdxl, "embedded tiny base (160 px)": demo}
+    assert set(sources) == set(PRESETS)
+    for name, preset in PRESETS.items():
+        for key, value in preset.items():
+            section, field = key.split(".")
+            assert sources[name][section][field] == value, (name, key)
+    project, config = make_project(tmp_path)
+    for name in PRESETS:
+        cfg = check(project, config, apply_preset(form_values(project, config), name))
+        assert cfg.dataset.resolution == PRESETS[name]["dataset.resolution"]

@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 
 from ..errors import USER_ERRORS  # noqa: E402
 from . import dataset_edit, training  # noqa: E402
-from .project import Project, check, form_fields, form_values, overrides, save  # noqa: E402
+from .project import PRESETS, Project, apply_preset, check, form_fields, form_values, overrides, save  # noqa: E402
 
 MAX_UPLOAD = "64mb"  # per file; the builder's max_pixels limit is checked after the upload
 THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # system fonts: nothing fetched from a font CDN
@@ -160,6 +160,12 @@ def build_app(root: str | Path) -> gr.Blocks:
         return (f"the config is valid{'; changed: ' + ', '.join(changed) if changed else ''}",
                 summary.replace("\n", "\n\n"))
 
+    @guarded(1 + len(fields))
+    def preset(name, *values):
+        changed = apply_preset(form_dict(values), name)
+        return (f"preset {name}: {', '.join(PRESETS[name])} set in the form (Save config keeps them)",
+                *[changed[f.key] for f in fields])
+
     @guarded(1)
     def save_form(config, *values):
         changed = save(project, config, form_dict(values))
@@ -288,6 +294,10 @@ def build_app(root: str | Path) -> gr.Blocks:
                 resume = gr.Checkbox(label="resume from the saved state", elem_id="resume")
                 start_btn = gr.Button("Start training", variant="primary", elem_id="start")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Row():
+                preset_name = gr.Dropdown(list(PRESETS), value=None, label="preset for the base family",
+                                          elem_id="preset")
+                preset_btn = gr.Button("Apply preset to the form", elem_id="apply-preset")
             progress = gr.Markdown(elem_id="progress")
             with gr.Row():
                 loss_plot = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="loss-plot")
@@ -360,6 +370,7 @@ def build_app(root: str | Path) -> gr.Blocks:
         undo_btn.click(undo, [config], dataset_out)
         check_btn.click(check_form, [config, *inputs], [message, summary])
         save_cfg_btn.click(save_form, [config, *inputs], [message])
+        preset_btn.click(preset, [preset_name, *inputs], [message, *inputs])
         start_btn.click(start, [config, resume, *inputs], [message])
         stop_btn.click(stop, [config], [message])
         timer.tick(live, [config], [progress, loss_plot, lr_plot, val_table, preview_gallery, log_box])

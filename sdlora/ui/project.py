@@ -122,6 +122,28 @@ def form_fields() -> list[FormField]:
     return fields
 
 
+# Starting points per base family: the values the README's "Using a real Stable Diffusion checkpoint"
+# and "SDXL" configs give, and datasets_cfg/colorful_scenery.toml for the embedded base (a test keeps
+# them equal). Applying one changes only these keys of the form; nothing is saved until Save config.
+PRESETS = {
+    "embedded tiny base (160 px)": {"dataset.resolution": 160, "dataset.min_bucket_reso": 64,
+                                    "dataset.max_bucket_reso": 256, "dataset.bucket_reso_steps": 32},
+    "SD1.x / SD2.x (512 px)": {"dataset.resolution": 512, "dataset.min_bucket_reso": 256,
+                               "dataset.max_bucket_reso": 1024, "dataset.bucket_reso_steps": 64},
+    "SDXL (1024 px)": {"dataset.resolution": 1024, "dataset.min_bucket_reso": 512, "dataset.max_bucket_reso": 2048,
+                       "dataset.bucket_reso_steps": 64, "train.unet_lr": 1e-4, "train.text_encoder_lr": [5e-5, 2.5e-5],
+                       "train.mixed_precision": "bf16", "train.gradient_checkpointing": True},
+}
+
+
+def apply_preset(values: dict[str, Any], preset: str) -> dict[str, Any]:
+    """The form's values with a preset's keys set (toml fields as TOML text)."""
+    if preset not in PRESETS:
+        raise UserError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    kinds = {f.key: f.kind for f in form_fields()}
+    return {**values, **{k: _toml(v) if kinds[k] == "toml" else v for k, v in PRESETS[preset].items()}}
+
+
 def _file_values(path: Path) -> dict[str, Any]:
     """key -> the value the config file sets (absent keys: not in the dict)."""
     data = tomllib.loads(path.read_text(encoding="utf-8"))
