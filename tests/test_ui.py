@@ -415,3 +415,20 @@ def test_presets_are_the_readmes_family_settings_and_load(tmp_path):
     for name in PRESETS:
         cfg = check(project, config, apply_preset(form_values(project, config), name))
         assert cfg.dataset.resolution == PRESETS[name]["dataset.resolution"]
+
+
+def test_the_plan_estimates_time_from_sdlora_bench_on_the_base(tmp_path, mini_base_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    project, config = make_project(tmp_path, base=str(mini_base_dir))
+    cfg = project.load(config)
+    dataset_edit.build(cfg, log=lambda m: None)
+    assert "not measured yet" in training.plan(cfg).text
+    rate = training.measure_speed(cfg, tmp_path)
+    figures = json.loads((cfg.output_dir / training.BENCH_JSON).read_text())["first_step"]
+    assert figures["model"] == str(mini_base_dir) and figures["resolution"] == 64
+    assert rate == pytest.approx(cfg.train.batch_size / figures["steps_per_s"])  # measured at batch 1
+    plan = training.plan(cfg)
+    assert plan.seconds_per_step == rate and "`sdlora bench` on this base" in plan.text
+    # another base: those figures do not apply
+    other = project.load(config, ["model.base=\"tiny\""])
+    assert training.plan(other).seconds_per_step is None

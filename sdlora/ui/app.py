@@ -166,6 +166,12 @@ def build_app(root: str | Path) -> gr.Blocks:
         return (f"preset {name}: {', '.join(PRESETS[name])} set in the form (Save config keeps them)",
                 *[changed[f.key] for f in fields])
 
+    @guarded(2)
+    def speed(config, *values):
+        cfg = check(project, config, form_dict(values))
+        rate = training.measure_speed(cfg, project.root)
+        return f"measured {1 / rate:.2f} steps/s on {cfg.model.base}", training.plan(cfg).text.replace("\n", "\n\n")
+
     @guarded(1)
     def save_form(config, *values):
         changed = save(project, config, form_dict(values))
@@ -298,6 +304,7 @@ def build_app(root: str | Path) -> gr.Blocks:
                 preset_name = gr.Dropdown(list(PRESETS), value=None, label="preset for the base family",
                                           elem_id="preset")
                 preset_btn = gr.Button("Apply preset to the form", elem_id="apply-preset")
+                speed_btn = gr.Button("Measure speed (sdlora bench, ~1 min)", elem_id="measure-speed")
             progress = gr.Markdown(elem_id="progress")
             with gr.Row():
                 loss_plot = gr.LinePlot(x="step", y="loss", label="training loss", elem_id="loss-plot")
@@ -371,6 +378,7 @@ def build_app(root: str | Path) -> gr.Blocks:
         check_btn.click(check_form, [config, *inputs], [message, summary])
         save_cfg_btn.click(save_form, [config, *inputs], [message])
         preset_btn.click(preset, [preset_name, *inputs], [message, *inputs])
+        speed_btn.click(speed, [config, *inputs], [message, summary])
         start_btn.click(start, [config, resume, *inputs], [message])
         stop_btn.click(stop, [config], [message])
         timer.tick(live, [config], [progress, loss_plot, lr_plot, val_table, preview_gallery, log_box])

@@ -50,18 +50,50 @@ def plan(cfg: Config) -> Plan:
     per_epoch, total, epochs = planned_steps(tc, examples)
     repeats = sorted({ex.repeats for ex in examples})
     seen = sum(ex.repeats for ex in examples)
-    rate = seconds_per_step(scalars(cfg).get("loss", []))
+    rate, where = seconds_per_step(scalars(cfg).get("loss", [])), f"the last training in {cfg.output_dir.name}"
+    if rate is None:
+        rate, where = bench_seconds_per_step(cfg), f"`sdlora bench` on this base, {BENCH_JSON}"
     lines = [f"{len(examples)} images x {'/'.join(map(str, repeats))} repeats = {seen} images per epoch; "
              f"batch {tc.batch_size} x {tc.gradient_accumulation_steps} accumulation -> {per_epoch} steps per epoch",
              f"{epochs} epochs -> {total} steps" + (f" (train.max_train_steps = {tc.max_train_steps})"
                                                     if tc.max_train_steps else "")]
     if rate:
-        lines.append(f"estimated time: {_duration(rate * total)} at {1 / rate:.2f} steps/s (the last training in "
-                     f"{cfg.output_dir.name}), plus loading and caching")
+        lines.append(f"estimated time: {_duration(rate * total)} at {1 / rate:.2f} steps/s ({where}), plus loading "
+                     "and caching")
     else:
-        lines.append("estimated time: not measured yet for this folder; the ETA shows after the first steps "
-                     "(`sdlora bench --parts first_step` measures steps/s for a base)")
+        lines.append("estimated time: not measured yet for this base; Measure speed runs `sdlora bench --parts "
+                     "first_step` on it (or the ETA shows after the first steps)")
     return Plan(len(examples), repeats, epochs, tc.batch_size, per_epoch, total, rate, "\n".join(lines))
+
+
+BENCH_JSON = "bench_first_step.json"  # in output.dir: `sdlora bench --parts first_step` for this base
+
+
+def measure_speed(cfg: Config, cwd: Path, timeout: float = 1800) -> float:
+    """`sdlora bench --parts first_step` on this config's base at its resolution and batch size 1
+    (4 generated images); returns seconds per step."""
+    from ..buckets import resolution_pair
+
+    side = max(resolution_pair(cfg.dataset.resolution))
+    out = cfg.output_dir / BENCH_JSON
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "sdlora.cli", "bench", "--parts", "first_step", "--first-step-base", cfg.model.base,
+          "--first-step-resolution", str(side), "--json", str(out), "--overwrite"], cwd, timeout)
+    rate = bench_seconds_per_step(cfg)
+    if rate is None:
+        raise UserError(f"{out}: the benchmark measured no steps/s; run it again")
+    return rate
+
+
+def bench_seconds_per_step(cfg: Config) -> float | None:
+    """Seconds per step from this base's `sdlora bench` figures, scaled by the batch (measured at batch 1)."""
+    try:
+        figures = json.loads((cfg.output_dir / BENCH_JSON).read_text(encoding="utf-8"))["first_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if figures.get("model") != cfg.model.base or not figures.get("steps_per_s"):
+        return None
+    return cfg.train.batch_size * cfg.train.gradient_accumulation_steps / figures["steps_per_s"]
 
 
 def _duration(seconds: float) -> str:
