@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check over the network
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools  # noqa: E402
 import sys  # noqa: E402
