@@ -141,6 +141,14 @@ def steps_per_epoch(examples: list[Example], batch_size: int) -> int:
     return sum(math.ceil(n / batch_size) for n in counts.values())
 
 
+def planned_steps(tc, examples: list[Example]) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, total steps, epochs) of a training: train.max_train_steps, when set,
+    decides the total and the epochs follow from it."""
+    per_epoch = math.ceil(steps_per_epoch(examples, tc.batch_size) / tc.gradient_accumulation_steps)
+    total = tc.max_train_steps or per_epoch * tc.epochs
+    return per_epoch, total, math.ceil(total / per_epoch)
+
+
 class EpochBatches(torch.utils.data.Sampler):
     """The batches of one epoch at a time (`epoch_order`), as (epoch, position) keys.
 
@@ -554,10 +562,7 @@ class Trainer:
 
         groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs)
         self.optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
-        micro = steps_per_epoch(self.examples, tc.batch_size)
-        self.steps_per_epoch = math.ceil(micro / tc.gradient_accumulation_steps)
-        self.total_steps = tc.max_train_steps or self.steps_per_epoch * tc.epochs
-        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.steps_per_epoch, self.total_steps, self.epochs = planned_steps(tc, self.examples)
         self.lr_scheduler = get_scheduler(
             tc.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps(tc, self.total_steps),
             num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)

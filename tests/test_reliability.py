@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import make_style
 
-from sdlora import cache, dataset, io, lora, models, run, train
+from sdlora import cache, io, lora, models, run, train
 from sdlora.caption import DEFAULT_VOCABULARY
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config

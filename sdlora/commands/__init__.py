@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 
 # The modules here, in the order `sdlora --help` lists their commands.
-COMMAND_MODULES = ["new", "run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny", "bench"]
+COMMAND_MODULES = ["new", "run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny", "bench", "ui"]
 
 # What every command that reads an adapter file accepts (kohya.py's one reader).
 ADAPTER_FILES = ("LoRA, LoCon, LoHa, LoKr or Tucker, with or without DoRA; Kohya, LyCORIS, diffusers or "
