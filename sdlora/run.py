@@ -76,6 +76,7 @@ def run(cfg: Config, log=print) -> dict:
     from . import dataset, sample, train
 
     out = cfg.output_dir
+    sample.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")
     dataset.build_dataset(cfg, log=log)
     final = cfg.adapter_path()

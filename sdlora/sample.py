@@ -698,6 +698,25 @@ def _wrap(text: str, width: int, max_lines: int) -> str:
 # Entry points
 
 
+def sample_prompts(cfg) -> list:
+    """The prompts `run_sample` renders: the lines of `sample.prompt_file` (PromptLine) when set, else
+    `sample.prompts` (str), each checked as sampling will read it, so that `sdlora run` refuses an
+    unusable prompt (AND, a bad <lora:> tag, a weight that is no number) before it trains, not after."""
+    from . import prompts as rules
+
+    s = cfg.sample
+    if s.prompt_file:
+        prompts = rules.read_prompt_file(s.prompt_file)
+        for number, line in enumerate(prompts, 1):
+            for text in (line.prompt, line.negative_prompt or ""):
+                rules.check_prompt(text, f"{s.prompt_file}: prompt {number}")
+        return prompts
+    prompts = _prompts(cfg)
+    for prompt in prompts:
+        rules.check_prompt(prompt, f"{cfg.source or 'the config'}: [sample] prompts")
+    return prompts
+
+
 def _prompts(cfg) -> list[str]:
     if not cfg.sample.prompts:
         where = cfg.source or "the config"
@@ -771,7 +790,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
     from . import prompts as rules
 
     s = cfg.sample
-    prompts = rules.read_prompt_file(s.prompt_file) if s.prompt_file else _prompts(cfg)
+    prompts = sample_prompts(cfg)
     tagged = any(rules.extract_networks(p if isinstance(p, str) else p.prompt)[1] for p in prompts)
     loras = [(Path(p), None if w is None else float(w)) for p, w in loras]
     if not loras and not epochs_dir:

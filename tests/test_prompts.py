@@ -319,3 +319,23 @@ def test_training_refuses_sample_prompts_its_previews_cannot_render_before_it_st
     with pytest.raises(UserError, match=r"\[sample\] prompts: prompt 'a cat AND a dog': AND"):
         train.Trainer(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_run_refuses_prompts_sampling_cannot_render_before_the_dataset_and_the_training(tmp_path):
+    """`sdlora run` samples last: an AND (or a bad <lora:> tag) in [sample] prompts or in a prompt file is
+    refused before stage 1, not after a whole training."""
+    from sdlora import run
+    from sdlora.config import config_from_dict
+
+    logs = []
+    cfg = config_from_dict({"name": "style", "output": {"dir": str(tmp_path / "out")},
+                            "sample": {"prompts": ["a house", "a cat AND a dog"]}})
+    with pytest.raises(UserError, match=r"\[sample\] prompts: prompt 'a cat AND a dog': AND"):
+        run.run(cfg, log=logs.append)
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a house --n blurry\n# a comment\na lake --n <lora:x:te=oops>\n")
+    cfg = config_from_dict({"name": "style", "output": {"dir": str(tmp_path / "out")},
+                            "sample": {"prompt_file": str(prompt_file)}})
+    with pytest.raises(UserError, match=r"prompts\.txt: prompt 2: .*te=oops"):
+        run.run(cfg, log=logs.append)
+    assert logs == [] and not (tmp_path / "out").exists()
