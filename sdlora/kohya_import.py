@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .config import (ConfigError, SECTION_CLASSES, SUBSET_SHARED_KEYS, Config, SubsetConfig, load_config,
                      path_keys)
+from . import blocks
 from .errors import UserError
 from .kohya_names import KOHYA_KEYS
 
@@ -86,8 +87,7 @@ ZERO_IS_UNSET = {"epoch", "max_train_epochs", "max_train_steps", "clip_skip", "l
 # network_args that become [network] keys (their sdlora names are KOHYA_KEYS'; network_args' dropout is
 # network_dropout). The block ones are also the kohya_ss GUI's top-level keys: comma lists of numbers for the
 # dims and alphas; the lr weights a list or a preset name ("sine", "cosine+.25").
-BLOCK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
-              "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
+BLOCK_ARGS = (*blocks.DIM_KEYS, *blocks.LR_WEIGHT_KEYS, "block_lr_zero_threshold")
 NETWORK_ARGS = ("conv_dim", "conv_alpha", "dropout", "dora_wd", *BLOCK_ARGS)
 # The dataset-config keys a subset inherits from its dataset and [general] (kohya's "ascendable" ones).
 INHERITED = (*SUBSET_SHARED_KEYS, "class_tokens")
@@ -304,7 +304,10 @@ def _key_value_list(value, where: str) -> dict:
         if not sep or not k.strip():
             raise UserError(f"{where}: {item!r} is not key=value")
         v = v.strip().strip("\"'")
-        out[k.strip()] = [_number(x) for x in v.split(",") if x.strip()] if "," in v else _number(v)
+        if k.strip() in BLOCK_ARGS:  # kohya's "1,,0.5" per block: the block checkers read it (an empty one is 0)
+            out[k.strip()] = v
+        else:
+            out[k.strip()] = [_number(x) for x in v.split(",") if x.strip()] if "," in v else _number(v)
     return out
 
 
@@ -374,20 +377,6 @@ def _resolution(value, where: str):
     return sides[0] if len(sides) == 1 or sides[0] == sides[1] else sides
 
 
-def _block_list(value, where: str, kind):
-    """kohya's "2,4,4,..." (or a list) -> [2, 4, 4, ...] of `kind`."""
-    items = value if isinstance(value, list) else [p for p in str(value).split(",") if p.strip()]
-    return [_typed(v, kind, where) for v in items]
-
-
-def _lr_weight(value, where: str):
-    """kohya's down/mid/up_lr_weight: numbers (a list, or one for mid) or a preset such as "sine+.5"."""
-    if isinstance(value, str) and not re.fullmatch(r"[\d.,eE+\- ]+", value.strip()):
-        return value.strip()
-    weights = _block_list(value, where, float)
-    return weights[0] if len(weights) == 1 and "mid" in where else weights
-
-
 def _caption_extension(value: str) -> str:
     """The nearest file extension sdlora accepts: a leading dot, letters, digits and '_'."""
     return "." + (re.sub(r"[^0-9A-Za-z_]", "_", value.lstrip(".")) or "txt")
@@ -415,7 +404,10 @@ def convert(setup: Setup) -> Conversion:
         shown = raw if raw is not None else args.get(key, value)
         shown = " ".join(map(str, shown)) if isinstance(shown, list) else str(shown)
         f, kind = _field(target)
-        value = converted(value) if converted else _typed(value, kind, where(key))
+        try:
+            value = converted(value) if converted else _typed(value, kind, where(key))
+        except ConfigError as e:  # the config schema's own check, refusing a value of the sources
+            raise UserError(str(e)) from None
         nearest = _nearest(value, f, target)
         if nearest != value:
             out.notes.append(f"--{key} = {shown}: sdlora's {target} takes {_describe_range(f, target)}; "
@@ -571,15 +563,11 @@ def _network_args(network_args: dict, put, out: Conversion, where: str) -> None:
         if _is_off(value):
             out.off.append(f"network_args {key}")
         elif key in NETWORK_ARGS:
-            if key.endswith("lr_weight"):
-                converted = lambda v, label=label: _lr_weight(v, label)  # noqa: E731
-            elif key.endswith(("_dims", "_alphas")):
-                converted = lambda v, label=label, kind=int if key.endswith("dims") else float: \
-                    _block_list(v, label, kind)  # noqa: E731
-            else:
-                converted = None
-            put(KOHYA_KEYS["network_dropout" if key == "dropout" else key], value, f"network_args {key}", raw=value,
-                converted=converted)
+            target = KOHYA_KEYS["network_dropout" if key == "dropout" else key]
+            # the block values as the config schema's own check reads them (kohya's "1,,0.5" strings or lists)
+            check = _field(target)[0].metadata["check"] if key in BLOCK_ARGS else None
+            converted = (lambda v, label=label, check=check: check(v, label)) if check else None
+            put(target, value, f"network_args {key}", raw=value, converted=converted)
         else:
             out.unmapped.append(f"--network_args {key}={value}: no sdlora equivalent")
 

@@ -424,6 +424,20 @@ def test_block_weights_from_network_args_and_gui_fields(tmp_path, capsys):
         by_hand.conv_block_dims, by_hand.conv_block_alphas, by_hand.up_lr_weight)
 
 
+def test_empty_entries_of_block_values_keep_their_place(tmp_path, capsys):
+    """kohya reads "1,,0.5,2" as four lr weights, the empty one 0: the blocks after it keep their place.
+    An empty rank is no rank: refused by key, as sdlora's config refuses it."""
+    command = ('train_network.py --network_dim 4 --network_args "up_lr_weight=1,,0.5,2,1,1,1,1,1,1,1,1" '
+               '"down_lr_weight=1,1,1,1,1,1,1,1,1,1,1,"')
+    code, cfg, err = convert(tmp_path, capsys, command)
+    assert code == 0, err
+    assert cfg.network.up_lr_weight == [1.0, 0.0, 0.5, 2.0] + [1.0] * 8
+    assert cfg.network.down_lr_weight == [1.0] * 11 + [0.0]
+    source = write(tmp_path / "gui.json", gui_preset(block_dims="4,,4"))
+    code, cfg, err = convert(tmp_path, capsys, source)
+    assert code == 2 and "block_dims" in err and "Traceback" not in err
+
+
 def test_every_kohya_name_points_to_an_sdlora_key():
     """One table names kohya's keys for the importer and the config's did-you-mean; each must exist."""
     from sdlora.kohya_names import KOHYA_KEYS
