@@ -72,7 +72,15 @@ NOT_NEEDED = {"v2": "the base model's family is read from the base itself",
               **dict.fromkeys(("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
                                "sdxl_cache_text_encoder_outputs"),
                               "text-encoder outputs are cached whenever the text encoder is frozen"),
-              **dict.fromkeys(("no_half_vae", "sdxl_no_half_vae"), "latents are always encoded with the VAE in fp32")}
+              **dict.fromkeys(("no_half_vae", "sdxl_no_half_vae"), "latents are always encoded with the VAE in fp32"),
+              "num_cpu_threads_per_process": "accelerate launch's option; sdlora sets its CPU threads itself"}
+# kohya/LyCORIS options at the value that changes nothing sdlora does (their defaults, or what sdlora does
+# anyway): listed with the unset ones, not as lost settings.
+AS_SDLORA_DOES = {"unit": 1,  # DyLoRA's unit: sdlora trains no DyLoRA
+                  "max_timestep": 1000, "min_timestep": 0,  # the whole schedule, as sdlora samples it
+                  "factor": -1,  # LoKr's most balanced split, sdlora's
+                  "train_on_input": True,  # IA3's default: sdlora trains no IA3
+                  "lr_scheduler_power": 1}
 # Keys read here rather than through KOHYA_KEYS: further sources, and the GUI's switches and percentages.
 READ_HERE = {"network_args", "additional_parameters", "dataset_config", "config_file", "noise_offset_type",
              "stop_text_encoder_training_pct", "use_8bit_adam", "text_encoder_lr1", "text_encoder_lr2",
@@ -444,7 +452,7 @@ def convert(setup: Setup) -> Conversion:
         if key in NOT_NEEDED:
             out.unmapped.append(f"--{key}: not needed ({NOT_NEEDED[key] or 'no effect in sdlora'})")
         elif target is None or target.startswith("dataset.subsets[]"):
-            if _is_off(value):
+            if _is_off(value) or (key in AS_SDLORA_DOES and _number(value) == AS_SDLORA_DOES[key]):
                 out.off.append(key)
             elif target is None:
                 not_mapped(key, "no sdlora equivalent")

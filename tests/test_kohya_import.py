@@ -542,3 +542,17 @@ def test_odd_command_lines_never_reach_the_user_as_a_traceback(tmp_path, capsys,
     assert code in (0, 2) and "Traceback" not in err and "internal error" not in err, err
     if code == 2:
         refused(code, err)
+
+
+def test_options_at_the_value_sdlora_trains_with_are_not_lost_settings(tmp_path, capsys):
+    """The GUI saves LyCORIS's and kohya's defaults (unit 1, factor -1, train_on_input, max_timestep 1000) in
+    every preset: at those values nothing is lost, so they are not listed as settings sdlora lacks; another
+    value is."""
+    source = write(tmp_path / "gui.json", gui_preset(unit=1, factor=-1, train_on_input=True, max_timestep=1000,
+                                                     num_cpu_threads_per_process=2))
+    code, _, err = convert(tmp_path, capsys, source)
+    assert code == 0, err
+    assert not [line for line in err.splitlines() if "no sdlora equivalent" in line], err
+    source = write(tmp_path / "gui.json", gui_preset(factor=16, max_timestep=900))
+    code, _, err = convert(tmp_path, capsys, source)
+    assert "--factor = 16: no sdlora equivalent" in err and "--max_timestep = 900: no sdlora equivalent" in err
