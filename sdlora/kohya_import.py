@@ -442,7 +442,7 @@ def convert(setup: Setup) -> Conversion:
         out.notes.append(f"--epoch {args.pop('epoch')}: replaced by --max_train_epochs {args['max_train_epochs']}")
     _learning_rates(args, setup.gui, put, out)
     _noise(args, out)
-    _stop_text_encoder_training(args, setup.gui, put, out, where)
+    _stop_text_encoder_training(args, setup.gui, out)
     if "use_8bit_adam" in args and "optimizer" not in args and "optimizer_type" not in args:
         if _typed(args.pop("use_8bit_adam"), bool, where("use_8bit_adam")):
             put("train.optimizer", "adamw8bit", "use_8bit_adam", raw="true")
@@ -546,21 +546,21 @@ def _drop_unset(args: dict, gui: set, out: Conversion) -> None:
         del args[k]
 
 
-def _stop_text_encoder_training(args: dict, gui: set, put, out: Conversion, where) -> None:
-    """The GUI's stop_text_encoder_training(_pct) is a percentage of the steps; sd-scripts' own counts steps."""
+def _stop_text_encoder_training(args: dict, gui: set, out: Conversion) -> None:
+    """The GUI's stop_text_encoder_training(_pct), a percentage of the steps: its LoRA tab ignores it ("not yet
+    supported. Ignoring", kohya_gui/lora_gui.py) and kohya trains the text encoder to the end, so it is left
+    out. sd-scripts' own --stop_text_encoder_training (steps) maps through KOHYA_KEYS."""
     for key in ["stop_text_encoder_training_pct"] + ["stop_text_encoder_training"] * (
             "stop_text_encoder_training" in gui):
         if key not in args:
             continue
-        pct = _typed(args.pop(key), float, where(key))
-        steps = _typed(args.get("max_train_steps", 0), int, where("max_train_steps"))
-        if not pct:
+        pct = args.pop(key)
+        if _is_off(pct):
             out.off.append(key)
-        elif steps:  # the GUI's own conversion: ceil(steps x percent / 100)
-            put("train.stop_text_encoder_training", math.ceil(steps * pct / 100), key, raw=f"{pct:g}% of {steps} steps")
         else:
-            out.unmapped.append(f"--{key} = {pct:g}% of the steps: the step count is not known here; set "
-                                "train.stop_text_encoder_training to that many optimizer steps")
+            out.unmapped.append(f"--{key} = {pct}% of the steps: the kohya_ss LoRA tab ignores it and trains the "
+                                "text encoder to the end, as this config now does (set "
+                                "train.stop_text_encoder_training to a step count to stop it)")
 
 
 def _network_args(network_args: dict, put, out: Conversion, where: str) -> None:

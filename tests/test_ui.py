@@ -141,7 +141,10 @@ def _other_value(f, current):
             "dataset.subsets": '[{ image_dir = "style", num_repeats = 3 }]', "caption.blacklist": '["watermark"]',
             "caption.replace": '{ sea = "ocean" }', "caption.style_tags": '["pastel"]',
             "train.optimizer_args": "{ betas = [0.9, 0.99] }", "sample.prompts": '["clrscn, lake"]',
-            "sample.seeds": "[7, 8]", "sample.lora_scales": "[0.0, 0.75]"}
+            "sample.seeds": "[7, 8]", "sample.lora_scales": "[0.0, 0.75]", "network.block_dims": "[4, 8]",
+            "network.block_alphas": "[2.0, 4.0]", "network.conv_block_dims": "[2, 2]",
+            "network.conv_block_alphas": "[1.0, 1.0]", "network.down_lr_weight": '"sine+0.5"',
+            "network.mid_lr_weight": "[2.0]", "network.up_lr_weight": "[1.0, 0.5]"}
     strings = {"name": "renamed", "trigger": "trg", "model.base": "other/base", "model.vae": "vae.safetensors",
                "dataset.image_dir": "style2", "dataset.reg_dir": "reg", "dataset.background": "#000000",
                "dataset.caption_extension": ".caption", "caption.model": "ViT-B-32", "caption.pretrained": "ckpt.bin",
