@@ -196,6 +196,11 @@ def _read_file(path: Path, setup: Setup, seen: frozenset) -> Setup:
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path}: not valid TOML: {e}") from None
     if "datasets" in data or "general" in data:
+        general = data.get("general")
+        if "datasets" not in data and isinstance(general, dict) and not (set(KOHYA_KEYS) | set(INHERITED)) & set(general):
+            raise UserError(f"{path}: not a kohya dataset config: a [general] table with no [[datasets]] and none "
+                            "of kohya's dataset settings; give a dataset config with [[datasets]] and "
+                            "[[datasets.subsets]] (image_dir = ...)")
         setup.datasets += _read_dataset_config(data, str(path))
         return setup
     gui = path.suffix.lower() == ".json" or any(k in data for k in ("basic", "advanced", "folders"))

@@ -335,6 +335,7 @@ validation_split = 1.0
     ("bad.json", "{'single': 'quotes'}"),
     ("binary.toml", b"\x89PNG\r\n\x1a\n\x00\xff"),
     ("datasets.toml", 'datasets = "img"\n'),
+    ("general_only.toml", '[general]\ntitle = "notes"\n'),
 ])
 def test_files_that_are_not_training_configs_are_refused(tmp_path, capsys, name, text):
     path = tmp_path / name

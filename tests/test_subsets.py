@@ -181,6 +181,7 @@ def test_one_run_decodes_each_image_once(tmp_path, mini_base_dir, monkeypatch):
     path.write_text(path.read_text().replace('tagger = "none"', 'tagger = "open_clip"'))
     # Sampling renders prompts; it reads no dataset image (the style figures need scale-0 renders).
     monkeypatch.setattr(sample, "run_sample", lambda *a, **k: SimpleNamespace(images=[], folder=tmp_path))
+    monkeypatch.setattr(sample, "sample_prompts", lambda cfg: [])  # this config has none; sampling is stubbed
     decodes: dict[Path, int] = {}
     real = images.load_image
 
