@@ -73,9 +73,10 @@ def append_style_report(cfg: Config, figures: dict) -> None:
 
 
 def run(cfg: Config, log=print) -> dict:
-    from . import dataset, sample, train
+    from . import dataset, results, sample, train
 
     out = cfg.output_dir
+    after = {}
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")
     dataset.build_dataset(cfg, log=log)
     final = cfg.adapter_path()
@@ -87,6 +88,7 @@ def run(cfg: Config, log=print) -> dict:
                             why=" but was trained with other settings or images",
                             rename="set output.output_name to another name")
         train.train(cfg, log=log)
+        after = results.after_training(cfg, log=log)
     log("== 3/3 samples")
     result = sample.run_sample(cfg, loras=[(final, None)], log=log)
     figures = style_figures(cfg, result.images)
@@ -97,10 +99,12 @@ def run(cfg: Config, log=print) -> dict:
             f"{figures['hist_distance_base']:.3f} -> {figures['hist_distance_lora']:.3f}")
     paths = {"adapter": final, "samples": result.folder, "report": cfg.report_path,
              "dataset report": out / dataset.REPORT_MD}
+    if "resized" in after:
+        paths["resized adapter"] = after["resized"]["path"]
     log("\nDone.")
     for name, path in paths.items():
         log(f"  {name:15s} {path}")
-    return {"paths": paths, "figures": figures, "sample": result}
+    return {"paths": paths, "figures": figures, "sample": result, **after}
 
 
 def add_command(subparsers) -> None:
