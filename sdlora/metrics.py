@@ -108,5 +108,7 @@ def seam_score(image: Image.Image, xs, ys, neighbourhood: int = 16) -> float:
             i = int(b) - 1  # grad[i] is the jump between pixels i and i + 1: the border at b
             if 0 <= i < len(grad) - 1 and b > 0:
                 near = grad[max(0, i - neighbourhood):i + neighbourhood + 1]
-                scores.append(float(grad[i] / max(np.median(near), 1e-9)))
+                # Half a grey level floors the median: a flat sky has none, and 8-bit rounding alone
+                # would then count as a jump.
+                scores.append(float(grad[i] / max(np.median(near), 0.5)))
     return float(np.mean(scores)) if scores else 1.0
