@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
+from .errors import UserError
 from .io import atomic_path, atomic_write_text
 
 ADHERENCE_KEEP = 0.5  # share of the base's adherence above chance an epoch must keep not to count as over-fitted
@@ -256,7 +257,12 @@ def after_training(cfg: Config, log=print) -> dict:
     from .caption import load_tagger
 
     out = {}
-    files = epoch_files(cfg.output_dir, cfg.output_name) if cfg.output.score_epochs else []
+    files = []
+    if cfg.output.score_epochs:
+        try:
+            files = epoch_files(cfg.output_dir, cfg.output_name)
+        except UserError:  # no saved epochs of this adapter (save_every_n_epochs beyond the run): nothing to rank
+            pass
     if len(files) < 2 and not cfg.output.resize_energy:
         return out
     sampler, tagger = Sampler(cfg, fuse=True), load_tagger(cfg.caption)
