@@ -213,7 +213,7 @@ class SampleConfig:
                              "tiled (img2img in blended native-size tiles) | off | auto (off at or below the native "
                              "area, tiled above hires_tiled_above x it, on between)",
                      choices=["auto", "on", "tiled", "off"])
-    hires_tiled_above: float = opt(2.0, "auto picks the tiled pass when the target's area exceeds the "
+    hires_tiled_above: float = opt(4.0, "auto picks the tiled pass when the target's area exceeds the "
                                    "base's native area by more than this factor", min=1.0)
     hires_tile: int = opt(0, "tile side of the tiled pass in pixels, a multiple of 8 (0 = the base's native size)",
                           min=0)

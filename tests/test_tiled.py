@@ -8,6 +8,7 @@ from PIL import Image
 
 from sdlora import metrics, sample, tiled
 from sdlora.config import config_from_dict
+from sdlora.errors import UserError
 
 H, W = 720, 1080
 Y, X = np.mgrid[0:H, 0:W]
@@ -91,11 +92,14 @@ def test_blended_tiles_of_a_pointwise_denoiser_equal_the_whole_latent_denoised_a
 
 
 def test_auto_tiles_far_above_the_native_area_and_keeps_one_pass_near_it():
-    assert sample.hires_mode("auto", 1080, 720, 128, 2.0) == "tiled"  # the embedded base: 47x its area
-    assert sample.hires_mode("auto", 1080, 720, 512, 2.0) == "tiled"  # SD1.5: 3x
-    assert sample.hires_mode("auto", 640, 512, 512, 2.0) == "on"  # 1.25x
-    assert sample.hires_mode("auto", 1080, 720, 1024, 2.0) == "off"  # SDXL's own area
-    assert sample.hires_mode("on", 1080, 720, 128, 2.0) == "on"
+    above = config_from_dict({}).sample.hires_tiled_above  # 4: twice the native size per side
+    assert sample.hires_mode("auto", 1080, 720, 128, above) == "tiled"  # the embedded base: 47x its area
+    assert sample.hires_mode("auto", 1080, 720, 512, above) == "on"  # SD1.5: 3x, A1111's usual hires fix
+    assert sample.hires_mode("auto", 1536, 1024, 512, above) == "tiled"  # SD1.5 at 6x
+    assert sample.hires_mode("auto", 1080, 720, 1024, above) == "off"  # SDXL's own area
+    assert sample.hires_mode("on", 1080, 720, 128, above) == "on"
+    with pytest.raises(UserError, match="tiled"):
+        sample.hires_mode("tiles", 1080, 720, 128, above)
 
 
 def test_tiled_pass_on_the_embedded_base_at_1080x720_has_no_hatching_and_no_seams():
