@@ -251,19 +251,23 @@ def export_resized(cfg: Config, log=print, sampler=None, tagger=None, style: lis
             "full": full, "resized": small}
 
 
-def after_training(cfg: Config, log=print) -> dict:
-    """`sdlora run`'s steps after a training: rank the epochs (keep the best when asked), resize by energy."""
-    from .sample import Sampler, epoch_files
+def after_training(cfg: Config, log=print, trained: bool = True) -> dict:
+    """`sdlora run`'s steps after a training: rank the epochs (keep the best when asked), resize by
+    energy. Without a new training (the adapter was up to date) only a missing or older resized
+    file is written."""
     from .caption import load_tagger
+    from .sample import Sampler, epoch_files
 
     out = {}
     files = []
-    if cfg.output.score_epochs:
+    resize = cfg.output.resize_energy > 0 and (trained or not resized_path(cfg).is_file() or
+                                               resized_path(cfg).stat().st_mtime < cfg.adapter_path().stat().st_mtime)
+    if cfg.output.score_epochs and trained:
         try:
             files = epoch_files(cfg.output_dir, cfg.output_name)
         except UserError:  # no saved epochs of this adapter (save_every_n_epochs beyond the run): nothing to rank
             pass
-    if len(files) < 2 and not cfg.output.resize_energy:
+    if len(files) < 2 and not resize:
         return out
     sampler, tagger = Sampler(cfg, fuse=True), load_tagger(cfg.caption)
     if len(files) >= 2:
@@ -275,6 +279,6 @@ def after_training(cfg: Config, log=print) -> dict:
         log(f"recommended: {ranking.best.label} ({ranking.best.path.name}): {ranking.reason}"
             + (f"; copied to {kept.name}" if kept else ""))
         out["epochs"] = ranking
-    if cfg.output.resize_energy:
+    if resize:
         out["resized"] = export_resized(cfg, log=log, sampler=sampler, tagger=tagger)
     return out

@@ -82,6 +82,7 @@ def run(cfg: Config, log=print) -> dict:
     final = cfg.adapter_path()
     if adapter_up_to_date(cfg, final):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
+        after = results.after_training(cfg, log=log, trained=False)
     else:
         log("== 2/3 train")
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
