@@ -8,8 +8,9 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
                        with dW_i = kohya.module_delta (any kind), W0 kept in a CPU copy so every
                        new set of weights (and weight 0, the base exactly) starts from W0; each
                        dW_i is formed one layer at a time, so memory stays that of the base.
-                       diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, so
-                       files with any of them always take this path.
+                       diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, and
+                       misapplies files whose modules differ in rank or alpha (energy-resized),
+                       so files with any of them always take this path.
     When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
 
 Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
@@ -197,6 +198,15 @@ class WeightPatcher:
         self.modules.clear()
 
 
+def _mixed_ranks(adapter: Adapter) -> bool:
+    """Modules of several ranks or alpha/rank scales (a `resize --energy` file). diffusers 0.42 turns
+    them into peft rank/alpha patterns under names its layers do not have ("alpha_pattern keys did
+    not match"), so such a file renders at the wrong scale there: the patcher applies it instead."""
+    shapes = {(parts["lora_down.weight"].shape[0], float(parts["alpha"]) if "alpha" in parts else None)
+              for parts in adapter.modules.values()}
+    return len(shapes) > 1
+
+
 class AdapterSet:
     """The adapters applied to one pipeline.
 
@@ -214,7 +224,7 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if self.fuse or adapter.kind != "lora":
+        if self.fuse or adapter.kind != "lora" or _mixed_ranks(adapter):
             if self.patcher is None:
                 self.patcher = WeightPatcher(self.pipe)
             self.patcher.add(adapter)

@@ -19,14 +19,18 @@ def demo_cfg(out_dir, **output):
         "sample": {"prompts": PROMPTS, "width": 192, "height": 128, "steps": 6, "seeds": [1]}})
 
 
-def rewrite_ups(path, change):
-    """Rewrite the adapter at `path` with change(up) for every up matrix, metadata kept."""
+def rewrite_ups(path, change, alpha=None):
+    """Rewrite the adapter at `path` with change(up) for every up matrix (and every alpha set to
+    `alpha`, if given), metadata kept."""
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     tensors = load_file(path)
-    save_file({k: change(v) if k.endswith("lora_up.weight") else v for k, v in tensors.items()}, path, metadata)
+    new = {k: change(v) if k.endswith("lora_up.weight") else v for k, v in tensors.items()}
+    if alpha is not None:
+        new.update({k: torch.tensor(float(alpha)) for k in new if k.endswith(".alpha")})
+    save_file(new, path, metadata)
     return path
 
 
@@ -64,8 +68,10 @@ def test_resize_energy_keeps_ninety_percent_of_every_module_and_loads_in_diffuse
     cfg = demo_cfg(tmp_path / "out", resize_energy=0.9)
     cfg.output_dir.mkdir(parents=True)
     final = write_adapter(cfg, cfg.adapter_path(), seed=3)
-    # Energy in a few directions, as trained adapters have it: up's column j scaled by 0.3^j.
-    rewrite_ups(final, lambda up: up * 0.3 ** torch.arange(up.shape[1], dtype=up.dtype).reshape(1, -1, *[1] * (up.dim() - 2)))
+    # Energy in a few directions, as trained adapters have it: up's column j scaled by 0.3^j; alpha 1
+    # (Kohya's default) so each resized module's alpha differs from its rank and must be read per module.
+    rewrite_ups(final, lambda up: 4 * up * 0.3 ** torch.arange(up.shape[1], dtype=up.dtype).reshape(1, -1, *[1] * (up.dim() - 2)),
+                alpha=1.0)
     style = [make_scene_image(i, palette="colourful")[0] for i in range(4)]
     out = results.export_resized(cfg, log=lambda m: None, style=style)
     path = out["path"]
@@ -80,7 +86,23 @@ def test_resize_energy_keeps_ninety_percent_of_every_module_and_loads_in_diffuse
         assert k == 1 or lowrank.energy_kept(S, k - 1) < 0.9  # the smallest such rank
     from sdlora.models import load_base
 
-    pipe = load_base(cfg.model).pipeline()
-    pipe.load_lora_weights(str(path))  # diffusers reads it with no leftover keys
+    load_base(cfg.model).pipeline().load_lora_weights(str(path))  # diffusers reads every key
+    # ...but applies per-module ranks and alphas at the wrong scale (diffusers 0.42), so sdlora's
+    # sampler patches such a file in: unfused and fused render the same picture.
+    import numpy as np
+
+    from sdlora.sample import Sampler
+
+    pictures = []
+    for fuse in (False, True):
+        sampler = Sampler(cfg, fuse=fuse)
+        sampler.adapters.add(path, 1.0)
+        sampler.adapters.set_weights([1.0])
+        pictures.append(np.asarray(sampler.render(["clrscn, hills"], [1], 64, 64, 3)[0][0], dtype=np.int16))
+        sampler.adapters.set_weights([0.0])
+        base = np.asarray(sampler.render(["clrscn, hills"], [1], 64, 64, 3)[0][0], dtype=np.int16)
+        sampler.adapters.close()
+    assert np.abs(pictures[0] - base).max() > 20  # the adapter changes the picture...
+    assert np.abs(pictures[0] - pictures[1]).max() <= 3  # ...at its Kohya scale, W + (alpha / r) up down
     report = cfg.report_path.read_text()
     assert "## Resized by energy" in report and path.name in report and "colourfulness" in report
