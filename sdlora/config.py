@@ -244,8 +244,16 @@ class SampleConfig:
     seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)", items=int, min=0, max=SEED_MAX)
     lora_scales: list = opt([0.0, 0.5, 1.0], "LoRA scales of the grid columns (0 = the base)", items=float)
     batch_size: int = opt(1, "images per pipeline call", min=1)
-    hires: str = opt("auto", "two-pass hires: auto (when larger than the base's native size) | on | off",
-                     choices=["auto", "on", "off"])
+    hires: str = opt("auto", "second pass above the base's native size: on (one img2img pass at the target size) | "
+                             "tiled (img2img in blended native-size tiles) | off | auto (off at or below the native "
+                             "area, tiled above hires_tiled_above x it, on between)",
+                     choices=["auto", "on", "tiled", "off"])
+    hires_tiled_above: float = opt(4.0, "auto picks the tiled pass when the target's area exceeds the "
+                                   "base's native area by more than this factor", min=1.0)
+    hires_tile: int = opt(0, "tile side of the tiled pass in pixels, a multiple of 8 (0 = the base's native size)",
+                          min=0)
+    hires_tile_overlap: int = opt(0, "pixels neighbouring tiles share, a multiple of 8 (0 = a quarter of the tile)",
+                                  min=0)
     hires_denoise: float = opt(0.45, "img2img denoising strength of the hires pass", min=0.0, max=1.0)
     hires_steps: int = opt(0, "steps of the hires pass (0 = same as steps)", min=0)
     thumbnail: int = opt(256, "longest side of each grid cell", min=16)
@@ -258,6 +266,12 @@ class SampleConfig:
 class OutputConfig:
     dir: str = opt("output", "where adapters, samples, state and reports go", path=True)
     output_name: str = opt("", "adapter file name (ss_output_name); default: the config's name")
+    score_epochs: bool = opt(True, "after training, render each saved epoch at the native size, score style and "
+                                   "prompt adherence, and rank them in report.md")
+    keep: str = opt("last", "the final adapter file: last (the last epoch) | best (the epoch report.md recommends)",
+                    choices=["last", "best"])
+    resize_energy: float = opt(0.0, "also write NAME-energyNN.safetensors keeping this share of each module's "
+                                    "energy, e.g. 0.9 (0 = off)", min=0.0, max=1.0)
 
 
 @dataclass

@@ -73,7 +73,7 @@ def append_style_report(cfg: Config, figures: dict) -> None:
 
 
 def run(cfg: Config, log=print) -> dict:
-    from . import dataset, sample, train
+    from . import dataset, results, sample, train
 
     out = cfg.output_dir
     sample.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
@@ -82,12 +82,14 @@ def run(cfg: Config, log=print) -> dict:
     final = cfg.adapter_path()
     if adapter_up_to_date(cfg, final):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
+        after = results.after_training(cfg, log=log, trained=False)
     else:
         log("== 2/3 train")
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
                             why=" but was trained with other settings or images",
                             rename="set output.output_name to another name")
         train.train(cfg, log=log)
+        after = results.after_training(cfg, log=log)
     log("== 3/3 samples")
     result = sample.run_sample(cfg, loras=[(final, None)], log=log)
     figures = style_figures(cfg, result.images)
@@ -98,7 +100,9 @@ def run(cfg: Config, log=print) -> dict:
             f"{figures['hist_distance_base']:.3f} -> {figures['hist_distance_lora']:.3f}")
     paths = {"adapter": final, "samples": result.folder, "report": cfg.report_path,
              "dataset report": out / dataset.REPORT_MD}
+    if "resized" in after:
+        paths["resized adapter"] = after["resized"]["path"]
     log("\nDone.")
     for name, path in paths.items():
         log(f"  {name:15s} {path}")
-    return {"paths": paths, "figures": figures, "sample": result}
+    return {"paths": paths, "figures": figures, "sample": result, **after}

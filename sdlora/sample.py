@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from . import kohya
+from . import kohya, tiled
 from .config import epoch_of_adapter
 from .errors import UserError
 from .io import inside, safe_file_stem
@@ -378,10 +378,20 @@ def img2img_steps(denoise_steps: int, strength: float) -> int:
     return n
 
 
+def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: float) -> str:
+    """The second pass a render gets: "off", "on" (one img2img pass at the target size) or "tiled".
+    auto: off up to the native area, tiled above `tiled_above` times it, one pass between."""
+    if mode not in ("auto", "on", "tiled", "off"):
+        raise UserError(f"--hires {mode!r}: choose on, tiled, off or auto")
+    if mode != "auto":
+        return mode
+    area = width * height / (native * native)
+    return "off" if area <= 1 else "tiled" if area > tiled_above else "on"
+
+
 def uses_hires(mode: str, width: int, height: int, native: int) -> bool:
-    if mode not in ("auto", "on", "off"):
-        raise UserError(f"--hires {mode!r}: choose on, off or auto")
-    return mode == "on" or (mode == "auto" and width * height > native * native)
+    """Whether there is a second pass at all (which kind does not depend on it)."""
+    return hires_mode(mode, width, height, native, math.inf) != "off"
 
 
 @dataclass
@@ -487,7 +497,8 @@ class Sampler:
         for side, v in (("width", width), ("height", height)):
             if v % 8 or v < 8:
                 raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
-        two_pass = uses_hires(hires, width, height, self.base.resolution)
+        mode = hires_mode(hires, width, height, self.base.resolution, s.hires_tiled_above)
+        two_pass = mode != "off"
         w0, h0 = first_pass_size(width, height, self.base.resolution) if two_pass else (width, height)
         # Noise on the GPU where CUDA draws it (A1111's default); on Apple's GPU from the CPU, as
         # diffusers advises there, so a seed gives the CPU's image.
@@ -504,7 +515,17 @@ class Sampler:
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
                   "RNG": "CPU" if noise_device == "cpu" else None}  # A1111's field when its noise is drawn on the CPU
-        if two_pass:
+        if mode == "tiled":
+            images = [im.resize((width, height), Image.LANCZOS) for im in images]
+            if s.hires_denoise > 0:
+                # Prompt editing over the hires pass's own steps, as A1111 schedules it.
+                per_step = self.step_embeds(list(prompts), negatives, steps, s.hires_steps or steps)
+                images = self.refine_tiled(images, per_step, seeds, s, steps, noise_device)
+            tile, overlap = self.tile_size(s)
+            params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos", "Hires mode": "tiled",
+                           "Hires tile": f"{tile}x{tile}", "Hires tile overlap": overlap})
+        elif two_pass:
             from diffusers import AutoPipelineForImage2Image
 
             img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)  # SD or SDXL img2img, same components
@@ -523,6 +544,56 @@ class Sampler:
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
                            "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
         return images, params
+
+    def tile_size(self, s) -> tuple[int, int]:
+        """(tile side, overlap) of the tiled pass in pixels: the base's native size and a quarter of
+        it unless the config says otherwise."""
+        tile = s.hires_tile or self.base.resolution
+        overlap = s.hires_tile_overlap or tile // 4
+        for key, value in (("hires_tile", tile), ("hires_tile_overlap", overlap)):
+            if value % tiled.LATENT_CELL:
+                raise UserError(f"[sample] {key} = {value} is not a multiple of {tiled.LATENT_CELL}; "
+                                f"try {value - value % tiled.LATENT_CELL or tiled.LATENT_CELL}")
+        if overlap >= tile:
+            raise UserError(f"[sample] hires_tile_overlap = {overlap} must be smaller than the tile ({tile} px)")
+        return tile, overlap
+
+    def refine_tiled(self, upscaled: list, per_step: list[dict], seeds: list[int], s, steps: int,
+                     noise_device) -> list:
+        """The tiled pass (sdlora/tiled.py) over each upscaled image, its noise drawn from its own seed.
+        per_step: `step_embeds` over the hires pass's steps (prompt editing switches them as it does in
+        the one-pass hires)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from .family import TextConditioning
+
+        def image_text(embeds: dict, k: int) -> TextConditioning:
+            # Row 0 the negative prompt, row 1 the prompt (tiled.Denoiser's guidance order).
+            pooled = embeds.get("pooled_prompt_embeds")
+            return TextConditioning(
+                hidden=torch.cat([embeds["negative_prompt_embeds"][k:k + 1], embeds["prompt_embeds"][k:k + 1]]),
+                pooled=None if pooled is None else
+                torch.cat([embeds["negative_pooled_prompt_embeds"][k:k + 1], pooled[k:k + 1]]))
+
+        tile, overlap = self.tile_size(s)
+        num_steps = img2img_steps(s.hires_steps or steps, s.hires_denoise)
+        out = []
+        for k, (image, seed) in enumerate(zip(upscaled, seeds)):
+            latents = tiled.encode(self.pipe, image)
+            noise = randn_tensor(latents.shape, generator=torch.Generator(noise_device).manual_seed(int(seed)),
+                                 device=torch.device(self.device), dtype=latents.dtype)
+            texts = [image_text(embeds, k) for embeds in per_step]
+            denoiser = tiled.Denoiser(self.pipe.unet, texts[0], float(s.cfg_scale), (image.height, image.width))
+
+            def at_step(i, denoiser=denoiser, texts=texts):
+                denoiser.text = texts[min(i, len(texts) - 1)]
+
+            scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
+            latents = tiled.refine(latents, noise, scheduler, denoiser, num_steps=num_steps, strength=s.hires_denoise,
+                                   tile=tile // tiled.LATENT_CELL, overlap=overlap // tiled.LATENT_CELL,
+                                   on_step=at_step)
+            out.append(tiled.decode(self.pipe, latents))
+        return out
 
 
 def switching(per_step: list[dict]) -> dict:
@@ -774,6 +845,10 @@ def _sweep_columns(sampler: Sampler, scales: list[float]) -> list[tuple[str, cal
              column(scale, adapters.weights_at(scale), swept[0].path if scale else None)) for scale in scales]
 
 
+def _hires_note(mode: str) -> str:
+    return {"off": "", "on": ", hires", "tiled": ", tiled hires"}[mode]
+
+
 def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires: str | None = None,
                fuse: bool | None = None, lora_dirs=()) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
@@ -807,7 +882,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
     hires = hires or s.hires
     size = dict(width=s.width, height=s.height, steps=s.steps, hires=hires)
     log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {s.steps} steps, {s.sampler}"
-        f"{', hires' if uses_hires(hires, s.width, s.height, sampler.base.resolution) else ''} -> {folder}")
+        f"{_hires_note(hires_mode(hires, s.width, s.height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
     try:
         if epochs_dir:
             def column(path):

@@ -39,8 +39,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--height", type=int, help="image height, a multiple of 8 (default [sample] height, 720)")
     p.add_argument("--steps", type=int, help="denoising steps (default [sample] steps)")
     p.add_argument("--sampler", choices=config_choices("sample", "sampler"), help="scheduler (default [sample] sampler)")
-    p.add_argument("--hires", choices=config_choices("sample", "hires"),
-                   help="two-pass hires fix; auto = when the size exceeds the base's native area (default [sample] hires)")
+    p.add_argument("--hires", choices=["on", "tiled", "off", "auto"],
+                   help="second pass above the base's native size: on = one img2img pass at the target size, tiled = "
+                        "img2img in blended native-size tiles; auto = off up to the native area, tiled above "
+                        "[sample] hires_tiled_above x it, on between (default [sample] hires)")
     p.add_argument("--fuse", action="store_true", help="merge adapters into the weights (faster; A1111's way)")
     p.add_argument("--epochs-dir", metavar="DIR",
                    help="render every NAME-0000NN.safetensors (and NAME.safetensors) in DIR side by side")
