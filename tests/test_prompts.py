@@ -278,6 +278,11 @@ def test_prompt_editing_switches_the_unets_conditioning_at_a1111s_steps(setup):
         assert len(seen) == 8  # 4 first-pass steps, 4 hires steps
         for got, expected in zip(seen, [red] * 4 + [red, red, red, blue]):
             torch.testing.assert_close(got, expected.to(got))
+        seen.clear()  # the tiled pass: the same hires timeline, each U-Net call a batch of tiles
+        sampler.render(["a [red:blue:1.5] house"], [5], 96, 64, 4, hires="tiled")
+        assert len(seen) == 8
+        for got, expected in zip(seen, [red] * 4 + [red, red, red, blue]):
+            torch.testing.assert_close(got, expected.repeat_interleave(got.shape[0] // 2, dim=0).to(got))
     finally:
         hook.remove()
     with pytest.raises(UserError, match="AND"):
