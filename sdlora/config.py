@@ -38,6 +38,16 @@ def opt(default, help: str, *, choices=None, min=None, max=None, path=False, che
     return field(default=default, metadata=meta)
 
 
+# Image sides: multiples of the VAE's 8x downscale (SIDE_STEP); training sides at least MIN_SIDE.
+SIDE_STEP, MIN_SIDE = 8, 64
+
+
+def nearest_side(side: float, minimum: int = MIN_SIDE) -> int:
+    """The nearest side sdlora accepts: a multiple of SIDE_STEP, at least `minimum` (import-kohya's
+    nearest valid value for kohya's resolutions and bucket steps)."""
+    return max(minimum, round(side / SIDE_STEP) * SIDE_STEP)
+
+
 def _resolution(value, where: str):
     """An int (square) or [width, height], sides multiples of 8 and at least 64."""
     ok = (isinstance(value, int) and not isinstance(value, bool)) or (
@@ -47,7 +57,7 @@ def _resolution(value, where: str):
         raise ConfigError(f"{where}: expected an integer or [width, height], got {value!r}")
     sides = [value] if isinstance(value, int) else value
     for s in sides:
-        if s < 64 or s % 8:
+        if s < MIN_SIDE or s % SIDE_STEP:
             raise ConfigError(f"{where}: sides must be multiples of 8 and at least 64, got {value!r}")
     return value
 
@@ -534,11 +544,11 @@ def _check_consistency(cfg: Config, path: Path) -> None:
     if d.min_bucket_reso > d.max_bucket_reso:
         raise ConfigError(f"{path}: [dataset] min_bucket_reso ({d.min_bucket_reso}) is larger than "
                           f"max_bucket_reso ({d.max_bucket_reso})")
-    if d.bucket_reso_steps % 8:
+    if d.bucket_reso_steps % SIDE_STEP:
         raise ConfigError(f"{path}: [dataset] bucket_reso_steps must be a multiple of 8")
     s = cfg.sample
     for side, v in (("width", s.width), ("height", s.height)):
-        if v % 8:
+        if v % SIDE_STEP:
             raise ConfigError(f"{path}: [sample] {side} = {v} is not a multiple of 8; try {v - v % 8}")
     t = cfg.train
     if t.adaptive_noise_scale and not t.noise_offset:

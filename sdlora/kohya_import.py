@@ -31,9 +31,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import (ConfigError, SECTION_CLASSES, SUBSET_SHARED_KEYS, Config, SubsetConfig, load_config,
-                     path_keys)
 from . import blocks
+from .config import (SECTION_CLASSES, SIDE_STEP, SUBSET_SHARED_KEYS, Config, ConfigError, SubsetConfig, load_config,
+                     nearest_side, path_keys)
 from .errors import UserError
 from .kohya_names import KOHYA_KEYS
 
@@ -370,7 +370,7 @@ def _nearest(value, f, target: str):
         return value
     low, high = f.metadata.get("min"), f.metadata.get("max")
     if target.endswith("bucket_reso_steps"):
-        return max(8, round(value / 8) * 8)
+        return nearest_side(value, SIDE_STEP)
     if low is not None and value < low:
         return type(value)(low)
     if high is not None and value > high:
@@ -654,7 +654,7 @@ def _nearest_resolution(value, where: str, key: str, out: Conversion):
     """A resolution whose sides are multiples of 8 and at least 64 (sdlora's VAE and buckets need them)."""
     size = _resolution(value, where)
     sides = [size] if isinstance(size, int) else size
-    nearest = [max(64, round(s / 8) * 8) for s in sides]
+    nearest = [nearest_side(s) for s in sides]
     if nearest != sides:
         out.notes.append(f"--{key} = {value}: sdlora's sides are multiples of 8, at least 64; the nearest, "
                          f"{_toml_value(nearest if len(nearest) > 1 else nearest[0])}, is used")
