@@ -93,7 +93,7 @@ def atomic_folder(folder: str | Path):
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*"):  # left by a killed save of this folder
         m = _TEMP.match(stale.name)
-        if m and stale.is_dir() and not _pid_alive(int(m["pid"])):
+        if m and stale.is_dir() and not pid_alive(int(m["pid"])):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(folder), dir=folder.parent))
     os.chmod(tmp, _plain_mode(directory=True))
@@ -140,7 +140,8 @@ def atomic_save_file(tensors: dict, path: str | Path, metadata: dict | None = No
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (the output lock's stale check; the UI's training status)."""
     if os.name == "nt":  # os.kill(pid, 0) terminates the process there: assume it lives
         return True
     try:
@@ -162,7 +163,7 @@ def remove_stale_temps(folder: str | Path, log=print) -> list[Path]:
     for root, dirs, files in os.walk(folder):
         for name in [*files, *dirs]:
             m = _TEMP.match(name)
-            if not m or int(m["pid"]) == os.getpid() or _pid_alive(int(m["pid"])):
+            if not m or int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"])):
                 continue
             path = Path(root) / name
             if path.is_dir():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
-from ..io import LOCK_FILE, _pid_alive, atomic_write_text
+from ..io import LOCK_FILE, pid_alive, atomic_write_text
 
 RECORD = ".sdlora-ui-train.json"
 LOG = "ui_train.log"  # the training process's stdout and stderr
@@ -156,7 +156,7 @@ def _running(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    return _pid_alive(pid)
+    return pid_alive(pid)
 
 
 def running_pid(cfg: Config) -> int | None:
