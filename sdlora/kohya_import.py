@@ -571,10 +571,16 @@ def _stop_text_encoder_training(args: dict, gui: set, out: Conversion) -> None:
 def _network_args(network_args: dict, put, out: Conversion, where: str) -> None:
     """network_args -> [network] keys: conv_dim, conv_alpha, dropout and the block weights (comma lists of
     numbers; the lr weights may be a preset name instead)."""
+    # kohya (networks/lora.py create_network) reads block_alphas and the conv block values only when
+    # block_dims or a block lr weight is given; alone they change nothing there.
+    blockwise = any(not _is_off(network_args.get(k)) for k in ("block_dims", *blocks.LR_WEIGHT_KEYS))
     for key, value in network_args.items():
         label = f"{where} {key}"
         if _is_off(value):
             out.off.append(f"network_args {key}")
+        elif key in ("block_alphas", "conv_block_dims", "conv_block_alphas") and not blockwise:
+            out.unmapped.append(f"--network_args {key}={value}: kohya ignores it without block_dims or a block lr "
+                                f"weight, so it is left out (sdlora's network.{key} would apply it alone)")
         elif key in NETWORK_ARGS:
             target = KOHYA_KEYS["network_dropout" if key == "dropout" else key]
             # the block values as the config schema's own check reads them (kohya's "1,,0.5" strings or lists)

@@ -556,3 +556,17 @@ def test_options_at_the_value_sdlora_trains_with_are_not_lost_settings(tmp_path,
     source = write(tmp_path / "gui.json", gui_preset(factor=16, max_timestep=900))
     code, _, err = convert(tmp_path, capsys, source)
     assert "--factor = 16: no sdlora equivalent" in err and "--max_timestep = 900: no sdlora equivalent" in err
+
+
+def test_block_alphas_and_conv_blocks_alone_are_left_out_as_kohya_ignores_them(tmp_path, capsys):
+    """kohya's create_network reads block_alphas and conv_block_dims/alphas only with block_dims or a block lr
+    weight: alone they train nothing different there, so they are not imported (sdlora would apply them)."""
+    dims = ",".join(["2"] * 25)
+    code, cfg, err = convert(tmp_path, capsys, f'train_network.py --network_dim 4 --network_args '
+                                               f'"block_alphas={dims}" "conv_block_dims={dims}"')
+    assert code == 0, err
+    assert (cfg.network.block_alphas, cfg.network.conv_block_dims) == ([], [])
+    assert "block_alphas" in err and "kohya ignores it without block_dims" in err
+    code, cfg, err = convert(tmp_path, capsys, f'train_network.py --network_dim 4 --network_args '
+                                               f'"block_alphas={dims}" "up_lr_weight=1,1,1,1,1,1,1,1,1,1,1,1"')
+    assert code == 0 and cfg.network.block_alphas == [2.0] * 25
