@@ -389,11 +389,6 @@ def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: flo
     return "off" if area <= 1 else "tiled" if area > tiled_above else "on"
 
 
-def uses_hires(mode: str, width: int, height: int, native: int) -> bool:
-    """Whether there is a second pass at all (which kind does not depend on it)."""
-    return hires_mode(mode, width, height, native, math.inf) != "off"
-
-
 @dataclass
 class Rendered:
     path: Path

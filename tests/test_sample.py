@@ -188,7 +188,7 @@ def test_hires_renders_at_the_target_size(mini_base_dir, tmp_path, adapter):
     assert sample.first_pass_size(1080, 720, 512) == (624, 416)
     for steps, strength in ((29, 0.29), (20, 0.45), (1, 0.05), (7, 1.0)):  # ceil(29 / 0.29) * 0.29 < 29
         assert int(sample.img2img_steps(steps, strength) * strength) == steps
-    assert not sample.uses_hires("auto", 64, 64, 64) and sample.uses_hires("auto", 1080, 720, 512)
+    assert sample.hires_mode("auto", 64, 64, 64, 4.0) == "off" and sample.hires_mode("auto", 1080, 720, 512, 4.0) != "off"
 
 
 def test_loha_renders_and_differs_from_base(cfg, tmp_path):

@@ -226,8 +226,8 @@ def test_sdxl_sampler_passes_pooled_embeddings_and_matches_diffusers(trained_sdx
 def test_sdxl_one_pass_at_its_native_area_and_sdxl_img2img_above_it(trained_sdxl):
     from sdlora import sample
 
-    assert not sample.uses_hires("auto", 1080, 720, 1024)  # SDXL: 1080x720 renders in one pass
-    assert sample.uses_hires("auto", 1080, 720, 512)  # SD1.5 needs the hires pass
+    assert sample.hires_mode("auto", 1080, 720, 1024, 4.0) == "off"  # SDXL: 1080x720 renders in one pass
+    assert sample.hires_mode("auto", 1080, 720, 512, 4.0) != "off"  # SD1.5 needs the hires pass
     _, cfg, adapter = trained_sdxl
     sampler = sample.Sampler(cfg)
     sampler.adapters.add(adapter)
