@@ -39,17 +39,14 @@ def style_figures(cfg: Config, rendered) -> dict | None:
     """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
     from PIL import Image
 
-    from .dataset import current_manifest
     from .metrics import style_shift
+    from .results import style_images
 
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
     if not base or not lora:
         return None
-    data = current_manifest(cfg, log=lambda m: None)
-    style = [Image.open(e["path"]) for e in data["images"]
-             if not e["duplicate_of"] and not data["subsets"][e["subset"]]["is_reg"]]
-    return style_shift(base, lora, style)
+    return style_shift(base, lora, style_images(cfg))
 
 
 def append_style_report(cfg: Config, figures: dict) -> None:
