@@ -17,11 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import blocks
-from .errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
-
-
-
+from sdlora.adapters import blocks
+from sdlora.errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
 
 SEED_MAX = 2**32 - 1  # numpy's and A1111's seed range, which accelerate's set_seed and samplers share
 
@@ -308,7 +305,7 @@ class Config:
     def adapter_path(self, epoch: int | None = None, step: int | None = None) -> Path:
         """The exported adapter, `<output.dir>/<output_name>.safetensors`; an epoch's is `<output_name>-0000NN`,
         a `save_every_n_steps` one `<output_name>-step000000NN` (kohya's names). Never outside output.dir."""
-        from .io import inside
+        from sdlora.io import inside
 
         stem = self.output_name
         if step is not None:
@@ -418,7 +415,7 @@ for _cls in [Config, SubsetConfig, *SECTION_CLASSES.values()]:
 
 
 def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
-    from .kohya_names import kohya_hint
+    from sdlora.kohya_names import kohya_hint
 
     section = {c: name for name, c in SECTION_CLASSES.items()}.get(cls, "dataset.subsets[]" if cls is SubsetConfig else None)
     close = difflib.get_close_matches(key, list(known), n=1)
@@ -522,7 +519,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 def _refuse_kohya_file(data: dict, path: Path) -> None:
     """A kohya dataset config ([general], [[datasets]]) or a kohya arguments file is not an sdlora
     config: say so, and name the command that converts it."""
-    from .kohya_names import KOHYA_KEYS
+    from sdlora.kohya_names import KOHYA_KEYS
 
     fields = {f.name for f in dataclasses.fields(Config)}
     dataset_config = [k for k in data if k in ("general", "datasets")]
@@ -565,8 +562,8 @@ def _check_file_names(cfg: Config, path: Path) -> None:
     dataset.caption_extension: both must name a file in their folder, and captions never an image."""
     from PIL import Image
 
-    from .images import IMAGE_EXTENSIONS
-    from .io import file_name_problem
+    from sdlora.data.images import IMAGE_EXTENSIONS
+    from sdlora.io import file_name_problem
 
     key = "[output] output_name" if cfg.output.output_name else "name"
     problem = file_name_problem(cfg.output_name)

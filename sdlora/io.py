@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from sdlora.errors import UserError
 
 _TEMP = re.compile(r"^\..+\.(?P<pid>\d+)-[^.]+(\.tmp|\.old)?$")
 LOCK_FILE = ".sdlora-train.lock"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config
-from .io import refuse_to_overwrite
+from sdlora.config import Config
+from sdlora.io import refuse_to_overwrite
 
 
 def adapter_up_to_date(cfg: Config, path: Path) -> bool:
@@ -20,10 +20,10 @@ def adapter_up_to_date(cfg: Config, path: Path) -> bool:
     The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
     that of the file now at model.base, so another model copied over the same path retrains.
     """
-    from .cache import stored_digest
-    from .lora import read_adapter
-    from .models import base_weights_file
-    from .train import collect_examples, config_hash
+    from sdlora.adapters.network import read_adapter
+    from sdlora.digest import stored_digest
+    from sdlora.models.load import base_weights_file
+    from sdlora.training.trainer import collect_examples, config_hash
 
     if not path.is_file():
         return False
@@ -39,8 +39,8 @@ def style_figures(cfg: Config, rendered) -> dict | None:
     """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
     from PIL import Image
 
-    from .metrics import style_shift
-    from .results import style_images
+    from sdlora.sampling.metrics import style_shift
+    from sdlora.training.results import style_images
 
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
@@ -50,7 +50,7 @@ def style_figures(cfg: Config, rendered) -> dict | None:
 
 
 def append_style_report(cfg: Config, figures: dict) -> None:
-    from .io import atomic_write_text
+    from sdlora.io import atomic_write_text
 
     report = cfg.report_path
     text = report.read_text() if report.exists() else f"# {cfg.output_name}\n"
@@ -70,10 +70,12 @@ def append_style_report(cfg: Config, figures: dict) -> None:
 
 
 def run(cfg: Config, log=print) -> dict:
-    from . import dataset, results, sample, train
+    from sdlora.data import dataset
+    from sdlora.sampling import sampler
+    from sdlora.training import results, trainer
 
     out = cfg.output_dir
-    sample.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
+    sampler.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")
     dataset.build_dataset(cfg, log=log)
     final = cfg.adapter_path()
@@ -85,10 +87,10 @@ def run(cfg: Config, log=print) -> dict:
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
                             why=" but was trained with other settings or images",
                             rename="set output.output_name to another name")
-        train.train(cfg, log=log)
+        trainer.train(cfg, log=log)
         after = results.after_training(cfg, log=log)
     log("== 3/3 samples")
-    result = sample.run_sample(cfg, loras=[(final, None)], log=log)
+    result = sampler.run_sample(cfg, loras=[(final, None)], log=log)
     figures = style_figures(cfg, result.images)
     if figures:
         append_style_report(cfg, figures)

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sdlora import kohya, lora, lowrank
+from sdlora.adapters import kohya
+from sdlora.adapters import network as lora
 from sdlora.errors import UserError
+from sdlora.lowrank import tools
 
 
 def rand(*shape, seed=None):
@@ -165,7 +167,7 @@ def test_spectrum_from_the_factors_is_the_dense_svd(name):
     parts, shape = _kinds()[name]
     dense = kohya.module_update(parts, shape).reshape(shape[0], -1).double()
     S_dense = torch.linalg.svdvals(dense)
-    S, top = lowrank.module_spectrum(parts)
+    S, top = tools.module_spectrum(parts)
     n = min(S.numel(), S_dense.numel())
     torch.testing.assert_close(S[:n].double(), S_dense[:n], rtol=1e-4, atol=1e-4)
     assert float(torch.cat([S[n:].double(), S_dense[n:], torch.zeros(1)]).abs().max()) < 1e-4 * float(S[0])
@@ -276,7 +278,7 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
     from peft import get_peft_model_state_dict
 
     from sdlora.cli import main
-    from sdlora.sample import AdapterSet
+    from sdlora.sampling.sampler import AdapterSet
     from sdlora.tiny.configs import build_pipeline
 
     build_pipeline("mini", seed=0).save_pretrained(tmp_path / "base")
@@ -328,7 +330,7 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
                 for got in (merged_layer(x) - base_layer(x), sampled_layer(x) - base_layer(x)):
                     assert float((got - expected).norm() / expected.norm()) <= 1e-5, f"{component}.{path}"
 
-    alphas = {m["key"]: m["alpha"] for m in lowrank.inspect(adapter)["modules"]}  # what `sdlora inspect` prints
+    alphas = {m["key"]: m["alpha"] for m in tools.inspect(adapter)["modules"]}  # what `sdlora inspect` prints
     for key, alpha in alphas.items():
         if key.endswith("to_k"):
             assert alpha == pytest.approx(8)  # alpha_pattern
@@ -343,7 +345,7 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
 def test_sampling_through_diffusers_keeps_each_modules_alpha(tmp_path):
     """A Kohya file whose attention modules' alphas differ (a resized file, peft's alpha_pattern): diffusers
     0.42 alone would give every module the most common alpha; sampled, each changes by alpha / r * up @ down."""
-    from sdlora.sample import AdapterSet
+    from sdlora.sampling.sampler import AdapterSet
     from sdlora.tiny.configs import build_pipeline
 
     attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
@@ -459,7 +461,7 @@ def _module(kind: str, W0: torch.Tensor, gen) -> tuple[dict[str, torch.Tensor], 
 
 
 def _render(cfg, loras=(), base=None):
-    from sdlora import sample
+    from sdlora.sampling import sampler as sample
 
     sampler = sample.Sampler(cfg, base=base)
     for path, weight in loras:
@@ -472,7 +474,7 @@ def _render(cfg, loras=(), base=None):
 
 @pytest.mark.parametrize("kind", ["lora_dora", "tucker", "lokr", "loha_dora"])
 def test_each_kind_renders_as_the_reference_network(mini_cfg, tmp_path, kind):
-    from sdlora.models import load_base
+    from sdlora.models.load import load_base
 
     base = load_base(mini_cfg.model)
     gen = torch.Generator().manual_seed(1)
@@ -519,7 +521,7 @@ def test_resize_of_tucker_locon_writes_a_valid_3x3_lora_with_the_same_change(tmp
               "lora_up.weight": torch.randn(6, 4, 1, 1), "alpha": torch.tensor(2.0)}
     src = _file(tmp_path / "t.safetensors", {CONV: tucker}, {"ss_network_module": "lycoris.kohya",
                                                              "ss_network_args": json.dumps({"algo": "locon"})})
-    report = lowrank.resize(src, tmp_path / "r.safetensors", rank=4)
+    report = tools.resize(src, tmp_path / "r.safetensors", rank=4)
     tensors, metadata = lora.read_adapter(tmp_path / "r.safetensors")
     parts = kohya.group_modules(tensors)[CONV]
     assert parts["lora_down.weight"].shape == (4, 8, 3, 3) and parts["lora_up.weight"].shape == (6, 4, 1, 1)
@@ -537,7 +539,7 @@ def test_resize_keeps_dora_and_says_so_truthfully(tmp_path):
     args = json.dumps({"algo": "lora", "dora_wd": "True"})
     src = _file(tmp_path / "d.safetensors", {LINEAR: dora}, {"ss_network_module": "lycoris.kohya",
                                                              "ss_network_args": args, "ss_network_dim": "8"})
-    lowrank.resize(src, tmp_path / "r.safetensors", rank=8)
+    tools.resize(src, tmp_path / "r.safetensors", rank=8)
     tensors, metadata = lora.read_adapter(tmp_path / "r.safetensors")
     parts = kohya.group_modules(tensors)[LINEAR]
     assert torch.equal(parts["dora_scale"], dora["dora_scale"])
@@ -548,7 +550,7 @@ def test_resize_keeps_dora_and_says_so_truthfully(tmp_path):
     # A file claiming dora_wd without any dora_scale: the resized file no longer claims it.
     plain = {k: v for k, v in dora.items() if k != "dora_scale"}
     src = _file(tmp_path / "p.safetensors", {LINEAR: plain}, {"ss_network_args": args})
-    lowrank.resize(src, tmp_path / "p2.safetensors", rank=2)
+    tools.resize(src, tmp_path / "p2.safetensors", rank=2)
     assert "dora_wd" not in json.loads(lora.read_adapter(tmp_path / "p2.safetensors")[1]["ss_network_args"])
 
 
@@ -594,8 +596,8 @@ def test_convert_writes_a_kohya_file_that_reads_back_the_same(tmp_path, capsys):
 
 
 def test_merge_bakes_dora_from_the_base_weight(tmp_path):
-    from sdlora.models import load_base
     from sdlora.config import ModelConfig
+    from sdlora.models.load import load_base
     from sdlora.tiny.configs import build_pipeline
 
     folder = tmp_path / "base"
@@ -607,7 +609,7 @@ def test_merge_bakes_dora_from_the_base_weight(tmp_path):
     gen = torch.Generator().manual_seed(0)
     parts, reference = _module("lora_dora", W0, gen)
     src = _file(tmp_path / "d.safetensors", {LINEAR: parts})
-    lowrank.merge_adapters(base, [(src, 0.5)])
+    tools.merge_adapters(base, [(src, 0.5)])
     torch.testing.assert_close(layer.weight.detach().double(), W0.double() + 0.5 * torch.tensor(reference),
                                rtol=1e-5, atol=1e-5)
 
@@ -735,13 +737,13 @@ def test_training_lokr_and_dora_writes_trained_lycoris_modules(tmp_path, mini_ba
     from safetensors import safe_open
     from test_train import make_style
 
-    from sdlora import train
     from sdlora.config import load_config
-    from sdlora.models import load_base
+    from sdlora.models.load import load_base
+    from sdlora.training import trainer
 
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=1", "train.save_precision='fp32'",
                                                                  *overrides])
-    path = train.train(cfg, log=lambda m: None).adapter
+    path = trainer.train(cfg, log=lambda m: None).adapter
     tensors, metadata = lora.read_adapter(path)
     groups = kohya.group_modules(tensors)
     with safe_open(str(path), "pt") as f:
@@ -787,16 +789,16 @@ def sampling_peak(kind: str, device: str, dtype=torch.float16, latent: int = 64)
 
     from diffusers import StableDiffusionPipeline
 
-    from sdlora import sample
-    from sdlora.arch import build_unet
+    from sdlora.models.arch import build_unet
+    from sdlora.sampling import sampler as sample
 
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     unet = build_unet("sd_v1", device=device, dtype=dtype)
-    shapes = {k: s for k, s in lowrank.sd15_module_shapes().items() if k.startswith("lora_unet")}
+    shapes = {k: s for k, s in tools.sd15_module_shapes().items() if k.startswith("lora_unet")}
     if kind == "lora":
-        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(lowrank.random_adapter(shapes, 16, 8))
+        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(tools.random_adapter(shapes, 16, 8))
         StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name="a")
     else:
         pipe = SimpleNamespace(unet=unet, text_encoder=torch.nn.Sequential())
@@ -822,9 +824,9 @@ def test_loha_sampling_peaks_within_1_3x_of_a_lora():
 def test_sdxl_files_keyed_by_diffusers_paths_load_under_sgm_names(tmp_path, mini_sdxl_dir):
     """diffusers/peft SDXL files convert to `lora_unet_<diffusers path>`; the base names its U-Net
     layers in SGM's layout (input_blocks...), so both keys must reach the same layer."""
-    from sdlora import sample
     from sdlora.config import ModelConfig
-    from sdlora.models import load_base
+    from sdlora.models.load import load_base
+    from sdlora.sampling import sampler as sample
 
     base = load_base(ModelConfig(base=str(mini_sdxl_dir)), dtype=torch.float32)
     sgm = kohya.kohya_module_map(base.unet, "unet")
@@ -838,7 +840,7 @@ def test_sdxl_files_keyed_by_diffusers_paths_load_under_sgm_names(tmp_path, mini
     adapter = sample.read_for_base(file, 1.0, base.pipeline())
     assert list(adapter.modules) == [key]  # renamed to the base's own (SGM) key
     W0 = layer.weight.detach().clone()
-    lowrank.merge_adapters(base, [(file, 1.0)])
+    tools.merge_adapters(base, [(file, 1.0)])
     torch.testing.assert_close(layer.weight.detach(), W0 + up @ down, rtol=1e-5, atol=1e-5)
 
 
@@ -885,7 +887,7 @@ def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, 
     import logging
 
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
-    from sdlora.sample import AdapterSet
+    from sdlora.sampling.sampler import AdapterSet
     from sdlora.tiny.configs import build_pipeline
 
     (tmp_path / "preset.toml").write_text(_LYCORIS_PRESET)
@@ -906,7 +908,7 @@ def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, 
     network.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
 
     merged = build_pipeline("mini", seed=0)
-    lowrank.merge_adapters(merged, [(path, 1.0)])
+    tools.merge_adapters(merged, [(path, 1.0)])
     sampled = build_pipeline("mini", seed=0)
     adapters = AdapterSet(sampled, fuse=False)  # plain LoRA/LoCon through diffusers, the others patched
     adapter = adapters.add(path)

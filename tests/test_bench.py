@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from sdlora import bench, benchsuite, cli
+from sdlora import cli
+from sdlora.bench import parts as bench
+from sdlora.bench import suite as benchsuite
 
 GUARDED_HERE = {  # rows that need what this machine may lack, and the one line that says so
     "xformers": "xformers",

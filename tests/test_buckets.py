@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from sdlora.buckets import Bucket, assign_bucket, fit_to_bucket, make_buckets
+from sdlora.data.buckets import Bucket, assign_bucket, fit_to_bucket, make_buckets
 
 
 def test_buckets_respect_area_step_and_limits():

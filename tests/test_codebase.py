@@ -142,7 +142,7 @@ def test_the_package_has_no_import_circle():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert "sdlora.train" in graph and graph["sdlora.train"]  # the graph was really read
+    assert "sdlora.training.trainer" in graph and graph["sdlora.training.trainer"]  # the graph was really read
 
 
 def _choices(section: str, key: str) -> list:
@@ -156,10 +156,11 @@ def _choices(section: str, key: str) -> list:
 def test_config_choices_are_the_tables_that_implement_them():
     """config.py names the choices (it is imported by everything, so it cannot import the
     implementations); each list must be exactly the keys of the table that acts on it."""
-    from sdlora import sample, train
+    from sdlora.sampling import sampler
+    from sdlora.training import trainer
 
-    assert _choices("train", "optimizer") == list(train.OPTIMIZERS)
-    assert _choices("sample", "sampler") == list(sample.SAMPLERS)
+    assert _choices("train", "optimizer") == list(trainer.OPTIMIZERS)
+    assert _choices("sample", "sampler") == list(sampler.SAMPLERS)
 
 
 def test_the_dataset_builder_and_the_cli_import_without_torch():
@@ -168,7 +169,7 @@ def test_the_dataset_builder_and_the_cli_import_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, sdlora.cli, sdlora.dataset, sdlora.config; print('torch' in sys.modules)"
+    code = "import sys, sdlora.cli, sdlora.data.dataset, sdlora.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent)
     assert out.stdout.strip() == "False"

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from test_images import make_bad_images, make_good_images
 
-from sdlora import caption, cli, dataset
+from sdlora import cli
 from sdlora.config import load_config
-from sdlora.tags import parse_caption
+from sdlora.data import caption, dataset
+from sdlora.data.tags import parse_caption
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "datasets_cfg" / "colorful_scenery"
@@ -85,7 +86,7 @@ def test_mixed_folder_good_images_captioned_bad_ones_listed_with_reasons(tmp_pat
     white = ((255, 255), (255, 255), (255, 255))
     drawn = sum(sheet.crop(((i % 5) * dataset.SHEET_CELL, (i // 5) * cell_h, (i % 5 + 1) * dataset.SHEET_CELL,
                             (i // 5) * cell_h + dataset.SHEET_CELL)).getextrema() != white for i in range(kept))
-    from sdlora.images import load_image
+    from sdlora.data.images import load_image
 
     blank = sum(load_image(images / r["file"], 40_000_000, 16, "#ffffff").getextrema() == white
                 for r in report["kept"])  # e.g. a fully transparent image on the white background
@@ -146,13 +147,13 @@ def test_near_duplicates_grouped_and_excluded_unless_kept(tmp_path):
 
 
 def trained_images(cfg) -> set[str]:
-    from sdlora.train import collect_examples
+    from sdlora.training.trainer import collect_examples
 
     return {ex.image.name for ex in collect_examples(load_config(cfg), log=lambda m: None)}
 
 
 def test_read_only_image_folder_gets_captions_in_the_output_folder(tmp_path, monkeypatch):
-    from sdlora.train import collect_examples
+    from sdlora.training.trainer import collect_examples
 
     images = tmp_path / "images"
     demo_copy(images / "a", {"scene_03.png"})

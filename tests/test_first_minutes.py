@@ -10,7 +10,7 @@ import tomllib
 import pytest
 
 from sdlora.cli import main
-from sdlora.config import Config, SECTION_CLASSES, load_config
+from sdlora.config import SECTION_CLASSES, Config, load_config
 
 # The adapter kinds of issue 20 that every help text about adapters names.
 ADAPTER_KINDS = ["LoRA", "LoCon", "LoHa", "LoKr", "DoRA"]
@@ -104,18 +104,18 @@ def test_help_points_pip_users_at_sdlora_new(capsys):
 
 
 def test_tiny_build_states_its_duration_and_keeps_the_packaged_base(tmp_path, capsys):
-    from sdlora import tiny
+    from sdlora import ASSETS
 
     assert "45 minutes" in _help(capsys, "tiny", "build")
     # Refused before any stage runs: with no work folder, the export stage would fail otherwise.
     assert main(["tiny", "build", "--stages", "export", "--work-dir", str(tmp_path / "work")]) == 2
     err = capsys.readouterr().err
-    assert str(tiny.ASSETS / "tiny") in err and "--overwrite" in err and "--assets-dir" in err
+    assert str(ASSETS / "tiny") in err and "--overwrite" in err and "--assets-dir" in err
     assert not (tmp_path / "work").exists()
 
 
 def test_a_packaged_vocabulary_partly_unknown_to_the_tagger_is_no_news(tmp_path):
-    from sdlora import caption
+    from sdlora.data import caption
 
     tagger = caption.tiny_tagger("cpu")
     said = []
@@ -130,7 +130,7 @@ def test_a_packaged_vocabulary_partly_unknown_to_the_tagger_is_no_news(tmp_path)
 def test_loading_an_adapter_for_sampling_shows_no_library_progress_bar(tmp_path, mini_base_dir, capfd):
     from test_sample import make_cfg, write_adapter
 
-    from sdlora import sample
+    from sdlora.sampling import sampler as sample
 
     cfg = make_cfg(mini_base_dir, tmp_path / "out")
     adapter = write_adapter(cfg, tmp_path / "style.safetensors")
@@ -141,10 +141,10 @@ def test_loading_an_adapter_for_sampling_shows_no_library_progress_bar(tmp_path,
 
 
 def test_the_startup_bench_times_every_help_and_the_version(monkeypatch):
-    from sdlora import bench
+    from sdlora.bench import parts
     from sdlora.commands.bench import startup_argvs
 
     argvs = startup_argvs()
     assert ["--help"] in argvs and ["--version"] in argvs and ["train", "--help"] in argvs and ["new", "--help"] in argvs
-    figures = bench.bench_startup([["--version"], ["config", "--help"]], repeats=1)
+    figures = parts.bench_startup([["--version"], ["config", "--help"]], repeats=1)
     assert set(figures) == {"--version_s", "config --help_s"} and all(0 < s < 60 for s in figures.values())

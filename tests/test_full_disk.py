@@ -135,7 +135,7 @@ def test_a_retag_backup_cut_short_by_a_full_disk_leaves_no_half_backup(tmp_path,
 
     from test_dataset import demo_copy, write_config
 
-    from sdlora import dataset
+    from sdlora.data import dataset
 
     images = demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
     config = write_config(tmp_path, "images")

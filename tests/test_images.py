@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdlora.data.images import (
+    CONTACT_SHEET,
+    REPORT_MARKER,
+    ImageRejected,
+    load_image,
+    scan_images,
+)
 from sdlora.errors import UserError
-from sdlora.images import CONTACT_SHEET, REPORT_MARKER, ImageRejected, load_image, scan_images
 
 LIMITS = dict(max_pixels=40_000_000, min_side=16)
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlora import kohya
+from sdlora.adapters import kohya
 from sdlora.errors import UserError
 
 

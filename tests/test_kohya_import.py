@@ -15,7 +15,8 @@ import pytest
 from sdlora.cli import main
 from sdlora.config import describe, load_config
 from sdlora.errors import UserError
-from sdlora.kohya_import import import_kohya
+from sdlora.presets.kohya import import_kohya
+
 
 def gui_preset(**changes) -> dict:
     """A kohya_ss GUI LoRA preset as the GUI saves it: unset fields are "" or 0, some numbers are strings,

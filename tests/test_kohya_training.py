@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from sdlora import blocks, lora, train
-from sdlora.config import ConfigError, config_from_dict, load_config
-from sdlora.errors import UserError
-from sdlora.tiny.configs import build_pipeline, build_sdxl_pipeline
 from test_lora import BASE, STATS, _outputs, leftover_messages, randomise_adapters
 from test_train import make_style
 
+from sdlora.adapters import blocks
+from sdlora.adapters import network as lora
+from sdlora.config import ConfigError, config_from_dict, load_config
+from sdlora.errors import UserError
+from sdlora.tiny.configs import build_pipeline, build_sdxl_pipeline
+from sdlora.training import trainer as train
 
 # -- noise ----------------------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ BLOCKWISE = {"type": "locon", "unet_targets": "all", "dim": 4, "alpha": 2, "conv
 def test_block_dims_reach_the_file_and_the_sampler_renders_it_exactly(tmp_path, alphas):
     """Per-block ranks and alphas load through diffusers' load_lora_weights with no key left and render
     as the trained network does."""
-    from sdlora.sample import AdapterSet
+    from sdlora.sampling.sampler import AdapterSet
 
     settings = BLOCKWISE if alphas == "block_alphas" else {**BLOCKWISE, "block_alphas": []}
     pipe = build_pipeline("mini")

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-
-from sdlora import longprompt, models, train
-from sdlora.config import ModelConfig, load_config
 from test_train import make_style
+
+from sdlora.config import ModelConfig, load_config
+from sdlora.models import load, longprompt
+from sdlora.training import trainer as train
 
 WORDS = ["lake", "mountains", "sunset", "forest", "clouds", "river", "snow", "meadow", "flowers", "stars"]
 
@@ -20,7 +21,7 @@ def long_caption(n_tokens: int, tokenizer, offset: int = 0) -> str:
 
 @pytest.fixture
 def mini_base(mini_base_dir):
-    return models.load_base(ModelConfig(base=str(mini_base_dir)))
+    return load.load_base(ModelConfig(base=str(mini_base_dir)))
 
 
 def encode(base, captions, length):
@@ -59,7 +60,7 @@ def test_chunks_are_encoded_separately_and_joined_as_kohya_does(mini_base):
 
 def test_training_with_long_captions_warns_about_cut_ones(tmp_path, mini_base_dir):
     path = make_style(tmp_path, mini_base_dir, n=2)
-    tok = models.load_base(ModelConfig(base=str(mini_base_dir))).tokenizers[0]
+    tok = load.load_base(ModelConfig(base=str(mini_base_dir))).tokenizers[0]
     (tmp_path / "images" / "img0.txt").write_text("clrscn, " + long_caption(160, tok))
     messages = []
     train.Trainer(load_config(path), log=messages.append)

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlora import kohya, lora
+from sdlora.adapters import kohya
+from sdlora.adapters import network as lora
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
 from sdlora.tiny.configs import build_pipeline
-
 
 REQUIRED_METADATA = [
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
@@ -45,7 +45,7 @@ def network_cfg(**network):
 
 
 def sd15_on_meta():
-    from sdlora import arch
+    from sdlora.models import arch
 
     # SD1.5's architecture from the shipped config, without a byte of weights
     return arch.build_unet("sd_v1", device="meta"), arch.build_text_encoder("sd_v1", device="meta")
@@ -457,13 +457,13 @@ def test_adapter_arg_keeps_colons_that_are_not_a_scale():
 
 def test_one_message_for_an_existing_output(tmp_path, mini_base_dir):
     """save_adapter, resize, merge and train refuse alike: the file, another name, and how to replace it."""
-    from sdlora import lowrank
+    from sdlora.lowrank import tools
 
     path, tensors, _ = _saved(tmp_path)
     messages = []
     for refuse in (lambda: lora.save_adapter(path, tensors, {}),
-                   lambda: lowrank.resize(path, path, rank=1),
-                   lambda: lowrank.merge(mini_base_dir, [(path, 1.0)], path)):
+                   lambda: tools.resize(path, path, rank=1),
+                   lambda: tools.merge(mini_base_dir, [(path, 1.0)], path)):
         with pytest.raises(UserError) as e:
             refuse()
         messages.append(str(e.value))
@@ -500,8 +500,8 @@ def test_import_kohya_takes_overwrite_like_every_command_and_still_force(tmp_pat
 
 
 def test_checkpoint_saves_refuse_in_the_same_wording_with_their_own_keyword(tmp_path, mini_base_dir):
-    from sdlora import models
     from sdlora.config import ModelConfig
+    from sdlora.models import load as models
 
     base = models.load_base(ModelConfig(base=str(mini_base_dir)))
     for save, target in ((models.save_single_file, tmp_path / "m.safetensors"),

@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora import kohya, lora, lowrank
+from sdlora.adapters import kohya
+from sdlora.adapters import network as lora
 from sdlora.cli import main
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
+from sdlora.lowrank import tools
 from sdlora.tiny.configs import build_components
 
 
@@ -52,7 +54,7 @@ def flat(W):
 
 def test_resize_by_energy_keeps_the_energy_and_reports_the_eckart_young_error(tmp_path):
     src, shapes = write_adapter(tmp_path / "in.safetensors", type="locon", unet_targets="all", dim=8, alpha=4)
-    report = lowrank.resize(src, tmp_path / "out.safetensors", energy=0.9)
+    report = tools.resize(src, tmp_path / "out.safetensors", energy=0.9)
     before, after = deltas(src, shapes), deltas(tmp_path / "out.safetensors", shapes)
     assert {m.key for m in report.modules} == set(before) and len(before) > 20
     convs = [k for k, s in shapes.items() if len(s) == 4 and s[2:] == (3, 3)]
@@ -82,7 +84,7 @@ def test_resize_by_energy_keeps_the_energy_and_reports_the_eckart_young_error(tm
 
 def test_resize_to_a_rank_keeps_the_scale_and_the_full_rank_delta(tmp_path):
     src, shapes = write_adapter(tmp_path / "in.safetensors", dim=8, alpha=2)
-    report = lowrank.resize(src, tmp_path / "r3.safetensors", rank=3)
+    report = tools.resize(src, tmp_path / "r3.safetensors", rank=3)
     tensors, metadata = lora.read_adapter(tmp_path / "r3.safetensors")
     old = kohya.group_modules(lora.read_adapter(src)[0])
     for key, parts in kohya.group_modules(tensors).items():
@@ -92,16 +94,16 @@ def test_resize_to_a_rank_keeps_the_scale_and_the_full_rank_delta(tmp_path):
     assert metadata["ss_network_dim"] == "3" and float(metadata["ss_network_alpha"]) == pytest.approx(0.75)
     assert all(m.old_rank == 8 and m.new_rank == 3 for m in report.modules)
     # At (or above) the old rank nothing is lost.
-    lowrank.resize(src, tmp_path / "r8.safetensors", rank=8)
+    tools.resize(src, tmp_path / "r8.safetensors", rank=8)
     for key, W in deltas(src, shapes).items():
         np.testing.assert_allclose(deltas(tmp_path / "r8.safetensors", shapes)[key], W, atol=1e-5)
     with pytest.raises(UserError, match="already exists"):
-        lowrank.resize(src, tmp_path / "r3.safetensors", rank=2)
+        tools.resize(src, tmp_path / "r3.safetensors", rank=2)
 
 
 def test_resize_max_rank_caps_and_dynamic_ranks_are_recorded(tmp_path):
     src, _ = write_adapter(tmp_path / "in.safetensors", dim=8, alpha=8)
-    report = lowrank.resize(src, tmp_path / "out.safetensors", energy=0.999, max_rank=5)
+    report = tools.resize(src, tmp_path / "out.safetensors", energy=0.999, max_rank=5)
     assert max(m.new_rank for m in report.modules) == 5
     _, metadata = lora.read_adapter(tmp_path / "out.safetensors")
     record = json.loads(metadata["sdlora_resize"])
@@ -146,8 +148,8 @@ def test_merge_then_extract_recovers_the_adapter(tmp_path, mini_base_dir):
     for key, W in original.items():
         np.testing.assert_allclose(extracted[key], 0.5 * W, atol=2e-5 * max(1, np.abs(W).max()))
     # The extracted adapter applied to the base gives the tuned model's outputs.
-    tuned_model = lowrank._load(str(tuned), "tuned")
-    applied, merged = lowrank.load_merged(str(mini_base_dir), [(out, 1.0)])
+    tuned_model = tools._load(str(tuned), "tuned")
+    applied, merged = tools.load_merged(str(mini_base_dir), [(out, 1.0)])
     assert sum(merged.values()) == len(original)
     for got, want in zip(_outputs(applied), _outputs(tuned_model)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -155,7 +157,7 @@ def test_merge_then_extract_recovers_the_adapter(tmp_path, mini_base_dir):
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
     assert json.loads(metadata["sdlora_extract"])["clamp_quantile"] is None
     # The base model and modelspec fields read as a trained adapter's for the same base (one writer).
-    trained = lora.adapter_metadata(config_from_dict({"name": "extracted"}), lowrank._load(str(mini_base_dir), "base"),
+    trained = lora.adapter_metadata(config_from_dict({"name": "extracted"}), tools._load(str(mini_base_dir), "base"),
                                     {"num_train_images": 0, "num_epochs": 0, "epoch": 0, "steps": 0})
     for key in ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_new_sd_model_hash", "ss_output_name",
                 "modelspec.architecture", "modelspec.implementation", "modelspec.prediction_type", "modelspec.title"):
@@ -165,7 +167,7 @@ def test_merge_then_extract_recovers_the_adapter(tmp_path, mini_base_dir):
 def test_extract_skips_an_unchanged_text_encoder_and_clamps_by_default(tmp_path, mini_base_dir, capsys):
     adapter, shapes = write_adapter(tmp_path / "unet_only.safetensors", te=False, dim=4, alpha=4)
     tuned = tmp_path / "tuned.safetensors"
-    lowrank.merge(str(mini_base_dir), [(adapter, 1.0)], tuned, dtype=torch.float32)  # single-file checkpoint
+    tools.merge(str(mini_base_dir), [(adapter, 1.0)], tuned, dtype=torch.float32)  # single-file checkpoint
     out = tmp_path / "x.safetensors"
     assert main(["extract", "--base", str(mini_base_dir), "--tuned", str(tuned), str(out), "--energy", "0.9"]) == 0
     assert "text encoder: unchanged" in capsys.readouterr().out
@@ -223,7 +225,7 @@ def test_inspect_reports_ranks_energy_and_writes_a_plot(tmp_path, kind, capsys):
 
 
 def test_sd15_shape_table_is_kohyas_192_unet_and_72_text_encoder_modules():
-    shapes = lowrank.sd15_module_shapes()
+    shapes = tools.sd15_module_shapes()
     parts = [kohya.part_of(k) for k in shapes]
     assert parts.count("unet") == 192 and parts.count("te") == 72
     assert shapes["lora_unet_mid_block_attentions_0_proj_in"] == (1280, 1280, 1, 1)  # SD1.x 1x1 conv
@@ -232,7 +234,7 @@ def test_sd15_shape_table_is_kohyas_192_unet_and_72_text_encoder_modules():
 
 @pytest.mark.slow
 def test_bench_resize_reports_seconds_for_264_modules():
-    result = lowrank.bench_resize()
+    result = tools.bench_resize()
     assert result["modules"] == 264 and result["resize_seconds"] > 0
     assert 1 <= result["new_rank_min"] <= result["new_rank_max"] <= 128
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdlora import arch, checkpoint, family, models
-from sdlora.cache import file_digest
 from sdlora.config import Config, ModelConfig
+from sdlora.digest import file_digest
 from sdlora.errors import UserError
+from sdlora.models import arch, checkpoint, family, load
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return models.load_base(ModelConfig(base="tiny"))
+    return load.load_base(ModelConfig(base="tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def mini_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mini(mini_dir):
-    return models.load_base(ModelConfig(base=str(mini_dir)))
+    return load.load_base(ModelConfig(base=str(mini_dir)))
 
 
 def assert_same_weights(a, b):
@@ -44,7 +44,7 @@ def assert_same_weights(a, b):
 def test_tiny_loads_as_fp32_sd1(tiny):
     assert (tiny.family, tiny.prediction_type, tiny.resolution, tiny.name) == ("sd_v1", "epsilon", 128, "tiny")
     assert tiny.unet.dtype == torch.float32 and tiny.text_encoder.dtype == torch.float32
-    assert tiny.model_hash == file_digest(models.TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert tiny.model_hash == file_digest(load.TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors")
     assert tiny.noise_scheduler.config.num_train_timesteps == 1000
 
 
@@ -56,7 +56,7 @@ def test_mini_folder_loads_and_samples(mini_dir, mini):
 
 
 def test_v_parameterization_override(mini_dir):
-    base = models.load_base(ModelConfig(base=str(mini_dir), v_parameterization="v_prediction"))
+    base = load.load_base(ModelConfig(base=str(mini_dir), v_parameterization="v_prediction"))
     assert base.prediction_type == "v_prediction"
     assert base.noise_scheduler.config.prediction_type == "v_prediction"
 
@@ -76,7 +76,7 @@ def test_clip_skip_is_penultimate_layer_through_final_norm(tiny):
 
 
 def test_base_info_feeds_adapter_metadata(mini):
-    from sdlora.lora import adapter_metadata
+    from sdlora.adapters.network import adapter_metadata
 
     meta = adapter_metadata(Config(), mini, {"num_train_images": 3, "num_epochs": 1, "epoch": 1, "steps": 2})
     assert meta["ss_sd_model_name"] == mini.name and meta["ss_new_sd_model_hash"] == mini.model_hash
@@ -89,15 +89,15 @@ def test_base_info_feeds_adapter_metadata(mini):
 @pytest.mark.parametrize("which", ["mini", "tiny"])
 def test_single_file_round_trip(which, mini, tiny, tmp_path):
     base = mini if which == "mini" else tiny
-    path = models.save_single_file(base, tmp_path / "model.safetensors", dtype=torch.float32)
-    again = models.load_base(ModelConfig(base=str(path)))
+    path = load.save_single_file(base, tmp_path / "model.safetensors", dtype=torch.float32)
+    again = load.load_base(ModelConfig(base=str(path)))
     assert (again.family, again.prediction_type, again.resolution) == ("sd_v1", "epsilon", base.resolution)
     assert again.name == "model" and again.model_hash == file_digest(path)
     assert_same_weights(base, again)
 
 
 def test_single_file_has_the_original_layout_in_fp16(mini, tmp_path):
-    path = models.save_single_file(mini, tmp_path / "m.safetensors")
+    path = load.save_single_file(mini, tmp_path / "m.safetensors")
     tensors = load_file(path)
     for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
                 "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
@@ -113,26 +113,26 @@ def test_save_refuses_to_overwrite(mini, tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"user file")
     with pytest.raises(UserError, match="exists"):
-        models.save_single_file(mini, path)
+        load.save_single_file(mini, path)
     assert path.read_bytes() == b"user file"
-    models.save_single_file(mini, path, overwrite=True)
-    assert models.load_base(ModelConfig(base=str(path))).family == "sd_v1"
+    load.save_single_file(mini, path, overwrite=True)
+    assert load.load_base(ModelConfig(base=str(path))).family == "sd_v1"
     folder = tmp_path / "pipe"
     folder.mkdir()
     with pytest.raises(UserError, match="exists"):
-        models.save_diffusers(mini, folder)
+        load.save_diffusers(mini, folder)
 
 
 def test_save_diffusers_round_trip(mini, tmp_path):
-    folder = models.save_diffusers(mini, tmp_path / "pipe")
+    folder = load.save_diffusers(mini, tmp_path / "pipe")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
-    assert_same_weights(mini, models.load_base(ModelConfig(base=str(folder))))
+    assert_same_weights(mini, load.load_base(ModelConfig(base=str(folder))))
 
 
 def test_sd2_single_file_round_trip(mini, tmp_path):
     # The mini model written as SD2 (OpenCLIP text-encoder layout with fused in_proj).
     sd2 = dataclasses.replace(mini, family="sd_v2")
-    path = models.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
+    path = load.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
     tensors, meta = load_file(path), checkpoint.read_state_dict(path)[1]
     assert any(k.startswith(checkpoint.SD2_TE) for k in tensors)
     # what real SD2 files carry besides: OpenCLIP's projection and logit scale, the noise schedule
@@ -140,18 +140,18 @@ def test_sd2_single_file_round_trip(mini, tmp_path):
     save_file({**tensors, "cond_stage_model.model.text_projection": torch.randn(width, width),
                "cond_stage_model.model.logit_scale": torch.tensor(4.6), "alphas_cumprod": torch.rand(1000)},
               path, metadata=meta)
-    again = models.load_base(ModelConfig(base=str(path)))
+    again = load.load_base(ModelConfig(base=str(path)))
     assert (again.family, again.prediction_type) == ("sd_v2", "epsilon")
     assert again.tokenizer.pad_token == "!"
     assert_same_weights(mini, again)
-    v = models.load_base(ModelConfig(base=str(path), v_parameterization="v_prediction"))
+    v = load.load_base(ModelConfig(base=str(path), v_parameterization="v_prediction"))
     assert (v.family, v.noise_scheduler.config.prediction_type) == ("sd_v2_v", "v_prediction")
 
 
 def test_separate_vae_replaces_the_base_vae(mini, tmp_path):
     folder = tmp_path / "vae"
     mini.vae.save_pretrained(folder)
-    base = models.load_base(ModelConfig(base="tiny", vae=str(folder)))
+    base = load.load_base(ModelConfig(base="tiny", vae=str(folder)))
     assert torch.equal(base.vae.decoder.conv_out.weight, mini.vae.decoder.conv_out.weight)
     # A file has no config: the SD VAE architecture is assumed, and the mini VAE is refused.
     path = tmp_path / "vae_ldm.safetensors"
@@ -174,14 +174,14 @@ def test_sd_sized_vae_file_in_both_layouts(tmp_path):
 
 
 def test_pickle_needs_opt_in(mini, tmp_path):
-    single = models.save_single_file(mini, tmp_path / "m.safetensors", dtype=torch.float32)
+    single = load.save_single_file(mini, tmp_path / "m.safetensors", dtype=torch.float32)
     ckpt = tmp_path / "m.ckpt"
     torch.save({"state_dict": load_file(single)}, ckpt)
     with pytest.raises(UserError, match=r"m\.ckpt.*allow_pickle"):
-        models.load_base(ModelConfig(base=str(ckpt)))
+        load.load_base(ModelConfig(base=str(ckpt)))
     # a pickled file has no embedded configs: the shipped SD1.5 config does not fit the mini model
     with pytest.raises(UserError, match=r"m\.ckpt.*does not match"):
-        models.load_base(ModelConfig(base=str(ckpt), allow_pickle=True))
+        load.load_base(ModelConfig(base=str(ckpt), allow_pickle=True))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -192,14 +192,14 @@ def test_pickle_needs_opt_in(mini, tmp_path):
 def test_bad_checkpoints_are_user_errors(content, message, mini, tmp_path):
     path = tmp_path / "bad.safetensors"
     if content is None:
-        good = models.save_single_file(mini, tmp_path / "good.safetensors")
+        good = load.save_single_file(mini, tmp_path / "good.safetensors")
         path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     elif content == "unknown":
         save_file({"model.diffusion_model.foo.weight": torch.zeros(2)}, path)
     else:
         path.write_bytes(content)
     with pytest.raises(UserError, match=message) as err:
-        models.load_base(ModelConfig(base=str(path)))
+        load.load_base(ModelConfig(base=str(path)))
     assert "bad.safetensors" in str(err.value)
 
 
@@ -207,7 +207,7 @@ def test_not_a_checkpoint_suffix(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello")
     with pytest.raises(UserError, match="notes.txt is not a checkpoint"):
-        models.load_base(ModelConfig(base=str(path)))
+        load.load_base(ModelConfig(base=str(path)))
 
 
 def test_family_detection_from_keys():
@@ -236,7 +236,7 @@ def mini_sdxl(mini):
 
 def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
     xl = mini_sdxl(mini)
-    path = models.save_single_file(xl, tmp_path / "xl.safetensors", dtype=torch.float32)
+    path = load.save_single_file(xl, tmp_path / "xl.safetensors", dtype=torch.float32)
     keys = load_file(path).keys()
     for key in ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                 "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
@@ -244,13 +244,13 @@ def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
                 "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight"):
         assert key in keys, key
     assert checkpoint.detect_family(keys) == "sdxl"
-    again = models.load_base(ModelConfig(base=str(path)))
+    again = load.load_base(ModelConfig(base=str(path)))
     assert (again.family, again.prediction_type) == ("sdxl", "epsilon")
     assert_same_weights(xl, again)
     sa, sb = xl.text_encoder_2.state_dict(), again.text_encoder_2.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    folder = models.save_diffusers(again, tmp_path / "xl_pipe")
-    from_folder = models.load_base(ModelConfig(base=str(folder)))
+    folder = load.save_diffusers(again, tmp_path / "xl_pipe")
+    from_folder = load.load_base(ModelConfig(base=str(folder)))
     assert from_folder.family == "sdxl" and from_folder.tokenizer_2.pad_token == "!"
     assert torch.equal(from_folder.text_encoder_2.text_projection.weight, xl.text_encoder_2.text_projection.weight)
 
@@ -295,11 +295,11 @@ def test_open_clip_names_agree_with_diffusers_converter(layers, prefix, projecti
 ])
 def test_an_incomplete_checkpoint_names_the_part_the_file_and_the_tensor_in_one_line(part, key, named, mini,
                                                                                       tmp_path):
-    tensors, meta = checkpoint.read_state_dict(models.save_single_file(mini, tmp_path / "good.safetensors"))
+    tensors, meta = checkpoint.read_state_dict(load.save_single_file(mini, tmp_path / "good.safetensors"))
     del tensors[key]
     save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
     with pytest.raises(UserError, match=rf"model\.base: the {part} in .*bad\.safetensors does not match") as err:
-        models.load_base(ModelConfig(base=str(tmp_path / "bad.safetensors")))
+        load.load_base(ModelConfig(base=str(tmp_path / "bad.safetensors")))
     assert "\n" not in str(err.value)
     assert f"missing ['{named}" in str(err.value) or f"missing ['text_model.{named}" in str(err.value)
 
@@ -307,11 +307,11 @@ def test_an_incomplete_checkpoint_names_the_part_the_file_and_the_tensor_in_one_
 def test_tensors_a_checkpoint_has_no_place_for_are_left_out(mini, tmp_path):
     """A training checkpoint also holds e.g. the VAE's loss weights and EMA bookkeeping: ignored, as
     the original -> diffusers conversion ignores them."""
-    tensors, meta = checkpoint.read_state_dict(models.save_single_file(mini, tmp_path / "good.safetensors"))
+    tensors, meta = checkpoint.read_state_dict(load.save_single_file(mini, tmp_path / "good.safetensors"))
     tensors["first_stage_model.loss.logvar"] = torch.zeros(())
     tensors["model.diffusion_model.num_updates"] = torch.tensor(3)
     save_file(tensors, tmp_path / "extra.safetensors", metadata=meta)
-    loaded = models.load_base(ModelConfig(base=str(tmp_path / "extra.safetensors")))
+    loaded = load.load_base(ModelConfig(base=str(tmp_path / "extra.safetensors")))
     assert torch.equal(loaded.unet.conv_out.weight, mini.unet.conv_out.weight.half().float())
 
 
@@ -320,9 +320,9 @@ def test_tensors_a_checkpoint_has_no_place_for_are_left_out(mini, tmp_path):
 
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        models.load_base(ModelConfig(base=str(tmp_path / "nope.safetensors")))
+        load.load_base(ModelConfig(base=str(tmp_path / "nope.safetensors")))
     with pytest.raises(UserError, match="model_index.json"):
-        models.load_base(ModelConfig(base=str(tmp_path)))
+        load.load_base(ModelConfig(base=str(tmp_path)))
 
 
 @pytest.mark.parametrize("offline_env", [True, False])
@@ -331,10 +331,10 @@ def test_hub_id_without_network_fails_fast(offline_env, monkeypatch):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     else:  # the network probe answers "unreachable"; the real one has a 2 s timeout
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(models, "_hub_reachable", lambda timeout=2.0: False)
+        monkeypatch.setattr(load, "_hub_reachable", lambda timeout=2.0: False)
     start = time.monotonic()
     with pytest.raises(UserError, match="someone/some-model.*(download it|give a local path)"):
-        models.load_base(ModelConfig(base="someone/some-model"))
+        load.load_base(ModelConfig(base="someone/some-model"))
     assert time.monotonic() - start < 5
 
 
@@ -352,7 +352,7 @@ def test_network_probe_is_bounded(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", never_answers)
     start = time.monotonic()
     try:
-        assert models._hub_reachable(timeout=0.5) is False
+        assert load._hub_reachable(timeout=0.5) is False
         assert time.monotonic() - start < 3
     finally:
         released.set()
@@ -364,10 +364,10 @@ def test_network_probe_is_bounded(monkeypatch):
 @pytest.mark.slow
 def test_full_size_sd15_random_weights_round_trip(tmp_path):
     """SD1.5-sized random weights from the shipped config: original layout, fp16, and back."""
-    base = models.random_base("sd_v1")
-    path = models.save_single_file(base, tmp_path / "sd15.safetensors")
+    base = load.random_base("sd_v1")
+    path = load.save_single_file(base, tmp_path / "sd15.safetensors")
     assert 2.0e9 < path.stat().st_size < 2.3e9  # the size of a pruned fp16 SD1.5 file
-    again = models.load_base(ModelConfig(base=str(path)), dtype=torch.float16)
+    again = load.load_base(ModelConfig(base=str(path)), dtype=torch.float16)
     assert (again.family, again.resolution) == ("sd_v1", 512)
     for part in ("unet", "vae", "text_encoder"):
         sa, sb = getattr(base, part).state_dict(), getattr(again, part).state_dict()

@@ -5,11 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_train import make_style
 
-from sdlora import train
 from sdlora.config import TrainConfig, load_config
 from sdlora.errors import UserError
-from test_train import make_style
+from sdlora.training import trainer as train
 
 
 def settings(**kw):
@@ -73,8 +73,8 @@ def test_schedule_free_trains_and_saves_its_averaged_weights(tmp_path, mini_base
 
 
 def test_training_continues_from_an_adapter_with_matching_modules_and_ranks(tmp_path, mini_base_dir, capsys):
+    from sdlora.adapters.network import read_adapter
     from sdlora.cli import main
-    from sdlora.lora import read_adapter
 
     path = make_style(tmp_path, mini_base_dir, n=2)
     first = train.train(load_config(path, ["train.epochs=1"]), log=lambda m: None)

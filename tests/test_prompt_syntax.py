@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from sdlora import prompts
 from sdlora.errors import UserError
+from sdlora.models import prompts
 
 # ---------------------------------------------------------------------------------------------
 # Emphasis: A1111's rules, scanned one character at a time

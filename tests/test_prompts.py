@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora import prompts, sample
 from sdlora.errors import UserError
-from sdlora.models import TINY_DIR
+from sdlora.models import prompts
+from sdlora.models.load import TINY_DIR
+from sdlora.sampling import sampler as sample
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_weights_multiply_the_hidden_states_and_restore_the_mean(tokenizer):
     """A1111's rule for (red:1.5): z' = z * w * mean(z) / mean(z * w), per chunk."""
     from transformers import CLIPTextModel
 
-    from sdlora.family import TextConditioning
+    from sdlora.models.family import TextConditioning
 
     encoder = CLIPTextModel.from_pretrained(TINY_DIR / "text_encoder").float().eval()
 
@@ -316,13 +317,13 @@ def test_sdxl_prompt_editing_switches_hidden_states_and_pooled_embeddings(mini_s
 
 
 def test_training_refuses_sample_prompts_its_previews_cannot_render_before_it_starts(tmp_path):
-    from sdlora import train
     from sdlora.config import config_from_dict
+    from sdlora.training import trainer
 
     cfg = config_from_dict({"name": "style", "output": {"dir": str(tmp_path / "out")},
                             "sample": {"prompts": ["a house", "a cat AND a dog"], "every_n_epochs": 1}})
     with pytest.raises(UserError, match=r"\[sample\] prompts: prompt 'a cat AND a dog': AND"):
-        train.Trainer(cfg)
+        trainer.Trainer(cfg)
     assert not (tmp_path / "out").exists()
 
 

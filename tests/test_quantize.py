@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train import make_style
 
-from sdlora import arch, lora, quantize, train
+from sdlora.adapters import network as lora
 from sdlora.config import config_from_dict, load_config
 from sdlora.errors import UserError
-
-from test_train import make_style
+from sdlora.models import arch, quantize
+from sdlora.training import trainer as train
 
 
 def small_unet(dtype=torch.float32):

@@ -16,10 +16,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import make_style
 
-from sdlora import cache, io, lora, models, run, train
-from sdlora.caption import DEFAULT_VOCABULARY
+from sdlora import io, run
+from sdlora.adapters import network
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
+from sdlora.data.caption import DEFAULT_VOCABULARY
+from sdlora.models import load
+from sdlora.training import cache
+from sdlora.training import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SMALL = '[sample]\nprompts = ["clrscn"]\nseeds = [1]\nsteps = 1\nwidth = 64\nheight = 64\nlora_scales = [0.0]'
@@ -81,7 +85,7 @@ def test_non_finite_adapters_are_reported_by_inspect_and_refused_elsewhere(tmp_p
     one_line_error(capsys, main(["sample", str(cfg), "--lora", str(bad)]), "NaN or infinite")
     assert not list((tmp_path / "out").rglob("*.png"))
     with pytest.raises(Exception, match="NaN or infinite"):  # and nothing writes one
-        lora.save_adapter(tmp_path / "x.safetensors", load_file(bad), {})
+        network.save_adapter(tmp_path / "x.safetensors", load_file(bad), {})
 
 
 # 2. training state without pickle --------------------------------------------------------------
@@ -120,7 +124,7 @@ def test_ctrl_c_saves_the_state_at_the_step_and_resume_continues(tmp_path, mini_
     assert main(["train", str(path)]) == 130
     err = capsys.readouterr().err
     assert "after step 6" in err and "--resume" in err and "Traceback" not in err
-    from sdlora.state import load_state
+    from sdlora.training.state import load_state
 
     saved = load_state(out / "state" / train.STATE_FILE)
     assert saved["step"] == 6 and saved["adapters"] == ["style-000001.safetensors"] and saved["seconds"] > 0
@@ -197,13 +201,13 @@ def test_names_that_are_not_file_names_are_refused(tmp_path, mini_base_dir, caps
 
 
 def test_sample_file_names_from_adapter_metadata_stay_in_the_samples_folder(tmp_path, mini_base_dir):
-    from sdlora import sample
+    from sdlora.sampling import sampler
 
     adapter = tmp_path / "a.safetensors"
     tensors = load_file(small_adapter(tmp_path / "plain.safetensors"))
     save_file(tensors, str(adapter), metadata={"ss_output_name": "../../escaped"})
     cfg = load_config(make_style(tmp_path, mini_base_dir, extra=SAMPLE_SMALL.replace("[0.0]", "[1.0]")))
-    result = sample.run_sample(cfg, [(adapter, None)], log=lambda m: None)
+    result = sampler.run_sample(cfg, [(adapter, None)], log=lambda m: None)
     folder = (tmp_path / "out" / "samples").resolve()
     assert result.images and all(p.path.resolve().parent == folder for p in result.images)
     assert not list(tmp_path.parent.rglob("escaped*"))
@@ -395,11 +399,11 @@ def test_temp_files_of_killed_saves_are_removed_by_the_next_training(tmp_path, m
 def test_saved_files_and_folders_get_the_umask_mode(tmp_path, mini_base_dir):
     old = os.umask(0o022)
     try:
-        base = models.load_base(config_from_dict({"model": {"base": str(mini_base_dir)}}).model)
-        single = models.save_single_file(base, tmp_path / "merged.safetensors")
+        base = load.load_base(config_from_dict({"model": {"base": str(mini_base_dir)}}).model)
+        single = load.save_single_file(base, tmp_path / "merged.safetensors")
         killed = tmp_path / ".merged.999999999-abcd"  # a folder save killed midway
         (killed / "unet").mkdir(parents=True)
-        folder = models.save_diffusers(base, tmp_path / "merged")
+        folder = load.save_diffusers(base, tmp_path / "merged")
         io.atomic_save_file({"x": torch.zeros(1)}, tmp_path / "cache" / "entry.safetensors")
     finally:
         os.umask(old)

@@ -2,11 +2,13 @@
 
 import torch
 from safetensors.torch import load_file, save_file
-
-from sdlora import kohya, lowrank, results
-from sdlora.config import config_from_dict
-from sdlora.tiny.scenery import make_scene_image
 from test_sample import write_adapter
+
+from sdlora.adapters import kohya
+from sdlora.config import config_from_dict
+from sdlora.lowrank import tools
+from sdlora.tiny.scenery import make_scene_image
+from sdlora.training import results
 
 PROMPTS = ["clrscn, mountains, lake, sunset", "clrscn, night, moon, stars, sea", "clrscn, day, hills, forest, clouds"]
 
@@ -82,16 +84,16 @@ def test_resize_energy_keeps_ninety_percent_of_every_module_and_loads_in_diffuse
         # Energy of the resized update relative to the full one, from the SVD of the full update.
         S = torch.linalg.svdvals((parts["lora_up.weight"].flatten(1) @ parts["lora_down.weight"].flatten(1)).double())
         k = small[key]["lora_down.weight"].shape[0]
-        assert lowrank.energy_kept(S, k) >= 0.9 - 1e-6, key
-        assert k == 1 or lowrank.energy_kept(S, k - 1) < 0.9  # the smallest such rank
-    from sdlora.models import load_base
+        assert tools.energy_kept(S, k) >= 0.9 - 1e-6, key
+        assert k == 1 or tools.energy_kept(S, k - 1) < 0.9  # the smallest such rank
+    from sdlora.models.load import load_base
 
     load_base(cfg.model).pipeline().load_lora_weights(str(path))  # diffusers reads every key
     # ...but applies per-module ranks and alphas at the wrong scale (diffusers 0.42), so sdlora's
     # sampler patches such a file in: unfused and fused render the same picture.
     import numpy as np
 
-    from sdlora.sample import Sampler
+    from sdlora.sampling.sampler import Sampler
 
     pictures = []
     for fuse in (False, True):

@@ -4,11 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train import make_style
 
-from sdlora import cache, run, train
+from sdlora import run
 from sdlora.config import load_config
 from sdlora.errors import UserError
-from test_train import make_style
+from sdlora.training import cache
+from sdlora.training import trainer as train
 
 RUN_EXTRA = ("max_train_steps = 4\n[caption]\ntagger = \"none\"\n[sample]\nprompts = [\"clrscn, lake\"]\n"
              "width = 64\nheight = 64\nsteps = 2\nseeds = [1]\nlora_scales = [0.0, 1.0]")

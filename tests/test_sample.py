@@ -4,10 +4,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdlora import lora, sample
+from sdlora.adapters import network as lora
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
-from sdlora.models import TINY_DIR, load_base
+from sdlora.models.load import TINY_DIR, load_base
+from sdlora.sampling import sampler as sample
 
 STATS = {"num_train_images": 1, "num_epochs": 1, "epoch": 1, "steps": 1}
 

@@ -7,10 +7,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from sdlora import arch, cache, family, kohya, train
-from sdlora.config import load_config
 from test_train import make_style
+
+from sdlora.adapters import kohya
+from sdlora.config import load_config
+from sdlora.models import arch, family
+from sdlora.training import cache
+from sdlora.training import trainer as train
 
 
 def sdxl_style(tmp_path, base_dir, extra: str = ""):
@@ -63,10 +66,10 @@ def test_sdxl_export_has_kohya_names_and_loads_in_diffusers_with_the_same_pixels
 
 
 def test_sdxl_conditioning_is_penultimate_states_of_both_encoders_and_pooled_projection(mini_sdxl_dir):
-    from sdlora import models
     from sdlora.config import ModelConfig
+    from sdlora.models import load
 
-    base = models.load_base(ModelConfig(base=str(mini_sdxl_dir)))
+    base = load.load_base(ModelConfig(base=str(mini_sdxl_dir)))
     ids = family.tokenize(base.tokenizers, ["clrscn, lake"])
     with torch.no_grad():
         text = family.encode_text("sdxl", base.text_encoders, ids, clip_skip=1)
@@ -159,8 +162,8 @@ def sgm_kohya_names(transformer_depths: dict[str, int]) -> set[str]:
 
 def test_full_sdxl_architecture_gives_kohyas_module_names_and_counts():
     """The bundled SDXL configs on the meta device (no weights, no download): 722 U-Net + 72 te1 + 192 te2."""
+    from sdlora.adapters.network import inject
     from sdlora.config import NetworkConfig
-    from sdlora.lora import inject
 
     unet = arch.build_unet("sdxl", device="meta")
     te1 = arch.build_text_encoder("sdxl", device="meta")
@@ -198,7 +201,7 @@ def test_sdxl_sampler_passes_pooled_embeddings_and_matches_diffusers(trained_sdx
 
     from diffusers import StableDiffusionXLPipeline
 
-    from sdlora import sample
+    from sdlora.sampling import sampler as sample
 
     base_dir, cfg, adapter = trained_sdxl
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, cfg_scale=5.0, negative_prompt="blurry"))
@@ -224,7 +227,7 @@ def test_sdxl_sampler_passes_pooled_embeddings_and_matches_diffusers(trained_sdx
 
 
 def test_sdxl_one_pass_at_its_native_area_and_sdxl_img2img_above_it(trained_sdxl):
-    from sdlora import sample
+    from sdlora.sampling import sampler as sample
 
     assert sample.hires_mode("auto", 1080, 720, 1024, 4.0) == "off"  # SDXL: 1080x720 renders in one pass
     assert sample.hires_mode("auto", 1080, 720, 512, 4.0) != "off"  # SD1.5 needs the hires pass
@@ -249,10 +252,10 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
     """merge bakes all three parts into an SDXL base; resize keeps the SGM/te1/te2 keys; inspect reads them."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdlora import lowrank
+    from sdlora.lowrank import tools
 
     base_dir, _, adapter = trained_sdxl
-    merged_base, merged = lowrank.load_merged(str(base_dir), [(adapter, 1.0)])
+    merged_base, merged = tools.load_merged(str(base_dir), [(adapter, 1.0)])
     modules = {k.split(".")[0] for k in load_file(adapter)}
     assert merged == {str(adapter): len(modules)}
     pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
@@ -260,9 +263,9 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
     loaded = render(pipe, "clrscn, night, lake")
     assert abs(render(merged_base.pipeline(), "clrscn, night, lake") - loaded).max() < 1e-3
     small = tmp_path / "small.safetensors"
-    lowrank.resize(adapter, small, energy=0.9)
+    tools.resize(adapter, small, energy=0.9)
     assert {k.split(".")[0] for k in load_file(small)} == modules
-    report = lowrank.inspect(small)
+    report = tools.inspect(small)
     assert report
 
 
@@ -283,10 +286,10 @@ def test_sdxl_single_file_base_trains_in_bf16_with_checkpointing_of_all_three_mo
                                                                                        fresh_process):
     """An original-layout (SGM) single file, frozen weights held in bf16, gradient checkpointing on the
     U-Net and both text encoders: the adapters train (in fp32) and export finite and changed."""
-    from sdlora import models
     from sdlora.config import ModelConfig
+    from sdlora.models import load
 
-    single = models.save_single_file(models.load_base(ModelConfig(base=str(mini_sdxl_dir))), tmp_path / "xl.safetensors",
+    single = load.save_single_file(load.load_base(ModelConfig(base=str(mini_sdxl_dir))), tmp_path / "xl.safetensors",
                                      dtype=torch.float32)
     got = fresh_process(_train_sdxl_in_bf16_with_checkpointing,
                         make_style(tmp_path, single, extra="max_train_steps = 3"))
@@ -320,7 +323,7 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path, fresh_process)
     training step at 512 px with gradient checkpointing; prints the peak memory (README's SDXL table)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    from sdlora.checkpoint import _tokenizer
+    from sdlora.models.checkpoint import _tokenizer
 
     base_dir = tmp_path / "sdxl"
     with torch.device("cpu"):
@@ -356,7 +359,7 @@ def _one_full_sdxl_step(config_path):
 
 
 def test_sdxl_bucket_set_at_the_1024_area():
-    from sdlora.buckets import make_buckets
+    from sdlora.data.buckets import make_buckets
 
     buckets = {(b.width, b.height) for b in make_buckets((1024, 1024), 512, 2048, 64)}
     usual = {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
@@ -370,7 +373,7 @@ def test_sdxl_locon_and_loha_train_and_render(tmp_path, mini_sdxl_dir, network):
     LoHa (which diffusers cannot read) renders through the sampler's weight patching."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdlora import sample
+    from sdlora.sampling import sampler as sample
 
     cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra="max_train_steps = 4\nunet_lr = 0.01"),
                       [f"network.type='{network}'"])
@@ -412,13 +415,13 @@ def test_sdxl_training_lowers_the_loss_on_its_examples(tmp_path, mini_sdxl_dir):
 
 
 def test_sdxl_extract_from_a_merged_sdxl_checkpoint(trained_sdxl, tmp_path):
-    from sdlora import lowrank
+    from sdlora.lowrank import tools
 
     base_dir, _, adapter = trained_sdxl
     merged = tmp_path / "merged"
-    lowrank.merge(str(base_dir), [(adapter, 1.0)], merged, dtype=torch.float32)
+    tools.merge(str(base_dir), [(adapter, 1.0)], merged, dtype=torch.float32)
     out = tmp_path / "extracted.safetensors"
-    lowrank.extract(str(base_dir), str(merged), out, rank=4)
+    tools.extract(str(base_dir), str(merged), out, rank=4)
     extracted = {k.split(".")[0] for k in load_file(out)}
     trained = {k.split(".")[0] for k in load_file(adapter)}
     assert extracted and extracted <= trained | {k for k in extracted if k.startswith("lora_unet_")}

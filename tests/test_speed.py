@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import make_style
 
-from sdlora import arch, speed, train
 from sdlora.cli import main
 from sdlora.config import config_from_dict
-
-from test_train import make_style
+from sdlora.models import arch
+from sdlora.training import speed, trainer
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None,
@@ -61,8 +61,8 @@ def test_apply_turns_on_channels_last_and_reports_it():
 def test_adamw_is_fused_when_asked():
     tc = config_from_dict({}).train
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert train.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None, fused=True).defaults["fused"] is True
-    assert not train.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None).defaults["fused"]
+    assert trainer.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None, fused=True).defaults["fused"] is True
+    assert not trainer.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None).defaults["fused"]
 
 
 

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from sdlora import cache, dataset, images, train
 from sdlora.cli import main
 from sdlora.config import ConfigError, load_config
-from sdlora.subsets import balanced_repeats, repeat_folder
+from sdlora.data import dataset, images
+from sdlora.data.subsets import balanced_repeats, repeat_folder
 from sdlora.tiny.scenery import make_scene_image
+from sdlora.training import cache
+from sdlora.training import trainer as train
 
 
 def kohya_tree(root: Path) -> dict[str, list[Path]]:
@@ -115,7 +117,7 @@ def test_kohya_tree_trains_kohyas_steps_reg_untouched_and_without_trigger(tmp_pa
     result = train.train(cfg, log=lambda m: None)
     assert result.steps == 20
     assert snapshot(reg) == before  # nothing written into the reg folder
-    from sdlora.lora import read_adapter
+    from sdlora.adapters.network import read_adapter
 
     meta = read_adapter(result.adapter)[1]
     assert json.loads(meta["ss_dataset_dirs"]) == {"5_clrscn": {"n_repeats": 5, "img_count": 3},
@@ -174,14 +176,15 @@ def test_one_run_decodes_each_image_once(tmp_path, mini_base_dir, monkeypatch):
     except the VAE latent cache on a miss (old main decoded each one five times with the tagger)."""
     from types import SimpleNamespace
 
-    from sdlora import run, sample
+    from sdlora import run
+    from sdlora.sampling import sampler
 
     made = kohya_tree(tmp_path / "project")
     path = write_config(tmp_path, mini_base_dir, extra="", dataset_keys='image_dir = "project"')
     path.write_text(path.read_text().replace('tagger = "none"', 'tagger = "open_clip"'))
     # Sampling renders prompts; it reads no dataset image (the style figures need scale-0 renders).
-    monkeypatch.setattr(sample, "run_sample", lambda *a, **k: SimpleNamespace(images=[], folder=tmp_path))
-    monkeypatch.setattr(sample, "sample_prompts", lambda cfg: [])  # this config has none; sampling is stubbed
+    monkeypatch.setattr(sampler, "run_sample", lambda *a, **k: SimpleNamespace(images=[], folder=tmp_path))
+    monkeypatch.setattr(sampler, "sample_prompts", lambda cfg: [])  # this config has none; sampling is stubbed
     decodes: dict[Path, int] = {}
     real = images.load_image
 

@@ -1,6 +1,12 @@
 """tags.py: parsing, pruning order, frequency."""
 
-from sdlora.tags import drop_rare, format_caption, parse_caption, prune, tag_frequency
+from sdlora.data.tags import (
+    drop_rare,
+    format_caption,
+    parse_caption,
+    prune,
+    tag_frequency,
+)
 
 
 def test_parse_caption_splits_strips_and_keeps_case():

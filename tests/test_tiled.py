@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sdlora import metrics, sample, tiled
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
+from sdlora.sampling import metrics, tiled
+from sdlora.sampling import sampler as sample
 
 H, W = 720, 1080
 Y, X = np.mgrid[0:H, 0:W]

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from sdlora.tiny import build, configs
 from sdlora.tiny.scenery import TIMES, make_scene_image, random_scene
@@ -36,7 +36,7 @@ def test_scenery_is_deterministic_and_tagged():
 
 
 def test_base_samples_follow_the_prompted_time_of_day():
-    from sdlora.caption import tiny_tagger
+    from sdlora.data.caption import tiny_tagger
 
     samples = build.render_base_samples(ASSETS / "tiny", seeds=(0, 1, 2, 3), steps=20)
     figures = build.prompt_following(samples, tiny_tagger())

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora import cache, train
+from sdlora import digest
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.tiny.scenery import make_scene_image
+from sdlora.training import cache
+from sdlora.training import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,19 +115,20 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir, in
 
 def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.overwrite=true"])
-    cache.STATS.update(vae_encodes=0, files_hashed=0)
-    cache._DIGESTS.clear()
+    cache.STATS.update(vae_encodes=0)
+    digest.STATS.update(files_hashed=0)
+    digest._DIGESTS.clear()
     train.train(cfg, log=lambda m: None)
     assert cache.STATS["vae_encodes"] == 4
-    assert cache.STATS["files_hashed"] == 5  # 4 images + the base's UNet weights (its model hash)
+    assert digest.STATS["files_hashed"] == 5  # 4 images + the base's UNet weights (its model hash)
     train.train(cfg, log=lambda m: None)
     assert cache.STATS["vae_encodes"] == 4  # second run: zero encodes
-    assert cache.STATS["files_hashed"] == 5  # and in one process, no file is hashed twice
+    assert digest.STATS["files_hashed"] == 5  # and in one process, no file is hashed twice
     img, _ = make_scene_image(99, "colorful", 64)
     img.save(tmp_path / "images" / "img0.png")
     train.train(cfg, log=lambda m: None)
     assert cache.STATS["vae_encodes"] == 5  # only the changed image
-    assert cache.STATS["files_hashed"] == 6
+    assert digest.STATS["files_hashed"] == 6
 
 
 def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
@@ -271,7 +274,7 @@ def test_train_then_merge_then_sample_agrees_with_the_loaded_adapter(tmp_path, m
     """The trained file, baked into the base (`sdlora merge`), renders what load_lora_weights renders."""
     from diffusers import StableDiffusionPipeline
 
-    from sdlora import lowrank
+    from sdlora.lowrank import tools
 
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1"])
     adapter = train.train(cfg, log=lambda m: None).adapter
@@ -285,7 +288,7 @@ def test_train_then_merge_then_sample_agrees_with_the_loaded_adapter(tmp_path, m
     base_image = render(pipe)
     pipe.load_lora_weights(str(adapter))
     loaded = render(pipe)
-    merged_base, merged = lowrank.load_merged(str(mini_base_dir), [(adapter, 1.0)])
+    merged_base, merged = tools.load_merged(str(mini_base_dir), [(adapter, 1.0)])
     assert sum(merged.values()) > 0  # modules merged per adapter file
     merged_image = render(merged_base.pipeline())
     assert abs(merged_image - loaded).max() < 1e-3

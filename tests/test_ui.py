@@ -13,11 +13,20 @@ import pytest
 pytest.importorskip("gradio")
 
 from sdlora.config import ConfigError, load_config  # noqa: E402
-from sdlora.dataset import MANIFEST, read_manifest  # noqa: E402
+from sdlora.data.dataset import MANIFEST, read_manifest  # noqa: E402
 from sdlora.errors import UserError  # noqa: E402
 from sdlora.tiny.scenery import make_scene_image  # noqa: E402
 from sdlora.ui import dataset_edit, training  # noqa: E402
-from sdlora.ui.project import PRESETS, Project, apply_preset, check, form_fields, form_values, overrides, save  # noqa: E402
+from sdlora.ui.project import (  # noqa: E402
+    PRESETS,
+    Project,
+    apply_preset,
+    check,
+    form_fields,
+    form_values,
+    overrides,
+    save,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -295,7 +304,7 @@ def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapte
     from PIL import Image
 
     from sdlora.cli import main
-    from sdlora.sample import parse_infotext
+    from sdlora.sampling.sampler import parse_infotext
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     project, config = make_project(tmp_path, base=str(mini_base_dir))
@@ -312,7 +321,7 @@ def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapte
     assert parameters.startswith("(clrscn:1.2), lake, [mountains] <lora:style:0.8>")
 
     # epochs side by side, with the style figures of each epoch's images
-    from sdlora.metrics import colourfulness
+    from sdlora.sampling.metrics import colourfulness
 
     (tmp_path / config).write_text((tmp_path / config).read_text() + "[sample]\nwidth = 128\nheight = 128\n"
                                    "prompts = [\"clrscn, lake\"]\nseeds = [1, 2]\n")

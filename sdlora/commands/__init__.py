@@ -21,7 +21,7 @@ ADAPTER_FILES = ("LoRA, LoCon, LoHa, LoKr or Tucker, with or without DoRA; Kohya
 
 def config_choices(section: str, key: str) -> list:
     """The values the config schema allows for SECTION.KEY (its opt(choices=...)), for an option's choices."""
-    from ..config import SECTION_CLASSES
+    from sdlora.config import SECTION_CLASSES
 
     return next(f.metadata["choices"] for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name == key)
 

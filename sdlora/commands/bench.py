@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..io import atomic_write_text, refuse_to_overwrite
+from sdlora.io import atomic_write_text, refuse_to_overwrite
 
 DESCRIPTION = """\
 `sdlora bench`: speed and memory figures (benchmarks, not tests).
@@ -48,7 +48,7 @@ def add_command(subparsers) -> None:
 
 def startup_argvs() -> list[list[str]]:
     """`--help`, `--version` and every command's `--help`: the start-ups the bench times."""
-    from . import add_commands
+    from sdlora.commands import add_commands
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_commands(sub)
@@ -72,14 +72,14 @@ def _cmd_bench(args) -> int:
         refuse_to_overwrite(out, args.overwrite)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.suite == "gpu":
-        from ..benchsuite import markdown_table, run_suite
+        from sdlora.bench.suite import markdown_table, run_suite
 
         reduced = {"auto": None, "full": False, "reduced": True}[args.shapes]
         results = run_suite(device, reduced, args.budget_s, args.peak_tflops,
                             log=lambda m: print(m, file=sys.stderr, flush=True))
         table = markdown_table(results)
     else:
-        from ..bench import run_bench
+        from sdlora.bench.parts import run_bench
 
         parts = [s.strip() for s in args.parts.split(",")]
         results = run_bench(parts, device, args.first_step_base, args.first_step_resolution,

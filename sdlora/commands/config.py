@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .. import config
-from ..config import add_override_argument, load_config
+from sdlora import config
+from sdlora.config import add_override_argument, load_config
 
 
 def add_command(subparsers) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import add_override_argument, load_config
+from sdlora.config import add_override_argument, load_config
 
 
 def add_command(subparsers) -> None:
@@ -29,7 +29,7 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_dataset(args) -> int:
-    from ..dataset import build_dataset
+    from sdlora.data.dataset import build_dataset
 
     cfg = load_config(args.config, args.overrides)
     build_dataset(cfg, retag=args.retag, keep_duplicates=args.keep_duplicates)

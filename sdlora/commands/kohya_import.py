@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..io import atomic_write_text, refuse_to_overwrite
+from sdlora.io import atomic_write_text, refuse_to_overwrite
 
 
 def add_command(subparsers) -> None:
@@ -26,7 +26,7 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_import(args) -> int:
-    from ..kohya_import import import_kohya
+    from sdlora.presets.kohya import import_kohya
 
     text = import_kohya(args.sources, log=lambda m: print(m, file=sys.stderr))
     if not args.output:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import SAVE_PRECISIONS
-from ..errors import UserError
-from . import ADAPTER_FILES
+from sdlora.commands import ADAPTER_FILES
+from sdlora.config import SAVE_PRECISIONS
+from sdlora.errors import UserError
 
 
 def add_command(subparsers) -> None:
@@ -87,13 +87,13 @@ def add_command(subparsers) -> None:
 
 
 def _dtype(name: str):
-    from ..models import DTYPES
+    from sdlora.models.load import DTYPES
 
     return DTYPES[name]
 
 
 def _cmd_resize(args) -> int:
-    from ..lowrank import resize
+    from sdlora.lowrank.tools import resize
 
     report = resize(args.input, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
                     overwrite=args.overwrite)
@@ -107,7 +107,7 @@ def _cmd_resize(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from ..lowrank import extract
+    from sdlora.lowrank.tools import extract
 
     report = extract(args.base, args.tuned, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
                      conv_rank=args.conv_rank, clamp=None if args.no_clamp else args.clamp_quantile,
@@ -123,13 +123,13 @@ def _with_default_scale(arg: tuple[Path, float | None]) -> tuple[Path, float]:
 
 
 def _cmd_merge(args) -> int:
-    from .. import lora
-    from ..lowrank import merge
+    from sdlora.adapters import network
+    from sdlora.lowrank.tools import merge
 
     if len(args.items) < 2:
         raise UserError("merge: usage is `sdlora merge BASE ADAPTER[:SCALE] ... OUT` (at least one adapter and OUT)")
     *adapters, out = args.items
-    merged = merge(args.base, [_with_default_scale(lora.parse_adapter_arg(a)) for a in adapters], out,
+    merged = merge(args.base, [_with_default_scale(network.parse_adapter_arg(a)) for a in adapters], out,
                    dtype=_dtype(args.save_precision), overwrite=args.overwrite)
     for path, n in merged.items():
         print(f"merged {n} modules of {path}")
@@ -138,7 +138,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from ..lowrank import convert
+    from sdlora.lowrank.tools import convert
 
     metadata = convert(args.input, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output} ({metadata['ss_network_module']}, dim {metadata.get('ss_network_dim', '?')})")
@@ -146,7 +146,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from ..lowrank import format_inspect, inspect
+    from sdlora.lowrank.tools import format_inspect, inspect
 
     summary = inspect(args.file, plot=args.plot)
     print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))

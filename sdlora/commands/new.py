@@ -9,9 +9,9 @@ import string
 import tomllib
 from pathlib import Path
 
-from ..config import SECTION_CLASSES, config_from_dict
-from ..errors import UserError
-from ..io import atomic_write_text, file_name_problem, refuse_to_overwrite
+from sdlora.config import SECTION_CLASSES, config_from_dict
+from sdlora.errors import UserError
+from sdlora.io import atomic_write_text, file_name_problem, refuse_to_overwrite
 
 # Keys the template sets itself (the rest are listed commented, with the schema's defaults).
 TEMPLATE_KEYS = {"dataset.image_dir", "output.dir"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import add_override_argument, load_config
+from sdlora.config import add_override_argument, load_config
 
 
 def add_command(subparsers) -> None:
@@ -17,7 +17,7 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_run(args) -> int:
-    from ..run import run
+    from sdlora.run import run
 
     run(load_config(args.config, args.overrides))
     return 0

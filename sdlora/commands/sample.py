@@ -6,9 +6,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import add_override_argument, load_config
-from ..errors import UserError
-from . import ADAPTER_FILES, config_choices
+from sdlora.commands import ADAPTER_FILES, config_choices
+from sdlora.config import add_override_argument, load_config
+from sdlora.errors import UserError
 
 
 def add_command(subparsers) -> None:
@@ -58,8 +58,8 @@ def _numbers(text: str, kind, option: str) -> list:
 
 
 def _cmd_sample(args) -> int:
-    from ..lora import parse_adapter_arg
-    from ..sample import run_sample
+    from sdlora.adapters.network import parse_adapter_arg
+    from sdlora.sampling.sampler import run_sample
 
     overrides = list(args.overrides)
     for key in ("width", "height", "steps", "sampler"):

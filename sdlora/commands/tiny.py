@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import tiny
-from ..io import refuse_to_overwrite
+from sdlora import ASSETS, tiny
+from sdlora.io import refuse_to_overwrite
 
 DURATION = f"~{tiny.BUILD_MINUTES} minutes on 2 CPU cores"
 
@@ -22,7 +22,7 @@ def add_command(subparsers) -> None:
                    help=f"comma-separated stages to run, in order (default: all: {','.join(tiny.STAGES)})")
     b.add_argument("--scale", type=float, default=1.0,
                    help="multiply every image count and step count (0.01 = a smoke test in seconds)")
-    b.add_argument("--assets-dir", default=str(tiny.ASSETS), help="where the finished models are written "
+    b.add_argument("--assets-dir", default=str(ASSETS), help="where the finished models are written "
                    "(default: the package's own, which only --overwrite replaces)")
     b.add_argument("--work-dir", default="build/tiny", help="where intermediate data and checkpoints go")
     b.add_argument("--overwrite", action="store_true",
@@ -31,12 +31,12 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_build(args) -> int:
-    from ..tiny.build import Build, build
+    from sdlora.tiny.build import Build, build
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     assets = Path(args.assets_dir)
     if "export" in stages:  # checked before the work, not when the export comes
-        packaged = assets.resolve() == tiny.ASSETS.resolve()
+        packaged = assets.resolve() == ASSETS.resolve()
         refuse_to_overwrite(assets / "tiny", args.overwrite, why=" (the packaged base that `model.base = \"tiny\"` "
                             "loads)" if packaged else "", rename="build into another folder with --assets-dir DIR")
     if args.scale == 1.0:

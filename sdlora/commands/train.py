@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import add_override_argument, load_config
-from . import config_choices, network_types
+from sdlora.commands import config_choices, network_types
+from sdlora.config import add_override_argument, load_config
 
 
 def add_command(subparsers) -> None:
@@ -20,7 +20,7 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_train(args) -> int:
-    from ..train import train
+    from sdlora.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)

@@ -25,12 +25,12 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_ui(args) -> int:
-    from ..errors import UserError
+    from sdlora.errors import UserError
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: choose a port between 1 and 65535, e.g. --port {DEFAULT_PORT}")
     try:
-        from ..ui.app import serve
+        from sdlora.ui.app import serve
     except ImportError as e:
         if e.name and e.name.split(".")[0] in ("gradio", "pandas", "tomlkit"):
             raise UserError(f"sdlora ui needs the ui extra ({e.name} is not installed): "

@@ -11,9 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from . import ASSETS, STAGES, configs
-from .scenery import STYLE_TAGS, TIMES, make_scene_image, random_scene, render, size_for
+from sdlora import ASSETS
+from sdlora.errors import UserError
+from sdlora.tiny import STAGES, configs
+from sdlora.tiny.scenery import (
+    STYLE_TAGS,
+    TIMES,
+    make_scene_image,
+    random_scene,
+    render,
+    size_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,7 +154,7 @@ def stage_vae(b: Build) -> None:
     from PIL import Image
     from tqdm import tqdm
 
-    from ..metrics import colourfulness
+    from sdlora.sampling.metrics import colourfulness
 
     torch.manual_seed(1)
     muted = np.load(work / "square.npy")
@@ -252,7 +260,7 @@ def stage_clip(b: Build) -> None:
 
 
 def _vocabulary() -> list[str]:
-    from ..caption import DEFAULT_VOCABULARY
+    from sdlora.data.caption import DEFAULT_VOCABULARY
 
     path = DEFAULT_VOCABULARY
     if not path.exists():
@@ -278,8 +286,8 @@ def stage_unet(b: Build) -> None:
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..tokenizer import clip_tokenizer
-    from ..train import snr_weights
+    from sdlora.models.tokenizer import clip_tokenizer
+    from sdlora.training.trainer import snr_weights
 
     torch.manual_seed(3)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
@@ -337,11 +345,16 @@ def stage_export(b: Build) -> None:
     import shutil
 
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
-    from ..io import atomic_save_file, atomic_write_text
-    from ..tokenizer import clip_tokenizer, write_clip_tokenizer_files
+    from sdlora.io import atomic_save_file, atomic_write_text
+    from sdlora.models.tokenizer import clip_tokenizer, write_clip_tokenizer_files
 
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"), unet=UNet2DConditionModel.from_pretrained(work / "unet"),
@@ -402,8 +415,8 @@ def stage_report(b: Build) -> None:
     work, log, assets, out = b.work, b.log, b.assets, b.report_dir
     from PIL import Image
 
-    from ..caption import tiny_tagger
-    from ..io import atomic_write_text
+    from sdlora.data.caption import tiny_tagger
+    from sdlora.io import atomic_write_text
 
     samples = render_base_samples(assets / "tiny")
     cell = configs.NATIVE + 4

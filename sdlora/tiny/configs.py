@@ -6,7 +6,7 @@ variant that tests build in milliseconds (no files, no downloads).
 
 from __future__ import annotations
 
-from ..arch import part_config
+from sdlora.models.arch import part_config
 
 NATIVE = 128  # pixels; latents are NATIVE // 8
 
@@ -62,7 +62,7 @@ def build_components(size: str = "tiny", seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..tokenizer import clip_tokenizer
+    from sdlora.models.tokenizer import clip_tokenizer
 
     te_cfg, vae_cfg, unet_cfg = (TEXT_ENCODER, VAE, UNET) if size == "tiny" else (MINI_TEXT_ENCODER, MINI_VAE, MINI_UNET)
     torch.manual_seed(seed)
@@ -85,10 +85,15 @@ def build_pipeline(size: str = "mini", seed: int = 0):
 def build_sdxl_pipeline(seed: int = 0):
     """A StableDiffusionXLPipeline of random components at test size (see MINI_SDXL_*)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from ..tokenizer import clip_tokenizer, open_clip_tokenizer
+    from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
 
     torch.manual_seed(seed)
     return StableDiffusionXLPipeline(

@@ -19,9 +19,18 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..errors import USER_ERRORS  # noqa: E402
-from . import dataset_edit, training  # noqa: E402
-from .project import PRESETS, Project, apply_preset, check, form_fields, form_values, overrides, save  # noqa: E402
+from sdlora.errors import USER_ERRORS  # noqa: E402
+from sdlora.ui import dataset_edit, training  # noqa: E402
+from sdlora.ui.project import (  # noqa: E402
+    PRESETS,
+    Project,
+    apply_preset,
+    check,
+    form_fields,
+    form_values,
+    overrides,
+    save,
+)
 
 MAX_UPLOAD = "64mb"  # per file; the builder's max_pixels limit is checked after the upload
 THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # system fonts: nothing fetched from a font CDN
@@ -31,7 +40,7 @@ def _problem(e: Exception) -> str:
     if isinstance(e, USER_ERRORS):
         return f"⚠️ {e}"
     if isinstance(e, OSError):
-        from ..cli import os_error_message
+        from sdlora.cli import os_error_message
 
         return f"⚠️ {os_error_message(e)}"
     traceback.print_exc(file=sys.stderr)

@@ -16,14 +16,31 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config
-from ..dataset import MANIFEST, build_dataset, built_caption_path, captions_beside_images, existing_caption, \
-    read_manifest, refuse_non_caption
-from ..errors import UserError
-from ..images import IMAGE_EXTENSIONS, REPORT_MARKER, ImageRejected, load_image
-from ..io import atomic_write_bytes, atomic_write_text, read_caption, safe_file_stem
-from ..subsets import Subset, resolve_subsets
-from ..tags import format_caption, normalise_tag, parse_caption, tag_key
+from sdlora.config import Config
+from sdlora.data.dataset import (
+    MANIFEST,
+    build_dataset,
+    built_caption_path,
+    captions_beside_images,
+    existing_caption,
+    read_manifest,
+    refuse_non_caption,
+)
+from sdlora.data.images import (
+    IMAGE_EXTENSIONS,
+    REPORT_MARKER,
+    ImageRejected,
+    load_image,
+)
+from sdlora.data.subsets import Subset, resolve_subsets
+from sdlora.data.tags import format_caption, normalise_tag, parse_caption, tag_key
+from sdlora.errors import UserError
+from sdlora.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    read_caption,
+    safe_file_stem,
+)
 
 UNDO_FILE = ".sdlora-ui-undo.json"
 BULK_OPERATIONS = ("add", "remove", "replace", "move to front")

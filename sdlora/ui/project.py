@@ -16,9 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import SECTION_CLASSES, Config, ConfigError, load_config, parse_override
-from ..errors import UserError
-from ..io import atomic_write_text, file_name_problem, inside
+from sdlora.config import (
+    SECTION_CLASSES,
+    Config,
+    ConfigError,
+    load_config,
+    parse_override,
+)
+from sdlora.errors import UserError
+from sdlora.io import atomic_write_text, file_name_problem, inside
 
 CONFIG_FOLDER = "datasets_cfg"  # where `bash train.sh NAME` looks for NAME.toml
 

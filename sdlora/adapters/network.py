@@ -1,0 +1,680 @@
+"""LoRA / LoCon / LoHa / LoKr (and DoRA) adapters: choose target modules, inject them with peft, export and
+import them in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
+and write the safetensors file with Kohya (`ss_*`) and model-spec metadata.
+
+    g(x) = W x + (alpha / dim) * up(down(x))      up starts at zero: injection is the identity
+
+peft holds the adapters during training (lora_A = Kohya's lora_down, lora_B = lora_up;
+LoHa's hada_* and LoKr's lokr_* parameters have LyCORIS's names and shapes); `kohya.py` names
+them. DoRA (peft `use_dora`) exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)]
+(the per-output-row layout diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+import secrets
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdlora.adapters import blocks, kohya
+from sdlora.data.buckets import resolution_pair
+from sdlora.errors import UserError
+from sdlora.io import atomic_write_bytes, refuse_to_overwrite
+from sdlora.models.family import (
+    ARCHITECTURES,
+    BASE_MODEL_VERSIONS,
+    IMPLEMENTATIONS,
+    is_sdxl,
+)
+
+ADAPTER_NAME = "sdlora"
+
+# Kohya's target containers (networks/lora.py): every Linear and 1x1 Conv2d inside them
+# gets `dim`; 3x3 convs inside the ResNet containers get `conv_dim` (LoCon).
+TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
+_ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"
+_PRESET_PATTERNS = {
+    "attn2": re.compile(rf"\.attn2\.{_ATTENTION_LAYERS}$"),
+    "attention": re.compile(rf"\.attn[12]\.{_ATTENTION_LAYERS}$"),
+}
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules are adapted
+
+
+def _layers_inside(model: nn.Module, block_classes: tuple[str, ...]) -> dict[str, nn.Module]:
+    """{path: layer} for every Linear / Conv2d inside a module whose class is in block_classes."""
+    layers: dict[str, nn.Module] = {}
+    for block_path, block in model.named_modules():
+        if type(block).__name__ not in block_classes:
+            continue
+        for sub_path, layer in block.named_modules():
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                layers[f"{block_path}.{sub_path}" if block_path else sub_path] = layer
+    return layers
+
+
+def _is_spatial_conv(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) != (1, 1)
+
+
+def unet_target_paths(unet: nn.Module, preset: str, convs: bool = False) -> list[str]:
+    """Module paths adapted in the U-Net, in named_modules() order.
+
+    attn2: cross-attention q/k/v/out; attention: self- and cross-attention q/k/v/out;
+    transformer (Kohya's default): every Linear and 1x1 conv inside each Transformer2DModel;
+    all (or `convs`, LoCon): transformer plus every layer of the ResNet blocks and the
+    down/upsamplers, 3x3 convs included (Kohya's `conv_dim`).
+    """
+    if preset not in ("attn2", "attention", "transformer", "all"):
+        raise UserError(f"[network] unet_targets = {preset!r}: choose attn2, attention, transformer or all")
+    layers = _layers_inside(unet, TRANSFORMER_BLOCKS)
+    layers = {p: m for p, m in layers.items() if not _is_spatial_conv(m)}
+    if preset in _PRESET_PATTERNS:
+        layers = {p: m for p, m in layers.items() if _PRESET_PATTERNS[preset].search(p)}
+    if preset == "all" or convs:
+        layers.update(_layers_inside(unet, RESNET_BLOCKS))
+    order = {path: i for i, (path, _) in enumerate(unet.named_modules())}
+    return sorted(layers, key=order.__getitem__)
+
+
+def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
+    """q/k/v/out_proj and mlp fc1/fc2 of every CLIP layer (Kohya's CLIPAttention + CLIPMLP)."""
+    return list(_layers_inside(text_encoder, TEXT_ENCODER_BLOCKS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Injection
+
+
+def network_ranks(net, block: int | None = None) -> tuple[int, float, int, float]:
+    """(dim, alpha, conv_dim, conv_alpha) of a [network] config with Kohya's defaults: alpha 0 means
+    alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2.
+
+    block: a U-Net block's (`blocks.block_index`), where network.block_dims / block_alphas /
+    conv_block_dims / conv_block_alphas replace dim, alpha, conv_dim, conv_alpha when set."""
+    pick = lambda values, default: values[block] if block is not None and values else default  # noqa: E731
+    dim = pick(net.block_dims, net.dim)
+    conv_dim = pick(net.conv_block_dims, net.conv_dim or net.dim)
+    return (dim, pick(net.block_alphas, net.alpha or dim), conv_dim,
+            pick(net.conv_block_alphas, net.conv_alpha or conv_dim / 2))
+
+
+def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -> tuple[dict, dict, list | None]:
+    """kohya's block-wise [network] settings on the U-Net modules `paths`: ({path: (dim, alpha)} of the
+    modules to create, {path: block}, one lr weight per block or None). A module whose block has
+    rank 0, or an lr weight of 0 (at or below block_lr_zero_threshold), is not created, as in kohya."""
+    sgm = kohya.uses_sgm_names(unet)
+    blocks.check_block_lengths(network_cfg, sgm)
+    lr_weights = blocks.block_lr_weights(network_cfg, sgm, log)
+    modules = dict(unet.named_modules())
+    ranks, block_of = {}, {}
+    for key, path in kohya.module_keys(unet, "unet", paths).items():
+        block = blocks.block_index(key, sgm)
+        dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg, block)
+        rank = (conv_dim, conv_alpha) if _is_spatial_conv(modules[path]) else (dim, alpha)
+        if rank[0] and (lr_weights is None or lr_weights[block]):
+            ranks[path], block_of[path] = rank, block
+    return ranks, block_of, lr_weights
+
+
+def text_encoder_lrs(cfg, base) -> list[float]:
+    """The learning rate of each text encoder of `base` (BaseModel or dict with family and name), from
+    train.text_encoder_lr (one rate, or a pair [te1, te2] for SDXL); every one 0 when
+    network.train_text_encoder is false. A text encoder is trained when its rate here is > 0: the
+    optimizer groups, the trainer and the metadata all read this list."""
+    lr = cfg.train.text_encoder_lr
+    count = 2 if is_sdxl(_get(base, "family")) else 1
+    if isinstance(lr, list) and len(lr) != count:
+        raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {_get(base, 'name')} has {count} text "
+                        f"encoder(s); give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
+    lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)] * count
+    return lrs if cfg.network.train_text_encoder else [0.0] * count
+
+
+def _peft_config(network_cfg, paths: list[str], model: nn.Module, ranks: dict | None = None):
+    """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha,
+    or each path its (dim, alpha) from `ranks` (block-wise settings)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg)
+    if ranks is None:
+        modules = dict(model.named_modules())
+        ranks = {p: (conv_dim, conv_alpha) for p in paths if _is_spatial_conv(modules[p])}
+    rank_pattern = {re.escape(p): r for p, (r, _) in ranks.items()}
+    alpha_pattern = {re.escape(p): a for p, (_, a) in ranks.items()}
+    if network_cfg.dora and network_cfg.type not in ("lora", "locon"):
+        raise UserError(f"[network] dora = true needs type lora or locon (peft has DoRA for LoRA only), "
+                        f"not {network_cfg.type!r}")
+    if network_cfg.type in ("loha", "lokr"):
+        if network_cfg.dropout:
+            raise UserError(f"[network] dropout applies to lora and locon adapters; set dropout = 0 for "
+                            f"{network_cfg.type}")
+        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs; LoKr's
+        # factorisation is LyCORIS's default too (factor -1: the most balanced split of each side).
+        config = LoHaConfig if network_cfg.type == "loha" else LoKrConfig
+        return config(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
+    return LoraConfig(r=dim, lora_alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True,
+                      use_dora=network_cfg.dora)
+
+
+@dataclass
+class Network:
+    """The adapters injected into a U-Net and text encoder(s), seen through Kohya's names."""
+
+    kind: str  # "lora" (LoCon and DoRA included), "loha" or "lokr"
+    models: dict[str, nn.Module]  # part ("unet", "te", "te1", "te2") -> model
+    modules: dict[str, tuple[str, str]]  # kohya key -> (part, module path)
+    frozen_parts: set[str] = field(default_factory=set)
+    unet_blocks: dict[str, int] = field(default_factory=dict)  # kohya key -> block, with block lr weights only
+    block_lr_weights: list[float] | None = None  # network.*_lr_weight, one per U-Net block
+
+    def layer(self, key: str) -> nn.Module:
+        part, path = self.modules[key]
+        return self.models[part].get_submodule(path)
+
+    def exported_keys(self) -> list[str]:
+        """Keys of the trained modules: those of a part frozen by param_groups are left out."""
+        return [key for key, (part, _) in self.modules.items() if part not in self.frozen_parts]
+
+    def _adapter_params(self, key: str) -> dict[str, nn.Parameter]:
+        layer = self.layer(key)
+        if self.kind == "lora":
+            params = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+                      "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
+            if ADAPTER_NAME in layer.lora_magnitude_vector:  # DoRA's m: [out] (Linear), [1, out, 1, 1] (conv)
+                params["dora_scale"] = layer.lora_magnitude_vector[ADAPTER_NAME].weight
+            return params
+        if self.kind == "loha":
+            return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
+        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOKR_TENSORS
+                if ADAPTER_NAME in getattr(layer, name)}
+
+    def _file_factor(self, key: str, suffix: str) -> float:
+        """What a tensor is multiplied by in the file. LyCORIS and the UIs give a LoKr with both
+        factors full scale 1 whatever alpha says; peft scales it by alpha / r, folded into w1."""
+        params = self._adapter_params(key)
+        if suffix == "lokr_w1" and "lokr_w2" in params:
+            return self._alpha(key) / self.layer(key).r[ADAPTER_NAME]
+        return 1.0
+
+    def _file_shape(self, key: str, suffix: str, param: torch.Tensor) -> tuple[int, ...]:
+        """LyCORIS's layouts: dora_scale [out, 1] or [out, 1, 1, 1]; everything else as peft holds it."""
+        if suffix == "dora_scale":
+            return (param.numel(), *[1] * (self.layer(key).get_base_layer().weight.dim() - 1))
+        return tuple(param.shape)
+
+    def _alpha(self, key: str) -> float:
+        layer = self.layer(key)
+        return float(layer.lora_alpha[ADAPTER_NAME] if self.kind == "lora" else layer.alpha[ADAPTER_NAME])
+
+    def parameters_of(self, part: str) -> list[nn.Parameter]:
+        return [p for key, (pt, _) in self.modules.items() if pt == part for p in self._adapter_params(key).values()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for key in self.modules for p in self._adapter_params(key).values() if p.requires_grad]
+
+    def param_groups(self, unet_lr: float, text_encoder_lrs: list[float]) -> list[dict]:
+        """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported.
+
+        text_encoder_lrs: one rate per text encoder (`text_encoder_lrs`: [te] or SDXL's [te1, te2])."""
+        groups = []
+        for part in self.models:
+            lr = unet_lr if part == "unet" else text_encoder_lrs[1] if part == "te2" else text_encoder_lrs[0]
+            params = self.parameters_of(part)
+            if lr == 0:
+                for p in params:
+                    p.requires_grad_(False)
+                self.frozen_parts.add(part)
+                continue
+            self.frozen_parts.discard(part)
+            if part == "unet" and self.block_lr_weights is not None:
+                groups += self._block_groups(lr)
+                continue
+            name = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder_1", "te2": "text_encoder_2"}[part]
+            groups.append({"params": params, "lr": lr, "name": name})
+        if not groups:
+            raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
+        return groups
+
+    def _block_groups(self, unet_lr: float) -> list[dict]:
+        """One group per U-Net block that has modules, at unet_lr x its weight, named as kohya names them."""
+        by_block: dict[int, list[nn.Parameter]] = {}
+        for key, block in self.unet_blocks.items():
+            by_block.setdefault(block, []).extend(self._adapter_params(key).values())
+        return [{"params": by_block[b], "lr": unet_lr * self.block_lr_weights[b], "name": f"unet_block{b}"}
+                for b in sorted(by_block)]
+
+    def freeze_text_layers(self, part: str, layers: range) -> list[str]:
+        """Stop training the adapters of text-encoder layers `layers` of `part` (they stay exported); returns their keys."""
+        frozen = []
+        for key, (p, path) in self.modules.items():
+            match = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+            if p == part and match and int(match[1]) in layers:
+                for param in self._adapter_params(key).values():
+                    param.requires_grad_(False)
+                frozen.append(key)
+        return frozen
+
+    def module_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """One module's tensors as the file holds them (fp32, on the adapter's device), `alpha` included."""
+        tensors = {suffix: (param.detach().float() * self._file_factor(key, suffix)).reshape(
+            self._file_shape(key, suffix, param)) for suffix, param in self._adapter_params(key).items()}
+        return tensors | {"alpha": torch.tensor(self._alpha(key))}
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),
+        `<key>.alpha` (0-dim)."""
+        return {f"{key}.{suffix}": tensor.to("cpu", dtype) for key in self.exported_keys()
+                for suffix, tensor in self.module_tensors(key).items()}
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """kohya's max-norm regularisation (scale_weight_norms): each module still learning whose weight change
+        dW = (alpha / r) * update (kohya.module_update; for DoRA the update inside the decomposition,
+        as LyCORIS) has ||dW||_F > max_norm is scaled to max_norm. dW is multilinear in the module's n
+        factors (LoRA: up, down; LoHa: four; LoKr: two to five), so each is multiplied by ratio^(1/n).
+
+        Returns kohya's figures: (modules scaled, mean and max of the norms after scaling)."""
+        scaled, norms = 0, []
+        for key in self.exported_keys():
+            if not any(p.requires_grad for p in self._adapter_params(key).values()):
+                continue  # no longer learning (stop_text_encoder_training, unread text layers): left as it is
+            parts = self.module_tensors(key)
+            parts.pop("dora_scale", None)  # DoRA's magnitude is not part of dW
+            base = self.layer(key).get_base_layer()
+            # a quantize.QuantizedLayer says its shape: reading its .weight would dequantise it
+            norm = kohya.module_update(parts, getattr(base, "shape", None) or base.weight.shape).norm()
+            clamped = norm.clamp(min=max_norm / 2)  # kohya's guard: no division by a near-zero norm
+            ratio = float(clamped.clamp(max=max_norm) / clamped)
+            if ratio != 1:
+                scaled += 1
+                factors = [p for suffix, p in self._adapter_params(key).items() if suffix != "dora_scale"]
+                for p in factors:
+                    p.mul_(ratio ** (1 / len(factors)))
+            norms.append(float(norm) * ratio)
+        return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
+
+    def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a Kohya state dict of the same network into the adapters (resume, tests)."""
+        groups = kohya.group_modules(tensors)
+        expected = set(self.exported_keys())
+        unknown, missing = sorted(set(groups) - expected), sorted(expected - set(groups))
+        if unknown or missing:
+            raise UserError(f"the adapter does not match this network ({self.kind}, {len(expected)} modules): "
+                            f"{len(unknown)} unexpected modules (e.g. {unknown[:3]}), {len(missing)} missing "
+                            f"(e.g. {missing[:3]}); use the same [network] type, unet_targets and "
+                            f"train_text_encoder as the run that wrote it")
+        for key, parts in groups.items():
+            if kohya.module_kind(parts) != self.kind:
+                raise UserError(f"{key}: the adapter is {kohya.module_kind(parts)}, this network is {self.kind}")
+            alpha = float(parts["alpha"]) if "alpha" in parts else kohya.module_rank(parts)
+            if abs(alpha - self._alpha(key)) > 1e-3 * max(1.0, alpha):
+                raise UserError(f"{key}: alpha {alpha:g} in the adapter, {self._alpha(key):g} in [network]; "
+                                f"set network.alpha / conv_alpha to the adapter's values")
+            with torch.no_grad():
+                for suffix, param in self._adapter_params(key).items():
+                    if suffix not in parts or parts[suffix].shape != self._file_shape(key, suffix, param):
+                        found = tuple(parts[suffix].shape) if suffix in parts else "missing"
+                        raise UserError(f"{key}.{suffix}: shape {found} in the adapter, "
+                                        f"{self._file_shape(key, suffix, param)} here; set network.dim / conv_dim "
+                                        f"(and dora) to the adapter's")
+                    param.copy_(parts[suffix].reshape(param.shape) / self._file_factor(key, suffix))
+
+
+def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
+    """Freeze the base models and add adapters (peft, adapter name "sdlora") per `network_cfg`.
+
+    `text_encoder` is one model, a (te1, te2) pair (SDXL) or None; text-encoder adapters are
+    created only when network_cfg.train_text_encoder is true.
+    """
+    from peft import inject_adapter_in_model
+
+    text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    text_encoders = [te for te in text_encoders if te is not None]
+    for te in text_encoders:
+        te.requires_grad_(False)  # the base is never trained, adapted or not
+    models: dict[str, nn.Module] = {"unet": unet}
+    if network_cfg.train_text_encoder:
+        names = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
+        models.update(zip(names, text_encoders))
+    modules: dict[str, tuple[str, str]] = {}
+    ranks, block_of, lr_weights = None, {}, None
+    for part, model in models.items():
+        model.requires_grad_(False)
+        if part == "unet":
+            paths = unet_target_paths(model, network_cfg.unet_targets, convs=network_cfg.type == "locon")
+        else:
+            paths = text_encoder_target_paths(model)
+        if not paths:
+            raise UserError(f"[network] unet_targets = {network_cfg.unet_targets!r} selects no module of the "
+                            f"{type(model).__name__} ({part}); is it a Stable Diffusion model?")
+        if part == "unet" and blocks.uses_blocks(network_cfg):
+            ranks, block_of, lr_weights = unet_block_plan(network_cfg, model, paths, log)
+            paths = [p for p in paths if p in ranks]
+            if not paths:
+                raise UserError("[network] block_dims / *_lr_weight leave no U-Net block with adapters: give some "
+                                "block a rank above 0 and a weight above block_lr_zero_threshold")
+        config = _peft_config(network_cfg, paths, model, ranks if part == "unet" else None)
+        if part == "unet":
+            model.add_adapter(config, adapter_name=ADAPTER_NAME)  # diffusers' own path: set_adapters etc. work
+        else:
+            # transformers' add_adapter wants a newer peft; diffusers' own text-encoder loader
+            # injects with peft directly, as here.
+            inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+        modules.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
+    blocks_by_key = {key: block_of[path] for key, (part, path) in modules.items() if part == "unet" and block_of}
+    return Network(kind=network_cfg.type if network_cfg.type in ("loha", "lokr") else "lora", models=models,
+                   modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _get(base, name: str):
+    return base[name] if isinstance(base, dict) else getattr(base, name)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def one_or_dynamic(values, fmt=str) -> str:
+    """The one value every module shares, as text, or Kohya's "dynamic" when they differ."""
+    distinct = sorted(set(values))
+    return fmt(distinct[0]) if len(distinct) == 1 else "dynamic"
+
+
+def network_fields(dim: str, alpha: str, algo: str | None = None, dora: bool = False,
+                   args: dict | None = None) -> dict[str, str]:
+    """The `ss_network_*` fields of an adapter file, however it was made (trained, extracted, resized,
+    converted). A plain LoRA / LoCon is Kohya's own "networks.lora"; a LyCORIS algorithm (`algo`:
+    loha, lokr, ...) or DoRA is "lycoris.kohya" with `algo` in the args (DoRA rides on LyCORIS's
+    locon unless `algo` says otherwise) and `dora_wd`; `args` follow (conv_dim, dropout, ...)."""
+    if dora and algo is None:
+        algo = "locon"
+    network_args = ({"algo": algo} if algo else {}) | ({"dora_wd": "True"} if dora else {}) | (args or {})
+    return {
+        "ss_network_module": "lycoris.kohya" if algo else "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_network_args": json.dumps(network_args),
+    }
+
+
+def network_metadata(base, output_name: str, network: dict[str, str], description: str,
+                     finished: float | None = None) -> dict[str, str]:
+    """What every adapter file states however it was made (trained, extracted): its network
+    (`network_fields`), its base model and Stability's `modelspec.*`; every value a string.
+
+    base: a BaseModel or dict with family, prediction_type, name, model_hash; finished: unix seconds.
+    """
+    family = _get(base, "family")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
+    return {
+        **network,
+        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_v2": str(family.startswith("sd_v2")),
+        "ss_output_name": output_name,
+        "ss_sd_model_name": str(_get(base, "name")),
+        "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
+        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.title": output_name,
+        "modelspec.date": _iso(time.time() if finished is None else finished),
+        "modelspec.prediction_type": "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon",
+        "modelspec.description": description,
+    }
+
+
+def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
+                     thumbnail: str | None = None) -> dict[str, str]:
+    """Kohya `ss_*` and Stability `modelspec.*` metadata; every value a string.
+
+    cfg: the Config; base: a BaseModel or dict with family, prediction_type, name, model_hash;
+    stats: num_train_images, num_epochs, epoch, steps, and optionally max_train_steps,
+    num_batches_per_epoch, training_started_at / training_finished_at (unix seconds),
+    session_id, optimizer (its description); tag_frequency: {dataset dir basename: {tag: n}};
+    dataset_dirs: {basename: {"n_repeats": n, "img_count": n}}; thumbnail: a data: URL.
+    """
+    missing = [k for k in ("num_train_images", "num_epochs", "epoch", "steps") if k not in stats]
+    if missing:
+        raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
+    net, train, data = cfg.network, cfg.train, cfg.dataset
+    width, height = resolution_pair(data.resolution)
+    _, alpha, conv_dim, conv_alpha = network_ranks(net)
+    network_args = {}
+    if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
+        network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
+    if net.dropout:
+        network_args["dropout"] = f"{net.dropout:g}"
+    network_args.update(blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
+    now = time.time()
+    started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
+    te_lrs = text_encoder_lrs(cfg, base)
+    description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
+                   f"{stats['num_train_images']} images, {stats['steps']} steps")
+    algo = net.type if net.type in ("loha", "lokr") else None  # LoRA and LoCon are Kohya's own networks.lora
+    network = network_fields(str(net.dim), f"{alpha:g}", algo, net.dora, network_args)
+    meta = network_metadata(base, cfg.output_name, network, description, finished)
+    meta |= {
+        "ss_network_dropout": f"{net.dropout:g}",
+        "ss_network_train_unet_only": str(not any(te_lrs)),
+        "ss_resolution": f"({width}, {height})",
+        "ss_clip_skip": str(cfg.model.clip_skip),
+        "ss_num_train_images": str(stats["num_train_images"]),
+        "ss_num_epochs": str(stats["num_epochs"]),
+        "ss_epoch": str(stats["epoch"]),
+        "ss_steps": str(stats["steps"]),
+        "ss_max_train_steps": str(stats.get("max_train_steps", stats["steps"])),
+        "ss_num_batches_per_epoch": str(stats.get("num_batches_per_epoch", "")),
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation_steps),
+        "ss_learning_rate": f"{train.unet_lr:g}",
+        "ss_unet_lr": f"{train.unet_lr:g}",
+        # one rate, or SDXL's two when they differ
+        "ss_text_encoder_lr": ", ".join(f"{lr:g}" for lr in (te_lrs if len(set(te_lrs)) > 1 else te_lrs[:1])),
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(stats.get("lr_warmup_steps", "")),
+        "ss_optimizer": str(stats.get("optimizer", train.optimizer)),
+        "ss_max_grad_norm": f"{train.max_grad_norm:g}",
+        "ss_seed": str(train.seed),
+        "ss_min_snr_gamma": f"{train.min_snr_gamma:g}",
+        "ss_noise_offset": f"{train.noise_offset:g}",
+        # kohya writes str() of its arguments: "None" when an option is off
+        "ss_adaptive_noise_scale": str(train.adaptive_noise_scale or None),
+        "ss_multires_noise_iterations": str(train.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(train.multires_noise_discount),
+        "ss_scale_weight_norms": str(train.scale_weight_norms or None),
+        "ss_stop_text_encoder_training": str(train.stop_text_encoder_training or None),
+        "ss_mixed_precision": train.mixed_precision,
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
+        "ss_cache_latents": "True",  # latents are always cached (cache.LatentCache)
+        "ss_enable_bucket": str(data.enable_bucket),
+        "ss_min_bucket_reso": str(data.min_bucket_reso),
+        "ss_max_bucket_reso": str(data.max_bucket_reso),
+        "ss_bucket_no_upscale": str(data.bucket_no_upscale),
+        "ss_shuffle_caption": str(data.shuffle_caption),
+        "ss_keep_tokens": str(data.keep_tokens),
+        "ss_max_token_length": str(data.max_token_length),
+        "ss_flip_aug": str(data.flip_aug),
+        "ss_caption_dropout_rate": f"{data.caption_dropout_rate:g}",
+        "ss_caption_tag_dropout_rate": f"{data.caption_tag_dropout_rate:g}",
+        "ss_tag_frequency": json.dumps(tag_frequency or {}),
+        "ss_dataset_dirs": json.dumps(dataset_dirs or {}),
+        "ss_reg_dataset_dirs": json.dumps(stats.get("reg_dataset_dirs", {})),
+        "ss_num_reg_images": str(stats.get("num_reg_images", 0)),
+        "ss_prior_loss_weight": f"{train.prior_loss_weight:g}",
+        "ss_bucket_info": json.dumps(stats.get("bucket_info")),
+        "ss_total_batch_size": str(stats.get("total_batch_size", train.batch_size * train.gradient_accumulation_steps)),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(finished),
+        "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
+        "modelspec.resolution": f"{width}x{height}",
+    }
+    if cfg.trigger:
+        meta["modelspec.trigger_phrase"] = cfg.trigger
+    if thumbnail:
+        meta["modelspec.thumbnail"] = thumbnail
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _data_section(serialized: bytes) -> bytes:
+    """The tensor bytes of a serialized safetensors file: after the 8-byte length and the JSON header."""
+    (header_len,) = struct.unpack("<Q", serialized[:8])
+    return serialized[8 + header_len:]
+
+
+def parse_adapter_arg(text: str) -> tuple[Path, float | None]:
+    """FILE[:SCALE] -> (path, scale or None); a Windows drive colon or a colon in the file name
+    stays part of the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(text), None
+
+
+def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:
+    """Write the adapter atomically, with `sshs_model_hash` and `sshs_legacy_hash`; return the first.
+
+    The hash is Kohya's / A1111's "addnet" hash: sha256 of the tensor-data bytes. That section
+    does not depend on the header, so it is taken from a first serialisation without the hash.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    refuse_to_overwrite(path, overwrite, "pass --overwrite (sdlora train: set train.overwrite = true)")
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"safetensors metadata values must be strings: {bad}")
+    broken = non_finite_modules(tensors)
+    if broken:
+        raise UserError(f"{path}: not written: {len(broken)} adapter modules hold NaN or infinite values "
+                        f"(e.g. {next(iter(broken))}); the weights diverged, see the training message")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    training_only = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = hashlib.sha256(_data_section(training_only)).hexdigest()
+    # sd-webui-additional-networks' legacy hash, as kohya computes it: 64 KiB at 1 MiB into the
+    # file written with the ss_* metadata only (a smaller file hashes the empty string).
+    legacy_hash = hashlib.sha256(training_only[0x100000:0x110000]).hexdigest()[:8]
+    serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
+    atomic_write_bytes(path, serialized)
+    return model_hash
+
+
+def addnet_hash(path) -> str:
+    """sha256 (hex) of a safetensors file's tensor-data bytes, computed from the file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + header_len)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def short_hash(path) -> str:
+    """The 12 hex digits A1111 writes in "Lora hashes": `sshs_model_hash` when the file has one
+    (A1111 reads it first), else the addnet hash of the file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        stored = (f.metadata() or {}).get("sshs_model_hash")
+    return (stored or addnet_hash(path))[:12]
+
+
+def read_adapter(path, allow_non_finite: bool = False, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(Kohya-named tensors, metadata) of an adapter file, with a clear error for anything else.
+
+    Kohya and LyCORIS files load as they are; diffusers/peft files are renamed to Kohya's keys
+    (`kohya.to_kohya_names`), and bundled embeddings are left out; `log` gets a note for either.
+    Every command that takes an adapter reads it here, so an unusable one (`check_adapter`) is
+    refused everywhere; `inspect` alone reads NaN/inf values, to report them.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: adapter file not found")
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(f"{path}: pickled adapters are not read (they can run code); convert it to .safetensors")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .safetensors file ({e})") from None
+    tensors, notes = kohya.to_kohya_names(tensors, metadata)
+    for note in notes:
+        log(f"note: {path.name}: {note}")
+    prefixes = tuple(p + "_" for p in kohya.PREFIXES.values())
+    foreign = [k for k in tensors if not k.startswith(prefixes)]
+    if not tensors or len(foreign) == len(tensors):
+        raise UserError(f"{path}: no LoRA keys in Kohya (lora_unet_*, lora_te_*), diffusers or peft style "
+                        f"(e.g. {foreign[:2]}); is it an adapter file?")
+    if foreign:
+        raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
+    check_adapter(path, tensors, allow_non_finite)
+    return tensors, metadata
+
+
+def non_finite_modules(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """{module key: [suffixes of its tensors holding NaN or infinity]}, for modules that have any."""
+    broken: dict[str, list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            key, _, suffix = name.partition(".")
+            broken.setdefault(key, []).append(suffix)
+    return broken
+
+
+# factor pairs whose shared axis is the rank: (tensor, its rank axis) x 2
+_RANK_PAIRS = [(("lora_down.weight", 0), ("lora_up.weight", 1)),
+               (("hada_w1_a", 1), ("hada_w1_b", 0)), (("hada_w2_a", 1), ("hada_w2_b", 0))]
+
+
+def check_adapter(path, tensors: dict[str, torch.Tensor], allow_non_finite: bool = False) -> None:
+    """One line naming the file for what no command can use: NaN/inf values (a diverged
+    training), factors whose ranks disagree, an alpha that is not one number."""
+    for name, tensor in tensors.items():
+        if name.endswith(".alpha") and tensor.numel() != 1:
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}; alpha must be one number: "
+                            f"the file is damaged or not a LoRA")
+    for key, parts in kohya.group_modules(tensors).items():
+        for (a, axis_a), (b, axis_b) in _RANK_PAIRS:
+            if "hada_t1" in parts and a.startswith("hada_"):  # Tucker LoHa: w*_a [r, out], w*_b [r, in]
+                axis_a = 0
+            if a in parts and b in parts and (parts[a].dim() <= axis_a or parts[b].dim() <= axis_b
+                                              or parts[a].shape[axis_a] != parts[b].shape[axis_b]):
+                raise UserError(f"{path}: {key}: {a} {tuple(parts[a].shape)} and {b} {tuple(parts[b].shape)} "
+                                f"disagree on the rank; the file is damaged")
+    broken = {} if allow_non_finite else non_finite_modules(tensors)
+    if broken:
+        raise UserError(f"{path}: {len(broken)} modules hold NaN or infinite values (e.g. {next(iter(broken))}); "
+                        f"the adapter is unusable (its training diverged): use an earlier epoch file or retrain "
+                        f"with a lower learning rate. `sdlora inspect` lists the modules")

@@ -1,0 +1,1 @@
+"""`sdlora bench`: speed and memory figures (benchmarks, not tests)."""

@@ -1,0 +1,238 @@
+"""`sdlora bench`: speed and memory figures (benchmarks, not tests); what each figure means is
+the command's help (`sdlora/commands/bench.py`)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def peak_memory_mb(device: str) -> float:
+    """CUDA: the most memory torch allocated; otherwise the process's peak resident set."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def seconds_of(fn) -> float:
+    """Wall time of one call, with queued GPU work included."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return sum(seconds_of(fn) for _ in range(repeats)) / repeats
+
+
+def fastest_in_turns(setups: dict, rounds: int) -> dict[str, float]:
+    """{label: fastest of `rounds` calls}, the set-ups called in turns, so that a neighbour's
+    load on a shared machine cannot land on one of them only."""
+    best = dict.fromkeys(setups, math.inf)
+    for _ in range(rounds):
+        for label, fn in setups.items():
+            best[label] = min(best[label], seconds_of(fn))
+    return best
+
+
+def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats: int = 5, device: str = "cpu") -> dict:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sdlora.adapters import network as lora
+    from sdlora.config import NetworkConfig
+    from sdlora.models.arch import build_text_encoder, build_unet, build_vae
+    from sdlora.tiny.configs import build_components
+
+    if arch == "tiny":
+        _, text_encoder, vae, unet, _ = build_components("tiny")
+    else:  # SD1.5's architecture from the shipped configs, random weights
+        text_encoder, vae, unet = build_text_encoder("sd_v1"), build_vae("sd_v1"), build_unet("sd_v1")
+    for m in (text_encoder, vae, unet):
+        m.to(device).requires_grad_(False)
+    ids = torch.randint(0, 49407, (batch, 77), device=device)
+    pixels = torch.randn(batch, 3, latent * 8, latent * 8, device=device)
+    latents = torch.randn(batch, 4, latent, latent, device=device)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    with torch.no_grad():
+        hidden = text_encoder(ids)[0]
+    network = lora.inject(unet, text_encoder, NetworkConfig())
+    params = network.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    adapted = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+    def fwd_bwd(adapters: bool):
+        for m in adapted:
+            m.enable_adapters(adapters)  # off: the frozen model, layer for layer
+        x = latents.clone().requires_grad_(True)
+        F.mse_loss(unet(x, timesteps, hidden).sample, latents).backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    def lora_step():
+        out = unet(latents, timesteps, text_encoder(ids)[0]).sample
+        F.mse_loss(out, latents).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    fwd_bwd(True)  # warm-up
+    fwd_bwd(False)
+    passes = fastest_in_turns({"frozen": lambda: fwd_bwd(False), "lora": lambda: fwd_bwd(True)}, repeats)
+    t_step = _timed(lora_step, repeats)
+    with torch.no_grad():
+        t_vae = _timed(lambda: vae.encode(pixels).latent_dist.sample(), max(1, repeats // 2))
+    return {
+        "arch": arch, "device": device, "batch": batch, "latent": f"{latent}x{latent}",
+        "train_samples_per_s": batch / t_step,
+        "train_samples_per_s_uncached": batch / (t_step + t_vae),
+        "vae_share_uncached": t_vae / (t_step + t_vae),
+        "lora_overhead_ratio": passes["lora"] / passes["frozen"],
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3,
+                  unet_repeats: int = 9, model: str = "tiny") -> dict:
+    """Seconds per one-pass image at 1080x720 with `model` (model.base; default the embedded base):
+    alone, a LoRA fused, a LoRA unfused.
+
+    Targets: fused within 2% of the base (merged weights cost nothing per step), unfused within
+    10% (two low-rank matmuls per adapted layer). Whole images vary by more than 2% from round
+    to round on a shared machine (1080x720 buffers, allocator and page faults), so the ratios
+    come from the one part an adapter changes, the U-Net call of a denoising step at this size
+    (CFG batch of 2), timed `unet_repeats` times per set-up in turns, fastest of each. The rest
+    of an image (text encoder, VAE decode, scheduler) is the same for all three, so an image
+    with the adapter takes `steps` x the extra U-Net time longer: `*_over_base` is that per-image
+    ratio, `*_over_base_unet_call` the U-Net call's own (an upper bound of it).
+    """
+
+    from sdlora.adapters.network import adapter_metadata, inject, save_adapter
+    from sdlora.config import config_from_dict
+    from sdlora.models import load as models
+    from sdlora.sampling.sampler import Sampler
+
+    cfg = config_from_dict({"model": {"base": model},
+                            "sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
+    with tempfile.TemporaryDirectory() as tmp:
+        # A random adapter on the default targets, saved and read back like a trained one.
+        scratch = models.load_base(cfg.model)
+        network = inject(scratch.unet, scratch.text_encoder, cfg.network)
+        with torch.no_grad():
+            for p in network.trainable_parameters():
+                p.normal_(0, 0.02)
+        path = Path(tmp) / "bench.safetensors"
+        stats = {"num_train_images": 0, "num_epochs": 0, "epoch": 0, "steps": 0}
+        save_adapter(path, network.kohya_state_dict(torch.float32), adapter_metadata(cfg, scratch, stats))
+        del scratch, network
+        samplers = {}
+        for label, fuse, with_lora in (("base", True, False), ("fused", True, True), ("unfused", False, True)):
+            sampler = samplers[label] = Sampler(cfg, fuse=fuse)
+            if with_lora:
+                sampler.adapters.add(path)
+                sampler.adapters.set_scale(1.0)
+            sampler.render(["bench"], [0], 64, 64, 1)  # warm-up
+        seconds = fastest_in_turns({label: lambda s=sampler: s.render(["bench"], [1], width, height, steps)
+                                    for label, sampler in samplers.items()}, repeats)
+        base = samplers["base"]
+        latents = torch.randn(2, base.pipe.unet.config.in_channels, height // 8, width // 8, device=base.device,
+                              dtype=base.pipe.unet.dtype)
+        embeds = torch.cat([base.encode(["bench"]).hidden, base.encode([""]).hidden])
+        timestep = torch.tensor(500, device=base.device)
+        with torch.no_grad():
+            unet_seconds = fastest_in_turns({label: lambda s=sampler: s.pipe.unet(latents, timestep, embeds)
+                                             for label, sampler in samplers.items()}, unet_repeats)
+    results = {f"{label}_s_per_image": t for label, t in seconds.items()}
+    results.update({f"{label}_unet_call_s": t for label, t in unet_seconds.items()})
+    for label in ("fused", "unfused"):
+        extra = unet_seconds[label] - unet_seconds["base"]  # per denoising step (one U-Net call with CFG)
+        results[f"{label}_over_base_unet_call"] = unet_seconds[label] / unet_seconds["base"]
+        results[f"{label}_over_base"] = 1 + steps * extra / seconds["base"]  # per image: the targets
+    results.update(steps=steps, size=f"{width}x{height}", repeats=repeats, device=str(samplers["base"].device),
+                   lora_dim=cfg.network.dim)
+    return results
+
+
+def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128, steps: int = 4) -> dict:
+    """`sdlora train` from a cold start on `images` generated scenery images at `resolution`
+    (fresh output folder: latents and text outputs encoded, as in a first run): seconds to the
+    first optimizer step, steps/s after it, peak memory. model: model.base (default the
+    embedded base; a diffusers folder of SD1.5's architecture measures the 512 px case)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from sdlora.config import config_from_dict
+    from sdlora.models.load import compute_device
+    from sdlora.tiny.scenery import make_scene_image
+    from sdlora.training import trainer
+
+    step_times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i in range(images):
+            image, tags = make_scene_image(i, "colorful", resolution)
+            image.save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text(", ".join(["clrscn", *tags[:5]]))
+        cfg = config_from_dict({
+            "name": "bench", "trigger": "clrscn", "model": {"base": model},
+            "dataset": {"image_dir": str(folder), "resolution": resolution, "num_repeats": 1, "enable_bucket": False},
+            "train": {"max_train_steps": steps, "batch_size": 1, "save_every_n_epochs": 0},
+            "output": {"dir": str(Path(tmp) / "out")}})
+        hook = register_optimizer_step_post_hook(lambda *_: step_times.append(time.perf_counter()))
+        start = time.perf_counter()
+        try:
+            trainer.Trainer(cfg, log=lambda m: None).run()
+        finally:
+            hook.remove()
+    after = step_times[-1] - step_times[0]
+    return {"model": model, "images": images, "resolution": resolution,
+            "time_to_first_step_s": step_times[0] - start,
+            "steps_per_s": (len(step_times) - 1) / after if after > 0 else None,
+            "peak_memory_mb": peak_memory_mb(compute_device())}
+
+
+def bench_startup(argvs: list[list[str]], repeats: int = 3) -> dict:
+    """Seconds from starting `python -m sdlora.cli ARGV` to its exit, the fastest of `repeats`, per
+    argv (each `--help` and `--version`): what a user waits for before anything happens."""
+    import subprocess
+    import sys
+
+    figures = {}
+    for argv in argvs:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "sdlora.cli", *argv], check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        figures[" ".join(argv) + "_s"] = min(times)
+    return figures
+
+
+def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128,
+              startup_argvs: list[list[str]] = ()) -> dict:
+    results = {}
+    if "startup" in parts:
+        results["startup"] = bench_startup(list(startup_argvs))
+    if "train" in parts:
+        results["train_tiny"] = bench_training("tiny", batch=8, latent=16, device=device)
+        results["train_sd15"] = bench_training("sd15", batch=1, latent=32, repeats=4, device=device)
+    if "tagger" in parts:
+        from sdlora.data.caption import bench_tagger
+
+        results["tagger"] = bench_tagger()
+    if "sampler" in parts:
+        results["sampler"] = bench_sampler()
+    if "resize" in parts:
+        from sdlora.lowrank.tools import bench_resize
+
+        results["resize"] = bench_resize()
+    if "first_step" in parts:
+        results["first_step"] = bench_first_step(first_step_model, resolution=first_step_resolution)
+    return results

@@ -1,0 +1,1 @@
+"""Low-rank maths on adapters and checkpoints: resize by energy, extract, merge, inspect."""

@@ -1,0 +1,516 @@
+"""Single-file checkpoints in the original Stable Diffusion key layout (what A1111 and ComfyUI
+load) and separate VAE files.
+
+Reading: `read_state_dict` is the one reader of the user's file (the pickle gate, truncation
+checks); the family comes from the keys, the architecture from the config folder shipped in
+`assets/configs/<family>/` (or, for a file sdlora wrote, from the configs it embedded in the
+safetensors metadata). The U-Net and VAE load through diffusers' public single-file loader
+(`from_single_file` given the tensors and that folder), the text encoders through transformers'
+`from_pretrained(state_dict=...)`: OpenAI CLIP keys already have transformers' names, OpenCLIP keys
+are renamed by the table below that also writes them. Writing: the diffusers -> original mapping
+below, stated per block.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from sdlora.errors import UserError
+from sdlora.models.arch import CONFIGS
+from sdlora.models.family import (
+    ARCHITECTURES,
+    is_sdxl,
+    nested_text_name,
+    with_prediction_type,
+)
+from sdlora.quiet import quiet
+
+CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Keys whose presence says which model a file holds.
+SD1_TE = "cond_stage_model.transformer."  # OpenAI CLIP-L
+SD2_OPENCLIP = "cond_stage_model.model."  # OpenCLIP ViT-H
+SD2_TE = SD2_OPENCLIP + "transformer.resblocks."
+SDXL_TE1 = "conditioner.embedders.0.transformer."  # OpenAI CLIP-L
+SDXL_TE2 = "conditioner.embedders.1."  # OpenCLIP ViT-bigG
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+# ComfyUI's SD20 check (supported_models.py): the v models' last attention block has a
+# spread-out norm1 bias (std > 0.09); the epsilon 512-base models keep it near zero.
+V_PROBE = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_state_dict(path: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of a checkpoint file; UserError for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(f"model.base: {path} is a pickled {suffix} file, which can run code when loaded; "
+                            "convert it to .safetensors, or set model.allow_pickle = true to load it "
+                            "with torch.load(weights_only=True)")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise UserError(f"model.base: cannot read {path} as a torch checkpoint ({e.__class__.__name__}: {e})") from e
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict):
+            raise UserError(f"model.base: {path} holds no state dict")
+        return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+    if suffix != ".safetensors":
+        raise UserError(f"model.base: {path} is not a checkpoint (expected .safetensors, or .ckpt/.pt/.bin "
+                        "with model.allow_pickle = true)")
+    _check_safetensors_header(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise UserError(f"model.base: {path} is not a readable safetensors file ({e}); "
+                        "it may be truncated: download it again") from e
+
+
+def _check_safetensors_header(path: Path) -> None:
+    # 8-byte little-endian header length, a JSON header, then data that must reach every
+    # tensor's end offset: a truncated download fails here instead of deep inside torch.
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if len(head) < 8 or n <= 0 or n > size - 8:
+            raise UserError(f"model.base: {path} is not a safetensors file (bad header); "
+                            "give a .safetensors checkpoint or a diffusers folder")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise UserError(f"model.base: {path} has a corrupt safetensors header") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"model.base: {path} is truncated ({size} bytes, expected {8 + n + end}); download it again")
+
+
+def detect_family(keys, path: Path | str = "checkpoint") -> str:
+    """'sd_v1' | 'sd_v2' | 'sdxl' from the text-encoder keys of an original-layout file."""
+    keys = list(keys)
+    if any(k.startswith(SDXL_TE2) for k in keys):
+        return "sdxl"
+    if any(k.startswith(SD2_TE) for k in keys):
+        return "sd_v2"
+    if any(k.startswith(SD1_TE) for k in keys):
+        return "sd_v1"
+    has_unet = any(k.startswith(UNET) for k in keys)
+    what = "a UNet without a text encoder" if has_unet else "no Stable Diffusion UNet or text encoder"
+    raise UserError(f"model.base: {path} holds {what} (unknown model family; sdlora reads SD1.x, SD2.x and SDXL "
+                    "checkpoints in the original layout, e.g. as A1111 saves them)")
+
+
+def sd2_prediction_type(tensors: dict) -> str:
+    probe = tensors.get(V_PROBE)
+    if probe is not None and torch.std(probe.float(), unbiased=False) > 0.09:
+        return "v_prediction"
+    return "epsilon"
+
+
+@contextmanager
+def _config_folder(family: str, metadata: dict):
+    """The diffusers config folder (`<part>/config.json`) of a checkpoint: the shipped one of its family,
+    or, for a file sdlora wrote, a temporary folder holding the configs embedded in its metadata."""
+    if CONFIG_META_KEY not in metadata:
+        yield CONFIGS / family
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for part, config in json.loads(metadata[CONFIG_META_KEY]).items():
+            (Path(tmp) / part).mkdir()
+            name = "scheduler_config.json" if part == "scheduler" else "config.json"
+            (Path(tmp) / part / name).write_text(json.dumps(config))
+        yield Path(tmp)
+
+
+def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
+                     prediction_type: str | None = None) -> dict:
+    """The components of an original-layout SD1.x / SD2.x / SDXL checkpoint (see models.load_base).
+    `prediction_type` is model.v_parameterization when set; None: SD2's is guessed from the weights
+    (and picks the sd_v2 or sd_v2_v configs), SD1.x and SDXL base predict epsilon."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdlora.digest import file_digest
+
+    tensors, metadata = read_state_dict(path, allow_pickle)
+    family = detect_family(tensors, path)
+    if prediction_type:
+        how = "model.v_parameterization"
+    elif family == "sd_v2":
+        prediction_type = sd2_prediction_type(tensors)
+        how = "guessed from the weights; set model.v_parameterization if wrong"
+    else:
+        prediction_type, how = "epsilon", "SD1.x" if family == "sd_v1" else "SDXL base"
+    family = with_prediction_type(family, prediction_type)
+
+    def where(part: str) -> str:
+        return f"model.base: the {part} in {path}"
+
+    with _config_folder(family, metadata) as configs:
+        # Each part's tensors leave `tensors` as it loads, so a cast to `dtype` never holds two whole copies.
+        unet = _load_model(UNet2DConditionModel, _take(tensors, UNET), configs, "unet", where("UNet"), dtype)
+        vae = _load_model(AutoencoderKL, _take(tensors, VAE), configs, "vae", where("VAE"), dtype)
+        parts = dict(tokenizer=_tokenizer(family))
+        if is_sdxl(family):
+            text_encoder = _load_text_encoder(CLIPTextModel, _clip_state(tensors, SDXL_TE1), configs,
+                                              "text_encoder", where("text encoder 1"), dtype)
+            text_encoder_2 = _load_text_encoder(CLIPTextModelWithProjection,
+                                                _open_clip_state(tensors, SDXL_TE2 + "model.", projection=True),
+                                                configs, "text_encoder_2", where("text encoder 2"), dtype)
+            parts.update(text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("sd_v2"))
+        else:
+            state = (_clip_state(tensors, SD1_TE) if family == "sd_v1"
+                     else _open_clip_state(tensors, SD2_OPENCLIP, projection=False))
+            text_encoder = _load_text_encoder(CLIPTextModel, state, configs, "text_encoder",
+                                              where("text encoder"), dtype)
+        scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
+    parts.update(text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler, family=family,
+                 prediction_type=prediction_type, model_hash=file_digest(path))
+    print(f"{path.name}: {family}, {prediction_type} ({how})")
+    return parts
+
+
+def _take(tensors: dict, prefix: str) -> dict:
+    """The tensors under `prefix`, removed from `tensors`."""
+    return {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+
+
+def _load_model(cls, state: dict, configs: Path, part: str, where: str, dtype: torch.dtype):
+    """A diffusers UNet2DConditionModel / AutoencoderKL from original-layout (a VAE also: diffusers-layout)
+    tensors, through diffusers' public single-file loader with the config in `configs/<part>`."""
+    from diffusers.utils import logging
+
+    state = _known_tensors(cls, state, configs, part, where)
+    # Quiet: from_single_file's ModelMixin.to(dtype) warns "modules ... should be kept in float32: []"
+    # for every model without such modules; what else it logs (an EMA copy, unused keys) cannot
+    # arise from the tensors of one part checked against its own config; a mismatch raises.
+    try:
+        with quiet(logging, warnings=False):
+            model = cls.from_single_file(state, config=str(configs), subfolder=part, local_files_only=True,
+                                         torch_dtype=dtype)
+    except (KeyError, IndexError, ValueError) as e:  # what a tensor of the wrong shape raises
+        text = next(iter(str(e).splitlines()), "").split(". ")[0]
+        raise UserError(_mismatch(where, f"{e.__class__.__name__}: {text}")) from e
+    return model.eval()
+
+
+def _known_tensors(cls, state: dict, configs: Path, part: str, where: str) -> dict:
+    """`state` checked against the names the part's config has: in the original layout (the names
+    sdlora writes, `unet_to_original` / `vae_to_original`; a VAE file also without the
+    first_stage_model. prefix) or, for a VAE, diffusers' own. A missing tensor is refused by name;
+    tensors the config has no place for (a training checkpoint's loss weights, say) are left out,
+    as the original -> diffusers conversion leaves them."""
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(configs, subfolder=part, local_files_only=True))
+    names = model.state_dict()
+    if part == "unet":
+        layouts = [set(unet_to_original(names, model.config))]
+    else:
+        original = set(vae_to_original(names, model.config))
+        layouts = [original, {k.removeprefix(VAE) for k in original}, set(names)]
+    expected = max(layouts, key=lambda layout: len(layout & state.keys()))
+    missing = sorted(expected - state.keys())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(_mismatch(where, f"missing {missing[:3]}{more}"))
+    return {k: v for k, v in state.items() if k in expected}
+
+
+def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, dtype: torch.dtype):
+    """A CLIPTextModel(WithProjection) from tensors under transformers-4 names (`text_model.*`, as files
+    name them; transformers 5 maps them onto its flat CLIPTextModel), via `from_pretrained(state_dict=...)`."""
+    from transformers import CLIPTextConfig
+    from transformers.utils import logging
+
+    config = CLIPTextConfig.from_pretrained(configs, subfolder=part, local_files_only=True)
+    with quiet(logging, warnings=False):  # its load report says what the UserError below says in one line
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
+    mismatched = sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])  # 4.x: names; 5: tuples
+    for what, keys in (("missing", sorted(info["missing_keys"])), ("unexpected", sorted(info["unexpected_keys"])),
+                       ("shape mismatch at", mismatched)):
+        if keys:
+            raise UserError(_mismatch(where, f"{what} {keys[:3]}"))
+    return model.eval()
+
+
+def _mismatch(where: str, detail: str) -> str:
+    return f"{where} does not match the expected architecture ({detail}); is it a complete SD checkpoint?"
+
+
+def _clip_state(tensors: dict, prefix: str) -> dict:
+    # OpenAI CLIP in the original layout is transformers' CLIPTextModel under a prefix; position_ids
+    # are a buffer transformers builds itself. The tensors leave `tensors`.
+    return {k[len(prefix):]: v for k, v in _take(tensors, prefix).items() if not k.endswith("position_ids")}
+
+
+# OpenCLIP (SD2's text encoder, SDXL's second) <-> transformers CLIP, both ways. OpenCLIP stacks
+# q, k, v in one in_proj (dim 0) and applies text_projection as x @ P, so P is the transposed
+# Linear weight.
+_OPEN_CLIP_NAMES = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                    "text_model.final_layer_norm.weight": "ln_final.weight",
+                    "text_model.final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def _open_clip_state(tensors: dict, prefix: str, projection: bool) -> dict:
+    """The OpenCLIP text encoder under `prefix` in transformers-4 names, taken out of `tensors` (`projection`: keep its
+    text_projection, which SDXL's pooled embedding uses and SD2's U-Net never sees)."""
+    names = {v: k for k, v in _OPEN_CLIP_NAMES.items()}
+    layer_names = {v: k for k, v in _OPEN_CLIP_LAYER.items()}
+    state = {}
+    for key, value in _take(tensors, prefix).items():  # they leave `tensors`
+        name = key[len(prefix):]
+        if name in names:
+            state[names[name]] = value
+        elif name == "text_projection":
+            if projection:
+                state["text_projection.weight"] = value.T.contiguous()
+        elif name.startswith("transformer.resblocks."):
+            index, rest = name.removeprefix("transformer.resblocks.").split(".", 1)
+            module, param = rest.rsplit(".", 1)
+            base = f"text_model.encoder.layers.{index}."
+            if module == "attn" and param.startswith("in_proj_"):
+                for proj, chunk in zip(_QKV, value.chunk(3)):
+                    state[f"{base}{proj}.{param.removeprefix('in_proj_')}"] = chunk.clone()
+            else:
+                state[base + layer_names.get(module, module) + "." + param] = value
+        # logit_scale and the like belong to CLIP's image-text training, not to the U-Net's conditioning
+    if prefix == SD2_OPENCLIP:
+        # SD2 conditions on the penultimate of OpenCLIP-H's 24 blocks: its config has 23 and the
+        # file's last block never runs (diffusers leaves it out too).
+        state = {k: v for k, v in state.items() if not k.startswith("text_model.encoder.layers.23.")}
+    return state
+
+
+def _tokenizer(family: str):
+    from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
+
+    return open_clip_tokenizer() if family.startswith("sd_v2") else clip_tokenizer()
+
+
+def load_vae(path: Path, dtype: torch.dtype, family: str = "sd_v1"):
+    """model.vae: a diffusers folder or a .safetensors VAE (original or diffusers key layout).
+    A single file takes the base family's VAE config (SDXL's latent scaling is 0.13025, not 0.18215)."""
+    from diffusers import AutoencoderKL
+
+    if path.is_dir():
+        sub = path / "vae" if (path / "vae" / "config.json").exists() else path
+        try:
+            return AutoencoderKL.from_pretrained(sub, local_files_only=True, torch_dtype=dtype).eval()
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.vae: cannot load the diffusers VAE folder {path}: {e}") from e
+    if not path.is_file():
+        raise UserError(f"model.vae: {path} does not exist; give a VAE .safetensors file or diffusers folder")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"model.vae: {path} is not a .safetensors file")
+    tensors, metadata = read_state_dict(path)
+    diffusers_layout = "encoder.conv_in.weight" in tensors and "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors
+    if not diffusers_layout and not any(k.startswith(("encoder.down.", VAE + "encoder.down.")) for k in tensors):
+        raise UserError(f"model.vae: {path} holds no VAE weights (no encoder.down.* / first_stage_model.* keys)")
+    with _config_folder(family, metadata) as configs:
+        # diffusers' loader converts the original layout and takes a diffusers-layout file as it is
+        return _load_model(AutoencoderKL, tensors, configs, "vae", f"model.vae: the VAE in {path}", dtype)
+
+
+# ---------------------------------------------------------------- writing
+#
+# diffusers -> original (ldm) names. UNet, with L = layers_per_block:
+#   down level i, layer j   -> input_blocks[i*(L+1) + j + 1]   .0 resnet, .1 attention
+#   down level i downsample -> input_blocks[(i+1)*(L+1)].0.op
+#   up level i, layer j     -> output_blocks[i*(L+1) + j]      .0 resnet, .1 attention
+#   up level i upsample     -> output_blocks[i*(L+1) + L].1 (.2 after an attention).conv
+#   mid resnet 0, attn, resnet 1 -> middle_block.0, .1, .2
+# Resnet inside: norm1 in_layers.0, conv1 in_layers.2, time_emb_proj emb_layers.1,
+# norm2 out_layers.0, conv2 out_layers.3, conv_shortcut skip_connection. Transformer blocks
+# keep their names. VAE: down_blocks.i.resnets.j -> down.i.block.j, decoder up_blocks.i ->
+# up.(n-1-i), mid attention to_q/k/v/to_out.0/group_norm -> q/k/v/proj_out/norm as 1x1 convs.
+
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def unet_module_names(config) -> dict[str, str]:
+    """diffusers module prefix -> original prefix, for a UNet2DConditionModel config."""
+    names = dict(_UNET_FIXED)
+    n, L = len(config.block_out_channels), config.layers_per_block
+    for i in range(n):
+        for j in range(L):
+            names[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{i * (L + 1) + j + 1}.0"
+            names[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{i * (L + 1) + j + 1}.1"
+        if i < n - 1:
+            names[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{(i + 1) * (L + 1)}.0.op"
+        has_attn = "CrossAttn" in config.up_block_types[i]
+        for j in range(L + 1):
+            names[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{i * (L + 1) + j}.0"
+            names[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * (L + 1) + j}.1"
+        if i < n - 1:
+            names[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{i * (L + 1) + L}.{2 if has_attn else 1}.conv"
+    names["mid_block.resnets.0"] = "middle_block.0"
+    names["mid_block.attentions.0"] = "middle_block.1"
+    names["mid_block.resnets.1"] = "middle_block.2"
+    return names
+
+
+def _rename(state: dict, modules: dict[str, str], inner: list[tuple[str, str]], what: str) -> dict:
+    # Longest module prefix first, so "down_blocks.1.resnets.0" never matches "down_blocks.1".
+    order = sorted(modules, key=len, reverse=True)
+    out = {}
+    for key, value in state.items():
+        original = _original_name(key, order, modules, inner)
+        if original is None:
+            raise ValueError(f"{what}: no original name for {key}")
+        out[original] = value
+    return out
+
+
+def _original_name(key: str, order: list[str], modules: dict[str, str], inner: list[tuple[str, str]]) -> str | None:
+    prefix = next((p for p in order if key.startswith(p + ".")), None)
+    if prefix is None:
+        return None
+    rest = key[len(prefix) + 1:]
+    if ".resnets." in prefix:
+        rest = _replace_first(rest, inner)
+    return modules[prefix] + "." + rest
+
+
+def unet_original_paths(paths, config) -> dict[str, str]:
+    """{diffusers module path: original (SGM) module path} for module paths of a UNet with `config`:
+    `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q`,
+    `up_blocks.0.resnets.2.conv1` -> `output_blocks.2.0.in_layers.2`. Kohya's SDXL LoRA keys use these names."""
+    modules = unet_module_names(config)
+    order = sorted(modules, key=len, reverse=True)
+    # A module path is a "prefix" of its own parameters: name it as its weight would be named.
+    named = {path: _original_name(path + ".weight", order, modules, _RESNET) for path in paths}
+    return {path: original.removesuffix(".weight") for path, original in named.items() if original}
+
+
+def _replace_first(rest: str, pairs: list[tuple[str, str]]) -> str:
+    for new, old in pairs:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_to_original(state: dict, config) -> dict:
+    return {UNET + k: v for k, v in _rename(state, unet_module_names(config), _RESNET, "UNet").items()}
+
+
+def vae_to_original(state: dict, config) -> dict:
+    n = len(config.block_out_channels)
+    modules = {}
+    for side in ("encoder", "decoder"):
+        modules.update({f"{side}.conv_in": f"{side}.conv_in", f"{side}.conv_out": f"{side}.conv_out",
+                        f"{side}.conv_norm_out": f"{side}.norm_out",
+                        f"{side}.mid_block.resnets.0": f"{side}.mid.block_1",
+                        f"{side}.mid_block.resnets.1": f"{side}.mid.block_2",
+                        f"{side}.mid_block.attentions.0": f"{side}.mid.attn_1"})
+    for i in range(n):
+        for j in range(config.layers_per_block):
+            modules[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"
+        modules[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+        for j in range(config.layers_per_block + 1):
+            modules[f"decoder.up_blocks.{i}.resnets.{j}"] = f"decoder.up.{n - 1 - i}.block.{j}"
+        modules[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{n - 1 - i}.upsample.conv"
+    modules.update({"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"})
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in _rename(state, modules, [("conv_shortcut", "nin_shortcut")], "VAE").items():
+        if ".mid.attn_1." in key:
+            layer, _, param = key.rpartition(".")
+            head, _, name = layer.partition(".mid.attn_1.")
+            key = f"{head}.mid.attn_1.{attention[name]}.{param}"
+            if value.ndim == 2:  # the original attention uses 1x1 convolutions
+                value = value[:, :, None, None]
+        out[VAE + key] = value
+    return out
+
+
+def text_encoder_to_original(state: dict, layout: str, prefix: str) -> dict:
+    """A CLIPTextModel(WithProjection) state dict under `prefix`, in OpenAI CLIP names (layout
+    sd_v1: SD1, SDXL's first encoder) or OpenCLIP names (SD2, SDXL's second encoder)."""
+    projection = state.get("text_projection.weight")
+    state = {nested_text_name(k): v for k, v in state.items()
+             if not k.endswith("position_ids") and k != "text_projection.weight"}
+    if layout == "sd_v1":
+        return {prefix + k: v for k, v in state.items()}
+    out = {} if projection is None else {prefix + "text_projection": projection.T.contiguous()}
+    for key, value in state.items():
+        if key in _OPEN_CLIP_NAMES:
+            out[prefix + _OPEN_CLIP_NAMES[key]] = value
+            continue
+        layer, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
+        module, param = rest.rsplit(".", 1)
+        base = f"{prefix}transformer.resblocks.{layer}."
+        if module in _QKV:
+            if module == _QKV[0]:
+                parts = [state[key.replace(_QKV[0], p)] for p in _QKV]
+                out[base + f"attn.in_proj_{param}"] = torch.cat(parts, 0)
+            continue
+        out[base + _OPEN_CLIP_LAYER[module] + "." + param] = value
+    return out
+
+
+def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
+    """One .safetensors in the original SD layout (UNet, VAE, text encoder), atomically.
+
+    The diffusers configs ride along in the metadata, so sdlora reloads non-standard sizes
+    (the tiny model) exactly; A1111 and ComfyUI ignore them.
+    """
+    from sdlora.io import atomic_save_file, refuse_to_overwrite
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: single-file checkpoints are written as .safetensors")
+    refuse_to_overwrite(path, overwrite, "pass overwrite=True")
+    tensors = {}
+    tensors.update(unet_to_original(base.unet.state_dict(), base.unet.config))
+    tensors.update(vae_to_original(base.vae.state_dict(), base.vae.config))
+    configs = {"unet": dict(base.unet.config), "vae": dict(base.vae.config),
+               "text_encoder": base.text_encoder.config.to_dict(), "scheduler": dict(base.noise_scheduler.config)}
+    te = base.text_encoder.state_dict()
+    if is_sdxl(base.family):
+        tensors.update(text_encoder_to_original(te, "sd_v1", SDXL_TE1))
+        tensors.update(text_encoder_to_original(base.text_encoder_2.state_dict(), "sd_v2", SDXL_TE2 + "model."))
+        configs["text_encoder_2"] = base.text_encoder_2.config.to_dict()
+    elif base.family == "sd_v1":
+        tensors.update(text_encoder_to_original(te, "sd_v1", SD1_TE))
+    else:
+        tensors.update(text_encoder_to_original(te, "sd_v2", SD2_OPENCLIP))
+    tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
+    meta = {CONFIG_META_KEY: json.dumps(configs, default=str), "modelspec.architecture": ARCHITECTURES[base.family],
+            "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon"}
+    atomic_save_file(tensors, path, metadata=meta)
+    return path
+
+
+def save_diffusers(base, folder, overwrite: bool = False) -> Path:
+    """A diffusers StableDiffusionPipeline folder, written to a temp folder then renamed."""
+    from sdlora.io import atomic_folder, refuse_to_overwrite
+
+    folder = Path(folder)
+    refuse_to_overwrite(folder, overwrite, "pass overwrite=True")
+    with atomic_folder(folder) as tmp:
+        base.pipeline().save_pretrained(tmp)
+    return folder

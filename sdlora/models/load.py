@@ -1,0 +1,283 @@
+"""Base models: load the embedded tiny model, a diffusers folder, a single-file checkpoint or a
+hub id into diffusers components; save them back as one original-layout file or a folder.
+
+Nothing is downloaded unless the user names a hub id. The family of a base decides the
+Kohya metadata and the training target:
+
+    sd_v1    CLIP-L text encoder (768), epsilon prediction, 512 px
+    sd_v2    OpenCLIP-H text encoder (1024), epsilon prediction, 512 px (SD2.x-base)
+    sd_v2_v  OpenCLIP-H text encoder (1024), v prediction, 768 px (SD2.x 768-v)
+    sdxl     two text encoders, epsilon prediction, 1024 px
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdlora import ASSETS
+from sdlora.digest import file_digest
+from sdlora.errors import UserError
+from sdlora.models.family import is_sdxl, with_prediction_type
+
+# Config names of float precisions (train.mixed_precision, save_precision, --save-precision).
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TINY_DIR = ASSETS / "tiny"
+
+
+def compute_device() -> str:
+    """Where every stage computes: a CUDA GPU, else Apple's GPU (MPS), else the CPU (the order
+    accelerate picks the trainer's device in)."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+@dataclass
+class BaseModel:
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any  # DDPMScheduler, the training noise schedule
+    family: str  # "sd_v1" | "sd_v2" | "sd_v2_v" | "sdxl"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    resolution: int  # native pixels (the VAE's sample_size)
+    name: str  # folder or file name without suffix (ss_sd_model_name)
+    model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
+    source: str  # what the user gave as model.base
+    text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
+    tokenizer_2: Any = None
+
+    def pipeline(self, scheduler=None):
+        """A StableDiffusionPipeline over these same components (no safety checker);
+        a StableDiffusionXLPipeline for an SDXL base."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if is_sdxl(self.family):
+            return StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=scheduler if scheduler is not None else self.noise_scheduler)
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler if scheduler is not None else self.noise_scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    @property
+    def text_encoders(self) -> list:
+        """The text encoder(s) in conditioning order: [CLIP] or, for SDXL, [CLIP-L, OpenCLIP bigG]."""
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
+
+    def info(self) -> str:
+        return (f"{self.name}: {self.family}, {self.prediction_type}, {self.resolution} px, "
+                f"sha256 {self.model_hash[:12]} ({self.source})")
+
+
+def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load model.base (and model.vae when set) as float `dtype` components."""
+    source = model_cfg.base
+    # model.v_parameterization overrides what the base says (or, for a single file, what its weights suggest)
+    forced_prediction = None if model_cfg.v_parameterization == "auto" else model_cfg.v_parameterization
+    if source == "tiny":
+        parts = _load_folder(TINY_DIR, dtype)
+        name = "tiny"
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").exists():
+                raise UserError(f"model.base: {path} is a folder without model_index.json; give a diffusers "
+                                "folder (saved by save_pretrained) or a .safetensors checkpoint")
+            parts = _load_folder(path, dtype)
+            name = path.name
+        elif path.is_file():
+            from sdlora.models.checkpoint import load_single_file
+
+            parts = load_single_file(path, dtype, model_cfg.allow_pickle, forced_prediction)
+            name = path.stem
+        else:
+            parts = load_hub(source, dtype)
+            name = source.split("/")[-1]
+    if model_cfg.vae:
+        from sdlora.models.checkpoint import load_vae
+
+        parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), dtype, parts["family"])
+    family, prediction_type = parts.pop("family"), parts.pop("prediction_type")
+    if forced_prediction:
+        prediction_type = forced_prediction
+        family = with_prediction_type(family, prediction_type)
+    scheduler = parts["noise_scheduler"]
+    if scheduler.config.prediction_type != prediction_type:
+        from diffusers import DDPMScheduler
+
+        parts["noise_scheduler"] = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
+    return BaseModel(**parts, family=family, prediction_type=prediction_type,
+                     resolution=_native_resolution(parts["vae"], parts["unet"]), name=name,
+                     source=source)
+
+
+def _native_resolution(vae, unet) -> int:
+    # The VAE's sample_size is the training resolution in the public configs (tiny: 128);
+    # the unet's sample_size (latents) times the VAE's downscale is the fallback.
+    size = vae.config.sample_size
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if size:
+        return int(size)
+    return int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def random_base(family: str = "sd_v1", device=None) -> BaseModel:
+    """A BaseModel of an SD1.x-tokenizer family (sd_v1) at random weights, full size, built from the
+    shipped configs (arch): what `save_diffusers` writes as a folder that `model.base` loads like a real
+    checkpoint."""
+    from diffusers import DDPMScheduler
+
+    from sdlora.models import arch
+    from sdlora.models.tokenizer import clip_tokenizer
+
+    scheduler = DDPMScheduler.from_config(arch.part_config(family, "scheduler"))
+    vae = arch.build_vae(family, device)
+    return BaseModel(tokenizer=clip_tokenizer(), text_encoder=arch.build_text_encoder(family, device=device), vae=vae,
+                     unet=arch.build_unet(family, device=device), noise_scheduler=scheduler, family=family,
+                     prediction_type=scheduler.config.prediction_type, resolution=vae.config.sample_size,
+                     name=f"random-{family}", model_hash="", source="random")
+
+
+def family_of(text_encoder_dim: int, cross_attention_dim: int, prediction_type: str, sdxl: bool = False) -> str:
+    """The family from the text encoder width / the UNet's cross attention width."""
+    if sdxl:
+        return "sdxl"
+    if 1024 in (text_encoder_dim, cross_attention_dim):
+        return with_prediction_type("sd_v2", prediction_type)
+    return "sd_v1"
+
+
+def base_weights_file(model_cfg) -> Path | None:
+    """The file whose sha256 is a base's `model_hash` (ss_new_sd_model_hash), found without loading
+    the base: a checkpoint file itself, a diffusers folder's U-Net weights; None for a hub id."""
+    if model_cfg.base == "tiny":
+        return _folder_unet_weights(TINY_DIR)
+    path = Path(model_cfg.base).expanduser()
+    if path.is_dir():
+        return _folder_unet_weights(path)
+    return path if path.is_file() else None
+
+
+def _folder_unet_weights(folder: Path) -> Path:
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / "unet" / name).exists():
+            return folder / "unet" / name
+    raise UserError(f"model.base: {folder}/unet has no diffusion_pytorch_model.safetensors; "
+                    "the diffusers folder is incomplete")
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
+    """A local diffusers StableDiffusionPipeline (or SDXL) folder, without network."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from sdlora.quiet import quiet
+
+    index = json.loads((folder / "model_index.json").read_text())
+    sdxl = "text_encoder_2" in index
+    subfolders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+        ("text_encoder_2", "tokenizer_2") if sdxl else ())
+    missing = [p for p in subfolders if not (folder / p).is_dir()]
+    if missing:
+        raise UserError(f"model.base: {folder} lacks the subfolder(s) {', '.join(missing)}; "
+                        "save the pipeline with save_pretrained or give a complete diffusers folder")
+    kw = dict(local_files_only=True, torch_dtype=dtype)  # diffusers' name; transformers 4.56+ says dtype
+    te_kw = dict(local_files_only=True, dtype=dtype)
+    try:
+        with quiet(diffusers_logging, transformers_logging):  # a "Loading weights" bar per model otherwise
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **te_kw)
+            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+            extra = {}
+            if sdxl:
+                extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                    folder, subfolder="text_encoder_2", **te_kw).eval(),
+                    tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise UserError(f"model.base: cannot load the diffusers folder {folder}: {e}") from e
+    prediction_type = noise_scheduler.config.prediction_type
+    family = family_of(text_encoder.config.hidden_size, unet.config.cross_attention_dim, prediction_type, sdxl)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
+                noise_scheduler=noise_scheduler, family=family, prediction_type=prediction_type,
+                model_hash=file_digest(_folder_unet_weights(folder)), **extra)
+
+
+def load_hub(source: str, dtype: torch.dtype) -> dict:
+    """A hub id the user named: the local HF cache first, then a download; fails fast offline."""
+    looks_like_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source
+    if not looks_like_id:
+        raise UserError(f"model.base: {source} does not exist; give 'tiny', a diffusers folder, a .safetensors "
+                        "checkpoint or a Hugging Face hub id (user/model)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer/*",
+                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"]
+    try:
+        folder = snapshot_download(source, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: try the network, briefly
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise UserError(f"model.base: hub id {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                            "is set; download it first (huggingface-cli download) or give a local path") from None
+        if not _hub_reachable():
+            raise UserError(f"model.base: hub id {source} is not in the local Hugging Face cache and "
+                            "huggingface.co cannot be reached; download it first or give a local path") from None
+        try:
+            folder = snapshot_download(source, allow_patterns=patterns)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"model.base: cannot download hub id {source}: {e}") from e
+    parts = _load_folder(Path(folder), dtype)
+    return parts
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Can huggingface.co be reached? Bounded by `timeout`, DNS look-up included."""
+    import socket
+    import threading
+
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
+
+
+def save_single_file(base: BaseModel, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
+    """One .safetensors in the original SD key layout (A1111 / ComfyUI); see checkpoint.py."""
+    from sdlora.models.checkpoint import save_single_file as save
+
+    return save(base, path, dtype, overwrite)
+
+
+def save_diffusers(base: BaseModel, folder, overwrite: bool = False) -> Path:
+    """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder, written atomically."""
+    from sdlora.models.checkpoint import save_diffusers as save
+
+    return save(base, folder, overwrite)

@@ -1,0 +1,1 @@
+"""Rendering: the sampler (hires and tiled passes), grids, infotext, style metrics, plots."""

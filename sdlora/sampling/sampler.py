@@ -1,0 +1,933 @@
+"""`sdlora sample`: render a trained adapter the way A1111 / ComfyUI will show it.
+
+The adapter is read from its exported Kohya `.safetensors` file, never from training state:
+
+    unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
+                       per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
+    fused / others     A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
+                       with dW_i = kohya.module_delta (any kind), W0 kept in a CPU copy so every
+                       new set of weights (and weight 0, the base exactly) starts from W0; each
+                       dW_i is formed one layer at a time, so memory stays that of the base.
+                       diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, so
+                       files with any of them always take this path, as does a LoRA file of which
+                       diffusers leaves a module out.
+    When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
+
+Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
+swept over `sample.lora_scales` (0 = the base); FILE:SCALE keeps its weight in every column.
+With `--epochs-dir` the columns are the epoch files instead. Cells are thumbnails; the full
+images sit next to the grid.
+
+Before anything is loaded, every module key of a file is matched against the base's
+Linear/Conv2d layers (`kohya.kohya_module_map`) and its shape checked: diffusers would drop
+unmatched keys silently.
+
+Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
+ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
+components (strength = hires_denoise) adds the detail. Every PNG carries A1111's generation
+parameters in its `parameters` text chunk (`parse_infotext` reads them back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdlora.adapters import kohya
+from sdlora.config import epoch_of_adapter
+from sdlora.errors import UserError
+from sdlora.io import inside, safe_file_stem
+from sdlora.sampling import tiled
+
+# config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
+# A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
+# Schedule type: Karras"; older infotexts said "DPM++ 2M Karras", which it still reads.
+SAMPLERS = {
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+                        "DPM++ 2M", "Karras"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler",
+                 dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False), "DPM++ 2M", "Uniform"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a", "Uniform"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler", "Uniform"),
+    "ddim": ("DDIMScheduler", {}, "DDIM", "Automatic"),
+}
+
+
+def make_scheduler(name: str, base_scheduler):
+    """The sampler `name` built from the base's scheduler config (same betas and prediction type)."""
+    import diffusers
+
+    if name not in SAMPLERS:
+        raise UserError(f"[sample] sampler = {name!r}: choose one of {', '.join(SAMPLERS)}")
+    cls_name, extra, _, _ = SAMPLERS[name]
+    return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+
+
+@dataclass
+class Adapter:
+    """One adapter file as the sampler uses it."""
+
+    path: Path
+    weight: float | None  # FILE:SCALE's fixed weight; None = swept by the grid's column scales
+    alias: str  # A1111's alias: ss_output_name, else the file stem
+    short_hash: str  # A1111's "Lora hashes" value
+    kind: str  # "lora" when every module is a plain LoRA (diffusers loads it), else the variants found
+    modules: dict[str, dict[str, torch.Tensor]]  # kohya key -> tensors
+    name: str = ""  # the diffusers adapter name, when loaded through diffusers
+    from_prompt: bool = False  # loaded for `<lora:name:w>` tags: its weight is set per prompt row
+
+
+def read_for_base(path, weight: float | None, pipe) -> Adapter:
+    """Read an adapter file and check that every module matches a layer of the pipeline's base."""
+    from sdlora.adapters.network import read_adapter, short_hash
+
+    path = Path(path)
+    tensors, metadata = read_adapter(path)
+    modules = kohya.group_modules(tensors)
+    try:
+        kinds = {kohya.module_variant(parts) for parts in modules.values()}
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    layers = _layers(pipe)
+    unmatched = sorted(k for k in modules if k not in layers)
+    if unmatched:
+        trained_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "unknown"
+        raise UserError(f"{path}: {len(unmatched)} of {len(modules)} adapter modules match no layer of the base "
+                        f"model (e.g. {unmatched[:2]}); it was trained for another architecture "
+                        f"(file says: {trained_for}). Sample it with the base it was trained on ([model] base)")
+    for key, parts in modules.items():
+        shape = _base_weight(layers[key]).shape
+        try:
+            _check_shape(parts, shape)
+        except UserError as e:
+            raise UserError(f"{path}: {key}: {e}") from None
+    # Keys as the base names them (SDXL: SGM's, also for files keyed by diffusers paths).
+    canonical = {id(layer): key for key, layer in _layers(pipe, aliases=False).items()}
+    modules = {canonical[id(layers[key])]: parts for key, parts in modules.items()}
+    return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
+                   short_hash=short_hash(path),
+                   kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
+                   modules=modules)
+
+
+def _check_shape(parts: dict, shape: torch.Size) -> None:
+    """module_delta's shape check without forming the delta (cheap for LoRA)."""
+    if kohya.module_variant(parts) == "lora":
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if up.shape[0] != shape[0] or down[0].numel() != shape.numel() // shape[0]:
+            raise UserError(f"adapter shape up {tuple(up.shape)} / down {tuple(down.shape)} does not fit the base "
+                            f"weight {tuple(shape)}: the adapter was trained for a different base model")
+    else:
+        kohya.module_update(parts, shape)
+        if "dora_scale" in parts:
+            kohya.dora_axis(parts["dora_scale"], shape)
+
+
+def _layers(pipe, aliases: bool = True) -> dict[str, torch.nn.Module]:
+    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s); with aliases,
+    an SDXL U-Net's layers under their diffusers-path keys too (`kohya.loadable_module_map`)."""
+    layers = {}
+    module_map = kohya.loadable_module_map if aliases else kohya.kohya_module_map
+    for part, model in kohya.model_parts(pipe).items():
+        for key, path in module_map(model, part).items():
+            layers[key] = model.get_submodule(path)
+    return layers
+
+
+def _base_weight(layer) -> torch.nn.Parameter:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # A layer with peft adapters keeps the original one as its base layer.
+    return (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
+
+
+def part_multiplier(weight: float | tuple[float, float], text_encoder: bool) -> float:
+    """An adapter's multiplier on one part: a number is both parts'; (te, unet) is A1111's
+    `<lora:name:te:unet>`, te for the text encoder(s), unet for the U-Net."""
+    if isinstance(weight, tuple):
+        return weight[0] if text_encoder else weight[1]
+    return weight
+
+
+class WeightPatcher:
+    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside.
+
+    W0 waits on the CPU (as A1111 keeps its backups) and each dW_i is formed when its layer is
+    set, from the adapter's factors, so no set of full-size deltas is ever held at once.
+    """
+
+    def __init__(self, pipe):
+        self.layers = _layers(pipe)
+        self.originals: dict[str, torch.Tensor] = {}  # kohya key -> W0 on the CPU
+        self.modules: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # id(adapter) -> kohya key -> tensors
+
+    def add(self, adapter: Adapter) -> None:
+        modules = {}
+        for key, parts in adapter.modules.items():
+            weight = _base_weight(self.layers[key])
+            self.originals.setdefault(key, weight.detach().to("cpu", copy=True))
+            modules[key] = {name: t.to(weight.device) for name, t in parts.items()}
+        self.modules[id(adapter)] = modules
+
+    def remove(self, adapter: Adapter) -> None:
+        self.modules.pop(id(adapter), None)
+
+    @torch.no_grad()
+    def apply(self, weights: dict[int, float | tuple[float, float]]) -> None:
+        """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
+        for key, original in self.originals.items():
+            weight = _base_weight(self.layers[key])
+            base = original.to(weight.device)
+            merged = base.to(torch.float32, copy=True)  # never an alias of the kept W0
+            in_text_encoder = kohya.part_of(key) in kohya.TEXT_PARTS
+            for adapter_id, modules in self.modules.items():
+                w = part_multiplier(weights.get(adapter_id, 0.0), in_text_encoder)
+                if w and key in modules:
+                    merged += w * kohya.module_delta(modules[key], weight.shape, base)
+            weight.copy_(merged.to(original.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every patched weight back to W0 (the base model as loaded)."""
+        for key, original in self.originals.items():
+            _base_weight(self.layers[key]).copy_(original)
+        self.originals.clear()
+        self.modules.clear()
+
+
+class AdapterSet:
+    """The adapters applied to one pipeline.
+
+    In a grid column of scale c, a swept file (weight None) is applied at c and a fixed one
+    (FILE:SCALE) at its own weight. `close()` gives the pipeline back as the base: peft layers
+    unloaded, patched weights restored.
+    """
+
+    def __init__(self, pipe, fuse: bool):
+        self.pipe, self.fuse = pipe, fuse
+        self.adapters: list[Adapter] = []
+        self.patcher: WeightPatcher | None = None
+        self.current: list[float] = []  # the weights applied now, one per adapter
+        self._count = 0
+
+    def add(self, path, weight: float | None = None) -> Adapter:
+        adapter = read_for_base(path, weight, self.pipe)
+        if not self.fuse and adapter.kind == "lora":
+            self._load_with_diffusers(adapter)
+        if not adapter.name:
+            if self.patcher is None:
+                self.patcher = WeightPatcher(self.pipe)
+            self.patcher.add(adapter)
+        self.adapters.append(adapter)
+        self.set_weights(self.current + [0.0])  # a new file starts switched off
+        return adapter
+
+    def _load_with_diffusers(self, adapter: Adapter) -> None:
+        """Load a LoRA file as peft layers (diffusers' load_lora_weights); if diffusers left any module
+        out, unload it again (the caller patches the weights instead)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        name = f"adapter{self._count}"
+        self._count += 1
+        # The Kohya-named tensors as read (diffusers/peft files converted), not the file again, each module
+        # at alpha 1 (diffusers would give every module the most common alpha: `kohya.with_alpha_one`).
+        tensors = {f"{key}.{part}": t for key, parts in adapter.modules.items()
+                   for part, t in kohya.with_alpha_one(parts).items()}
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        from sdlora.quiet import quiet
+
+        try:
+            with quiet(diffusers_logging, transformers_logging):  # transformers' "Loading weights" bar otherwise
+                self.pipe.load_lora_weights(tensors, adapter_name=name)
+        except ValueError:  # diffusers 0.42 cannot tell the format of text-encoder attention without out_proj
+            pass
+        layers = _layers(self.pipe, aliases=False)
+        # diffusers drops some modules silently (a text encoder's q/k/v when its file has an mlp module but no
+        # out_proj), so every module is checked for its peft layer.
+        if all(isinstance(layers[key], BaseTunerLayer) and name in getattr(layers[key], "lora_A", {})
+               for key in adapter.modules):
+            adapter.name = name
+        elif not any(a.name for a in self.adapters):
+            self.pipe.unload_lora_weights()  # also the empty peft layers a failed load leaves
+        elif any(name in names for names in self.pipe.get_list_adapters().values()):
+            self.pipe.delete_adapters(name)
+
+    def remove(self, adapter: Adapter) -> None:
+        index = next(i for i, a in enumerate(self.adapters) if a is adapter)
+        del self.adapters[index], self.current[index]
+        if adapter.name:
+            self.pipe.delete_adapters(adapter.name)
+        elif self.patcher is not None:
+            self.patcher.remove(adapter)
+
+    def _peft_weights(self, adapter: Adapter, weight):
+        """diffusers' set_adapters weight: a number, or {component: multiplier} for the components
+        that hold this adapter (get_list_adapters), so te and unet reach their own layers."""
+        if not isinstance(weight, tuple):
+            return weight
+        return {component: part_multiplier(weight, component != "unet")
+                for component, names in self.pipe.get_list_adapters().items() if adapter.name in names}
+
+    def weights_at(self, scale: float) -> list[float]:
+        """Each adapter's weight in a column of scale `scale` (in the order they were added)."""
+        return [scale if a.weight is None else a.weight for a in self.adapters]
+
+    def set_weights(self, weights: list[float | tuple[float, float]]) -> None:
+        """Each adapter's multiplier: a number, or (te, unet) for the text encoder(s) and the U-Net apart."""
+        self.current = list(weights)
+        peft = [(a, w) for a, w in zip(self.adapters, weights) if a.name]
+        if peft:
+            self.pipe.set_adapters([a.name for a, _ in peft], [self._peft_weights(a, w) for a, w in peft])
+        if self.patcher is not None:
+            self.patcher.apply({id(a): w for a, w in zip(self.adapters, weights) if not a.name})
+
+    def set_scale(self, scale: float) -> list[float]:
+        weights = self.weights_at(scale)
+        self.set_weights(weights)
+        return weights
+
+    def close(self) -> None:
+        if any(a.name for a in self.adapters):
+            self.pipe.unload_lora_weights()
+        if self.patcher is not None:
+            self.patcher.restore()
+        self.adapters.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# A1111 generation parameters ("infotext")
+
+
+def _quote(value: str) -> str:
+    # A1111 quotes a value holding a separator as a JSON string.
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",\n:") else value
+
+
+def infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
+    """A1111's layout: prompt, 'Negative prompt: ...', then 'Key: value, ...' (None values left out)."""
+    line = ", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items() if v is not None)
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}"
+
+
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Read infotext back like A1111's parse_generation_parameters: {"Prompt", "Negative prompt", key: value}."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:  # no parameter line: all of it is prompt
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        result[key.strip()] = value
+    return result
+
+
+def save_png(image, path: Path, parameters: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    from sdlora.io import atomic_path
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def first_pass_size(width: int, height: int, native: int) -> tuple[int, int]:
+    """The base's native area (native^2 pixels) at the target's aspect ratio, sides multiples of 8."""
+    aspect = width / height
+    w = max(8, round(native * math.sqrt(aspect) / 8) * 8)
+    h = max(8, round(native / math.sqrt(aspect) / 8) * 8)
+    return w, h
+
+
+def img2img_steps(denoise_steps: int, strength: float) -> int:
+    """The n to give diffusers' img2img so that it denoises exactly `denoise_steps` (int(n * strength))."""
+    n = math.ceil(denoise_steps / strength)
+    while int(n * strength) < denoise_steps:  # float rounding: ceil(29 / 0.29) * 0.29 < 29
+        n += 1
+    return n
+
+
+def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: float) -> str:
+    """The second pass a render gets: "off", "on" (one img2img pass at the target size) or "tiled".
+    auto: off up to the native area, tiled above `tiled_above` times it, one pass between."""
+    if mode not in ("auto", "on", "tiled", "off"):
+        raise UserError(f"--hires {mode!r}: choose on, tiled, off or auto")
+    if mode != "auto":
+        return mode
+    area = width * height / (native * native)
+    return "off" if area <= 1 else "tiled" if area > tiled_above else "on"
+
+
+@dataclass
+class Rendered:
+    path: Path
+    prompt: str
+    seed: int
+    scale: float  # the grid column's scale (0 = the base); epochs grid: 1
+    lora: Path | None = None  # the swept (or, all fixed: first) adapter file, None for the base
+    image: object = field(repr=False, default=None)  # the full PIL image
+
+
+@dataclass
+class SampleResult:
+    folder: Path
+    images: list[Rendered] = field(default_factory=list)
+    grids: list[Path] = field(default_factory=list)
+
+
+class Sampler:
+    """A base model with adapters, rendering prompts x seeds at a given adapter scale."""
+
+    def __init__(self, cfg, fuse: bool | None = None, base=None):
+        from sdlora.models import load as models
+
+        self.cfg = cfg
+        self.base = base if base is not None else models.load_base(cfg.model)
+        s = cfg.sample
+        self.device = models.compute_device()
+        self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
+        self.scheduler_name = s.sampler
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse)
+
+    def encode(self, prompts: list[str]):
+        """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
+        the config's clip_skip (Kohya/A1111 semantics), and SDXL's pooled embeddings."""
+        from sdlora.models.family import tokenize
+
+        return self.encode_ids(tokenize(self.base.tokenizers, prompts))
+
+    def encode_ids(self, ids: list[torch.Tensor]):
+        """`encode` from each text encoder's (B, 77) input ids."""
+        from sdlora.models.family import encode_text
+
+        with torch.no_grad():
+            return encode_text(self.base.family, self.base.text_encoders, [x.to(self.device) for x in ids],
+                               self.cfg.model.clip_skip)
+
+    def embeds(self, prompts: list[str], negative: list[str]) -> dict:
+        """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
+        encoded by A1111's rules (`prompts.encode`: emphasis, BREAK, 75-token chunks) and padded
+        to one chunk count."""
+        from sdlora.models import prompts as rules
+
+        base = self.base
+        widths = [te.config.hidden_size for te in base.text_encoders]
+        encoded = {t: rules.encode(t, base.tokenizers, self.encode_ids, widths) for t in {*prompts, *negative, ""}}
+        padded = rules.pad_to_same_length([encoded[t] for t in [*prompts, *negative]], encoded[""])
+        text, neg = padded[:len(prompts)], padded[len(prompts):]
+        kwargs = dict(prompt_embeds=torch.cat([e.hidden for e in text]),
+                      negative_prompt_embeds=torch.cat([e.hidden for e in neg]))
+        if text[0].pooled is not None:  # SDXL; the pipeline adds the size/crop time ids itself
+            kwargs.update(pooled_prompt_embeds=torch.cat([e.pooled for e in text]),
+                          negative_pooled_prompt_embeds=torch.cat([e.pooled for e in neg]))
+        return kwargs
+
+    def step_embeds(self, prompts: list[str], negative: list[str], steps: int,
+                    hires_steps: int | None = None) -> list[dict]:
+        """`embeds` for each denoising step of a pass, by A1111's prompt editing and alternation
+        (`prompts.prompt_schedule`: the first pass, or with hires_steps the hires pass); steps
+        with the same texts share one encoding. Prompts are refused for AND (`conditioned_text`)."""
+        from sdlora.models import prompts as rules
+
+        texts = [rules.conditioned_text(p) for p in prompts] + list(negative)
+        n = hires_steps or steps
+        schedules = [rules.prompt_schedule(t, steps, hires_steps) for t in texts]
+        encoded: dict[tuple, dict] = {}
+        per_step = []
+        for step in range(n):
+            at = tuple(rules.text_at(schedule, step) for schedule in schedules)
+            if at not in encoded:
+                encoded[at] = self.embeds(list(at[:len(prompts)]), list(at[len(prompts):]))
+            per_step.append(encoded[at])
+        return per_step
+
+    def render(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
+               hires: str = "off", negatives: list[str] | None = None, cfg_scale: float | None = None,
+               sampler: str | None = None) -> tuple[list, dict]:
+        """One image per (prompt, seed) pair; returns (images, A1111 parameters shared by them).
+
+        negatives, cfg_scale, sampler: per call (a prompt file's --n, --l, --ss); default the config's.
+        """
+        from PIL import Image
+
+        s = self.cfg.sample
+        s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+                                sampler=sampler or s.sampler)
+        if s.sampler != self.scheduler_name:
+            self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
+            self.scheduler_name = s.sampler
+        for side, v in (("width", width), ("height", height)):
+            if v % 8 or v < 8:
+                raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
+        mode = hires_mode(hires, width, height, self.base.resolution, s.hires_tiled_above)
+        two_pass = mode != "off"
+        w0, h0 = first_pass_size(width, height, self.base.resolution) if two_pass else (width, height)
+        # Noise on the GPU where CUDA draws it (A1111's default); on Apple's GPU from the CPU, as
+        # diffusers advises there, so a seed gives the CPU's image.
+        noise_device = "cpu" if self.device == "mps" else self.device
+        generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
+        negatives = list(negatives) if negatives else [s.negative_prompt] * len(prompts)
+        per_step = self.step_embeds(list(prompts), negatives, steps)
+        images = self.pipe(**per_step[0], width=w0, height=h0, num_inference_steps=steps, guidance_scale=s.cfg_scale,
+                           generator=generators(), **switching(per_step)).images
+        # A1111's key order (processing.create_infotext); None values are left out of the text.
+        clip_skip = self.cfg.model.clip_skip
+        params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
+                  "CFG scale": float(s.cfg_scale), "Seed": None, "Size": f"{w0}x{h0}",
+                  "Model hash": self.base.model_hash[:10], "Model": self.base.name,
+                  "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
+                  "RNG": "CPU" if noise_device == "cpu" else None}  # A1111's field when its noise is drawn on the CPU
+        if mode == "tiled":
+            images = [im.resize((width, height), Image.LANCZOS) for im in images]
+            if s.hires_denoise > 0:
+                # Prompt editing over the hires pass's own steps, as A1111 schedules it.
+                per_step = self.step_embeds(list(prompts), negatives, steps, s.hires_steps or steps)
+                images = self.refine_tiled(images, per_step, seeds, s, steps, noise_device)
+            tile, overlap = self.tile_size(s)
+            params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos", "Hires mode": "tiled",
+                           "Hires tile": f"{tile}x{tile}", "Hires tile overlap": overlap})
+        elif two_pass:
+            from diffusers import AutoPipelineForImage2Image
+
+            img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)  # SD or SDXL img2img, same components
+            img2img.set_progress_bar_config(disable=True)
+            upscaled = [im.resize((width, height), Image.LANCZOS) for im in images]
+            # As A1111 does, the hires pass denoises for hires_steps steps (or steps): diffusers runs
+            # int(n * strength) of n scheduled steps, so n is scaled up by 1 / strength.
+            hires_steps = s.hires_steps or steps
+            images = upscaled
+            if s.hires_denoise > 0:
+                # Prompt editing over the hires pass's own steps, as A1111 schedules it.
+                per_step = self.step_embeds(list(prompts), negatives, steps, hires_steps)
+                images = img2img(**per_step[0], image=upscaled, strength=s.hires_denoise,
+                                 num_inference_steps=img2img_steps(hires_steps, s.hires_denoise),
+                                 guidance_scale=s.cfg_scale, generator=generators(), **switching(per_step)).images
+            params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
+        return images, params
+
+    def tile_size(self, s) -> tuple[int, int]:
+        """(tile side, overlap) of the tiled pass in pixels: the base's native size and a quarter of
+        it unless the config says otherwise."""
+        tile = s.hires_tile or self.base.resolution
+        overlap = s.hires_tile_overlap or tile // 4
+        for key, value in (("hires_tile", tile), ("hires_tile_overlap", overlap)):
+            if value % tiled.LATENT_CELL:
+                raise UserError(f"[sample] {key} = {value} is not a multiple of {tiled.LATENT_CELL}; "
+                                f"try {value - value % tiled.LATENT_CELL or tiled.LATENT_CELL}")
+        if overlap >= tile:
+            raise UserError(f"[sample] hires_tile_overlap = {overlap} must be smaller than the tile ({tile} px)")
+        return tile, overlap
+
+    def refine_tiled(self, upscaled: list, per_step: list[dict], seeds: list[int], s, steps: int,
+                     noise_device) -> list:
+        """The tiled pass (sdlora/tiled.py) over each upscaled image, its noise drawn from its own seed.
+        per_step: `step_embeds` over the hires pass's steps (prompt editing switches them as it does in
+        the one-pass hires)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from sdlora.models.family import TextConditioning
+
+        def image_text(embeds: dict, k: int) -> TextConditioning:
+            # Row 0 the negative prompt, row 1 the prompt (tiled.Denoiser's guidance order).
+            pooled = embeds.get("pooled_prompt_embeds")
+            return TextConditioning(
+                hidden=torch.cat([embeds["negative_prompt_embeds"][k:k + 1], embeds["prompt_embeds"][k:k + 1]]),
+                pooled=None if pooled is None else
+                torch.cat([embeds["negative_pooled_prompt_embeds"][k:k + 1], pooled[k:k + 1]]))
+
+        tile, overlap = self.tile_size(s)
+        num_steps = img2img_steps(s.hires_steps or steps, s.hires_denoise)
+        out = []
+        for k, (image, seed) in enumerate(zip(upscaled, seeds)):
+            latents = tiled.encode(self.pipe, image)
+            noise = randn_tensor(latents.shape, generator=torch.Generator(noise_device).manual_seed(int(seed)),
+                                 device=torch.device(self.device), dtype=latents.dtype)
+            texts = [image_text(embeds, k) for embeds in per_step]
+            denoiser = tiled.Denoiser(self.pipe.unet, texts[0], float(s.cfg_scale), (image.height, image.width))
+
+            def at_step(i, denoiser=denoiser, texts=texts):
+                denoiser.text = texts[min(i, len(texts) - 1)]
+
+            scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
+            latents = tiled.refine(latents, noise, scheduler, denoiser, num_steps=num_steps, strength=s.hires_denoise,
+                                   tile=tile // tiled.LATENT_CELL, overlap=overlap // tiled.LATENT_CELL,
+                                   on_step=at_step)
+            out.append(tiled.decode(self.pipe, latents))
+        return out
+
+
+def switching(per_step: list[dict]) -> dict:
+    """The pipeline's step-end callback arguments that switch to each step's conditioning (none
+    when one conditioning serves every step).
+
+    At the end of step i the pipelines take the returned `prompt_embeds` (and SDXL's
+    `add_text_embeds`) for step i + 1; under classifier-free guidance both are the batch
+    [negative, positive], which is how the pipelines concatenate them themselves.
+    """
+    if all(embeds is per_step[0] for embeds in per_step):
+        return {}
+    inputs = ["prompt_embeds"] + (["add_text_embeds"] if "pooled_prompt_embeds" in per_step[0] else [])
+
+    def on_step_end(pipe, i, t, tensors):
+        if i + 1 >= len(per_step) or per_step[i + 1] is per_step[i]:
+            return {}
+        embeds, guided = per_step[i + 1], pipe.do_classifier_free_guidance
+        pairs = {"prompt_embeds": ("negative_prompt_embeds", "prompt_embeds"),
+                 "add_text_embeds": ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")}
+        return {name: (torch.cat([embeds[pairs[name][0]], embeds[pairs[name][1]]]) if guided
+                       else embeds[pairs[name][1]]).to(tensors[name]) for name in inputs}
+
+    return dict(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=inputs)
+
+
+def parameters_for(prompt: str, seed: int, adapters: list[Adapter], weights: list[float], negative: str,
+                   params: dict) -> str:
+    """The infotext of one image: the prompt as written, a `<lora:alias:w>` tag for each active
+    adapter the prompt does not already name, and each active adapter's hash once."""
+    active = [(a, w) for a, w in zip(adapters, weights) if (w != (0, 0) if isinstance(w, tuple) else w != 0)]
+    tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active if not a.from_prompt)
+    hashes = ", ".join(dict.fromkeys(f"{a.alias}: {a.short_hash}" for a, _ in active)) or None
+    return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes, "Version": "sdlora"})
+
+
+@dataclass
+class Row:
+    """One prompt row of a grid: the line as written, the text encoded, the adapters its tags name."""
+
+    line: object  # prompts.PromptLine
+    text: str  # the prompt without its <lora:...> tags
+    tags: dict[int, float | tuple[float, float]]  # id(adapter) -> multiplier (or (te, unet)), for its tags' adapters
+
+
+def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[Row]:
+    """Rows for prompt lines; each adapter a `<lora:name:w>` tag names is loaded once (switched off
+    except in the rows that name it)."""
+    from sdlora.models import prompts as rules
+
+    loaded = {a.path: a for a in sampler.adapters.adapters if a.from_prompt}  # by an earlier call
+    rows = []
+    for line in lines:
+        line = line if isinstance(line, rules.PromptLine) else rules.PromptLine(line)
+        text, tags, others = rules.extract_networks(line.prompt)
+        if others:
+            log(f"note: {', '.join(others)} left out of the prompt (sdlora loads <lora:...> tags only)")
+        row_tags = {}
+        for tag in tags:
+            path = rules.find_lora(tag.name, [Path(d) for d in lora_dirs])
+            if path not in loaded:
+                loaded[path] = sampler.adapters.add(path, 0.0)
+                loaded[path].from_prompt = True
+            row_tags[id(loaded[path])] = tag.multiplier
+        rows.append(Row(line, text, row_tags))
+    return rows
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def render_grid(sampler: Sampler, prompts: list, seeds: list[int], columns: list[tuple[str, callable]],
+                folder: Path, stem: str, *, width: int, height: int, steps: int, hires: str,
+                log=print, lora_dirs=()) -> SampleResult:
+    """Render prompts (rows) x columns for every seed; save the full images and one grid per seed.
+
+    prompts: strings or prompt-file lines (`prompts.PromptLine`, whose options override the
+    size, seed, steps, CFG scale, sampler and negative prompt of their row); `<lora:name:w>`
+    tags load that adapter (searched in lora_dirs) for their row only.
+    columns: (label, prepare) pairs; prepare() applies that column's adapters and returns
+    (column scale, adapter file recorded with its images or None).
+    """
+    import itertools
+
+    s = sampler.cfg.sample
+    result = SampleResult(folder=folder)
+    rows = prompt_rows(sampler, prompts, lora_dirs, log)
+    cells: dict[tuple[int, int, int], object] = {}  # (seed index, row, column) -> image
+    pairs = [(p, seed) for p in range(len(rows)) for seed in range(len(seeds))]
+
+    def settings(row: Row) -> tuple:
+        line = row.line
+        return (line.width or width, line.height or height, line.steps or steps, line.cfg_scale, line.sampler,
+                s.negative_prompt if line.negative_prompt is None else line.negative_prompt,
+                tuple(sorted(row.tags.items())))
+
+    for c, (label, prepare) in enumerate(columns):
+        scale, lora_file = prepare()
+        column_weights = list(sampler.adapters.current)
+        started = time.time()
+        for (w, h, n_steps, cfg_scale, sampler_name, negative, tags), group in itertools.groupby(
+                pairs, key=lambda pair: settings(rows[pair[0]])):
+            weights = [dict(tags).get(id(a), 0.0) if a.from_prompt else cw
+                       for a, cw in zip(sampler.adapters.adapters, column_weights)]
+            if weights != sampler.adapters.current:
+                sampler.adapters.set_weights(weights)
+            for batch in _batches(list(group), s.batch_size):
+                row_seeds = [rows[p].line.seed if rows[p].line.seed is not None else seeds[i] for p, i in batch]
+                images, params = sampler.render([rows[p].text for p, _ in batch], row_seeds, w, h, n_steps, hires,
+                                                [negative] * len(batch), cfg_scale, sampler_name)
+                for (p, i), seed, image in zip(batch, row_seeds, images):
+                    path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seed}.png")
+                    save_png(image, path, parameters_for(rows[p].line.prompt, seed, sampler.adapters.adapters,
+                                                         weights, negative, params))
+                    result.images.append(Rendered(path, rows[p].line.prompt, seed, scale, lora_file, image))
+                    cells[i, p, c] = image
+        log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s")
+    labels = [label for label, _ in columns]
+    for i, seed in enumerate(seeds):
+        grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(rows))],
+                         labels, [row.line.prompt for row in rows], s.thumbnail, title=f"seed {seed}")
+        path = inside(folder, folder / f"{stem}_grid_seed{seed}.png")
+        save_png(grid, path, f"sdlora grid: rows = prompts, columns = {', '.join(labels)}; seed {seed}")
+        result.grids.append(path)
+    return result
+
+
+def label_slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
+
+
+def make_grid(rows: list[list], column_labels: list[str], row_labels: list[str], thumbnail: int, title: str = ""):
+    """Thumbnails (longest side = thumbnail) in a labelled table: a header row and a label column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    thumbs = []
+    for row in rows:
+        out = []
+        for im in row:
+            im = im.copy()
+            im.thumbnail((thumbnail, thumbnail), Image.LANCZOS)
+            out.append(im)
+        thumbs.append(out)
+    cell_w = max(im.width for row in thumbs for im in row)
+    cell_h = max(im.height for row in thumbs for im in row)
+    label_w, header_h, pad = 160, 24, 4
+    width = label_w + len(column_labels) * (cell_w + pad) + pad
+    height = header_h + len(rows) * (cell_h + pad) + pad
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=font)
+    for c, label in enumerate(column_labels):
+        draw.text((label_w + c * (cell_w + pad) + pad, pad), label, fill="black", font=font)
+    for r, (label, row) in enumerate(zip(row_labels, thumbs)):
+        y = header_h + r * (cell_h + pad) + pad
+        draw.multiline_text((pad, y), _wrap(label, 24, max_lines=max(1, cell_h // 12)), fill="black", font=font)
+        for c, im in enumerate(row):
+            grid.paste(im, (label_w + c * (cell_w + pad) + pad, y))
+    return grid
+
+
+def _wrap(text: str, width: int, max_lines: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:max_lines])
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def sample_prompts(cfg) -> list:
+    """The prompts `run_sample` renders: the lines of `sample.prompt_file` (PromptLine) when set, else
+    `sample.prompts` (str), each checked as sampling will read it, so that `sdlora run` refuses an
+    unusable prompt (AND, a bad <lora:> tag, a weight that is no number) before it trains, not after."""
+    from sdlora.models import prompts as rules
+
+    s = cfg.sample
+    if s.prompt_file:
+        prompts = rules.read_prompt_file(s.prompt_file)
+        for number, line in enumerate(prompts, 1):
+            for text in (line.prompt, line.negative_prompt or ""):
+                rules.check_prompt(text, f"{s.prompt_file}: prompt {number}")
+        return prompts
+    prompts = _prompts(cfg)
+    for prompt in prompts:
+        rules.check_prompt(prompt, f"{cfg.source or 'the config'}: [sample] prompts")
+    return prompts
+
+
+def _prompts(cfg) -> list[str]:
+    if not cfg.sample.prompts:
+        where = cfg.source or "the config"
+        raise UserError(f"{where}: [sample] prompts is empty; add e.g. prompts = [\"{cfg.trigger or 'a'} landscape\"] "
+                        f"or pass --prompt")
+    return list(cfg.sample.prompts)
+
+
+def epoch_files(folder, name: str | None = None) -> list[tuple[str, Path]]:
+    """(label, path) of `NAME-0000NN.safetensors` in epoch order, then the final `NAME.safetensors`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--epochs-dir {folder}: not a folder")
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for path in folder.glob("*.safetensors"):
+        named = epoch_of_adapter(path.name)
+        if named:
+            found.setdefault(named[0], []).append((named[1], path))
+    if name is None or name not in found:
+        if len(found) != 1:
+            names = ", ".join(sorted(found)) or "none"
+            raise UserError(f"--epochs-dir {folder}: expected NAME-0000NN.safetensors files of one adapter "
+                            f"(output name {name!r}); adapters found: {names}")
+        name = next(iter(found))
+    files = [(f"epoch {e}", p) for e, p in sorted(found[name])]
+    final = folder / f"{name}.safetensors"
+    if final.is_file():
+        files.append(("final", final))
+    return files
+
+
+def _sweep_columns(sampler: Sampler, scales: list[float]) -> list[tuple[str, callable]]:
+    """Grid columns over `scales`: swept files take the column's scale, fixed ones keep theirs.
+
+    With only fixed files (every --lora FILE:SCALE) there is nothing to sweep: the columns
+    are the base and the files at their weights.
+    """
+    adapters = sampler.adapters
+    files = [a for a in adapters.adapters if not a.from_prompt]
+    swept = [a for a in files if a.weight is None]
+
+    def column(scale: float, weights: list[float], lora_file):
+        def prepare():
+            adapters.set_weights(weights)
+            return scale, lora_file
+        return prepare
+
+    if not files:  # only the prompts' <lora:...> tags: one column, as prompted
+        return [("as prompted", column(1.0, [0.0] * len(adapters.adapters), None))]
+    if not swept:
+        return [("base", column(0.0, [0.0] * len(adapters.adapters), None)),
+                ("LoRA", column(1.0, adapters.weights_at(1.0), files[0].path))]
+    fixed = len(swept) < len(files)
+    return [("base" if scale == 0 and not fixed else f"LoRA x{scale:g}",
+             column(scale, adapters.weights_at(scale), swept[0].path if scale else None)) for scale in scales]
+
+
+def _hires_note(mode: str) -> str:
+    return {"off": "", "on": ", hires", "tiled": ", tiled hires"}[mode]
+
+
+def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires: str | None = None,
+               fuse: bool | None = None, lora_dirs=()) -> SampleResult:
+    """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
+
+    loras: [(path, weight or None)], all applied together. None sweeps the file over
+    `sample.lora_scales` (the grid columns, 0 = the base); a number fixes its weight in every
+    column. Default: the trained `<output.dir>/<output_name>.safetensors`, swept.
+    epochs_dir: the columns are the `NAME-0000NN.safetensors` files there and the final
+    `NAME.safetensors` instead, each at weight 1 (`loras` is not used).
+    Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
+    Prompts: `sample.prompt_file` (kohya's syntax) when set, else `sample.prompts`; their
+    `<lora:name:w>` tags load adapters found in lora_dirs (then no default adapter is needed).
+    """
+    from sdlora.models import prompts as rules
+
+    s = cfg.sample
+    prompts = sample_prompts(cfg)
+    tagged = any(rules.extract_networks(p if isinstance(p, str) else p.prompt)[1] for p in prompts)
+    loras = [(Path(p), None if w is None else float(w)) for p, w in loras]
+    if not loras and not epochs_dir:
+        default = cfg.adapter_path()
+        if tagged and not default.is_file():
+            pass  # the prompts name their adapters
+        elif not default.is_file():
+            raise UserError(f"no trained adapter at {default} (output.dir / output_name): train it first "
+                            f"(sdlora train CONFIG) or name one with --lora FILE")
+        else:
+            loras = [(default, None)]
+    folder = Path(out_dir) if out_dir else cfg.output_dir / "samples"
+    sampler = Sampler(cfg, fuse=fuse)
+    hires = hires or s.hires
+    size = dict(width=s.width, height=s.height, steps=s.steps, hires=hires)
+    log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {s.steps} steps, {s.sampler}"
+        f"{_hires_note(hires_mode(hires, s.width, s.height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
+    try:
+        if epochs_dir:
+            def column(path):
+                def prepare():
+                    for a in [a for a in sampler.adapters.adapters if not a.from_prompt]:
+                        sampler.adapters.remove(a)
+                    sampler.adapters.add(path, 1.0)
+                    sampler.adapters.set_scale(1.0)
+                    return 1.0, path
+                return prepare
+
+            columns = [(label, column(path)) for label, path in epoch_files(epochs_dir, cfg.output_name)]
+            return render_grid(sampler, prompts, list(s.seeds), columns, folder, "epochs", log=log,
+                               lora_dirs=lora_dirs, **size)
+        for path, weight in loras:
+            sampler.adapters.add(path, weight)
+        stem = "_".join(safe_file_stem(a.alias) for a in sampler.adapters.adapters) or "prompted"  # from files
+        rows = prompt_rows(sampler, prompts, lora_dirs, log)  # loads the tags' adapters before the columns
+        return render_grid(sampler, [row.line for row in rows], list(s.seeds),
+                           _sweep_columns(sampler, list(s.lora_scales)), folder, stem, log=log, lora_dirs=lora_dirs,
+                           **size)
+    finally:
+        sampler.adapters.close()
+
+
+def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
+    """In-training preview grid: prompts x (base, LoRA x1), the first seed, preview_steps, one pass
+    at the base's native area with the target's aspect ratio. Returns the grid's path.
+
+    base: an already loaded base to sample from (without training adapters injected); its
+    weights are restored afterwards. Default: load cfg.model afresh.
+    """
+    from sdlora.models import load as models
+    from sdlora.models.prompts import (
+        extract_networks,  # previews show the trained adapter alone: tags are left out
+    )
+
+    base = base if base is not None else models.load_base(cfg.model)
+    w, h = first_pass_size(cfg.sample.width, cfg.sample.height, base.resolution)
+    sample_cfg = dataclasses.replace(cfg.sample, seeds=list(cfg.sample.seeds[:1]) or [1], lora_scales=[0.0, 1.0])
+    cfg = dataclasses.replace(cfg, sample=sample_cfg)
+    sampler = Sampler(cfg, fuse=True, base=base)  # one adapter, two scales: merging is the fast path
+    try:
+        sampler.adapters.add(adapter_path)
+        folder = Path(out_dir) / f"epoch{epoch:06d}"
+        prompts = [extract_networks(p)[0] for p in _prompts(cfg)]
+        result = render_grid(sampler, prompts, sample_cfg.seeds, _sweep_columns(sampler, [0.0, 1.0]), folder,
+                             "preview", width=w, height=h, steps=cfg.sample.preview_steps, hires="off",
+                             log=lambda m: None)
+    finally:
+        sampler.adapters.close()
+    return result.grids[0]
