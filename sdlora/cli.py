@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ import traceback
 
 from sdlora.commands import COMMAND_MODULES, add_commands
 from sdlora.errors import USER_ERRORS
-from sdlora.io import os_error_of
+from sdlora.io import os_error_message, os_error_of
 
 
 class Parser(argparse.ArgumentParser):
@@ -121,26 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         print("sdlora: internal error: this is a bug in sdlora, not in your files or settings; please report it "
               "to the sdlora maintainers with the traceback above and the command you ran", file=sys.stderr)
         return 1
-
-
-def os_error_message(e: OSError) -> str:
-    """One line for a failed read or write: the file, what the system said, what to do."""
-    where = f"{e.filename}: " if e.filename else ""
-    fixes = {
-        errno.ENOSPC: "the disk is full: free some space (or set output.dir on another disk) and run again; "
-                      "files written before stay whole",
-        errno.EDQUOT: "the disk quota is used up: free some space and run again; files written before stay whole",
-        errno.EFBIG: "the file is larger than this system allows (a file-size limit such as `ulimit -f`, or the "
-                     "file system's maximum): raise the limit or set output.dir on another disk; files written "
-                     "before stay whole",
-        errno.EACCES: "permission denied: make the folder writable for you, or choose another path",
-        errno.EPERM: "operation not permitted: check the file's owner and permissions, or choose another path",
-        errno.EROFS: "the file system is read-only: choose a writable path (e.g. set output.dir)",
-        errno.ENOENT: "no such file or folder: check the path",
-        errno.EISDIR: "this is a folder, not a file: give a file path",
-        errno.ENOTDIR: "a part of this path is a file, not a folder: check the path",
-    }
-    return where + fixes.get(e.errno, f"{e.strerror or e}: check the path and the disk")
 
 
 if __name__ == "__main__":

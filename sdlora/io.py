@@ -10,6 +10,7 @@ the leftovers of a killed process and never the file another live process is wri
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -55,6 +56,26 @@ def os_error_of(e: BaseException, path: str | Path | None = None) -> OSError | N
         return None
     number = int(m[1] or m[2])
     return OSError(number, os.strerror(number), None if path is None else str(path))
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a failed read or write: the file, what the system said, what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    fixes = {
+        errno.ENOSPC: "the disk is full: free some space (or set output.dir on another disk) and run again; "
+                      "files written before stay whole",
+        errno.EDQUOT: "the disk quota is used up: free some space and run again; files written before stay whole",
+        errno.EFBIG: "the file is larger than this system allows (a file-size limit such as `ulimit -f`, or the "
+                     "file system's maximum): raise the limit or set output.dir on another disk; files written "
+                     "before stay whole",
+        errno.EACCES: "permission denied: make the folder writable for you, or choose another path",
+        errno.EPERM: "operation not permitted: check the file's owner and permissions, or choose another path",
+        errno.EROFS: "the file system is read-only: choose a writable path (e.g. set output.dir)",
+        errno.ENOENT: "no such file or folder: check the path",
+        errno.EISDIR: "this is a folder, not a file: give a file path",
+        errno.ENOTDIR: "a part of this path is a file, not a folder: check the path",
+    }
+    return where + fixes.get(e.errno, f"{e.strerror or e}: check the path and the disk")
 
 
 @contextlib.contextmanager

@@ -104,8 +104,7 @@ def test_a_folder_save_failing_in_safetensors_names_the_folder_and_keeps_the_old
 
     from safetensors import SafetensorError
 
-    from sdlora.cli import os_error_message
-    from sdlora.io import atomic_folder
+    from sdlora.io import atomic_folder, os_error_message
 
     folder = tmp_path / "merged"
     folder.mkdir()

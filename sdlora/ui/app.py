@@ -40,7 +40,7 @@ def _problem(e: Exception) -> str:
     if isinstance(e, USER_ERRORS):
         return f"⚠️ {e}"
     if isinstance(e, OSError):
-        from sdlora.cli import os_error_message
+        from sdlora.io import os_error_message
 
         return f"⚠️ {os_error_message(e)}"
     traceback.print_exc(file=sys.stderr)
