@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import make_style
 
-from sdlora import io, run
+from sdlora import digest, io, run
 from sdlora.adapters import network
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
@@ -283,10 +283,10 @@ def test_a_different_base_copied_over_the_same_path_is_not_up_to_date(tmp_path, 
 def test_the_base_digest_is_remembered_by_size_and_mtime(tmp_path, monkeypatch):
     weights, store = tmp_path / "model.safetensors", tmp_path / "digests.json"
     weights.write_bytes(b"weights")
-    first = cache.stored_digest(weights, store)
-    cache._DIGESTS.clear()
+    first = digest.stored_digest(weights, store)
+    digest._DIGESTS.clear()
     monkeypatch.setattr(cache, "_sha256", lambda p: pytest.fail("hashed again"))
-    assert cache.stored_digest(weights, store) == first
+    assert digest.stored_digest(weights, store) == first
 
 
 # 8. one line for every expected failure --------------------------------------------------------
