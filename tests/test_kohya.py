@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlora.adapters import kohya
+from sdlora.adapters import keys, kinds
 from sdlora.errors import UserError
 
 
@@ -17,30 +17,30 @@ def mini():
 
 def test_unet_keys_follow_the_diffusers_path():
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
-    assert kohya.kohya_key("unet", path) == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-    assert kohya.kohya_key("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0") == \
+    assert keys.kohya_key("unet", path) == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert keys.kohya_key("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0") == \
         "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0"
 
 
 @pytest.mark.parametrize("path", ["encoder.layers.3.self_attn.q_proj", "text_model.encoder.layers.3.self_attn.q_proj"])
 def test_text_encoder_keys_contain_text_model_whatever_the_transformers_version(path):
-    assert kohya.kohya_key("te", path) == "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
-    assert kohya.kohya_key("te2", path) == "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"
+    assert keys.kohya_key("te", path) == "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
+    assert keys.kohya_key("te2", path) == "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"
     # SDXL's second encoder has a projection outside text_model; it must not gain the prefix.
-    assert kohya.kohya_key("te2", "text_projection") == "lora_te2_text_projection"
+    assert keys.kohya_key("te2", "text_projection") == "lora_te2_text_projection"
 
 
 def test_module_map_round_trips_key_and_path(mini):
     unet, text_encoder = mini
     for part, model in (("unet", unet), ("te", text_encoder)):
-        mapping = kohya.kohya_module_map(model, part)
+        mapping = keys.kohya_module_map(model, part)
         modules = dict(model.named_modules())
         layers = {p for p, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
         assert set(mapping.values()) == layers
         for key, path in mapping.items():
-            assert kohya.kohya_key(part, path) == key
-            assert kohya.part_of(key) == part
-    te_map = kohya.kohya_module_map(text_encoder, "te")
+            assert keys.kohya_key(part, path) == key
+            assert keys.part_of(key) == part
+    te_map = keys.kohya_module_map(text_encoder, "te")
     assert te_map["lora_te_text_model_encoder_layers_1_mlp_fc2"] in dict(text_encoder.named_modules())
     assert not [k for k in te_map if k.startswith("lora_te_encoder")]
 
@@ -51,27 +51,27 @@ def test_module_map_is_unchanged_by_peft_injection(mini):
     from peft import LoraConfig, inject_adapter_in_model
 
     unet = copy.deepcopy(mini[0])
-    before = kohya.kohya_module_map(unet, "unet")
+    before = keys.kohya_module_map(unet, "unet")
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_k", "proj_in"]), unet)
-    assert kohya.kohya_module_map(unet, "unet") == before
+    assert keys.kohya_module_map(unet, "unet") == before
 
 
 def test_part_of_distinguishes_sdxl_encoders():
-    assert kohya.part_of("lora_te1_text_model_encoder_layers_0_mlp_fc1") == "te1"
-    assert kohya.part_of("lora_te_text_model_encoder_layers_0_mlp_fc1") == "te"
-    assert kohya.part_of("lora_unet_mid_block_attentions_0_proj_in") == "unet"
+    assert keys.part_of("lora_te1_text_model_encoder_layers_0_mlp_fc1") == "te1"
+    assert keys.part_of("lora_te_text_model_encoder_layers_0_mlp_fc1") == "te"
+    assert keys.part_of("lora_unet_mid_block_attentions_0_proj_in") == "unet"
     with pytest.raises(UserError, match="lora_unet_"):
-        kohya.part_of("unet.mid_block.attentions.0.proj_in.lora_A.weight")
+        keys.part_of("unet.mid_block.attentions.0.proj_in.lora_A.weight")
 
 
 def test_group_modules_splits_at_the_first_dot():
     t = {"lora_unet_a_b.lora_down.weight": torch.zeros(2, 3), "lora_unet_a_b.lora_up.weight": torch.zeros(4, 2),
          "lora_unet_a_b.alpha": torch.tensor(1.0), "lora_te_text_model_x.hada_w1_a": torch.zeros(1)}
-    groups = kohya.group_modules(t)
+    groups = keys.group_modules(t)
     assert set(groups) == {"lora_unet_a_b", "lora_te_text_model_x"}
     assert set(groups["lora_unet_a_b"]) == {"lora_down.weight", "lora_up.weight", "alpha"}
     with pytest.raises(UserError, match="not a Kohya adapter tensor"):
-        kohya.group_modules({"__metadata_junk": torch.zeros(1)})
+        keys.group_modules({"__metadata_junk": torch.zeros(1)})
 
 
 def lora_parts(down, up, alpha=None):
@@ -85,11 +85,11 @@ def test_linear_delta_and_scale():
     torch.manual_seed(0)
     down, up = torch.randn(4, 10), torch.randn(6, 4)
     parts = lora_parts(down, up, alpha=2)
-    assert kohya.module_kind(parts) == "lora" and kohya.module_rank(parts) == 4
-    assert kohya.module_scale(parts) == 0.5
-    torch.testing.assert_close(kohya.module_delta(parts, (6, 10)), 0.5 * up @ down)
+    assert kinds.module_kind(parts) == "lora" and kinds.module_rank(parts) == 4
+    assert kinds.module_scale(parts) == 0.5
+    torch.testing.assert_close(kinds.module_delta(parts, (6, 10)), 0.5 * up @ down)
     # No alpha: loads as alpha = rank, scale 1.
-    torch.testing.assert_close(kohya.module_delta(lora_parts(down, up), (6, 10)), up @ down)
+    torch.testing.assert_close(kinds.module_delta(lora_parts(down, up), (6, 10)), up @ down)
 
 
 def test_conv_deltas_act_like_the_two_convolutions():
@@ -97,13 +97,13 @@ def test_conv_deltas_act_like_the_two_convolutions():
     x = torch.randn(1, 5, 7, 7)
     for k in (1, 3):
         down, up = torch.randn(3, 5, k, k), torch.randn(8, 3, 1, 1)
-        delta = kohya.module_delta(lora_parts(down, up, alpha=6), (8, 5, k, k))
+        delta = kinds.module_delta(lora_parts(down, up, alpha=6), (8, 5, k, k))
         assert delta.shape == (8, 5, k, k)
         # Kohya applies down (the base conv's kernel/padding) then a 1x1 up, times alpha / rank.
         expected = 2.0 * F.conv2d(F.conv2d(x, down, padding=k // 2), up)
         torch.testing.assert_close(F.conv2d(x, delta, padding=k // 2), expected, rtol=1e-4, atol=1e-4)
     explicit = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
-    torch.testing.assert_close(kohya.module_delta(lora_parts(down, up), (8, 5, 3, 3)), explicit)
+    torch.testing.assert_close(kinds.module_delta(lora_parts(down, up), (8, 5, 3, 3)), explicit)
 
 
 def test_loha_delta_is_the_scaled_hadamard_product():
@@ -111,8 +111,8 @@ def test_loha_delta_is_the_scaled_hadamard_product():
     r, out, fan_in = 4, 6, 5 * 3 * 3
     w1a, w1b, w2a, w2b = torch.randn(out, r), torch.randn(r, fan_in), torch.randn(out, r), torch.randn(r, fan_in)
     parts = {"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "alpha": torch.tensor(2.0)}
-    assert kohya.module_kind(parts) == "loha" and kohya.module_rank(parts) == r
-    delta = kohya.module_delta(parts, (out, 5, 3, 3))
+    assert kinds.module_kind(parts) == "loha" and kinds.module_rank(parts) == r
+    delta = kinds.module_delta(parts, (out, 5, 3, 3))
     expected = ((w1a @ w1b) * (w2a @ w2b) * (2.0 / r)).reshape(out, 5, 3, 3)
     torch.testing.assert_close(delta, expected)
     # Element by element, to pin the orientation: delta[o, i] = sum_r w1a[o,r] w1b[r,i] * sum_r w2a w2b.
@@ -127,7 +127,7 @@ def test_loha_tucker_delta():
     t1, t2 = torch.randn(r, r, 3, 3), torch.randn(r, r, 3, 3)
     w1a, w1b, w2a, w2b = torch.randn(r, out), torch.randn(r, cin), torch.randn(r, out), torch.randn(r, cin)
     parts = {"hada_t1": t1, "hada_t2": t2, "hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b}
-    delta = kohya.module_delta(parts, (out, cin, 3, 3))
+    delta = kinds.module_delta(parts, (out, cin, 3, 3))
     # Tucker: W1[p, q, k, l] = sum_ij w1a[i, p] t1[i, j, k, l] w1b[j, q]
     w1 = torch.zeros(out, cin, 3, 3)
     w2 = torch.zeros(out, cin, 3, 3)
@@ -141,9 +141,9 @@ def test_loha_tucker_delta():
 def test_a_module_for_another_base_is_refused():
     parts = lora_parts(torch.zeros(2, 10), torch.zeros(6, 2))
     with pytest.raises(UserError, match="different base model"):
-        kohya.module_delta(parts, (6, 12))
+        kinds.module_delta(parts, (6, 12))
     with pytest.raises(UserError, match="different base model"):
-        kohya.module_delta(parts, (10, 6))
+        kinds.module_delta(parts, (10, 6))
 
 
 def test_unknown_module_kinds_are_named():
@@ -152,6 +152,6 @@ def test_unknown_module_kinds_are_named():
                         ({"oft_blocks": torch.zeros(1)}, "OFT"), ({"diff": torch.zeros(1)}, "full"),
                         ({"lora_A.weight": torch.zeros(1)}, "diffusers")):
         with pytest.raises(UserError, match=name):
-            kohya.module_kind(parts)
+            kinds.module_kind(parts)
     with pytest.raises(UserError, match="lora_down.weight"):
-        kohya.module_kind({"something.weight": torch.zeros(1)})
+        kinds.module_kind({"something.weight": torch.zeros(1)})
