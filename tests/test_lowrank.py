@@ -197,6 +197,20 @@ def test_merge_refuses_unmatched_keys_naming_file_and_keys(tmp_path, mini_base_d
     assert "must end with .safetensors" in capsys.readouterr().err
 
 
+def test_merge_checks_every_shape_before_changing_a_weight(tmp_path, mini_base_dir):
+    adapter, _ = write_adapter(tmp_path / "a.safetensors", dim=2, alpha=1)
+    tensors, metadata = read_adapter(adapter)
+    key = sorted(k for k in tensors if k.startswith("lora_unet_"))[-1].split(".")[0]  # the last module applied
+    up = tensors[f"{key}.lora_up.weight"]
+    tensors[f"{key}.lora_up.weight"] = torch.cat([up, up[:1]])  # one output row too many
+    save_adapter(tmp_path / "wide.safetensors", tensors, {k: v for k, v in metadata.items() if k != "sshs_model_hash"})
+    base = tools._load(str(mini_base_dir), "base")
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    with pytest.raises(UserError, match=f"wide.safetensors: {key}: .*does not fit"):
+        tools.merge_adapters(base, [(adapter, 1.0), (tmp_path / "wide.safetensors", 1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in base.unet.state_dict().items())
+
+
 # inspect -----------------------------------------------------------------------------------------
 
 

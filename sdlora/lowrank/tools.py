@@ -34,9 +34,24 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters import apply, keys, kinds
-from sdlora.adapters.file import read_adapter, save_adapter
+from sdlora.adapters.file import non_finite_modules, read_adapter, save_adapter
+from sdlora.adapters.network import (
+    network_fields,
+    network_metadata,
+    one_or_dynamic,
+    text_encoder_target_paths,
+    unet_target_paths,
+)
+from sdlora.config import ModelConfig
 from sdlora.errors import UserError
 from sdlora.io import refuse_to_overwrite
+from sdlora.models.arch import build_text_encoder, build_unet
+from sdlora.models.load import (
+    load_base,
+    save_diffusers,
+    save_single_file,
+    stored_dtypes,
+)
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -248,8 +263,6 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
 
 def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], rank, energy, max_rank,
                       src: Path) -> dict[str, str]:
-    from sdlora.adapters import network as lora
-
     source_hash = metadata.get("sshs_model_hash")
     metadata = {k: v for k, v in metadata.items() if k != "sshs_model_hash"}  # save_adapter writes the new one
     ranks = sorted({r.new_rank for r in records})
@@ -261,7 +274,7 @@ def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], ran
     elif old_alpha is not None and old_dim:
         alpha = f"{old_alpha / old_dim * ranks[0]:g}"
     dora = any(r.dora for r in records)
-    fields = lora.network_fields(lora.one_or_dynamic(ranks), alpha, dora=dora)
+    fields = network_fields(one_or_dynamic(ranks), alpha, dora=dora)
     metadata["ss_network_dim"] = fields["ss_network_dim"]
     if alpha is not None:
         metadata["ss_network_alpha"] = alpha
@@ -314,9 +327,6 @@ class ExtractReport:
 
 
 def _load(source, what: str, dtype: torch.dtype = torch.float32):
-    from sdlora.config import ModelConfig
-    from sdlora.models.load import load_base
-
     if not (Path(source).expanduser().exists() or source == "tiny"):
         raise UserError(f"{what} {source}: no such file or folder (give a diffusers folder or a .safetensors checkpoint)")
     return load_base(ModelConfig(base=str(source)), dtype=dtype)
@@ -324,8 +334,6 @@ def _load(source, what: str, dtype: torch.dtype = torch.float32):
 
 def _extract_targets(base, conv_rank: int) -> dict[str, tuple[str, str]]:
     """{kohya key: (part, module path)} of Kohya's default `transformer` targets (plus ResNet convs)."""
-    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
-
     targets = {}
     for part, model in keys.model_parts(base).items():
         paths = (unet_target_paths(model, "transformer", convs=conv_rank > 0) if part == "unet"
@@ -386,8 +394,6 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
             max_rank: int | None = None, conv_rank: int = 0, clamp: float | None = 0.99,
             te_tolerance: float = 1e-4, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExtractReport:
     """Write a Kohya LoRA for the difference tuned - base of two checkpoints of one architecture."""
-    from sdlora.adapters import network as lora
-
     out = Path(out)
     refuse_to_overwrite(out, overwrite)
     if energy is not None and not 0.0 < energy <= 1.0:
@@ -400,10 +406,10 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     base, tuned = _load(base_source, "--base"), _load(tuned_source, "--tuned")
     tensors, records, te_skipped = extract_tensors(base, tuned, rank, energy, max_rank, conv_rank, clamp,
                                                    te_tolerance, dtype)
-    dim = lora.one_or_dynamic(r.new_rank for r in records)
+    dim = one_or_dynamic(r.new_rank for r in records)
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
-    network = lora.network_fields(dim, dim, args=args)  # alpha = rank: scale 1
-    metadata = lora.network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
+    network = network_fields(dim, dim, args=args)  # alpha = rank: scale 1
+    metadata = network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
     metadata["sdlora_extract"] = json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
                                              "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
                                              "clamp_quantile": clamp, "text_encoder_skipped": te_skipped})
@@ -436,9 +442,6 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
     for path, _ in adapters:
         if not Path(path).is_file():
             raise UserError(f"merge: adapter {path} does not exist (give ADAPTER[:SCALE], e.g. style.safetensors:0.8)")
-    from sdlora.config import ModelConfig
-    from sdlora.models.load import stored_dtypes
-
     exact = dtype is not None and stored_dtypes(ModelConfig(base=str(base_source))) == {dtype}
     base = _load(base_source, "BASE", dtype if exact else torch.float32)
     merged = merge_adapters(base, [(Path(p), float(m)) for p, m in adapters])
@@ -451,8 +454,6 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
-    from sdlora.models import load
-
     out = Path(out)
     refuse_to_overwrite(out, overwrite)
     if not adapters:
@@ -462,9 +463,9 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
                         f"(a diffusers folder)")
     base, merged = load_merged(base_source, adapters, dtype)
     if out.suffix.lower() == ".safetensors":
-        load.save_single_file(base, out, dtype, overwrite=overwrite)
+        save_single_file(base, out, dtype, overwrite=overwrite)
     else:
-        load.save_diffusers(base, out, overwrite=overwrite)
+        save_diffusers(base, out, overwrite=overwrite)
     return merged
 
 
@@ -479,8 +480,6 @@ def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
     diffusers' own header keys are dropped, and a file without Kohya metadata gets the
     network fields A1111 reads (module, dim, alpha, output name). Returns the metadata written.
     """
-    from sdlora.adapters import network as lora
-
     src, dst = Path(src), Path(dst)
     refuse_to_overwrite(dst, overwrite)
     tensors, metadata = read_adapter(src)
@@ -493,7 +492,7 @@ def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
         algo = (algos[0] if len(algos) == 1 else "locon") if lycoris else None
         ranks = [kinds.module_rank(parts) or 0 for parts in groups.values()]
         alphas = [round(kinds.module_scale(parts) * (kinds.module_rank(parts) or 1), 6) for parts in groups.values()]
-        metadata |= lora.network_fields(lora.one_or_dynamic(ranks), lora.one_or_dynamic(alphas, "{:g}".format), algo,
+        metadata |= network_fields(one_or_dynamic(ranks), one_or_dynamic(alphas, "{:g}".format), algo,
                                         dora=any(kinds.has_dora(parts) for parts in groups.values()))
     metadata.setdefault("ss_output_name", dst.stem)
     save_adapter(dst, tensors, metadata, overwrite=overwrite)
@@ -531,8 +530,6 @@ def inspect_tensors(tensors: dict[str, torch.Tensor]) -> list[ModuleSpectrum]:
 
 def inspect(path, plot: Path | None = None) -> dict:
     """A JSON-ready summary of an adapter file (and optionally a PNG of its spectra)."""
-    from sdlora.adapters.file import non_finite_modules
-
     tensors, metadata = read_adapter(path, allow_non_finite=True)
     broken = non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
     spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken})
@@ -615,9 +612,6 @@ def format_inspect(summary: dict) -> str:
 
 def sd15_module_shapes() -> dict[str, tuple[int, ...]]:
     """{kohya key: weight shape} of Kohya's default targets on SD1.5 (192 U-Net + 72 text encoder)."""
-    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
-    from sdlora.models.arch import build_text_encoder, build_unet
-
     unet = build_unet("sd_v1", device="meta")  # shapes only, no weights
     text_encoder = build_text_encoder("sd_v1", device="meta")
     shapes = {keys.kohya_key("unet", p): tuple(unet.get_submodule(p).weight.shape)
