@@ -1,13 +1,14 @@
 """LoRA / LoCon / LoHa / LoKr (and DoRA) adapters: choose target modules, inject them with peft, export and
-import them in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
-and write the safetensors file with Kohya (`ss_*`) and model-spec metadata.
+import their tensors in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
+and state the Kohya (`ss_*`) and model-spec metadata; `file.save_adapter` writes the file.
 
     g(x) = W x + (alpha / dim) * up(down(x))      up starts at zero: injection is the identity
 
 peft holds the adapters during training (lora_A = Kohya's lora_down, lora_B = lora_up;
 LoHa's hada_* and LoKr's lokr_* parameters have LyCORIS's names and shapes); `keys` names
-them and each kind's unit (`kinds`) finds its tensors in the peft layer. DoRA (peft `use_dora`) exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)]
-(the per-output-row layout diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
+them and each kind's unit (`kinds`) finds its tensors in the peft layer. DoRA (peft `use_dora`)
+exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)] (the per-output-row layout
+diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
 """
 
 from __future__ import annotations
