@@ -20,7 +20,7 @@ def adapter_up_to_date(cfg: Config, path: Path) -> bool:
     The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
     that of the file now at model.base, so another model copied over the same path retrains.
     """
-    from sdlora.adapters.network import read_adapter
+    from sdlora.adapters.file import read_adapter
     from sdlora.digest import stored_digest
     from sdlora.models.load import base_weights_file
     from sdlora.training.trainer import collect_examples, config_hash

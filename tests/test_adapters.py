@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sdlora.adapters import kohya
+from sdlora.adapters import apply, keys, kinds
 from sdlora.adapters import network as lora
+from sdlora.adapters.file import read_adapter
 from sdlora.errors import UserError
 from sdlora.lowrank import tools
 
@@ -66,14 +67,14 @@ def test_dora_delta_is_the_weight_decomposed_update(axis, conv):
     parts = {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(1.0), "dora_scale": m}
     dW = np_(up.reshape(6, 2) @ down.reshape(2, -1)).reshape(shape) * 0.5
     expected = ref_dora(np_(W0), dW, np_(m), axis)
-    delta = kohya.module_delta(parts, shape, W0)
+    delta = kinds.module_delta(parts, shape, W0)
     np.testing.assert_allclose(delta.double().numpy(), expected, rtol=1e-4, atol=1e-5)
-    assert kohya.module_variant(parts) == "lora+dora"
+    assert kinds.module_variant(parts) == "lora+dora"
     # The adapted weight has exactly the stored magnitude along the axis.
     adapted = (W0 + delta).movedim(axis, 0)
     torch.testing.assert_close(adapted.reshape(shape[axis], -1).norm(dim=1), m.flatten(), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="base weight"):
-        kohya.module_delta(parts, shape)
+        kinds.module_delta(parts, shape)
 
 
 def test_dora_on_loha_and_a_wrong_magnitude_shape():
@@ -82,11 +83,11 @@ def test_dora_on_loha_and_a_wrong_magnitude_shape():
              "hada_w2_b": torch.randn(2, 5), "dora_scale": torch.rand(6, 1) + 0.5}
     W0 = torch.randn(6, 5)
     dW = np_(parts["hada_w1_a"] @ parts["hada_w1_b"]) * np_(parts["hada_w2_a"] @ parts["hada_w2_b"])
-    np.testing.assert_allclose(np_(kohya.module_delta(parts, (6, 5), W0)),
+    np.testing.assert_allclose(np_(kinds.module_delta(parts, (6, 5), W0)),
                                ref_dora(np_(W0), dW, np_(parts["dora_scale"]), 0), rtol=1e-4, atol=1e-5)
     parts["dora_scale"] = torch.ones(7, 1)
     with pytest.raises(UserError, match="different base model"):
-        kohya.module_delta(parts, (6, 5), W0)
+        kinds.module_delta(parts, (6, 5), W0)
 
 
 # Tucker LoCon ---------------------------------------------------------------------------------
@@ -96,12 +97,12 @@ def test_tucker_locon_acts_like_its_three_convolutions():
     torch.manual_seed(0)
     down, mid, up = torch.randn(3, 5, 1, 1), torch.randn(3, 3, 3, 3), torch.randn(8, 3, 1, 1)
     parts = {"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up, "alpha": torch.tensor(1.5)}
-    delta = kohya.module_delta(parts, (8, 5, 3, 3))
+    delta = kinds.module_delta(parts, (8, 5, 3, 3))
     x = torch.randn(1, 5, 7, 7)
     # LyCORIS's forward: up(mid(down(x))) * alpha / rank, mid carrying the base conv's kernel and padding.
     expected = 0.5 * F.conv2d(F.conv2d(F.conv2d(x, down), mid, padding=1), up)
     torch.testing.assert_close(F.conv2d(x, delta, padding=1), expected, rtol=1e-4, atol=1e-4)
-    assert kohya.module_variant(parts) == "lora+tucker"
+    assert kinds.module_variant(parts) == "lora+tucker"
 
 
 # LoKr -----------------------------------------------------------------------------------------
@@ -111,19 +112,19 @@ def test_lokr_linear_with_and_without_low_rank_factors():
     torch.manual_seed(0)
     w1, w2a, w2b = torch.randn(2, 3), torch.randn(4, 2), torch.randn(2, 5)
     parts = {"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b, "alpha": torch.tensor(1.0)}
-    assert kohya.module_kind(parts) == "lokr" and kohya.module_rank(parts) == 2
-    np.testing.assert_allclose(np_(kohya.module_delta(parts, (8, 15))), ref_lokr(np_(w1), np_(w2a @ w2b)) * 0.5,
+    assert kinds.module_kind(parts) == "lokr" and kinds.module_rank(parts) == 2
+    np.testing.assert_allclose(np_(kinds.module_delta(parts, (8, 15))), ref_lokr(np_(w1), np_(w2a @ w2b)) * 0.5,
                                rtol=1e-5, atol=1e-6)
     # Both factors full: no rank, scale 1 whatever alpha says (LyCORIS writes alpha = dim; the UIs use 1).
     full = {"lokr_w1": w1, "lokr_w2": torch.randn(4, 5), "alpha": torch.tensor(4.0)}
-    assert kohya.module_rank(full) is None and kohya.module_scale(full) == 1.0
-    np.testing.assert_allclose(np_(kohya.module_delta(full, (8, 15))), ref_lokr(np_(w1), np_(full["lokr_w2"])),
+    assert kinds.module_rank(full) is None and kinds.module_scale(full) == 1.0
+    np.testing.assert_allclose(np_(kinds.module_delta(full, (8, 15))), ref_lokr(np_(w1), np_(full["lokr_w2"])),
                                rtol=1e-5, atol=1e-6)
     # w1 low-rank too (decompose_both): the rank is w1_b's.
     both = {"lokr_w1_a": torch.randn(2, 3), "lokr_w1_b": torch.randn(3, 3), "lokr_w2_a": w2a, "lokr_w2_b": w2b,
             "alpha": torch.tensor(6.0)}
-    assert kohya.module_scale(both) == 2.0
-    np.testing.assert_allclose(np_(kohya.module_delta(both, (8, 15))),
+    assert kinds.module_scale(both) == 2.0
+    np.testing.assert_allclose(np_(kinds.module_delta(both, (8, 15))),
                                ref_lokr(np_(both["lokr_w1_a"] @ both["lokr_w1_b"]), np_(w2a @ w2b)) * 2,
                                rtol=1e-5, atol=1e-5)
 
@@ -133,14 +134,14 @@ def test_lokr_convs_plain_and_tucker():
     w1 = torch.randn(2, 2)
     w2a, w2b = torch.randn(3, 2), torch.randn(2, 4 * 9)  # w2_b [r, d * k * k]
     plain = {"lokr_w1": w1, "lokr_w2_a": w2a, "lokr_w2_b": w2b}
-    np.testing.assert_allclose(np_(kohya.module_delta(plain, (6, 8, 3, 3))),
+    np.testing.assert_allclose(np_(kinds.module_delta(plain, (6, 8, 3, 3))),
                                ref_lokr(np_(w1), np_(w2a @ w2b).reshape(3, 4, 3, 3)), rtol=1e-5, atol=1e-5)
     t2, ta, tb = torch.randn(2, 2, 3, 3), torch.randn(2, 3), torch.randn(2, 4)  # Tucker: w2_a [r, b], w2_b [r, d]
     tucker = {"lokr_w1": w1, "lokr_t2": t2, "lokr_w2_a": ta, "lokr_w2_b": tb}
     w2 = np.einsum("ijkl,ip,jq->pqkl", np_(t2), np_(ta), np_(tb))
-    np.testing.assert_allclose(np_(kohya.module_delta(tucker, (6, 8, 3, 3))), ref_lokr(np_(w1), w2),
+    np.testing.assert_allclose(np_(kinds.module_delta(tucker, (6, 8, 3, 3))), ref_lokr(np_(w1), w2),
                                rtol=1e-5, atol=1e-5)
-    assert kohya.module_variant(tucker) == "lokr+tucker"
+    assert kinds.module_variant(tucker) == "lokr+tucker"
 
 
 # Spectra from the factors ----------------------------------------------------------------------
@@ -165,7 +166,7 @@ def _kinds():
 @pytest.mark.parametrize("name", list(_kinds()))
 def test_spectrum_from_the_factors_is_the_dense_svd(name):
     parts, shape = _kinds()[name]
-    dense = kohya.module_update(parts, shape).reshape(shape[0], -1).double()
+    dense = kinds.module_update(parts, shape).reshape(shape[0], -1).double()
     S_dense = torch.linalg.svdvals(dense)
     S, top = tools.module_spectrum(parts)
     n = min(S.numel(), S_dense.numel())
@@ -210,16 +211,16 @@ def test_a_diffusers_saved_lora_reads_as_the_same_kohya_modules(tmp_path):
         text_encoder_lora_layers=get_peft_model_state_dict(text_encoder),
         unet_lora_adapter_metadata={"r": 4, "lora_alpha": 2}, text_encoder_lora_adapter_metadata={"r": 4, "lora_alpha": 2})
     notes = []
-    tensors, _ = lora.read_adapter(tmp_path / "pytorch_lora_weights.safetensors", log=notes.append)
+    tensors, _ = read_adapter(tmp_path / "pytorch_lora_weights.safetensors", log=notes.append)
     assert any("converted from diffusers" in n for n in notes)
-    groups = kohya.group_modules(tensors)
+    groups = keys.group_modules(tensors)
     for part, model in (("unet", unet), ("te", text_encoder)):
         adapted = {p: m for p, m in model.named_modules() if hasattr(m, "lora_A")}
         assert adapted
         for path, layer in adapted.items():
-            parts = groups[kohya.kohya_key(part, path)]
+            parts = groups[keys.kohya_key(part, path)]
             expected = layer.get_delta_weight("default")  # peft's own delta: scale lora_alpha / r = 0.5
-            torch.testing.assert_close(kohya.module_delta(parts, expected.shape), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(kinds.module_delta(parts, expected.shape), expected, rtol=1e-5, atol=1e-6)
     assert len(groups) == sum(1 for m in unet.modules() if hasattr(m, "lora_A")) + \
         sum(1 for m in text_encoder.modules() if hasattr(m, "lora_A"))
 
@@ -239,9 +240,9 @@ def test_older_diffusers_key_styles(tmp_path, style):
     }[style]
     path = tmp_path / "a.safetensors"
     save_file({names[0]: down, names[1]: up}, str(path))
-    tensors, _ = lora.read_adapter(path, log=lambda m: None)
-    key = (kohya.kohya_key("te", te_path) if style == "lora_linear_layer"
-           else kohya.kohya_key("unet", f"{unet_path}.to_out.0"))
+    tensors, _ = read_adapter(path, log=lambda m: None)
+    key = (keys.kohya_key("te", te_path) if style == "lora_linear_layer"
+           else keys.kohya_key("unet", f"{unet_path}.to_out.0"))
     assert set(tensors) == {f"{key}.lora_down.weight", f"{key}.lora_up.weight"}
     assert torch.equal(tensors[f"{key}.lora_down.weight"], down)
 
@@ -334,7 +335,7 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
     for key, alpha in alphas.items():
         if key.endswith("to_k"):
             assert alpha == pytest.approx(8)  # alpha_pattern
-        elif key == kohya.kohya_key("unet", "down_blocks.0.resnets.0.conv2"):
+        elif key == keys.kohya_key("unet", "down_blocks.0.resnets.0.conv2"):
             assert alpha == pytest.approx(6)  # a pattern naming one module's full path
         elif key.startswith("lora_unet"):
             assert alpha == pytest.approx(2)  # lora_alpha (conv2's rank 3 from rank_pattern)
@@ -350,7 +351,7 @@ def test_sampling_through_diffusers_keeps_each_modules_alpha(tmp_path):
 
     attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     ranks_alphas = {"to_q": (4, 2.0), "to_k": (2, 8.0), "to_v": (4, 2.0), "to_out.0": (4, 2.0)}
-    modules = {kohya.kohya_key("unet", f"{attn}.{name}"): {"lora_down.weight": rand(r, 32, seed=r),
+    modules = {keys.kohya_key("unet", f"{attn}.{name}"): {"lora_down.weight": rand(r, 32, seed=r),
                                                             "lora_up.weight": rand(32, r, seed=r + 1),
                                                             "alpha": torch.tensor(alpha)}
                for name, (r, alpha) in ranks_alphas.items()}
@@ -362,7 +363,7 @@ def test_sampling_through_diffusers_keeps_each_modules_alpha(tmp_path):
     assert adapter.name  # loaded by diffusers, not patched
     x = rand(3, 32, seed=9)
     for name, (r, alpha) in ranks_alphas.items():
-        parts = modules[kohya.kohya_key("unet", f"{attn}.{name}")]
+        parts = modules[keys.kohya_key("unet", f"{attn}.{name}")]
         expected = F.linear(x, alpha / r * parts["lora_up.weight"] @ parts["lora_down.weight"])
         with torch.no_grad():
             got = pipe.unet.get_submodule(f"{attn}.{name}")(x) - base.unet.get_submodule(f"{attn}.{name}")(x)
@@ -373,12 +374,12 @@ def test_a_model_saved_adapter_reads_its_unprefixed_config(tmp_path):
     """`UNet2DConditionModel.save_lora_adapter` writes unprefixed keys and config: its alphas apply too."""
     pipe = _peft_pipeline_with_patterns()
     pipe.unet.save_lora_adapter(tmp_path)
-    tensors, _ = lora.read_adapter(tmp_path / "pytorch_lora_weights.safetensors", log=lambda m: None)
-    groups = kohya.group_modules(tensors)
+    tensors, _ = read_adapter(tmp_path / "pytorch_lora_weights.safetensors", log=lambda m: None)
+    groups = keys.group_modules(tensors)
     for path, layer in pipe.unet.named_modules():
         if hasattr(layer, "lora_A"):
             expected = layer.get_delta_weight("default")  # peft's own change, its per-module scale
-            torch.testing.assert_close(kohya.module_delta(groups[kohya.kohya_key("unet", path)], expected.shape),
+            torch.testing.assert_close(kinds.module_delta(groups[keys.kohya_key("unet", path)], expected.shape),
                                        expected, rtol=1e-5, atol=1e-6)
 
 
@@ -387,10 +388,10 @@ def test_peft_dora_magnitude_becomes_dora_scale(tmp_path):
     p = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
     save_file({f"{p}.lora_A.weight": torch.randn(2, 8), f"{p}.lora_B.weight": torch.randn(6, 2),
                f"{p}.lora_magnitude_vector": torch.rand(6)}, str(path))
-    tensors, _ = lora.read_adapter(path, log=lambda m: None)
-    key = kohya.kohya_key("unet", p.removeprefix("unet."))
+    tensors, _ = read_adapter(path, log=lambda m: None)
+    key = keys.kohya_key("unet", p.removeprefix("unet."))
     assert tensors[f"{key}.dora_scale"].shape == (6, 1)
-    assert kohya.dora_axis(tensors[f"{key}.dora_scale"], (6, 8)) == 0
+    assert kinds.dora.dora_axis(tensors[f"{key}.dora_scale"], (6, 8)) == 0
 
 
 def test_bundled_embeddings_are_left_out_with_a_note(tmp_path):
@@ -399,7 +400,7 @@ def test_bundled_embeddings_are_left_out_with_a_note(tmp_path):
     save_file({f"{key}.lora_down.weight": torch.randn(2, 8), f"{key}.lora_up.weight": torch.randn(8, 2),
                "bundle_emb.mychar.string_to_param.*": torch.randn(2, 768)}, str(path))
     notes = []
-    tensors, _ = lora.read_adapter(path, log=notes.append)
+    tensors, _ = read_adapter(path, log=notes.append)
     assert set(tensors) == {f"{key}.lora_down.weight", f"{key}.lora_up.weight"}
     assert notes == ["note: bundle.safetensors: 1 bundled embedding(s) ignored (mychar); only the LoRA part is loaded"]
 
@@ -480,7 +481,7 @@ def test_each_kind_renders_as_the_reference_network(mini_cfg, tmp_path, kind):
     gen = torch.Generator().manual_seed(1)
     tensors, reference = {}, {}
     for part, model in (("unet", base.unet), ("te", base.text_encoder)):
-        for key, path in kohya.kohya_module_map(model, part).items():
+        for key, path in keys.kohya_module_map(model, part).items():
             if key.endswith(("attn2_to_k", "resnets_0_conv1", "attentions_0_proj_in", "self_attn_q_proj")):
                 layer = model.get_submodule(path)
                 parts, delta = _module(kind, layer.weight.detach(), gen)
@@ -522,11 +523,11 @@ def test_resize_of_tucker_locon_writes_a_valid_3x3_lora_with_the_same_change(tmp
     src = _file(tmp_path / "t.safetensors", {CONV: tucker}, {"ss_network_module": "lycoris.kohya",
                                                              "ss_network_args": json.dumps({"algo": "locon"})})
     report = tools.resize(src, tmp_path / "r.safetensors", rank=4)
-    tensors, metadata = lora.read_adapter(tmp_path / "r.safetensors")
-    parts = kohya.group_modules(tensors)[CONV]
+    tensors, metadata = read_adapter(tmp_path / "r.safetensors")
+    parts = keys.group_modules(tensors)[CONV]
     assert parts["lora_down.weight"].shape == (4, 8, 3, 3) and parts["lora_up.weight"].shape == (6, 4, 1, 1)
     # The Tucker change has rank <= 4 as a [6, 72] matrix: rank 4 keeps it whole.
-    torch.testing.assert_close(kohya.module_delta(parts, (6, 8, 3, 3)), kohya.module_delta(tucker, (6, 8, 3, 3)),
+    torch.testing.assert_close(kinds.module_delta(parts, (6, 8, 3, 3)), kinds.module_delta(tucker, (6, 8, 3, 3)),
                                rtol=1e-4, atol=1e-4)
     assert report.modules[0].kind == "lora+tucker"
     assert metadata["ss_network_module"] == "networks.lora"
@@ -540,18 +541,18 @@ def test_resize_keeps_dora_and_says_so_truthfully(tmp_path):
     src = _file(tmp_path / "d.safetensors", {LINEAR: dora}, {"ss_network_module": "lycoris.kohya",
                                                              "ss_network_args": args, "ss_network_dim": "8"})
     tools.resize(src, tmp_path / "r.safetensors", rank=8)
-    tensors, metadata = lora.read_adapter(tmp_path / "r.safetensors")
-    parts = kohya.group_modules(tensors)[LINEAR]
+    tensors, metadata = read_adapter(tmp_path / "r.safetensors")
+    parts = keys.group_modules(tensors)[LINEAR]
     assert torch.equal(parts["dora_scale"], dora["dora_scale"])
     assert json.loads(metadata["ss_network_args"])["dora_wd"] == "True"
     W0 = torch.randn(12, 16)
-    torch.testing.assert_close(kohya.module_delta(parts, (12, 16), W0), kohya.module_delta(dora, (12, 16), W0),
+    torch.testing.assert_close(kinds.module_delta(parts, (12, 16), W0), kinds.module_delta(dora, (12, 16), W0),
                                rtol=1e-4, atol=1e-4)
     # A file claiming dora_wd without any dora_scale: the resized file no longer claims it.
     plain = {k: v for k, v in dora.items() if k != "dora_scale"}
     src = _file(tmp_path / "p.safetensors", {LINEAR: plain}, {"ss_network_args": args})
     tools.resize(src, tmp_path / "p2.safetensors", rank=2)
-    assert "dora_wd" not in json.loads(lora.read_adapter(tmp_path / "p2.safetensors")[1]["ss_network_args"])
+    assert "dora_wd" not in json.loads(read_adapter(tmp_path / "p2.safetensors")[1]["ss_network_args"])
 
 
 def test_resize_and_inspect_of_lokr_and_loha(tmp_path, capsys):
@@ -563,15 +564,15 @@ def test_resize_and_inspect_of_lokr_and_loha(tmp_path, capsys):
                                             "lora_te_text_model_encoder_layers_0_mlp_fc1": loha})
     assert main(["inspect", str(src), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    kinds = {m["key"]: m for m in summary["modules"]}
-    assert kinds[LINEAR]["kind"] == "lokr" and kinds[LINEAR]["rank"] == 2
-    S = torch.linalg.svdvals(kohya.module_delta({**parts, "alpha": torch.tensor(1.0)}, shape))
-    np.testing.assert_allclose(kinds[LINEAR]["singular_values"][:4], S[:4].numpy(), rtol=1e-4)
+    by_key = {m["key"]: m for m in summary["modules"]}
+    assert by_key[LINEAR]["kind"] == "lokr" and by_key[LINEAR]["rank"] == 2
+    S = torch.linalg.svdvals(kinds.module_delta({**parts, "alpha": torch.tensor(1.0)}, shape))
+    np.testing.assert_allclose(by_key[LINEAR]["singular_values"][:4], S[:4].numpy(), rtol=1e-4)
     assert main(["resize", str(src), str(tmp_path / "r.safetensors"), "--energy", "1.0"]) == 0
     assert "loha, lokr modules; the output is a LoRA file" in capsys.readouterr().out
-    resized = kohya.group_modules(lora.read_adapter(tmp_path / "r.safetensors")[0])
-    torch.testing.assert_close(kohya.module_delta(resized[LINEAR], shape),
-                               kohya.module_delta({**parts, "alpha": torch.tensor(1.0)}, shape), rtol=1e-4, atol=1e-4)
+    resized = keys.group_modules(read_adapter(tmp_path / "r.safetensors")[0])
+    torch.testing.assert_close(kinds.module_delta(resized[LINEAR], shape),
+                               kinds.module_delta({**parts, "alpha": torch.tensor(1.0)}, shape), rtol=1e-4, atol=1e-4)
 
 
 def test_convert_writes_a_kohya_file_that_reads_back_the_same(tmp_path, capsys):
@@ -584,8 +585,8 @@ def test_convert_writes_a_kohya_file_that_reads_back_the_same(tmp_path, capsys):
               {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 1, "unet.r": 2})})
     out = tmp_path / "kohya.safetensors"
     assert main(["convert", str(src), str(out)]) == 0
-    raw = lora.read_adapter(out, log=lambda m: None)
-    key = kohya.kohya_key("unet", p.removeprefix("unet."))
+    raw = read_adapter(out, log=lambda m: None)
+    key = keys.kohya_key("unet", p.removeprefix("unet."))
     assert set(raw[0]) == {f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"}
     assert float(raw[0][f"{key}.alpha"]) == 1.0  # diffusers' lora_alpha 1 at rank 2: scale 0.5
     meta = raw[1]
@@ -603,7 +604,7 @@ def test_merge_bakes_dora_from_the_base_weight(tmp_path):
     folder = tmp_path / "base"
     build_pipeline("mini", seed=0).save_pretrained(folder)
     base = load_base(ModelConfig(base=str(folder)), dtype=torch.float32)
-    layer = base.unet.get_submodule(kohya.kohya_module_map(base.unet, "unet")[LINEAR])
+    layer = base.unet.get_submodule(keys.kohya_module_map(base.unet, "unet")[LINEAR])
     W0 = layer.weight.detach().clone()
     out, fan_in = W0.shape
     gen = torch.Generator().manual_seed(0)
@@ -650,7 +651,7 @@ def test_trained_dora_exports_lycoris_dora_scale_with_the_papers_weight_change(t
     pipe, network, net_cfg = _trained({"dora": True, "type": "locon" if targets == "all" else "lora",
                                        "unet_targets": targets, "conv_dim": 2, "conv_alpha": 1})
     tensors = network.kohya_state_dict(torch.float32)
-    groups = kohya.group_modules(tensors)
+    groups = keys.group_modules(tensors)
     checked = set()
     for key, parts in groups.items():
         layer = network.layer(key)
@@ -661,7 +662,7 @@ def test_trained_dora_exports_lycoris_dora_scale_with_the_papers_weight_change(t
         BA = np_(parts["lora_up.weight"]).reshape(W0.shape[0], -1) @ np_(parts["lora_down.weight"]).reshape(
             parts["lora_down.weight"].shape[0], -1)
         expected = ref_dora(np_(W0), s * BA.reshape(W0.shape), np_(parts["dora_scale"]), 0)
-        np.testing.assert_allclose(np_(kohya.module_delta(parts, W0.shape, W0)), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np_(kinds.module_delta(parts, W0.shape, W0)), expected, rtol=1e-4, atol=1e-5)
         # ... and it is the change the trained layer makes to its outputs.
         x = torch.randn(2, *((W0.shape[1], 6, 6) if W0.dim() == 4 else (W0.shape[1],)))
         torch.testing.assert_close(_layer_change(layer, x), _apply(layer, expected, x), rtol=1e-4, atol=1e-4)
@@ -695,12 +696,12 @@ def test_trained_lokr_exports_lycoris_keys_with_the_kronecker_change(dim):
     pipe, network, net_cfg = _trained({"type": "lokr", "dim": dim, "unet_targets": "all", "conv_dim": dim,
                                        "conv_alpha": 1})
     tensors = network.kohya_state_dict(torch.float32)
-    groups = kohya.group_modules(tensors)
-    kinds = set()
+    groups = keys.group_modules(tensors)
+    seen = set()
     for key, parts in groups.items():
         layer = network.layer(key)
         W0 = layer.get_base_layer().weight.detach()
-        assert set(parts) - {"alpha"} <= set(kohya.LOKR_TENSORS)
+        assert set(parts) - {"alpha"} <= set(kinds.lokr.TENSORS)
         w2 = np_(parts["lokr_w2"]) if "lokr_w2" in parts else np_(parts["lokr_w2_a"] @ parts["lokr_w2_b"])
         w1 = np_(parts["lokr_w1"])
         full = "lokr_w2" in parts
@@ -708,13 +709,13 @@ def test_trained_lokr_exports_lycoris_keys_with_the_kronecker_change(dim):
         if W0.dim() == 4 and w2.ndim == 2:
             w2 = w2.reshape(w2.shape[0], W0.shape[1] // w1.shape[1], *W0.shape[2:])
         expected = (ref_lokr(w1, w2) * scale).reshape(W0.shape)
-        np.testing.assert_allclose(np_(kohya.module_delta(parts, W0.shape)), expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np_(kinds.module_delta(parts, W0.shape)), expected, rtol=1e-4, atol=1e-5)
         x = torch.randn(2, *((W0.shape[1], 6, 6) if W0.dim() == 4 else (W0.shape[1],)))
         torch.testing.assert_close(_layer_change(layer, x), _apply(layer, expected, x), rtol=1e-4, atol=1e-4)
-        kinds.add(("full" if full else "low-rank", W0.dim()))
+        seen.add(("full" if full else "low-rank", W0.dim()))
     # peft (as LyCORIS) keeps w2 full when dim >= max(b, d) / 2: at dim 4 the 32/64-wide layers, not the wider.
-    assert {k for k, _ in kinds} == ({"full", "low-rank"} if dim == 4 else {"low-rank"})
-    assert {d for _, d in kinds} == {2, 4}
+    assert {k for k, _ in seen} == ({"full", "low-rank"} if dim == 4 else {"low-rank"})
+    assert {d for _, d in seen} == {2, 4}
     meta = lora.adapter_metadata(config_from_dict_network(net_cfg), {"family": "sd_v1", "prediction_type": "epsilon",
                                                                      "name": "x", "model_hash": ""},
                                  {"num_train_images": 1, "num_epochs": 1, "epoch": 1, "steps": 1})
@@ -744,17 +745,17 @@ def test_training_lokr_and_dora_writes_trained_lycoris_modules(tmp_path, mini_ba
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=1", "train.save_precision='fp32'",
                                                                  *overrides])
     path = trainer.train(cfg, log=lambda m: None).adapter
-    tensors, metadata = lora.read_adapter(path)
-    groups = kohya.group_modules(tensors)
+    tensors, metadata = read_adapter(path)
+    groups = keys.group_modules(tensors)
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
     base = load_base(cfg.model)
-    models = kohya.model_parts(base)
+    models = keys.model_parts(base)
     moved = magnitudes_moved = 0
     for key, parts in groups.items():
-        part = kohya.part_of(key)
-        W0 = models[part].get_submodule(kohya.kohya_module_map(models[part], part)[key]).weight.detach()
-        delta = kohya.module_delta(parts, W0.shape, W0)
+        part = keys.part_of(key)
+        W0 = models[part].get_submodule(keys.kohya_module_map(models[part], part)[key]).weight.detach()
+        delta = kinds.module_delta(parts, W0.shape, W0)
         assert torch.isfinite(delta).all()
         moved += float(delta.abs().max()) > 0
         if "dora_scale" in parts:  # starts at ||W0|| per output row; training moves it
@@ -803,8 +804,8 @@ def sampling_peak(kind: str, device: str, dtype=torch.float16, latent: int = 64)
     else:
         pipe = SimpleNamespace(unet=unet, text_encoder=torch.nn.Sequential())
         adapter = sample.Adapter(path=Path("loha"), weight=1.0, alias="loha", short_hash="", kind="loha",
-                                 modules=kohya.group_modules(_random_loha(shapes, 16)))
-        patcher = sample.WeightPatcher(pipe)
+                                 modules=keys.group_modules(_random_loha(shapes, 16)))
+        patcher = apply.Patcher(keys.model_parts(pipe))
         patcher.add(adapter)
         patcher.apply({id(adapter): 1.0})
     with torch.no_grad():
@@ -829,10 +830,10 @@ def test_sdxl_files_keyed_by_diffusers_paths_load_under_sgm_names(tmp_path, mini
     from sdlora.sampling import sampler as sample
 
     base = load_base(ModelConfig(base=str(mini_sdxl_dir)), dtype=torch.float32)
-    sgm = kohya.kohya_module_map(base.unet, "unet")
+    sgm = keys.kohya_module_map(base.unet, "unet")
     key, path = next((k, p) for k, p in sgm.items() if p.endswith("attn2.to_k"))
-    diffusers_key = kohya.kohya_key("unet", path)
-    assert diffusers_key != key and kohya.loadable_module_map(base.unet, "unet")[diffusers_key] == path
+    diffusers_key = keys.kohya_key("unet", path)
+    assert diffusers_key != key and keys.loadable_module_map(base.unet, "unet")[diffusers_key] == path
     layer = base.unet.get_submodule(path)
     down, up = torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2)
     file = tmp_path / "xl.safetensors"
@@ -917,12 +918,12 @@ def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, 
 
     paths = {id(m): (component, p) for component in ("unet", "text_encoder")
              for p, m in getattr(made_by, component).named_modules()}
-    kinds = set()
+    seen = set()
     for module in network.loras:
         layer = module.org_module[0]
         component, layer_path = paths[id(layer)]
         merged_layer = getattr(merged, component).get_submodule(layer_path)
-        kinds.add((component, type(layer).__name__))
+        seen.add((component, type(layer).__name__))
         with torch.no_grad():
             if isinstance(layer, torch.nn.Linear):
                 x = torch.randn(3, layer.in_features, generator=gen)
@@ -936,9 +937,9 @@ def test_lycoris_made_files_change_every_module_as_lycoris_does(tmp_path, algo, 
             error = float((got - expected).norm() / expected.norm())
             assert error < 1e-4, f"{module.lora_name}: relative error {error:.3g}"
     # Both models, Linear and conv layers, and DoRA / Tucker where asked, were all exercised.
-    assert kinds == {("text_encoder", "Linear"), ("unet", "Linear"), ("unet", "Conv2d")}
+    assert seen == {("text_encoder", "Linear"), ("unet", "Linear"), ("unet", "Conv2d")}
     kind = {"locon": "lora"}.get(algo, algo)
-    assert {kohya.module_variant(parts) for parts in adapter.modules.values()} == {
+    assert {kinds.module_variant(parts) for parts in adapter.modules.values()} == {
         variant + ("+dora" if dora else "") for variant in (kind, kind + "+tucker")[:1 + tucker]}
 
 
@@ -952,8 +953,8 @@ def test_text_encoder_keys_written_under_transformers_5_read_under_the_usual_nam
     src = _file(tmp_path / "tf5.safetensors", {flat: {"lora_down.weight": rand(2, 32), "lora_up.weight": rand(32, 2),
                                                       "alpha": torch.tensor(1.0)}})
     notes = []
-    tensors, _ = lora.read_adapter(src, log=notes.append)
-    assert set(kohya.group_modules(tensors)) == {usual}
+    tensors, _ = read_adapter(src, log=notes.append)
+    assert set(keys.group_modules(tensors)) == {usual}
     assert any("without `text_model_`" in note for note in notes)
     assert main(["convert", str(src), str(tmp_path / "usual.safetensors")]) == 0
     with safe_open(str(tmp_path / "usual.safetensors"), "pt") as f:  # the names A1111 and ComfyUI read

@@ -15,6 +15,7 @@ from test_train import make_style
 
 from sdlora.adapters import blocks
 from sdlora.adapters import network as lora
+from sdlora.adapters.file import save_adapter
 from sdlora.config import ConfigError, config_from_dict, load_config
 from sdlora.errors import UserError
 from sdlora.tiny.configs import build_pipeline, build_sdxl_pipeline
@@ -247,13 +248,13 @@ def test_block_dims_reach_the_file_and_the_sampler_renders_it_exactly(tmp_path, 
     assert all(tensors[k].shape[0] == 4 for k in tensors if k.startswith("lora_te") and "lora_down" in k)
 
     path = tmp_path / "blocks.safetensors"
-    lora.save_adapter(path, tensors, {"ss_output_name": "blocks"})
+    save_adapter(path, tensors, {"ss_output_name": "blocks"})
     fresh = build_pipeline("mini")
     adapters = AdapterSet(fresh, fuse=False)
     problems = leftover_messages(lambda: adapters.add(path))
     assert not problems, problems
     adapters.set_weights([1.0])
-    # diffusers' peft layers in both cases: the sampler hands each module at alpha 1 (kohya.with_alpha_one),
+    # diffusers' peft layers in both cases: the sampler hands each module at alpha 1 (kinds.lora.with_alpha_one),
     # so per-block alphas diffusers would misread still render exactly
     assert adapters.adapters[0].name
     loaded_hidden, loaded_pred = _outputs(fresh)

@@ -10,8 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlora.adapters import kohya
+from sdlora.adapters import keys, kinds
 from sdlora.adapters import network as lora
+from sdlora.adapters.file import (
+    addnet_hash,
+    parse_adapter_arg,
+    read_adapter,
+    save_adapter,
+    short_hash,
+)
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
 from sdlora.tiny.configs import build_pipeline
@@ -91,7 +98,7 @@ def test_sd15_default_targets_are_kohyas_192_unet_and_72_text_encoder_modules():
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     assert all(isinstance(network.layer(k), BaseTunerLayer) for k in network.modules)
-    injected = {k: p for k, p in kohya.kohya_module_map(unet, "unet").items()
+    injected = {k: p for k, p in keys.kohya_module_map(unet, "unet").items()
                 if isinstance(unet.get_submodule(p), BaseTunerLayer)}
     assert injected == unet_keys
 
@@ -176,7 +183,7 @@ def test_exported_adapter_loads_in_diffusers_with_no_key_left_and_same_outputs(t
     assert (hidden - base_hidden).abs().max() > 1e-2 and (noise_pred - base_pred).abs().max() > 1e-2
 
     path = tmp_path / "style.safetensors"
-    lora.save_adapter(path, network.kohya_state_dict(torch.float32), {"ss_output_name": "style"})
+    save_adapter(path, network.kohya_state_dict(torch.float32), {"ss_output_name": "style"})
     fresh = build_pipeline("mini")
     problems = leftover_messages(lambda: fresh.load_lora_weights(str(path), adapter_name="style"))
     assert not problems, problems
@@ -194,13 +201,13 @@ def test_lora_deltas_in_the_file_are_the_trained_layers_deltas():
     pipe = build_pipeline("mini")
     network = lora.inject(pipe.unet, pipe.text_encoder, network_cfg(unet_targets="all", conv_dim=3, conv_alpha=1))
     randomise_adapters(network, seed=1)
-    groups = kohya.group_modules(network.kohya_state_dict(torch.float32))
+    groups = keys.group_modules(network.kohya_state_dict(torch.float32))
     x = torch.randn(1, 32, 8, 8)
     for key in ["lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_attentions_0_proj_in",
                 "lora_te_text_model_encoder_layers_1_mlp_fc1"]:
         layer = network.layer(key)
         base = layer.get_base_layer()
-        delta = kohya.module_delta(groups[key], base.weight.shape)
+        delta = kinds.module_delta(groups[key], base.weight.shape)
         torch.testing.assert_close(delta, layer.get_delta_weight(lora.ADAPTER_NAME), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             if isinstance(base, torch.nn.Conv2d):
@@ -210,8 +217,8 @@ def test_lora_deltas_in_the_file_are_the_trained_layers_deltas():
                 inputs = torch.randn(3, base.in_features)
                 merged = F.linear(inputs, base.weight + delta, base.bias)
             torch.testing.assert_close(layer(inputs), merged, rtol=1e-4, atol=1e-5)
-    assert kohya.module_rank(groups["lora_unet_down_blocks_0_resnets_0_conv1"]) == 3
-    assert kohya.module_scale(groups["lora_unet_down_blocks_0_resnets_0_conv1"]) == pytest.approx(1 / 3)
+    assert kinds.module_rank(groups["lora_unet_down_blocks_0_resnets_0_conv1"]) == 3
+    assert kinds.module_scale(groups["lora_unet_down_blocks_0_resnets_0_conv1"]) == pytest.approx(1 / 3)
 
 
 # Training-side behaviour -----------------------------------------------------------------------
@@ -316,7 +323,7 @@ def test_loha_export_has_lycoris_keys_shapes_and_maths(tmp_path):
     assert torch.equal(_outputs(pipe)[0], base_hidden)
     randomise_adapters(network)
     tensors = network.kohya_state_dict(torch.float32)
-    groups = kohya.group_modules(tensors)
+    groups = keys.group_modules(tensors)
     assert all(set(parts) == {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"} for parts in groups.values())
     # LyCORIS (non-Tucker): w*_a [out, r], w*_b [r, in * kh * kw].
     shapes = {
@@ -334,15 +341,15 @@ def test_loha_export_has_lycoris_keys_shapes_and_maths(tmp_path):
         weight = layer.get_base_layer().weight
         expected = ((parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
                     * alpha / b_shape[0]).reshape(weight.shape)
-        torch.testing.assert_close(kohya.module_delta(parts, weight.shape), expected)
+        torch.testing.assert_close(kinds.module_delta(parts, weight.shape), expected)
         torch.testing.assert_close(layer.get_delta_weight(lora.ADAPTER_NAME), expected, rtol=1e-5, atol=1e-6)
 
     cfg = config_from_dict({"name": "pastel", "trigger": "clrscn",
                             "network": {"type": "loha", "unet_targets": "all", "dim": 4, "alpha": 2,
                                         "conv_dim": 2, "conv_alpha": 1}})
     path = tmp_path / "pastel.safetensors"
-    lora.save_adapter(path, tensors, lora.adapter_metadata(cfg, BASE, STATS))
-    read, metadata = lora.read_adapter(path)
+    save_adapter(path, tensors, lora.adapter_metadata(cfg, BASE, STATS))
+    read, metadata = read_adapter(path)
     assert read.keys() == tensors.keys() and all(torch.equal(read[k], tensors[k]) for k in tensors)
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert json.loads(metadata["ss_network_args"]) == {"algo": "loha", "conv_dim": "2", "conv_alpha": "1"}
@@ -371,13 +378,13 @@ def _saved(tmp_path, **config):
     dirs = {"colorful_scenery": {"n_repeats": 10, "img_count": 25}}
     metadata = lora.adapter_metadata(cfg, BASE, STATS, tags, dirs)
     path = tmp_path / "colorful_scenery.safetensors"
-    returned_hash = lora.save_adapter(path, tensors, metadata)
+    returned_hash = save_adapter(path, tensors, metadata)
     return path, tensors, returned_hash
 
 
 def test_metadata_has_every_kohya_and_modelspec_key_as_strings(tmp_path):
     path, _, _ = _saved(tmp_path, network={"unet_targets": "all", "conv_dim": 8})
-    _, metadata = lora.read_adapter(path)
+    _, metadata = read_adapter(path)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     assert not missing
     assert all(isinstance(v, str) for v in metadata.values())
@@ -413,17 +420,17 @@ def test_model_hash_is_the_sha256_of_the_tensor_bytes(tmp_path):
     header = json.loads(raw[8:8 + header_len])
     independent = hashlib.sha256(raw[8 + header_len:]).hexdigest()
     assert header["__metadata__"]["sshs_model_hash"] == independent == returned_hash
-    assert lora.addnet_hash(path) == independent
-    assert lora.short_hash(path) == independent[:12]
+    assert addnet_hash(path) == independent
+    assert short_hash(path) == independent[:12]
 
 
 def test_save_refuses_to_overwrite_and_keeps_the_old_file(tmp_path):
     path, tensors, _ = _saved(tmp_path)
     before = path.read_bytes()
     with pytest.raises(UserError, match="already exists.*overwrite"):
-        lora.save_adapter(path, {k: v * 2 for k, v in tensors.items()}, {})
+        save_adapter(path, {k: v * 2 for k, v in tensors.items()}, {})
     assert path.read_bytes() == before
-    lora.save_adapter(path, {k: v * 2 for k, v in tensors.items()}, {}, overwrite=True)
+    save_adapter(path, {k: v * 2 for k, v in tensors.items()}, {}, overwrite=True)
     assert path.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
@@ -432,27 +439,27 @@ def test_read_adapter_explains_what_is_wrong(tmp_path):
     from safetensors.torch import save_file
 
     with pytest.raises(UserError, match="not found"):
-        lora.read_adapter(tmp_path / "nope.safetensors")
+        read_adapter(tmp_path / "nope.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a safetensors file at all")
     with pytest.raises(UserError, match="not a readable .safetensors"):
-        lora.read_adapter(junk)
+        read_adapter(junk)
     pickled = tmp_path / "old.ckpt"
     pickled.write_bytes(b"x")
     with pytest.raises(UserError, match="pickled"):
-        lora.read_adapter(pickled)
+        read_adapter(pickled)
     not_an_adapter = tmp_path / "model.safetensors"
     save_file({"conv_in.weight": torch.zeros(2, 4)}, str(not_an_adapter))
     with pytest.raises(UserError, match="no LoRA keys in Kohya.*diffusers or peft style"):
-        lora.read_adapter(not_an_adapter)
+        read_adapter(not_an_adapter)
 
 
 def test_adapter_arg_keeps_colons_that_are_not_a_scale():
-    assert lora.parse_adapter_arg("style.safetensors:0.8") == (Path("style.safetensors"), 0.8)
-    assert lora.parse_adapter_arg("style.safetensors") == (Path("style.safetensors"), None)
-    assert lora.parse_adapter_arg(r"C:\loras\style.safetensors") == (Path(r"C:\loras\style.safetensors"), None)
-    assert lora.parse_adapter_arg("a:b.safetensors:-1") == (Path("a:b.safetensors"), -1.0)
-    assert lora.parse_adapter_arg(":0.5") == (Path(":0.5"), None)
+    assert parse_adapter_arg("style.safetensors:0.8") == (Path("style.safetensors"), 0.8)
+    assert parse_adapter_arg("style.safetensors") == (Path("style.safetensors"), None)
+    assert parse_adapter_arg(r"C:\loras\style.safetensors") == (Path(r"C:\loras\style.safetensors"), None)
+    assert parse_adapter_arg("a:b.safetensors:-1") == (Path("a:b.safetensors"), -1.0)
+    assert parse_adapter_arg(":0.5") == (Path(":0.5"), None)
 
 
 def test_one_message_for_an_existing_output(tmp_path, mini_base_dir):
@@ -461,7 +468,7 @@ def test_one_message_for_an_existing_output(tmp_path, mini_base_dir):
 
     path, tensors, _ = _saved(tmp_path)
     messages = []
-    for refuse in (lambda: lora.save_adapter(path, tensors, {}),
+    for refuse in (lambda: save_adapter(path, tensors, {}),
                    lambda: tools.resize(path, path, rank=1),
                    lambda: tools.merge(mini_base_dir, [(path, 1.0)], path)):
         with pytest.raises(UserError) as e:

@@ -73,7 +73,7 @@ def test_schedule_free_trains_and_saves_its_averaged_weights(tmp_path, mini_base
 
 
 def test_training_continues_from_an_adapter_with_matching_modules_and_ranks(tmp_path, mini_base_dir, capsys):
-    from sdlora.adapters.network import read_adapter
+    from sdlora.adapters.file import read_adapter
     from sdlora.cli import main
 
     path = make_style(tmp_path, mini_base_dir, n=2)

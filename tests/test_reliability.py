@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_train import make_style
 
 from sdlora import digest, io, run
-from sdlora.adapters import network
+from sdlora.adapters.file import save_adapter
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 from sdlora.data.caption import DEFAULT_VOCABULARY
@@ -85,7 +85,7 @@ def test_non_finite_adapters_are_reported_by_inspect_and_refused_elsewhere(tmp_p
     one_line_error(capsys, main(["sample", str(cfg), "--lora", str(bad)]), "NaN or infinite")
     assert not list((tmp_path / "out").rglob("*.png"))
     with pytest.raises(Exception, match="NaN or infinite"):  # and nothing writes one
-        network.save_adapter(tmp_path / "x.safetensors", load_file(bad), {})
+        save_adapter(tmp_path / "x.safetensors", load_file(bad), {})
 
 
 # 2. training state without pickle --------------------------------------------------------------

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_sample import write_adapter
 
-from sdlora.adapters import kohya
+from sdlora.adapters import keys
 from sdlora.config import config_from_dict
 from sdlora.lowrank import tools
 from sdlora.tiny.scenery import make_scene_image
@@ -78,7 +78,7 @@ def test_resize_energy_keeps_ninety_percent_of_every_module_and_loads_in_diffuse
     out = results.export_resized(cfg, log=lambda m: None, style=style)
     path = out["path"]
     assert path.name == "style-energy90.safetensors" and out["size_after"] < out["size_before"]
-    full, small = kohya.group_modules(load_file(final)), kohya.group_modules(load_file(path))
+    full, small = keys.group_modules(load_file(final)), keys.group_modules(load_file(path))
     assert full.keys() == small.keys()
     for key, parts in full.items():
         # Energy of the resized update relative to the full one, from the SVD of the full update.

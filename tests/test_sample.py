@@ -5,6 +5,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdlora.adapters import network as lora
+from sdlora.adapters.file import read_adapter, save_adapter, short_hash
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
 from sdlora.models.load import TINY_DIR, load_base
@@ -31,7 +32,7 @@ def write_adapter(cfg, path, type="lora", seed=0, name=None):
             p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if type == "lora" else 0.5))
     meta = lora.adapter_metadata(cfg, base, STATS)
     meta["ss_output_name"] = name or path.stem
-    lora.save_adapter(path, network.kohya_state_dict(torch.float32), meta)
+    save_adapter(path, network.kohya_state_dict(torch.float32), meta)
     return path
 
 
@@ -80,11 +81,11 @@ def test_png_parameters_parse_back_to_the_settings(cfg, adapter):
     assert info["CFG scale"] == "7.0" and info["Version"] == "sdlora"
     assert info["Seed"] == "5" and info["Size"] == "64x64"
     assert info["Model hash"] == base.model_hash[:10] and info["Model"] == base.name
-    assert info["Lora hashes"] == f"style: {lora.short_hash(adapter)}"
+    assert info["Lora hashes"] == f"style: {short_hash(adapter)}"
     # A1111's exact line layout: prompt, then the parameters line (no negative prompt given).
     assert text.splitlines()[1].startswith("Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, "
                                            "Seed: 5, Size: 64x64, Model hash: ")
-    assert text.endswith(f'Lora hashes: "style: {lora.short_hash(adapter)}", Version: sdlora')
+    assert text.endswith(f'Lora hashes: "style: {short_hash(adapter)}", Version: sdlora')
     assert record.lora == adapter
     base_record = next(r for r in result.images if r.scale == 0.0)
     base_info = sample.parse_infotext(Image.open(base_record.path).info["parameters"])
@@ -169,7 +170,7 @@ def test_lora_for_another_architecture_is_refused(cfg, tmp_path):
 
 
 def test_wrong_shapes_are_refused(cfg, tmp_path, adapter):
-    tensors, meta = lora.read_adapter(adapter)
+    tensors, meta = read_adapter(adapter)
     key = next(k for k in tensors if k.endswith("attn2_to_k.lora_down.weight"))
     tensors[key] = torch.zeros(4, 768)
     bad = tmp_path / "bad.safetensors"
@@ -194,7 +195,7 @@ def test_hires_renders_at_the_target_size(mini_base_dir, tmp_path, adapter):
 
 def test_loha_renders_and_differs_from_base(cfg, tmp_path):
     loha = write_adapter(cfg, tmp_path / "loha.safetensors", type="loha")
-    assert any(".hada_w1_a" in k for k in lora.read_adapter(loha)[0])
+    assert any(".hada_w1_a" in k for k in read_adapter(loha)[0])
     assert np.abs(render(cfg, [(loha, 1.0)], 1.0) - render(cfg, [], 0.0)).mean() > 1
     assert np.array_equal(render(cfg, [(loha, None)], 0.0), render(cfg, [], 0.0))
 
@@ -282,7 +283,7 @@ def test_embedded_tiny_base_renders_1080x720(tmp_path):
 
 def test_locon_3x3_conv_adapters_render_through_both_paths(cfg, tmp_path):
     locon = write_adapter(cfg, tmp_path / "locon.safetensors", type="locon")
-    assert any(t.dim() == 4 and t.shape[-1] == 3 for t in lora.read_adapter(locon)[0].values())
+    assert any(t.dim() == 4 and t.shape[-1] == 3 for t in read_adapter(locon)[0].values())
     base = render(cfg, [], 0.0)
     unfused = render(cfg, [(locon, None)], 1.0)
     assert np.abs(unfused - base).mean() > 1

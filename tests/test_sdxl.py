@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_train import make_style
 
-from sdlora.adapters import kohya
+from sdlora.adapters.keys import kohya_module_map
 from sdlora.config import load_config
 from sdlora.models import arch, family
 from sdlora.training import cache
@@ -179,7 +179,7 @@ def test_full_sdxl_architecture_gives_kohyas_module_names_and_counts():
     assert parts["unet"] == sgm_kohya_names(depths)
     layer = ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]
     assert parts["te2"] == {f"lora_te2_text_model_encoder_layers_{i}_{n}" for i in range(32) for n in layer}
-    assert kohya.kohya_module_map(unet, "unet").keys() >= parts["unet"]  # the reader names modules the same way
+    assert kohya_module_map(unet, "unet").keys() >= parts["unet"]  # the reader names modules the same way
 
 
 @pytest.fixture(scope="module")

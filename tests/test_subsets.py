@@ -117,7 +117,7 @@ def test_kohya_tree_trains_kohyas_steps_reg_untouched_and_without_trigger(tmp_pa
     result = train.train(cfg, log=lambda m: None)
     assert result.steps == 20
     assert snapshot(reg) == before  # nothing written into the reg folder
-    from sdlora.adapters.network import read_adapter
+    from sdlora.adapters.file import read_adapter
 
     meta = read_adapter(result.adapter)[1]
     assert json.loads(meta["ss_dataset_dirs"]) == {"5_clrscn": {"n_repeats": 5, "img_count": 3},

@@ -1,34 +1,31 @@
 """LoRA / LoCon / LoHa / LoKr (and DoRA) adapters: choose target modules, inject them with peft, export and
-import them in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
-and write the safetensors file with Kohya (`ss_*`) and model-spec metadata.
+import their tensors in the Kohya format (the one A1111, Forge, ComfyUI, InvokeAI and diffusers read),
+and state the Kohya (`ss_*`) and model-spec metadata; `file.save_adapter` writes the file.
 
     g(x) = W x + (alpha / dim) * up(down(x))      up starts at zero: injection is the identity
 
 peft holds the adapters during training (lora_A = Kohya's lora_down, lora_B = lora_up;
-LoHa's hada_* and LoKr's lokr_* parameters have LyCORIS's names and shapes); `kohya.py` names
-them. DoRA (peft `use_dora`) exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)]
-(the per-output-row layout diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
+LoHa's hada_* and LoKr's lokr_* parameters have LyCORIS's names and shapes); `keys` names
+them and each kind's unit (`kinds`) finds its tensors in the peft layer. DoRA (peft `use_dora`)
+exports its magnitude as LyCORIS's `dora_scale` [out, 1(, 1, 1)] (the per-output-row layout
+diffusers also loads): W' = m * (W0 + s B A) / ||W0 + s B A||_row.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import re
 import secrets
-import struct
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from sdlora.adapters import blocks, kohya
+from sdlora.adapters import apply, blocks, keys, kinds
 from sdlora.data.buckets import resolution_pair
 from sdlora.errors import UserError
-from sdlora.io import atomic_write_bytes, refuse_to_overwrite
 from sdlora.models.family import (
     ARCHITECTURES,
     BASE_MODEL_VERSIONS,
@@ -117,12 +114,12 @@ def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -
     """kohya's block-wise [network] settings on the U-Net modules `paths`: ({path: (dim, alpha)} of the
     modules to create, {path: block}, one lr weight per block or None). A module whose block has
     rank 0, or an lr weight of 0 (at or below block_lr_zero_threshold), is not created, as in kohya."""
-    sgm = kohya.uses_sgm_names(unet)
+    sgm = keys.uses_sgm_names(unet)
     blocks.check_block_lengths(network_cfg, sgm)
     lr_weights = blocks.block_lr_weights(network_cfg, sgm, log)
     modules = dict(unet.named_modules())
     ranks, block_of = {}, {}
-    for key, path in kohya.module_keys(unet, "unet", paths).items():
+    for key, path in keys.module_keys(unet, "unet", paths).items():
         block = blocks.block_index(key, sgm)
         dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg, block)
         rank = (conv_dim, conv_alpha) if _is_spatial_conv(modules[path]) else (dim, alpha)
@@ -146,31 +143,19 @@ def text_encoder_lrs(cfg, base) -> list[float]:
 
 
 def _peft_config(network_cfg, paths: list[str], model: nn.Module, ranks: dict | None = None):
-    """LoraConfig / LoHaConfig / LoKrConfig with explicit full paths; spatial convs get conv_dim / conv_alpha,
-    or each path its (dim, alpha) from `ranks` (block-wise settings)."""
-    from peft import LoHaConfig, LoKrConfig, LoraConfig
-
+    """The kind's peft config (`kinds.*.peft_config`) with explicit full paths; spatial convs get conv_dim /
+    conv_alpha, or each path its (dim, alpha) from `ranks` (block-wise settings)."""
     dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg)
     if ranks is None:
         modules = dict(model.named_modules())
         ranks = {p: (conv_dim, conv_alpha) for p in paths if _is_spatial_conv(modules[p])}
     rank_pattern = {re.escape(p): r for p, (r, _) in ranks.items()}
     alpha_pattern = {re.escape(p): a for p, (_, a) in ranks.items()}
-    if network_cfg.dora and network_cfg.type not in ("lora", "locon"):
+    kind = kinds.for_network_type(network_cfg.type)
+    if network_cfg.dora and not kind.DORA:
         raise UserError(f"[network] dora = true needs type lora or locon (peft has DoRA for LoRA only), "
                         f"not {network_cfg.type!r}")
-    if network_cfg.type in ("loha", "lokr"):
-        if network_cfg.dropout:
-            raise UserError(f"[network] dropout applies to lora and locon adapters; set dropout = 0 for "
-                            f"{network_cfg.type}")
-        # use_effective_conv2d=False keeps LyCORIS's plain (non-Tucker) shapes for convs; LoKr's
-        # factorisation is LyCORIS's default too (factor -1: the most balanced split of each side).
-        config = LoHaConfig if network_cfg.type == "loha" else LoKrConfig
-        return config(r=dim, alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, use_effective_conv2d=False, init_weights=True)
-    return LoraConfig(r=dim, lora_alpha=alpha, target_modules=paths, rank_pattern=rank_pattern,
-                      alpha_pattern=alpha_pattern, lora_dropout=network_cfg.dropout, init_lora_weights=True,
-                      use_dora=network_cfg.dora)
+    return kind.peft_config(network_cfg, dim, alpha, paths, rank_pattern, alpha_pattern)
 
 
 @dataclass
@@ -193,25 +178,12 @@ class Network:
         return [key for key, (part, _) in self.modules.items() if part not in self.frozen_parts]
 
     def _adapter_params(self, key: str) -> dict[str, nn.Parameter]:
-        layer = self.layer(key)
-        if self.kind == "lora":
-            params = {"lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
-                      "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight}
-            if ADAPTER_NAME in layer.lora_magnitude_vector:  # DoRA's m: [out] (Linear), [1, out, 1, 1] (conv)
-                params["dora_scale"] = layer.lora_magnitude_vector[ADAPTER_NAME].weight
-            return params
-        if self.kind == "loha":
-            return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOHA_SUFFIXES}
-        return {name: getattr(layer, name)[ADAPTER_NAME] for name in kohya.LOKR_TENSORS
-                if ADAPTER_NAME in getattr(layer, name)}
+        return kinds.named(self.kind).peft_tensors(self.layer(key), ADAPTER_NAME)
 
     def _file_factor(self, key: str, suffix: str) -> float:
-        """What a tensor is multiplied by in the file. LyCORIS and the UIs give a LoKr with both
-        factors full scale 1 whatever alpha says; peft scales it by alpha / r, folded into w1."""
-        params = self._adapter_params(key)
-        if suffix == "lokr_w1" and "lokr_w2" in params:
-            return self._alpha(key) / self.layer(key).r[ADAPTER_NAME]
-        return 1.0
+        """What a tensor is multiplied by in the file (the kind's `file_factor`; peft's scale alpha / r)."""
+        scale = self._alpha(key) / self.layer(key).r[ADAPTER_NAME]
+        return kinds.named(self.kind).file_factor(suffix, self._adapter_params(key), scale)
 
     def _file_shape(self, key: str, suffix: str, param: torch.Tensor) -> tuple[int, ...]:
         """LyCORIS's layouts: dora_scale [out, 1] or [out, 1, 1, 1]; everything else as peft holds it."""
@@ -220,8 +192,7 @@ class Network:
         return tuple(param.shape)
 
     def _alpha(self, key: str) -> float:
-        layer = self.layer(key)
-        return float(layer.lora_alpha[ADAPTER_NAME] if self.kind == "lora" else layer.alpha[ADAPTER_NAME])
+        return kinds.named(self.kind).peft_alpha(self.layer(key), ADAPTER_NAME)
 
     def parameters_of(self, part: str) -> list[nn.Parameter]:
         return [p for key, (pt, _) in self.modules.items() if pt == part for p in self._adapter_params(key).values()]
@@ -286,7 +257,7 @@ class Network:
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
         """kohya's max-norm regularisation (scale_weight_norms): each module still learning whose weight change
-        dW = (alpha / r) * update (kohya.module_update; for DoRA the update inside the decomposition,
+        dW = (alpha / r) * update (kinds.module_update; for DoRA the update inside the decomposition,
         as LyCORIS) has ||dW||_F > max_norm is scaled to max_norm. dW is multilinear in the module's n
         factors (LoRA: up, down; LoHa: four; LoKr: two to five), so each is multiplied by ratio^(1/n).
 
@@ -299,7 +270,7 @@ class Network:
             parts.pop("dora_scale", None)  # DoRA's magnitude is not part of dW
             base = self.layer(key).get_base_layer()
             # a quantize.QuantizedLayer says its shape: reading its .weight would dequantise it
-            norm = kohya.module_update(parts, getattr(base, "shape", None) or base.weight.shape).norm()
+            norm = kinds.module_update(parts, getattr(base, "shape", None) or base.weight.shape).norm()
             clamped = norm.clamp(min=max_norm / 2)  # kohya's guard: no division by a near-zero norm
             ratio = float(clamped.clamp(max=max_norm) / clamped)
             if ratio != 1:
@@ -311,19 +282,20 @@ class Network:
         return scaled, sum(norms) / max(len(norms), 1), max(norms, default=0.0)
 
     def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy a Kohya state dict of the same network into the adapters (resume, tests)."""
-        groups = kohya.group_modules(tensors)
+        """Copy a Kohya state dict of the same network into the adapters (resume, init_weights), its
+        modules matched to the layers as the adapters' engine matches them (`apply.canonical`)."""
+        groups, unmatched = apply.canonical(keys.group_modules(tensors), self.models)
         expected = set(self.exported_keys())
-        unknown, missing = sorted(set(groups) - expected), sorted(expected - set(groups))
+        unknown, missing = sorted(set(unmatched) | (set(groups) - expected)), sorted(expected - set(groups))
         if unknown or missing:
             raise UserError(f"the adapter does not match this network ({self.kind}, {len(expected)} modules): "
                             f"{len(unknown)} unexpected modules (e.g. {unknown[:3]}), {len(missing)} missing "
                             f"(e.g. {missing[:3]}); use the same [network] type, unet_targets and "
                             f"train_text_encoder as the run that wrote it")
         for key, parts in groups.items():
-            if kohya.module_kind(parts) != self.kind:
-                raise UserError(f"{key}: the adapter is {kohya.module_kind(parts)}, this network is {self.kind}")
-            alpha = float(parts["alpha"]) if "alpha" in parts else kohya.module_rank(parts)
+            if kinds.module_kind(parts) != self.kind:
+                raise UserError(f"{key}: the adapter is {kinds.module_kind(parts)}, this network is {self.kind}")
+            alpha = float(parts["alpha"]) if "alpha" in parts else kinds.module_rank(parts)
             if abs(alpha - self._alpha(key)) > 1e-3 * max(1.0, alpha):
                 raise UserError(f"{key}: alpha {alpha:g} in the adapter, {self._alpha(key):g} in [network]; "
                                 f"set network.alpha / conv_alpha to the adapter's values")
@@ -377,9 +349,9 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
             # transformers' add_adapter wants a newer peft; diffusers' own text-encoder loader
             # injects with peft directly, as here.
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        modules.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
+        modules.update({key: (part, path) for key, path in keys.module_keys(model, part, paths).items()})
     blocks_by_key = {key: block_of[path] for key, (part, path) in modules.items() if part == "unet" and block_of}
-    return Network(kind=network_cfg.type if network_cfg.type in ("loha", "lokr") else "lora", models=models,
+    return Network(kind=kinds.for_network_type(network_cfg.type).NAME, models=models,
                    modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights)
 
 
@@ -472,7 +444,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     te_lrs = text_encoder_lrs(cfg, base)
     description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
                    f"{stats['num_train_images']} images, {stats['steps']} steps")
-    algo = net.type if net.type in ("loha", "lokr") else None  # LoRA and LoCon are Kohya's own networks.lora
+    algo = kinds.for_network_type(net.type).LYCORIS_ALGO  # LoRA and LoCon are Kohya's own networks.lora
     network = network_fields(str(net.dim), f"{alpha:g}", algo, net.dora, network_args)
     meta = network_metadata(base, cfg.output_name, network, description, finished)
     meta |= {
@@ -535,146 +507,3 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     if thumbnail:
         meta["modelspec.thumbnail"] = thumbnail
     return meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def _data_section(serialized: bytes) -> bytes:
-    """The tensor bytes of a serialized safetensors file: after the 8-byte length and the JSON header."""
-    (header_len,) = struct.unpack("<Q", serialized[:8])
-    return serialized[8 + header_len:]
-
-
-def parse_adapter_arg(text: str) -> tuple[Path, float | None]:
-    """FILE[:SCALE] -> (path, scale or None); a Windows drive colon or a colon in the file name
-    stays part of the path."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head), float(tail)
-        except ValueError:
-            pass
-    return Path(text), None
-
-
-def save_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], overwrite: bool = False) -> str:
-    """Write the adapter atomically, with `sshs_model_hash` and `sshs_legacy_hash`; return the first.
-
-    The hash is Kohya's / A1111's "addnet" hash: sha256 of the tensor-data bytes. That section
-    does not depend on the header, so it is taken from a first serialisation without the hash.
-    """
-    from safetensors.torch import save
-
-    path = Path(path)
-    refuse_to_overwrite(path, overwrite, "pass --overwrite (sdlora train: set train.overwrite = true)")
-    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"safetensors metadata values must be strings: {bad}")
-    broken = non_finite_modules(tensors)
-    if broken:
-        raise UserError(f"{path}: not written: {len(broken)} adapter modules hold NaN or infinite values "
-                        f"(e.g. {next(iter(broken))}); the weights diverged, see the training message")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    training_only = save(tensors, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
-    model_hash = hashlib.sha256(_data_section(training_only)).hexdigest()
-    # sd-webui-additional-networks' legacy hash, as kohya computes it: 64 KiB at 1 MiB into the
-    # file written with the ss_* metadata only (a smaller file hashes the empty string).
-    legacy_hash = hashlib.sha256(training_only[0x100000:0x110000]).hexdigest()[:8]
-    serialized = save(tensors, metadata={**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
-    atomic_write_bytes(path, serialized)
-    return model_hash
-
-
-def addnet_hash(path) -> str:
-    """sha256 (hex) of a safetensors file's tensor-data bytes, computed from the file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + header_len)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def short_hash(path) -> str:
-    """The 12 hex digits A1111 writes in "Lora hashes": `sshs_model_hash` when the file has one
-    (A1111 reads it first), else the addnet hash of the file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        stored = (f.metadata() or {}).get("sshs_model_hash")
-    return (stored or addnet_hash(path))[:12]
-
-
-def read_adapter(path, allow_non_finite: bool = False, log=print) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(Kohya-named tensors, metadata) of an adapter file, with a clear error for anything else.
-
-    Kohya and LyCORIS files load as they are; diffusers/peft files are renamed to Kohya's keys
-    (`kohya.to_kohya_names`), and bundled embeddings are left out; `log` gets a note for either.
-    Every command that takes an adapter reads it here, so an unusable one (`check_adapter`) is
-    refused everywhere; `inspect` alone reads NaN/inf values, to report them.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: adapter file not found")
-    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
-        raise UserError(f"{path}: pickled adapters are not read (they can run code); convert it to .safetensors")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable .safetensors file ({e})") from None
-    tensors, notes = kohya.to_kohya_names(tensors, metadata)
-    for note in notes:
-        log(f"note: {path.name}: {note}")
-    prefixes = tuple(p + "_" for p in kohya.PREFIXES.values())
-    foreign = [k for k in tensors if not k.startswith(prefixes)]
-    if not tensors or len(foreign) == len(tensors):
-        raise UserError(f"{path}: no LoRA keys in Kohya (lora_unet_*, lora_te_*), diffusers or peft style "
-                        f"(e.g. {foreign[:2]}); is it an adapter file?")
-    if foreign:
-        raise UserError(f"{path}: {len(foreign)} tensors outside the Kohya LoRA keys, e.g. {foreign[:3]}")
-    check_adapter(path, tensors, allow_non_finite)
-    return tensors, metadata
-
-
-def non_finite_modules(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """{module key: [suffixes of its tensors holding NaN or infinity]}, for modules that have any."""
-    broken: dict[str, list[str]] = {}
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            key, _, suffix = name.partition(".")
-            broken.setdefault(key, []).append(suffix)
-    return broken
-
-
-# factor pairs whose shared axis is the rank: (tensor, its rank axis) x 2
-_RANK_PAIRS = [(("lora_down.weight", 0), ("lora_up.weight", 1)),
-               (("hada_w1_a", 1), ("hada_w1_b", 0)), (("hada_w2_a", 1), ("hada_w2_b", 0))]
-
-
-def check_adapter(path, tensors: dict[str, torch.Tensor], allow_non_finite: bool = False) -> None:
-    """One line naming the file for what no command can use: NaN/inf values (a diverged
-    training), factors whose ranks disagree, an alpha that is not one number."""
-    for name, tensor in tensors.items():
-        if name.endswith(".alpha") and tensor.numel() != 1:
-            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}; alpha must be one number: "
-                            f"the file is damaged or not a LoRA")
-    for key, parts in kohya.group_modules(tensors).items():
-        for (a, axis_a), (b, axis_b) in _RANK_PAIRS:
-            if "hada_t1" in parts and a.startswith("hada_"):  # Tucker LoHa: w*_a [r, out], w*_b [r, in]
-                axis_a = 0
-            if a in parts and b in parts and (parts[a].dim() <= axis_a or parts[b].dim() <= axis_b
-                                              or parts[a].shape[axis_a] != parts[b].shape[axis_b]):
-                raise UserError(f"{path}: {key}: {a} {tuple(parts[a].shape)} and {b} {tuple(parts[b].shape)} "
-                                f"disagree on the rank; the file is damaged")
-    broken = {} if allow_non_finite else non_finite_modules(tensors)
-    if broken:
-        raise UserError(f"{path}: {len(broken)} modules hold NaN or infinite values (e.g. {next(iter(broken))}); "
-                        f"the adapter is unusable (its training diverged): use an earlier epoch file or retrain "
-                        f"with a lower learning rate. `sdlora inspect` lists the modules")

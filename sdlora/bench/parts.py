@@ -114,7 +114,8 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
     ratio, `*_over_base_unet_call` the U-Net call's own (an upper bound of it).
     """
 
-    from sdlora.adapters.network import adapter_metadata, inject, save_adapter
+    from sdlora.adapters.file import save_adapter
+    from sdlora.adapters.network import adapter_metadata, inject
     from sdlora.config import config_from_dict
     from sdlora.models import load as models
     from sdlora.sampling.sampler import Sampler
@@ -215,6 +216,73 @@ def bench_startup(argvs: list[list[str]], repeats: int = 3) -> dict:
     return figures
 
 
+class ResidentPeak:
+    """The process's peak resident memory over a block, above what was resident when it began.
+
+    Read from the kernel's own high-water mark (VmHWM, reset through /proc/self/clear_refs), so no
+    short peak falls between samples; tracemalloc cannot see torch's CPU tensors. Linux only.
+    """
+
+    @staticmethod
+    def _kib(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def __enter__(self) -> ResidentPeak:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak resident set to the current one
+        self.start = self._kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.extra_bytes = (self._kib("VmHWM") - self.start) * 1024
+
+
+def random_unet(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.nn.Module:
+    """The family's full U-Net at random weights, allocated once in `dtype` (never an fp32 copy first)."""
+    from sdlora.models.arch import build_unet
+
+    unet = torch.nn.Module.to(build_unet(family, device="meta"), dtype).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in unet.parameters():
+            param.normal_(0.0, 0.02, generator=generator)
+    return unet.requires_grad_(False)
+
+
+def unet_adapter_shapes(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """{kohya key: weight shape} of the default [network] targets (`transformer`) of a U-Net."""
+    from sdlora.adapters.keys import module_keys
+    from sdlora.adapters.network import unet_target_paths
+
+    paths = unet_target_paths(unet, "transformer")
+    return {key: tuple(unet.get_submodule(path).weight.shape)
+            for key, path in module_keys(unet, "unet", paths).items()}
+
+
+def bench_merge(family: str, dim: int = 16, alpha: float = 8) -> dict:
+    """Peak memory of merging a default-config U-Net adapter (dim 16, alpha 8, random) into the
+    family's full U-Net (fp16, random weights): `peak_over_base` = (base + the most merging added) / base."""
+    from safetensors.torch import save_file
+
+    from sdlora.adapters.apply import merge_files
+    from sdlora.lowrank.tools import random_adapter
+
+    unet = random_unet(family)
+    base_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "adapter.safetensors"
+        save_file(random_adapter(unet_adapter_shapes(unet), dim, alpha), str(path))
+        start = time.perf_counter()
+        with ResidentPeak() as peak:
+            merged = merge_files({"unet": unet}, [(path, 1.0)])
+        seconds = time.perf_counter() - start
+    return {"base_mb": round(base_bytes / 2**20), "merge_extra_mb": round(peak.extra_bytes / 2**20),
+            "peak_over_base": round((base_bytes + peak.extra_bytes) / base_bytes, 3),
+            "modules": merged[str(path)], "seconds": round(seconds, 1)}
+
+
 def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128,
               startup_argvs: list[list[str]] = ()) -> dict:
     results = {}
@@ -233,6 +301,9 @@ def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", fir
         from sdlora.lowrank.tools import bench_resize
 
         results["resize"] = bench_resize()
+    if "merge" in parts:
+        results["merge_sd15"] = bench_merge("sd_v1")
+        results["merge_sdxl"] = bench_merge("sdxl")
     if "first_step" in parts:
         results["first_step"] = bench_first_step(first_step_model, resolution=first_step_resolution)
     return results

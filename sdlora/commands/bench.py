@@ -17,8 +17,9 @@ Training (embedded tiny base and the SD1.5 architecture at random weights, small
 samples/s, peak memory, the share of step time spent in VAE encoding without and with the
 latent cache, and the LoRA overhead ratio = (forward + backward with adapters) /
 (forward + backward of the same frozen model, gradients flowing to its input: the work a
-LoRA step cannot avoid). Plus the tagger, sampler and resize figures of their stages, and
-start-up: seconds until `sdlora --help`, each `sdlora COMMAND --help` and `--version` exit.
+LoRA step cannot avoid). Plus the tagger, sampler and resize figures of their stages, merge's
+peak memory (a default-config U-Net adapter baked into SD1.5's and SDXL's full U-Nets at random
+fp16 weights: peak_over_base = (base + the most merging added) / base), and start-up: seconds until `sdlora --help`, each `sdlora COMMAND --help` and `--version` exit.
 """
 
 
@@ -27,8 +28,8 @@ def add_command(subparsers) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: the --parts figures; gpu: the GPU suite (benchsuite.py; toy shapes without CUDA)")
-    p.add_argument("--parts", default="train,tagger,sampler,resize,first_step,startup",
-                   help="cpu suite, comma-separated: train, tagger, sampler, resize, first_step, startup "
+    p.add_argument("--parts", default="train,tagger,sampler,resize,merge,first_step,startup",
+                   help="cpu suite, comma-separated: train, tagger, sampler, resize, merge, first_step, startup "
                         "(default: all)")
     p.add_argument("--first-step-base", default="tiny",
                    help="first_step: model.base to train (e.g. a diffusers folder of SD1.5's architecture)")

@@ -98,10 +98,10 @@ def _cmd_resize(args) -> int:
     report = resize(args.input, args.output, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
                     overwrite=args.overwrite)
     print(report.table())
-    converted = sorted({m.kind for m in report.modules if m.kind.split("+")[0] != "lora" or "tucker" in m.kind})
+    converted = sorted({m.kind for m in report.modules if m.converted})
     if converted:
         print(f"note: the input has {', '.join(converted)} modules; the output is a LoRA file (lora_down / lora_up)")
-    if any("dora" in m.kind for m in report.modules):
+    if any(m.dora for m in report.modules):
         print("note: DoRA magnitudes (dora_scale) are kept as they are; only the low-rank update is resized")
     return 0
 
@@ -123,13 +123,13 @@ def _with_default_scale(arg: tuple[Path, float | None]) -> tuple[Path, float]:
 
 
 def _cmd_merge(args) -> int:
-    from sdlora.adapters import network
+    from sdlora.adapters.file import parse_adapter_arg
     from sdlora.lowrank.tools import merge
 
     if len(args.items) < 2:
         raise UserError("merge: usage is `sdlora merge BASE ADAPTER[:SCALE] ... OUT` (at least one adapter and OUT)")
     *adapters, out = args.items
-    merged = merge(args.base, [_with_default_scale(network.parse_adapter_arg(a)) for a in adapters], out,
+    merged = merge(args.base, [_with_default_scale(parse_adapter_arg(a)) for a in adapters], out,
                    dtype=_dtype(args.save_precision), overwrite=args.overwrite)
     for path, n in merged.items():
         print(f"merged {n} modules of {path}")

@@ -58,7 +58,7 @@ def _numbers(text: str, kind, option: str) -> list:
 
 
 def _cmd_sample(args) -> int:
-    from sdlora.adapters.network import parse_adapter_arg
+    from sdlora.adapters.file import parse_adapter_arg
     from sdlora.sampling.sampler import run_sample
 
     overrides = list(args.overrides)

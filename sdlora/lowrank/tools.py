@@ -14,11 +14,12 @@ resize  W = up @ down (unscaled: the scale alpha / rank stays outside), truncate
         its meaning. LoHa, LoKr and Tucker modules are written as plain LoRA. A DoRA module
         keeps its magnitude (dora_scale): only delta W inside W' = m (W0 + delta W) / ||.|| is
         resized, so the output is DoRA too and says so.
-spectra never of the dense W: from the factors (kohya.factored_update), W = A @ B with inner
+spectra never of the dense W: from the factors (kinds.factored_update), W = A @ B with inner
         size r (LoRA) or r^2 (LoHa, Khatri-Rao), through QR of A and B^T and the SVD of the
         small core; LoKr W = kron(W1, W2) has singular values S1[i] * S2[j].
 extract delta = W_tuned - W_base per module, truncated SVD, alpha = rank (scale 1).
-merge   W_base += multiplier * kohya.module_delta (DoRA: from W_base), saved as a checkpoint.
+merge   W_base += multiplier * kinds.module_delta (DoRA: from W_base), one layer at a time in the
+        weight's own dtype (`adapters.apply`), saved as a checkpoint.
 inspect metadata, ranks, alphas, norms and each module's energy curve (optionally a PNG).
 """
 
@@ -32,9 +33,25 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters import kohya
+from sdlora.adapters import apply, keys, kinds
+from sdlora.adapters.file import non_finite_modules, read_adapter, save_adapter
+from sdlora.adapters.network import (
+    network_fields,
+    network_metadata,
+    one_or_dynamic,
+    text_encoder_target_paths,
+    unet_target_paths,
+)
+from sdlora.config import ModelConfig
 from sdlora.errors import UserError
 from sdlora.io import refuse_to_overwrite
+from sdlora.models.arch import build_text_encoder, build_unet
+from sdlora.models.load import (
+    load_base,
+    save_diffusers,
+    save_single_file,
+    stored_dtypes,
+)
 
 ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -122,6 +139,8 @@ class ModuleResize:
     new_rank: int
     energy_kept: float
     relative_error: float
+    converted: bool = False  # a LoHa, LoKr or Tucker module, written as a plain LoRA
+    dora: bool = False  # its DoRA magnitude kept as it is
 
 
 @dataclass
@@ -152,28 +171,17 @@ def _size(n: int) -> str:
 def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], sd_v1: bool) -> tuple[int, ...]:
     """The base weight's shape as far as the adapter tells it.
 
-    A LoRA module carries it (down [r, in, kh, kw]; Tucker: down [r, in, 1, 1], mid [r, r, kh, kw]),
-    as do Tucker LoHa / LoKr cores and a full 4-d lokr_w2. Otherwise LoHa and LoKr store
-    [r, in * kh * kw], so the kernel comes from the diffusers layer name: 3x3 for the U-Net's
-    ResNet and sampler convs, 1x1 conv for SD1.x proj_in / proj_out and ResNet shortcuts.
+    LoRA modules, Tucker cores and a full 4-d lokr_w2 carry it (`kinds.stated_weight_shape`).
+    Otherwise LoHa and LoKr store [r, in * kh * kw], so the kernel comes from the diffusers layer
+    name: 3x3 for the U-Net's ResNet and sampler convs, 1x1 conv for SD1.x proj_in / proj_out and
+    ResNet shortcuts.
     """
-    kind = kohya.module_kind(parts)
-    if kind == "lora":
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if "lora_mid.weight" in parts:
-            return (up.shape[0], down.shape[1], *parts["lora_mid.weight"].shape[2:])
-        return (up.shape[0], *down.shape[1:])
-    if "hada_t1" in parts:  # Tucker: w*_a [r, out], w*_b [r, in], t [r, r, kh, kw]
-        return (parts["hada_w1_a"].shape[1], parts["hada_w1_b"].shape[1], *parts["hada_t1"].shape[2:])
-    pairs = kohya.factored_update(parts)
+    stated = kinds.stated_weight_shape(parts)
+    if stated is not None:
+        return stated
+    pairs = kinds.factored_update(parts)
     out, cols = math.prod(a.shape[0] for a, _ in pairs), math.prod(b.shape[1] for _, b in pairs)
-    if kind == "lokr":
-        w1_cols = pairs[0][1].shape[1]
-        kernel = (parts["lokr_t2"].shape[2:] if "lokr_t2" in parts
-                  else parts["lokr_w2"].shape[2:] if "lokr_w2" in parts and parts["lokr_w2"].dim() == 4 else None)
-        if kernel is not None:
-            return (out, w1_cols * parts.get("lokr_w2_b", parts.get("lokr_w2")).shape[1], *kernel)
-    unet = kohya.part_of(key) == "unet"
+    unet = keys.part_of(key) == "unet"
     if unet and key.endswith(_SPATIAL_CONV_ENDINGS) and cols % 9 == 0:
         return (out, cols // 9, 3, 3)
     if unet and (key.endswith("_conv_shortcut") or (sd_v1 and key.endswith(_SD1_POINTWISE_CONV_ENDINGS))):
@@ -187,7 +195,7 @@ def module_spectrum(parts: dict[str, torch.Tensor]):
 
     Computed from the factors (module docstring): the dense weight change is never formed.
     """
-    pairs = kohya.factored_update(parts)
+    pairs = kinds.factored_update(parts)
     if len(pairs) == 1:
         U, S, Vh = svd_of_product(*pairs[0])
         return S, lambda k: truncate(U, S, Vh, k)
@@ -212,12 +220,12 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
         raise UserError("resize: give exactly one of --rank R or --energy BETA")
     out: dict[str, torch.Tensor] = {}
     records = []
-    for key, parts in kohya.group_modules(tensors).items():
-        kind = kohya.module_variant(parts)
-        scale = kohya.module_scale(parts)
+    for key, parts in keys.group_modules(tensors).items():
+        kind = kinds.module_variant(parts)
+        scale = kinds.module_scale(parts)
         shape = _module_weight_shape(key, parts, sd_v1)
         S, top = module_spectrum(parts)
-        old_rank = kohya.module_rank(parts) or S.numel()
+        old_rank = kinds.module_rank(parts) or S.numel()
         k = choose_rank(S, rank, energy, max_rank)
         up, down = top(k)
         save_dtype = dtype or next(t.dtype for name, t in parts.items() if name not in ("alpha", "dora_scale"))
@@ -227,15 +235,15 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
         out[f"{key}.alpha"] = torch.tensor(scale * k, dtype=save_dtype)
         if "dora_scale" in parts:  # the magnitude is kept as it is: the output is DoRA too
             out[f"{key}.dora_scale"] = parts["dora_scale"]
-        records.append(ModuleResize(key, kind, old_rank, k, energy_kept(S, k), relative_error(S, k)))
+        converted = kinds.kind_of(parts) is not kinds.lora or kinds.has_tucker(parts)
+        records.append(ModuleResize(key, kind, old_rank, k, energy_kept(S, k), relative_error(S, k), converted,
+                                    kinds.has_dora(parts)))
     return out, records
 
 
 def resize(src, dst, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
            overwrite: bool = False) -> ResizeReport:
     """Resize the adapter file `src` into `dst` (a LoRA file whatever the input: LoHa becomes LoRA)."""
-    from sdlora.adapters import network as lora
-
     src, dst = Path(src), Path(dst)
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"resize: --energy {energy} must be in (0, 1], e.g. 0.9 keeps 90% of the squared "
@@ -244,19 +252,17 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
         raise UserError(f"resize: --rank {rank} must be at least 1")
     refuse_to_overwrite(dst, overwrite)
     start = time.perf_counter()
-    tensors, metadata = lora.read_adapter(src)
+    tensors, metadata = read_adapter(src)
     sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
     new, records = resize_tensors(tensors, rank, energy, max_rank, sd_v1=sd_v1)
     metadata = _resized_metadata(metadata, records, rank, energy, max_rank, src)
-    lora.save_adapter(dst, new, metadata, overwrite=overwrite)
+    save_adapter(dst, new, metadata, overwrite=overwrite)
     return ResizeReport(str(src), str(dst), records, src.stat().st_size, dst.stat().st_size,
                         time.perf_counter() - start)
 
 
 def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], rank, energy, max_rank,
                       src: Path) -> dict[str, str]:
-    from sdlora.adapters import network as lora
-
     source_hash = metadata.get("sshs_model_hash")
     metadata = {k: v for k, v in metadata.items() if k != "sshs_model_hash"}  # save_adapter writes the new one
     ranks = sorted({r.new_rank for r in records})
@@ -267,12 +273,12 @@ def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], ran
         alpha = "dynamic"
     elif old_alpha is not None and old_dim:
         alpha = f"{old_alpha / old_dim * ranks[0]:g}"
-    dora = any("dora" in r.kind for r in records)
-    fields = lora.network_fields(lora.one_or_dynamic(ranks), alpha, dora=dora)
+    dora = any(r.dora for r in records)
+    fields = network_fields(one_or_dynamic(ranks), alpha, dora=dora)
     metadata["ss_network_dim"] = fields["ss_network_dim"]
     if alpha is not None:
         metadata["ss_network_alpha"] = alpha
-    if any(r.kind.split("+")[0] != "lora" or "tucker" in r.kind for r in records):  # a plain LoRA now
+    if any(r.converted for r in records):  # a plain LoRA now
         metadata["ss_network_module"] = fields["ss_network_module"]
         metadata["ss_network_args"] = fields["ss_network_args"]
         if "modelspec.architecture" in metadata:
@@ -320,24 +326,19 @@ class ExtractReport:
         return "\n".join(lines)
 
 
-def _load(source, what: str):
-    from sdlora.config import ModelConfig
-    from sdlora.models.load import load_base
-
+def _load(source, what: str, dtype: torch.dtype = torch.float32):
     if not (Path(source).expanduser().exists() or source == "tiny"):
         raise UserError(f"{what} {source}: no such file or folder (give a diffusers folder or a .safetensors checkpoint)")
-    return load_base(ModelConfig(base=str(source)), dtype=torch.float32)
+    return load_base(ModelConfig(base=str(source)), dtype=dtype)
 
 
 def _extract_targets(base, conv_rank: int) -> dict[str, tuple[str, str]]:
     """{kohya key: (part, module path)} of Kohya's default `transformer` targets (plus ResNet convs)."""
-    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
-
     targets = {}
-    for part, model in kohya.model_parts(base).items():
+    for part, model in keys.model_parts(base).items():
         paths = (unet_target_paths(model, "transformer", convs=conv_rank > 0) if part == "unet"
                  else text_encoder_target_paths(model))
-        targets.update({key: (part, path) for key, path in kohya.module_keys(model, part, paths).items()})
+        targets.update({key: (part, path) for key, path in keys.module_keys(model, part, paths).items()})
     return targets
 
 
@@ -347,7 +348,7 @@ def extract_tensors(base, tuned, rank: int | None = None, energy: float | None =
     """(tensors, records, text_encoder_skipped) of the adapter W_tuned - W_base."""
     if (rank is None) == (energy is None):
         raise UserError("extract: give exactly one of --rank R or --energy BETA")
-    models = {"base": kohya.model_parts(base), "tuned": kohya.model_parts(tuned)}
+    models = {"base": keys.model_parts(base), "tuned": keys.model_parts(tuned)}
     targets = _extract_targets(base, conv_rank)
     weights = {}
     for key, (part, path) in targets.items():
@@ -393,8 +394,6 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
             max_rank: int | None = None, conv_rank: int = 0, clamp: float | None = 0.99,
             te_tolerance: float = 1e-4, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExtractReport:
     """Write a Kohya LoRA for the difference tuned - base of two checkpoints of one architecture."""
-    from sdlora.adapters import network as lora
-
     out = Path(out)
     refuse_to_overwrite(out, overwrite)
     if energy is not None and not 0.0 < energy <= 1.0:
@@ -407,14 +406,14 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     base, tuned = _load(base_source, "--base"), _load(tuned_source, "--tuned")
     tensors, records, te_skipped = extract_tensors(base, tuned, rank, energy, max_rank, conv_rank, clamp,
                                                    te_tolerance, dtype)
-    dim = lora.one_or_dynamic(r.new_rank for r in records)
+    dim = one_or_dynamic(r.new_rank for r in records)
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
-    network = lora.network_fields(dim, dim, args=args)  # alpha = rank: scale 1
-    metadata = lora.network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
+    network = network_fields(dim, dim, args=args)  # alpha = rank: scale 1
+    metadata = network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
     metadata["sdlora_extract"] = json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
                                              "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
                                              "clamp_quantile": clamp, "text_encoder_skipped": te_skipped})
-    lora.save_adapter(out, tensors, metadata, overwrite=overwrite)
+    save_adapter(out, tensors, metadata, overwrite=overwrite)
     return ExtractReport(str(out), records, te_skipped, time.perf_counter() - start)
 
 
@@ -423,35 +422,10 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
 
 
 def merge_adapters(base, adapters: list[tuple[Path, float]]) -> dict[str, int]:
-    """Bake adapters into the loaded base in place: W += multiplier * module_delta.
-
-    Returns {adapter path: modules merged}. Every module of every file must find its layer,
-    else nothing is changed and the error names the file and a few keys.
-    """
-    from sdlora.adapters import network as lora
-
-    models = kohya.model_parts(base)
-    maps = {part: kohya.loadable_module_map(model, part) for part, model in models.items()}
-    plans = []
-    for path, multiplier in adapters:
-        tensors, _ = lora.read_adapter(path)
-        groups = kohya.group_modules(tensors)
-        unmatched = sorted(k for k in groups if k not in maps.get(kohya.part_of(k), {}))
-        if unmatched:
-            raise UserError(f"{path}: {len(unmatched)} of {len(groups)} adapter modules match no layer of the base "
-                            f"(e.g. {', '.join(unmatched[:3])}); is it a LoRA for another architecture "
-                            f"(SD1 / SD2 / SDXL)?")
-        layers = [(models[kohya.part_of(k)].get_submodule(maps[kohya.part_of(k)][k]), parts)
-                  for k, parts in groups.items()]
-        deltas = [(layer, kohya.module_delta(parts, layer.weight.shape, layer.weight)) for layer, parts in layers]
-        plans.append((path, multiplier, deltas))
-    merged = {}
-    with torch.no_grad():
-        for path, multiplier, deltas in plans:
-            for layer, delta in deltas:
-                layer.weight.copy_((layer.weight.float() + multiplier * delta).to(layer.weight.dtype))
-            merged[str(path)] = len(deltas)
-    return merged
+    """Bake adapters into the loaded base in place: W += multiplier * module_delta, one layer at a time
+    (`apply.merge_files`). Returns {adapter path: modules merged}. Every module of every file must find
+    its layer and fit it, else nothing is changed and the error names the file and a module."""
+    return apply.merge_files(keys.model_parts(base), adapters)
 
 
 def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dtype | None = None):
@@ -459,14 +433,20 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
 
     For "train, merge, sample": `load_merged(base, [(adapter, 1.0)])[0].pipeline()` renders what
     the merged checkpoint renders, without writing it; `dtype` rounds the weights as saving would.
+
+    Each layer's change is summed in fp32 from its weight and rounded once, one layer at a time
+    (`apply.merge_files`), so memory peaks near the base's own size. The base is loaded in `dtype`
+    when it stores its weights in `dtype` (an fp16 SDXL checkpoint merged to fp16), else in fp32
+    and rounded after merging: either way every weight is rounded to `dtype` once, from fp32.
     """
     for path, _ in adapters:
         if not Path(path).is_file():
             raise UserError(f"merge: adapter {path} does not exist (give ADAPTER[:SCALE], e.g. style.safetensors:0.8)")
-    base = _load(base_source, "BASE")
+    exact = dtype is not None and stored_dtypes(ModelConfig(base=str(base_source))) == {dtype}
+    base = _load(base_source, "BASE", dtype if exact else torch.float32)
     merged = merge_adapters(base, [(Path(p), float(m)) for p, m in adapters])
-    if dtype is not None:
-        for component in (*kohya.model_parts(base).values(), base.vae):
+    if dtype is not None and not exact:
+        for component in (*keys.model_parts(base).values(), base.vae):
             component.to(dtype)
     return base, merged
 
@@ -474,8 +454,6 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
 def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dtype = torch.float16,
           overwrite: bool = False) -> dict[str, int]:
     """Load `base_source`, merge the adapters, save to `out` (.safetensors: one file; else a diffusers folder)."""
-    from sdlora.models import load
-
     out = Path(out)
     refuse_to_overwrite(out, overwrite)
     if not adapters:
@@ -485,9 +463,9 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
                         f"(a diffusers folder)")
     base, merged = load_merged(base_source, adapters, dtype)
     if out.suffix.lower() == ".safetensors":
-        load.save_single_file(base, out, dtype, overwrite=overwrite)
+        save_single_file(base, out, dtype, overwrite=overwrite)
     else:
-        load.save_diffusers(base, out, overwrite=overwrite)
+        save_diffusers(base, out, overwrite=overwrite)
     return merged
 
 
@@ -498,29 +476,26 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
 def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
     """Write the adapter `src` (Kohya, LyCORIS, diffusers or peft keys) as a Kohya-named file `dst`.
 
-    Tensors are those `lora.read_adapter` gives every command (bundled embeddings left out);
+    Tensors are those `read_adapter` gives every command (bundled embeddings left out);
     diffusers' own header keys are dropped, and a file without Kohya metadata gets the
     network fields A1111 reads (module, dim, alpha, output name). Returns the metadata written.
     """
-    from sdlora.adapters import network as lora
-
     src, dst = Path(src), Path(dst)
     refuse_to_overwrite(dst, overwrite)
-    tensors, metadata = lora.read_adapter(src)
+    tensors, metadata = read_adapter(src)
     metadata = {k: v for k, v in metadata.items()
                 if k not in ("lora_adapter_metadata", "format", "sshs_model_hash")}  # save_adapter hashes anew
-    groups = kohya.group_modules(tensors)
-    kinds = {kohya.module_variant(parts) for parts in groups.values()}
+    groups = keys.group_modules(tensors)
     if "ss_network_module" not in metadata:
-        algos = sorted({k.split("+")[0] for k in kinds})
-        lycoris = algos != ["lora"] or any("+" in k for k in kinds)
+        algos = sorted({kinds.module_kind(parts) for parts in groups.values()})
+        lycoris = not all(kinds.is_plain_lora(parts) for parts in groups.values())
         algo = (algos[0] if len(algos) == 1 else "locon") if lycoris else None
-        ranks = [kohya.module_rank(parts) or 0 for parts in groups.values()]
-        alphas = [round(kohya.module_scale(parts) * (kohya.module_rank(parts) or 1), 6) for parts in groups.values()]
-        metadata |= lora.network_fields(lora.one_or_dynamic(ranks), lora.one_or_dynamic(alphas, "{:g}".format), algo,
-                                        dora=any("dora" in k for k in kinds))
+        ranks = [kinds.module_rank(parts) or 0 for parts in groups.values()]
+        alphas = [round(kinds.module_scale(parts) * (kinds.module_rank(parts) or 1), 6) for parts in groups.values()]
+        metadata |= network_fields(one_or_dynamic(ranks), one_or_dynamic(alphas, "{:g}".format), algo,
+                                        dora=any(kinds.has_dora(parts) for parts in groups.values()))
     metadata.setdefault("ss_output_name", dst.stem)
-    lora.save_adapter(dst, tensors, metadata, overwrite=overwrite)
+    save_adapter(dst, tensors, metadata, overwrite=overwrite)
     return metadata
 
 
@@ -542,23 +517,21 @@ class ModuleSpectrum:
 
 def inspect_tensors(tensors: dict[str, torch.Tensor]) -> list[ModuleSpectrum]:
     spectra = []
-    for key, parts in kohya.group_modules(tensors).items():
-        scale = kohya.module_scale(parts)
+    for key, parts in keys.group_modules(tensors).items():
+        scale = kinds.module_scale(parts)
         S, _ = module_spectrum(parts)
-        rank = kohya.module_rank(parts) or S.numel()
+        rank = kinds.module_rank(parts) or S.numel()
         S = S * abs(scale)
         spectra.append(ModuleSpectrum(
-            key, kohya.part_of(key), kohya.module_variant(parts), rank, scale * rank, float(S.norm()),
+            key, keys.part_of(key), kinds.module_variant(parts), rank, scale * rank, float(S.norm()),
             [float(v) for v in S], {f"{level:.0%}": energy_rank(S, level) for level in ENERGY_LEVELS}))
     return spectra
 
 
 def inspect(path, plot: Path | None = None) -> dict:
     """A JSON-ready summary of an adapter file (and optionally a PNG of its spectra)."""
-    from sdlora.adapters import network as lora
-
-    tensors, metadata = lora.read_adapter(path, allow_non_finite=True)
-    broken = lora.non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
+    tensors, metadata = read_adapter(path, allow_non_finite=True)
+    broken = non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
     spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken})
     counts: dict[str, int] = {}
     for m in spectra:
@@ -639,14 +612,11 @@ def format_inspect(summary: dict) -> str:
 
 def sd15_module_shapes() -> dict[str, tuple[int, ...]]:
     """{kohya key: weight shape} of Kohya's default targets on SD1.5 (192 U-Net + 72 text encoder)."""
-    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
-    from sdlora.models.arch import build_text_encoder, build_unet
-
     unet = build_unet("sd_v1", device="meta")  # shapes only, no weights
     text_encoder = build_text_encoder("sd_v1", device="meta")
-    shapes = {kohya.kohya_key("unet", p): tuple(unet.get_submodule(p).weight.shape)
+    shapes = {keys.kohya_key("unet", p): tuple(unet.get_submodule(p).weight.shape)
               for p in unet_target_paths(unet, "transformer")}
-    shapes.update({kohya.kohya_key("te", p): tuple(text_encoder.get_submodule(p).weight.shape)
+    shapes.update({keys.kohya_key("te", p): tuple(text_encoder.get_submodule(p).weight.shape)
                    for p in text_encoder_target_paths(text_encoder)})
     return shapes
 

@@ -173,6 +173,33 @@ def base_weights_file(model_cfg) -> Path | None:
     return path if path.is_file() else None
 
 
+# safetensors' names of the floating dtypes
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def stored_dtypes(model_cfg) -> set[torch.dtype] | None:
+    """The floating dtypes a local base's weights are stored in, read from its safetensors headers
+    without loading a tensor; None when unknown (a hub id, pickled weights)."""
+    if model_cfg.base == "tiny":
+        path = TINY_DIR
+    else:
+        path = Path(model_cfg.base).expanduser()
+    if path.is_dir():
+        files = [f for part in ("unet", "text_encoder", "text_encoder_2", "vae") for f in (path / part).glob("*")
+                 if f.name.startswith(("diffusion_pytorch_model", "model")) and f.suffix in (".safetensors", ".bin")]
+    else:
+        files = [path] if path.is_file() else []
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    found = set()
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {_SAFETENSORS_DTYPES[entry["dtype"]] for name, entry in header.items()
+                  if name != "__metadata__" and entry["dtype"] in _SAFETENSORS_DTYPES}
+    return found
+
+
 def _folder_unet_weights(folder: Path) -> Path:
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (folder / "unet" / name).exists():

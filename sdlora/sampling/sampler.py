@@ -5,13 +5,14 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
     unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
                        per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
     fused / others     A1111's way: the weights are patched in place, W = W0 + sum_i w_i * dW_i
-                       with dW_i = kohya.module_delta (any kind), W0 kept in a CPU copy so every
+                       with dW_i = kinds.module_delta (any kind), W0 kept in a CPU copy so every
                        new set of weights (and weight 0, the base exactly) starts from W0; each
                        dW_i is formed one layer at a time, so memory stays that of the base.
                        diffusers cannot read LoHa, LoKr or Tucker modules and drops DoRA, so
                        files with any of them always take this path, as does a LoRA file of which
                        diffusers leaves a module out.
     When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
+    The patching is the adapters' one engine (`adapters.apply`), which merging uses too.
 
 Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
 swept over `sample.lora_scales` (0 = the base); FILE:SCALE keeps its weight in every column.
@@ -19,7 +20,7 @@ With `--epochs-dir` the columns are the epoch files instead. Cells are thumbnail
 images sit next to the grid.
 
 Before anything is loaded, every module key of a file is matched against the base's
-Linear/Conv2d layers (`kohya.kohya_module_map`) and its shape checked: diffusers would drop
+Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
 unmatched keys silently.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters import kohya
+from sdlora.adapters import apply, keys, kinds
 from sdlora.config import epoch_of_adapter
 from sdlora.errors import UserError
 from sdlora.io import inside, safe_file_stem
@@ -83,128 +84,23 @@ class Adapter:
     weight: float | None  # FILE:SCALE's fixed weight; None = swept by the grid's column scales
     alias: str  # A1111's alias: ss_output_name, else the file stem
     short_hash: str  # A1111's "Lora hashes" value
-    kind: str  # "lora" when every module is a plain LoRA (diffusers loads it), else the variants found
+    kind: str  # "lora" when every module is a plain LoRA (diffusers loads it), else the other variants found
     modules: dict[str, dict[str, torch.Tensor]]  # kohya key -> tensors
     name: str = ""  # the diffusers adapter name, when loaded through diffusers
     from_prompt: bool = False  # loaded for `<lora:name:w>` tags: its weight is set per prompt row
 
 
 def read_for_base(path, weight: float | None, pipe) -> Adapter:
-    """Read an adapter file and check that every module matches a layer of the pipeline's base."""
-    from sdlora.adapters.network import read_adapter, short_hash
+    """Read an adapter file and check that every module matches a layer of the pipeline's base (`apply.read_for_model`)."""
+    from sdlora.adapters.file import short_hash
 
     path = Path(path)
-    tensors, metadata = read_adapter(path)
-    modules = kohya.group_modules(tensors)
-    try:
-        kinds = {kohya.module_variant(parts) for parts in modules.values()}
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    layers = _layers(pipe)
-    unmatched = sorted(k for k in modules if k not in layers)
-    if unmatched:
-        trained_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "unknown"
-        raise UserError(f"{path}: {len(unmatched)} of {len(modules)} adapter modules match no layer of the base "
-                        f"model (e.g. {unmatched[:2]}); it was trained for another architecture "
-                        f"(file says: {trained_for}). Sample it with the base it was trained on ([model] base)")
-    for key, parts in modules.items():
-        shape = _base_weight(layers[key]).shape
-        try:
-            _check_shape(parts, shape)
-        except UserError as e:
-            raise UserError(f"{path}: {key}: {e}") from None
-    # Keys as the base names them (SDXL: SGM's, also for files keyed by diffusers paths).
-    canonical = {id(layer): key for key, layer in _layers(pipe, aliases=False).items()}
-    modules = {canonical[id(layers[key])]: parts for key, parts in modules.items()}
+    modules, metadata = apply.read_for_model(path, keys.model_parts(pipe))
+    plain = all(kinds.is_plain_lora(module) for module in modules.values())
+    variants = {kinds.module_variant(module) for module in modules.values() if not kinds.is_plain_lora(module)}
     return Adapter(path=path, weight=weight, alias=metadata.get("ss_output_name") or path.stem,
-                   short_hash=short_hash(path),
-                   kind="lora" if kinds == {"lora"} else ", ".join(sorted(kinds - {"lora"})),
+                   short_hash=short_hash(path), kind="lora" if plain else ", ".join(sorted(variants)),
                    modules=modules)
-
-
-def _check_shape(parts: dict, shape: torch.Size) -> None:
-    """module_delta's shape check without forming the delta (cheap for LoRA)."""
-    if kohya.module_variant(parts) == "lora":
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if up.shape[0] != shape[0] or down[0].numel() != shape.numel() // shape[0]:
-            raise UserError(f"adapter shape up {tuple(up.shape)} / down {tuple(down.shape)} does not fit the base "
-                            f"weight {tuple(shape)}: the adapter was trained for a different base model")
-    else:
-        kohya.module_update(parts, shape)
-        if "dora_scale" in parts:
-            kohya.dora_axis(parts["dora_scale"], shape)
-
-
-def _layers(pipe, aliases: bool = True) -> dict[str, torch.nn.Module]:
-    """{kohya key: layer} for every Linear/Conv2d of the U-Net and text encoder(s); with aliases,
-    an SDXL U-Net's layers under their diffusers-path keys too (`kohya.loadable_module_map`)."""
-    layers = {}
-    module_map = kohya.loadable_module_map if aliases else kohya.kohya_module_map
-    for part, model in kohya.model_parts(pipe).items():
-        for key, path in module_map(model, part).items():
-            layers[key] = model.get_submodule(path)
-    return layers
-
-
-def _base_weight(layer) -> torch.nn.Parameter:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    # A layer with peft adapters keeps the original one as its base layer.
-    return (layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer).weight
-
-
-def part_multiplier(weight: float | tuple[float, float], text_encoder: bool) -> float:
-    """An adapter's multiplier on one part: a number is both parts'; (te, unet) is A1111's
-    `<lora:name:te:unet>`, te for the text encoder(s), unet for the U-Net."""
-    if isinstance(weight, tuple):
-        return weight[0] if text_encoder else weight[1]
-    return weight
-
-
-class WeightPatcher:
-    """Adapters merged into the weights (A1111's way): W = W0 + sum_i w_i * dW_i, W0 kept aside.
-
-    W0 waits on the CPU (as A1111 keeps its backups) and each dW_i is formed when its layer is
-    set, from the adapter's factors, so no set of full-size deltas is ever held at once.
-    """
-
-    def __init__(self, pipe):
-        self.layers = _layers(pipe)
-        self.originals: dict[str, torch.Tensor] = {}  # kohya key -> W0 on the CPU
-        self.modules: dict[int, dict[str, dict[str, torch.Tensor]]] = {}  # id(adapter) -> kohya key -> tensors
-
-    def add(self, adapter: Adapter) -> None:
-        modules = {}
-        for key, parts in adapter.modules.items():
-            weight = _base_weight(self.layers[key])
-            self.originals.setdefault(key, weight.detach().to("cpu", copy=True))
-            modules[key] = {name: t.to(weight.device) for name, t in parts.items()}
-        self.modules[id(adapter)] = modules
-
-    def remove(self, adapter: Adapter) -> None:
-        self.modules.pop(id(adapter), None)
-
-    @torch.no_grad()
-    def apply(self, weights: dict[int, float | tuple[float, float]]) -> None:
-        """Set every patched weight to W0 + sum of the weighted deltas (weight 0: W0 exactly)."""
-        for key, original in self.originals.items():
-            weight = _base_weight(self.layers[key])
-            base = original.to(weight.device)
-            merged = base.to(torch.float32, copy=True)  # never an alias of the kept W0
-            in_text_encoder = kohya.part_of(key) in kohya.TEXT_PARTS
-            for adapter_id, modules in self.modules.items():
-                w = part_multiplier(weights.get(adapter_id, 0.0), in_text_encoder)
-                if w and key in modules:
-                    merged += w * kohya.module_delta(modules[key], weight.shape, base)
-            weight.copy_(merged.to(original.dtype))
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put every patched weight back to W0 (the base model as loaded)."""
-        for key, original in self.originals.items():
-            _base_weight(self.layers[key]).copy_(original)
-        self.originals.clear()
-        self.modules.clear()
 
 
 class AdapterSet:
@@ -218,17 +114,17 @@ class AdapterSet:
     def __init__(self, pipe, fuse: bool):
         self.pipe, self.fuse = pipe, fuse
         self.adapters: list[Adapter] = []
-        self.patcher: WeightPatcher | None = None
+        self.patcher: apply.Patcher | None = None
         self.current: list[float] = []  # the weights applied now, one per adapter
         self._count = 0
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if not self.fuse and adapter.kind == "lora":
+        if not self.fuse and all(kinds.is_plain_lora(module) for module in adapter.modules.values()):
             self._load_with_diffusers(adapter)
         if not adapter.name:
             if self.patcher is None:
-                self.patcher = WeightPatcher(self.pipe)
+                self.patcher = apply.Patcher(keys.model_parts(self.pipe))
             self.patcher.add(adapter)
         self.adapters.append(adapter)
         self.set_weights(self.current + [0.0])  # a new file starts switched off
@@ -242,9 +138,9 @@ class AdapterSet:
         name = f"adapter{self._count}"
         self._count += 1
         # The Kohya-named tensors as read (diffusers/peft files converted), not the file again, each module
-        # at alpha 1 (diffusers would give every module the most common alpha: `kohya.with_alpha_one`).
+        # at alpha 1 (diffusers would give every module the most common alpha: `kinds.lora.with_alpha_one`).
         tensors = {f"{key}.{part}": t for key, parts in adapter.modules.items()
-                   for part, t in kohya.with_alpha_one(parts).items()}
+                   for part, t in kinds.lora.with_alpha_one(parts, kinds.module_scale(parts)).items()}
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
@@ -255,7 +151,7 @@ class AdapterSet:
                 self.pipe.load_lora_weights(tensors, adapter_name=name)
         except ValueError:  # diffusers 0.42 cannot tell the format of text-encoder attention without out_proj
             pass
-        layers = _layers(self.pipe, aliases=False)
+        layers = apply.model_layers(keys.model_parts(self.pipe), aliases=False)
         # diffusers drops some modules silently (a text encoder's q/k/v when its file has an mlp module but no
         # out_proj), so every module is checked for its peft layer.
         if all(isinstance(layers[key], BaseTunerLayer) and name in getattr(layers[key], "lora_A", {})
@@ -279,7 +175,7 @@ class AdapterSet:
         that hold this adapter (get_list_adapters), so te and unet reach their own layers."""
         if not isinstance(weight, tuple):
             return weight
-        return {component: part_multiplier(weight, component != "unet")
+        return {component: apply.part_multiplier(weight, component != "unet")
                 for component, names in self.pipe.get_list_adapters().items() if adapter.name in names}
 
     def weights_at(self, scale: float) -> list[float]:

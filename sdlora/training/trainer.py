@@ -616,7 +616,7 @@ class Trainer:
 
     def load_init_weights(self, path: str) -> None:
         """network.init_weights: continue from an existing adapter (kohya's network_weights)."""
-        from sdlora.adapters.network import read_adapter
+        from sdlora.adapters.file import read_adapter
 
         try:
             self.network.load_kohya_state_dict(read_adapter(path)[0])
@@ -667,6 +667,7 @@ class Trainer:
 
     def save_adapter(self, path: Path, epoch: int, step: int, started: float) -> None:
         from sdlora.adapters import network as lora
+        from sdlora.adapters.file import save_adapter
 
         tc = self.cfg.train
         from sdlora.models.load import DTYPES
@@ -681,7 +682,7 @@ class Trainer:
         metadata = lora.adapter_metadata(self.cfg, self.base, stats, tag_frequency(self.examples),
                                          dataset_dirs(self.examples, reg=False))
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
-        lora.save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
+        save_adapter(path, self.network.kohya_state_dict(dtype), metadata, overwrite=True)
 
     def save_state(self, epoch: int, batch_in_epoch: int, step: int, losses: list[float]) -> None:
         """Everything --resume needs to continue bit for bit, as data (`state.py`): no pickle."""
