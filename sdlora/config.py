@@ -182,6 +182,19 @@ class NetworkConfig:
     block_lr_zero_threshold: float = opt(0.0, "a block lr weight at or below this becomes 0: the block gets no "
                                               "adapters (kohya's block_lr_zero_threshold)", min=0.0)
 
+    def ranks(self, block: int | None = None) -> tuple[int, float, int, float]:
+        """The effective (dim, alpha, conv_dim, conv_alpha), Kohya's defaults resolved: alpha 0 means
+        alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2. Every reader of the
+        network's ranks (injection, export metadata, the report) asks here.
+
+        block: a U-Net block's (`blocks.block_index`), where block_dims / block_alphas /
+        conv_block_dims / conv_block_alphas replace dim, alpha, conv_dim, conv_alpha when set."""
+        pick = lambda values, default: values[block] if block is not None and values else default  # noqa: E731
+        dim = pick(self.block_dims, self.dim)
+        conv_dim = pick(self.conv_block_dims, self.conv_dim or self.dim)
+        return (dim, pick(self.block_alphas, self.alpha or dim), conv_dim,
+                pick(self.conv_block_alphas, self.conv_alpha or conv_dim / 2))
+
 
 @dataclass
 class TrainConfig:
@@ -364,10 +377,8 @@ def _type_name(t) -> str:
             list: "a list", dict: "a table"}.get(t, str(t))
 
 
-def _coerce(value, f: dataclasses.Field, where: str):
-    """Check one value against its field's type and constraints; return it (int -> float allowed)."""
-    hints = typing.get_type_hints(_owner_of(f))
-    t = hints[f.name]
+def _coerce(value, f: dataclasses.Field, t, where: str):
+    """Check one value against its field's type `t` and constraints; return it (int -> float allowed)."""
     meta = f.metadata
     if t is Any:
         return meta["check"](value, where)
@@ -402,18 +413,6 @@ def _check_bounds(value, meta, where: str):
     return value
 
 
-_OWNERS: dict[int, type] = {}
-
-
-def _owner_of(f: dataclasses.Field) -> type:
-    return _OWNERS[id(f)]
-
-
-for _cls in [Config, SubsetConfig, *SECTION_CLASSES.values()]:
-    for _f in dataclasses.fields(_cls):
-        _OWNERS[id(_f)] = _cls
-
-
 def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
     from sdlora.kohya_names import kohya_hint
 
@@ -426,6 +425,7 @@ def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
 
 def _build(cls, data: dict, where: str, base_dir: Path | None):
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    types = typing.get_type_hints(cls)  # annotations are strings here (`from __future__ import annotations`)
     values = {}
     for key, value in data.items():
         if key not in fields:
@@ -440,7 +440,7 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
         if cls is DatasetConfig and key == "subsets":
             values[key] = _build_subsets(value, data, f"{where}", base_dir)
             continue
-        value = _coerce(value, f, loc)
+        value = _coerce(value, f, types[key], loc)
         values[key] = value
     obj = cls(**values)
     if base_dir is not None:
