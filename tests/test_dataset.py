@@ -180,6 +180,26 @@ def test_read_only_image_folder_gets_captions_in_the_output_folder(tmp_path, mon
     assert examples["b/scene_03.png"].tags == parse_caption((built / "b" / "scene_03.txt").read_text())
 
 
+def test_reading_the_manifest_writes_nothing_into_the_image_folders(tmp_path, monkeypatch):
+    """A read is a read: no probe file in a read-only or watched image folder, no writability check."""
+    import os
+
+    images = demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
+    cfg = write_config(tmp_path, "images")
+    assert cli.main(["dataset", str(cfg), "--set", "caption.tagger='none'"]) == 0
+    config = load_config(cfg, ["caption.tagger='none'"])
+    before = sorted(os.listdir(images))
+
+    def probe(folder):
+        raise AssertionError(f"{folder} probed for writability on a read")
+
+    monkeypatch.setattr(dataset, "_folder_writable", probe)
+    manifest = dataset.read_manifest(config)
+    assert manifest is not None and len(manifest.images) == 2
+    assert dataset.current_manifest(config, log=lambda m: None) == manifest  # current: read, not rebuilt
+    assert sorted(os.listdir(images)) == before
+
+
 def test_demo_set_captions_with_the_embedded_tagger(tmp_path):
     """Acceptance: trigger first, no style tag, no duplicate, time of day right for >= 80%."""
     images = demo_copy(tmp_path / "images")

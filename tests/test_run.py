@@ -40,6 +40,25 @@ def test_run_trains_once_then_a_second_run_does_nothing_and_a_changed_config_is_
     assert adapter.stat().st_mtime_ns != mtime
 
 
+def test_one_run_walks_the_dataset_folders_once(tmp_path, mini_base_dir, monkeypatch):
+    """The manifest is resolved once per `sdlora run` and handed down: the trainer, the up-to-date
+    check, the results and the style figures do not walk the image folders again."""
+    from types import SimpleNamespace
+
+    from sdlora.data import dataset
+    from sdlora.sampling import sampler
+
+    monkeypatch.setattr(sampler, "run_sample", lambda *a, **k: SimpleNamespace(images=[], folder=tmp_path))
+    walks = []
+    real = dataset._scan_subsets
+    monkeypatch.setattr(dataset, "_scan_subsets", lambda *a, **k: walks.append(1) or real(*a, **k))
+    path = make_style(tmp_path, mini_base_dir, extra=RUN_EXTRA)
+    run.run(load_config(path), log=lambda m: None)  # trains
+    assert len(walks) == 1
+    run.run(load_config(path), log=lambda m: None)  # up to date
+    assert len(walks) == 2
+
+
 def test_trainer_renders_previews_every_n_epochs(tmp_path, mini_base_dir):
     extra = "[sample]\nprompts = [\"clrscn, lake\"]\nevery_n_epochs = 1\npreview_steps = 2"
     cfg = load_config(make_style(tmp_path, mini_base_dir, extra=extra), ["train.epochs=3"])
