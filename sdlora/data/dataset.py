@@ -254,7 +254,6 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     retag = c.retag if retag is None else retag
     subsets, found = _scan_subsets(cfg, log)
     folder = _root(subsets)
-    captioner_before = captioner.images_encoded
     for written_to in (*{s.image_dir for s in subsets if not s.is_reg}, cfg.output_dir):  # captions, reports, caches of a killed run
         remove_stale_temps(written_to, log=log)
     tagger, vocabulary, unknown = None, [], []
@@ -278,7 +277,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
 
     report = DatasetReport(folder, records, rejected, [[records[i].path for i in g] for g in groups], caption_dir,
                            _settings(cfg, cos_threshold, tagger), unknown, dropped, written, backups,
-                           captioner.images_encoded - captioner_before, subsets)
+                           tagger.images_encoded if tagger else 0, subsets)
     write_report(cfg, report, log)
     report.manifest = write_manifest(cfg, report, found, beside)
     return report
