@@ -79,6 +79,7 @@ def run(cfg: Config, log=print) -> dict:
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")
     manifest = dataset.build_dataset(cfg, log=log).manifest  # the run's one manifest, handed to every stage
     final = cfg.adapter_path()
+    trained = None  # the TrainResult, when this run trains
     if adapter_up_to_date(cfg, final, manifest):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
         after = results.after_training(cfg, manifest, log=log, trained=False)
@@ -87,7 +88,7 @@ def run(cfg: Config, log=print) -> dict:
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
                             why=" but was trained with other settings or images",
                             rename="set output.output_name to another name")
-        trainer.train(cfg, log=log, manifest=manifest)
+        trained = trainer.train(cfg, log=log, manifest=manifest)
         after = results.after_training(cfg, manifest, log=log)
     log("== 3/3 samples")
     result = sampler.run_sample(cfg, loras=[(final, None)], log=log)
@@ -104,4 +105,4 @@ def run(cfg: Config, log=print) -> dict:
     log("\nDone.")
     for name, path in paths.items():
         log(f"  {name:15s} {path}")
-    return {"paths": paths, "figures": figures, "sample": result, **after}
+    return {"paths": paths, "figures": figures, "sample": result, "train": trained, **after}

@@ -287,6 +287,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     report: Path | None = None
+    vae_encodes: int = 0  # latents this training encoded (the rest came from the cache)
+    te_encodes: int = 0  # captions whose frozen text-encoder outputs it encoded
 
 
 @dataclass
@@ -847,6 +849,8 @@ class Trainer:
                 self.maybe_preview(epoch + 1, step, started, last)
             acc.wait_for_everyone()
         bar.close()
+        result.vae_encodes = self.latents.cache.encodes
+        result.te_encodes = self.te_cache.encodes if self.te_cache is not None else 0
         if acc.is_main_process:
             self.save_adapter(final, self.epochs, step, started)
             self.save_state(self.epochs, 0, step, losses)
