@@ -100,6 +100,19 @@ def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
 # Injection
 
 
+def network_ranks(net, block: int | None = None) -> tuple[int, float, int, float]:
+    """(dim, alpha, conv_dim, conv_alpha) of a [network] config with Kohya's defaults: alpha 0 means
+    alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2.
+
+    block: a U-Net block's (`blocks.block_index`), where network.block_dims / block_alphas /
+    conv_block_dims / conv_block_alphas replace dim, alpha, conv_dim, conv_alpha when set."""
+    pick = lambda values, default: values[block] if block is not None and values else default  # noqa: E731
+    dim = pick(net.block_dims, net.dim)
+    conv_dim = pick(net.conv_block_dims, net.conv_dim or net.dim)
+    return (dim, pick(net.block_alphas, net.alpha or dim), conv_dim,
+            pick(net.conv_block_alphas, net.conv_alpha or conv_dim / 2))
+
+
 def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -> tuple[dict, dict, list | None]:
     """kohya's block-wise [network] settings on the U-Net modules `paths`: ({path: (dim, alpha)} of the
     modules to create, {path: block}, one lr weight per block or None). A module whose block has
@@ -111,7 +124,7 @@ def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -
     ranks, block_of = {}, {}
     for key, path in kohya.module_keys(unet, "unet", paths).items():
         block = blocks.block_index(key, sgm)
-        dim, alpha, conv_dim, conv_alpha = network_cfg.ranks(block)
+        dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg, block)
         rank = (conv_dim, conv_alpha) if _is_spatial_conv(modules[path]) else (dim, alpha)
         if rank[0] and (lr_weights is None or lr_weights[block]):
             ranks[path], block_of[path] = rank, block
@@ -137,7 +150,7 @@ def _peft_config(network_cfg, paths: list[str], model: nn.Module, ranks: dict | 
     or each path its (dim, alpha) from `ranks` (block-wise settings)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    dim, alpha, conv_dim, conv_alpha = network_cfg.ranks()
+    dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg)
     if ranks is None:
         modules = dict(model.named_modules())
         ranks = {p: (conv_dim, conv_alpha) for p in paths if _is_spatial_conv(modules[p])}
@@ -447,7 +460,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
     width, height = resolution_pair(data.resolution)
-    _, alpha, conv_dim, conv_alpha = net.ranks()
+    _, alpha, conv_dim, conv_alpha = network_ranks(net)
     network_args = {}
     if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")

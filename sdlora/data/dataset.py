@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlora.config import Config
+from sdlora.config import Config, Subset
 from sdlora.data import caption as captioner
 from sdlora.data.images import (
     CONTACT_SHEET,
@@ -46,7 +46,7 @@ from sdlora.data.images import (
     load_image,
     scan_images,
 )
-from sdlora.data.subsets import Subset, resolve_subsets
+from sdlora.data.subsets import resolve_subsets
 from sdlora.data.tags import (
     drop_rare,
     format_caption,
@@ -98,7 +98,7 @@ class DatasetReport:
     written: list[Path] = field(default_factory=list)
     backups: list[Path] = field(default_factory=list)
     images_encoded: int = 0
-    subsets: list = field(default_factory=list)  # subsets.Subset, indexed by ImageRecord.subset
+    subsets: list = field(default_factory=list)  # config.Subset, indexed by ImageRecord.subset
     manifest: Manifest | None = None  # what write_manifest wrote: the hand-off to the next stage
 
     @property

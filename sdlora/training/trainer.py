@@ -378,8 +378,10 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
     """
     if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
         return
+    from sdlora.adapters.network import network_ranks
+
     tc = cfg.train
-    dim, alpha, _, _ = cfg.network.ranks()
+    dim, alpha, _, _ = network_ranks(cfg.network)
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     last = f"last finite loss {losses[-1]:.4f} at step {step - 1}" if losses else "no step had finished"
     if tc.mixed_precision == "fp16":
@@ -1051,11 +1053,12 @@ def validation_lines(trainer: Trainer) -> list[str]:
 
 
 def write_report(trainer: Trainer, result: TrainResult) -> Path:
+    from sdlora.adapters.network import network_ranks
     from sdlora.io import atomic_write_text
     from sdlora.sampling.plot import line_plot
 
     cfg = trainer.cfg
-    dim, alpha, _, _ = cfg.network.ranks()
+    dim, alpha, _, _ = network_ranks(cfg.network)
     out = cfg.output_dir
     curve = out / "loss_curve.png"
     line_plot(result.losses, curve, title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss")
