@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sdlora.config import Config
+from sdlora.data.dataset import Manifest
 from sdlora.errors import UserError
 from sdlora.io import atomic_path, atomic_write_text
 
@@ -241,7 +242,7 @@ def export_resized(cfg: Config, *, style: list, log=print, sampler=None, tagger=
             "full": full, "resized": small}
 
 
-def after_training(cfg: Config, manifest, log=print, trained: bool = True) -> dict:
+def after_training(cfg: Config, manifest: Manifest, log=print, trained: bool = True) -> dict:
     """`sdlora run`'s steps after a training: rank the epochs (keep the best when asked), resize by
     energy. Without a new training (the adapter was up to date) only a missing or older resized
     file is written. manifest: the run's `dataset.Manifest` (its style images are the palette reference)."""
