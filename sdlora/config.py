@@ -345,13 +345,33 @@ def epoch_of_adapter(file_name: str) -> tuple[str, int] | None:
     return (m["name"], int(m["epoch"])) if m else None
 
 
-SubsetConfig = dataclasses.make_dataclass(
-    "SubsetConfig",
+def _subset_name(self) -> str:
+    """kohya's key for ss_dataset_dirs and ss_tag_frequency: the folder's basename."""
+    return Path(self.image_dir).name
+
+
+def _subset_to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _subset_from_dict(cls, data: dict):
+    return cls(**data)
+
+
+# The one subset type, from the config to the manifest: a [[dataset.subsets]] table as written, and
+# each subset training reads once kohya's folders are expanded (`subsets.resolve_subsets`, which
+# says where it came from in `origin`); the manifest stores its to_dict() and reads it back.
+Subset = dataclasses.make_dataclass(
+    "Subset",
     [(f.name, f.type, field(default=f.default, metadata=f.metadata))
      for f in dataclasses.fields(DatasetConfig) if f.name in SUBSET_SHARED_KEYS]
-    + [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(_SubsetOnly)],
-    namespace={"__doc__": "One [[dataset.subsets]] table (kohya's subset): a folder and its caption rules."})
-SubsetConfig.__module__ = __name__
+    + [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in dataclasses.fields(_SubsetOnly)]
+    + [("origin", str, field(default="config", metadata={"internal": True}))],  # "config" or "folder N_words"
+    namespace={"__doc__": "One [[dataset.subsets]] table (kohya's subset): a folder and its caption rules.",
+               "name": property(_subset_name), "to_dict": _subset_to_dict,
+               "from_dict": classmethod(_subset_from_dict)},
+    frozen=True)
+Subset.__module__ = __name__
 
 SECTION_CLASSES = {
     "model": ModelConfig, "dataset": DatasetConfig, "caption": CaptionConfig, "network": NetworkConfig,
@@ -364,10 +384,8 @@ def _type_name(t) -> str:
             list: "a list", dict: "a table"}.get(t, str(t))
 
 
-def _coerce(value, f: dataclasses.Field, where: str):
-    """Check one value against its field's type and constraints; return it (int -> float allowed)."""
-    hints = typing.get_type_hints(_owner_of(f))
-    t = hints[f.name]
+def _coerce(value, f: dataclasses.Field, t, where: str):
+    """Check one value against its field's type `t` and constraints; return it (int -> float allowed)."""
     meta = f.metadata
     if t is Any:
         return meta["check"](value, where)
@@ -402,22 +420,10 @@ def _check_bounds(value, meta, where: str):
     return value
 
 
-_OWNERS: dict[int, type] = {}
-
-
-def _owner_of(f: dataclasses.Field) -> type:
-    return _OWNERS[id(f)]
-
-
-for _cls in [Config, SubsetConfig, *SECTION_CLASSES.values()]:
-    for _f in dataclasses.fields(_cls):
-        _OWNERS[id(_f)] = _cls
-
-
 def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
     from sdlora.kohya_names import kohya_hint
 
-    section = {c: name for name, c in SECTION_CLASSES.items()}.get(cls, "dataset.subsets[]" if cls is SubsetConfig else None)
+    section = {c: name for name, c in SECTION_CLASSES.items()}.get(cls, "dataset.subsets[]" if cls is Subset else None)
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = kohya_hint(key, section) or (f"; did you mean '{close[0]}'?" if close else
                                         f"; known keys: {', '.join(sorted(known))}")
@@ -426,6 +432,7 @@ def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
 
 def _build(cls, data: dict, where: str, base_dir: Path | None):
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    types = typing.get_type_hints(cls)  # annotations are strings here (`from __future__ import annotations`)
     values = {}
     for key, value in data.items():
         if key not in fields:
@@ -440,15 +447,13 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
         if cls is DatasetConfig and key == "subsets":
             values[key] = _build_subsets(value, data, f"{where}", base_dir)
             continue
-        value = _coerce(value, f, loc)
+        value = _coerce(value, f, types[key], loc)
         values[key] = value
     obj = cls(**values)
     if base_dir is not None:
-        for f in fields.values():
-            if f.metadata.get("path"):
-                v = getattr(obj, f.name)
-                if v and not Path(v).is_absolute():
-                    setattr(obj, f.name, str((base_dir / v).resolve()))
+        relative = {f.name: getattr(obj, f.name) for f in fields.values() if f.metadata.get("path")}
+        resolved = {k: str((base_dir / v).resolve()) for k, v in relative.items() if v and not Path(v).is_absolute()}
+        obj = dataclasses.replace(obj, **resolved)  # subsets are frozen
     return obj
 
 
@@ -457,11 +462,11 @@ def path_keys() -> set[str]:
     config file's folder), subsets' as `dataset.subsets[].KEY`."""
     keys = {f"{section}.{f.name}" for section, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls)
             if f.metadata.get("path")}
-    return keys | {f"dataset.subsets[].{f.name}" for f in dataclasses.fields(SubsetConfig) if f.metadata.get("path")}
+    return keys | {f"dataset.subsets[].{f.name}" for f in dataclasses.fields(Subset) if f.metadata.get("path")}
 
 
 def _build_subsets(entries, dataset: dict, where: str, base_dir: Path | None) -> list:
-    """[[dataset.subsets]] -> SubsetConfig list; each unset shared key takes the [dataset] value."""
+    """[[dataset.subsets]] -> Subset list; each unset shared key takes the [dataset] value."""
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{where}subsets: expected [[dataset.subsets]] tables")
     out = []
@@ -470,7 +475,7 @@ def _build_subsets(entries, dataset: dict, where: str, base_dir: Path | None) ->
         if "image_dir" not in entry:
             raise ConfigError(f"{loc}: image_dir is missing; every [[dataset.subsets]] table names its folder")
         inherited = {k: dataset[k] for k in SUBSET_SHARED_KEYS if k in dataset and k != "image_dir"}
-        out.append(_build(SubsetConfig, {**inherited, **entry}, loc, base_dir))
+        out.append(_build(Subset, {**inherited, **entry}, loc, base_dir))
     return out
 
 

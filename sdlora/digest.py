@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sdlora.io import atomic_write_text
 
-STATS = {"files_hashed": 0}
+# A pure cache: keyed by (real path, size, mtime), it returns what _sha256 would compute for an
+# unchanged file, so nothing but speed depends on it (a changed file has a new key).
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -21,7 +22,6 @@ def file_digest(path: Path) -> str:
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
         _DIGESTS[key] = _sha256(path)
-        STATS["files_hashed"] += 1
     return _DIGESTS[key]
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdlora.config import Config
+from sdlora.data.dataset import Manifest
 from sdlora.io import refuse_to_overwrite
 
 
-def adapter_up_to_date(cfg: Config, path: Path) -> bool:
-    """True when `path` was trained from exactly this config, base and dataset (read from the
-    dataset manifest: no image is scanned or decoded).
+def adapter_up_to_date(cfg: Config, path: Path, manifest: Manifest | None = None) -> bool:
+    """True when `path` was trained from exactly this config, base and dataset (the run's manifest,
+    resolved here when None: no image is scanned or decoded).
 
     The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
     that of the file now at model.base, so another model copied over the same path retrains.
@@ -28,25 +29,24 @@ def adapter_up_to_date(cfg: Config, path: Path) -> bool:
     if not path.is_file():
         return False
     _, metadata = read_adapter(path)
-    if metadata.get("sdlora_config_hash") != config_hash(cfg, collect_examples(cfg, log=lambda m: None)):
+    if metadata.get("sdlora_config_hash") != config_hash(cfg, collect_examples(cfg, lambda m: None, manifest)):
         return False
     weights = base_weights_file(cfg.model)
     return weights is None or metadata.get("ss_new_sd_model_hash") == stored_digest(
         weights, cfg.output_dir / "cache" / "base_digests.json")
 
 
-def style_figures(cfg: Config, rendered) -> dict | None:
+def style_figures(cfg: Config, rendered, manifest: Manifest) -> dict | None:
     """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
     from PIL import Image
 
     from sdlora.sampling.metrics import style_shift
-    from sdlora.training.results import style_images
 
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
     if not base or not lora:
         return None
-    return style_shift(base, lora, style_images(cfg))
+    return style_shift(base, lora, manifest.style_images())
 
 
 def append_style_report(cfg: Config, figures: dict) -> None:
@@ -77,21 +77,22 @@ def run(cfg: Config, log=print) -> dict:
     out = cfg.output_dir
     sampler.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")
-    dataset.build_dataset(cfg, log=log)
+    manifest = dataset.build_dataset(cfg, log=log).manifest  # the run's one manifest, handed to every stage
     final = cfg.adapter_path()
-    if adapter_up_to_date(cfg, final):
+    trained = None  # the TrainResult, when this run trains
+    if adapter_up_to_date(cfg, final, manifest):
         log(f"== 2/3 train: {final} is up to date with this config and dataset; not retraining")
-        after = results.after_training(cfg, log=log, trained=False)
+        after = results.after_training(cfg, manifest, log=log, trained=False)
     else:
         log("== 2/3 train")
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
                             why=" but was trained with other settings or images",
                             rename="set output.output_name to another name")
-        trainer.train(cfg, log=log)
-        after = results.after_training(cfg, log=log)
+        trained = trainer.train(cfg, log=log, manifest=manifest)
+        after = results.after_training(cfg, manifest, log=log)
     log("== 3/3 samples")
     result = sampler.run_sample(cfg, loras=[(final, None)], log=log)
-    figures = style_figures(cfg, result.images)
+    figures = style_figures(cfg, result.images, manifest)
     if figures:
         append_style_report(cfg, figures)
         log(f"style: colourfulness {figures['colourfulness_base']:.1f} -> {figures['colourfulness_lora']:.1f} "
@@ -104,4 +105,4 @@ def run(cfg: Config, log=print) -> dict:
     log("\nDone.")
     for name, path in paths.items():
         log(f"  {name:15s} {path}")
-    return {"paths": paths, "figures": figures, "sample": result, **after}
+    return {"paths": paths, "figures": figures, "sample": result, "train": trained, **after}

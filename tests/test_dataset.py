@@ -107,10 +107,9 @@ def test_rerun_changes_nothing_and_encodes_nothing_then_retag_backs_up(tmp_path)
     assert cli.main(["dataset", str(cfg)]) == 0
     first = captions_state(images)
     assert len(first) == 3
-    encoded = caption.images_encoded
-    assert cli.main(["dataset", str(cfg)]) == 0
+    again = dataset.build_dataset(load_config(cfg), log=lambda m: None)
     assert captions_state(images) == first
-    assert caption.images_encoded == encoded
+    assert again.images_encoded == 0
 
     # A user's own caption is kept as written unless --retag; with it, the old one is backed up.
     (images / "scene_01.txt").write_text("my own words, clrscn\n")
@@ -122,8 +121,8 @@ def test_rerun_changes_nothing_and_encodes_nothing_then_retag_backs_up(tmp_path)
     assert captions_state(images)["scene_00.txt"] == first["scene_00.txt"]  # same text: not rewritten
 
     # A new threshold re-scores the cached embeddings: fewer tags, no image encoded.
-    assert cli.main(["dataset", str(cfg), "--retag", "--set", "caption.threshold=0.9"]) == 0
-    assert caption.images_encoded == encoded
+    rescored = dataset.build_dataset(load_config(cfg, ["caption.threshold=0.9"]), retag=True, log=lambda m: None)
+    assert rescored.images_encoded == 0
     after = {p.name: p.read_text() for p in images.glob("*.txt")}
     assert all(parse_caption(t)[0] == "clrscn" for t in after.values())
     assert sum(len(parse_caption(t)) for t in after.values()) < sum(len(parse_caption(b.decode())) for b, _ in first.values())
@@ -180,6 +179,26 @@ def test_read_only_image_folder_gets_captions_in_the_output_folder(tmp_path, mon
     assert examples["b/scene_03.png"].tags == parse_caption((built / "b" / "scene_03.txt").read_text())
 
 
+def test_reading_the_manifest_writes_nothing_into_the_image_folders(tmp_path, monkeypatch):
+    """A read is a read: no probe file in a read-only or watched image folder, no writability check."""
+    import os
+
+    images = demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
+    cfg = write_config(tmp_path, "images")
+    assert cli.main(["dataset", str(cfg), "--set", "caption.tagger='none'"]) == 0
+    config = load_config(cfg, ["caption.tagger='none'"])
+    before = sorted(os.listdir(images))
+
+    def probe(folder):
+        raise AssertionError(f"{folder} probed for writability on a read")
+
+    monkeypatch.setattr(dataset, "_folder_writable", probe)
+    manifest = dataset.read_manifest(config)
+    assert manifest is not None and len(manifest.images) == 2
+    assert dataset.current_manifest(config, log=lambda m: None) == manifest  # current: read, not rebuilt
+    assert sorted(os.listdir(images)) == before
+
+
 def test_demo_set_captions_with_the_embedded_tagger(tmp_path):
     """Acceptance: trigger first, no style tag, no duplicate, time of day right for >= 80%."""
     images = demo_copy(tmp_path / "images")
@@ -234,7 +253,7 @@ def test_tagger_config_mistakes_are_user_errors(tmp_path):
         caption.read_vocabulary(tmp_path / "none.txt")
 
 
-def test_packaged_vocabulary_works_anywhere_and_vocabulary_mistakes_cost_no_encoding(tmp_path, capsys):
+def test_packaged_vocabulary_works_anywhere_and_vocabulary_mistakes_cost_no_encoding(tmp_path, capsys, monkeypatch):
     demo_copy(tmp_path / "images", {"scene_00.png", "scene_01.png"})
     cfg = write_config(tmp_path, "images")  # no [caption] vocabulary: the packaged one, wherever the config is
     assert "vocabulary" not in cfg.read_text()
@@ -242,12 +261,13 @@ def test_packaged_vocabulary_works_anywhere_and_vocabulary_mistakes_cost_no_enco
     assert all(r["caption"].startswith("clrscn, ") for r in report_of(tmp_path)["kept"])
 
     (tmp_path / "unknown.txt").write_text("spaceship\nrobot arm\n")
+    taggers, load_tagger = [], caption.load_tagger
+    monkeypatch.setattr(caption, "load_tagger", lambda *a, **k: taggers.append(load_tagger(*a, **k)) or taggers[-1])
     for vocabulary, message in (("missing.txt", "tag vocabulary not found"),
                                 ("unknown.txt", "none of its tags is known to the tiny tagger")):
-        before = caption.images_encoded
         demo_copy(tmp_path / "more", {"scene_02.png"})
         code = cli.main(["dataset", str(cfg), "--retag", "--set", f"caption.vocabulary='{tmp_path / vocabulary}'",
                          "--set", f"dataset.image_dir='{tmp_path / 'more'}'"])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err
-        assert caption.images_encoded == before  # refused before the tagger encoded any image
+        assert sum(t.images_encoded for t in taggers) == 0  # refused before the tagger encoded any image

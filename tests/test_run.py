@@ -9,7 +9,6 @@ from test_train import make_style
 from sdlora import run
 from sdlora.config import load_config
 from sdlora.errors import UserError
-from sdlora.training import cache
 from sdlora.training import trainer as train
 
 RUN_EXTRA = ("max_train_steps = 4\n[caption]\ntagger = \"none\"\n[sample]\nprompts = [\"clrscn, lake\"]\n"
@@ -23,12 +22,11 @@ def test_run_trains_once_then_a_second_run_does_nothing_and_a_changed_config_is_
     adapter = first["paths"]["adapter"]
     assert adapter.is_file() and first["sample"].grids and (tmp_path / "out" / "report.md").exists()
     mtime = adapter.stat().st_mtime_ns
-    encodes = dict(cache.STATS)
     logs = []
     again = run.run(load_config(path), log=logs.append)
     assert any("up to date" in line for line in logs)
     assert adapter.stat().st_mtime_ns == mtime  # not retrained
-    assert cache.STATS["vae_encodes"] == encodes["vae_encodes"]  # nothing re-encoded
+    assert again["train"] is None  # not retrained: nothing re-encoded
     assert again["figures"] is not None  # samples at scale 0 and 1: style figures in the report
     changed = load_config(path, ["train.unet_lr=1e-3"])
     with pytest.raises(UserError, match=r"already exists but was trained with other settings or images; set "
@@ -38,6 +36,25 @@ def test_run_trains_once_then_a_second_run_does_nothing_and_a_changed_config_is_
     assert adapter.stat().st_mtime_ns == mtime
     run.run(load_config(path, ["train.unet_lr=1e-3", "train.overwrite=true"]), log=lambda m: None)
     assert adapter.stat().st_mtime_ns != mtime
+
+
+def test_one_run_walks_the_dataset_folders_once(tmp_path, mini_base_dir, monkeypatch):
+    """The manifest is resolved once per `sdlora run` and handed down: the trainer, the up-to-date
+    check, the results and the style figures do not walk the image folders again."""
+    from types import SimpleNamespace
+
+    from sdlora.data import dataset
+    from sdlora.sampling import sampler
+
+    monkeypatch.setattr(sampler, "run_sample", lambda *a, **k: SimpleNamespace(images=[], folder=tmp_path))
+    walks = []
+    real = dataset._scan_subsets
+    monkeypatch.setattr(dataset, "_scan_subsets", lambda *a, **k: walks.append(1) or real(*a, **k))
+    path = make_style(tmp_path, mini_base_dir, extra=RUN_EXTRA)
+    run.run(load_config(path), log=lambda m: None)  # trains
+    assert len(walks) == 1
+    run.run(load_config(path), log=lambda m: None)  # up to date
+    assert len(walks) == 2
 
 
 def test_trainer_renders_previews_every_n_epochs(tmp_path, mini_base_dir):

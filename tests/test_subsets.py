@@ -10,7 +10,6 @@ from sdlora.config import ConfigError, load_config
 from sdlora.data import dataset, images
 from sdlora.data.subsets import balanced_repeats, repeat_folder
 from sdlora.tiny.scenery import make_scene_image
-from sdlora.training import cache
 from sdlora.training import trainer as train
 
 
@@ -194,10 +193,9 @@ def test_one_run_decodes_each_image_once(tmp_path, mini_base_dir, monkeypatch):
 
     monkeypatch.setattr(images, "load_image", counting)
     monkeypatch.setattr(dataset, "load_image", counting)
-    encodes = cache.STATS["vae_encodes"]
-    run.run(load_config(path), log=lambda m: None)
+    first = run.run(load_config(path), log=lambda m: None)
     everything = [p for paths in made.values() for p in paths]
-    assert cache.STATS["vae_encodes"] - encodes == len(everything)
+    assert first["train"].vae_encodes == len(everything)
     assert decodes == {p: 2 for p in everything}  # the dataset stage + the VAE encode
     decodes.clear()
     run.run(load_config(path), log=lambda m: None)  # up to date: nothing retrained or re-encoded

@@ -13,7 +13,6 @@ from sdlora import digest
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.tiny.scenery import make_scene_image
-from sdlora.training import cache
 from sdlora.training import trainer as train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,29 +112,27 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir, in
         assert torch.equal(ta[k], tb[k]), k
 
 
-def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir):
+def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir, monkeypatch):
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.overwrite=true"])
-    cache.STATS.update(vae_encodes=0)
-    digest.STATS.update(files_hashed=0)
+    hashed, sha256 = [], digest._sha256
+    monkeypatch.setattr(digest, "_sha256", lambda path: hashed.append(path) or sha256(path))
     digest._DIGESTS.clear()
-    train.train(cfg, log=lambda m: None)
-    assert cache.STATS["vae_encodes"] == 4
-    assert digest.STATS["files_hashed"] == 5  # 4 images + the base's UNet weights (its model hash)
-    train.train(cfg, log=lambda m: None)
-    assert cache.STATS["vae_encodes"] == 4  # second run: zero encodes
-    assert digest.STATS["files_hashed"] == 5  # and in one process, no file is hashed twice
+    vae_encodes = train.train(cfg, log=lambda m: None).vae_encodes
+    assert vae_encodes == 4
+    assert len(hashed) == 5  # 4 images + the base's UNet weights (its model hash)
+    vae_encodes += train.train(cfg, log=lambda m: None).vae_encodes
+    assert vae_encodes == 4  # second run: zero encodes
+    assert len(hashed) == 5  # and in one process, no file is hashed twice
     img, _ = make_scene_image(99, "colorful", 64)
     img.save(tmp_path / "images" / "img0.png")
-    train.train(cfg, log=lambda m: None)
-    assert cache.STATS["vae_encodes"] == 5  # only the changed image
-    assert digest.STATS["files_hashed"] == 6
+    vae_encodes += train.train(cfg, log=lambda m: None).vae_encodes
+    assert vae_encodes == 5  # only the changed image
+    assert len(hashed) == 6
 
 
 def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["dataset.flip_aug=true", "train.epochs=1"])
-    cache.STATS["vae_encodes"] = 0
-    train.train(cfg, log=lambda m: None)
-    assert cache.STATS["vae_encodes"] == 4  # each image and its mirror, encoded once
+    assert train.train(cfg, log=lambda m: None).vae_encodes == 4  # each image and its mirror, encoded once
     entries = list((cfg.output_dir / "cache" / "latents").rglob("*.safetensors"))
     entry = load_file(entries[0])
     assert {"mean", "std", "flip_mean", "flip_std"} <= entry.keys()
@@ -145,10 +142,9 @@ def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
 def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir),
                       ["train.text_encoder_lr=0", "dataset.shuffle_caption=false", "train.epochs=1"])
-    cache.STATS["te_encodes"] = 0
     trainer = train.Trainer(cfg, log=lambda m: None)
     trainer.setup()
-    assert cache.STATS["te_encodes"] == 4  # one per distinct caption, all before the first step
+    assert trainer.te_cache.encodes == 4  # one per distinct caption, all before the first step
     assert trainer.base.text_encoder.device.type == "meta"  # then released
     assert trainer.base.vae.device.type != "meta"  # the latents are encoded as training first reaches them
     result = train.Trainer(cfg, log=lambda m: None).run()
@@ -156,7 +152,7 @@ def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path
     again.setup()
     assert again.base.vae.device.type == "meta"  # all cached now: the VAE leaves before the first step
     assert not any(k.startswith("lora_te") for k in load_file(result.adapter))
-    assert cache.STATS["te_encodes"] == 4  # the second run reads them all from the cache
+    assert trainer.te_cache.encodes + result.te_encodes + again.te_cache.encodes == 4  # later runs read the cache
 
 
 def test_noise_offset_trains_and_changes_the_adapter(tmp_path, mini_base_dir):
@@ -299,17 +295,16 @@ def test_the_first_step_waits_for_one_batch_of_latents_not_the_whole_dataset(tmp
     """Time to first step: setup encodes nothing; each image is encoded when training first reaches it, once."""
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=8), ["train.max_train_steps=1"])
     trainer = train.Trainer(cfg, log=lambda m: None)
-    cache.STATS["vae_encodes"] = 0
     trainer.setup()
-    assert cache.STATS["vae_encodes"] == 0 and trainer.latents.missing == 8
+    assert trainer.latents.cache.encodes == 0 and trainer.latents.missing == 8
     loader = iter(trainer.loader)
     next(loader)
     # this batch's images and, at most, the next batch's (accelerate's loader reads one batch ahead)
-    assert 2 <= cache.STATS["vae_encodes"] <= 4 and trainer.latents.missing >= 4
+    assert 2 <= trainer.latents.cache.encodes <= 4 and trainer.latents.missing >= 4
     assert trainer.base.vae.device.type != "meta"
     for _ in loader:  # the rest of the epoch: the other images, each once, then the VAE goes
         pass
-    assert cache.STATS["vae_encodes"] == 8 and trainer.base.vae.device.type == "meta"
+    assert trainer.latents.cache.encodes == 8 and trainer.base.vae.device.type == "meta"
 
 
 def test_divergence_message_and_report_state_the_effective_alpha(tmp_path):

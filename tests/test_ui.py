@@ -73,7 +73,7 @@ dir = "../output/style"
 def manifest_captions(cfg) -> dict[str, str]:
     data = read_manifest(cfg)
     assert data is not None, "the manifest is stale after an edit: the trainer would rebuild it"
-    return {Path(e["path"]).name: e["caption"] for e in data["images"]}
+    return {Path(e["path"]).name: e["caption"] for e in data.images}
 
 
 def test_importing_the_cli_does_not_import_gradio():

@@ -40,10 +40,6 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_TEMPLATE, CLIP_NEUTRAL = "a photo of {}", "a photo"
 PREPROCESS_VERSION = "v1"  # bump when preprocessing changes: old cached embeddings are then ignored
 
-# Images encoded by any tagger in this process; tests assert that a re-run adds none.
-images_encoded = 0
-
-
 DEFAULT_VOCABULARY = ASSETS / "vocabulary" / "general.txt"
 
 
@@ -78,6 +74,7 @@ class Tagger:
     device: str = "cpu"
     min_duplicate_cosine: float = 0.0  # a floor under dedupe_threshold for coarse embeddings (tiny.json)
     _loaded: tuple | None = field(default=None, repr=False)
+    images_encoded: int = 0  # by this tagger: the dataset report says it; a re-run of an unchanged folder adds none
 
     def _load(self):
         if self._loaded is None:
@@ -88,12 +85,11 @@ class Tagger:
         """(N, D) unit-norm float32 image embeddings of PIL RGB images."""
         import torch
 
-        global images_encoded
         model, _, preprocess = self._load()
         x = torch.stack([preprocess(img) for img in images]).to(self.device)  # (N, 3, S, S)
         with torch.no_grad():
             emb = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1)
-        images_encoded += len(images)
+        self.images_encoded += len(images)
         return emb.cpu().numpy().astype(np.float32)
 
     def score(self, image_emb: np.ndarray, tags: list[str]) -> np.ndarray:

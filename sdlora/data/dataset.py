@@ -12,8 +12,9 @@
 5. `dataset_report.md`, `dataset_report.json` and `dataset_contact_sheet.png` in output.dir;
 6. `dataset_manifest.json` in output.dir: the hand-off to the trainer and to `sdlora run`'s
    up-to-date check (per image: path, content digest, size, training caption, subset,
-   bucket). Nothing downstream scans the folders or decodes an image again; a missing or
-   stale manifest is rebuilt by `build_dataset(cfg, tag=False)` (see `current_manifest`).
+   bucket). Nothing downstream scans the folders or decodes an image again. Each command
+   resolves it once at its entry point (`current_manifest`: read when current, else rebuilt by
+   `build_dataset(cfg, tag=False)`) and hands the `Manifest` down.
 
 The dataset is a list of subsets (`subsets.resolve_subsets`: `[[dataset.subsets]]`, kohya's
 `N_words` folders). Regularisation subsets are never auto-tagged, never written to and never
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlora.config import Config
+from sdlora.config import Config, Subset
 from sdlora.data import caption as captioner
 from sdlora.data.images import (
     CONTACT_SHEET,
@@ -45,6 +46,7 @@ from sdlora.data.images import (
     load_image,
     scan_images,
 )
+from sdlora.data.subsets import resolve_subsets
 from sdlora.data.tags import (
     drop_rare,
     format_caption,
@@ -57,7 +59,7 @@ from sdlora.io import atomic_path, atomic_write_text, read_caption, remove_stale
 
 REPORT_MD = "dataset_report.md"
 MANIFEST = "dataset_manifest.json"
-MANIFEST_VERSION = 1  # bump when the manifest's fields change: older ones are rebuilt
+MANIFEST_VERSION = 2  # bump when the manifest's fields change: older ones are rebuilt
 SHEET_CELL = 160  # contact-sheet cell side (pixels)
 SHEET_LAYOUT = 2  # bump when the contact sheet's drawing changes, so cached sheets are redrawn
 DHASH_MAX_BITS = 3  # of 64; measured: distinct demo scenes differ in >= 11 bits, a resized JPEG copy in 2
@@ -96,7 +98,8 @@ class DatasetReport:
     written: list[Path] = field(default_factory=list)
     backups: list[Path] = field(default_factory=list)
     images_encoded: int = 0
-    subsets: list = field(default_factory=list)  # subsets.Subset, indexed by ImageRecord.subset
+    subsets: list = field(default_factory=list)  # config.Subset, indexed by ImageRecord.subset
+    manifest: Manifest | None = None  # what write_manifest wrote: the hand-off to the next stage
 
     @property
     def kept(self) -> list[ImageRecord]:
@@ -109,6 +112,28 @@ class DatasetReport:
     @property
     def tag_frequency(self) -> dict[str, int]:
         return tag_frequency(format_caption(r.tags) for r in self.kept)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`dataset_manifest.json` as values, resolved once per command (`current_manifest`) and handed
+    to the trainer, the results and the run's style figures."""
+    subsets: list[Subset]
+    # per image: path, digest, size, subset (an index into subsets), caption, caption_file,
+    # caption_source, trigger_added, bucket, duplicate_of
+    images: list[dict]
+    captions_beside: list[bool]  # per subset: the builder writes its captions beside its images (else OUTPUT/captions)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        return cls([Subset.from_dict(s) for s in data["subsets"]], data["images"], data["captions_beside"])
+
+    def style_images(self) -> list:
+        """The training set's images (no duplicates, no regularisation images)."""
+        from PIL import Image
+
+        return [Image.open(e["path"]) for e in self.images
+                if not e["duplicate_of"] and not self.subsets[e["subset"]].is_reg]
 
 
 def dhash(img) -> np.ndarray:
@@ -187,7 +212,8 @@ def built_caption_path(image: Path, subset, cfg: Config) -> Path:
 
 
 def captions_beside_images(subset) -> bool:
-    """True when the builder writes captions beside the subset's images, False when into OUTPUT/captions."""
+    """True when the builder writes captions beside the subset's images, False when into OUTPUT/captions.
+    A writer's check: readers take the builder's answer from the manifest (`Manifest.captions_beside`)."""
     return not subset.is_reg and _folder_writable(Path(subset.image_dir))
 
 
@@ -209,8 +235,6 @@ def existing_caption(image: Path, subset, cfg: Config, beside_images: bool) -> t
 
 def _scan_subsets(cfg: Config, log) -> tuple[list, list[tuple[Path, int]]]:
     """(resolved subsets, [(image path, subset index)]) in subset order, then path order."""
-    from sdlora.data.subsets import resolve_subsets
-
     subsets = resolve_subsets(cfg, log)
     return subsets, [(path, i) for i, s in enumerate(subsets) for path in scan_images(s.image_dir)]
 
@@ -224,33 +248,53 @@ def _root(subsets) -> Path:
 
 def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool | None = None,
                   log=print, tag: bool = True) -> DatasetReport:
-    """The dataset stage; `tag=False` (the trainer's rebuild of a stale manifest) loads no tagger."""
-    d, c = cfg.dataset, cfg.caption
+    """The dataset stage: scan, validate, dedupe, caption, prune, write (each a function below, in
+    that order). `tag=False` (the rebuild of a stale manifest) loads no tagger."""
+    c = cfg.caption
     retag = c.retag if retag is None else retag
-    exclude_duplicates = d.dedupe and not keep_duplicates
     subsets, found = _scan_subsets(cfg, log)
     folder = _root(subsets)
-    out = cfg.output_dir
-    captioner_before = captioner.images_encoded
-    for written_to in (*{s.image_dir for s in subsets if not s.is_reg}, out):  # captions, reports, caches of a killed run
+    for written_to in (*{s.image_dir for s in subsets if not s.is_reg}, cfg.output_dir):  # captions, reports, caches of a killed run
         remove_stale_temps(written_to, log=log)
-    use_tagger = tag and c.tagger == "open_clip"
     tagger, vocabulary, unknown = None, [], []
-    if use_tagger:  # vocabulary problems surface before any image is encoded
+    if tag and c.tagger == "open_clip":  # vocabulary problems surface before any image is encoded
         tagger = captioner.load_tagger(c)
         vocabulary, unknown = captioner.checked_vocabulary(tagger, c.vocabulary, log)
+    cos_threshold = cfg.dataset.dedupe_threshold
+    if tagger is not None:
+        cos_threshold = max(cos_threshold, tagger.min_duplicate_cosine)
 
-    # 1. scan and validate: the one decode of each image. Its hashes, thumbnail and (on a cache
-    # miss) tagger embedding come from it, a batch at a time, so no image is decoded twice.
+    records, rejected, by_digest = _scan(cfg, found, tagger)
+    _validate(records, rejected, folder, log)
+    embeddings = np.stack([by_digest[r.digest] for r in records]) if tagger is not None else None
+    groups = _dedupe(records, embeddings, cos_threshold, folder, cfg.dataset.dedupe and not keep_duplicates, log)
+    kept = [r for r in records if r.duplicate_of is None]
+    beside, caption_dir = _caption_places(cfg, subsets, kept, folder, log)
+    _caption(cfg, kept, subsets, beside, retag, tagger, vocabulary, by_digest, log)
+    dropped = _prune_rare(cfg, kept)
+    written, backups = _write_captions(cfg, kept, subsets, beside, caption_dir, log)
+    _training_captions(cfg, kept, subsets, log)
+
+    report = DatasetReport(folder, records, rejected, [[records[i].path for i in g] for g in groups], caption_dir,
+                           _settings(cfg, cos_threshold, tagger), unknown, dropped, written, backups,
+                           tagger.images_encoded if tagger else 0, subsets)
+    write_report(cfg, report, log)
+    report.manifest = write_manifest(cfg, report, found, beside)
+    return report
+
+
+def _scan(cfg: Config, found: list[tuple[Path, int]], tagger) -> tuple[list[ImageRecord], list, dict]:
+    """Scan: the one decode of each image, a batch at a time. Its digest, hashes, thumbnail and (on a
+    tagger-cache miss) tagger embedding all come from it. Returns (records, [(path, reason)] of the
+    rejected, {digest: embedding} when there is a tagger)."""
     from tqdm import tqdm
 
     from sdlora.digest import file_digest
 
+    d, c = cfg.dataset, cfg.caption
     records, rejected, by_digest = [], [], {}
-    cos_threshold = d.dedupe_threshold
     if tagger is not None:
-        cos_threshold = max(cos_threshold, tagger.min_duplicate_cosine)
-        cache = captioner.EmbeddingCache(out / "cache" / "tagger", tagger, d.background)
+        cache = captioner.EmbeddingCache(cfg.output_dir / "cache" / "tagger", tagger, d.background)
     chunks = [found[i:i + c.batch_size] for i in range(0, len(found), c.batch_size)]
     for chunk in tqdm(chunks, desc="dataset: reading images", unit="batch", disable=len(chunks) < 2):
         decoded = []
@@ -267,27 +311,39 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
             decoded.append((records[-1].digest, lambda img=img: img))
         if tagger is not None:
             by_digest.update(captioner.embed_cached(tagger, decoded, cache, c.batch_size, progress=False))
+    return records, rejected, by_digest
+
+
+def _validate(records: list[ImageRecord], rejected: list[tuple[Path, str]], folder: Path, log) -> None:
+    """Validate: each reject is said with its reason; a folder without one usable image is refused."""
     for path, reason in rejected:
         log(f"rejected {path.relative_to(folder)}: {reason}")
     if not records:
         why = "; ".join(f"{p.name}: {r}" for p, r in rejected[:5]) or "no image files found"
         raise UserError(f"{folder}: no usable image ({why}); put PNG, JPEG, WebP, BMP, TIFF or GIF images "
                         "there, or point [dataset] image_dir at your image folder")
-    embeddings = np.stack([by_digest[r.digest] for r in records]) if tagger is not None else None
 
-    # 2. near-duplicates
+
+def _dedupe(records: list[ImageRecord], embeddings: np.ndarray | None, cos_threshold: float, folder: Path,
+            exclude: bool, log) -> list[list[int]]:
+    """Dedupe: the near-duplicate groups (indices into records), each said; with `exclude`, all but the
+    first of a group get `duplicate_of`."""
     groups = _duplicate_groups(records, embeddings, cos_threshold)
     for g in groups:
         first = records[g[0]]
         names = ", ".join(str(records[i].path.relative_to(folder)) for i in g[1:])
         log(f"near-duplicates: {first.path.relative_to(folder)} ~ {names}"
-            f"{' (keeping the first only; --keep-duplicates keeps all)' if exclude_duplicates else ''}")
-        if exclude_duplicates:
+            f"{' (keeping the first only; --keep-duplicates keeps all)' if exclude else ''}")
+        if exclude:
             for i in g[1:]:
                 records[i].duplicate_of = first.path
-    kept = [r for r in records if r.duplicate_of is None]
+    return groups
 
-    # 3. captions: keep existing ones unless retagging; tag the rest (regularisation images: never)
+
+def _caption_places(cfg: Config, subsets, kept: list[ImageRecord], folder: Path, log) -> tuple[list[bool], Path]:
+    """(per subset: captions beside its images, the folder the report names for captions). The one
+    writability check of an image folder, made here where the stage writes captions."""
+    out = cfg.output_dir
     stems: dict[Path, Path] = {}
     for r in kept:
         other = stems.setdefault(r.path.with_suffix(""), r.path)
@@ -299,6 +355,14 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         if not ok and not s.is_reg:
             log(f"{s.image_dir} is not writable: captions go to {out / 'captions'} (the trainer reads them there)")
     caption_dir = folder if all(beside[r.subset] for r in kept if not subsets[r.subset].is_reg) else out / "captions"
+    return beside, caption_dir
+
+
+def _caption(cfg: Config, kept: list[ImageRecord], subsets, beside: list[bool], retag: bool, tagger,
+             vocabulary: list[str], by_digest: dict, log) -> None:
+    """Caption: keep an existing caption unless retagging; tag the rest (regularisation images: never),
+    each image's picked tags pruned (`tags.prune`: blacklist, replace, style tags, trigger first)."""
+    c = cfg.caption
     to_tag = []
     for r in kept:
         subset = subsets[r.subset]
@@ -307,7 +371,6 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
             r.tags, r.caption_path, r.source = parse_caption(read_caption(existing, log)), existing, "kept"
         elif not subset.is_reg:
             to_tag.append(r)
-    dropped = []
     if to_tag and tagger is not None:
         scores = tagger.score(np.stack([by_digest[r.digest] for r in to_tag]), vocabulary)
         for r, row in zip(to_tag, scores):
@@ -315,13 +378,25 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
             r.scores = {t: round(s, 4) for t, s in picked}
             r.tags = prune([t for t, _ in picked], cfg.trigger, c.blacklist, c.replace, c.style_tags)
             r.source = "tagged"
-        # Rare tags are counted over the whole set, but only new captions are changed.
-        pruned, dropped = drop_rare([r.tags for r in kept], c.min_tag_count, keep=[cfg.trigger] if cfg.trigger else [])
-        for r, tags in zip(kept, pruned):
-            if r.source == "tagged":
-                r.tags = tags
 
-    # 4. write new captions (only when the text changes: a re-run touches nothing)
+
+def _prune_rare(cfg: Config, kept: list[ImageRecord]) -> list[str]:
+    """Prune: tags rarer than min_tag_count, counted over the whole set, leave the new captions (only
+    those are changed). Returns the dropped tags."""
+    if not any(r.source == "tagged" for r in kept):
+        return []
+    pruned, dropped = drop_rare([r.tags for r in kept], cfg.caption.min_tag_count,
+                                keep=[cfg.trigger] if cfg.trigger else [])
+    for r, tags in zip(kept, pruned):
+        if r.source == "tagged":
+            r.tags = tags
+    return dropped
+
+
+def _write_captions(cfg: Config, kept: list[ImageRecord], subsets, beside: list[bool], caption_dir: Path,
+                    log) -> tuple[list[Path], list[Path]]:
+    """Write: the new captions, only where the text changes (a re-run touches nothing); a replaced
+    caption is backed up first. Returns (written, backups)."""
     written, backups = [], []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for r in kept:
@@ -348,8 +423,12 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
         log(f"--retag: {len(backups)} previous captions backed up as *.bak-{stamp}")
     if written:
         log(f"wrote {len(written)} captions in {caption_dir}")
+    return written, backups
 
-    # 5. training captions: class tokens for images without one; the trigger first where missing
+
+def _training_captions(cfg: Config, kept: list[ImageRecord], subsets, log) -> None:
+    """The training captions (what the manifest hands on): class tokens for an image without a
+    caption; the trigger first where a training caption lacks it."""
     for r in kept:
         subset = subsets[r.subset]
         if r.source == "none" and subset.class_tokens:
@@ -358,13 +437,6 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     added = sum(r.trigger_added for r in kept)
     if added:
         log(f"{added} caption(s) lack the trigger '{cfg.trigger}': training puts it first (keep_tokens counts it)")
-
-    report = DatasetReport(folder, records, rejected, [[records[i].path for i in g] for g in groups], caption_dir,
-                           _settings(cfg, cos_threshold, tagger), unknown, dropped, written, backups,
-                           captioner.images_encoded - captioner_before, subsets)
-    write_report(cfg, report, log)
-    write_manifest(cfg, report, found)
-    return report
 
 
 def with_trigger(tags: list[str], trigger: str, is_reg: bool) -> tuple[list[str], bool]:
@@ -513,9 +585,10 @@ def write_report(cfg: Config, report: DatasetReport, log=print) -> None:
         f"report {out / REPORT_MD}, contact sheet {out / CONTACT_SHEET}")
 
 
-def _source_stats(cfg: Config, subsets, found: list[tuple[Path, int]]) -> dict[str, list]:
+def _source_stats(cfg: Config, subsets, found: list[tuple[Path, int]], beside: list[bool]) -> dict[str, list]:
     """What a manifest was built from, by file stat only (no hashing, no decoding): every scanned
-    image's size and mtime, and the caption file the trainer would read for it with its stat."""
+    image's size and mtime, and the caption file the trainer would read for it with its stat.
+    beside: per subset, whether the builder writes captions beside the images (where the reader looks first)."""
     import os
 
     def stat(path: Path | None):
@@ -524,7 +597,6 @@ def _source_stats(cfg: Config, subsets, found: list[tuple[Path, int]]) -> dict[s
         st = os.stat(path)
         return [str(path), st.st_size, st.st_mtime_ns]
 
-    beside = [captions_beside_images(s) for s in subsets]
     return {str(path): [stat(path)[1:], stat(existing_caption(path, subsets[i], cfg, beside[i])[0])]
             for path, i in found}
 
@@ -558,8 +630,8 @@ def _caption_source(r: ImageRecord, cfg: Config) -> str:
     return "builder" if (cfg.output_dir / "captions") in r.caption_path.parents else "sidecar"
 
 
-def write_manifest(cfg: Config, report: DatasetReport, found: list[tuple[Path, int]]) -> None:
-    """`dataset_manifest.json`: the one hand-off to the trainer and the up-to-date check."""
+def write_manifest(cfg: Config, report: DatasetReport, found: list[tuple[Path, int]], beside: list[bool]) -> Manifest:
+    """`dataset_manifest.json`: the one hand-off to the trainer and the up-to-date check; returns it as read."""
     images = []
     for r in report.images:
         bucket = image_bucket(r.size, cfg)
@@ -569,14 +641,16 @@ def write_manifest(cfg: Config, report: DatasetReport, found: list[tuple[Path, i
             "caption_source": _caption_source(r, cfg), "trigger_added": r.trigger_added, "bucket": [bucket.width, bucket.height],
             "duplicate_of": str(r.duplicate_of) if r.duplicate_of else None})
     data = {"version": MANIFEST_VERSION, "key": _manifest_key(cfg, report.subsets),
-            "subsets": [s.to_dict() for s in report.subsets], "images": images,
-            "sources": _source_stats(cfg, report.subsets, found)}
-    _write_if_changed(cfg.output_dir / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
+            "subsets": [s.to_dict() for s in report.subsets], "captions_beside": beside, "images": images,
+            "sources": _source_stats(cfg, report.subsets, found, beside)}
+    text = json.dumps(data, indent=1) + "\n"
+    _write_if_changed(cfg.output_dir / MANIFEST, text.encode())
+    return Manifest.from_dict(json.loads(text))  # as a reader gets it (tuples become lists)
 
 
-def read_manifest(cfg: Config, log=lambda m: None) -> dict | None:
+def read_manifest(cfg: Config, log=lambda m: None) -> Manifest | None:
     """The manifest when it is current for this config and these files (stat-checked), else None
-    (a damaged one is said)."""
+    (a damaged one is said). Reads only: nothing is written, no folder probed for writability."""
     path = cfg.output_dir / MANIFEST
     if not path.is_file():
         return None
@@ -585,28 +659,26 @@ def read_manifest(cfg: Config, log=lambda m: None) -> dict | None:
         if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
             return None
         [(e["path"], e["digest"], e["subset"], e["caption"], e["bucket"]) for e in data["images"]]
+        manifest = Manifest.from_dict(data)
     except (OSError, ValueError, KeyError, TypeError) as e:
         log(f"warning: {path} is damaged ({type(e).__name__}); the dataset stage writes it again")
         return None
     subsets, found = _scan_subsets(cfg, log)
-    if data.get("key") != _manifest_key(cfg, subsets):
+    if data.get("key") != _manifest_key(cfg, subsets) or len(manifest.captions_beside) != len(subsets):
         return None
     try:
-        current = _source_stats(cfg, subsets, found)
+        current = _source_stats(cfg, subsets, found, manifest.captions_beside)
     except OSError:
         return None
-    return data if json.loads(json.dumps(current)) == data.get("sources") else None
+    return manifest if json.loads(json.dumps(current)) == data.get("sources") else None
 
 
-def current_manifest(cfg: Config, log=print) -> dict:
-    """The manifest, rebuilt by the dataset stage (without tagging) when missing or stale."""
-    data = read_manifest(cfg, log)
-    if data is None:
+def current_manifest(cfg: Config, log=print) -> Manifest:
+    """The freshness step of a command's entry point: the manifest, rebuilt by the dataset stage
+    (without tagging) when missing or stale. Called once per command; the result is handed down."""
+    manifest = read_manifest(cfg, log)
+    if manifest is None:
         log(f"{cfg.output_dir / MANIFEST} is missing or out of date: reading the dataset "
             f"(`sdlora dataset {cfg.source}` also auto-tags)")
-        build_dataset(cfg, log=log, tag=False)
-        data = read_manifest(cfg)
-        if data is None:
-            raise UserError(f"{cfg.output_dir / MANIFEST}: the images changed while the manifest was written; "
-                            "run again")
-    return data
+        manifest = build_dataset(cfg, log=log, tag=False).manifest
+    return manifest

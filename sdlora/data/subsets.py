@@ -16,49 +16,18 @@ Images lying directly in a kohya root are not trained, as in kohya; the log says
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora.config import SUBSET_SHARED_KEYS, Config, SubsetConfig
+from sdlora.config import SUBSET_SHARED_KEYS, Config, Subset
 from sdlora.errors import UserError
 
 
-@dataclass(frozen=True)
-class Subset:
-    """A resolved subset; `origin` says where it came from ("config" or "folder N_words")."""
-    image_dir: Path
-    num_repeats: int
-    keep_tokens: int
-    caption_extension: str
-    shuffle_caption: bool
-    caption_dropout_rate: float
-    caption_tag_dropout_rate: float
-    flip_aug: bool
-    class_tokens: str
-    is_reg: bool
-    validation: bool = False
-    origin: str = "config"
-
-    @property
-    def name(self) -> str:
-        """kohya's key for ss_dataset_dirs and ss_tag_frequency: the folder's basename."""
-        return self.image_dir.name
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "image_dir": str(self.image_dir)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Subset":
-        return cls(**{**data, "image_dir": Path(data["image_dir"])})
-
-
-def configured_subsets(cfg: Config) -> list[SubsetConfig]:
+def configured_subsets(cfg: Config) -> list[Subset]:
     """`[[dataset.subsets]]`, or one subset made of the `[dataset]` keys."""
     d = cfg.dataset
     if d.subsets:
         return list(d.subsets)
-    return [SubsetConfig(**{k: getattr(d, k) for k in SUBSET_SHARED_KEYS})]
+    return [Subset(**{k: getattr(d, k) for k in SUBSET_SHARED_KEYS})]
 
 
 def repeat_folder(name: str) -> tuple[int, str] | None:
@@ -73,10 +42,10 @@ def _repeat_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and repeat_folder(p.name)) if root.is_dir() else []
 
 
-def _from_folder(base: SubsetConfig, folder: Path, is_reg: bool) -> Subset:
+def _from_folder(base: Subset, folder: Path, is_reg: bool) -> Subset:
     repeats, words = repeat_folder(folder.name)
     values = {k: getattr(base, k) for k in SUBSET_SHARED_KEYS if k not in ("image_dir", "num_repeats")}
-    return Subset(image_dir=folder, num_repeats=repeats, class_tokens=words or base.class_tokens, is_reg=is_reg,
+    return Subset(image_dir=str(folder), num_repeats=repeats, class_tokens=words or base.class_tokens, is_reg=is_reg,
                   validation=base.validation and not is_reg,
                   origin=f"folder {folder.name}", **values)
 
@@ -93,14 +62,14 @@ def resolve_subsets(cfg: Config, log=print) -> list[Subset]:
         found = [(f, reg) for root, reg in roots for f in _repeat_folders(root)]
         if not found:
             out.append(Subset(**{k: getattr(base, k) for k in SUBSET_SHARED_KEYS if k != "image_dir"},
-                              image_dir=folder, class_tokens=base.class_tokens, is_reg=base.is_reg,
+                              image_dir=str(folder), class_tokens=base.class_tokens, is_reg=base.is_reg,
                               validation=base.validation))
             continue
         from sdlora.data.images import scan_images
 
         expanded = [_from_folder(base, f, reg) for f, reg in found]
         log(f"{folder} is a kohya folder tree: " + "; ".join(
-            f"{s.image_dir.relative_to(folder).as_posix()} -> {'regularisation ' if s.is_reg else ''}subset "
+            f"{Path(s.image_dir).relative_to(folder).as_posix()} -> {'regularisation ' if s.is_reg else ''}subset "
             f"x{s.num_repeats} repeats, class tokens '{s.class_tokens}'" for s in expanded))
         inside = {f for f, _ in found}
         loose = [p for p in scan_images(folder) if not any(q in p.parents for q in inside)]
@@ -109,7 +78,7 @@ def resolve_subsets(cfg: Config, log=print) -> list[Subset]:
                 f"(e.g. {loose[0].relative_to(folder).as_posix()}); kohya reads only N_words folders")
         out += expanded
     if cfg.dataset.reg_dir:
-        reg = SubsetConfig(**{k: getattr(configured_subsets(cfg)[0], k) for k in SUBSET_SHARED_KEYS},
+        reg = Subset(**{k: getattr(configured_subsets(cfg)[0], k) for k in SUBSET_SHARED_KEYS},
                            is_reg=True, validation=False)
         folders = _repeat_folders(Path(cfg.dataset.reg_dir))
         if not folders:

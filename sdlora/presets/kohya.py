@@ -38,7 +38,7 @@ from sdlora.config import (
     SUBSET_SHARED_KEYS,
     Config,
     ConfigError,
-    SubsetConfig,
+    Subset,
     load_config,
     nearest_side,
     path_keys,
@@ -337,7 +337,7 @@ def _field(target: str):
     """(dataclass field, its type) of an sdlora key such as "train.epochs" or "dataset.subsets[].is_reg";
     None for a key this version of sdlora does not have."""
     section, _, name = target.partition(".")
-    cls = SubsetConfig if name.startswith("subsets[].") else SECTION_CLASSES.get(section, Config)
+    cls = Subset if name.startswith("subsets[].") else SECTION_CLASSES.get(section, Config)
     name = name.removeprefix("subsets[].") or section
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     if name not in fields or name in SECTION_CLASSES and cls is Config:

@@ -20,7 +20,6 @@ from sdlora.data.buckets import Bucket, fit_to_bucket
 from sdlora.io import atomic_save_file
 
 PREPROCESS_VERSION = "1"  # bump when fit_to_bucket or normalisation changes
-STATS = {"vae_encodes": 0, "te_encodes": 0}
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -58,6 +57,7 @@ class LatentCache:
         self.vae = vae
         self.device, self.dtype = device, dtype
         self.vae_id = module_fingerprint(vae)
+        self.encodes = 0  # images through the VAE (a mirror image counts): a re-run of an unchanged set makes none
 
     def key(self, digest: str, bucket: Bucket, flip: bool) -> str:
         return f"{digest[:24]}_{bucket}_{self.vae_id}_p{PREPROCESS_VERSION}{'_flip' if flip else ''}"
@@ -85,7 +85,7 @@ class LatentCache:
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        STATS["vae_encodes"] += len(pixels)
+        self.encodes += len(pixels)
         dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         mean, std = dist.mean.float().cpu(), dist.std.float().cpu()  # (n, 4, h/8, w/8)
         entry = {"mean": mean[0], "std": std[0]}
@@ -142,6 +142,7 @@ class TextEmbeddingCache:
         self.te_id = "_".join(module_fingerprint(te) for te in text_encoders) + f"_{identity}"
         self.memory: dict[str, TextConditioning] = {}
         self.log = log
+        self.encodes = 0  # captions through the text encoders: one per distinct caption not on disk
 
     def fill(self, captions) -> None:
         for caption in dict.fromkeys(captions):
@@ -156,7 +157,7 @@ class TextEmbeddingCache:
         path = self.folder / f"{key}.safetensors"
         entry = read_entry(path, self.log)
         if entry is None:
-            STATS["te_encodes"] += 1
+            self.encodes += 1
             with torch.no_grad():
                 text = self.encode([caption])
             entry = {name: t[0].float().cpu() for name, t in text.to_dict().items()}

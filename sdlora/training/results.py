@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sdlora.config import Config
+from sdlora.data.dataset import Manifest
 from sdlora.errors import UserError
 from sdlora.io import atomic_path, atomic_write_text
 
@@ -52,17 +53,6 @@ class EpochRanking:
     scores: list[EpochScore]  # the base first, then the epochs in order
     best: EpochScore
     reason: str
-
-
-def style_images(cfg: Config) -> list:
-    """The training set's images (no duplicates, no regularisation images), from the manifest."""
-    from PIL import Image
-
-    from sdlora.data.dataset import current_manifest
-
-    data = current_manifest(cfg, log=lambda m: None)
-    return [Image.open(e["path"]) for e in data["images"]
-            if not e["duplicate_of"] and not data["subsets"][e["subset"]]["is_reg"]]
 
 
 def content_tags(cfg: Config, prompt: str, tagger) -> list[str]:
@@ -91,10 +81,10 @@ def adherence(images: list, tags_per_image: list[list[str]], tagger, vocabulary:
     return float(np.mean(values)) if values else float("nan")
 
 
-def score_epochs(cfg: Config, files: list[tuple[str, Path]], log=print, sampler=None, tagger=None,
-                 style: list | None = None) -> EpochRanking:
+def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=print, sampler=None,
+                 tagger=None) -> EpochRanking:
     """Render and score the base and each (label, adapter file); rank them (see the module docstring).
-    style: the images the palette is compared with (default: the training set)."""
+    style: the images the palette is compared with (the training set: `Manifest.style_images`)."""
     from sdlora.data.caption import load_tagger, read_vocabulary
     from sdlora.data.tags import tag_key
     from sdlora.models.prompts import extract_networks
@@ -110,7 +100,7 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], log=print, sampler=
     skip = {tag_key(t) for t in [cfg.trigger, *cfg.caption.style_tags, *cfg.caption.blacklist] if t}
     vocabulary = [t for t in tagger.scorable(read_vocabulary(cfg.caption.vocabulary))[0] if tag_key(t) not in skip]
     w, h = first_pass_size(s.width, s.height, sampler.base.resolution)
-    style_hist = hue_sat_histogram(style if style is not None else style_images(cfg))
+    style_hist = hue_sat_histogram(style)
 
     def render() -> list:
         return sampler.render([p for p, _ in pairs], [seed for _, seed in pairs], w, h, s.steps, hires="off")[0]
@@ -226,15 +216,16 @@ def resized_path(cfg: Config) -> Path:
                                                    ".safetensors", "adapter")
 
 
-def export_resized(cfg: Config, log=print, sampler=None, tagger=None, style: list | None = None) -> dict:
-    """output.resize_energy: write the energy-resized adapter and compare it with the full one."""
+def export_resized(cfg: Config, *, style: list, log=print, sampler=None, tagger=None) -> dict:
+    """output.resize_energy: write the energy-resized adapter and compare it with the full one
+    (style: the training set's images, `Manifest.style_images`)."""
     from sdlora.lowrank.tools import resize
 
     final, dst = cfg.adapter_path(), resized_path(cfg)
     # A derived file of this run, rewritten with the adapter it comes from (like the samples).
     report = resize(final, dst, energy=cfg.output.resize_energy, overwrite=True)
-    ranking = score_epochs(cfg, [("full", final), ("resized", dst)], log=log, sampler=sampler, tagger=tagger,
-                           style=style)
+    ranking = score_epochs(cfg, [("full", final), ("resized", dst)], style, log=log, sampler=sampler,
+                           tagger=tagger)
     full, small = ranking.scores[1], ranking.scores[2]
     ranks = [m.new_rank for m in report.modules]
     lines = [f"`{dst.name}` keeps {cfg.output.resize_energy:.0%} of each module's energy (sum of squared singular "
@@ -251,10 +242,10 @@ def export_resized(cfg: Config, log=print, sampler=None, tagger=None, style: lis
             "full": full, "resized": small}
 
 
-def after_training(cfg: Config, log=print, trained: bool = True) -> dict:
+def after_training(cfg: Config, manifest: Manifest, log=print, trained: bool = True) -> dict:
     """`sdlora run`'s steps after a training: rank the epochs (keep the best when asked), resize by
     energy. Without a new training (the adapter was up to date) only a missing or older resized
-    file is written."""
+    file is written. manifest: the run's `dataset.Manifest` (its style images are the palette reference)."""
     from sdlora.data.caption import load_tagger
     from sdlora.sampling.sampler import Sampler, epoch_files
 
@@ -270,15 +261,16 @@ def after_training(cfg: Config, log=print, trained: bool = True) -> dict:
     if len(files) < 2 and not resize:
         return out
     sampler, tagger = Sampler(cfg, fuse=True), load_tagger(cfg.caption)
+    style = manifest.style_images()
     if len(files) >= 2:
         log(f"== epochs: scoring {len(files)} saved adapters on {len(cfg.sample.prompts)} prompts x "
             f"{len(cfg.sample.seeds)} seeds at the native size")
-        ranking = score_epochs(cfg, files, log=log, sampler=sampler, tagger=tagger)
+        ranking = score_epochs(cfg, files, style, log=log, sampler=sampler, tagger=tagger)
         kept = keep_best(cfg, ranking)
         report_epochs(cfg, ranking, epochs_grid(cfg, ranking))
         log(f"recommended: {ranking.best.label} ({ranking.best.path.name}): {ranking.reason}"
             + (f"; copied to {kept.name}" if kept else ""))
         out["epochs"] = ranking
     if resize:
-        out["resized"] = export_resized(cfg, log=log, sampler=sampler, tagger=tagger)
+        out["resized"] = export_resized(cfg, style=style, log=log, sampler=sampler, tagger=tagger)
     return out

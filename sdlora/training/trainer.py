@@ -57,19 +57,20 @@ class Example:
     held_out: bool = False  # kept aside for the validation loss (dataset.validation_split)
 
 
-def collect_examples(cfg: Config, log=print) -> list[Example]:
-    """The examples, from the dataset manifest (`dataset.current_manifest`): no folder scan, no
-    image decode. Near-duplicates the dataset stage excluded are left out; validation images
-    (`held_out`) come last; regularisation images get kohya's balanced repeats
-    (`subsets.balanced_repeats`) against the training images."""
+def collect_examples(cfg: Config, log=print, manifest=None) -> list[Example]:
+    """The examples, from the dataset manifest: no folder scan, no image decode. Near-duplicates the
+    dataset stage excluded are left out; validation images (`held_out`) come last; regularisation
+    images get kohya's balanced repeats (`subsets.balanced_repeats`) against the training images.
+    manifest: the command's `dataset.Manifest`; None resolves it here (`dataset.current_manifest`)."""
     from sdlora.data.dataset import REPORT_MD, current_manifest
-    from sdlora.data.subsets import Subset, balanced_repeats
+    from sdlora.data.subsets import balanced_repeats
     from sdlora.data.tags import parse_caption
 
-    data = current_manifest(cfg, log)
-    subsets = [Subset.from_dict(s) for s in data["subsets"]]
-    entries = [e for e in data["images"] if not e["duplicate_of"]]
-    excluded = len(data["images"]) - len(entries)
+    if manifest is None:
+        manifest = current_manifest(cfg, log)
+    subsets = manifest.subsets
+    entries = [e for e in manifest.images if not e["duplicate_of"]]
+    excluded = len(manifest.images) - len(entries)
     if excluded:
         log(f"skipping {excluded} near-duplicate image(s) the dataset builder excluded "
             f"(see {cfg.output_dir / REPORT_MD}; `sdlora dataset --keep-duplicates` keeps them)")
@@ -286,6 +287,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     report: Path | None = None
+    vae_encodes: int = 0  # latents this training encoded (the rest came from the cache)
+    te_encodes: int = 0  # captions whose frozen text-encoder outputs it encoded
 
 
 @dataclass
@@ -396,7 +399,7 @@ def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: flo
 
 
 class Trainer:
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, manifest=None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, is_initialized
         from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
@@ -446,7 +449,7 @@ class Trainer:
         self.v_prediction = self.base.prediction_type == "v_prediction"
         self.num_timesteps = self.base.noise_scheduler.config.num_train_timesteps
         with self.accelerator.main_process_first():  # one process rebuilds a stale manifest, the others read it
-            self.dataset = collect_examples(cfg, log=self._main_log)  # what config_hash covers
+            self.dataset = collect_examples(cfg, log=self._main_log, manifest=manifest)  # what config_hash covers
         self.examples = [ex for ex in self.dataset if not ex.held_out]
         self.validation = [ex for ex in self.dataset if ex.held_out]
         self.validation_losses: list[tuple[int, float]] = []  # (epoch, loss) of the held-out images
@@ -849,6 +852,8 @@ class Trainer:
                 self.maybe_preview(epoch + 1, step, started, last)
             acc.wait_for_everyone()
         bar.close()
+        result.vae_encodes = self.latents.cache.encodes
+        result.te_encodes = self.te_cache.encodes if self.te_cache is not None else 0
         if acc.is_main_process:
             self.save_adapter(final, self.epochs, step, started)
             self.save_state(self.epochs, 0, step, losses)
@@ -1081,5 +1086,6 @@ def write_report(trainer: Trainer, result: TrainResult) -> Path:
     return path
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> TrainResult:
-    return Trainer(cfg, log=log).run(resume=resume)
+def train(cfg: Config, resume: bool = False, log=print, manifest=None) -> TrainResult:
+    """manifest: the command's `dataset.Manifest` (None: resolved by the trainer)."""
+    return Trainer(cfg, log=log, manifest=manifest).run(resume=resume)

@@ -114,10 +114,9 @@ def view(cfg: Config) -> DatasetView:
     out = cfg.output_dir
     if manifest is None:
         return DatasetView()
-    subsets = [Subset.from_dict(s) for s in manifest["subsets"]]
     items = [ImageItem(Path(e["path"]), Path(e["caption_file"]) if e["caption_file"] else None,
-                       parse_caption(e["caption"]), subsets[e["subset"]],
-                       Path(e["duplicate_of"]) if e["duplicate_of"] else None) for e in manifest["images"]]
+                       parse_caption(e["caption"]), manifest.subsets[e["subset"]],
+                       Path(e["duplicate_of"]) if e["duplicate_of"] else None) for e in manifest.images]
     report = json.loads((out / REPORT_MARKER).read_text(encoding="utf-8"))
     root = Path(report["image_dir"])
     return DatasetView(items, [(r["file"], r["reason"]) for r in report["rejected"]],

@@ -314,9 +314,7 @@ def compare_epochs(cfg: Config, config_path: Path, cwd: Path, steps: int | None 
     if steps:
         argv += ["--steps", str(int(steps))]
     _run(argv, cwd, timeout)
-    data = current_manifest(cfg, log=lambda m: None)
-    style = [Image.open(e["path"]) for e in data["images"]
-             if not e["duplicate_of"] and not data["subsets"][e["subset"]]["is_reg"]]
+    style = current_manifest(cfg, log=lambda m: None).style_images()
     style_hist = hue_sat_histogram(style)
     rows = []
     for label, _ in epoch_files(cfg.output_dir, cfg.output_name):
