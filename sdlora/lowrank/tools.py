@@ -1,25 +1,14 @@
-"""Low-rank tools on Kohya-format adapters: resize, extract, merge, inspect.
+"""Low-rank tools on Kohya-format adapter files: resize, extract, merge.
 
-All four work on one module's weight change flattened to a matrix, W [out, in * kh * kw],
-and its singular values S (descending). Energy is the squared singular values:
-
-    energy kept by rank k    E(k) = sum(S[:k]^2) / sum(S^2)
-    rank for energy beta     the smallest k with E(k) >= beta      (textbook rule; kohya's
-                             `sv_fro` p is sqrt(beta) and keeps one value more)
-    error of the best rank-k approximation (Eckart-Young)
-                             ||W - W_k||_F / ||W||_F = sqrt(sum(S[k:]^2)) / ||W||_F
+The maths (energy, ranks, the SVD from the factors) is `svd.py`'s; `inspect.py` reports spectra.
 
 resize  W = up @ down (unscaled: the scale alpha / rank stays outside), truncated SVD,
         up = U_k S_k, down = Vh_k, new_alpha = scale * new_rank, so scale * up @ down keeps
         its meaning. LoHa, LoKr and Tucker modules are written as plain LoRA. A DoRA module
         keeps its magnitude (dora_scale): only delta W inside W' = m (W0 + delta W) / ||.|| is
         resized, so the output is DoRA too and says so.
-spectra never of the dense W: from the factors (kohya.factored_update), W = A @ B with inner
-        size r (LoRA) or r^2 (LoHa, Khatri-Rao), through QR of A and B^T and the SVD of the
-        small core; LoKr W = kron(W1, W2) has singular values S1[i] * S2[j].
 extract delta = W_tuned - W_base per module, truncated SVD, alpha = rank (scale 1).
 merge   W_base += multiplier * kohya.module_delta (DoRA: from W_base), saved as a checkpoint.
-inspect metadata, ranks, alphas, norms and each module's energy curve (optionally a PNG).
 """
 
 from __future__ import annotations
@@ -27,87 +16,39 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdlora.adapters import kohya
+from sdlora.adapters.network import (
+    network_fields,
+    network_metadata,
+    one_or_dynamic,
+    read_adapter,
+    save_adapter,
+    text_encoder_target_paths,
+    unet_target_paths,
+)
+from sdlora.config import ModelConfig
 from sdlora.errors import UserError
 from sdlora.io import refuse_to_overwrite
+from sdlora.lowrank.svd import (
+    choose_rank,
+    clamp_quantile,
+    energy_kept,
+    factors_in_shape,
+    module_spectrum,
+    relative_error,
+    truncate,
+)
+from sdlora.models.load import load_base
 
-ENERGY_LEVELS = (0.5, 0.8, 0.9, 0.99)
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
 _SPATIAL_CONV_ENDINGS = ("_conv1", "_conv2", "_conv", "_conv_in", "_conv_out")
 # 1x1 convs of SD1.x (Linear in SD2.x / SDXL) and of every ResNet shortcut.
 _SD1_POINTWISE_CONV_ENDINGS = ("_proj_in", "_proj_out")
-
-
-# ---------------------------------------------------------------------------------------------
-# The maths of one matrix
-
-
-def energy_rank(S: torch.Tensor, energy: float) -> int:
-    """The smallest k with sum(S[:k]^2) >= energy * sum(S^2); 1 for an all-zero S."""
-    sq = S.double() ** 2
-    total = float(sq.sum())
-    if total == 0.0:
-        return 1
-    cumulative = torch.cumsum(sq, 0) / total
-    # Energy within 1e-6 counts as reached: fp32 round-off leaves ~1e-7 of the energy in the
-    # singular values past the true rank, and beta = 1.0 should give that rank, not the full one.
-    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-6, dtype=cumulative.dtype)).item()) + 1
-
-
-def energy_kept(S: torch.Tensor, k: int) -> float:
-    sq = S.double() ** 2
-    total = float(sq.sum())
-    return 1.0 if total == 0.0 else float(sq[:k].sum()) / total
-
-
-def relative_error(S: torch.Tensor, k: int) -> float:
-    """||W - W_k||_F / ||W||_F of the best rank-k approximation (Eckart-Young)."""
-    sq = S.double() ** 2
-    total = float(sq.sum())
-    return 0.0 if total == 0.0 else math.sqrt(float(sq[k:].sum()) / total)
-
-
-def svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact thin SVD of W = up @ down (up [out, r], down [r, in]) without forming W.
-
-    up = Q1 R1, down^T = Q2 R2  =>  W = Q1 (R1 R2^T) Q2^T, and the SVD of the small r x r core
-    gives W's: U = Q1 U_c, S = S_c, Vh = Vh_c Q2^T. r x r instead of out x in: ~100x faster on SD1.5.
-    """
-    Q1, R1 = torch.linalg.qr(up.double())
-    Q2, R2 = torch.linalg.qr(down.double().T)
-    Uc, S, Vhc = torch.linalg.svd(R1 @ R2.T, full_matrices=False)
-    return (Q1 @ Uc).float(), S.float(), (Vhc @ Q2.T).float()
-
-
-def choose_rank(S: torch.Tensor, rank: int | None = None, energy: float | None = None,
-                max_rank: int | None = None) -> int:
-    k = rank if rank is not None else energy_rank(S, energy)
-    return max(1, min(k, max_rank or k, S.numel()))
-
-
-def truncate(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up [out, k] = U_k diag(S_k), down [k, in] = Vh_k): the best rank-k factors."""
-    return U[:, :k] * S[:k], Vh[:k]
-
-
-def clamp_quantile(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip both factors to the `quantile` of their joint absolute values (kohya's outlier clamp)."""
-    values = torch.cat([up.flatten(), down.flatten()]).abs()
-    k = max(1, min(values.numel(), int(math.ceil(quantile * values.numel()))))
-    hi = values.kthvalue(k).values
-    return up.clamp(-hi, hi), down.clamp(-hi, hi)
-
-
-def factors_in_shape(up: torch.Tensor, down: torch.Tensor, weight_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kohya shapes: Linear up [out, k], down [k, in]; conv up [out, k, 1, 1], down [k, in, kh, kw]."""
-    if len(weight_shape) == 4:
-        return up.reshape(*up.shape, 1, 1), down.reshape(down.shape[0], *weight_shape[1:])
-    return up, down
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,28 +122,6 @@ def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], sd_v1: bool) 
     return (out, cols)
 
 
-def module_spectrum(parts: dict[str, torch.Tensor]):
-    """(S, top) of the module's weight change without its scale, flattened to [out, in * kh * kw]:
-    S its singular values (descending), top(k) the best rank-k factors (up [out, k], down [k, cols]).
-
-    Computed from the factors (module docstring): the dense weight change is never formed.
-    """
-    pairs = kohya.factored_update(parts)
-    if len(pairs) == 1:
-        U, S, Vh = svd_of_product(*pairs[0])
-        return S, lambda k: truncate(U, S, Vh, k)
-    (U1, S1, Vh1), (U2, S2, Vh2) = (svd_of_product(*pair) for pair in pairs)
-    # kron(U1 S1 Vh1, U2 S2 Vh2) = kron(U1, U2) kron(S1, S2) kron(Vh1, Vh2): S1[i] S2[j], sorted.
-    S, order = torch.sort(torch.outer(S1, S2).flatten(), descending=True)
-    i, j = order // S2.numel(), order % S2.numel()
-
-    def top(k: int):
-        up = (U1[:, i[:k]][:, None, :] * U2[:, j[:k]][None, :, :]).reshape(-1, k) * S[:k]
-        down = (Vh1[i[:k]][:, :, None] * Vh2[j[:k]][:, None, :]).reshape(k, -1)
-        return up, down
-
-    return S, top
-
 
 def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, energy: float | None = None,
                    max_rank: int | None = None, sd_v1: bool = True,
@@ -234,8 +153,6 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
 def resize(src, dst, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
            overwrite: bool = False) -> ResizeReport:
     """Resize the adapter file `src` into `dst` (a LoRA file whatever the input: LoHa becomes LoRA)."""
-    from sdlora.adapters import network as lora
-
     src, dst = Path(src), Path(dst)
     if energy is not None and not 0.0 < energy <= 1.0:
         raise UserError(f"resize: --energy {energy} must be in (0, 1], e.g. 0.9 keeps 90% of the squared "
@@ -244,19 +161,17 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
         raise UserError(f"resize: --rank {rank} must be at least 1")
     refuse_to_overwrite(dst, overwrite)
     start = time.perf_counter()
-    tensors, metadata = lora.read_adapter(src)
+    tensors, metadata = read_adapter(src)
     sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
     new, records = resize_tensors(tensors, rank, energy, max_rank, sd_v1=sd_v1)
     metadata = _resized_metadata(metadata, records, rank, energy, max_rank, src)
-    lora.save_adapter(dst, new, metadata, overwrite=overwrite)
+    save_adapter(dst, new, metadata, overwrite=overwrite)
     return ResizeReport(str(src), str(dst), records, src.stat().st_size, dst.stat().st_size,
                         time.perf_counter() - start)
 
 
 def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], rank, energy, max_rank,
                       src: Path) -> dict[str, str]:
-    from sdlora.adapters import network as lora
-
     source_hash = metadata.get("sshs_model_hash")
     metadata = {k: v for k, v in metadata.items() if k != "sshs_model_hash"}  # save_adapter writes the new one
     ranks = sorted({r.new_rank for r in records})
@@ -268,7 +183,7 @@ def _resized_metadata(metadata: dict[str, str], records: list[ModuleResize], ran
     elif old_alpha is not None and old_dim:
         alpha = f"{old_alpha / old_dim * ranks[0]:g}"
     dora = any("dora" in r.kind for r in records)
-    fields = lora.network_fields(lora.one_or_dynamic(ranks), alpha, dora=dora)
+    fields = network_fields(one_or_dynamic(ranks), alpha, dora=dora)
     metadata["ss_network_dim"] = fields["ss_network_dim"]
     if alpha is not None:
         metadata["ss_network_alpha"] = alpha
@@ -321,9 +236,6 @@ class ExtractReport:
 
 
 def _load(source, what: str):
-    from sdlora.config import ModelConfig
-    from sdlora.models.load import load_base
-
     if not (Path(source).expanduser().exists() or source == "tiny"):
         raise UserError(f"{what} {source}: no such file or folder (give a diffusers folder or a .safetensors checkpoint)")
     return load_base(ModelConfig(base=str(source)), dtype=torch.float32)
@@ -331,8 +243,6 @@ def _load(source, what: str):
 
 def _extract_targets(base, conv_rank: int) -> dict[str, tuple[str, str]]:
     """{kohya key: (part, module path)} of Kohya's default `transformer` targets (plus ResNet convs)."""
-    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
-
     targets = {}
     for part, model in kohya.model_parts(base).items():
         paths = (unet_target_paths(model, "transformer", convs=conv_rank > 0) if part == "unet"
@@ -393,8 +303,6 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
             max_rank: int | None = None, conv_rank: int = 0, clamp: float | None = 0.99,
             te_tolerance: float = 1e-4, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExtractReport:
     """Write a Kohya LoRA for the difference tuned - base of two checkpoints of one architecture."""
-    from sdlora.adapters import network as lora
-
     out = Path(out)
     refuse_to_overwrite(out, overwrite)
     if energy is not None and not 0.0 < energy <= 1.0:
@@ -407,14 +315,14 @@ def extract(base_source, tuned_source, out, rank: int | None = None, energy: flo
     base, tuned = _load(base_source, "--base"), _load(tuned_source, "--tuned")
     tensors, records, te_skipped = extract_tensors(base, tuned, rank, energy, max_rank, conv_rank, clamp,
                                                    te_tolerance, dtype)
-    dim = lora.one_or_dynamic(r.new_rank for r in records)
+    dim = one_or_dynamic(r.new_rank for r in records)
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
-    network = lora.network_fields(dim, dim, args=args)  # alpha = rank: scale 1
-    metadata = lora.network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
+    network = network_fields(dim, dim, args=args)  # alpha = rank: scale 1
+    metadata = network_metadata(base, out.stem, network, f"extracted by sdlora: {tuned_source} - {base_source}")
     metadata["sdlora_extract"] = json.dumps({"base": str(base_source), "tuned": str(tuned_source), "rank": rank,
                                              "energy": energy, "max_rank": max_rank, "conv_rank": conv_rank,
                                              "clamp_quantile": clamp, "text_encoder_skipped": te_skipped})
-    lora.save_adapter(out, tensors, metadata, overwrite=overwrite)
+    save_adapter(out, tensors, metadata, overwrite=overwrite)
     return ExtractReport(str(out), records, te_skipped, time.perf_counter() - start)
 
 
@@ -489,192 +397,3 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
     else:
         load.save_diffusers(base, out, overwrite=overwrite)
     return merged
-
-
-# ---------------------------------------------------------------------------------------------
-# convert
-
-
-def convert(src, dst, overwrite: bool = False) -> dict[str, str]:
-    """Write the adapter `src` (Kohya, LyCORIS, diffusers or peft keys) as a Kohya-named file `dst`.
-
-    Tensors are those `lora.read_adapter` gives every command (bundled embeddings left out);
-    diffusers' own header keys are dropped, and a file without Kohya metadata gets the
-    network fields A1111 reads (module, dim, alpha, output name). Returns the metadata written.
-    """
-    from sdlora.adapters import network as lora
-
-    src, dst = Path(src), Path(dst)
-    refuse_to_overwrite(dst, overwrite)
-    tensors, metadata = lora.read_adapter(src)
-    metadata = {k: v for k, v in metadata.items()
-                if k not in ("lora_adapter_metadata", "format", "sshs_model_hash")}  # save_adapter hashes anew
-    groups = kohya.group_modules(tensors)
-    kinds = {kohya.module_variant(parts) for parts in groups.values()}
-    if "ss_network_module" not in metadata:
-        algos = sorted({k.split("+")[0] for k in kinds})
-        lycoris = algos != ["lora"] or any("+" in k for k in kinds)
-        algo = (algos[0] if len(algos) == 1 else "locon") if lycoris else None
-        ranks = [kohya.module_rank(parts) or 0 for parts in groups.values()]
-        alphas = [round(kohya.module_scale(parts) * (kohya.module_rank(parts) or 1), 6) for parts in groups.values()]
-        metadata |= lora.network_fields(lora.one_or_dynamic(ranks), lora.one_or_dynamic(alphas, "{:g}".format), algo,
-                                        dora=any("dora" in k for k in kinds))
-    metadata.setdefault("ss_output_name", dst.stem)
-    lora.save_adapter(dst, tensors, metadata, overwrite=overwrite)
-    return metadata
-
-
-# ---------------------------------------------------------------------------------------------
-# inspect
-
-
-@dataclass
-class ModuleSpectrum:
-    key: str
-    part: str
-    kind: str
-    rank: int
-    alpha: float
-    norm: float  # ||scale * delta||_F, the module's effect at multiplier 1
-    singular_values: list[float] = field(repr=False)
-    ranks_for_energy: dict[str, int] = field(default_factory=dict)
-
-
-def inspect_tensors(tensors: dict[str, torch.Tensor]) -> list[ModuleSpectrum]:
-    spectra = []
-    for key, parts in kohya.group_modules(tensors).items():
-        scale = kohya.module_scale(parts)
-        S, _ = module_spectrum(parts)
-        rank = kohya.module_rank(parts) or S.numel()
-        S = S * abs(scale)
-        spectra.append(ModuleSpectrum(
-            key, kohya.part_of(key), kohya.module_variant(parts), rank, scale * rank, float(S.norm()),
-            [float(v) for v in S], {f"{level:.0%}": energy_rank(S, level) for level in ENERGY_LEVELS}))
-    return spectra
-
-
-def inspect(path, plot: Path | None = None) -> dict:
-    """A JSON-ready summary of an adapter file (and optionally a PNG of its spectra)."""
-    from sdlora.adapters import network as lora
-
-    tensors, metadata = lora.read_adapter(path, allow_non_finite=True)
-    broken = lora.non_finite_modules(tensors)  # reported, not decomposed (an SVD of NaN fails)
-    spectra = inspect_tensors({k: v for k, v in tensors.items() if k.partition(".")[0] not in broken})
-    counts: dict[str, int] = {}
-    for m in spectra:
-        counts[m.part] = counts.get(m.part, 0) + 1
-    summary = {"file": str(path), "metadata": {k: _maybe_json(v) for k, v in sorted(metadata.items())},
-               "modules_per_part": counts, "modules": [asdict(m) for m in spectra], "non_finite": broken}
-    if plot is not None:
-        plot_spectra(spectra, Path(plot), title=Path(path).name)
-        summary["plot"] = str(plot)
-    return summary
-
-
-def _maybe_json(value: str):
-    if value[:1] in "{[":
-        try:
-            return json.loads(value)
-        except ValueError:
-            pass
-    return value
-
-
-def plot_spectra(spectra: list[ModuleSpectrum], path: Path, title: str = "") -> Path:
-    """One PNG: normalised singular values (log) above cumulative energy, one line per module."""
-    import tempfile
-
-    from PIL import Image
-
-    from sdlora.io import atomic_path
-    from sdlora.sampling.plot import line_plot
-
-    normalised = [[v / m.singular_values[0] for v in m.singular_values] if m.singular_values and m.singular_values[0]
-                  else [0.0] for m in spectra]
-    cumulative = []
-    for m in spectra:
-        sq = torch.tensor(m.singular_values, dtype=torch.float64) ** 2
-        total = float(sq.sum()) or 1.0
-        cumulative.append([float(v) for v in torch.cumsum(sq, 0) / total])
-    with tempfile.TemporaryDirectory() as tmp:
-        top = line_plot(normalised, Path(tmp) / "s.png", title=f"{title}: singular values / largest, per module",
-                        xlabel="index", ylabel="S / S[0]", log_y=True)
-        bottom = line_plot(cumulative, Path(tmp) / "e.png", title="cumulative energy sum(S[:k]^2) / sum(S^2)",
-                           xlabel="rank k", ylabel="energy")
-        a, b = Image.open(top), Image.open(bottom)
-        canvas = Image.new("RGB", (max(a.width, b.width), a.height + b.height), "white")
-        canvas.paste(a, (0, 0))
-        canvas.paste(b, (0, a.height))
-    with atomic_path(path) as tmp_path:
-        canvas.save(tmp_path, format="PNG")
-    return path
-
-
-def format_inspect(summary: dict) -> str:
-    lines = [f"{summary['file']}", "metadata:"]
-    for key, value in summary["metadata"].items():
-        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-        lines.append(f"  {key}: {text if len(text) <= 200 else text[:200] + '...'}")
-    lines.append("modules: " + ", ".join(f"{part} {n}" for part, n in summary["modules_per_part"].items()))
-    modules = summary["modules"]
-    width = max([len(m["key"]) for m in modules] + [6])
-    levels = list(modules[0]["ranks_for_energy"]) if modules else []
-    lines.append(f"{'module':<{width}}  kind  rank  alpha    norm  " + "  ".join(f"r@{lv:>3}" for lv in levels))
-    for m in modules:
-        lines.append(f"{m['key']:<{width}}  {m['kind']:<4}  {m['rank']:>4}  {m['alpha']:>5g}  {m['norm']:6.3g}  "
-                     + "  ".join(f"{m['ranks_for_energy'][lv]:>5}" for lv in levels))
-    if "plot" in summary:
-        lines.append(f"plot: {summary['plot']}")
-    broken = summary.get("non_finite") or {}
-    if broken:
-        lines.append(f"NON-FINITE: {len(broken)} modules hold NaN or infinite values (the training diverged; "
-                     f"resize, merge and sample refuse this file):")
-        lines += [f"  {key}: {', '.join(suffixes)}" for key, suffixes in broken.items()]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# bench
-
-
-def sd15_module_shapes() -> dict[str, tuple[int, ...]]:
-    """{kohya key: weight shape} of Kohya's default targets on SD1.5 (192 U-Net + 72 text encoder)."""
-    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
-    from sdlora.models.arch import build_text_encoder, build_unet
-
-    unet = build_unet("sd_v1", device="meta")  # shapes only, no weights
-    text_encoder = build_text_encoder("sd_v1", device="meta")
-    shapes = {kohya.kohya_key("unet", p): tuple(unet.get_submodule(p).weight.shape)
-              for p in unet_target_paths(unet, "transformer")}
-    shapes.update({kohya.kohya_key("te", p): tuple(text_encoder.get_submodule(p).weight.shape)
-                   for p in text_encoder_target_paths(text_encoder)})
-    return shapes
-
-
-def random_adapter(shapes: dict[str, tuple[int, ...]], dim: int, alpha: float, seed: int = 0,
-                   dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """A Kohya LoRA state dict of random factors with a decaying spectrum (trained adapters look so)."""
-    generator = torch.Generator().manual_seed(seed)
-    decay = torch.exp(-torch.arange(dim, dtype=torch.float32) / (dim / 8))  # per-rank magnitude
-    tensors = {}
-    for key, shape in shapes.items():
-        down = torch.randn(dim, *shape[1:], generator=generator) / math.sqrt(math.prod(shape[1:]))
-        up = torch.randn(shape[0], dim, *([1, 1] if len(shape) == 4 else []), generator=generator)
-        up = up * decay.reshape(1, dim, *([1, 1] if len(shape) == 4 else []))
-        tensors[f"{key}.lora_down.weight"] = down.to(dtype)
-        tensors[f"{key}.lora_up.weight"] = (up * 0.01).to(dtype)
-        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    return tensors
-
-
-def bench_resize(dim: int = 128, energy: float = 0.9) -> dict:
-    """Time resizing a dim-128 SD1.5-shaped adapter (192 U-Net + 72 text-encoder modules) at energy 0.9."""
-    shapes = sd15_module_shapes()
-    tensors = random_adapter(shapes, dim, alpha=dim / 2)
-    start = time.perf_counter()
-    _, records = resize_tensors(tensors, energy=energy)
-    seconds = time.perf_counter() - start
-    ranks = [r.new_rank for r in records]
-    return {"resize_seconds": round(seconds, 3), "modules": len(records), "dim": dim, "energy": energy,
-            "new_rank_min": min(ranks), "new_rank_max": max(ranks),
-            "new_rank_mean": round(sum(ranks) / len(ranks), 1), "threads": torch.get_num_threads()}
