@@ -190,7 +190,7 @@ def training_flops(family: str, latent: int, reduced: bool = False) -> int:
 
 
 class Suite:
-    def __init__(self, device: str, reduced: bool, budget_s: float, peak: float | None, log=print):
+    def __init__(self, device: str, reduced: bool, budget_s: float, peak: float | None, log):
         self.device, self.shapes, self.budget_s, self.log = device, Shapes.for_device(reduced), budget_s, log
         self.started = time.perf_counter()
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -420,8 +420,9 @@ class Suite:
 
 
 def run_suite(device: str | None = None, reduced: bool | None = None, budget_s: float = 400.0,
-              peak: float | None = None, log=print) -> dict:
-    """The suite's JSON-ready results (see the module docstring). reduced: default = no CUDA."""
+              peak: float | None = None, *, log) -> dict:
+    """The suite's JSON-ready results (see the module docstring). reduced: default = no CUDA.
+    log: called with each row's progress line."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reduced = device != "cuda" if reduced is None else reduced
     return Suite(device, reduced, budget_s, peak, log=log).run()
