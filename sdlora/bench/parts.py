@@ -11,8 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sdlora.adapters import kohya
@@ -24,7 +26,7 @@ from sdlora.adapters.network import (
     unet_target_paths,
 )
 from sdlora.config import NetworkConfig, config_from_dict
-from sdlora.data.caption import bench_tagger
+from sdlora.data.caption import open_clip_tagger, tiny_tagger
 from sdlora.lowrank.tools import resize_tensors
 from sdlora.models.arch import build_text_encoder, build_unet, build_vae
 from sdlora.models.load import compute_device, load_base
@@ -113,6 +115,24 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
         "lora_overhead_ratio": passes["lora"] / passes["frozen"],
         "peak_memory_mb": peak_memory_mb(device),
     }
+
+
+def bench_tagger(n_tiny: int = 64, n_large: int = 2, batch_size: int = 16) -> dict:
+    """Images per second of the embedded tagger and of ViT-L-14 (random weights: the cost of a
+    real large tagger, without downloading one), preprocessing included."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)) for _ in range(max(n_tiny, n_large))]
+    result = {"device": compute_device(), "torch_threads": torch.get_num_threads()}
+    for key, tagger, n in (("tiny", tiny_tagger(), n_tiny), ("ViT-L-14", open_clip_tagger("ViT-L-14"), n_large)):
+        tagger._load()
+        tagger.embed_images(images[:1])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, n, batch_size):
+            tagger.embed_images(images[i:min(i + batch_size, n)])
+        if tagger.device == "cuda":
+            torch.cuda.synchronize()
+        result[f"{key}_images_per_s"] = n / (time.perf_counter() - start)
+    return result
 
 
 def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3,

@@ -477,7 +477,7 @@ class Sampler:
 
     def refine_tiled(self, upscaled: list, per_step: list[dict], seeds: list[int], s, steps: int,
                      noise_device) -> list:
-        """The tiled pass (sdlora/tiled.py) over each upscaled image, its noise drawn from its own seed.
+        """The tiled pass (tiled.py) over each upscaled image, its noise drawn from its own seed.
         per_step: `step_embeds` over the hires pass's steps (prompt editing switches them as it does in
         the one-pass hires)."""
         from diffusers.utils.torch_utils import randn_tensor
