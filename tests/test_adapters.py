@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 from sdlora.adapters import apply, keys, kinds
 from sdlora.adapters import network as lora
 from sdlora.adapters.file import read_adapter
+from sdlora.bench.parts import random_adapter, sd15_module_shapes
 from sdlora.errors import UserError
-from sdlora.lowrank import tools
+from sdlora.lowrank import svd, tools
+from sdlora.lowrank.inspect import inspect
 
 
 def rand(*shape, seed=None):
@@ -168,7 +170,7 @@ def test_spectrum_from_the_factors_is_the_dense_svd(name):
     parts, shape = _kinds()[name]
     dense = kinds.module_update(parts, shape).reshape(shape[0], -1).double()
     S_dense = torch.linalg.svdvals(dense)
-    S, top = tools.module_spectrum(parts)
+    S, top = svd.module_spectrum(parts)
     n = min(S.numel(), S_dense.numel())
     torch.testing.assert_close(S[:n].double(), S_dense[:n], rtol=1e-4, atol=1e-4)
     assert float(torch.cat([S[n:].double(), S_dense[n:], torch.zeros(1)]).abs().max()) < 1e-4 * float(S[0])
@@ -331,7 +333,7 @@ def test_peft_rank_and_alpha_patterns_merge_as_diffusers_fuses_them(tmp_path, us
                 for got in (merged_layer(x) - base_layer(x), sampled_layer(x) - base_layer(x)):
                     assert float((got - expected).norm() / expected.norm()) <= 1e-5, f"{component}.{path}"
 
-    alphas = {m["key"]: m["alpha"] for m in tools.inspect(adapter)["modules"]}  # what `sdlora inspect` prints
+    alphas = {m["key"]: m["alpha"] for m in inspect(adapter)["modules"]}  # what `sdlora inspect` prints
     for key, alpha in alphas.items():
         if key.endswith("to_k"):
             assert alpha == pytest.approx(8)  # alpha_pattern
@@ -797,9 +799,9 @@ def sampling_peak(kind: str, device: str, dtype=torch.float16, latent: int = 64)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     unet = build_unet("sd_v1", device=device, dtype=dtype)
-    shapes = {k: s for k, s in tools.sd15_module_shapes().items() if k.startswith("lora_unet")}
+    shapes = {k: s for k, s in sd15_module_shapes().items() if k.startswith("lora_unet")}
     if kind == "lora":
-        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(tools.random_adapter(shapes, 16, 8))
+        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(random_adapter(shapes, 16, 8))
         StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name="a")
     else:
         pipe = SimpleNamespace(unet=unet, text_encoder=torch.nn.Sequential())

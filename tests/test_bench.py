@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sdlora import cli
+from sdlora.adapters import keys
 from sdlora.bench import parts as bench
 from sdlora.bench import suite as benchsuite
 
@@ -159,3 +160,18 @@ def test_training_flops_are_counted_from_the_architecture():
     """SD1.5 at 512 px with Kohya's default targets: ~0.81 TFLOP forward, ~1.75 forward + backward
     (no weight gradients for the frozen base)."""
     assert 1.6e12 < benchsuite.training_flops("sd_v1", 64) < 1.9e12
+
+
+def test_sd15_shape_table_is_kohyas_192_unet_and_72_text_encoder_modules():
+    shapes = bench.sd15_module_shapes()
+    parts = [keys.part_of(k) for k in shapes]
+    assert parts.count("unet") == 192 and parts.count("te") == 72
+    assert shapes["lora_unet_mid_block_attentions_0_proj_in"] == (1280, 1280, 1, 1)  # SD1.x 1x1 conv
+    assert shapes["lora_te_text_model_encoder_layers_0_mlp_fc1"] == (3072, 768)
+
+
+@pytest.mark.slow
+def test_bench_resize_reports_seconds_for_264_modules():
+    result = bench.bench_resize()
+    assert result["modules"] == 264 and result["resize_seconds"] > 0
+    assert 1 <= result["new_rank_min"] <= result["new_rank_max"] <= 128

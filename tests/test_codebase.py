@@ -145,6 +145,18 @@ def test_the_package_has_no_import_circle():
     assert "sdlora.training.trainer" in graph and graph["sdlora.training.trainer"]  # the graph was really read
 
 
+def test_only_the_cli_layer_parses_arguments():
+    """Stages return data and raise UserError; argparse lives in commands/ and cli.py alone."""
+    cli_layer = {PACKAGE / "cli.py", *(PACKAGE / "commands").glob("*.py")}
+    parsing = []
+    for path in sorted(set(PACKAGE.rglob("*.py")) - cli_layer):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            if "argparse" in names:
+                parsing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not parsing, f"argparse outside commands/ and cli.py: {parsing}"
+
 def _choices(section: str, key: str) -> list:
     import dataclasses
 

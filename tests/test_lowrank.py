@@ -236,24 +236,6 @@ def test_inspect_reports_ranks_energy_and_writes_a_plot(tmp_path, kind, capsys):
     assert "r@90%" in capsys.readouterr().out
 
 
-# bench -------------------------------------------------------------------------------------------
-
-
-def test_sd15_shape_table_is_kohyas_192_unet_and_72_text_encoder_modules():
-    shapes = tools.sd15_module_shapes()
-    parts = [keys.part_of(k) for k in shapes]
-    assert parts.count("unet") == 192 and parts.count("te") == 72
-    assert shapes["lora_unet_mid_block_attentions_0_proj_in"] == (1280, 1280, 1, 1)  # SD1.x 1x1 conv
-    assert shapes["lora_te_text_model_encoder_layers_0_mlp_fc1"] == (3072, 768)
-
-
-@pytest.mark.slow
-def test_bench_resize_reports_seconds_for_264_modules():
-    result = tools.bench_resize()
-    assert result["modules"] == 264 and result["resize_seconds"] > 0
-    assert 1 <= result["new_rank_min"] <= result["new_rank_max"] <= 128
-
-
 def test_extract_refuses_identical_checkpoints(tmp_path, mini_base_dir, capsys):
     code = main(["extract", "--base", str(mini_base_dir), "--tuned", str(mini_base_dir),
                  str(tmp_path / "x.safetensors"), "--rank", "4"])
@@ -305,12 +287,12 @@ def test_merging_a_default_sdxl_adapter_peaks_near_the_base_size(tmp_path):
     from safetensors.torch import save_file
 
     from sdlora.adapters import apply
-    from sdlora.bench.parts import ResidentPeak, random_unet, unet_adapter_shapes
+    from sdlora.bench.parts import ResidentPeak, random_adapter, random_unet, unet_adapter_shapes
 
     unet = random_unet("sdxl")
     base_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     path = tmp_path / "sdxl.safetensors"
-    save_file(tools.random_adapter(unet_adapter_shapes(unet), 16, 8), str(path))
+    save_file(random_adapter(unet_adapter_shapes(unet), 16, 8), str(path))
     module_map = keys.kohya_module_map(unet, "unet")
     checked = sorted(keys.group_modules(read_adapter(path)[0]))[::25]  # the old way on a subset: it would not fit
     originals = {key: unet.get_submodule(module_map[key]).weight.detach().clone() for key in checked}

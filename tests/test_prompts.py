@@ -9,6 +9,7 @@ from PIL import Image
 from sdlora.errors import UserError
 from sdlora.models import prompts
 from sdlora.models.load import TINY_DIR
+from sdlora.sampling import infotext
 from sdlora.sampling import sampler as sample
 
 
@@ -183,10 +184,10 @@ def test_a_lora_tag_renders_as_the_same_file_given_with_lora(setup, tmp_path):
     base_image = [r for r in by_flag.images if r.scale == 0.0][0]
     assert np.array_equal(np.asarray(tag_image.image), np.asarray(flag_image.image))
     assert not np.array_equal(np.asarray(tag_image.image), np.asarray(base_image.image))
-    info = sample.parse_infotext(Image.open(tag_image.path).text["parameters"])
+    info = infotext.parse_infotext(Image.open(tag_image.path).text["parameters"])
     assert info["Prompt"] == "a red house <lora:pastel:0.5>"  # as written, the tag once
     assert info["Lora hashes"].count("pastel: ") == 1 and info["RNG"] == "CPU"
-    flag_info = sample.parse_infotext(Image.open(flag_image.path).text["parameters"])
+    flag_info = infotext.parse_infotext(Image.open(flag_image.path).text["parameters"])
     assert flag_info["Prompt"] == "a red house <lora:pastel:0.5>" and flag_info["Lora hashes"] == info["Lora hashes"]
     with pytest.raises(UserError, match="no adapter named 'nope'"):
         sample.run_sample(dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, prompts=["<lora:nope:1>"])),
@@ -203,8 +204,8 @@ def test_prompt_file_options_apply_per_row(setup, tmp_path):
     result = sample.run_sample(cfg, [], out_dir=tmp_path / "out", log=lambda m: None, lora_dirs=[loras])
     first, second = result.images
     assert first.image.size == (48, 32) and second.image.size == (64, 64)
-    one = sample.parse_infotext(Image.open(first.path).text["parameters"])
-    two = sample.parse_infotext(Image.open(second.path).text["parameters"])
+    one = infotext.parse_infotext(Image.open(first.path).text["parameters"])
+    two = infotext.parse_infotext(Image.open(second.path).text["parameters"])
     assert (one["Negative prompt"], one["Seed"], one["Steps"], one["CFG scale"]) == ("dark", "11", "2", "4.0")
     assert "Lora hashes" not in one and "pastel: " in two["Lora hashes"]
     assert (two["Seed"], two["Steps"]) == ("5", "3")

@@ -6,7 +6,7 @@ from test_sample import write_adapter
 
 from sdlora.adapters import keys
 from sdlora.config import config_from_dict
-from sdlora.lowrank import tools
+from sdlora.lowrank import svd
 from sdlora.tiny.scenery import make_scene_image
 from sdlora.training import results
 
@@ -84,8 +84,8 @@ def test_resize_energy_keeps_ninety_percent_of_every_module_and_loads_in_diffuse
         # Energy of the resized update relative to the full one, from the SVD of the full update.
         S = torch.linalg.svdvals((parts["lora_up.weight"].flatten(1) @ parts["lora_down.weight"].flatten(1)).double())
         k = small[key]["lora_down.weight"].shape[0]
-        assert tools.energy_kept(S, k) >= 0.9 - 1e-6, key
-        assert k == 1 or tools.energy_kept(S, k - 1) < 0.9  # the smallest such rank
+        assert svd.energy_kept(S, k) >= 0.9 - 1e-6, key
+        assert k == 1 or svd.energy_kept(S, k - 1) < 0.9  # the smallest such rank
     from sdlora.models.load import load_base
 
     load_base(cfg.model).pipeline().load_lora_weights(str(path))  # diffusers reads every key

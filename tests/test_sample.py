@@ -9,6 +9,7 @@ from sdlora.adapters.file import read_adapter, save_adapter, short_hash
 from sdlora.config import config_from_dict
 from sdlora.errors import UserError
 from sdlora.models.load import TINY_DIR, load_base
+from sdlora.sampling import grids, infotext
 from sdlora.sampling import sampler as sample
 
 STATS = {"num_train_images": 1, "num_epochs": 1, "epoch": 1, "steps": 1}
@@ -74,7 +75,7 @@ def test_png_parameters_parse_back_to_the_settings(cfg, adapter):
     result = sample.run_sample(cfg, [(adapter, 0.8)], log=lambda m: None)
     record = next(r for r in result.images if r.scale == 1.0 and r.prompt == "a blue lake")
     text = Image.open(record.path).info["parameters"]
-    info = sample.parse_infotext(text)
+    info = infotext.parse_infotext(text)
     base = load_base(cfg.model)
     assert info["Prompt"] == "a blue lake <lora:style:0.8>"
     assert info["Steps"] == "3" and info["Sampler"] == "DPM++ 2M" and info["Schedule type"] == "Karras"
@@ -88,7 +89,7 @@ def test_png_parameters_parse_back_to_the_settings(cfg, adapter):
     assert text.endswith(f'Lora hashes: "style: {short_hash(adapter)}", Version: sdlora')
     assert record.lora == adapter
     base_record = next(r for r in result.images if r.scale == 0.0)
-    base_info = sample.parse_infotext(Image.open(base_record.path).info["parameters"])
+    base_info = infotext.parse_infotext(Image.open(base_record.path).info["parameters"])
     assert "Lora hashes" not in base_info and "<lora:" not in base_info["Prompt"]
 
 
@@ -96,8 +97,8 @@ def test_infotext_round_trip_with_negative_prompt_and_hires():
     params = {"Steps": 20, "Sampler": "Euler a", "CFG scale": 5.5, "Seed": 3, "Size": "104x72",
               "Denoising strength": 0.45, "Hires resize": "1080x720", "Hires upscaler": "Lanczos",
               "Lora hashes": "a: 0123456789ab, b: ba9876543210"}
-    text = sample.infotext("mountains, lake\nsecond line", "blurry, low quality", params)
-    info = sample.parse_infotext(text)
+    text = infotext.infotext("mountains, lake\nsecond line", "blurry, low quality", params)
+    info = infotext.parse_infotext(text)
     assert info["Prompt"] == "mountains, lake\nsecond line"
     assert info["Negative prompt"] == "blurry, low quality"
     assert info["CFG scale"] == "5.5" and info["Hires resize"] == "1080x720"
@@ -185,7 +186,7 @@ def test_hires_renders_at_the_target_size(mini_base_dir, tmp_path, adapter):
     result = sample.run_sample(cfg, [(adapter, None)], log=lambda m: None)
     image = Image.open(result.images[0].path)
     assert image.size == (96, 64)
-    info = sample.parse_infotext(image.info["parameters"])
+    info = infotext.parse_infotext(image.info["parameters"])
     assert info["Size"] == "80x56" and info["Hires resize"] == "96x64" and info["Denoising strength"] == "0.45"
     assert sample.first_pass_size(1080, 720, 512) == (624, 416)
     for steps, strength in ((29, 0.29), (20, 0.45), (1, 0.05), (7, 1.0)):  # ceil(29 / 0.29) * 0.29 < 29
@@ -207,7 +208,7 @@ def test_epochs_grid_and_preview(mini_base_dir, tmp_path):
     for epoch, seed in ((2, 1), (4, 2)):
         write_adapter(cfg, folder / f"style-{epoch:06d}.safetensors", seed=seed, name="style")
     write_adapter(cfg, folder / "style.safetensors", seed=3)
-    files = sample.epoch_files(folder, "style")
+    files = grids.epoch_files(folder, "style")
     assert [label for label, _ in files] == ["epoch 2", "epoch 4", "final"]
     result = sample.run_sample(cfg, epochs_dir=folder, log=lambda m: None)
     assert len(result.images) == 3 and Image.open(result.grids[0]).width == 160 + 3 * 36 + 4

@@ -250,6 +250,7 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from sdlora.lowrank import tools
+    from sdlora.lowrank.inspect import inspect
 
     base_dir, _, adapter = trained_sdxl
     merged_base, merged = tools.load_merged(str(base_dir), [(adapter, 1.0)])
@@ -262,7 +263,7 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
     small = tmp_path / "small.safetensors"
     tools.resize(adapter, small, energy=0.9)
     assert {k.split(".")[0] for k in load_file(small)} == modules
-    report = tools.inspect(small)
+    report = inspect(small)
     assert report
 
 

@@ -304,7 +304,7 @@ def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapte
     from PIL import Image
 
     from sdlora.cli import main
-    from sdlora.sampling.sampler import parse_infotext
+    from sdlora.sampling.infotext import parse_infotext
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     project, config = make_project(tmp_path, base=str(mini_base_dir))

@@ -5,12 +5,37 @@ from __future__ import annotations
 
 import math
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from sdlora.adapters.apply import merge_files
+from sdlora.adapters.file import save_adapter
+from sdlora.adapters.keys import kohya_key, module_keys
+from sdlora.adapters.network import (
+    adapter_metadata,
+    inject,
+    text_encoder_target_paths,
+    unet_target_paths,
+)
+from sdlora.config import NetworkConfig, config_from_dict
+from sdlora.data.caption import open_clip_tagger, tiny_tagger
+from sdlora.lowrank.tools import resize_tensors
+from sdlora.models.arch import build_text_encoder, build_unet, build_vae
+from sdlora.models.load import compute_device, load_base
+from sdlora.sampling.sampler import Sampler
+from sdlora.tiny.configs import build_components
+from sdlora.tiny.scenery import make_scene_image
+from sdlora.training.trainer import Trainer
 
 
 def peak_memory_mb(device: str) -> float:
@@ -48,11 +73,6 @@ def fastest_in_turns(setups: dict, rounds: int) -> dict[str, float]:
 def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats: int = 5, device: str = "cpu") -> dict:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from sdlora.adapters import network as lora
-    from sdlora.config import NetworkConfig
-    from sdlora.models.arch import build_text_encoder, build_unet, build_vae
-    from sdlora.tiny.configs import build_components
-
     if arch == "tiny":
         _, text_encoder, vae, unet, _ = build_components("tiny")
     else:  # SD1.5's architecture from the shipped configs, random weights
@@ -65,7 +85,7 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
     timesteps = torch.randint(0, 1000, (batch,), device=device)
     with torch.no_grad():
         hidden = text_encoder(ids)[0]
-    network = lora.inject(unet, text_encoder, NetworkConfig())
+    network = inject(unet, text_encoder, NetworkConfig())
     params = network.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     adapted = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
@@ -99,6 +119,24 @@ def bench_training(arch: str = "tiny", batch: int = 4, latent: int = 16, repeats
     }
 
 
+def bench_tagger(n_tiny: int = 64, n_large: int = 2, batch_size: int = 16) -> dict:
+    """Images per second of the embedded tagger and of ViT-L-14 (random weights: the cost of a
+    real large tagger, without downloading one), preprocessing included."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)) for _ in range(max(n_tiny, n_large))]
+    result = {"device": compute_device(), "torch_threads": torch.get_num_threads()}
+    for key, tagger, n in (("tiny", tiny_tagger(), n_tiny), ("ViT-L-14", open_clip_tagger("ViT-L-14"), n_large)):
+        tagger._load()
+        tagger.embed_images(images[:1])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, n, batch_size):
+            tagger.embed_images(images[i:min(i + batch_size, n)])
+        if tagger.device == "cuda":
+            torch.cuda.synchronize()
+        result[f"{key}_images_per_s"] = n / (time.perf_counter() - start)
+    return result
+
+
 def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats: int = 3,
                   unet_repeats: int = 9, model: str = "tiny") -> dict:
     """Seconds per one-pass image at 1080x720 with `model` (model.base; default the embedded base):
@@ -113,18 +151,11 @@ def bench_sampler(steps: int = 4, width: int = 1080, height: int = 720, repeats:
     with the adapter takes `steps` x the extra U-Net time longer: `*_over_base` is that per-image
     ratio, `*_over_base_unet_call` the U-Net call's own (an upper bound of it).
     """
-
-    from sdlora.adapters.file import save_adapter
-    from sdlora.adapters.network import adapter_metadata, inject
-    from sdlora.config import config_from_dict
-    from sdlora.models import load as models
-    from sdlora.sampling.sampler import Sampler
-
     cfg = config_from_dict({"model": {"base": model},
                             "sample": {"prompts": ["bench"], "width": width, "height": height, "steps": steps}})
     with tempfile.TemporaryDirectory() as tmp:
         # A random adapter on the default targets, saved and read back like a trained one.
-        scratch = models.load_base(cfg.model)
+        scratch = load_base(cfg.model)
         network = inject(scratch.unet, scratch.text_encoder, cfg.network)
         with torch.no_grad():
             for p in network.trainable_parameters():
@@ -166,13 +197,6 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
     (fresh output folder: latents and text outputs encoded, as in a first run): seconds to the
     first optimizer step, steps/s after it, peak memory. model: model.base (default the
     embedded base; a diffusers folder of SD1.5's architecture measures the 512 px case)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    from sdlora.config import config_from_dict
-    from sdlora.models.load import compute_device
-    from sdlora.tiny.scenery import make_scene_image
-    from sdlora.training import trainer
-
     step_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
@@ -189,7 +213,7 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
         hook = register_optimizer_step_post_hook(lambda *_: step_times.append(time.perf_counter()))
         start = time.perf_counter()
         try:
-            trainer.Trainer(cfg, log=lambda m: None).run()
+            Trainer(cfg, log=lambda m: None).run()
         finally:
             hook.remove()
     after = step_times[-1] - step_times[0]
@@ -202,9 +226,6 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
 def bench_startup(argvs: list[list[str]], repeats: int = 3) -> dict:
     """Seconds from starting `python -m sdlora.cli ARGV` to its exit, the fastest of `repeats`, per
     argv (each `--help` and `--version`): what a user waits for before anything happens."""
-    import subprocess
-    import sys
-
     figures = {}
     for argv in argvs:
         times = []
@@ -241,8 +262,6 @@ class ResidentPeak:
 
 def random_unet(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.nn.Module:
     """The family's full U-Net at random weights, allocated once in `dtype` (never an fp32 copy first)."""
-    from sdlora.models.arch import build_unet
-
     unet = torch.nn.Module.to(build_unet(family, device="meta"), dtype).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -253,9 +272,6 @@ def random_unet(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) 
 
 def unet_adapter_shapes(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """{kohya key: weight shape} of the default [network] targets (`transformer`) of a U-Net."""
-    from sdlora.adapters.keys import module_keys
-    from sdlora.adapters.network import unet_target_paths
-
     paths = unet_target_paths(unet, "transformer")
     return {key: tuple(unet.get_submodule(path).weight.shape)
             for key, path in module_keys(unet, "unet", paths).items()}
@@ -264,11 +280,6 @@ def unet_adapter_shapes(unet: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 def bench_merge(family: str, dim: int = 16, alpha: float = 8) -> dict:
     """Peak memory of merging a default-config U-Net adapter (dim 16, alpha 8, random) into the
     family's full U-Net (fp16, random weights): `peak_over_base` = (base + the most merging added) / base."""
-    from safetensors.torch import save_file
-
-    from sdlora.adapters.apply import merge_files
-    from sdlora.lowrank.tools import random_adapter
-
     unet = random_unet(family)
     base_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,6 +292,44 @@ def bench_merge(family: str, dim: int = 16, alpha: float = 8) -> dict:
     return {"base_mb": round(base_bytes / 2**20), "merge_extra_mb": round(peak.extra_bytes / 2**20),
             "peak_over_base": round((base_bytes + peak.extra_bytes) / base_bytes, 3),
             "modules": merged[str(path)], "seconds": round(seconds, 1)}
+def sd15_module_shapes() -> dict[str, tuple[int, ...]]:
+    """{kohya key: weight shape} of Kohya's default targets on SD1.5 (192 U-Net + 72 text encoder)."""
+    unet = build_unet("sd_v1", device="meta")  # shapes only, no weights
+    text_encoder = build_text_encoder("sd_v1", device="meta")
+    shapes = {kohya_key("unet", p): tuple(unet.get_submodule(p).weight.shape)
+              for p in unet_target_paths(unet, "transformer")}
+    shapes.update({kohya_key("te", p): tuple(text_encoder.get_submodule(p).weight.shape)
+                   for p in text_encoder_target_paths(text_encoder)})
+    return shapes
+
+
+def random_adapter(shapes: dict[str, tuple[int, ...]], dim: int, alpha: float, seed: int = 0,
+                   dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A Kohya LoRA state dict of random factors with a decaying spectrum (trained adapters look so)."""
+    generator = torch.Generator().manual_seed(seed)
+    decay = torch.exp(-torch.arange(dim, dtype=torch.float32) / (dim / 8))  # per-rank magnitude
+    tensors = {}
+    for key, shape in shapes.items():
+        down = torch.randn(dim, *shape[1:], generator=generator) / math.sqrt(math.prod(shape[1:]))
+        up = torch.randn(shape[0], dim, *([1, 1] if len(shape) == 4 else []), generator=generator)
+        up = up * decay.reshape(1, dim, *([1, 1] if len(shape) == 4 else []))
+        tensors[f"{key}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{key}.lora_up.weight"] = (up * 0.01).to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors
+
+
+def bench_resize(dim: int = 128, energy: float = 0.9) -> dict:
+    """Time resizing a dim-128 SD1.5-shaped adapter (192 U-Net + 72 text-encoder modules) at energy 0.9."""
+    shapes = sd15_module_shapes()
+    tensors = random_adapter(shapes, dim, alpha=dim / 2)
+    start = time.perf_counter()
+    _, records = resize_tensors(tensors, energy=energy)
+    seconds = time.perf_counter() - start
+    ranks = [r.new_rank for r in records]
+    return {"resize_seconds": round(seconds, 3), "modules": len(records), "dim": dim, "energy": energy,
+            "new_rank_min": min(ranks), "new_rank_max": max(ranks),
+            "new_rank_mean": round(sum(ranks) / len(ranks), 1), "threads": torch.get_num_threads()}
 
 
 def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", first_step_resolution: int = 128,
@@ -292,14 +341,10 @@ def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", fir
         results["train_tiny"] = bench_training("tiny", batch=8, latent=16, device=device)
         results["train_sd15"] = bench_training("sd15", batch=1, latent=32, repeats=4, device=device)
     if "tagger" in parts:
-        from sdlora.data.caption import bench_tagger
-
         results["tagger"] = bench_tagger()
     if "sampler" in parts:
         results["sampler"] = bench_sampler()
     if "resize" in parts:
-        from sdlora.lowrank.tools import bench_resize
-
         results["resize"] = bench_resize()
     if "merge" in parts:
         results["merge_sd15"] = bench_merge("sd_v1")

@@ -32,14 +32,22 @@ from __future__ import annotations
 
 import datetime
 import gc
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from sdlora.bench.parts import fastest_in_turns, peak_memory_mb
-from sdlora.models.load import DTYPES
+from sdlora.adapters import network
+from sdlora.bench.parts import bench_sampler, fastest_in_turns, peak_memory_mb
+from sdlora.config import NetworkConfig, TrainConfig
+from sdlora.models import arch
+from sdlora.models.load import DTYPES, random_base, save_diffusers
+from sdlora.models.quantize import quantize_frozen
+from sdlora.training import speed
+from sdlora.training.trainer import make_optimizer as trainer_optimizer
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
@@ -90,12 +98,6 @@ class Trainee:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import cast_training_params
         from peft.tuners.tuners_utils import BaseTunerLayer
-
-        from sdlora.adapters import network
-        from sdlora.config import NetworkConfig
-        from sdlora.models import arch
-        from sdlora.models.quantize import quantize_frozen
-        from sdlora.training import speed
 
         speed.require_attention(attention, where="attention")  # before building anything
         torch.manual_seed(seed)
@@ -155,9 +157,6 @@ class Trainee:
 def make_optimizer(name: str, params, device: str):
     """The trainer's optimizer `name` (train.make_optimizer, fused AdamW on CUDA as it trains) over
     `params` at lr 1e-3; "adamw_foreach": the multi-tensor AdamW the fused-AdamW lever compares with."""
-    from sdlora.config import TrainConfig
-    from sdlora.training.trainer import make_optimizer as trainer_optimizer
-
     if name == "adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
     return trainer_optimizer(TrainConfig(optimizer=name), [{"params": params, "lr": 1e-3}], "sdlora bench",
@@ -178,10 +177,6 @@ def training_flops(family: str, latent: int, reduced: bool = False) -> int:
     """FLOPs of one LoRA training sample (forward + backward, batch 1) of the family's U-Net at
     `latent` x `latent`, counted on the meta device: the architecture's arithmetic, no compute.
     SD1.5 at 512 px (64x64): ~1.75 TFLOP; SDXL at 1024 px (128x128): ~14.3 TFLOP."""
-    from sdlora.adapters import network
-    from sdlora.config import NetworkConfig
-    from sdlora.models import arch
-
     unet = arch.build_unet(family, reduced=reduced, device="meta").requires_grad_(False)
     network.inject(unet, None, NetworkConfig(train_text_encoder=False))
     x = torch.randn(1, unet.config.in_channels, latent, latent, device="meta")
@@ -190,7 +185,7 @@ def training_flops(family: str, latent: int, reduced: bool = False) -> int:
 
 
 class Suite:
-    def __init__(self, device: str, reduced: bool, budget_s: float, peak: float | None, log=print):
+    def __init__(self, device: str, reduced: bool, budget_s: float, peak: float | None, log):
         self.device, self.shapes, self.budget_s, self.log = device, Shapes.for_device(reduced), budget_s, log
         self.started = time.perf_counter()
         name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -283,18 +278,11 @@ class Suite:
                          gradient_checkpointing=checkpointing)
 
     def sampler_row(self) -> None:
-        import tempfile
-        from pathlib import Path
-
-        from sdlora.bench.parts import bench_sampler
-
         def run():
             if self.shapes.reduced:
                 return bench_sampler(model="tiny", **self.shapes.sampler)
-            from sdlora.models import load
-
             with tempfile.TemporaryDirectory() as tmp:
-                folder = load.save_diffusers(load.random_base("sd_v1"), Path(tmp) / "sd15")
+                folder = save_diffusers(random_base("sd_v1"), Path(tmp) / "sd15")
                 return bench_sampler(model=str(folder), **self.shapes.sampler)
         self.row("sampler " + "x".join(str(self.shapes.sampler[k]) for k in ("width", "height")), run,
                  model="tiny" if self.shapes.reduced else "sd_v1 architecture", **self.shapes.sampler)
@@ -330,8 +318,6 @@ class Suite:
                      **params)
 
     def lever_rows(self) -> None:
-        from sdlora.training import speed
-
         s = self.shapes
         batch = s.sd15_batches[-1]
         params = dict(family="sd_v1", latent=s.sd15_latent, batch=batch)
@@ -420,8 +406,9 @@ class Suite:
 
 
 def run_suite(device: str | None = None, reduced: bool | None = None, budget_s: float = 400.0,
-              peak: float | None = None, log=print) -> dict:
-    """The suite's JSON-ready results (see the module docstring). reduced: default = no CUDA."""
+              peak: float | None = None, *, log) -> dict:
+    """The suite's JSON-ready results (see the module docstring). reduced: default = no CUDA.
+    log: called with each row's progress line."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reduced = device != "cuda" if reduced is None else reduced
     return Suite(device, reduced, budget_s, peak, log=log).run()

@@ -1,4 +1,4 @@
-"""`sdlora bench`: the CPU figures (bench.py) or the GPU suite (benchsuite.py)."""
+"""`sdlora bench`: the CPU figures (bench/parts.py) or the GPU suite (bench/suite.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def add_command(subparsers) -> None:
     p = subparsers.add_parser("bench", help="print speed and memory figures",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu: the --parts figures; gpu: the GPU suite (benchsuite.py; toy shapes without CUDA)")
+                   help="cpu: the --parts figures; gpu: the GPU suite (bench/suite.py; toy shapes without CUDA)")
     p.add_argument("--parts", default="train,tagger,sampler,resize,merge,first_step,startup",
                    help="cpu suite, comma-separated: train, tagger, sampler, resize, merge, first_step, startup "
                         "(default: all)")

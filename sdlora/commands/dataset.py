@@ -32,5 +32,5 @@ def _cmd_dataset(args) -> int:
     from sdlora.data.dataset import build_dataset
 
     cfg = load_config(args.config, args.overrides)
-    build_dataset(cfg, retag=args.retag, keep_duplicates=args.keep_duplicates)
+    build_dataset(cfg, retag=args.retag, keep_duplicates=args.keep_duplicates, log=print)
     return 0

@@ -138,7 +138,7 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from sdlora.lowrank.tools import convert
+    from sdlora.adapters.convert import convert
 
     metadata = convert(args.input, args.output, overwrite=args.overwrite)
     print(f"wrote {args.output} ({metadata['ss_network_module']}, dim {metadata.get('ss_network_dim', '?')})")
@@ -146,8 +146,32 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from sdlora.lowrank.tools import format_inspect, inspect
+    from sdlora.lowrank.inspect import inspect
 
     summary = inspect(args.file, plot=args.plot)
-    print(json.dumps(summary, indent=1) if args.json else format_inspect(summary))
+    print(json.dumps(summary, indent=1) if args.json else _format_inspect(summary))
     return 1 if summary["non_finite"] else 0
+
+
+def _format_inspect(summary: dict) -> str:
+    """`lowrank.inspect.inspect`'s summary as the lines `sdlora inspect` prints."""
+    lines = [f"{summary['file']}", "metadata:"]
+    for key, value in summary["metadata"].items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        lines.append(f"  {key}: {text if len(text) <= 200 else text[:200] + '...'}")
+    lines.append("modules: " + ", ".join(f"{part} {n}" for part, n in summary["modules_per_part"].items()))
+    modules = summary["modules"]
+    width = max([len(m["key"]) for m in modules] + [6])
+    levels = list(modules[0]["ranks_for_energy"]) if modules else []
+    lines.append(f"{'module':<{width}}  kind  rank  alpha    norm  " + "  ".join(f"r@{lv:>3}" for lv in levels))
+    for m in modules:
+        lines.append(f"{m['key']:<{width}}  {m['kind']:<4}  {m['rank']:>4}  {m['alpha']:>5g}  {m['norm']:6.3g}  "
+                     + "  ".join(f"{m['ranks_for_energy'][lv]:>5}" for lv in levels))
+    if "plot" in summary:
+        lines.append(f"plot: {summary['plot']}")
+    broken = summary.get("non_finite") or {}
+    if broken:
+        lines.append(f"NON-FINITE: {len(broken)} modules hold NaN or infinite values (the training diverged; "
+                     f"resize, merge and sample refuse this file):")
+        lines += [f"  {key}: {', '.join(suffixes)}" for key, suffixes in broken.items()]
+    return "\n".join(lines)

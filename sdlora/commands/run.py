@@ -19,5 +19,5 @@ def add_command(subparsers) -> None:
 def _cmd_run(args) -> int:
     from sdlora.run import run
 
-    run(load_config(args.config, args.overrides))
+    run(load_config(args.config, args.overrides), log=print)
     return 0

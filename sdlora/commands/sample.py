@@ -81,8 +81,7 @@ def _cmd_sample(args) -> int:
         changes["lora_scales"] = _numbers(args.scales, float, "--scales")
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
     result = run_sample(cfg, [parse_adapter_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
-                        lora_dirs=args.lora_dir,
-                        hires=args.hires)
+                        lora_dirs=args.lora_dir, hires=args.hires, log=print)
     print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
     for grid in result.grids:
         print(f"  {grid}")

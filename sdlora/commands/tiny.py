@@ -41,5 +41,6 @@ def _cmd_build(args) -> int:
                             "loads)" if packaged else "", rename="build into another folder with --assets-dir DIR")
     if args.scale == 1.0:
         print(f"tiny build: stages {', '.join(stages)}; the whole build takes {DURATION}", flush=True)
-    build(stages, Build(work=Path(args.work_dir), assets=assets, scale=args.scale))
+    build(stages, Build(work=Path(args.work_dir), assets=assets, scale=args.scale,
+                        echo=lambda line: print(line, flush=True)))
     return 0

@@ -23,7 +23,7 @@ def _cmd_train(args) -> int:
     from sdlora.training.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, log=print)
     if result.report:
         print(f"adapter: {result.adapter}\nreport: {result.report}")
     return 0

@@ -6,6 +6,8 @@ runs, so the CLI's start-up does not grow (`pip install sdlora[ui]` brings them)
 
 from __future__ import annotations
 
+import sys
+
 DEFAULT_PORT = 7860  # Gradio's, A1111's and kohya_ss's habit
 
 
@@ -36,4 +38,4 @@ def _cmd_ui(args) -> int:
             raise UserError(f"sdlora ui needs the ui extra ({e.name} is not installed): "
                             "pip install 'sdlora[ui]'") from None
         raise
-    return serve(args.root, args.port, args.listen)
+    return serve(args.root, args.port, args.listen, log=lambda line: print(line, file=sys.stderr))

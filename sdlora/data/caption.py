@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,26 +281,3 @@ def select_tags(scores: np.ndarray, tags: list[str], threshold: float, max_tags:
     """(tag, score) above threshold, most confident first, at most max_tags (one image's row)."""
     order = np.argsort(-scores, kind="stable")
     return [(tags[i], float(scores[i])) for i in order[:max_tags] if scores[i] > threshold]
-
-
-def bench_tagger(n_tiny: int = 64, n_large: int = 2, batch_size: int = 16) -> dict:
-    """Images per second of the embedded tagger and of ViT-L-14 (random weights: the cost of a
-    real large tagger, without downloading one), preprocessing included."""
-    import torch
-    from PIL import Image
-
-    from sdlora.models.load import compute_device
-
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)) for _ in range(max(n_tiny, n_large))]
-    result = {"device": compute_device(), "torch_threads": torch.get_num_threads()}
-    for key, tagger, n in (("tiny", tiny_tagger(), n_tiny), ("ViT-L-14", open_clip_tagger("ViT-L-14"), n_large)):
-        tagger._load()
-        tagger.embed_images(images[:1])  # warm-up
-        start = time.perf_counter()
-        for i in range(0, n, batch_size):
-            tagger.embed_images(images[i:min(i + batch_size, n)])
-        if tagger.device == "cuda":
-            torch.cuda.synchronize()
-        result[f"{key}_images_per_s"] = n / (time.perf_counter() - start)
-    return result

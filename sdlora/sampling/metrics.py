@@ -52,7 +52,7 @@ def style_shift(base_images, lora_images, style_images) -> dict:
 # Artefacts of rendering far above a base's native size
 #
 # A denoiser run on a latent several times larger than it was trained on answers out of
-# distribution with periodic diagonal hatching; tiling it (sdlora/tiled.py) can leave seams.
+# distribution with periodic diagonal hatching; tiling it (sampling/tiled.py) can leave seams.
 # Both are measured against what the picture would be without the large pass.
 
 

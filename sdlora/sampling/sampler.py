@@ -14,10 +14,8 @@ The adapter is read from its exported Kohya `.safetensors` file, never from trai
     When sampling ends, peft layers are unloaded and W0 is copied back (`AdapterSet.close`).
     The patching is the adapters' one engine (`adapters.apply`), which merging uses too.
 
-Grids: one per seed, rows = prompts, columns = LoRA scales. A file given without a weight is
-swept over `sample.lora_scales` (0 = the base); FILE:SCALE keeps its weight in every column.
-With `--epochs-dir` the columns are the epoch files instead. Cells are thumbnails; the full
-images sit next to the grid.
+Grids (one per seed, rows = prompts, columns = LoRA scales or epoch files) are `grids.py`'s;
+the text each PNG carries is `infotext.py`'s.
 
 Before anything is loaded, every module key of a file is matched against the base's
 Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
@@ -25,27 +23,33 @@ unmatched keys silently.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
-components (strength = hires_denoise) adds the detail. Every PNG carries A1111's generation
-parameters in its `parameters` text chunk (`parse_infotext` reads them back).
+components (strength = hires_denoise) adds the detail; far above the native size the img2img
+pass runs in tiles (`tiled.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sdlora.adapters import apply, keys, kinds
-from sdlora.config import epoch_of_adapter
 from sdlora.errors import UserError
-from sdlora.io import inside, safe_file_stem
+from sdlora.io import safe_file_stem
+from sdlora.models import prompts as rules
+from sdlora.models.family import TextConditioning, encode_text, tokenize
+from sdlora.models.load import compute_device, load_base
 from sdlora.sampling import tiled
+from sdlora.sampling.grids import (
+    SampleResult,
+    epoch_files,
+    prompt_rows,
+    render_grid,
+    sweep_columns,
+)
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -205,57 +209,6 @@ class AdapterSet:
 
 
 # ---------------------------------------------------------------------------------------------
-# A1111 generation parameters ("infotext")
-
-
-def _quote(value: str) -> str:
-    # A1111 quotes a value holding a separator as a JSON string.
-    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",\n:") else value
-
-
-def infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
-    """A1111's layout: prompt, 'Negative prompt: ...', then 'Key: value, ...' (None values left out)."""
-    line = ", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items() if v is not None)
-    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
-    return f"{prompt}{negative}\n{line}"
-
-
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def parse_infotext(text: str) -> dict[str, str]:
-    """Read infotext back like A1111's parse_generation_parameters: {"Prompt", "Negative prompt", key: value}."""
-    *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < 3:  # no parameter line: all of it is prompt
-        lines.append(last)
-        last = ""
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:"):].strip()
-        (negative if in_negative else prompt).append(line)
-    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in _PARAM.findall(last):
-        value = value.strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = json.loads(value)
-        result[key.strip()] = value
-    return result
-
-
-def save_png(image, path: Path, parameters: str) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    from sdlora.io import atomic_path
-
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
-# ---------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -286,33 +239,15 @@ def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: flo
     return "off" if area <= 1 else "tiled" if area > tiled_above else "on"
 
 
-@dataclass
-class Rendered:
-    path: Path
-    prompt: str
-    seed: int
-    scale: float  # the grid column's scale (0 = the base); epochs grid: 1
-    lora: Path | None = None  # the swept (or, all fixed: first) adapter file, None for the base
-    image: object = field(repr=False, default=None)  # the full PIL image
-
-
-@dataclass
-class SampleResult:
-    folder: Path
-    images: list[Rendered] = field(default_factory=list)
-    grids: list[Path] = field(default_factory=list)
-
 
 class Sampler:
     """A base model with adapters, rendering prompts x seeds at a given adapter scale."""
 
     def __init__(self, cfg, fuse: bool | None = None, base=None):
-        from sdlora.models import load as models
-
         self.cfg = cfg
-        self.base = base if base is not None else models.load_base(cfg.model)
+        self.base = base if base is not None else load_base(cfg.model)
         s = cfg.sample
-        self.device = models.compute_device()
+        self.device = compute_device()
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
         self.scheduler_name = s.sampler
         self.pipe.to(self.device)
@@ -322,14 +257,10 @@ class Sampler:
     def encode(self, prompts: list[str]):
         """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
         the config's clip_skip (Kohya/A1111 semantics), and SDXL's pooled embeddings."""
-        from sdlora.models.family import tokenize
-
         return self.encode_ids(tokenize(self.base.tokenizers, prompts))
 
     def encode_ids(self, ids: list[torch.Tensor]):
         """`encode` from each text encoder's (B, 77) input ids."""
-        from sdlora.models.family import encode_text
-
         with torch.no_grad():
             return encode_text(self.base.family, self.base.text_encoders, [x.to(self.device) for x in ids],
                                self.cfg.model.clip_skip)
@@ -338,8 +269,6 @@ class Sampler:
         """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
         encoded by A1111's rules (`prompts.encode`: emphasis, BREAK, 75-token chunks) and padded
         to one chunk count."""
-        from sdlora.models import prompts as rules
-
         base = self.base
         widths = [te.config.hidden_size for te in base.text_encoders]
         encoded = {t: rules.encode(t, base.tokenizers, self.encode_ids, widths) for t in {*prompts, *negative, ""}}
@@ -357,8 +286,6 @@ class Sampler:
         """`embeds` for each denoising step of a pass, by A1111's prompt editing and alternation
         (`prompts.prompt_schedule`: the first pass, or with hires_steps the hires pass); steps
         with the same texts share one encoding. Prompts are refused for AND (`conditioned_text`)."""
-        from sdlora.models import prompts as rules
-
         texts = [rules.conditioned_text(p) for p in prompts] + list(negative)
         n = hires_steps or steps
         schedules = [rules.prompt_schedule(t, steps, hires_steps) for t in texts]
@@ -452,12 +379,10 @@ class Sampler:
 
     def refine_tiled(self, upscaled: list, per_step: list[dict], seeds: list[int], s, steps: int,
                      noise_device) -> list:
-        """The tiled pass (sdlora/tiled.py) over each upscaled image, its noise drawn from its own seed.
+        """The tiled pass (tiled.py) over each upscaled image, its noise drawn from its own seed.
         per_step: `step_embeds` over the hires pass's steps (prompt editing switches them as it does in
         the one-pass hires)."""
         from diffusers.utils.torch_utils import randn_tensor
-
-        from sdlora.models.family import TextConditioning
 
         def image_text(embeds: dict, k: int) -> TextConditioning:
             # Row 0 the negative prompt, row 1 the prompt (tiled.Denoiser's guidance order).
@@ -511,152 +436,6 @@ def switching(per_step: list[dict]) -> dict:
 
     return dict(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=inputs)
 
-
-def parameters_for(prompt: str, seed: int, adapters: list[Adapter], weights: list[float], negative: str,
-                   params: dict) -> str:
-    """The infotext of one image: the prompt as written, a `<lora:alias:w>` tag for each active
-    adapter the prompt does not already name, and each active adapter's hash once."""
-    active = [(a, w) for a, w in zip(adapters, weights) if (w != (0, 0) if isinstance(w, tuple) else w != 0)]
-    tags = "".join(f" <lora:{a.alias}:{w:g}>" for a, w in active if not a.from_prompt)
-    hashes = ", ".join(dict.fromkeys(f"{a.alias}: {a.short_hash}" for a, _ in active)) or None
-    return infotext(prompt + tags, negative, {**params, "Seed": seed, "Lora hashes": hashes, "Version": "sdlora"})
-
-
-@dataclass
-class Row:
-    """One prompt row of a grid: the line as written, the text encoded, the adapters its tags name."""
-
-    line: object  # prompts.PromptLine
-    text: str  # the prompt without its <lora:...> tags
-    tags: dict[int, float | tuple[float, float]]  # id(adapter) -> multiplier (or (te, unet)), for its tags' adapters
-
-
-def prompt_rows(sampler: Sampler, lines: list, lora_dirs=(), log=print) -> list[Row]:
-    """Rows for prompt lines; each adapter a `<lora:name:w>` tag names is loaded once (switched off
-    except in the rows that name it)."""
-    from sdlora.models import prompts as rules
-
-    loaded = {a.path: a for a in sampler.adapters.adapters if a.from_prompt}  # by an earlier call
-    rows = []
-    for line in lines:
-        line = line if isinstance(line, rules.PromptLine) else rules.PromptLine(line)
-        text, tags, others = rules.extract_networks(line.prompt)
-        if others:
-            log(f"note: {', '.join(others)} left out of the prompt (sdlora loads <lora:...> tags only)")
-        row_tags = {}
-        for tag in tags:
-            path = rules.find_lora(tag.name, [Path(d) for d in lora_dirs])
-            if path not in loaded:
-                loaded[path] = sampler.adapters.add(path, 0.0)
-                loaded[path].from_prompt = True
-            row_tags[id(loaded[path])] = tag.multiplier
-        rows.append(Row(line, text, row_tags))
-    return rows
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def render_grid(sampler: Sampler, prompts: list, seeds: list[int], columns: list[tuple[str, callable]],
-                folder: Path, stem: str, *, width: int, height: int, steps: int, hires: str,
-                log=print, lora_dirs=()) -> SampleResult:
-    """Render prompts (rows) x columns for every seed; save the full images and one grid per seed.
-
-    prompts: strings or prompt-file lines (`prompts.PromptLine`, whose options override the
-    size, seed, steps, CFG scale, sampler and negative prompt of their row); `<lora:name:w>`
-    tags load that adapter (searched in lora_dirs) for their row only.
-    columns: (label, prepare) pairs; prepare() applies that column's adapters and returns
-    (column scale, adapter file recorded with its images or None).
-    """
-    import itertools
-
-    s = sampler.cfg.sample
-    result = SampleResult(folder=folder)
-    rows = prompt_rows(sampler, prompts, lora_dirs, log)
-    cells: dict[tuple[int, int, int], object] = {}  # (seed index, row, column) -> image
-    pairs = [(p, seed) for p in range(len(rows)) for seed in range(len(seeds))]
-
-    def settings(row: Row) -> tuple:
-        line = row.line
-        return (line.width or width, line.height or height, line.steps or steps, line.cfg_scale, line.sampler,
-                s.negative_prompt if line.negative_prompt is None else line.negative_prompt,
-                tuple(sorted(row.tags.items())))
-
-    for c, (label, prepare) in enumerate(columns):
-        scale, lora_file = prepare()
-        column_weights = list(sampler.adapters.current)
-        started = time.time()
-        for (w, h, n_steps, cfg_scale, sampler_name, negative, tags), group in itertools.groupby(
-                pairs, key=lambda pair: settings(rows[pair[0]])):
-            weights = [dict(tags).get(id(a), 0.0) if a.from_prompt else cw
-                       for a, cw in zip(sampler.adapters.adapters, column_weights)]
-            if weights != sampler.adapters.current:
-                sampler.adapters.set_weights(weights)
-            for batch in _batches(list(group), s.batch_size):
-                row_seeds = [rows[p].line.seed if rows[p].line.seed is not None else seeds[i] for p, i in batch]
-                images, params = sampler.render([rows[p].text for p, _ in batch], row_seeds, w, h, n_steps, hires,
-                                                [negative] * len(batch), cfg_scale, sampler_name)
-                for (p, i), seed, image in zip(batch, row_seeds, images):
-                    path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seed}.png")
-                    save_png(image, path, parameters_for(rows[p].line.prompt, seed, sampler.adapters.adapters,
-                                                         weights, negative, params))
-                    result.images.append(Rendered(path, rows[p].line.prompt, seed, scale, lora_file, image))
-                    cells[i, p, c] = image
-        log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s")
-    labels = [label for label, _ in columns]
-    for i, seed in enumerate(seeds):
-        grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(rows))],
-                         labels, [row.line.prompt for row in rows], s.thumbnail, title=f"seed {seed}")
-        path = inside(folder, folder / f"{stem}_grid_seed{seed}.png")
-        save_png(grid, path, f"sdlora grid: rows = prompts, columns = {', '.join(labels)}; seed {seed}")
-        result.grids.append(path)
-    return result
-
-
-def label_slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
-
-
-def make_grid(rows: list[list], column_labels: list[str], row_labels: list[str], thumbnail: int, title: str = ""):
-    """Thumbnails (longest side = thumbnail) in a labelled table: a header row and a label column."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    thumbs = []
-    for row in rows:
-        out = []
-        for im in row:
-            im = im.copy()
-            im.thumbnail((thumbnail, thumbnail), Image.LANCZOS)
-            out.append(im)
-        thumbs.append(out)
-    cell_w = max(im.width for row in thumbs for im in row)
-    cell_h = max(im.height for row in thumbs for im in row)
-    label_w, header_h, pad = 160, 24, 4
-    width = label_w + len(column_labels) * (cell_w + pad) + pad
-    height = header_h + len(rows) * (cell_h + pad) + pad
-    grid = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((pad, pad), title, fill="black", font=font)
-    for c, label in enumerate(column_labels):
-        draw.text((label_w + c * (cell_w + pad) + pad, pad), label, fill="black", font=font)
-    for r, (label, row) in enumerate(zip(row_labels, thumbs)):
-        y = header_h + r * (cell_h + pad) + pad
-        draw.multiline_text((pad, y), _wrap(label, 24, max_lines=max(1, cell_h // 12)), fill="black", font=font)
-        for c, im in enumerate(row):
-            grid.paste(im, (label_w + c * (cell_w + pad) + pad, y))
-    return grid
-
-
-def _wrap(text: str, width: int, max_lines: int) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width)[:max_lines])
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -665,8 +444,6 @@ def sample_prompts(cfg) -> list:
     """The prompts `run_sample` renders: the lines of `sample.prompt_file` (PromptLine) when set, else
     `sample.prompts` (str), each checked as sampling will read it, so that `sdlora run` refuses an
     unusable prompt (AND, a bad <lora:> tag, a weight that is no number) before it trains, not after."""
-    from sdlora.models import prompts as rules
-
     s = cfg.sample
     if s.prompt_file:
         prompts = rules.read_prompt_file(s.prompt_file)
@@ -688,60 +465,11 @@ def _prompts(cfg) -> list[str]:
     return list(cfg.sample.prompts)
 
 
-def epoch_files(folder, name: str | None = None) -> list[tuple[str, Path]]:
-    """(label, path) of `NAME-0000NN.safetensors` in epoch order, then the final `NAME.safetensors`."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--epochs-dir {folder}: not a folder")
-    found: dict[str, list[tuple[int, Path]]] = {}
-    for path in folder.glob("*.safetensors"):
-        named = epoch_of_adapter(path.name)
-        if named:
-            found.setdefault(named[0], []).append((named[1], path))
-    if name is None or name not in found:
-        if len(found) != 1:
-            names = ", ".join(sorted(found)) or "none"
-            raise UserError(f"--epochs-dir {folder}: expected NAME-0000NN.safetensors files of one adapter "
-                            f"(output name {name!r}); adapters found: {names}")
-        name = next(iter(found))
-    files = [(f"epoch {e}", p) for e, p in sorted(found[name])]
-    final = folder / f"{name}.safetensors"
-    if final.is_file():
-        files.append(("final", final))
-    return files
-
-
-def _sweep_columns(sampler: Sampler, scales: list[float]) -> list[tuple[str, callable]]:
-    """Grid columns over `scales`: swept files take the column's scale, fixed ones keep theirs.
-
-    With only fixed files (every --lora FILE:SCALE) there is nothing to sweep: the columns
-    are the base and the files at their weights.
-    """
-    adapters = sampler.adapters
-    files = [a for a in adapters.adapters if not a.from_prompt]
-    swept = [a for a in files if a.weight is None]
-
-    def column(scale: float, weights: list[float], lora_file):
-        def prepare():
-            adapters.set_weights(weights)
-            return scale, lora_file
-        return prepare
-
-    if not files:  # only the prompts' <lora:...> tags: one column, as prompted
-        return [("as prompted", column(1.0, [0.0] * len(adapters.adapters), None))]
-    if not swept:
-        return [("base", column(0.0, [0.0] * len(adapters.adapters), None)),
-                ("LoRA", column(1.0, adapters.weights_at(1.0), files[0].path))]
-    fixed = len(swept) < len(files)
-    return [("base" if scale == 0 and not fixed else f"LoRA x{scale:g}",
-             column(scale, adapters.weights_at(scale), swept[0].path if scale else None)) for scale in scales]
-
-
 def _hires_note(mode: str) -> str:
     return {"off": "", "on": ", hires", "tiled": ", tiled hires"}[mode]
 
 
-def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires: str | None = None,
+def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
                fuse: bool | None = None, lora_dirs=()) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
 
@@ -753,9 +481,8 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
     Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
     Prompts: `sample.prompt_file` (kohya's syntax) when set, else `sample.prompts`; their
     `<lora:name:w>` tags load adapters found in lora_dirs (then no default adapter is needed).
+    log: called with each progress line.
     """
-    from sdlora.models import prompts as rules
-
     s = cfg.sample
     prompts = sample_prompts(cfg)
     tagged = any(rules.extract_networks(p if isinstance(p, str) else p.prompt)[1] for p in prompts)
@@ -794,7 +521,7 @@ def run_sample(cfg, loras=(), log=print, out_dir=None, epochs_dir=None, *, hires
         stem = "_".join(safe_file_stem(a.alias) for a in sampler.adapters.adapters) or "prompted"  # from files
         rows = prompt_rows(sampler, prompts, lora_dirs, log)  # loads the tags' adapters before the columns
         return render_grid(sampler, [row.line for row in rows], list(s.seeds),
-                           _sweep_columns(sampler, list(s.lora_scales)), folder, stem, log=log, lora_dirs=lora_dirs,
+                           sweep_columns(sampler, list(s.lora_scales)), folder, stem, log=log, lora_dirs=lora_dirs,
                            **size)
     finally:
         sampler.adapters.close()
@@ -807,12 +534,7 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     base: an already loaded base to sample from (without training adapters injected); its
     weights are restored afterwards. Default: load cfg.model afresh.
     """
-    from sdlora.models import load as models
-    from sdlora.models.prompts import (
-        extract_networks,  # previews show the trained adapter alone: tags are left out
-    )
-
-    base = base if base is not None else models.load_base(cfg.model)
+    base = base if base is not None else load_base(cfg.model)
     w, h = first_pass_size(cfg.sample.width, cfg.sample.height, base.resolution)
     sample_cfg = dataclasses.replace(cfg.sample, seeds=list(cfg.sample.seeds[:1]) or [1], lora_scales=[0.0, 1.0])
     cfg = dataclasses.replace(cfg, sample=sample_cfg)
@@ -820,8 +542,8 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     try:
         sampler.adapters.add(adapter_path)
         folder = Path(out_dir) / f"epoch{epoch:06d}"
-        prompts = [extract_networks(p)[0] for p in _prompts(cfg)]
-        result = render_grid(sampler, prompts, sample_cfg.seeds, _sweep_columns(sampler, [0.0, 1.0]), folder,
+        prompts = [rules.extract_networks(p)[0] for p in _prompts(cfg)]  # the trained adapter alone: no tags
+        result = render_grid(sampler, prompts, sample_cfg.seeds, sweep_columns(sampler, [0.0, 1.0]), folder,
                              "preview", width=w, height=h, steps=cfg.sample.preview_steps, hires="off",
                              log=lambda m: None)
     finally:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlora.models.family import TextConditioning, time_ids, unet_conditioning
+
 LATENT_CELL = 8  # pixels per latent cell: every VAE sdlora loads downsamples by 8
 
 
@@ -61,13 +63,11 @@ class Denoiser:
     """
 
     unet: torch.nn.Module
-    text: object  # family.TextConditioning, batch 2: (negative, prompt)
+    text: TextConditioning  # batch 2: (negative, prompt)
     cfg_scale: float
     full_size: tuple[int, int]  # (height, width) in pixels
 
     def time_ids(self, boxes) -> torch.Tensor | None:
-        from sdlora.models.family import time_ids
-
         if self.text.pooled is None:
             return None
         return torch.stack([time_ids(self.full_size, (top * LATENT_CELL, left * LATENT_CELL),
@@ -75,8 +75,6 @@ class Denoiser:
 
     def __call__(self, tiles: torch.Tensor, t: torch.Tensor, boxes) -> torch.Tensor:
         """tiles (N, C, th, tw), all the same size -> guided model output (N, C, th, tw)."""
-        from sdlora.models.family import TextConditioning, unet_conditioning
-
         n = tiles.shape[0]
         # (2N, ...): N negative rows then N prompt rows, one U-Net call.
         text = TextConditioning(hidden=self.text.hidden.repeat_interleave(n, dim=0),

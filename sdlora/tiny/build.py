@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,15 +51,15 @@ class Build:
     report_dir: Path = REPO / "samples"  # the build report and base sample grid
     scale: float = 1.0
     log: list = field(default_factory=list)
+    echo: Callable[[str], None] = lambda line: None  # each log line as it is written (the command prints it)
 
     def n(self, count: int) -> int:
         return max(2, int(count * self.scale))
 
-
-def _log(msg: str, log: list) -> None:
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    log.append(line)
+    def say(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        self.echo(line)
+        self.log.append(line)
 
 
 def _render_set(seeds, palette, aspect, short):
@@ -73,31 +74,31 @@ def _render_set(seeds, palette, aspect, short):
 
 
 def stage_data(b: Build) -> None:
-    work, log, n = b.work, b.log, b.n
+    work, n = b.work, b.n
     sets = {"square": (range(0, n(N_SQUARE)), "1:1"), "wide": (range(100_000, 100_000 + n(N_WIDE)), "3:2"),
             "tall": (range(200_000, 200_000 + n(N_TALL)), "2:3")}
     for name, (seeds, aspect) in sets.items():
         images, tags = _render_set(seeds, "muted", aspect, 128)
         np.save(work / f"{name}.npy", images)
         (work / f"{name}_tags.json").write_text(json.dumps(tags))
-        _log(f"data: {name} {images.shape}", log)
+        b.say(f"data: {name} {images.shape}")
     # The VAE sees both palette families: an autoencoder trained on muted scenes alone learns
     # to discard chroma, and then no style adapter can draw saturated colours through it.
     colourful, _ = _render_set(range(500_000, 500_000 + n(N_VAE_COLOURFUL)), "colorful", "1:1", 128)
     np.save(work / "vae_colorful.npy", colourful)
-    _log(f"data: VAE colourful set {colourful.shape}", log)
+    b.say(f"data: VAE colourful set {colourful.shape}")
     # The tagger sees both palette families at its input size, so style tags are learnable.
     half = n(N_CLIP) // 2
-    a, ta = _render_set(range(300_000, 300_000 + half), "muted", "1:1", 64)
-    b, tb = _render_set(range(400_000, 400_000 + half), "colorful", "1:1", 64)
-    np.save(work / "clip.npy", np.concatenate([a, b]))
-    (work / "clip_tags.json").write_text(json.dumps(ta + tb))
-    _log(f"data: tagger set {len(ta) + len(tb)} images", log)
+    muted, muted_tags = _render_set(range(300_000, 300_000 + half), "muted", "1:1", 64)
+    colorful, colorful_tags = _render_set(range(400_000, 400_000 + half), "colorful", "1:1", 64)
+    np.save(work / "clip.npy", np.concatenate([muted, colorful]))
+    (work / "clip_tags.json").write_text(json.dumps(muted_tags + colorful_tags))
+    b.say(f"data: tagger set {len(muted_tags) + len(colorful_tags)} images")
 
 
 def stage_demo(b: Build) -> None:
     """25 colourful scenes, mixed aspects and content, 2x the base's native size."""
-    out_dir, log = b.demo_dir, b.log
+    out_dir = b.demo_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     truth = {}
     for i in range(25):
@@ -110,7 +111,7 @@ def stage_demo(b: Build) -> None:
         render(scene, w, h).save(out_dir / name)
         truth[name] = {"seed": seed, "tags": scene.tags, "time": scene.time, "aspect": aspect}
     (out_dir / ".ground_truth.json").write_text(json.dumps(truth, indent=1))
-    _log(f"demo: 25 images in {out_dir}", log)
+    b.say(f"demo: 25 images in {out_dir}")
 
 
 def _to_tensor(images):
@@ -148,7 +149,7 @@ def _reconstruction_loss(recon, target):
 
 
 def stage_vae(b: Build) -> None:
-    work, log, n = b.work, b.log, b.n
+    work, n = b.work, b.n
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
@@ -195,9 +196,9 @@ def stage_vae(b: Build) -> None:
     vae.save_pretrained(work / "vae")
     (work / "vae_stats.json").write_text(json.dumps({"scaling_factor": scaling, "mean_abs_error_255": err, **chroma,
                                                      "steps": n(VAE_STEPS), "loss_curve": losses[::10]}))
-    _log(f"vae: {n(VAE_STEPS)} steps, mean reconstruction error {err:.2f}/255, scaling_factor {scaling:.4f}, "
-         f"colourfulness of colourful scenes {chroma['colourful_in']:.1f} -> {chroma['colourful_out']:.1f} "
-         "after a round trip", log)
+    b.say(f"vae: {n(VAE_STEPS)} steps, mean reconstruction error {err:.2f}/255, scaling_factor {scaling:.4f}, "
+          f"colourfulness of colourful scenes {chroma['colourful_in']:.1f} -> {chroma['colourful_out']:.1f} "
+          "after a round trip")
 
 
 def _clip_model():
@@ -208,7 +209,7 @@ def _clip_model():
 
 
 def stage_clip(b: Build) -> None:
-    work, log, n = b.work, b.log, b.n
+    work, n = b.work, b.n
     import open_clip
     import torch
     import torch.nn.functional as F
@@ -256,7 +257,7 @@ def stage_clip(b: Build) -> None:
     model.eval()
     torch.save(model.state_dict(), work / "clip.pt")
     (work / "clip_stats.json").write_text(json.dumps({"steps": n(CLIP_STEPS), "loss_curve": losses[::10]}))
-    _log(f"open_clip: {n(CLIP_STEPS)} steps, final loss {np.mean(losses[-50:]):.4f}", log)
+    b.say(f"open_clip: {n(CLIP_STEPS)} steps, final loss {np.mean(losses[-50:]):.4f}")
 
 
 def _vocabulary() -> list[str]:
@@ -279,7 +280,7 @@ def _caption(tags: list[str], rng: random.Random) -> str:
 
 
 def stage_unet(b: Build) -> None:
-    work, log, n = b.work, b.log, b.n
+    work, n = b.work, b.n
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -300,7 +301,7 @@ def stage_unet(b: Build) -> None:
         mean = torch.cat([d.mean for d in dists])
         std = torch.cat([d.std for d in dists])
         sets.append((mean, std, tags))
-        _log(f"unet: cached {name} latents {tuple(mean.shape)}", log)
+        b.say(f"unet: cached {name} latents {tuple(mean.shape)}")
     scaling = vae.config.scaling_factor
     tokenizer = clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs.TEXT_ENCODER))
@@ -337,11 +338,11 @@ def stage_unet(b: Build) -> None:
     unet.save_pretrained(work / "unet")
     text_encoder.save_pretrained(work / "text_encoder")
     (work / "unet_stats.json").write_text(json.dumps({"steps": n(UNET_STEPS), "loss_curve": losses[::10]}))
-    _log(f"unet: {n(UNET_STEPS)} steps, final loss {np.mean(losses[-100:]):.4f}", log)
+    b.say(f"unet: {n(UNET_STEPS)} steps, final loss {np.mean(losses[-100:]):.4f}")
 
 
 def stage_export(b: Build) -> None:
-    work, log, assets = b.work, b.log, b.assets
+    work, assets = b.work, b.assets
     import shutil
 
     import torch
@@ -379,7 +380,7 @@ def stage_export(b: Build) -> None:
     tagger_json = dict(configs.OPEN_CLIP, known_tags=TAGGER_TAGS, min_duplicate_cosine=0.995)
     atomic_write_text(clip_dir / "tiny.json", json.dumps(tagger_json, indent=2))
     total = sum(f.stat().st_size for f in assets.rglob("*") if f.is_file())
-    _log(f"export: assets {total / 1e6:.1f} MB", log)
+    b.say(f"export: assets {total / 1e6:.1f} MB")
 
 
 REPORT_PROMPTS = {"day": "day, sun, mountains, lake", "sunset": "sunset, sun, hills",
@@ -412,7 +413,7 @@ def prompt_following(samples: dict, tagger) -> dict:
 
 
 def stage_report(b: Build) -> None:
-    work, log, assets, out = b.work, b.log, b.assets, b.report_dir
+    work, assets, out = b.work, b.assets, b.report_dir
     from PIL import Image
 
     from sdlora.data.caption import tiny_tagger
@@ -443,7 +444,7 @@ def stage_report(b: Build) -> None:
              "![base samples](tiny_base_grid.png)", "", "## Build log", "", "```",
              *_build_log(b)[-40:], "```", ""]
     atomic_write_text(out / "tiny_build_report.md", "\n".join(lines))
-    _log(f"report: {figures}", log)
+    b.say(f"report: {figures}")
 
 
 def _build_log(b: Build) -> list[str]:
@@ -469,6 +470,6 @@ def build(stages: list[str], b: Build) -> None:
     for stage in stages:
         t = time.time()
         STAGE_FUNCTIONS[stage](b)
-        _log(f"stage {stage} took {time.time() - t:.0f}s", b.log)
+        b.say(f"stage {stage} took {time.time() - t:.0f}s")
     with open(b.work / "build_log.txt", "a") as f:
         f.write("\n".join(b.log) + f"\n[total {time.time() - t0:.0f}s]\n")

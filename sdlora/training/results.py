@@ -156,7 +156,8 @@ def recommend(scores: list[EpochScore]) -> tuple[EpochScore, str]:
 def epochs_grid(cfg: Config, ranking: EpochRanking) -> Path:
     """The scoring renders as a grid (rows: prompt x seed, columns: base and epochs), each column
     labelled with its scores and the recommended one marked."""
-    from sdlora.sampling.sampler import make_grid, save_png
+    from sdlora.sampling.grids import make_grid
+    from sdlora.sampling.infotext import save_png
 
     s = cfg.sample
     pairs = [f"{p} (seed {seed})" for p in s.prompts for seed in s.seeds]
@@ -247,7 +248,8 @@ def after_training(cfg: Config, manifest: Manifest, log=print, trained: bool = T
     energy. Without a new training (the adapter was up to date) only a missing or older resized
     file is written. manifest: the run's `dataset.Manifest` (its style images are the palette reference)."""
     from sdlora.data.caption import load_tagger
-    from sdlora.sampling.sampler import Sampler, epoch_files
+    from sdlora.sampling.grids import epoch_files
+    from sdlora.sampling.sampler import Sampler
 
     out = {}
     files = []

@@ -397,14 +397,15 @@ def build_app(root: str | Path) -> gr.Blocks:
     return app
 
 
-def serve(root: str | Path, port: int, listen: bool) -> int:
+def serve(root: str | Path, port: int, listen: bool, log) -> int:
+    """Serve the app until Ctrl-C; `log` gets the lines that say where (and, with `listen`, to whom)."""
     app = build_app(root)
     host = "0.0.0.0" if listen else "127.0.0.1"
     if listen:
-        print("sdlora ui: warning: --listen serves on every network interface: anyone who can reach port "
-              f"{port} can see the project's images and start trainings; there is no login", file=sys.stderr)
-    print(f"sdlora ui: serving {app.sdlora_project.root} on http://{host}:{port} (Ctrl-C stops the UI; "
-          "trainings it started go on)", file=sys.stderr)
+        log("sdlora ui: warning: --listen serves on every network interface: anyone who can reach port "
+            f"{port} can see the project's images and start trainings; there is no login")
+    log(f"sdlora ui: serving {app.sdlora_project.root} on http://{host}:{port} (Ctrl-C stops the UI; "
+        "trainings it started go on)")
     app.queue(default_concurrency_limit=4).launch(**launch_options(app, host, port))
     return 0
 

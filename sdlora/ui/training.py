@@ -305,8 +305,8 @@ def compare_epochs(cfg: Config, config_path: Path, cwd: Path, steps: int | None 
     from PIL import Image
 
     from sdlora.data.dataset import current_manifest
+    from sdlora.sampling.grids import epoch_files, label_slug
     from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
-    from sdlora.sampling.sampler import epoch_files, label_slug
 
     folder = cfg.output_dir / EPOCHS_FOLDER
     argv = [sys.executable, "-m", "sdlora.cli", "sample", str(config_path), "--epochs-dir", str(cfg.output_dir),
