@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdlora.adapters import blocks
+from sdlora import kohya_blocks
 from sdlora.errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
 
 SEED_MAX = 2**32 - 1  # numpy's and A1111's seed range, which accelerate's set_seed and samplers share
@@ -160,25 +160,25 @@ class NetworkConfig:
     init_weights: str = opt("", "start from this Kohya LoRA file (kohya's network_weights); its modules, ranks and "
                                 "alphas must match [network]", path=True)
     dora: bool = opt(False, "DoRA: learn a magnitude per output row too (lora and locon; LyCORIS dora_wd)")
-    # kohya's block-wise network_args (networks/lora.py); blocks.py numbers the blocks
+    # kohya's block-wise network_args (networks/lora.py); kohya_blocks.py numbers the blocks
     block_dims: Any = opt([], "U-Net rank per block (kohya's block_dims): 25 values IN00-IN11, MID, OUT00-OUT11 "
                               "(SDXL: 23), a list or \"2,4,...\"; 0 = no adapter in that block; 3x3 convs keep "
                               "conv_dim",
-                          check=blocks.check_block_dims)
+                          check=kohya_blocks.check_block_dims)
     block_alphas: Any = opt([], "U-Net alpha per block (kohya's block_alphas); empty = alpha (0: the block's dim)",
-                            check=blocks.check_block_alphas)
+                            check=kohya_blocks.check_block_alphas)
     conv_block_dims: Any = opt([], "rank of the 3x3 conv adapters per block (kohya's conv_block_dims); empty = "
                                    "conv_dim",
-                               check=blocks.check_block_dims)
+                               check=kohya_blocks.check_block_dims)
     conv_block_alphas: Any = opt([], "alpha of the 3x3 conv adapters per block; empty = conv_alpha (0: the block's "
-                                     "conv dim / 2)", check=blocks.check_block_alphas)
+                                     "conv dim / 2)", check=kohya_blocks.check_block_alphas)
     down_lr_weight: Any = opt([], "unet_lr weight of each down block IN00-IN11 (SDXL: 9, IN00-IN08), a list or "
                                   "a preset: cosine, sine, linear, reverse_linear, zeros, with an optional "
-                                  "\"+number\" (e.g. \"sine+0.5\")", check=blocks.check_lr_weight)
+                                  "\"+number\" (e.g. \"sine+0.5\")", check=kohya_blocks.check_lr_weight)
     mid_lr_weight: Any = opt([], "unet_lr weight of the mid block (SDXL: 3 values)",
-                             check=blocks.check_mid_lr_weight)
+                             check=kohya_blocks.check_mid_lr_weight)
     up_lr_weight: Any = opt([], "unet_lr weight of each up block OUT00-OUT11 (SDXL: 9), a list or a preset as "
-                                "down_lr_weight", check=blocks.check_lr_weight)
+                                "down_lr_weight", check=kohya_blocks.check_lr_weight)
     block_lr_zero_threshold: float = opt(0.0, "a block lr weight at or below this becomes 0: the block gets no "
                                               "adapters (kohya's block_lr_zero_threshold)", min=0.0)
 
@@ -567,8 +567,7 @@ def _check_file_names(cfg: Config, path: Path) -> None:
     dataset.caption_extension: both must name a file in their folder, and captions never an image."""
     from PIL import Image
 
-    from sdlora.data.images import IMAGE_EXTENSIONS
-    from sdlora.io import file_name_problem
+    from sdlora.io import IMAGE_EXTENSIONS, file_name_problem
 
     key = "[output] output_name" if cfg.output.output_name else "name"
     problem = file_name_problem(cfg.output_name)

@@ -23,6 +23,9 @@ from sdlora.errors import UserError
 _TEMP = re.compile(r"^\..+\.(?P<pid>\d+)-[^.]+(\.tmp|\.old)?$")
 LOCK_FILE = ".sdlora-train.lock"
 
+# Files the dataset reads as images (and never writes a caption over).
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
 
 def _plain_mode(directory: bool = False) -> int:
     """The mode a plain open()/mkdir() would give under the current umask (mkstemp/mkdtemp give 0600/0700)."""

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from test_lora import BASE, STATS, _outputs, leftover_messages, randomise_adapters
 from test_train import make_style
 
-from sdlora.adapters import blocks
+from sdlora import kohya_blocks
 from sdlora.adapters import network as lora
 from sdlora.adapters.file import save_adapter
 from sdlora.config import ConfigError, config_from_dict, load_config
@@ -164,12 +164,12 @@ def test_block_numbers_are_kohyas():
           "lora_unet_mid_block_attentions_0_proj_out": 12, "lora_unet_up_blocks_0_resnets_0_conv1": 13,
           "lora_unet_up_blocks_1_upsamplers_0_conv": 18, "lora_unet_up_blocks_3_attentions_2_proj_out": 24}
     for key, block in sd.items():
-        assert blocks.block_index(key, sgm=False) == block, key
+        assert kohya_blocks.block_index(key, sgm=False) == block, key
     sdxl = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": 5, "lora_unet_input_blocks_0_0": 1,
             "lora_unet_middle_block_1_proj_in": 11, "lora_unet_output_blocks_8_0_in_layers_2": 21}
     for key, block in sdxl.items():
-        assert blocks.block_index(key, sgm=True) == block, key
-    assert (blocks.block_count(False), blocks.block_count(True)) == (25, 23)
+        assert kohya_blocks.block_index(key, sgm=True) == block, key
+    assert (kohya_blocks.block_count(False), kohya_blocks.block_count(True)) == (25, 23)
 
 
 def kohya_preset(name, n, plus=0.0):
@@ -186,10 +186,10 @@ def test_lr_weight_presets_are_kohyas(preset):
     name, _, plus = preset.partition("+")
     net = config_from_dict({"network": {"down_lr_weight": preset, "up_lr_weight": "1,0.5,,2",
                                         "block_lr_zero_threshold": 0.1}}).network
-    weights = blocks.block_lr_weights(net, sgm=False, log=lambda m: None)
+    weights = kohya_blocks.block_lr_weights(net, sgm=False, log=lambda m: None)
     down = [w if w > 0.1 else 0 for w in kohya_preset(name, 12, float(plus or 0))]
     assert weights == pytest.approx(down + [1.0] + [1.0, 0.5, 0.0, 2.0] + [1.0] * 8)
-    sdxl = blocks.block_lr_weights(net, sgm=True, log=lambda m: None)
+    sdxl = kohya_blocks.block_lr_weights(net, sgm=True, log=lambda m: None)
     down = [w if w > 0.1 else 0 for w in kohya_preset(name, 9, float(plus or 0))]
     assert sdxl == pytest.approx([1.0] + down + [1.0] * 3 + [1.0, 0.5, 0.0, 2.0] + [1.0] * 5 + [1.0])
 
@@ -213,7 +213,7 @@ def test_a_block_list_of_the_wrong_length_names_the_blocks_this_unet_has():
         lora.inject(pipe.unet, None, cfg.network)
     net = lora.inject(pipe.unet, None, config_from_dict({"network": {
         "block_dims": [4] * 4 + [2] + [4] * 18, "train_text_encoder": False}}).network)
-    ranks = {blocks.block_index(k, sgm=True): net.layer(k).r[lora.ADAPTER_NAME] for k in net.modules}
+    ranks = {kohya_blocks.block_index(k, sgm=True): net.layer(k).r[lora.ADAPTER_NAME] for k in net.modules}
     assert ranks.get(4) == 2 and set(ranks.values()) == {2, 4}  # input_blocks.3: IN03
 
 
@@ -237,14 +237,14 @@ def test_block_dims_reach_the_file_and_the_sampler_renders_it_exactly(tmp_path, 
     tensors = network.kohya_state_dict(torch.float32)
     unet_keys = {k.split(".")[0] for k in tensors if k.startswith("lora_unet")}
     for key in unet_keys:
-        block = blocks.block_index(key, sgm=False)
+        block = kohya_blocks.block_index(key, sgm=False)
         conv = tensors[f"{key}.lora_down.weight"].shape[2:] == (3, 3)
         rank, alpha = (2, 1.0) if conv else (BLOCKWISE["block_dims"][block],
                                               settings["block_alphas"][block] if settings["block_alphas"] else 2.0)
         assert tensors[f"{key}.lora_down.weight"].shape[0] == rank, key
         assert float(tensors[f"{key}.alpha"]) == alpha, key
         assert not (conv and block == 7) and block != 0  # conv rank 0 / lr weight 0: no module
-    assert {blocks.block_index(k, sgm=False) for k in unet_keys} >= {4, 12}  # the mini U-Net's blocks with 8 and 6
+    assert {kohya_blocks.block_index(k, sgm=False) for k in unet_keys} >= {4, 12}  # the mini U-Net's blocks with 8 and 6
     assert all(tensors[k].shape[0] == 4 for k in tensors if k.startswith("lora_te") and "lora_down" in k)
 
     path = tmp_path / "blocks.safetensors"
@@ -270,12 +270,12 @@ def test_block_lr_weights_make_one_group_per_block_at_unet_lr_times_its_weight()
     groups = network.param_groups(1e-3, [1e-4])
     weights = kohya_preset("sine", 12) + [0.25] + [1.0] * 12
     weights = [w if w > 0.3 else 0 for w in weights[:13]] + weights[13:]
-    unet_blocks = {blocks.block_index(k, sgm=False) for k, (part, _) in network.modules.items() if part == "unet"}
+    unet_blocks = {kohya_blocks.block_index(k, sgm=False) for k, (part, _) in network.modules.items() if part == "unet"}
     assert [g["name"] for g in groups] == [f"unet_block{b}" for b in sorted(unet_blocks)] + ["text_encoder"]
     for group, block in zip(groups, sorted(unet_blocks)):
         assert group["lr"] == pytest.approx(1e-3 * weights[block])
         keys = [k for k, (part, _) in network.modules.items() if part == "unet"
-                and blocks.block_index(k, sgm=False) == block]
+                and kohya_blocks.block_index(k, sgm=False) == block]
         assert {id(p) for p in group["params"]} == {id(p) for k in keys for p in network._adapter_params(k).values()}
     assert all(weights[b] > 0 for b in unet_blocks)  # blocks of weight <= the threshold have no modules
     assert 1 not in unet_blocks and 12 not in unet_blocks  # sine's IN01 (0.14) and MID (0.25) are under 0.3
@@ -336,7 +336,7 @@ def test_a_training_with_every_option_stops_the_text_encoder_and_bounds_the_norm
     unet_norms = [n for key, n in norms.items() if key.startswith("lora_unet")]
     assert figures["max_norm/max_key_norm"][-1] == pytest.approx(max(unet_norms), rel=1e-4)
     assert figures["norm/avg_key_norm"][-1] == pytest.approx(sum(unet_norms) / len(unet_norms), rel=1e-4)
-    assert not any(blocks.block_index(k, sgm=False) == 1 for k in unet)  # IN01: weight 0, no modules
+    assert not any(kohya_blocks.block_index(k, sgm=False) == 1 for k in unet)  # IN01: weight 0, no modules
     with safe_open(str(result.adapter), "pt") as f:
         metadata = f.metadata()
     assert (metadata["ss_scale_weight_norms"], metadata["ss_multires_noise_iterations"],

@@ -287,7 +287,12 @@ def test_merging_a_default_sdxl_adapter_peaks_near_the_base_size(tmp_path):
     from safetensors.torch import save_file
 
     from sdlora.adapters import apply
-    from sdlora.bench.parts import ResidentPeak, random_adapter, random_unet, unet_adapter_shapes
+    from sdlora.bench.parts import (
+        ResidentPeak,
+        random_adapter,
+        random_unet,
+        unet_adapter_shapes,
+    )
 
     unet = random_unet("sdxl")
     base_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sdlora.adapters import apply, blocks, keys, kinds
+from sdlora import kohya_blocks
+from sdlora.adapters import apply, keys, kinds
 from sdlora.data.buckets import resolution_pair
 from sdlora.errors import UserError
 from sdlora.models.family import (
@@ -101,7 +102,7 @@ def network_ranks(net, block: int | None = None) -> tuple[int, float, int, float
     """(dim, alpha, conv_dim, conv_alpha) of a [network] config with Kohya's defaults: alpha 0 means
     alpha = dim; conv_dim 0 means dim; conv_alpha 0 means conv_dim / 2.
 
-    block: a U-Net block's (`blocks.block_index`), where network.block_dims / block_alphas /
+    block: a U-Net block's (`kohya_blocks.block_index`), where network.block_dims / block_alphas /
     conv_block_dims / conv_block_alphas replace dim, alpha, conv_dim, conv_alpha when set."""
     pick = lambda values, default: values[block] if block is not None and values else default  # noqa: E731
     dim = pick(net.block_dims, net.dim)
@@ -115,12 +116,12 @@ def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -
     modules to create, {path: block}, one lr weight per block or None). A module whose block has
     rank 0, or an lr weight of 0 (at or below block_lr_zero_threshold), is not created, as in kohya."""
     sgm = keys.uses_sgm_names(unet)
-    blocks.check_block_lengths(network_cfg, sgm)
-    lr_weights = blocks.block_lr_weights(network_cfg, sgm, log)
+    kohya_blocks.check_block_lengths(network_cfg, sgm)
+    lr_weights = kohya_blocks.block_lr_weights(network_cfg, sgm, log)
     modules = dict(unet.named_modules())
     ranks, block_of = {}, {}
     for key, path in keys.module_keys(unet, "unet", paths).items():
-        block = blocks.block_index(key, sgm)
+        block = kohya_blocks.block_index(key, sgm)
         dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg, block)
         rank = (conv_dim, conv_alpha) if _is_spatial_conv(modules[path]) else (dim, alpha)
         if rank[0] and (lr_weights is None or lr_weights[block]):
@@ -336,7 +337,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
         if not paths:
             raise UserError(f"[network] unet_targets = {network_cfg.unet_targets!r} selects no module of the "
                             f"{type(model).__name__} ({part}); is it a Stable Diffusion model?")
-        if part == "unet" and blocks.uses_blocks(network_cfg):
+        if part == "unet" and kohya_blocks.uses_blocks(network_cfg):
             ranks, block_of, lr_weights = unet_block_plan(network_cfg, model, paths, log)
             paths = [p for p in paths if p in ranks]
             if not paths:
@@ -438,7 +439,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"
-    network_args.update(blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
+    network_args.update(kohya_blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
     te_lrs = text_encoder_lrs(cfg, base)

@@ -55,7 +55,13 @@ from sdlora.data.tags import (
     tag_frequency,
 )
 from sdlora.errors import UserError
-from sdlora.io import atomic_path, atomic_write_text, read_caption, remove_stale_temps
+from sdlora.io import (
+    IMAGE_EXTENSIONS,
+    atomic_path,
+    atomic_write_text,
+    read_caption,
+    remove_stale_temps,
+)
 
 REPORT_MD = "dataset_report.md"
 MANIFEST = "dataset_manifest.json"
@@ -187,8 +193,6 @@ def _folder_writable(folder: Path) -> bool:
 
 def refuse_non_caption(path: Path) -> None:
     """Stop before a caption is written over a file that is not a caption: an image, a binary, a big file."""
-    from sdlora.data.images import IMAGE_EXTENSIONS
-
     if not path.exists():
         return
     head = path.read_bytes()[:65536] if path.is_file() else b""

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from sdlora.errors import UserError
+from sdlora.io import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF"}  # MPO: multi-picture JPEG (phones)
 
 # The dataset builder's own outputs, skipped when the output folder sits inside the image folder.

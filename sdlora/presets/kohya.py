@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.adapters import blocks
+from sdlora import kohya_blocks
 from sdlora.config import (
     SECTION_CLASSES,
     SIDE_STEP,
@@ -104,7 +104,7 @@ ZERO_IS_UNSET = {"epoch", "max_train_epochs", "max_train_steps", "clip_skip", "l
 # network_args that become [network] keys (their sdlora names are KOHYA_KEYS'; network_args' dropout is
 # network_dropout). The block ones are also the kohya_ss GUI's top-level keys: comma lists of numbers for the
 # dims and alphas; the lr weights a list or a preset name ("sine", "cosine+.25").
-BLOCK_ARGS = (*blocks.DIM_KEYS, *blocks.LR_WEIGHT_KEYS, "block_lr_zero_threshold")
+BLOCK_ARGS = (*kohya_blocks.DIM_KEYS, *kohya_blocks.LR_WEIGHT_KEYS, "block_lr_zero_threshold")
 NETWORK_ARGS = ("conv_dim", "conv_alpha", "dropout", "dora_wd", *BLOCK_ARGS)
 # The dataset-config keys a subset inherits from its dataset and [general] (kohya's "ascendable" ones).
 INHERITED = (*SUBSET_SHARED_KEYS, "class_tokens")
@@ -582,7 +582,7 @@ def _network_args(network_args: dict, put, out: Conversion, where: str) -> None:
     numbers; the lr weights may be a preset name instead)."""
     # kohya (networks/lora.py create_network) reads block_alphas and the conv block values only when
     # block_dims or a block lr weight is given; alone they change nothing there.
-    blockwise = any(not _is_off(network_args.get(k)) for k in ("block_dims", *blocks.LR_WEIGHT_KEYS))
+    blockwise = any(not _is_off(network_args.get(k)) for k in ("block_dims", *kohya_blocks.LR_WEIGHT_KEYS))
     for key, value in network_args.items():
         label = f"{where} {key}"
         if _is_off(value):
