@@ -170,7 +170,7 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
     from sdlora.config import config_from_dict
     from sdlora.models.load import compute_device
     from sdlora.tiny.scenery import make_scene_image
-    from sdlora.training import trainer
+    from sdlora.training import loop
 
     step_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +188,7 @@ def bench_first_step(model: str = "tiny", images: int = 4, resolution: int = 128
         hook = register_optimizer_step_post_hook(lambda *_: step_times.append(time.perf_counter()))
         start = time.perf_counter()
         try:
-            trainer.Trainer(cfg, log=lambda m: None).run()
+            loop.Trainer(cfg, log=lambda m: None).run()
         finally:
             hook.remove()
     after = step_times[-1] - step_times[0]

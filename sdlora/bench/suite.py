@@ -156,7 +156,7 @@ def make_optimizer(name: str, params, device: str):
     """The trainer's optimizer `name` (train.make_optimizer, fused AdamW on CUDA as it trains) over
     `params` at lr 1e-3; "adamw_foreach": the multi-tensor AdamW the fused-AdamW lever compares with."""
     from sdlora.config import TrainConfig
-    from sdlora.training.trainer import make_optimizer as trainer_optimizer
+    from sdlora.training.optimizers import make_optimizer as trainer_optimizer
 
     if name == "adamw_foreach":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)

@@ -55,27 +55,25 @@ def ramp(length: int, overlap: int) -> torch.Tensor:
 class Denoiser:
     """A family's denoiser for one image: prompt and negative conditioning, guidance, full size.
 
-    family.unet_conditioning gives the U-Net's keyword arguments; SDXL's time ids for a tile are
+    `Family.unet_conditioning` gives the U-Net's keyword arguments; SDXL's time ids for a tile are
     (full height, full width, tile top, tile left, tile height, tile width) in pixels: the tile is
     a crop of the full picture, which is how SDXL was trained to read them.
     """
 
+    family: object  # models.family.Family of the base
     unet: torch.nn.Module
     text: object  # family.TextConditioning, batch 2: (negative, prompt)
     cfg_scale: float
     full_size: tuple[int, int]  # (height, width) in pixels
 
     def time_ids(self, boxes) -> torch.Tensor | None:
-        from sdlora.models.family import time_ids
-
-        if self.text.pooled is None:
-            return None
-        return torch.stack([time_ids(self.full_size, (top * LATENT_CELL, left * LATENT_CELL),
-                                     (th * LATENT_CELL, tw * LATENT_CELL)) for top, left, th, tw in boxes])
+        ids = [self.family.size_conditioning(self.full_size, (top * LATENT_CELL, left * LATENT_CELL),
+                                             (th * LATENT_CELL, tw * LATENT_CELL)) for top, left, th, tw in boxes]
+        return None if ids[0] is None else torch.stack(ids)
 
     def __call__(self, tiles: torch.Tensor, t: torch.Tensor, boxes) -> torch.Tensor:
         """tiles (N, C, th, tw), all the same size -> guided model output (N, C, th, tw)."""
-        from sdlora.models.family import TextConditioning, unet_conditioning
+        from sdlora.models.family import TextConditioning
 
         n = tiles.shape[0]
         # (2N, ...): N negative rows then N prompt rows, one U-Net call.
@@ -83,7 +81,8 @@ class Denoiser:
                                 pooled=None if self.text.pooled is None else
                                 self.text.pooled.repeat_interleave(n, dim=0))
         ids = self.time_ids(boxes)
-        kwargs = unet_conditioning(text, None if ids is None else ids.repeat(2, 1).to(tiles.device), self.unet.dtype)
+        kwargs = self.family.unet_conditioning(text, None if ids is None else ids.repeat(2, 1).to(tiles.device),
+                                               self.unet.dtype)
         out = self.unet(torch.cat([tiles, tiles]).to(self.unet.dtype), t, **kwargs).sample.to(tiles.dtype)
         uncond, cond = out.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
