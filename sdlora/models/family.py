@@ -112,12 +112,6 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
     return text_transformer(text_encoder).final_layer_norm(hidden)
 
 
-def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int],
-             target_size: tuple[int, int]) -> torch.Tensor:
-    """SDXL's size/crop conditioning, (6,): all three as (height, width) / (top, left) pairs."""
-    return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
-
-
 @dataclass(frozen=True)
 class LatentFormat:
     """How a family's VAE latents enter the denoiser: (latent - shift) x scaling, both read from the
@@ -131,8 +125,8 @@ class LatentFormat:
         return cls(vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0)
 
     def scale(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents (B, C, h, w) -> the denoiser's latents; with shift 0 exactly latents x scaling."""
-        return (latents - self.shift) * self.scaling if self.shift else latents * self.scaling
+        """VAE latents (B, C, h, w) -> the denoiser's latents (shift 0: exactly latents x scaling)."""
+        return (latents - self.shift) * self.scaling
 
 
 class DiffusionObjective:
@@ -228,7 +222,8 @@ class SDXLFamily(Family):
 
     def size_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                           target_size: tuple[int, int]) -> torch.Tensor:
-        return time_ids(original_size, crop_top_left, target_size)
+        """time_ids, (6,)."""
+        return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
     def unet_conditioning(self, text: TextConditioning, time_ids_: torch.Tensor | None, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": text.hidden.to(dtype),

@@ -76,13 +76,65 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
+def make_network(cfg: Config, base, family, train_te: bool, device, log=print):
+    """The adapters on the frozen base (`network.inject`), their initial weights the same in every
+    process and every run; then network.init_weights, the text layers nothing reads frozen,
+    model.quantize and the U-Net's speed settings, gradient checkpointing."""
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import cast_training_params
+
+    encoders = base.text_encoders
+    for m in (base.unet, base.vae, *encoders):
+        m.requires_grad_(False)
+    set_seed(cfg.train.seed)
+    network = inject(base.unet, encoders if train_te else None, cfg.network, log=log)
+    cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
+    if cfg.network.init_weights:  # kohya's network_weights: continue from an existing adapter
+        try:
+            network.load_kohya_state_dict(read_adapter(cfg.network.init_weights)[0])
+        except UserError as e:
+            raise UserError(f"{cfg.source}: [network] init_weights = {cfg.network.init_weights}: {e}") from None
+        log(f"adapters start from {cfg.network.init_weights}")
+    if train_te:
+        layers = [te.config.num_hidden_layers for te in encoders]
+        for part, unread in family.unread_text_layers(cfg.model.clip_skip, layers).items():
+            network.freeze_text_layers(part, unread)
+    # model.quantize on the frozen base (after injection: adapters stay full precision), then the
+    # U-Net's [train] attention / tf32 / channels_last / compile (speed.py).
+    for model in (base.unet, *encoders):
+        quantize.quantize_frozen(model, cfg.model.quantize)
+    done = speed.apply(cfg.train, base.unet, device)
+    if done:
+        log(f"speed: {', '.join(done)}")
+    if cfg.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if train_te:
+            for te in encoders:
+                te.gradient_checkpointing_enable()
+    return network
+
+
+def text_embedding_cache(cfg: Config, base, encoders: list, device, captions: list[str]) -> TextEmbeddingCache:
+    """The frozen text encoders' outputs of every caption, encoded once (or read from the cache);
+    then the encoders leave the accelerator: they never run again."""
+    def encode(batch: list[str]) -> TextConditioning:
+        ids = tokenize_long(base.tokenizers, batch, cfg.dataset.max_token_length)
+        return encode_long(base.family, encoders, [i.to(device) for i in ids], cfg.model.clip_skip)
+
+    tokens = "" if cfg.dataset.max_token_length == 75 else f"_tok{cfg.dataset.max_token_length}"
+    cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", base.text_encoders,
+                               f"{base.family}_skip{cfg.model.clip_skip}{tokens}", encode)
+    cache.fill(captions)
+    for te in base.text_encoders:  # the meta device keeps their configs
+        te.to("meta")
+    return cache
+
+
 class Trainer:
     """One training, set up whole: the base and its family, the data, the adapters, the optimizer."""
 
     def __init__(self, cfg: Config, log=print):
-        from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import cast_training_params
 
         self.cfg, self.log = cfg, log
         tc = cfg.train
@@ -108,42 +160,17 @@ class Trainer:
                            f"{cfg.dataset.validation_split:g}); their loss is logged every epoch")
         warn_cut_captions(base.tokenizers[0], examples, cfg.dataset.max_token_length, self._main_log)
 
-        # The adapters: the same initial weights in every process and every run.
-        encoders = base.text_encoders
-        for m in (base.unet, base.vae, *encoders):
-            m.requires_grad_(False)
         self.train_te = train_te = any(lr > 0 for lr in self.text_encoder_lrs)  # text-encoder adapters train
-        set_seed(tc.seed)
-        self.network = inject(base.unet, encoders if train_te else None, cfg.network, log=self._main_log)
-        cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
-        if cfg.network.init_weights:
-            self.load_init_weights(cfg.network.init_weights)
-        if train_te:
-            layers = [te.config.num_hidden_layers for te in encoders]
-            for part, unread in self.family.unread_text_layers(cfg.model.clip_skip, layers).items():
-                self.network.freeze_text_layers(part, unread)
-        self.apply_speed_settings()
-        if tc.gradient_checkpointing:
-            base.unet.enable_gradient_checkpointing()
-            if train_te:
-                for te in encoders:
-                    te.gradient_checkpointing_enable()
-        self.te_learning = train_te  # ... and still learning (train.stop_text_encoder_training not reached)
+        self.network = make_network(cfg, base, self.family, train_te, acc.device, self._main_log)
+        self.te_learning = train_te  # ... and still learn (train.stop_text_encoder_training not reached)
         if tc.stop_text_encoder_training and not train_te:
             self._main_log(f"warning: [train] stop_text_encoder_training = {tc.stop_text_encoder_training} has no "
                            "effect: the text encoder is not trained")
-
-        # The data: cached latents, and the frozen encoders' outputs when every caption is known now.
-        # text_encoders: [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]; the prepared (DDP-wrapped) ones once trained.
-        self.text_encoders = [te.to(acc.device) for te in encoders]
+        encoders = [te.to(acc.device) for te in base.text_encoders]
         te_cache = None
-        if not train_te and captions_fixed(examples):
-            tokens = "" if cfg.dataset.max_token_length == 75 else f"_tok{cfg.dataset.max_token_length}"
-            te_cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", encoders,
-                                          f"{base.family}_skip{cfg.model.clip_skip}{tokens}", self.encode_captions)
-            te_cache.fill(", ".join(ex.tags) for ex in examples + validation)
-            for te in encoders:  # never run again: drop their weights (the meta device keeps their configs)
-                te.to("meta")
+        if not train_te and captions_fixed(examples):  # every caption is known now
+            te_cache = text_embedding_cache(cfg, base, encoders, acc.device,
+                                            [", ".join(ex.tags) for ex in examples + validation])
         latents = example_latents(cfg, base.vae, acc.device, examples + validation, self._main_log)
         self.data = TrainingData(cfg, dataset, latents, te_cache, base.tokenizers, self.family, self.objective)
 
@@ -154,11 +181,10 @@ class Trainer:
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(tc, self.total_steps),
             num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)
-        models_to_train = [base.unet] + (encoders if train_te else [])
-        prepared = acc.prepare(*models_to_train, optimizer, lr_scheduler)
+        prepared = acc.prepare(base.unet, *(encoders if train_te else []), optimizer, lr_scheduler)
         self.unet = prepared[0]  # DDP-wrapped when multi-process
-        if train_te:
-            self.text_encoders = list(prepared[1:1 + len(encoders)])
+        # [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]; the prepared ones when trained, so their gradients are all-reduced
+        self.text_encoders = list(prepared[1:-2]) if train_te else encoders
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())  # what the optimizer updates
         self.loader = acc.prepare(torch.utils.data.DataLoader(
@@ -169,32 +195,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.log(msg)
 
-    def apply_speed_settings(self) -> None:
-        """model.quantize on the frozen base (after injection: adapters stay full precision), then
-        the U-Net's [train] attention / tf32 / channels_last / compile (speed.py)."""
-        base = self.base
-        for model in (base.unet, *base.text_encoders):
-            quantize.quantize_frozen(model, self.cfg.model.quantize)
-        done = speed.apply(self.cfg.train, base.unet, self.accelerator.device)
-        if done:
-            self._main_log(f"speed: {', '.join(done)}")
-
-    def load_init_weights(self, path: str) -> None:
-        """network.init_weights: continue from an existing adapter (kohya's network_weights)."""
-        try:
-            self.network.load_kohya_state_dict(read_adapter(path)[0])
-        except UserError as e:
-            raise UserError(f"{self.cfg.source}: [network] init_weights = {path}: {e}") from None
-        self._main_log(f"adapters start from {path}")
-
     def encode_text(self, input_ids: list[torch.Tensor]) -> TextConditioning:
-        # The prepared (DDP-wrapped when multi-process) encoders, so their adapter gradients are all-reduced.
         device = self.accelerator.device
         return encode_long(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
                            self.cfg.model.clip_skip)
-
-    def encode_captions(self, captions: list[str]) -> TextConditioning:
-        return self.encode_text(tokenize_long(self.base.tokenizers, captions, self.cfg.dataset.max_token_length))
 
     def stop_text_encoder(self, step: int) -> None:
         """train.stop_text_encoder_training (kohya's): once that many optimizer steps are done, the
@@ -271,7 +275,7 @@ class Trainer:
         with the state saved for --resume (`StopRequest`)."""
         from tqdm import tqdm
 
-        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        cfg, acc = self.cfg, self.accelerator
         out = cfg.output_dir
         with contextlib.ExitStack() as stack:
             if acc.is_main_process:  # the other processes belong to the same training
@@ -280,18 +284,17 @@ class Trainer:
             stop = stack.enter_context(StopRequest())
             final = cfg.adapter_path(None)
             # every process stops, none waits for the others
-            refuse_to_overwrite(final, tc.overwrite or resume,
+            refuse_to_overwrite(final, cfg.train.overwrite or resume,
                                 "set train.overwrite = true (or --set train.overwrite=true)")
-            start_epoch, skip, step, losses = 0, 0, 0, []
-            result = TrainResult(adapter=final, losses=losses)
+            result = TrainResult(adapter=final)
             saver = Saver(cfg, self.base, self.network, self.optimizer, self.lr_scheduler, self.data,
                           (self.steps_per_epoch, self.total_steps, self.epochs),
                           Progress(time.time(), 0.0, time.time(), result.adapters), log=self.log)
+            start = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "losses": result.losses}
             if resume:
-                state = saver.load_state()
-                start_epoch, skip, step, losses = state["epoch"], state["batch_in_epoch"], state["step"], state["losses"]
-                result.losses = losses
-                self._main_log(f"resumed at epoch {start_epoch + 1}, step {step}")
+                start = saver.load_state()
+                result.losses = start["losses"]
+                self._main_log(f"resumed at epoch {start['epoch'] + 1}, step {start['step']}")
             if acc.is_main_process:
                 acc.init_trackers("sdlora")
                 self.log(f"training {describe_examples(self.data.examples)}, "
@@ -299,75 +302,84 @@ class Trainer:
                          f"({acc.num_processes} process(es), {cfg.network.type} on "
                          f"{len(self.network.exported_keys())} modules)")
             # closed on the way out too: an error's line starts on a line of its own
-            bar = stack.enter_context(tqdm(total=self.total_steps, initial=step, disable=not acc.is_main_process,
-                                           desc="train"))
-            models = self.trained_models()
-            for epoch in range(start_epoch, self.epochs):
-                for m in models:
-                    m.train()
-                self.optimizer.train()  # schedule-free optimizers: the training weights (a no-op for others)
-                self.data.batches.start_epoch(epoch)
-                loader = acc.skip_first_batches(self.loader, skip) if skip else self.loader
-                stop.armed = True
-                for i, batch in enumerate(loader, start=skip):
-                    self.stop_text_encoder(step)
-                    with acc.accumulate(*models):
-                        loss = self.step(batch)
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            if tc.max_grad_norm:
-                                grad_norm = acc.clip_grad_norm_(self.trainable, tc.max_grad_norm)
-                            else:
-                                grad_norm = total_norm([p.grad for p in self.trainable if p.grad is not None])
-                            loss_value = acc.gather(loss.detach()).mean().item()
-                            # before the update: a non-finite step never reaches the weights or a file
-                            check_finite(cfg, step + 1, epoch + 1, loss_value, float(grad_norm), losses,
-                                         overflow_skips=acc.scaler is not None)
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                    if acc.sync_gradients:
-                        step += 1
-                        losses.append(loss_value)
-                        self.log_step(step, loss_value, bar)
-                        every_steps = tc.save_every_n_steps
-                        if every_steps and step % every_steps == 0 and step < self.total_steps:
-                            if acc.is_main_process:
-                                path = cfg.adapter_path(step=step)
-                                saver.adapter(path, epoch + 1, step)
-                                result.adapters.append(path)
-                                saver.state(epoch, i + 1, step, losses)
-                            acc.wait_for_everyone()
-                        signum = stop.requested(acc)
-                        if signum:
-                            if acc.is_main_process:
-                                saver.state(epoch, i + 1, step, losses)
-                            acc.wait_for_everyone()
-                            raise TrainingStopped(signum, step, cfg)
-                        if step >= self.total_steps:
-                            break
-                skip = 0
-                self.optimizer.eval()  # schedule-free optimizers: validate and save the averaged weights
-                self.validate(epoch + 1, step)
-                last = epoch + 1 == self.epochs
-                every = tc.save_every_n_epochs
-                if acc.is_main_process:
-                    if every and (epoch + 1) % every == 0 and not last:
-                        path = cfg.adapter_path(epoch + 1)
-                        saver.adapter(path, epoch + 1, step)
-                        result.adapters.append(path)
-                        saver.state(epoch + 1, 0, step, losses)
-                    saver.preview(epoch + 1, step, last)
-                acc.wait_for_everyone()
+            bar = stack.enter_context(tqdm(total=self.total_steps, initial=start["step"],
+                                           disable=not acc.is_main_process, desc="train"))
+            step = self.train_epochs(saver, stop, bar, start["epoch"], start["batch_in_epoch"], start["step"],
+                                     result.losses)
             bar.close()
             if acc.is_main_process:
                 saver.adapter(final, self.epochs, step)
-                saver.state(self.epochs, 0, step, losses)
+                saver.state(self.epochs, 0, step, result.losses)
                 result.adapters.append(final)
                 result.steps, result.seconds = step, saver.progress.seconds()
                 result.report = write_report(self, result)
             acc.end_training()
             return result
+
+    def train_epochs(self, saver: Saver, stop: StopRequest, bar, start_epoch: int, skip: int, step: int,
+                     losses: list[float]) -> int:
+        """The epochs from (start_epoch, its first `skip` batches done, `step` optimizer steps done);
+        appends each step's loss to `losses`, returns the last step."""
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        models = self.trained_models()
+        for epoch in range(start_epoch, self.epochs):
+            for m in models:
+                m.train()
+            self.optimizer.train()  # schedule-free optimizers: the training weights (a no-op for others)
+            self.data.batches.start_epoch(epoch)
+            loader = acc.skip_first_batches(self.loader, skip) if skip else self.loader
+            stop.armed = True
+            for i, batch in enumerate(loader, start=skip):
+                self.stop_text_encoder(step)
+                with acc.accumulate(*models):
+                    loss = self.step(batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        if tc.max_grad_norm:
+                            grad_norm = acc.clip_grad_norm_(self.trainable, tc.max_grad_norm)
+                        else:
+                            grad_norm = total_norm([p.grad for p in self.trainable if p.grad is not None])
+                        loss_value = acc.gather(loss.detach()).mean().item()
+                        # before the update: a non-finite step never reaches the weights or a file
+                        check_finite(cfg, step + 1, epoch + 1, loss_value, float(grad_norm), losses,
+                                     overflow_skips=acc.scaler is not None)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    step += 1
+                    losses.append(loss_value)
+                    self.log_step(step, loss_value, bar)
+                    every_steps = tc.save_every_n_steps
+                    if every_steps and step % every_steps == 0 and step < self.total_steps:
+                        if acc.is_main_process:
+                            path = cfg.adapter_path(step=step)
+                            saver.adapter(path, epoch + 1, step)
+                            saver.progress.adapters.append(path)
+                            saver.state(epoch, i + 1, step, losses)
+                        acc.wait_for_everyone()
+                    signum = stop.requested(acc)
+                    if signum:
+                        if acc.is_main_process:
+                            saver.state(epoch, i + 1, step, losses)
+                        acc.wait_for_everyone()
+                        raise TrainingStopped(signum, step, cfg)
+                    if step >= self.total_steps:
+                        break
+            skip = 0
+            self.optimizer.eval()  # schedule-free optimizers: validate and save the averaged weights
+            self.validate(epoch + 1, step)
+            last = epoch + 1 == self.epochs
+            every = tc.save_every_n_epochs
+            if acc.is_main_process:
+                if every and (epoch + 1) % every == 0 and not last:
+                    path = cfg.adapter_path(epoch + 1)
+                    saver.adapter(path, epoch + 1, step)
+                    saver.progress.adapters.append(path)
+                    saver.state(epoch + 1, 0, step, losses)
+                saver.preview(epoch + 1, step, last)
+            acc.wait_for_everyone()
+        return step
 
     def log_step(self, step: int, loss_value: float, bar) -> None:
         """After an optimizer step: the loss and learning rates to TensorBoard and the bar, and kohya's
