@@ -305,7 +305,7 @@ def test_validation_loss_is_logged_per_epoch_with_fixed_noise(tmp_path, mini_bas
     assert sum(ex.repeats for ex in trainer.data.examples if ex.subset.is_reg) == 12
     trainer.validate(0, 0)
     trainer.validate(0, 0)
-    first, again = trainer.data.validation_losses
+    first, again = trainer.validation_losses
     assert first == again  # fixed noise and timesteps: only the adapter changes the figure
     messages.clear()
     cfg.train.overwrite = True

@@ -186,6 +186,12 @@ class Family:
         None: the family has none."""
         return None
 
+    def predict(self, denoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
+                time_ids_: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The denoiser's prediction (noise or velocity, the objective's target) for noisy latents
+        (B, C, h, w) at timesteps (B,), run in `dtype`."""
+        return denoiser(noisy_latents.to(dtype), timesteps, **self.unet_conditioning(text, time_ids_, dtype)).sample
+
     def unet_conditioning(self, text: TextConditioning, time_ids_: torch.Tensor | None, dtype: torch.dtype) -> dict:
         """Keyword arguments of the U-Net call beside (latents, timesteps)."""
         return {"encoder_hidden_states": text.hidden.to(dtype)}

@@ -55,7 +55,7 @@ def ramp(length: int, overlap: int) -> torch.Tensor:
 class Denoiser:
     """A family's denoiser for one image: prompt and negative conditioning, guidance, full size.
 
-    `Family.unet_conditioning` gives the U-Net's keyword arguments; SDXL's time ids for a tile are
+    `Family.predict` runs the U-Net with the family's conditioning; SDXL's time ids for a tile are
     (full height, full width, tile top, tile left, tile height, tile width) in pixels: the tile is
     a crop of the full picture, which is how SDXL was trained to read them.
     """
@@ -81,9 +81,8 @@ class Denoiser:
                                 pooled=None if self.text.pooled is None else
                                 self.text.pooled.repeat_interleave(n, dim=0))
         ids = self.time_ids(boxes)
-        kwargs = self.family.unet_conditioning(text, None if ids is None else ids.repeat(2, 1).to(tiles.device),
-                                               self.unet.dtype)
-        out = self.unet(torch.cat([tiles, tiles]).to(self.unet.dtype), t, **kwargs).sample.to(tiles.dtype)
+        ids = None if ids is None else ids.repeat(2, 1).to(tiles.device)
+        out = self.family.predict(self.unet, torch.cat([tiles, tiles]), t, text, ids, self.unet.dtype).to(tiles.dtype)
         uncond, cond = out.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
 

@@ -20,7 +20,7 @@ import torch
 
 from sdlora.config import Config
 from sdlora.data.buckets import Bucket, crop_top_left
-from sdlora.data.images import load_image
+from sdlora.data import images
 from sdlora.data.subsets import Subset
 from sdlora.errors import UserError
 from sdlora.models.family import DiffusionObjective, Family
@@ -297,7 +297,7 @@ def example_latents(cfg: Config, vae, device, examples: list[Example], log=print
     # .float(), not .to(dtype): diffusers' ModelMixin.to warns on every dtype cast.
     on_device = vae.to(device).float()
     cache = LatentCache(cfg.output_dir / "cache" / "latents", on_device, device)
-    load = lambda p: load_image(p, d.max_pixels, d.min_side, d.background)  # noqa: E731
+    load = lambda p: images.load_image(p, d.max_pixels, d.min_side, d.background)  # noqa: E731
     # Each process encodes the examples of its own batches (entries are written atomically).
     latents = LazyLatents(cache, examples, load, on_complete=lambda: vae.to("meta"))
     if latents.missing:

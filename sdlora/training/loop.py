@@ -240,8 +240,8 @@ class Trainer:
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.te_learning):
                 text = self.encode_text(batch["input_ids"])  # (B, 77, d) hidden states (+ SDXL's pooled (B, 1280))
-        conditioning = self.family.unet_conditioning(text, batch.get("time_ids"), self.weight_dtype)
-        noise_pred = self.unet(noisy_latents.to(self.weight_dtype), timesteps, **conditioning).sample
+        noise_pred = self.family.predict(self.unet, noisy_latents, timesteps, text, batch.get("time_ids"),
+                                         self.weight_dtype)
         target = objective.target(latents, noise, timesteps)
         loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if tc.min_snr_gamma:
