@@ -24,7 +24,8 @@ def adapter_up_to_date(cfg: Config, path: Path, manifest: Manifest | None = None
     from sdlora.adapters.file import read_adapter
     from sdlora.digest import stored_digest
     from sdlora.models.load import base_weights_file
-    from sdlora.training.trainer import collect_examples, config_hash
+    from sdlora.training.examples import collect_examples
+    from sdlora.training.stats import config_hash
 
     if not path.is_file():
         return False
@@ -72,7 +73,7 @@ def append_style_report(cfg: Config, figures: dict) -> None:
 def run(cfg: Config, log=print) -> dict:
     from sdlora.data import dataset
     from sdlora.sampling import sampler
-    from sdlora.training import results, trainer
+    from sdlora.training import loop, results
 
     out = cfg.output_dir
     sampler.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
@@ -88,7 +89,7 @@ def run(cfg: Config, log=print) -> dict:
         refuse_to_overwrite(final, cfg.train.overwrite, "rerun with --set train.overwrite=true",
                             why=" but was trained with other settings or images",
                             rename="set output.output_name to another name")
-        trained = trainer.train(cfg, log=log, manifest=manifest)
+        trained = loop.train(cfg, log=log, manifest=manifest)
         after = results.after_training(cfg, manifest, log=log)
     log("== 3/3 samples")
     result = sampler.run_sample(cfg, loras=[(final, None)], log=log)

@@ -60,10 +60,10 @@ def interrupt_at_step(monkeypatch):
     n-th training step, through the same handler a user's Ctrl-C or `kill` reaches."""
     import signal
 
-    from sdlora.training import trainer
+    from sdlora.training.loop import Trainer
 
     def arm(n: int, signum=signal.SIGINT):
-        original, calls = trainer.Trainer.step, []
+        original, calls = Trainer.step, []
 
         def step(self, batch):
             calls.append(1)
@@ -71,5 +71,5 @@ def interrupt_at_step(monkeypatch):
                 os.kill(os.getpid(), signum)
             return original(self, batch)
 
-        monkeypatch.setattr(trainer.Trainer, "step", step)
+        monkeypatch.setattr(Trainer, "step", step)
     return arm

@@ -742,11 +742,11 @@ def test_training_lokr_and_dora_writes_trained_lycoris_modules(tmp_path, mini_ba
 
     from sdlora.config import load_config
     from sdlora.models.load import load_base
-    from sdlora.training import trainer
+    from sdlora.training.loop import train
 
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.epochs=1", "train.save_precision='fp32'",
                                                                  *overrides])
-    path = trainer.train(cfg, log=lambda m: None).adapter
+    path = train(cfg, log=lambda m: None).adapter
     tensors, metadata = read_adapter(path)
     groups = keys.group_modules(tensors)
     with safe_open(str(path), "pt") as f:

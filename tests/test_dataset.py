@@ -146,13 +146,13 @@ def test_near_duplicates_grouped_and_excluded_unless_kept(tmp_path):
 
 
 def trained_images(cfg) -> set[str]:
-    from sdlora.training.trainer import collect_examples
+    from sdlora.training.examples import collect_examples
 
     return {ex.image.name for ex in collect_examples(load_config(cfg), log=lambda m: None)}
 
 
 def test_read_only_image_folder_gets_captions_in_the_output_folder(tmp_path, monkeypatch):
-    from sdlora.training.trainer import collect_examples
+    from sdlora.training.examples import collect_examples
 
     images = tmp_path / "images"
     demo_copy(images / "a", {"scene_03.png"})

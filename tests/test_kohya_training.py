@@ -19,7 +19,9 @@ from sdlora.adapters.file import save_adapter
 from sdlora.config import ConfigError, config_from_dict, load_config
 from sdlora.errors import UserError
 from sdlora.tiny.configs import build_pipeline, build_sdxl_pipeline
-from sdlora.training import trainer as train
+from sdlora.training.examples import TrainingSamples
+from sdlora.training.loop import Trainer, train
+from sdlora.training.loss import add_pyramid, noise_offset_strength, pyramid_noise
 
 # -- noise ----------------------------------------------------------------------------------------
 
@@ -47,7 +49,7 @@ def test_pyramid_noise_is_kohyas_formula_with_unit_std(iterations, discount, sha
     expected = kohya_pyramid_noise_like(noise, g, iterations, discount)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn((1, *shape), generator=g)
-    got = train.add_pyramid(noise, train.pyramid_noise(shape, iterations, discount, g)[None])
+    got = add_pyramid(noise, pyramid_noise(shape, iterations, discount, g)[None])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert abs(float(got.std()) - 1) < 1e-5
 
@@ -55,7 +57,7 @@ def test_pyramid_noise_is_kohyas_formula_with_unit_std(iterations, discount, sha
 def test_pyramid_noise_carries_low_frequencies_that_white_noise_lacks():
     g = torch.Generator().manual_seed(0)
     white = torch.randn(16, 4, 64, 64, generator=g)
-    pyramid = train.add_pyramid(white, torch.stack([train.pyramid_noise((4, 64, 64), 6, 0.8, g) for _ in range(16)]))
+    pyramid = add_pyramid(white, torch.stack([pyramid_noise((4, 64, 64), 6, 0.8, g) for _ in range(16)]))
 
     def neighbour_correlation(x):
         return float((x[..., 1:] * x[..., :-1]).mean() / x.var())
@@ -72,13 +74,13 @@ def test_adaptive_noise_offset_adds_the_scaled_channel_mean_and_clamps_at_zero()
     means = torch.tensor([[0.5, -1.0, 0.0, 2.0], [-0.25, 0.1, 3.0, -4.0]])
     latents = latents + means[:, :, None, None]
     tc = config_from_dict({"train": {"noise_offset": 0.1, "adaptive_noise_scale": 0.05}}).train
-    strength = train.noise_offset_strength(tc, latents)
+    strength = noise_offset_strength(tc, latents)
     torch.testing.assert_close(strength[:, :, 0, 0], 0.1 + 0.05 * means.abs())
     tc.adaptive_noise_scale = -0.1  # kohya allows a negative scale: the offset stops at 0
-    strength = train.noise_offset_strength(tc, latents)
+    strength = noise_offset_strength(tc, latents)
     torch.testing.assert_close(strength[:, :, 0, 0], torch.clamp(0.1 - 0.1 * means.abs(), min=0))
     tc.adaptive_noise_scale = 0.0
-    assert train.noise_offset_strength(tc, latents) == 0.1
+    assert noise_offset_strength(tc, latents) == 0.1
 
 
 def test_adaptive_noise_scale_needs_noise_offset_as_in_kohya(tmp_path, mini_base_dir):
@@ -90,9 +92,8 @@ def test_adaptive_noise_scale_needs_noise_offset_as_in_kohya(tmp_path, mini_base
 
 def test_the_step_uses_each_noise_option_and_nothing_else_changes(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["train.multires_noise_iterations=6"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
-    samples = train.TrainingSamples(trainer, trainer.batches)
+    trainer = Trainer(cfg, log=lambda m: None)
+    samples = TrainingSamples(trainer.data, trainer.data.batches)
     with_pyramid = samples[(0, 0)]
     cfg.train.multires_noise_iterations = 0
     without = samples[(0, 0)]
@@ -312,7 +313,7 @@ def test_a_training_with_every_option_stops_the_text_encoder_and_bounds_the_norm
         "train.noise_offset=0.05", "train.adaptive_noise_scale=0.1", "train.multires_noise_iterations=6",
         "train.unet_lr=1e-2", "train.text_encoder_lr=1e-2", 'network.down_lr_weight="1,0,1,1,0.5"'])
     logs = []
-    result = train.train(cfg, log=logs.append)
+    result = train(cfg, log=logs.append)
     first, final = load_file(cfg.adapter_path(step=1)), load_file(result.adapter)
     te = [k for k in final if k.startswith("lora_te") and not k.endswith(".alpha")]
     unet = [k for k in final if k.startswith("lora_unet") and not k.endswith(".alpha")]

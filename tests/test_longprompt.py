@@ -6,7 +6,7 @@ from test_train import make_style
 
 from sdlora.config import ModelConfig, load_config
 from sdlora.models import load, longprompt
-from sdlora.training import trainer as train
+from sdlora.training.loop import Trainer
 
 WORDS = ["lake", "mountains", "sunset", "forest", "clouds", "river", "snow", "meadow", "flowers", "stars"]
 
@@ -63,11 +63,11 @@ def test_training_with_long_captions_warns_about_cut_ones(tmp_path, mini_base_di
     tok = load.load_base(ModelConfig(base=str(mini_base_dir))).tokenizers[0]
     (tmp_path / "images" / "img0.txt").write_text("clrscn, " + long_caption(160, tok))
     messages = []
-    train.Trainer(load_config(path), log=messages.append)
+    Trainer(load_config(path), log=messages.append)
     assert any("1 caption(s) are longer than dataset.max_token_length = 75" in m and "150" in m for m in messages)
     cfg = load_config(path, ["dataset.max_token_length=225", "train.epochs=1", "train.overwrite=true"])
     messages.clear()
-    trainer = train.Trainer(cfg, log=messages.append)
+    trainer = Trainer(cfg, log=messages.append)
     assert not any("longer than" in m for m in messages)
     result = trainer.run()
     assert result.steps == 2

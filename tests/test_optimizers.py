@@ -9,7 +9,8 @@ from test_train import make_style
 
 from sdlora.config import TrainConfig, load_config
 from sdlora.errors import UserError
-from sdlora.training import trainer as train
+from sdlora.training.loop import Trainer, train
+from sdlora.training.optimizers import make_optimizer
 
 
 def settings(**kw):
@@ -24,7 +25,7 @@ def settings(**kw):
 ])
 def test_optimizers_take_their_arguments_and_step(name, cls, args, check):
     p = torch.nn.Parameter(torch.ones(4))
-    opt = train.make_optimizer(settings(optimizer=name, optimizer_args=args), [{"params": [p], "lr": 1e-2}], "c.toml")
+    opt = make_optimizer(settings(optimizer=name, optimizer_args=args), [{"params": [p], "lr": 1e-2}], "c.toml")
     assert type(opt).__name__ == cls and opt.param_groups[0][check[0]] == check[1]
     if hasattr(opt, "train"):
         opt.train()
@@ -37,17 +38,16 @@ def test_missing_extra_and_wrong_arguments_are_one_line_errors(monkeypatch):
     p = torch.nn.Parameter(torch.ones(2))
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # as if not installed
     with pytest.raises(UserError, match=r"optimizer = 'lion' needs lion_pytorch: pip install 'sdlora\[lion\]'"):
-        train.make_optimizer(settings(optimizer="lion"), [{"params": [p], "lr": 1.0}], "c.toml")
+        make_optimizer(settings(optimizer="lion"), [{"params": [p], "lr": 1.0}], "c.toml")
     with pytest.raises(UserError, match="optimizer_args .*do not fit AdamW"):
-        train.make_optimizer(settings(optimizer="adamw", optimizer_args={"d_coef": 2}), [{"params": [p], "lr": 1.0}],
+        make_optimizer(settings(optimizer="adamw", optimizer_args={"d_coef": 2}), [{"params": [p], "lr": 1.0}],
                              "c.toml")
 
 
 def test_warmup_steps_and_constant_with_warmup(tmp_path, mini_base_dir):
     path = make_style(tmp_path, mini_base_dir, n=2, extra="lr_warmup_steps = 3")
     cfg = load_config(path, ["train.lr_scheduler='constant_with_warmup'", "train.unet_lr=0.3"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
+    trainer = Trainer(cfg, log=lambda m: None)
     lrs = []
     for _ in range(5):
         lrs.append(trainer.lr_scheduler.get_last_lr()[0])
@@ -62,7 +62,7 @@ def test_schedule_free_trains_and_saves_its_averaged_weights(tmp_path, mini_base
 
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2, extra='optimizer = "adamw_schedulefree"'),
                       ["train.epochs=1", "train.lr_scheduler='constant'"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
     group = trainer.optimizer.param_groups[0]
     assert group["train_mode"] is False  # switched to the averaged weights before saving
@@ -77,11 +77,10 @@ def test_training_continues_from_an_adapter_with_matching_modules_and_ranks(tmp_
     from sdlora.cli import main
 
     path = make_style(tmp_path, mini_base_dir, n=2)
-    first = train.train(load_config(path, ["train.epochs=1"]), log=lambda m: None)
+    first = train(load_config(path, ["train.epochs=1"]), log=lambda m: None)
     start = read_adapter(first.adapter)[0]
     cfg = load_config(path, [f"network.init_weights='{first.adapter}'", "output.output_name='second'"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
+    trainer = Trainer(cfg, log=lambda m: None)
     now = trainer.network.kohya_state_dict(torch.float32)
     assert set(now) == set(start) and all(torch.equal(now[k], start[k].float()) for k in start)
     assert any(float(v.abs().max()) > 0 for k, v in now.items() if "lora_up" in k)  # not a fresh (zero) init

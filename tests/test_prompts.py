@@ -319,12 +319,12 @@ def test_sdxl_prompt_editing_switches_hidden_states_and_pooled_embeddings(mini_s
 
 def test_training_refuses_sample_prompts_its_previews_cannot_render_before_it_starts(tmp_path):
     from sdlora.config import config_from_dict
-    from sdlora.training import trainer
+    from sdlora.training.loop import Trainer
 
     cfg = config_from_dict({"name": "style", "output": {"dir": str(tmp_path / "out")},
                             "sample": {"prompts": ["a house", "a cat AND a dog"], "every_n_epochs": 1}})
     with pytest.raises(UserError, match=r"\[sample\] prompts: prompt 'a cat AND a dog': AND"):
-        trainer.Trainer(cfg)
+        Trainer(cfg)
     assert not (tmp_path / "out").exists()
 
 

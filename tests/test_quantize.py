@@ -12,7 +12,7 @@ from sdlora.adapters import network as lora
 from sdlora.config import config_from_dict, load_config
 from sdlora.errors import UserError
 from sdlora.models import arch, quantize
-from sdlora.training import trainer as train
+from sdlora.training.loop import Trainer
 
 
 def small_unet(dtype=torch.float32):
@@ -94,7 +94,7 @@ def test_training_on_an_fp8_base_exports_an_adapter_for_the_unquantized_base(tmp
     from diffusers import StableDiffusionPipeline
 
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["model.quantize=fp8", "train.epochs=1"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
     assert isinstance(trainer.base.unet.conv_in, quantize.QuantizedLayer)
     tensors = load_file(result.adapter)

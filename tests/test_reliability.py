@@ -23,7 +23,9 @@ from sdlora.config import config_from_dict, load_config
 from sdlora.data.caption import DEFAULT_VOCABULARY
 from sdlora.models import load
 from sdlora.training import cache
-from sdlora.training import trainer as train
+from sdlora.training.examples import collect_examples
+from sdlora.training.loop import train
+from sdlora.training.state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SMALL = '[sample]\nprompts = ["clrscn"]\nseeds = [1]\nsteps = 1\nwidth = 64\nheight = 64\nlora_scales = [0.0]'
@@ -108,7 +110,7 @@ def test_resume_never_unpickles_and_a_damaged_state_gets_one_line(tmp_path, mini
     line = one_line_error(capsys, main(["train", str(path), "--resume"]), "training_state.pt")
     assert not marker.exists() and "pickle" in line
 
-    (folder / train.STATE_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (folder / STATE_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     line = one_line_error(capsys, main(["train", str(path), "--resume"]), "is damaged")
     assert "without --resume" in line
 
@@ -126,11 +128,11 @@ def test_ctrl_c_saves_the_state_at_the_step_and_resume_continues(tmp_path, mini_
     assert "after step 6" in err and "--resume" in err and "Traceback" not in err
     from sdlora.training.state import load_state
 
-    saved = load_state(out / "state" / train.STATE_FILE)
+    saved = load_state(out / "state" / STATE_FILE)
     assert saved["step"] == 6 and saved["adapters"] == ["style-000001.safetensors"] and saved["seconds"] > 0
 
     cfg = load_config(path)
-    result = train.train(cfg, resume=True, log=lambda m: None)
+    result = train(cfg, resume=True, log=lambda m: None)
     assert result.steps == 8 and len(result.losses) == 8
     assert result.seconds > saved["seconds"]  # the whole training, not the resumed part
     report = (out / "report.md").read_text()
@@ -143,13 +145,13 @@ def test_kill_9_then_resume_ends_bit_for_bit_where_an_uninterrupted_run_ends(tmp
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     settings = ["--set", "train.epochs=3", "--set", "train.save_every_n_steps=2"]
-    full = train.train(load_config(make_style(tmp_path / "a", mini_base_dir), [s for s in settings if s != "--set"]),
+    full = train(load_config(make_style(tmp_path / "a", mini_base_dir), [s for s in settings if s != "--set"]),
                        log=lambda m: None)
     path = make_style(tmp_path / "b", mini_base_dir)
     proc = subprocess.Popen([sys.executable, "-m", "sdlora.cli", "train", str(path), *settings],
                             env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = tmp_path / "b" / "out" / "state" / train.STATE_FILE
+    state_file = tmp_path / "b" / "out" / "state" / STATE_FILE
     deadline = time.time() + 120
     while not state_file.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -174,14 +176,14 @@ def test_sigterm_stops_cleanly_with_143(tmp_path, mini_base_dir, capsys, interru
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert "SIGTERM" in capsys.readouterr().err
-    assert (tmp_path / "out" / "state" / train.STATE_FILE).is_file()
+    assert (tmp_path / "out" / "state" / STATE_FILE).is_file()
     assert main(["train", str(path), "--resume"]) == 0
 
 
 def test_save_every_n_steps_writes_kohya_named_adapters_and_state(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.save_every_n_steps=3",
                                                             "train.save_every_n_epochs=0"])
-    result = train.train(cfg, log=lambda m: None)
+    result = train(cfg, log=lambda m: None)
     names = [p.name for p in result.adapters]
     assert names == ["style-step00000003.safetensors", "style-step00000006.safetensors", "style.safetensors"]
     assert load_file(result.adapters[0]).keys() == load_file(result.adapter).keys()
@@ -271,7 +273,7 @@ def test_a_different_base_copied_over_the_same_path_is_not_up_to_date(tmp_path, 
     shutil.copytree(mini_base_dir, base)
     (tmp_path / "style").mkdir()
     cfg = load_config(make_style(tmp_path / "style", base), ["train.max_train_steps=1"])
-    final = train.train(cfg, log=lambda m: None).adapter
+    final = train(cfg, log=lambda m: None).adapter
     assert run.adapter_up_to_date(cfg, final)
     other = tmp_path / "other"
     build_pipeline("mini", seed=1).save_pretrained(other)
@@ -311,7 +313,7 @@ def test_non_utf8_captions_are_read_and_the_file_named(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2))
     (tmp_path / "images" / "img1.txt").write_bytes("clrscn, caf\xe9".encode("latin-1"))
     messages = []
-    examples = train.collect_examples(cfg, log=messages.append)
+    examples = collect_examples(cfg, log=messages.append)
     assert examples[1].tags == ["clrscn", "caf\xe9"]
     assert any("img1.txt" in m and "not UTF-8" in m for m in messages)
 
@@ -351,7 +353,7 @@ def test_inspect_plot_to_an_unwritable_path_is_one_line(tmp_path, capsys):
 def test_damaged_caches_and_dataset_report_are_rebuilt_and_said(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, extra="text_encoder_lr = 0\nmax_train_steps = 1"),
                       ["dataset.shuffle_caption=false"])
-    train.train(cfg, log=lambda m: None)
+    train(cfg, log=lambda m: None)
     entries = list((tmp_path / "out" / "cache").rglob("*.safetensors"))
     assert any("text" in p.parts for p in entries) and any("latents" in p.parts for p in entries)
     for p in entries:
@@ -364,7 +366,7 @@ def test_damaged_caches_and_dataset_report_are_rebuilt_and_said(tmp_path, mini_b
 
     printed = StringIO()
     with redirect_stdout(printed):
-        train.train(cfg, log=messages.append)
+        train(cfg, log=messages.append)
     said = "\n".join(messages) + printed.getvalue()
     assert "dataset_manifest.json is damaged" in said
     assert said.count("was damaged") == len(entries)

@@ -9,7 +9,8 @@ from test_train import make_style
 from sdlora import run
 from sdlora.config import load_config
 from sdlora.errors import UserError
-from sdlora.training import trainer as train
+from sdlora.training.examples import TrainingSamples, steps_per_epoch
+from sdlora.training.loop import Trainer, train
 
 RUN_EXTRA = ("max_train_steps = 4\n[caption]\ntagger = \"none\"\n[sample]\nprompts = [\"clrscn, lake\"]\n"
              "width = 64\nheight = 64\nsteps = 2\nseeds = [1]\nlora_scales = [0.0, 1.0]")
@@ -60,14 +61,14 @@ def test_one_run_walks_the_dataset_folders_once(tmp_path, mini_base_dir, monkeyp
 def test_trainer_renders_previews_every_n_epochs(tmp_path, mini_base_dir):
     extra = "[sample]\nprompts = [\"clrscn, lake\"]\nevery_n_epochs = 1\npreview_steps = 2"
     cfg = load_config(make_style(tmp_path, mini_base_dir, extra=extra), ["train.epochs=3"])
-    train.train(cfg, log=lambda m: None)
+    train(cfg, log=lambda m: None)
     grids = sorted(p.parent.name for p in (cfg.output_dir / "previews").rglob("preview_grid_seed*.png"))
     assert grids == ["epoch000001", "epoch000002"]  # every epoch but the last, which sample renders
 
 
 def _first_batch(trainer):
-    samples = train.TrainingSamples(trainer, trainer.batches)
-    return torch.utils.data.default_collate([samples[key] for key in next(iter(trainer.batches))])
+    samples = TrainingSamples(trainer.data, trainer.data.batches)
+    return torch.utils.data.default_collate([samples[key] for key in next(iter(trainer.data.batches))])
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -76,8 +77,7 @@ def test_loss_is_min_snr_weighted_mse_to_the_papers_target(tmp_path, mini_base_d
     min-SNR-gamma (Hang et al. 2023): w = min(SNR, gamma) / SNR, or / (SNR + 1) for v; SNR = a / (1 - a)."""
     cfg = load_config(make_style(tmp_path, mini_base_dir), [f"model.v_parameterization='{prediction}'",
                                                              "train.min_snr_gamma=2.0"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
+    trainer = Trainer(cfg, log=lambda m: None)
     batch = _first_batch(trainer)
     with torch.no_grad():
         loss = trainer.step(batch)
@@ -91,14 +91,14 @@ def test_loss_is_min_snr_weighted_mse_to_the_papers_target(tmp_path, mini_base_d
         weight = snr.clamp(max=2.0) / (snr if prediction == "epsilon" else snr + 1)
         expected = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    assert trainer.v_prediction == (prediction == "v_prediction")
+    assert trainer.objective.v_prediction == (prediction == "v_prediction")
 
 
 def _train_in_bf16(config_path):
     """In its own process: train under bf16 mixed precision; what the U-Net's first layer saw
     (autocast on, its dtype; the frozen weight's dtype), the adapters' dtypes, the exported tensors."""
     cfg = load_config(config_path, ["train.epochs=1", "train.mixed_precision='bf16'"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     seen = []
     trainer.base.unet.conv_in.register_forward_hook(
         lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
@@ -116,11 +116,11 @@ def test_bf16_mixed_precision_trains_under_autocast(tmp_path, mini_base_dir, fre
 
 def test_a_second_training_in_another_precision_in_one_process_is_refused_in_words(tmp_path, mini_base_dir):
     path = make_style(tmp_path, mini_base_dir, n=2)
-    train.Trainer(load_config(path), log=lambda m: None)  # this process's precision: "no"
+    Trainer(load_config(path), log=lambda m: None)  # this process's precision: "no"
     with pytest.raises(UserError, match=r"mixed_precision = 'bf16', but this Python process already trained "
                                         r"with 'no'.*new process"):
-        train.Trainer(load_config(path, ["train.mixed_precision='bf16'"]), log=lambda m: None)
-    train.Trainer(load_config(path), log=lambda m: None)  # the same precision again: fine
+        Trainer(load_config(path, ["train.mixed_precision='bf16'"]), log=lambda m: None)
+    Trainer(load_config(path), log=lambda m: None)  # the same precision again: fine
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, mini_base_dir):
@@ -129,7 +129,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, mini_base_dir)
         (tmp_path / flag).mkdir()
         cfg = load_config(make_style(tmp_path / flag, mini_base_dir, n=2), ["train.epochs=1",
                                                                              f"train.gradient_checkpointing={flag}"])
-        trainer = train.Trainer(cfg, log=lambda m: None)
+        trainer = Trainer(cfg, log=lambda m: None)
         results[flag] = load_file(trainer.run().adapter)
         assert trainer.base.unet.is_gradient_checkpointing == (flag == "true")
     for k in results["false"]:
@@ -138,9 +138,9 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, mini_base_dir)
 
 def test_gradient_accumulation_steps_the_optimizer_once_per_n_micro_batches(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1", "train.gradient_accumulation_steps=2"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
-    micro = train.steps_per_epoch(trainer.examples, 2)
+    micro = steps_per_epoch(trainer.data.examples, 2)
     assert micro == 4 and result.steps == 2 and len(result.losses) == 2
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
     assert steps == {2}  # Adam stepped twice, not four times
@@ -156,7 +156,7 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_n_micro_batches(tmp_
 ])
 def test_learning_rate_follows_the_schedule_with_warmup(tmp_path, mini_base_dir, scheduler, extra, curve):
     cfg = load_config(make_style(tmp_path, mini_base_dir), [f"train.lr_scheduler='{scheduler}'", *extra])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     logged = []
     log = trainer.accelerator.log
     trainer.accelerator.log = lambda values, step=None, **kw: (logged.append(values), log(values, step=step, **kw))

@@ -12,7 +12,9 @@ from test_train import make_style
 from sdlora.adapters.keys import kohya_module_map
 from sdlora.config import load_config
 from sdlora.models import arch, family
-from sdlora.training import trainer as train
+from sdlora.training.examples import EpochBatches, TrainingSamples, epoch_order
+from sdlora.training.guards import TrainingStopped
+from sdlora.training.loop import Trainer, train
 
 
 def sdxl_style(tmp_path, base_dir, extra: str = ""):
@@ -29,7 +31,7 @@ def test_sdxl_export_has_kohya_names_and_loads_in_diffusers_with_the_same_pixels
     from diffusers import StableDiffusionXLPipeline
 
     cfg = sdxl_style(tmp_path, mini_sdxl_dir)
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
     assert all(torch.isfinite(torch.tensor(result.losses)))
     tensors = load_file(result.adapter)
@@ -71,49 +73,48 @@ def test_sdxl_conditioning_is_penultimate_states_of_both_encoders_and_pooled_pro
     base = load.load_base(ModelConfig(base=str(mini_sdxl_dir)))
     ids = family.tokenize(base.tokenizers, ["clrscn, lake"])
     with torch.no_grad():
-        text = family.encode_text("sdxl", base.text_encoders, ids, clip_skip=1)
+        text = family.FAMILIES["sdxl"].encode_text(base.text_encoders, ids, clip_skip=1)
         # diffusers' own SDXL prompt encoding (clip_skip=None: penultimate of each, pooled of encoder 2)
         embeds, _, pooled, _ = base.pipeline().encode_prompt("clrscn, lake", do_classifier_free_guidance=False)
     assert text.hidden.shape == (1, 77, 64) and text.pooled.shape == (1, 16)
     torch.testing.assert_close(text.hidden, embeds)
     torch.testing.assert_close(text.pooled, pooled)
     with torch.no_grad():
-        assert torch.equal(family.encode_text("sdxl", base.text_encoders, ids, clip_skip=2).hidden, text.hidden)
-    assert family.clip_skip_note("sdxl", 3) and not family.clip_skip_note("sdxl", 2)
+        assert torch.equal(family.FAMILIES["sdxl"].encode_text(base.text_encoders, ids, clip_skip=2).hidden, text.hidden)
+    assert family.FAMILIES["sdxl"].clip_skip_note(3) and not family.FAMILIES["sdxl"].clip_skip_note(2)
 
 
 def test_sdxl_time_ids_record_original_size_crop_and_bucket(tmp_path, mini_sdxl_dir):
     cfg = sdxl_style(tmp_path, mini_sdxl_dir)
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
-    order, _ = train.epoch_order(trainer.examples, 1, 0, 0)
-    samples = train.TrainingSamples(trainer, train.EpochBatches(trainer.examples, 1, 0))
+    trainer = Trainer(cfg, log=lambda m: None)
+    order, _ = epoch_order(trainer.data.examples, 1, 0, 0)
+    samples = TrainingSamples(trainer.data, EpochBatches(trainer.data.examples, 1, 0))
     for pos, index in enumerate(order):
-        ex = trainer.examples[index]
+        ex = trainer.data.examples[index]
         ids = samples[0, pos]["time_ids"].tolist()
         w, h = ex.size
         assert ids[:2] == [h, w] and ids[4:] == [ex.bucket.height, ex.bucket.width]
         top, left = ids[2:4]
         scale = max(ex.bucket.width / w, ex.bucket.height / h)
         assert (top, left) == ((round(h * scale) - ex.bucket.height) // 2, (round(w * scale) - ex.bucket.width) // 2)
-    assert {ex.size for ex in trainer.examples} == {(64, 64), (96, 64)}  # 1:1 and 3:2 images
+    assert {ex.size for ex in trainer.data.examples} == {(64, 64), (96, 64)}  # 1:1 and 3:2 images
 
 
 def test_sdxl_frozen_text_encoders_are_cached_with_pooled_outputs_and_leave_the_device(tmp_path, mini_sdxl_dir):
     overrides = ["train.text_encoder_lr=0", "dataset.shuffle_caption=false"]
     cfg = load_config(make_style(tmp_path, mini_sdxl_dir), overrides)
-    result = train.train(cfg, log=lambda m: None)
+    result = train(cfg, log=lambda m: None)
     assert result.te_encodes == 4  # one per distinct caption, up front
     entries = list((cfg.output_dir / "cache" / "text").glob("*.safetensors"))
     assert len(entries) == 4 and set(load_file(entries[0])) == {"hidden", "pooled"}
     assert not any(k.startswith(("lora_te1_", "lora_te2_")) for k in load_file(result.adapter))
     again = load_config(make_style(tmp_path, mini_sdxl_dir), overrides + ["train.overwrite=true"])
-    assert result.te_encodes + train.train(again, log=lambda m: None).te_encodes == 4  # reused
+    assert result.te_encodes + train(again, log=lambda m: None).te_encodes == 4  # reused
 
 
 def test_sdxl_text_encoder_learning_rate_pair(tmp_path, mini_sdxl_dir):
     cfg = sdxl_style(tmp_path, mini_sdxl_dir, extra="text_encoder_lr = [1e-4, 0]\nmax_train_steps = 2")
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert set(groups) == {"unet", "text_encoder_1"}  # te2 at 0: frozen and not exported
@@ -135,11 +136,11 @@ def test_sdxl_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_sdxl_di
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = (sdxl_style(tmp_path / x, mini_sdxl_dir) for x in "ab")
-    full = train.train(a, log=lambda m: None)
+    full = train(a, log=lambda m: None)
     interrupt_at_step(3)  # Ctrl-C during step 3: the state is saved after it
-    with pytest.raises(train.TrainingStopped):
-        train.train(b, log=lambda m: None)
-    resumed = train.train(b, resume=True, log=lambda m: None)
+    with pytest.raises(TrainingStopped):
+        train(b, log=lambda m: None)
+    resumed = train(b, resume=True, log=lambda m: None)
     ta, tb = load_file(full.adapter), load_file(resumed.adapter)
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -188,7 +189,7 @@ def trained_sdxl(tmp_path_factory):
     build_sdxl_pipeline(seed=0).save_pretrained(base_dir)
     folder = tmp_path_factory.mktemp("sdxl_run")
     cfg = load_config(make_style(folder, base_dir, extra="max_train_steps = 6\nunet_lr = 0.01\ntext_encoder_lr = 0.005"))
-    return base_dir, cfg, train.train(cfg, log=lambda m: None).adapter
+    return base_dir, cfg, train(cfg, log=lambda m: None).adapter
 
 
 def test_sdxl_sampler_passes_pooled_embeddings_and_matches_diffusers(trained_sdxl, tmp_path):
@@ -241,7 +242,7 @@ def test_sdxl_previews_during_training(tmp_path, mini_sdxl_dir):
     extra = "max_train_steps = 8\n[sample]\nprompts = [\"clrscn, lake\"]\nevery_n_epochs = 1"
     cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra=extra))
     cfg.sample.preview_steps = 2
-    train.train(cfg, log=lambda m: None)
+    train(cfg, log=lambda m: None)
     assert list((cfg.output_dir / "previews").rglob("preview_grid_seed*.png"))
 
 
@@ -270,7 +271,7 @@ def test_sdxl_merge_resize_and_inspect(trained_sdxl, tmp_path):
 def _train_sdxl_in_bf16_with_checkpointing(config_path):
     """In its own process (bf16 mixed precision): what the test below checks of the trained network."""
     cfg = load_config(config_path, ["train.mixed_precision='bf16'", "train.gradient_checkpointing=true"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
     base = trainer.base
     return {"dtypes": (base.unet.dtype, base.text_encoder_2.dtype),
@@ -351,7 +352,7 @@ def _one_full_sdxl_step(config_path):
                                     "dataset.max_bucket_reso=1024", "dataset.bucket_reso_steps=64",
                                     "train.mixed_precision='bf16'", "train.gradient_checkpointing=true",
                                     "train.save_every_n_epochs=0"])
-    result = train.train(cfg, log=print)
+    result = train(cfg, log=print)
     modules = len({k.split(".")[0] for k in load_file(result.adapter)})
     return modules, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -375,7 +376,7 @@ def test_sdxl_locon_and_loha_train_and_render(tmp_path, mini_sdxl_dir, network):
 
     cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra="max_train_steps = 4\nunet_lr = 0.01"),
                       [f"network.type='{network}'"])
-    adapter = train.train(cfg, log=lambda m: None).adapter
+    adapter = train(cfg, log=lambda m: None).adapter
     modules = {k.split(".")[0] for k in load_file(adapter)}
     if network == "locon":
         assert "lora_unet_input_blocks_1_0_in_layers_2" in modules  # down_blocks.0.resnets.0.conv1
@@ -399,11 +400,11 @@ def test_sdxl_training_lowers_the_loss_on_its_examples(tmp_path, mini_sdxl_dir):
     """The same batches (same noise and timesteps) scored with the trained U-Net adapters on and off."""
     cfg = load_config(make_style(tmp_path, mini_sdxl_dir, extra="max_train_steps = 48\nunet_lr = 0.01"),
                       ["train.text_encoder_lr=0", "train.min_snr_gamma=0"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     trainer.run()
-    samples = train.TrainingSamples(trainer, trainer.batches)
-    trainer.batches.start_epoch(0)
-    batches = [torch.utils.data.default_collate([samples[key] for key in b]) for b in trainer.batches]
+    samples = TrainingSamples(trainer.data, trainer.data.batches)
+    trainer.data.batches.start_epoch(0)
+    batches = [torch.utils.data.default_collate([samples[key] for key in b]) for b in trainer.data.batches]
     with torch.no_grad():
         trained = sum(float(trainer.step(b)) for b in batches)
         trainer.base.unet.disable_adapters()

@@ -10,7 +10,8 @@ from test_train import make_style
 from sdlora.cli import main
 from sdlora.config import config_from_dict
 from sdlora.models import arch
-from sdlora.training import speed, trainer
+from sdlora.training import speed
+from sdlora.training.optimizers import make_optimizer
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None,
@@ -61,8 +62,8 @@ def test_apply_turns_on_channels_last_and_reports_it():
 def test_adamw_is_fused_when_asked():
     tc = config_from_dict({}).train
     params = [torch.nn.Parameter(torch.zeros(3))]
-    assert trainer.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None, fused=True).defaults["fused"] is True
-    assert not trainer.make_optimizer(tc, [{"params": params, "lr": 1e-3}], None).defaults["fused"]
+    assert make_optimizer(tc, [{"params": params, "lr": 1e-3}], None, fused=True).defaults["fused"] is True
+    assert not make_optimizer(tc, [{"params": params, "lr": 1e-3}], None).defaults["fused"]
 
 
 

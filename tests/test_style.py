@@ -10,7 +10,7 @@ from PIL import Image
 from sdlora.config import load_config
 from sdlora.sampling import metrics, sampler
 from sdlora.tiny.scenery import STYLE_TAGS
-from sdlora.training import trainer
+from sdlora.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (REPO / "sdlora" / "assets" / "tiny" / "model_index.json").exists(),
@@ -29,7 +29,7 @@ def test_colourfulness_rises_and_palette_moves_toward_the_style_set(tmp_path):
         "output.dir='out'", "train.max_train_steps=600", "train.save_every_n_epochs=0",
         "sample.seeds=[1, 2, 3, 4]", "sample.lora_scales=[0.0, 1.0]", "sample.width=192", "sample.height=128",
         "sample.hires='off'"])
-    result = trainer.train(cfg, log=lambda m: None)
+    result = train(cfg, log=lambda m: None)
     rendered = sampler.run_sample(cfg, loras=[(result.adapter, None)], log=lambda m: None).images
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]

@@ -10,7 +10,8 @@ from sdlora.config import ConfigError, load_config
 from sdlora.data import dataset, images
 from sdlora.data.subsets import balanced_repeats, repeat_folder
 from sdlora.tiny.scenery import make_scene_image
-from sdlora.training import trainer as train
+from sdlora.training.examples import collect_examples, steps_per_epoch
+from sdlora.training.loop import Trainer, train
 
 
 def kohya_tree(root: Path) -> dict[str, list[Path]]:
@@ -93,7 +94,7 @@ def test_kohya_tree_trains_kohyas_steps_reg_untouched_and_without_trigger(tmp_pa
     before = snapshot(reg)
     cfg = load_config(write_config(tmp_path, mini_base_dir, dataset_keys='image_dir = "project"'))
     messages = []
-    examples = train.collect_examples(cfg, log=messages.append)
+    examples = collect_examples(cfg, log=messages.append)
     log = "\n".join(messages)
     assert "kohya folder tree" in log and "img/5_clrscn -> subset x5 repeats, class tokens 'clrscn'" in log
     assert "reg/1_scenery -> regularisation subset x1 repeats, class tokens 'scenery'" in log
@@ -111,9 +112,9 @@ def test_kohya_tree_trains_kohyas_steps_reg_untouched_and_without_trigger(tmp_pa
     assert by_path[made["img/5_clrscn"][1]].tags == ["clrscn"]  # no caption file: class tokens
     # kohya: each bucket holds images x repeats (reg included), ceil(n / batch) batches each.
     # square bucket: 2x5 + 2x2 + 19 reg = 33 -> 17; 3:2 bucket: 1x5 -> 3.
-    assert train.steps_per_epoch(examples, 2) == 17 + 3
+    assert steps_per_epoch(examples, 2) == 17 + 3
 
-    result = train.train(cfg, log=lambda m: None)
+    result = train(cfg, log=lambda m: None)
     assert result.steps == 20
     assert snapshot(reg) == before  # nothing written into the reg folder
     from sdlora.adapters.file import read_adapter
@@ -158,7 +159,7 @@ class_tokens = "scenery"
 keep_tokens = 0
 '''
     cfg = load_config(write_config(tmp_path, mini_base_dir, dataset_keys=keys))
-    examples = train.collect_examples(cfg, log=lambda m: None)
+    examples = collect_examples(cfg, log=lambda m: None)
     assert sorted(ex.image for ex in examples) == sorted(made["img/5_clrscn"] + made["reg/1_scenery"])
     assert {ex.subset.name: ex.subset.caption_extension for ex in examples} == {
         "5_clrscn": ".caption", "1_scenery": ".caption"}  # inherited from [dataset]
@@ -260,7 +261,7 @@ def test_import_kohya_trains_the_same_examples(tmp_path, mini_base_dir, capsys):
 
     def trained(cfg):
         return sorted((ex.image, ex.repeats, ex.subset.is_reg, str(ex.bucket))
-                      for ex in train.collect_examples(cfg, log=lambda m: None))
+                      for ex in collect_examples(cfg, log=lambda m: None))
 
     assert trained(imported) == trained(by_hand)
     assert main(["import-kohya", str(dataset_toml), "-o", str(out)]) == 2  # never replaces a file unasked
@@ -294,20 +295,19 @@ def test_validation_loss_is_logged_per_epoch_with_fixed_noise(tmp_path, mini_bas
     path.write_text(path.read_text().replace("epochs = 1\n", ""))
     cfg = load_config(path)
     messages = []
-    trainer = train.Trainer(cfg, log=messages.append)
+    trainer = Trainer(cfg, log=messages.append)
     # One of each training subset's images (ceil(3 x 0.5) = 2 and ceil(2 x 0.5) = 1 train), no reg image.
-    assert len(trainer.validation) == 2 and {ex.subset.name for ex in trainer.validation} == {"5_clrscn", "2_extra style"}
-    assert not set(ex.image for ex in trainer.validation) & set(ex.image for ex in trainer.examples)
+    assert len(trainer.data.validation) == 2 and {ex.subset.name for ex in trainer.data.validation} == {"5_clrscn", "2_extra style"}
+    assert not set(ex.image for ex in trainer.data.validation) & set(ex.image for ex in trainer.data.examples)
     # reg images balance against the 3 training images x repeats left: 2 x 5 + 1 x 2 = 12
-    assert sum(ex.repeats for ex in trainer.examples if ex.subset.is_reg) == 12
-    trainer.setup()
+    assert sum(ex.repeats for ex in trainer.data.examples if ex.subset.is_reg) == 12
     trainer.validate(0, 0)
     trainer.validate(0, 0)
     first, again = trainer.validation_losses
     assert first == again  # fixed noise and timesteps: only the adapter changes the figure
     messages.clear()
     cfg.train.overwrite = True
-    result = train.Trainer(cfg, log=messages.append).run()
+    result = Trainer(cfg, log=messages.append).run()
     assert [m.split(":")[0] for m in messages if "validation loss" in m] == ["epoch 1", "epoch 2"]
     report = result.report.read_text()
     assert "validation loss per epoch (2 held-out images" in report and "1: " in report and "2: " in report
@@ -321,19 +321,19 @@ def test_manifest_is_rebuilt_when_captions_or_images_change_and_read_otherwise(t
     made = kohya_tree(tmp_path / "project")
     cfg = load_config(write_config(tmp_path, mini_base_dir))
     messages = []
-    train.collect_examples(cfg, log=messages.append)
+    collect_examples(cfg, log=messages.append)
     assert any("missing or out of date" in m for m in messages)
 
     decodes = []
     monkeypatch.setattr(dataset, "load_image", lambda *a, **k: decodes.append(a[0]) or images.load_image(*a, **k))
     messages.clear()
-    examples = train.collect_examples(cfg, log=messages.append)
+    examples = collect_examples(cfg, log=messages.append)
     assert decodes == [] and not any("out of date" in m for m in messages)  # read, not rebuilt
 
     (made["img/2_extra style"][0]).with_suffix(".caption").write_text("clrscn, edited by hand")
     img, _ = make_scene_image(99, "colorful", 64)
     img.save(tmp_path / "project" / "img" / "5_clrscn" / "new.png")
-    examples = {ex.image.name: ex for ex in train.collect_examples(cfg, log=messages.append)}
+    examples = {ex.image.name: ex for ex in collect_examples(cfg, log=messages.append)}
     assert any("out of date" in m for m in messages)
     assert examples["s3.png"].tags == ["clrscn", "edited by hand"] and "new.png" in examples
 
@@ -380,10 +380,10 @@ image_dir = "project/img/2_extra style"
 validation = true
 '''
     cfg = load_config(write_config(tmp_path, mini_base_dir, dataset_keys=keys))
-    examples = train.collect_examples(cfg, log=lambda m: None)
+    examples = collect_examples(cfg, log=lambda m: None)
     assert sorted(ex.image for ex in examples if ex.held_out) == made["img/2_extra style"]
     assert sorted(ex.image for ex in examples if not ex.held_out) == made["img/5_clrscn"]
-    assert train.steps_per_epoch([ex for ex in examples if not ex.held_out], 2) == 10 + 5  # 2 x 10, 1 x 10 repeats
+    assert steps_per_epoch([ex for ex in examples if not ex.held_out], 2) == 10 + 5  # 2 x 10, 1 x 10 repeats
 
 
 def test_dataset_report_lists_the_subsets(tmp_path, mini_base_dir):

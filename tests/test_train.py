@@ -13,7 +13,11 @@ from sdlora import digest
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.tiny.scenery import make_scene_image
-from sdlora.training import trainer as train
+from sdlora.training.examples import collect_examples, make_caption, steps_per_epoch
+from sdlora.training.guards import TrainingDiverged, TrainingStopped, check_finite
+from sdlora.training.loop import Trainer, train
+from sdlora.training.state import STATE_FILE
+from sdlora.training.stats import TrainResult, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +64,7 @@ def test_export_loads_in_diffusers_and_matches_the_training_model(tmp_path, mini
     from diffusers import StableDiffusionPipeline
 
     cfg = load_config(make_style(tmp_path, mini_base_dir))
-    trainer = train.Trainer(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, log=lambda m: None)
     result = trainer.run()
     out = cfg.output_dir
     assert result.adapter == out / "style.safetensors" and result.adapter.exists()
@@ -97,15 +101,15 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir, in
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = (load_config(make_style(tmp_path / x, mini_base_dir)) for x in "ab")
-    full = train.train(a, log=lambda m: None)
+    full = train(a, log=lambda m: None)
     interrupt_at_step(3)  # mid-epoch 1, through the signal Ctrl-C sends
-    with pytest.raises(train.TrainingStopped) as stopped:
-        train.train(b, log=lambda m: None)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(b, log=lambda m: None)
     assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
     assert not (b.output_dir / "style.safetensors").exists()
-    state = b.output_dir / "state" / train.STATE_FILE
+    state = b.output_dir / "state" / STATE_FILE
     assert state.read_bytes()[8:].lstrip().startswith(b"{")  # safetensors, not a pickle
-    resumed = train.train(b, resume=True, log=lambda m: None)
+    resumed = train(b, resume=True, log=lambda m: None)
     ta, tb = load_file(full.adapter), load_file(resumed.adapter)
     assert ta.keys() == tb.keys()
     for k in ta:
@@ -117,22 +121,22 @@ def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_di
     hashed, sha256 = [], digest._sha256
     monkeypatch.setattr(digest, "_sha256", lambda path: hashed.append(path) or sha256(path))
     digest._DIGESTS.clear()
-    vae_encodes = train.train(cfg, log=lambda m: None).vae_encodes
+    vae_encodes = train(cfg, log=lambda m: None).vae_encodes
     assert vae_encodes == 4
     assert len(hashed) == 5  # 4 images + the base's UNet weights (its model hash)
-    vae_encodes += train.train(cfg, log=lambda m: None).vae_encodes
+    vae_encodes += train(cfg, log=lambda m: None).vae_encodes
     assert vae_encodes == 4  # second run: zero encodes
     assert len(hashed) == 5  # and in one process, no file is hashed twice
     img, _ = make_scene_image(99, "colorful", 64)
     img.save(tmp_path / "images" / "img0.png")
-    vae_encodes += train.train(cfg, log=lambda m: None).vae_encodes
+    vae_encodes += train(cfg, log=lambda m: None).vae_encodes
     assert vae_encodes == 5  # only the changed image
     assert len(hashed) == 6
 
 
 def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2), ["dataset.flip_aug=true", "train.epochs=1"])
-    assert train.train(cfg, log=lambda m: None).vae_encodes == 4  # each image and its mirror, encoded once
+    assert train(cfg, log=lambda m: None).vae_encodes == 4  # each image and its mirror, encoded once
     entries = list((cfg.output_dir / "cache" / "latents").rglob("*.safetensors"))
     entry = load_file(entries[0])
     assert {"mean", "std", "flip_mean", "flip_std"} <= entry.keys()
@@ -142,14 +146,12 @@ def test_flip_aug_caches_both_orientations(tmp_path, mini_base_dir):
 def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir),
                       ["train.text_encoder_lr=0", "dataset.shuffle_caption=false", "train.epochs=1"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
-    assert trainer.te_cache.encodes == 4  # one per distinct caption, all before the first step
+    trainer = Trainer(cfg, log=lambda m: None)
+    assert trainer.data.te_cache.encodes == 4  # one per distinct caption, all before the first step
     assert trainer.base.text_encoder.device.type == "meta"  # then released
     assert trainer.base.vae.device.type != "meta"  # the latents are encoded as training first reaches them
-    result = train.Trainer(cfg, log=lambda m: None).run()
-    again = train.Trainer(cfg, log=lambda m: None)
-    again.setup()
+    result = Trainer(cfg, log=lambda m: None).run()
+    again = Trainer(cfg, log=lambda m: None)
     assert again.base.vae.device.type == "meta"  # all cached now: the VAE leaves before the first step
     assert not any(k.startswith("lora_te") for k in load_file(result.adapter))
     assert trainer.te_cache.encodes + result.te_encodes + again.te_cache.encodes == 4  # later runs read the cache
@@ -161,7 +163,7 @@ def test_noise_offset_trains_and_changes_the_adapter(tmp_path, mini_base_dir):
         folder = tmp_path / str(offset)
         folder.mkdir()
         cfg = load_config(make_style(folder, mini_base_dir, n=2), ["train.epochs=1", f"train.noise_offset={offset}"])
-        results[offset] = load_file(train.train(cfg, log=lambda m: None).adapter)
+        results[offset] = load_file(train(cfg, log=lambda m: None).adapter)
     assert any(not torch.equal(results[0.0][k], results[0.1][k]) for k in results[0.0] if "lora_up" in k)
 
 
@@ -184,19 +186,19 @@ def test_caption_shuffle_keeps_the_first_keep_tokens():
     tags = ["clrscn", "a", "b", "c", "d", "e"]
     seen = set()
     for seed in range(20):
-        caption = train.make_caption(tags, 1, True, 0.0, 0.0, random.Random(seed)).split(", ")
+        caption = make_caption(tags, 1, True, 0.0, 0.0, random.Random(seed)).split(", ")
         assert caption[0] == "clrscn" and sorted(caption) == sorted(tags)
         seen.add(tuple(caption))
     assert len(seen) > 5
-    assert train.make_caption(tags, 1, True, 0.0, 1.0, random.Random(0)) == ""  # caption dropout
+    assert make_caption(tags, 1, True, 0.0, 1.0, random.Random(0)) == ""  # caption dropout
 
 
 def test_steps_per_epoch_is_kohyas_count(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=3), ["dataset.resolution=96", "dataset.num_repeats=5"])
-    examples = train.collect_examples(cfg, log=lambda m: None)
+    examples = collect_examples(cfg, log=lambda m: None)
     assert [str(ex.bucket) for ex in examples] == ["96x96", "128x64", "96x96"]
     # img0, img2 square (one bucket), img1 3:2 (another): ceil(2*5/3) + ceil(1*5/3)
-    assert train.steps_per_epoch(examples, 3) == 4 + 2
+    assert steps_per_epoch(examples, 3) == 4 + 2
 
 
 @pytest.mark.parametrize("problem, expected", [
@@ -218,7 +220,7 @@ def test_bad_datasets_give_one_clear_message(tmp_path, mini_base_dir, capsys, pr
 def test_uncaptioned_images_train_with_the_trigger_and_say_so(tmp_path, mini_base_dir):
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=2, captions=False))
     messages = []
-    examples = train.collect_examples(cfg, log=messages.append)
+    examples = collect_examples(cfg, log=messages.append)
     assert all(ex.tags == ["clrscn"] for ex in examples)
     assert any("no caption" in m and "clrscn" in m for m in messages)
 
@@ -273,7 +275,7 @@ def test_train_then_merge_then_sample_agrees_with_the_loaded_adapter(tmp_path, m
     from sdlora.lowrank import tools
 
     cfg = load_config(make_style(tmp_path, mini_base_dir), ["train.epochs=1"])
-    adapter = train.train(cfg, log=lambda m: None).adapter
+    adapter = train(cfg, log=lambda m: None).adapter
 
     def render(pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -294,13 +296,12 @@ def test_train_then_merge_then_sample_agrees_with_the_loaded_adapter(tmp_path, m
 def test_the_first_step_waits_for_one_batch_of_latents_not_the_whole_dataset(tmp_path, mini_base_dir):
     """Time to first step: setup encodes nothing; each image is encoded when training first reaches it, once."""
     cfg = load_config(make_style(tmp_path, mini_base_dir, n=8), ["train.max_train_steps=1"])
-    trainer = train.Trainer(cfg, log=lambda m: None)
-    trainer.setup()
-    assert trainer.latents.cache.encodes == 0 and trainer.latents.missing == 8
+    trainer = Trainer(cfg, log=lambda m: None)
+    assert trainer.data.latents.cache.encodes == 0 and trainer.data.latents.missing == 8
     loader = iter(trainer.loader)
     next(loader)
     # this batch's images and, at most, the next batch's (accelerate's loader reads one batch ahead)
-    assert 2 <= trainer.latents.cache.encodes <= 4 and trainer.latents.missing >= 4
+    assert 2 <= trainer.data.latents.cache.encodes <= 4 and trainer.data.latents.missing >= 4
     assert trainer.base.vae.device.type != "meta"
     for _ in loader:  # the rest of the epoch: the other images, each once, then the VAE goes
         pass
@@ -314,13 +315,14 @@ def test_divergence_message_and_report_state_the_effective_alpha(tmp_path):
     from sdlora.config import config_from_dict
 
     cfg = config_from_dict({"name": "style", "network": {"dim": 8, "alpha": 0}, "output": {"dir": str(tmp_path)}})
-    with pytest.raises(train.TrainingDiverged) as e:
-        train.check_finite(cfg, step=3, epoch=1, loss=float("nan"), grad_norm=1.0, losses=[0.1], overflow_skips=False)
+    with pytest.raises(TrainingDiverged) as e:
+        check_finite(cfg, step=3, epoch=1, loss=float("nan"), grad_norm=1.0, losses=[0.1], overflow_skips=False)
     assert "network.alpha / network.dim (8 / 8)" in str(e.value)
 
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     trainer = SimpleNamespace(cfg=cfg, base=SimpleNamespace(name="tiny", family="sd_v1", prediction_type="epsilon"),
-                              examples=[], epochs=1, train_te=False, validation=[], validation_losses=[])
-    report = train.write_report(trainer, train.TrainResult(adapter=tmp_path / "style.safetensors", steps=2,
-                                                           losses=[0.2, 0.1], seconds=1.0)).read_text()
+                              data=SimpleNamespace(examples=[], validation=[]), epochs=1, train_te=False,
+                              validation_losses=[])
+    report = write_report(trainer, TrainResult(adapter=tmp_path / "style.safetensors", steps=2,
+                                               losses=[0.2, 0.1], seconds=1.0)).read_text()
     assert "- network: lora, dim 8, alpha 8, " in report

@@ -27,12 +27,7 @@ from sdlora import kohya_blocks
 from sdlora.adapters import apply, keys, kinds
 from sdlora.data.buckets import resolution_pair
 from sdlora.errors import UserError
-from sdlora.models.family import (
-    ARCHITECTURES,
-    BASE_MODEL_VERSIONS,
-    IMPLEMENTATIONS,
-    is_sdxl,
-)
+from sdlora.models.family import FAMILIES, is_sdxl
 
 ADAPTER_NAME = "sdlora"
 
@@ -399,18 +394,19 @@ def network_metadata(base, output_name: str, network: dict[str, str], descriptio
     base: a BaseModel or dict with family, prediction_type, name, model_hash; finished: unix seconds.
     """
     family = _get(base, "family")
-    if family not in ARCHITECTURES:
-        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if family not in FAMILIES:
+        raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(FAMILIES)}")
+    spec = FAMILIES[family]
     return {
         **network,
-        "ss_base_model_version": BASE_MODEL_VERSIONS[family],
+        "ss_base_model_version": spec.base_model_version,
         "ss_v2": str(family.startswith("sd_v2")),
         "ss_output_name": output_name,
         "ss_sd_model_name": str(_get(base, "name")),
         "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{ARCHITECTURES[family]}/lora",
-        "modelspec.implementation": IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.architecture": f"{spec.architecture}/lora",
+        "modelspec.implementation": spec.implementation,
         "modelspec.title": output_name,
         "modelspec.date": _iso(time.time() if finished is None else finished),
         "modelspec.prediction_type": "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon",

@@ -35,7 +35,7 @@ from sdlora.models.load import compute_device, load_base
 from sdlora.sampling.sampler import Sampler
 from sdlora.tiny.configs import build_components
 from sdlora.tiny.scenery import make_scene_image
-from sdlora.training.trainer import Trainer
+from sdlora.training.loop import Trainer
 
 
 def peak_memory_mb(device: str) -> float:

@@ -47,7 +47,7 @@ from sdlora.models import arch
 from sdlora.models.load import DTYPES, random_base, save_diffusers
 from sdlora.models.quantize import quantize_frozen
 from sdlora.training import speed
-from sdlora.training.trainer import make_optimizer as trainer_optimizer
+from sdlora.training.optimizers import make_optimizer as trainer_optimizer
 
 # Dense (no sparsity) fp16/bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,

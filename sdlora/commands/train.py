@@ -20,7 +20,7 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_train(args) -> int:
-    from sdlora.training.trainer import train
+    from sdlora.training.loop import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, log=print)

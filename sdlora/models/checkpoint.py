@@ -24,7 +24,7 @@ import torch
 from sdlora.errors import UserError
 from sdlora.models.arch import CONFIGS
 from sdlora.models.family import (
-    ARCHITECTURES,
+    FAMILIES,
     is_sdxl,
     nested_text_name,
     with_prediction_type,
@@ -499,7 +499,8 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     else:
         tensors.update(text_encoder_to_original(te, "sd_v2", SD2_OPENCLIP))
     tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
-    meta = {CONFIG_META_KEY: json.dumps(configs, default=str), "modelspec.architecture": ARCHITECTURES[base.family],
+    meta = {CONFIG_META_KEY: json.dumps(configs, default=str),
+            "modelspec.architecture": FAMILIES[base.family].architecture,
             "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon"}
     atomic_save_file(tensors, path, metadata=meta)
     return path

@@ -10,7 +10,7 @@ so the U-Net sees (B, 2 + 75 n, d): 77, 152 or 227 positions. SDXL's pooled embe
 first chunk's. A chunk past the end of the text is BOS, EOS, padding, as in kohya. Tokens past
 max_token_length are cut; `count_cut` says how many captions lose some.
 
-The per-chunk encoding is `family.encode_text` (one or two encoders), so the join composes with
+The per-chunk encoding is `Family.encode_text` (one or two encoders), so the join composes with
 whatever a family does for one 77-token sequence. Sampling prompts follow A1111 instead
 (`prompts.py`: chunks of 75 concatenated whole, 77 positions each, emphasis, BREAK), which is
 how A1111, Forge and ComfyUI condition a long prompt at inference.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from sdlora.models.family import TextConditioning, encode_text, tokenize
+from sdlora.models.family import FAMILIES, TextConditioning, tokenize
 from sdlora.models.prompts import (
     CHUNK_TOKENS as CHUNK,  # tokens per chunk between BOS and EOS (CLIP's 77 - 2)
 )
@@ -68,11 +68,12 @@ def join_chunks(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def encode_long(family: str, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
-    """`family.encode_text` for (B, 77) ids, or chunk by chunk for (B, n, 77) ids, joined."""
+    """`Family.encode_text` for (B, 77) ids, or chunk by chunk for (B, n, 77) ids, joined."""
+    encode_text = FAMILIES[family].encode_text
     if input_ids[0].dim() == 2:
-        return encode_text(family, encoders, input_ids, clip_skip)
+        return encode_text(encoders, input_ids, clip_skip)
     b, n = input_ids[0].shape[:2]
-    text = encode_text(family, encoders, [ids.reshape(b * n, -1) for ids in input_ids], clip_skip)
+    text = encode_text(encoders, [ids.reshape(b * n, -1) for ids in input_ids], clip_skip)
     hidden = join_chunks(text.hidden.reshape(b, n, *text.hidden.shape[1:]))
     pooled = None if text.pooled is None else text.pooled.reshape(b, n, -1)[:, 0]  # the first chunk's
     return TextConditioning(hidden, pooled)

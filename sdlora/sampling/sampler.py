@@ -40,7 +40,7 @@ from sdlora.adapters import apply, keys, kinds
 from sdlora.errors import UserError
 from sdlora.io import safe_file_stem
 from sdlora.models import prompts as rules
-from sdlora.models.family import TextConditioning, encode_text, tokenize
+from sdlora.models.family import FAMILIES, TextConditioning, tokenize
 from sdlora.models.load import compute_device, load_base
 from sdlora.sampling import tiled
 from sdlora.sampling.grids import (
@@ -262,8 +262,8 @@ class Sampler:
     def encode_ids(self, ids: list[torch.Tensor]):
         """`encode` from each text encoder's (B, 77) input ids."""
         with torch.no_grad():
-            return encode_text(self.base.family, self.base.text_encoders, [x.to(self.device) for x in ids],
-                               self.cfg.model.clip_skip)
+            return FAMILIES[self.base.family].encode_text(self.base.text_encoders, [x.to(self.device) for x in ids],
+                                                          self.cfg.model.clip_skip)
 
     def embeds(self, prompts: list[str], negative: list[str]) -> dict:
         """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
@@ -400,7 +400,8 @@ class Sampler:
             noise = randn_tensor(latents.shape, generator=torch.Generator(noise_device).manual_seed(int(seed)),
                                  device=torch.device(self.device), dtype=latents.dtype)
             texts = [image_text(embeds, k) for embeds in per_step]
-            denoiser = tiled.Denoiser(self.pipe.unet, texts[0], float(s.cfg_scale), (image.height, image.width))
+            denoiser = tiled.Denoiser(FAMILIES[self.base.family], self.pipe.unet, texts[0], float(s.cfg_scale),
+                                      (image.height, image.width))
 
             def at_step(i, denoiser=denoiser, texts=texts):
                 denoiser.text = texts[min(i, len(texts) - 1)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.models.family import TextConditioning, time_ids, unet_conditioning
+from sdlora.models.family import TextConditioning
 
 LATENT_CELL = 8  # pixels per latent cell: every VAE sdlora loads downsamples by 8
 
@@ -57,21 +57,21 @@ def ramp(length: int, overlap: int) -> torch.Tensor:
 class Denoiser:
     """A family's denoiser for one image: prompt and negative conditioning, guidance, full size.
 
-    family.unet_conditioning gives the U-Net's keyword arguments; SDXL's time ids for a tile are
+    `Family.predict` runs the U-Net with the family's conditioning; SDXL's time ids for a tile are
     (full height, full width, tile top, tile left, tile height, tile width) in pixels: the tile is
     a crop of the full picture, which is how SDXL was trained to read them.
     """
 
+    family: object  # models.family.Family of the base
     unet: torch.nn.Module
     text: TextConditioning  # batch 2: (negative, prompt)
     cfg_scale: float
     full_size: tuple[int, int]  # (height, width) in pixels
 
     def time_ids(self, boxes) -> torch.Tensor | None:
-        if self.text.pooled is None:
-            return None
-        return torch.stack([time_ids(self.full_size, (top * LATENT_CELL, left * LATENT_CELL),
-                                     (th * LATENT_CELL, tw * LATENT_CELL)) for top, left, th, tw in boxes])
+        ids = [self.family.size_conditioning(self.full_size, (top * LATENT_CELL, left * LATENT_CELL),
+                                             (th * LATENT_CELL, tw * LATENT_CELL)) for top, left, th, tw in boxes]
+        return None if ids[0] is None else torch.stack(ids)
 
     def __call__(self, tiles: torch.Tensor, t: torch.Tensor, boxes) -> torch.Tensor:
         """tiles (N, C, th, tw), all the same size -> guided model output (N, C, th, tw)."""
@@ -81,8 +81,8 @@ class Denoiser:
                                 pooled=None if self.text.pooled is None else
                                 self.text.pooled.repeat_interleave(n, dim=0))
         ids = self.time_ids(boxes)
-        kwargs = unet_conditioning(text, None if ids is None else ids.repeat(2, 1).to(tiles.device), self.unet.dtype)
-        out = self.unet(torch.cat([tiles, tiles]).to(self.unet.dtype), t, **kwargs).sample.to(tiles.dtype)
+        ids = None if ids is None else ids.repeat(2, 1).to(tiles.device)
+        out = self.family.predict(self.unet, torch.cat([tiles, tiles]), t, text, ids, self.unet.dtype).to(tiles.dtype)
         uncond, cond = out.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
 

@@ -287,8 +287,8 @@ def stage_unet(b: Build) -> None:
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdlora.models.family import DiffusionObjective
     from sdlora.models.tokenizer import clip_tokenizer
-    from sdlora.training.trainer import snr_weights
 
     torch.manual_seed(3)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
@@ -307,6 +307,7 @@ def stage_unet(b: Build) -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**configs.TEXT_ENCODER))
     unet = UNet2DConditionModel(**configs.UNET)
     noise_scheduler = DDPMScheduler.from_config(configs.SCHEDULER)
+    objective = DiffusionObjective(noise_scheduler)  # epsilon: the SD1.x objective
     params = [{"params": unet.parameters(), "lr": 4e-4}, {"params": text_encoder.parameters(), "lr": 2e-4}]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[4e-4, 2e-4], total_steps=n(UNET_STEPS), pct_start=0.04)
@@ -326,7 +327,7 @@ def stage_unet(b: Build) -> None:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = text_encoder(ids)[0]
         noise_pred = unet(noisy, timesteps, hidden).sample
-        weight = snr_weights(noise_scheduler, timesteps, 5.0, v_prediction=False)  # min-SNR-5
+        weight = objective.snr_weights(timesteps, 5.0)  # min-SNR-5
         loss = (F.mse_loss(noise_pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         _optimizer_step(opt, sched, loss, list(unet.parameters()) + list(text_encoder.parameters()))
         losses.append(float(loss.detach()))

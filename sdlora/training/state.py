@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+STATE_FILE = "training_state.safetensors"  # in <output.dir>/state/
+OLD_STATE_FILE = "training_state.pt"  # sdlora before 0.2: a pickle, never read
 FORMAT = "sdlora-training-state/1"
 _KEY = "sdlora_state"
 

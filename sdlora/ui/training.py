@@ -43,7 +43,7 @@ class Plan:
 def plan(cfg: Config) -> Plan:
     """"What will happen": images x repeats x epochs / batch = steps, and the time it takes at the speed
     the last training in this output folder ran (`sdlora bench --parts first_step` measures a first one)."""
-    from sdlora.training.trainer import collect_examples, planned_steps
+    from sdlora.training.examples import collect_examples, planned_steps
 
     examples = [ex for ex in collect_examples(cfg, log=lambda m: None) if not ex.held_out]
     tc = cfg.train
