@@ -154,7 +154,7 @@ def test_frozen_text_encoder_is_not_exported_and_its_outputs_are_cached(tmp_path
     again = Trainer(cfg, log=lambda m: None)
     assert again.base.vae.device.type == "meta"  # all cached now: the VAE leaves before the first step
     assert not any(k.startswith("lora_te") for k in load_file(result.adapter))
-    assert trainer.te_cache.encodes + result.te_encodes + again.te_cache.encodes == 4  # later runs read the cache
+    assert trainer.data.te_cache.encodes + result.te_encodes + again.data.te_cache.encodes == 4  # later runs read the cache
 
 
 def test_noise_offset_trains_and_changes_the_adapter(tmp_path, mini_base_dir):
@@ -305,7 +305,7 @@ def test_the_first_step_waits_for_one_batch_of_latents_not_the_whole_dataset(tmp
     assert trainer.base.vae.device.type != "meta"
     for _ in loader:  # the rest of the epoch: the other images, each once, then the VAE goes
         pass
-    assert trainer.latents.cache.encodes == 8 and trainer.base.vae.device.type == "meta"
+    assert trainer.data.latents.cache.encodes == 8 and trainer.base.vae.device.type == "meta"
 
 
 def test_divergence_message_and_report_state_the_effective_alpha(tmp_path):

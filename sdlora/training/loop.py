@@ -290,9 +290,7 @@ class Trainer:
                 remove_stale_temps(out, log=self.log)
             stop = stack.enter_context(StopRequest())
             final = cfg.adapter_path(None)
-            # every process stops, none waits for the others
-            refuse_to_overwrite(final, cfg.train.overwrite or resume,
-                                "set train.overwrite = true (or --set train.overwrite=true)")
+            refuse_final_overwrite(cfg, resume)
             result = TrainResult(adapter=final)
             saver = Saver(cfg, self.base, self.network, self.optimizer, self.lr_scheduler, self.data,
                           (self.steps_per_epoch, self.total_steps, self.epochs),
@@ -405,6 +403,15 @@ class Trainer:
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lrs[0]:.2e}")
 
 
+def refuse_final_overwrite(cfg: Config, resume: bool) -> None:
+    """An existing final adapter is kept unless train.overwrite (or --resume) says otherwise; every
+    process checks, so none waits for the others."""
+    refuse_to_overwrite(cfg.adapter_path(None), cfg.train.overwrite or resume,
+                        "set train.overwrite = true (or --set train.overwrite=true)")
+
+
 def train(cfg: Config, resume: bool = False, log=print, manifest=None) -> TrainResult:
-    """manifest: the command's `dataset.Manifest` (None: resolved by the trainer)."""
+    """manifest: the command's `dataset.Manifest` (None: resolved by the trainer). A kept final
+    adapter is refused before the base is loaded, and again when the loop starts."""
+    refuse_final_overwrite(cfg, resume)
     return Trainer(cfg, log=log, manifest=manifest).run(resume=resume)
