@@ -22,6 +22,7 @@ import traceback
 from sdlora.commands import COMMAND_MODULES, add_commands
 from sdlora.errors import USER_ERRORS
 from sdlora.io import os_error_message, os_error_of
+from sdlora.training.speed import tune_cpu_allocator
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,9 +88,6 @@ class _Version(argparse.Action):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from sdlora.training.speed import (
-        tune_cpu_allocator,  # torch-free: speed.py imports torch where a function needs it
-    )
 
     tune_cpu_allocator()  # big training buffers reused instead of re-faulted every step (speed.py)
     args = build_parser().parse_args(argv)

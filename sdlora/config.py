@@ -19,6 +19,8 @@ from typing import Any
 
 from sdlora import kohya_blocks
 from sdlora.errors import ConfigError  # noqa: F401 - raised here, caught as config.ConfigError by callers
+from sdlora.io import IMAGE_EXTENSIONS, file_name_problem, inside
+from sdlora.kohya_names import KOHYA_KEYS, kohya_hint
 
 SEED_MAX = 2**32 - 1  # numpy's and A1111's seed range, which accelerate's set_seed and samplers share
 
@@ -305,7 +307,6 @@ class Config:
     def adapter_path(self, epoch: int | None = None, step: int | None = None) -> Path:
         """The exported adapter, `<output.dir>/<output_name>.safetensors`; an epoch's is `<output_name>-0000NN`,
         a `save_every_n_steps` one `<output_name>-step000000NN` (kohya's names). Never outside output.dir."""
-        from sdlora.io import inside
 
         stem = self.output_name
         if step is not None:
@@ -421,8 +422,6 @@ def _check_bounds(value, meta, where: str):
 
 
 def _unknown(key: str, known, where: str, cls=None) -> ConfigError:
-    from sdlora.kohya_names import kohya_hint
-
     section = {c: name for name, c in SECTION_CLASSES.items()}.get(cls, "dataset.subsets[]" if cls is Subset else None)
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = kohya_hint(key, section) or (f"; did you mean '{close[0]}'?" if close else
@@ -524,7 +523,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 def _refuse_kohya_file(data: dict, path: Path) -> None:
     """A kohya dataset config ([general], [[datasets]]) or a kohya arguments file is not an sdlora
     config: say so, and name the command that converts it."""
-    from sdlora.kohya_names import KOHYA_KEYS
 
     fields = {f.name for f in dataclasses.fields(Config)}
     dataset_config = [k for k in data if k in ("general", "datasets")]
@@ -566,8 +564,6 @@ def _check_file_names(cfg: Config, path: Path) -> None:
     """The adapter's file name comes from output.output_name (default: name) and captions get
     dataset.caption_extension: both must name a file in their folder, and captions never an image."""
     from PIL import Image
-
-    from sdlora.io import IMAGE_EXTENSIONS, file_name_problem
 
     key = "[output] output_name" if cfg.output.output_name else "name"
     problem = file_name_problem(cfg.output_name)

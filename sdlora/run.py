@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdlora.adapters.file import read_adapter
 from sdlora.config import Config
+from sdlora.data import dataset
 from sdlora.data.dataset import Manifest
-from sdlora.io import refuse_to_overwrite
+from sdlora.digest import stored_digest
+from sdlora.io import atomic_write_text, refuse_to_overwrite
+from sdlora.models.load import base_weights_file
+from sdlora.sampling import sampler
+from sdlora.sampling.metrics import style_shift
+from sdlora.training import loop, results
+from sdlora.training.examples import collect_examples
+from sdlora.training.stats import config_hash
 
 
 def adapter_up_to_date(cfg: Config, path: Path, manifest: Manifest | None = None) -> bool:
@@ -21,11 +30,6 @@ def adapter_up_to_date(cfg: Config, path: Path, manifest: Manifest | None = None
     The base counts by content: the sha256 its metadata records (ss_new_sd_model_hash) must be
     that of the file now at model.base, so another model copied over the same path retrains.
     """
-    from sdlora.adapters.file import read_adapter
-    from sdlora.digest import stored_digest
-    from sdlora.models.load import base_weights_file
-    from sdlora.training.examples import collect_examples
-    from sdlora.training.stats import config_hash
 
     if not path.is_file():
         return False
@@ -41,8 +45,6 @@ def style_figures(cfg: Config, rendered, manifest: Manifest) -> dict | None:
     """Colourfulness and palette distance of scale-1.0 samples vs the base (scale 0), same prompts and seeds."""
     from PIL import Image
 
-    from sdlora.sampling.metrics import style_shift
-
     base = [Image.open(r.path) for r in rendered if r.scale == 0.0]
     lora = [Image.open(r.path) for r in rendered if r.scale == 1.0]
     if not base or not lora:
@@ -51,8 +53,6 @@ def style_figures(cfg: Config, rendered, manifest: Manifest) -> dict | None:
 
 
 def append_style_report(cfg: Config, figures: dict) -> None:
-    from sdlora.io import atomic_write_text
-
     report = cfg.report_path
     text = report.read_text() if report.exists() else f"# {cfg.output_name}\n"
     section = "\n## Style shift (samples at LoRA scale 1.0 vs the base, same prompts and seeds)\n\n"
@@ -71,10 +71,6 @@ def append_style_report(cfg: Config, figures: dict) -> None:
 
 
 def run(cfg: Config, log=print) -> dict:
-    from sdlora.data import dataset
-    from sdlora.sampling import sampler
-    from sdlora.training import loop, results
-
     out = cfg.output_dir
     sampler.sample_prompts(cfg)  # stage 3's prompts, refused now rather than after the training
     log("== 1/3 dataset: validate, tag, prune, captions, manifest")

@@ -157,6 +157,7 @@ def test_only_the_cli_layer_parses_arguments():
                 parsing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert not parsing, f"argparse outside commands/ and cli.py: {parsing}"
 
+
 def _choices(section: str, key: str) -> list:
     import dataclasses
 
@@ -209,3 +210,144 @@ def test_help_and_argument_parsing_import_no_heavy_library():
                          cwd=PACKAGE.parent)
     count, *heavy = out.stdout.split()
     assert int(count) > 10 and heavy == [], out.stdout + out.stderr[-2000:]
+
+
+# ---- the layout: layers as folders, imports only go down (shared/docs/design.md) ----
+
+# Lowest first. A module imports from its own folder or from a lower layer, never from a higher one
+# or a sibling folder of its own rank. The ground (top-level modules) may import each other.
+LAYERS = ["ground", "presets", "models", "data", "adapters", "sampling", "lowrank", "training", "tiny",
+          "bench", "run", "ui", "commands", "cli"]
+HEAVY = {"torch", "numpy", "diffusers", "transformers", "open_clip", "PIL", "accelerate", "peft",
+         "safetensors", "gradio", "tqdm", "torchvision"}
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in PACKAGE.rglob("*.py")}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1 or (len(parts) == 2 and (PACKAGE / f"{parts[1]}.py").exists()
+                           and parts[1] not in LAYERS):
+        return "ground"
+    return parts[1]
+
+
+def _sdlora_imports(node: ast.ImportFrom, modules) -> list[str]:
+    if node.level or not (node.module or "").startswith("sdlora"):
+        return []
+    found = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+    return found or [node.module]
+
+
+def _top_level(tree: ast.Module):
+    """The import statements that run when the module is imported (not those under TYPE_CHECKING)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif (isinstance(node, (ast.If, ast.Try))
+              and "TYPE_CHECKING" not in ast.unparse(getattr(node, "test", ast.Constant(0)))):
+            todo += node.body + node.orelse + [n for h in getattr(node, "handlers", []) for n in h.body]
+
+
+def test_layers_are_folders_and_imports_only_go_down():
+    modules = _modules()
+    wrong = []
+    for name, path in modules.items():
+        rank = LAYERS.index(_layer(name))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                for target in _sdlora_imports(node, modules):
+                    layer = _layer(target) if target != "sdlora" else "ground"
+                    if layer != _layer(name) and LAYERS.index(layer) >= rank:
+                        wrong.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} imports {target}")
+    assert set(LAYERS) - {"ground", "run", "cli"} <= {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    assert not wrong, "imports that go up or sideways:\n" + "\n".join(wrong)
+
+
+def _import_closures(modules) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """({module: third-party libraries loaded by importing it}, {module: sdlora modules imported at
+    its top}), following sdlora's own top-level imports."""
+    third, own = {}, {}
+    for name, path in modules.items():
+        third[name], own[name] = set(), set()
+        for node in _top_level(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                third[name] |= {a.name.split(".")[0] for a in node.names}
+            elif node.level == 0 and not node.module.startswith("sdlora"):
+                third[name].add(node.module.split(".")[0])
+            for target in _sdlora_imports(node, modules) if isinstance(node, ast.ImportFrom) else ():
+                parts = target.split(".")
+                own[name] |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & set(modules)
+    loads: dict[str, set[str]] = {}
+
+    def visit(name, path=()):
+        if name not in loads:
+            found = set(third[name])
+            for other in own[name] - {name} - set(path):
+                found |= visit(other, (*path, name))
+            loads[name] = found
+        return loads[name]
+
+    for name in modules:
+        visit(name)
+    return loads, own
+
+
+def _closure(roots, own) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += own[name]
+    return seen
+
+
+def test_sibling_imports_are_at_the_top_unless_they_keep_torch_out_of_the_cli():
+    """An sdlora import inside a function hides the dependency graph. The one reason allowed: the
+    CLI (cli.py, commands/) starts without any heavy library and the dataset builder without torch,
+    so a module they load at start-up imports a heavier sibling where it is used."""
+    modules = _modules()
+    loads, own = _import_closures(modules)
+    cli = _closure(["sdlora.cli", *(m for m in modules if m.startswith("sdlora.commands"))], own)
+    builder = _closure(["sdlora.data.dataset"], own)
+    assert not [m for m in cli if loads[m] & HEAVY] and not [m for m in builder if "torch" in loads[m]]
+    hidden = []
+    for name, path in modules.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                targets = _sdlora_imports(node, modules) if isinstance(node, ast.ImportFrom) else []
+                heavier = set().union(*(loads.get(t, set()) for t in targets)) if targets else set()
+                if targets and not ((name in cli and heavier & HEAVY) or (name in builder and "torch" in heavier)):
+                    hidden.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert not hidden, "sibling imports inside functions:\n" + "\n".join(sorted(set(hidden)))
+
+
+ADAPTER_KINDS = {"lora", "locon", "loha", "lokr", "tucker", "dora", "ia3", "glora", "full", "diag-oft", "boft"}
+
+
+def test_adapter_kinds_are_not_dispatched_on_strings_outside_their_units():
+    """`if kind == "loha"` towers are how a new kind gets half-supported: each kind is one unit in
+    adapters/kinds/ and callers ask it. config.py and presets/ read the names people write."""
+    exempt = [PACKAGE / "adapters" / "kinds", PACKAGE / "presets"]
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "config.py" or any(e in path.parents for e in exempt):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names_kind = (isinstance(node, ast.Compare)
+                          and any(isinstance(c, ast.Constant) and isinstance(c.value, str)
+                                  and set(c.value.lower().split("+")) & ADAPTER_KINDS
+                                  for side in (node.left, *node.comparators) for c in ast.walk(side)))
+            reparsed = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "split" and "kind" in ast.unparse(node.func.value).lower())
+            if names_kind or reparsed:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, "string dispatch on adapter kinds:\n" + "\n".join(found)

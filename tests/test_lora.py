@@ -508,11 +508,11 @@ def test_import_kohya_takes_overwrite_like_every_command_and_still_force(tmp_pat
 
 def test_checkpoint_saves_refuse_in_the_same_wording_with_their_own_keyword(tmp_path, mini_base_dir):
     from sdlora.config import ModelConfig
-    from sdlora.models import load as models
+    from sdlora.models import checkpoint, load
 
-    base = models.load_base(ModelConfig(base=str(mini_base_dir)))
-    for save, target in ((models.save_single_file, tmp_path / "m.safetensors"),
-                         (models.save_diffusers, tmp_path / "pipe")):
+    base = load.load_base(ModelConfig(base=str(mini_base_dir)))
+    for save, target in ((checkpoint.save_single_file, tmp_path / "m.safetensors"),
+                         (checkpoint.save_diffusers, tmp_path / "pipe")):
         target.mkdir() if not target.suffix else target.write_bytes(b"mine")
         with pytest.raises(UserError) as e:
             save(base, target)

@@ -264,7 +264,7 @@ def test_merge_writes_what_merging_in_fp32_and_rounding_writes(tmp_path, stored)
     output's (fp16 here), else in fp32: either way the written checkpoint is the fp32 merge, rounded once."""
     from safetensors.torch import load_file
 
-    from sdlora.models.load import save_single_file
+    from sdlora.models.checkpoint import save_single_file
     from sdlora.tiny.configs import build_pipeline
 
     base_dir = tmp_path / "base"

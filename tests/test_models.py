@@ -89,7 +89,7 @@ def test_base_info_feeds_adapter_metadata(mini):
 @pytest.mark.parametrize("which", ["mini", "tiny"])
 def test_single_file_round_trip(which, mini, tiny, tmp_path):
     base = mini if which == "mini" else tiny
-    path = load.save_single_file(base, tmp_path / "model.safetensors", dtype=torch.float32)
+    path = checkpoint.save_single_file(base, tmp_path / "model.safetensors", dtype=torch.float32)
     again = load.load_base(ModelConfig(base=str(path)))
     assert (again.family, again.prediction_type, again.resolution) == ("sd_v1", "epsilon", base.resolution)
     assert again.name == "model" and again.model_hash == file_digest(path)
@@ -97,7 +97,7 @@ def test_single_file_round_trip(which, mini, tiny, tmp_path):
 
 
 def test_single_file_has_the_original_layout_in_fp16(mini, tmp_path):
-    path = load.save_single_file(mini, tmp_path / "m.safetensors")
+    path = checkpoint.save_single_file(mini, tmp_path / "m.safetensors")
     tensors = load_file(path)
     for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.time_embed.0.weight",
                 "model.diffusion_model.middle_block.1.proj_in.weight", "model.diffusion_model.out.2.weight",
@@ -113,18 +113,18 @@ def test_save_refuses_to_overwrite(mini, tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"user file")
     with pytest.raises(UserError, match="exists"):
-        load.save_single_file(mini, path)
+        checkpoint.save_single_file(mini, path)
     assert path.read_bytes() == b"user file"
-    load.save_single_file(mini, path, overwrite=True)
+    checkpoint.save_single_file(mini, path, overwrite=True)
     assert load.load_base(ModelConfig(base=str(path))).family == "sd_v1"
     folder = tmp_path / "pipe"
     folder.mkdir()
     with pytest.raises(UserError, match="exists"):
-        load.save_diffusers(mini, folder)
+        checkpoint.save_diffusers(mini, folder)
 
 
 def test_save_diffusers_round_trip(mini, tmp_path):
-    folder = load.save_diffusers(mini, tmp_path / "pipe")
+    folder = checkpoint.save_diffusers(mini, tmp_path / "pipe")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
     assert_same_weights(mini, load.load_base(ModelConfig(base=str(folder))))
 
@@ -132,7 +132,7 @@ def test_save_diffusers_round_trip(mini, tmp_path):
 def test_sd2_single_file_round_trip(mini, tmp_path):
     # The mini model written as SD2 (OpenCLIP text-encoder layout with fused in_proj).
     sd2 = dataclasses.replace(mini, family="sd_v2")
-    path = load.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
+    path = checkpoint.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
     tensors, meta = load_file(path), checkpoint.read_state_dict(path)[1]
     assert any(k.startswith(checkpoint.SD2_TE) for k in tensors)
     # what real SD2 files carry besides: OpenCLIP's projection and logit scale, the noise schedule
@@ -174,7 +174,7 @@ def test_sd_sized_vae_file_in_both_layouts(tmp_path):
 
 
 def test_pickle_needs_opt_in(mini, tmp_path):
-    single = load.save_single_file(mini, tmp_path / "m.safetensors", dtype=torch.float32)
+    single = checkpoint.save_single_file(mini, tmp_path / "m.safetensors", dtype=torch.float32)
     ckpt = tmp_path / "m.ckpt"
     torch.save({"state_dict": load_file(single)}, ckpt)
     with pytest.raises(UserError, match=r"m\.ckpt.*allow_pickle"):
@@ -192,7 +192,7 @@ def test_pickle_needs_opt_in(mini, tmp_path):
 def test_bad_checkpoints_are_user_errors(content, message, mini, tmp_path):
     path = tmp_path / "bad.safetensors"
     if content is None:
-        good = load.save_single_file(mini, tmp_path / "good.safetensors")
+        good = checkpoint.save_single_file(mini, tmp_path / "good.safetensors")
         path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     elif content == "unknown":
         save_file({"model.diffusion_model.foo.weight": torch.zeros(2)}, path)
@@ -236,7 +236,7 @@ def mini_sdxl(mini):
 
 def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
     xl = mini_sdxl(mini)
-    path = load.save_single_file(xl, tmp_path / "xl.safetensors", dtype=torch.float32)
+    path = checkpoint.save_single_file(xl, tmp_path / "xl.safetensors", dtype=torch.float32)
     keys = load_file(path).keys()
     for key in ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                 "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
@@ -249,7 +249,7 @@ def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
     assert_same_weights(xl, again)
     sa, sb = xl.text_encoder_2.state_dict(), again.text_encoder_2.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    folder = load.save_diffusers(again, tmp_path / "xl_pipe")
+    folder = checkpoint.save_diffusers(again, tmp_path / "xl_pipe")
     from_folder = load.load_base(ModelConfig(base=str(folder)))
     assert from_folder.family == "sdxl" and from_folder.tokenizer_2.pad_token == "!"
     assert torch.equal(from_folder.text_encoder_2.text_projection.weight, xl.text_encoder_2.text_projection.weight)
@@ -295,7 +295,7 @@ def test_open_clip_names_agree_with_diffusers_converter(layers, prefix, projecti
 ])
 def test_an_incomplete_checkpoint_names_the_part_the_file_and_the_tensor_in_one_line(part, key, named, mini,
                                                                                       tmp_path):
-    tensors, meta = checkpoint.read_state_dict(load.save_single_file(mini, tmp_path / "good.safetensors"))
+    tensors, meta = checkpoint.read_state_dict(checkpoint.save_single_file(mini, tmp_path / "good.safetensors"))
     del tensors[key]
     save_file(tensors, tmp_path / "bad.safetensors", metadata=meta)
     with pytest.raises(UserError, match=rf"model\.base: the {part} in .*bad\.safetensors does not match") as err:
@@ -307,7 +307,7 @@ def test_an_incomplete_checkpoint_names_the_part_the_file_and_the_tensor_in_one_
 def test_tensors_a_checkpoint_has_no_place_for_are_left_out(mini, tmp_path):
     """A training checkpoint also holds e.g. the VAE's loss weights and EMA bookkeeping: ignored, as
     the original -> diffusers conversion ignores them."""
-    tensors, meta = checkpoint.read_state_dict(load.save_single_file(mini, tmp_path / "good.safetensors"))
+    tensors, meta = checkpoint.read_state_dict(checkpoint.save_single_file(mini, tmp_path / "good.safetensors"))
     tensors["first_stage_model.loss.logvar"] = torch.zeros(())
     tensors["model.diffusion_model.num_updates"] = torch.tensor(3)
     save_file(tensors, tmp_path / "extra.safetensors", metadata=meta)
@@ -365,7 +365,7 @@ def test_network_probe_is_bounded(monkeypatch):
 def test_full_size_sd15_random_weights_round_trip(tmp_path):
     """SD1.5-sized random weights from the shipped config: original layout, fp16, and back."""
     base = load.random_base("sd_v1")
-    path = load.save_single_file(base, tmp_path / "sd15.safetensors")
+    path = checkpoint.save_single_file(base, tmp_path / "sd15.safetensors")
     assert 2.0e9 < path.stat().st_size < 2.3e9  # the size of a pruned fp16 SD1.5 file
     again = load.load_base(ModelConfig(base=str(path)), dtype=torch.float16)
     assert (again.family, again.resolution) == ("sd_v1", 512)

@@ -21,7 +21,7 @@ from sdlora.adapters.file import save_adapter
 from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 from sdlora.data.caption import DEFAULT_VOCABULARY
-from sdlora.models import load
+from sdlora.models import checkpoint, load
 from sdlora.training import cache
 from sdlora.training.examples import collect_examples
 from sdlora.training.loop import train
@@ -402,10 +402,10 @@ def test_saved_files_and_folders_get_the_umask_mode(tmp_path, mini_base_dir):
     old = os.umask(0o022)
     try:
         base = load.load_base(config_from_dict({"model": {"base": str(mini_base_dir)}}).model)
-        single = load.save_single_file(base, tmp_path / "merged.safetensors")
+        single = checkpoint.save_single_file(base, tmp_path / "merged.safetensors")
         killed = tmp_path / ".merged.999999999-abcd"  # a folder save killed midway
         (killed / "unet").mkdir(parents=True)
-        folder = load.save_diffusers(base, tmp_path / "merged")
+        folder = checkpoint.save_diffusers(base, tmp_path / "merged")
         io.atomic_save_file({"x": torch.zeros(1)}, tmp_path / "cache" / "entry.safetensors")
     finally:
         os.umask(old)

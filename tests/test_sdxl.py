@@ -286,9 +286,9 @@ def test_sdxl_single_file_base_trains_in_bf16_with_checkpointing_of_all_three_mo
     """An original-layout (SGM) single file, frozen weights held in bf16, gradient checkpointing on the
     U-Net and both text encoders: the adapters train (in fp32) and export finite and changed."""
     from sdlora.config import ModelConfig
-    from sdlora.models import load
+    from sdlora.models import checkpoint, load
 
-    single = load.save_single_file(load.load_base(ModelConfig(base=str(mini_sdxl_dir))), tmp_path / "xl.safetensors",
+    single = checkpoint.save_single_file(load.load_base(ModelConfig(base=str(mini_sdxl_dir))), tmp_path / "xl.safetensors",
                                      dtype=torch.float32)
     got = fresh_process(_train_sdxl_in_bf16_with_checkpointing,
                         make_style(tmp_path, single, extra="max_train_steps = 3"))

@@ -289,7 +289,7 @@ def test_kohya_names_point_to_sdlora_keys(tmp_path, text, expected):
 def test_validation_loss_is_logged_per_epoch_with_fixed_noise(tmp_path, mini_base_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    made = kohya_tree(tmp_path / "project")
+    kohya_tree(tmp_path / "project")
     path = write_config(tmp_path, mini_base_dir, extra="epochs = 2\n", dataset_keys='image_dir = "project"\n'
                         'validation_split = 0.5')
     path.write_text(path.read_text().replace("epochs = 1\n", ""))

@@ -326,7 +326,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
     for part, model in models.items():
         model.requires_grad_(False)
         if part == "unet":
-            paths = unet_target_paths(model, network_cfg.unet_targets, convs=network_cfg.type == "locon")
+            paths = unet_target_paths(model, network_cfg.unet_targets, convs=kinds.adapts_convs(network_cfg.type))
         else:
             paths = text_encoder_target_paths(model)
         if not paths:
@@ -431,7 +431,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     width, height = resolution_pair(data.resolution)
     _, alpha, conv_dim, conv_alpha = network_ranks(net)
     network_args = {}
-    if net.type in ("locon", "loha", "lokr") or net.unet_targets == "all":
+    if kinds.writes_conv_args(net.type) or net.unet_targets == "all":
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"

@@ -44,7 +44,8 @@ from sdlora.adapters import network
 from sdlora.bench.parts import bench_sampler, fastest_in_turns, peak_memory_mb
 from sdlora.config import NetworkConfig, TrainConfig
 from sdlora.models import arch
-from sdlora.models.load import DTYPES, random_base, save_diffusers
+from sdlora.models.checkpoint import save_diffusers
+from sdlora.models.load import DTYPES, random_base
 from sdlora.models.quantize import quantize_frozen
 from sdlora.training import speed
 from sdlora.training.optimizers import make_optimizer as trainer_optimizer

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+from sdlora.config import SECTION_CLASSES
+
 # The modules here, in the order `sdlora --help` lists their commands.
 COMMAND_MODULES = ["new", "run", "dataset", "train", "sample", "lowrank", "config", "kohya_import", "tiny", "bench", "ui"]
 
@@ -21,7 +23,6 @@ ADAPTER_FILES = ("LoRA, LoCon, LoHa, LoKr or Tucker, with or without DoRA; Kohya
 
 def config_choices(section: str, key: str) -> list:
     """The values the config schema allows for SECTION.KEY (its opt(choices=...)), for an option's choices."""
-    from sdlora.config import SECTION_CLASSES
 
     return next(f.metadata["choices"] for f in dataclasses.fields(SECTION_CLASSES[section]) if f.name == key)
 

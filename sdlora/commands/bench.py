@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from sdlora.commands import add_commands
 from sdlora.io import atomic_write_text, refuse_to_overwrite
 
 DESCRIPTION = """\
@@ -49,7 +50,6 @@ def add_command(subparsers) -> None:
 
 def startup_argvs() -> list[list[str]]:
     """`--help`, `--version` and every command's `--help`: the start-ups the bench times."""
-    from sdlora.commands import add_commands
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_commands(sub)

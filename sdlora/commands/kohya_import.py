@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from sdlora.io import atomic_write_text, refuse_to_overwrite
+from sdlora.presets.kohya import import_kohya
 
 
 def add_command(subparsers) -> None:
@@ -26,8 +27,6 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_import(args) -> int:
-    from sdlora.presets.kohya import import_kohya
-
     text = import_kohya(args.sources, log=lambda m: print(m, file=sys.stderr))
     if not args.output:
         print(text, end="")

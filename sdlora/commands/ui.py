@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from sdlora.errors import UserError
+
 DEFAULT_PORT = 7860  # Gradio's, A1111's and kohya_ss's habit
 
 
@@ -27,8 +29,6 @@ def add_command(subparsers) -> None:
 
 
 def _cmd_ui(args) -> int:
-    from sdlora.errors import UserError
-
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: choose a port between 1 and 65535, e.g. --port {DEFAULT_PORT}")
     try:

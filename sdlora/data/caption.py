@@ -32,6 +32,7 @@ import numpy as np
 
 from sdlora import ASSETS
 from sdlora.errors import UserError
+from sdlora.io import atomic_path, read_caption
 
 OPEN_CLIP = ASSETS / "open_clip"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,7 +51,6 @@ def read_vocabulary(path: str | Path) -> list[str]:
         raise UserError(f"{path}: tag vocabulary not found; set [caption] vocabulary to a text file "
                         "with one tag per line, or leave it empty for the packaged vocabulary")
     tags, seen = [], set()
-    from sdlora.io import read_caption
 
     for line in read_caption(path).splitlines():  # a tag list is read like a caption (UTF-8, reported fallback)
         tag = " ".join(line.split("#", 1)[0].split())
@@ -233,8 +233,6 @@ class EmbeddingCache:
             return None
 
     def put(self, digest: str, emb: np.ndarray) -> None:
-        from sdlora.io import atomic_path
-
         with atomic_path(self.folder / f"{digest}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, emb)

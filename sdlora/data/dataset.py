@@ -39,6 +39,7 @@ import numpy as np
 
 from sdlora.config import Config, Subset
 from sdlora.data import caption as captioner
+from sdlora.data.buckets import Bucket, assign_bucket, make_buckets, resolution_pair
 from sdlora.data.images import (
     CONTACT_SHEET,
     REPORT_MARKER,
@@ -53,7 +54,9 @@ from sdlora.data.tags import (
     parse_caption,
     prune,
     tag_frequency,
+    tag_key,
 )
+from sdlora.digest import file_digest
 from sdlora.errors import UserError
 from sdlora.io import (
     IMAGE_EXTENSIONS,
@@ -293,8 +296,6 @@ def _scan(cfg: Config, found: list[tuple[Path, int]], tagger) -> tuple[list[Imag
     rejected, {digest: embedding} when there is a tagger)."""
     from tqdm import tqdm
 
-    from sdlora.digest import file_digest
-
     d, c = cfg.dataset, cfg.caption
     records, rejected, by_digest = [], [], {}
     if tagger is not None:
@@ -446,7 +447,6 @@ def _training_captions(cfg: Config, kept: list[ImageRecord], subsets, log) -> No
 def with_trigger(tags: list[str], trigger: str, is_reg: bool) -> tuple[list[str], bool]:
     """(training tags, whether the trigger was added): the trigger first when a training caption
     lacks it; regularisation captions never get it."""
-    from sdlora.data.tags import tag_key
 
     if not trigger or is_reg or any(tag_key(t) == tag_key(trigger) for t in tags):
         return tags, False
@@ -616,7 +616,6 @@ def _manifest_key(cfg: Config, subsets) -> str:
 
 def image_bucket(size: tuple[int, int], cfg: Config):
     """The training bucket of an image of `size` under the [dataset] bucket settings."""
-    from sdlora.data.buckets import Bucket, assign_bucket, make_buckets, resolution_pair
 
     d = cfg.dataset
     reso = resolution_pair(d.resolution)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdlora.config import SUBSET_SHARED_KEYS, Config, Subset
+from sdlora.data.images import scan_images
 from sdlora.errors import UserError
 
 
@@ -65,7 +66,6 @@ def resolve_subsets(cfg: Config, log=print) -> list[Subset]:
                               image_dir=str(folder), class_tokens=base.class_tokens, is_reg=base.is_reg,
                               validation=base.validation))
             continue
-        from sdlora.data.images import scan_images
 
         expanded = [_from_folder(base, f, reg) for f, reg in found]
         log(f"{folder} is a kohya folder tree: " + "; ".join(

@@ -43,12 +43,8 @@ from sdlora.lowrank.svd import (
     relative_error,
     truncate,
 )
-from sdlora.models.load import (
-    load_base,
-    save_diffusers,
-    save_single_file,
-    stored_dtypes,
-)
+from sdlora.models.checkpoint import save_diffusers, save_single_file
+from sdlora.models.load import load_base, stored_dtypes
 
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
 _SPATIAL_CONV_ENDINGS = ("_conv1", "_conv2", "_conv", "_conv_in", "_conv_out")

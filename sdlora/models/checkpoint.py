@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from sdlora.digest import file_digest
 from sdlora.errors import UserError
+from sdlora.io import atomic_folder, atomic_save_file, refuse_to_overwrite
 from sdlora.models.arch import CONFIGS
 from sdlora.models.family import (
     FAMILIES,
@@ -29,6 +31,7 @@ from sdlora.models.family import (
     nested_text_name,
     with_prediction_type,
 )
+from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
 from sdlora.quiet import quiet
 
 CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
@@ -144,8 +147,6 @@ def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
     (and picks the sd_v2 or sd_v2_v configs), SD1.x and SDXL base predict epsilon."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdlora.digest import file_digest
 
     tensors, metadata = read_state_dict(path, allow_pickle)
     family = detect_family(tensors, path)
@@ -302,8 +303,6 @@ def _open_clip_state(tensors: dict, prefix: str, projection: bool) -> dict:
 
 
 def _tokenizer(family: str):
-    from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
-
     return open_clip_tokenizer() if family.startswith("sd_v2") else clip_tokenizer()
 
 
@@ -478,7 +477,6 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     The diffusers configs ride along in the metadata, so sdlora reloads non-standard sizes
     (the tiny model) exactly; A1111 and ComfyUI ignore them.
     """
-    from sdlora.io import atomic_save_file, refuse_to_overwrite
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -507,8 +505,8 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
 
 
 def save_diffusers(base, folder, overwrite: bool = False) -> Path:
-    """A diffusers StableDiffusionPipeline folder, written to a temp folder then renamed."""
-    from sdlora.io import atomic_folder, refuse_to_overwrite
+    """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder, written to a temp
+    folder then renamed."""
 
     folder = Path(folder)
     refuse_to_overwrite(folder, overwrite, "pass overwrite=True")

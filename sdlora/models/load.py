@@ -23,7 +23,11 @@ import torch
 from sdlora import ASSETS
 from sdlora.digest import file_digest
 from sdlora.errors import UserError
+from sdlora.models import arch
+from sdlora.models.checkpoint import load_single_file, load_vae
 from sdlora.models.family import is_sdxl, with_prediction_type
+from sdlora.models.tokenizer import clip_tokenizer
+from sdlora.quiet import quiet
 
 # Config names of float precisions (train.mixed_precision, save_precision, --save-precision).
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,16 +104,12 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
             parts = _load_folder(path, dtype)
             name = path.name
         elif path.is_file():
-            from sdlora.models.checkpoint import load_single_file
-
             parts = load_single_file(path, dtype, model_cfg.allow_pickle, forced_prediction)
             name = path.stem
         else:
             parts = load_hub(source, dtype)
             name = source.split("/")[-1]
     if model_cfg.vae:
-        from sdlora.models.checkpoint import load_vae
-
         parts["vae"] = load_vae(Path(model_cfg.vae).expanduser(), dtype, parts["family"])
     family, prediction_type = parts.pop("family"), parts.pop("prediction_type")
     if forced_prediction:
@@ -141,9 +141,6 @@ def random_base(family: str = "sd_v1", device=None) -> BaseModel:
     shipped configs (arch): what `save_diffusers` writes as a folder that `model.base` loads like a real
     checkpoint."""
     from diffusers import DDPMScheduler
-
-    from sdlora.models import arch
-    from sdlora.models.tokenizer import clip_tokenizer
 
     scheduler = DDPMScheduler.from_config(arch.part_config(family, "scheduler"))
     vae = arch.build_vae(family, device)
@@ -214,8 +211,6 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
-
-    from sdlora.quiet import quiet
 
     index = json.loads((folder / "model_index.json").read_text())
     sdxl = "text_encoder_2" in index
@@ -294,17 +289,3 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
     thread.start()
     thread.join(timeout)
     return bool(result)
-
-
-def save_single_file(base: BaseModel, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
-    """One .safetensors in the original SD key layout (A1111 / ComfyUI); see checkpoint.py."""
-    from sdlora.models.checkpoint import save_single_file as save
-
-    return save(base, path, dtype, overwrite)
-
-
-def save_diffusers(base: BaseModel, folder, overwrite: bool = False) -> Path:
-    """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder, written atomically."""
-    from sdlora.models.checkpoint import save_diffusers as save
-
-    return save(base, folder, overwrite)

@@ -37,11 +37,13 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters import apply, keys, kinds
+from sdlora.adapters.file import short_hash
 from sdlora.errors import UserError
 from sdlora.io import safe_file_stem
 from sdlora.models import prompts as rules
 from sdlora.models.family import FAMILIES, TextConditioning, tokenize
 from sdlora.models.load import compute_device, load_base
+from sdlora.quiet import quiet
 from sdlora.sampling import tiled
 from sdlora.sampling.grids import (
     SampleResult,
@@ -96,7 +98,6 @@ class Adapter:
 
 def read_for_base(path, weight: float | None, pipe) -> Adapter:
     """Read an adapter file and check that every module matches a layer of the pipeline's base (`apply.read_for_model`)."""
-    from sdlora.adapters.file import short_hash
 
     path = Path(path)
     modules, metadata = apply.read_for_model(path, keys.model_parts(pipe))
@@ -147,8 +148,6 @@ class AdapterSet:
                    for part, t in kinds.lora.with_alpha_one(parts, kinds.module_scale(parts)).items()}
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
-
-        from sdlora.quiet import quiet
 
         try:
             with quiet(diffusers_logging, transformers_logging):  # transformers' "Loading weights" bar otherwise

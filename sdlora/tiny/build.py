@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from sdlora import ASSETS
+from sdlora.data.caption import DEFAULT_VOCABULARY, tiny_tagger
 from sdlora.errors import UserError
+from sdlora.io import atomic_save_file, atomic_write_text
+from sdlora.models.family import DiffusionObjective
+from sdlora.models.tokenizer import clip_tokenizer, write_clip_tokenizer_files
+from sdlora.sampling.metrics import colourfulness
 from sdlora.tiny import STAGES, configs
 from sdlora.tiny.scenery import (
     STYLE_TAGS,
@@ -155,8 +160,6 @@ def stage_vae(b: Build) -> None:
     from PIL import Image
     from tqdm import tqdm
 
-    from sdlora.sampling.metrics import colourfulness
-
     torch.manual_seed(1)
     muted = np.load(work / "square.npy")
     images = np.concatenate([muted, np.load(work / "vae_colorful.npy")])
@@ -261,8 +264,6 @@ def stage_clip(b: Build) -> None:
 
 
 def _vocabulary() -> list[str]:
-    from sdlora.data.caption import DEFAULT_VOCABULARY
-
     path = DEFAULT_VOCABULARY
     if not path.exists():
         return list(TAGGER_TAGS)
@@ -286,9 +287,6 @@ def stage_unet(b: Build) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdlora.models.family import DiffusionObjective
-    from sdlora.models.tokenizer import clip_tokenizer
 
     torch.manual_seed(3)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
@@ -355,9 +353,6 @@ def stage_export(b: Build) -> None:
     )
     from transformers import CLIPTextModel
 
-    from sdlora.io import atomic_save_file, atomic_write_text
-    from sdlora.models.tokenizer import clip_tokenizer, write_clip_tokenizer_files
-
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(work / "vae"), unet=UNet2DConditionModel.from_pretrained(work / "unet"),
         text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"), tokenizer=clip_tokenizer(),
@@ -416,9 +411,6 @@ def prompt_following(samples: dict, tagger) -> dict:
 def stage_report(b: Build) -> None:
     work, assets, out = b.work, b.assets, b.report_dir
     from PIL import Image
-
-    from sdlora.data.caption import tiny_tagger
-    from sdlora.io import atomic_write_text
 
     samples = render_base_samples(assets / "tiny")
     cell = configs.NATIVE + 4

@@ -7,6 +7,7 @@ variant that tests build in milliseconds (no files, no downloads).
 from __future__ import annotations
 
 from sdlora.models.arch import part_config
+from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
 
 NATIVE = 128  # pixels; latents are NATIVE // 8
 
@@ -62,8 +63,6 @@ def build_components(size: str = "tiny", seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdlora.models.tokenizer import clip_tokenizer
-
     te_cfg, vae_cfg, unet_cfg = (TEXT_ENCODER, VAE, UNET) if size == "tiny" else (MINI_TEXT_ENCODER, MINI_VAE, MINI_UNET)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
@@ -92,8 +91,6 @@ def build_sdxl_pipeline(seed: int = 0):
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
 
     torch.manual_seed(seed)
     return StableDiffusionXLPipeline(

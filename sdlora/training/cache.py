@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from sdlora.data.buckets import Bucket, fit_to_bucket
 from sdlora.io import atomic_save_file
+from sdlora.models.family import TextConditioning
 
 PREPROCESS_VERSION = "1"  # bump when fit_to_bucket or normalisation changes
 
@@ -135,8 +136,6 @@ class TextEmbeddingCache:
     `identity` (family, clip_skip) and the caption."""
 
     def __init__(self, folder: Path, text_encoders, identity: str, encode, log=print):
-        from sdlora.models.family import TextConditioning
-
         self.folder = Path(folder)
         self.encode = encode  # list of captions -> TextConditioning of the batch
         self.te_id = "_".join(module_fingerprint(te) for te in text_encoders) + f"_{identity}"
@@ -149,8 +148,6 @@ class TextEmbeddingCache:
             self.get(caption)
 
     def get(self, caption: str):
-        from sdlora.models.family import TextConditioning
-
         key = hashlib.sha256(f"{self.te_id}\0{caption}".encode()).hexdigest()[:32]
         if key in self.memory:
             return self.memory[key]

@@ -21,7 +21,9 @@ import torch
 from sdlora.config import Config
 from sdlora.data import images
 from sdlora.data.buckets import Bucket, crop_top_left
-from sdlora.data.subsets import Subset
+from sdlora.data.dataset import REPORT_MD, current_manifest
+from sdlora.data.subsets import Subset, balanced_repeats
+from sdlora.data.tags import parse_caption
 from sdlora.errors import UserError
 from sdlora.models.family import DiffusionObjective, Family
 from sdlora.models.load import DTYPES
@@ -48,9 +50,6 @@ def collect_examples(cfg: Config, log=print, manifest=None) -> list[Example]:
     dataset stage excluded are left out; validation images (`held_out`) come last; regularisation
     images get kohya's balanced repeats (`subsets.balanced_repeats`) against the training images.
     manifest: the command's `dataset.Manifest`; None resolves it here (`dataset.current_manifest`)."""
-    from sdlora.data.dataset import REPORT_MD, current_manifest
-    from sdlora.data.subsets import balanced_repeats
-    from sdlora.data.tags import parse_caption
 
     if manifest is None:
         manifest = current_manifest(cfg, log)

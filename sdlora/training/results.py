@@ -31,9 +31,17 @@ from pathlib import Path
 import numpy as np
 
 from sdlora.config import Config
+from sdlora.data.caption import load_tagger, read_vocabulary
 from sdlora.data.dataset import Manifest
+from sdlora.data.tags import parse_caption, tag_key
 from sdlora.errors import UserError
-from sdlora.io import atomic_path, atomic_write_text
+from sdlora.io import atomic_path, atomic_write_text, inside
+from sdlora.lowrank.tools import resize
+from sdlora.models.prompts import extract_networks
+from sdlora.sampling.grids import epoch_files, make_grid
+from sdlora.sampling.infotext import save_png
+from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
+from sdlora.sampling.sampler import Sampler, first_pass_size
 
 ADHERENCE_KEEP = 0.5  # share of the base's adherence above chance an epoch must keep not to count as over-fitted
 
@@ -57,8 +65,6 @@ class EpochRanking:
 
 def content_tags(cfg: Config, prompt: str, tagger) -> list[str]:
     """The prompt's tags the tagger can score, without the trigger and the style tags."""
-    from sdlora.data.tags import parse_caption, tag_key
-    from sdlora.models.prompts import extract_networks
 
     skip = {tag_key(t) for t in [cfg.trigger, *cfg.caption.style_tags] if t}
     tags = [t for t in parse_caption(extract_networks(prompt)[0]) if tag_key(t) not in skip]
@@ -85,11 +91,6 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=pr
                  tagger=None) -> EpochRanking:
     """Render and score the base and each (label, adapter file); rank them (see the module docstring).
     style: the images the palette is compared with (the training set: `Manifest.style_images`)."""
-    from sdlora.data.caption import load_tagger, read_vocabulary
-    from sdlora.data.tags import tag_key
-    from sdlora.models.prompts import extract_networks
-    from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
-    from sdlora.sampling.sampler import Sampler, first_pass_size
 
     s = cfg.sample
     sampler = sampler or Sampler(cfg, fuse=True)  # one adapter at a time: merging is the fast path
@@ -156,8 +157,6 @@ def recommend(scores: list[EpochScore]) -> tuple[EpochScore, str]:
 def epochs_grid(cfg: Config, ranking: EpochRanking) -> Path:
     """The scoring renders as a grid (rows: prompt x seed, columns: base and epochs), each column
     labelled with its scores and the recommended one marked."""
-    from sdlora.sampling.grids import make_grid
-    from sdlora.sampling.infotext import save_png
 
     s = cfg.sample
     pairs = [f"{p} (seed {seed})" for p in s.prompts for seed in s.seeds]
@@ -211,8 +210,6 @@ def keep_best(cfg: Config, ranking: EpochRanking) -> Path | None:
 
 
 def resized_path(cfg: Config) -> Path:
-    from sdlora.io import inside
-
     return inside(cfg.output_dir, cfg.output_dir / f"{cfg.output_name}-energy{round(cfg.output.resize_energy * 100)}"
                                                    ".safetensors", "adapter")
 
@@ -220,7 +217,6 @@ def resized_path(cfg: Config) -> Path:
 def export_resized(cfg: Config, *, style: list, log=print, sampler=None, tagger=None) -> dict:
     """output.resize_energy: write the energy-resized adapter and compare it with the full one
     (style: the training set's images, `Manifest.style_images`)."""
-    from sdlora.lowrank.tools import resize
 
     final, dst = cfg.adapter_path(), resized_path(cfg)
     # A derived file of this run, rewritten with the adapter it comes from (like the samples).
@@ -247,9 +243,6 @@ def after_training(cfg: Config, manifest: Manifest, log=print, trained: bool = T
     """`sdlora run`'s steps after a training: rank the epochs (keep the best when asked), resize by
     energy. Without a new training (the adapter was up to date) only a missing or older resized
     file is written. manifest: the run's `dataset.Manifest` (its style images are the palette reference)."""
-    from sdlora.data.caption import load_tagger
-    from sdlora.sampling.grids import epoch_files
-    from sdlora.sampling.sampler import Sampler
 
     out = {}
     files = []

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from sdlora.io import atomic_save_file
+
 STATE_FILE = "training_state.safetensors"  # in <output.dir>/state/
 OLD_STATE_FILE = "training_state.pt"  # sdlora before 0.2: a pickle, never read
 FORMAT = "sdlora-training-state/1"
@@ -57,7 +59,6 @@ def _decode(obj, tensors: dict[str, torch.Tensor]):
 
 def save_state(state: dict, path: str | Path) -> None:
     """Write `state` atomically; a NaN or infinity outside the tensors is a bug and raises ValueError."""
-    from sdlora.io import atomic_save_file
 
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(state, "", tensors)

@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sdlora.errors import USER_ERRORS  # noqa: E402
+from sdlora.io import os_error_message
 from sdlora.ui import dataset_edit, training  # noqa: E402
 from sdlora.ui.project import (  # noqa: E402
     PRESETS,
@@ -40,8 +41,6 @@ def _problem(e: Exception) -> str:
     if isinstance(e, USER_ERRORS):
         return f"⚠️ {e}"
     if isinstance(e, OSError):
-        from sdlora.io import os_error_message
-
         return f"⚠️ {os_error_message(e)}"
     traceback.print_exc(file=sys.stderr)
     return f"⚠️ internal error ({type(e).__name__}): a bug in sdlora, not in your files; the traceback is in the terminal"

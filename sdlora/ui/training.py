@@ -20,8 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.config import Config
+from sdlora.data.buckets import resolution_pair
+from sdlora.data.dataset import current_manifest
 from sdlora.errors import UserError
 from sdlora.io import LOCK_FILE, atomic_write_text, pid_alive
+from sdlora.sampling.grids import epoch_files, label_slug
+from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
+from sdlora.training.examples import collect_examples, planned_steps
 
 RECORD = ".sdlora-ui-train.json"
 LOG = "ui_train.log"  # the training process's stdout and stderr
@@ -43,7 +48,6 @@ class Plan:
 def plan(cfg: Config) -> Plan:
     """"What will happen": images x repeats x epochs / batch = steps, and the time it takes at the speed
     the last training in this output folder ran (`sdlora bench --parts first_step` measures a first one)."""
-    from sdlora.training.examples import collect_examples, planned_steps
 
     examples = [ex for ex in collect_examples(cfg, log=lambda m: None) if not ex.held_out]
     tc = cfg.train
@@ -72,7 +76,6 @@ BENCH_JSON = "bench_first_step.json"  # in output.dir: `sdlora bench --parts fir
 def measure_speed(cfg: Config, cwd: Path, timeout: float = 1800) -> float:
     """`sdlora bench --parts first_step` on this config's base at its resolution and batch size 1
     (4 generated images); returns seconds per step."""
-    from sdlora.data.buckets import resolution_pair
 
     side = max(resolution_pair(cfg.dataset.resolution))
     out = cfg.output_dir / BENCH_JSON
@@ -303,10 +306,6 @@ def compare_epochs(cfg: Config, config_path: Path, cwd: Path, steps: int | None 
     colourfulness of its images and the distance of their hue/saturation histogram to the style set's
     (`metrics`, the figures `sdlora run` reports for the final adapter)."""
     from PIL import Image
-
-    from sdlora.data.dataset import current_manifest
-    from sdlora.sampling.grids import epoch_files, label_slug
-    from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
 
     folder = cfg.output_dir / EPOCHS_FOLDER
     argv = [sys.executable, "-m", "sdlora.cli", "sample", str(config_path), "--epochs-dir", str(cfg.output_dir),

@@ -49,6 +49,17 @@ def for_network_type(network_type: str):
     return next(kind for kind in KINDS if network_type in kind.NETWORK_TYPES)
 
 
+def adapts_convs(network_type: str) -> bool:
+    """LoCon is LoRA on the U-Net's 3x3 convs too; the other types reach convs through
+    unet_targets = "all"."""
+    return network_type in lora.CONV_NETWORK_TYPES
+
+
+def writes_conv_args(network_type: str) -> bool:
+    """Kohya's ss_network_args carry conv_dim / conv_alpha for LoCon and every LyCORIS algorithm."""
+    return adapts_convs(network_type) or for_network_type(network_type).LYCORIS_ALGO is not None
+
+
 def module_kind(parts: dict[str, torch.Tensor]) -> str:
     """"lora" (LoCon and Tucker LoCon too), "loha" or "lokr"."""
     return kind_of(parts).NAME

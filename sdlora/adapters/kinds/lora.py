@@ -17,6 +17,7 @@ from sdlora.errors import UserError
 
 NAME = "lora"
 NETWORK_TYPES = ("lora", "locon")  # [network] type values
+CONV_NETWORK_TYPES = ("locon",)  # LoCon: LoRA on the U-Net's 3x3 convs too
 LYCORIS_ALGO = None  # Kohya's own networks.lora, not a LyCORIS algorithm
 DORA = True  # peft trains DoRA over it
 TENSORS = ("lora_down.weight", "lora_up.weight")  # every module has both
