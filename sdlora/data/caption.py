@@ -218,7 +218,8 @@ def load_tagger(caption_cfg, device: str | None = None) -> Tagger:
 class EmbeddingCache:
     """Image embeddings on disk: `<folder>/<tagger identity>/<file sha256>.npy`, written atomically."""
 
-    def __init__(self, folder: Path, tagger: Tagger, background: str):
+    def __init__(self, folder: Path, tagger: Tagger, background: str, log):
+        self.log = log
         key = _digest(f"{tagger.identity}|{background}".encode())[:16]  # transparency is composited on it
         self.folder = Path(folder) / key
 
@@ -229,7 +230,7 @@ class EmbeddingCache:
         try:
             return np.load(path)
         except (OSError, ValueError, EOFError) as e:  # a damaged entry is recomputed, not trusted
-            print(f"cache: {path} was damaged ({type(e).__name__}); rebuilding it")
+            self.log(f"cache: {path} was damaged ({type(e).__name__}); rebuilding it")
             return None
 
     def put(self, digest: str, emb: np.ndarray) -> None:

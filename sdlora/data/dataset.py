@@ -271,7 +271,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     if tagger is not None:
         cos_threshold = max(cos_threshold, tagger.min_duplicate_cosine)
 
-    records, rejected, by_digest = _scan(cfg, found, tagger)
+    records, rejected, by_digest = _scan(cfg, found, tagger, log)
     _validate(records, rejected, folder, log)
     embeddings = np.stack([by_digest[r.digest] for r in records]) if tagger is not None else None
     groups = _dedupe(records, embeddings, cos_threshold, folder, cfg.dataset.dedupe and not keep_duplicates, log)
@@ -290,7 +290,7 @@ def build_dataset(cfg: Config, retag: bool | None = None, keep_duplicates: bool 
     return report
 
 
-def _scan(cfg: Config, found: list[tuple[Path, int]], tagger) -> tuple[list[ImageRecord], list, dict]:
+def _scan(cfg: Config, found: list[tuple[Path, int]], tagger, log) -> tuple[list[ImageRecord], list, dict]:
     """Scan: the one decode of each image, a batch at a time. Its digest, hashes, thumbnail and (on a
     tagger-cache miss) tagger embedding all come from it. Returns (records, [(path, reason)] of the
     rejected, {digest: embedding} when there is a tagger)."""
@@ -299,7 +299,7 @@ def _scan(cfg: Config, found: list[tuple[Path, int]], tagger) -> tuple[list[Imag
     d, c = cfg.dataset, cfg.caption
     records, rejected, by_digest = [], [], {}
     if tagger is not None:
-        cache = captioner.EmbeddingCache(cfg.output_dir / "cache" / "tagger", tagger, d.background)
+        cache = captioner.EmbeddingCache(cfg.output_dir / "cache" / "tagger", tagger, d.background, log)
     chunks = [found[i:i + c.batch_size] for i in range(0, len(found), c.batch_size)]
     for chunk in tqdm(chunks, desc="dataset: reading images", unit="batch", disable=len(chunks) < 2):
         decoded = []

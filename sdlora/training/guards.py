@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 
 import torch
@@ -38,8 +37,8 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum, self.armed, self.previous = 0, False, {}
+    def __init__(self, log):
+        self.signum, self.armed, self.previous, self.log = 0, False, {}, log
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python handles signals there only
@@ -54,8 +53,8 @@ class StopRequest:
         if not self.armed or self.signum:
             raise KeyboardInterrupt(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving the training state at the end of this step, then "
-              "stopping (press Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+        self.log(f"\n{signal.Signals(signum).name}: saving the training state at the end of this step, then "
+                 "stopping (press Ctrl-C again to stop at once, without saving)")
 
     def requested(self, accelerator) -> int:
         """The signal to stop for (0: none), the same in every process."""

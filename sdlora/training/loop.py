@@ -288,7 +288,7 @@ class Trainer:
             if acc.is_main_process:  # the other processes belong to the same training
                 stack.enter_context(output_lock(out, log=self.log))
                 remove_stale_temps(out, log=self.log)
-            stop = stack.enter_context(StopRequest())
+            stop = stack.enter_context(StopRequest(self.log))
             final = cfg.adapter_path(None)
             refuse_final_overwrite(cfg, resume)
             result = TrainResult(adapter=final)
