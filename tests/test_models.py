@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from sdlora.config import Config, ModelConfig
 from sdlora.digest import file_digest
 from sdlora.errors import UserError
-from sdlora.models import arch, checkpoint, family, load
+from sdlora.models import arch, checkpoint, load
+from sdlora.models.families import FAMILIES, clip, sd, sdxl
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_clip_skip_is_penultimate_layer_through_final_norm(tiny):
     ids = tiny.tokenizer(["a red sky over hills"], padding="max_length", max_length=77,
                          return_tensors="pt").input_ids
     with torch.no_grad():
-        last = family.encode_prompt(tiny.text_encoder, ids, 1)
-        skip2 = family.encode_prompt(tiny.text_encoder, ids, 2)
+        last = clip.encode_prompt(tiny.text_encoder, ids, 1)
+        skip2 = clip.encode_prompt(tiny.text_encoder, ids, 2)
         hs = tiny.text_encoder(ids, output_hidden_states=True).hidden_states
         assert len(hs) == tiny.text_encoder.config.num_hidden_layers + 1
         expected = tiny.text_encoder.final_layer_norm(hs[-2])
@@ -134,7 +135,7 @@ def test_sd2_single_file_round_trip(mini, tmp_path):
     sd2 = dataclasses.replace(mini, family="sd_v2")
     path = checkpoint.save_single_file(sd2, tmp_path / "sd2.safetensors", dtype=torch.float32)
     tensors, meta = load_file(path), checkpoint.read_state_dict(path)[1]
-    assert any(k.startswith(checkpoint.SD2_TE) for k in tensors)
+    assert any(k.startswith(FAMILIES["sd_v2"].signature) for k in tensors)
     # what real SD2 files carry besides: OpenCLIP's projection and logit scale, the noise schedule
     width = mini.text_encoder.config.hidden_size
     save_file({**tensors, "cond_stage_model.model.text_projection": torch.randn(width, width),
@@ -220,9 +221,9 @@ def test_family_detection_from_keys():
         checkpoint.detect_family(["model.diffusion_model.out.2.weight"], "x.safetensors")
     # SD2 768-v vs 512-base: the spread of the last attention block's norm1 bias (ComfyUI's test)
     torch.manual_seed(0)
-    assert checkpoint.sd2_prediction_type({checkpoint.V_PROBE: torch.randn(320) * 0.3}) == "v_prediction"
-    assert checkpoint.sd2_prediction_type({checkpoint.V_PROBE: torch.randn(320) * 0.01}) == "epsilon"
-    assert checkpoint.sd2_prediction_type({}) == "epsilon"
+    assert sd.sd2_prediction_type({sd.V_PROBE: torch.randn(320) * 0.3}) == "v_prediction"
+    assert sd.sd2_prediction_type({sd.V_PROBE: torch.randn(320) * 0.01}) == "epsilon"
+    assert sd.sd2_prediction_type({}) == "epsilon"
 
 
 def mini_sdxl(mini):
@@ -231,7 +232,7 @@ def mini_sdxl(mini):
 
     xl = build_sdxl_pipeline(seed=0)
     return dataclasses.replace(mini, family="sdxl", unet=xl.unet.eval(), text_encoder=xl.text_encoder.eval(),
-                               text_encoder_2=xl.text_encoder_2.eval(), tokenizer_2=checkpoint._tokenizer("sd_v2"))
+                               text_encoder_2=xl.text_encoder_2.eval(), tokenizer_2=sdxl.SDXL_TEXT_ENCODERS[1].tokenizer())
 
 
 def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
@@ -258,18 +259,18 @@ def test_sdxl_single_file_and_folder_round_trip(mini, tmp_path):
 def test_family_detection_from_full_key_sets(mini, tmp_path):
     """SD2 and SDXL key sets as the writers produce them (meta-device SD2.1 text encoder)."""
     te = arch.build_text_encoder("sd_v2", device="meta")
-    sd2_keys = checkpoint.text_encoder_to_original(te.state_dict(), "sd_v2", "cond_stage_model.model.")
+    sd2_keys = sd.SD2_TEXT_ENCODER.to_original(te.state_dict())
     assert len([k for k in sd2_keys if k.endswith("attn.in_proj_weight")]) == 23
     unet_keys = checkpoint.unet_to_original(mini.unet.state_dict(), mini.unet.config)
     assert checkpoint.detect_family([*sd2_keys, *unet_keys]) == "sd_v2"
     xl = mini_sdxl(mini)
-    xl_keys = checkpoint.text_encoder_to_original(xl.text_encoder_2.state_dict(), "sd_v2", checkpoint.SDXL_TE2 + "model.")
+    xl_keys = sdxl.SDXL_TEXT_ENCODERS[1].to_original(xl.text_encoder_2.state_dict())
     assert checkpoint.detect_family([*xl_keys, *unet_keys]) == "sdxl"
 
 
-@pytest.mark.parametrize("layers, prefix, projection", [(24, "cond_stage_model.model.", False),
-                                                       (3, checkpoint.SDXL_TE2 + "model.", True)], ids=["sd2", "sdxl"])
-def test_open_clip_names_agree_with_diffusers_converter(layers, prefix, projection):
+@pytest.mark.parametrize("layers, slot", [(24, sd.SD2_TEXT_ENCODER), (3, sdxl.SDXL_TEXT_ENCODERS[1])],
+                         ids=["sd2", "sdxl"])
+def test_open_clip_names_agree_with_diffusers_converter(layers, slot):
     """OpenCLIP text-encoder keys are read with the table that writes them; diffusers' converter (an
     internal function, used here only as the reference) must agree, SD2's unused 24th block included."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
@@ -280,10 +281,11 @@ def test_open_clip_names_agree_with_diffusers_converter(layers, prefix, projecti
                                                           num_hidden_layers=n, projection_dim=8))
 
     torch.manual_seed(0)
-    tensors = checkpoint.text_encoder_to_original(encoder(layers).state_dict(), "sd_v2", prefix)
+    prefix = slot.prefix
+    tensors = slot.to_original(encoder(layers).state_dict())
     tensors[prefix + "logit_scale"] = torch.tensor(4.6)
     expected = convert_open_clip_checkpoint(encoder(min(layers, 23)), tensors, prefix=prefix)
-    ours = checkpoint._open_clip_state(tensors, prefix, projection)
+    ours = checkpoint.text_encoder_state(tensors, slot)
     assert ours.keys() == expected.keys()
     assert all(torch.equal(ours[k], expected[k]) for k in ours)
 

@@ -113,7 +113,7 @@ def test_weights_multiply_the_hidden_states_and_restore_the_mean(tokenizer):
     """A1111's rule for (red:1.5): z' = z * w * mean(z) / mean(z * w), per chunk."""
     from transformers import CLIPTextModel
 
-    from sdlora.models.family import TextConditioning
+    from sdlora.models.families.base import TextConditioning
 
     encoder = CLIPTextModel.from_pretrained(TINY_DIR / "text_encoder").float().eval()
 

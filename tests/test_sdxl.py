@@ -11,7 +11,8 @@ from test_train import make_style
 
 from sdlora.adapters.keys import kohya_module_map
 from sdlora.config import load_config
-from sdlora.models import arch, family
+from sdlora.models import arch, families
+from sdlora.models.families.base import tokenize
 from sdlora.training.examples import EpochBatches, TrainingSamples, epoch_order
 from sdlora.training.guards import TrainingStopped
 from sdlora.training.loop import Trainer, train
@@ -71,17 +72,17 @@ def test_sdxl_conditioning_is_penultimate_states_of_both_encoders_and_pooled_pro
     from sdlora.models import load
 
     base = load.load_base(ModelConfig(base=str(mini_sdxl_dir)))
-    ids = family.tokenize(base.tokenizers, ["clrscn, lake"])
+    ids = tokenize(base.tokenizers, ["clrscn, lake"])
     with torch.no_grad():
-        text = family.FAMILIES["sdxl"].encode_text(base.text_encoders, ids, clip_skip=1)
+        text = families.FAMILIES["sdxl"].encode_text(base.text_encoders, ids, clip_skip=1)
         # diffusers' own SDXL prompt encoding (clip_skip=None: penultimate of each, pooled of encoder 2)
         embeds, _, pooled, _ = base.pipeline().encode_prompt("clrscn, lake", do_classifier_free_guidance=False)
     assert text.hidden.shape == (1, 77, 64) and text.pooled.shape == (1, 16)
     torch.testing.assert_close(text.hidden, embeds)
     torch.testing.assert_close(text.pooled, pooled)
     with torch.no_grad():
-        assert torch.equal(family.FAMILIES["sdxl"].encode_text(base.text_encoders, ids, clip_skip=2).hidden, text.hidden)
-    assert family.FAMILIES["sdxl"].clip_skip_note(3) and not family.FAMILIES["sdxl"].clip_skip_note(2)
+        assert torch.equal(families.FAMILIES["sdxl"].encode_text(base.text_encoders, ids, clip_skip=2).hidden, text.hidden)
+    assert families.FAMILIES["sdxl"].clip_skip_note(3) and not families.FAMILIES["sdxl"].clip_skip_note(2)
 
 
 def test_sdxl_time_ids_record_original_size_crop_and_bucket(tmp_path, mini_sdxl_dir):
@@ -322,7 +323,7 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path, fresh_process)
     training step at 512 px with gradient checkpointing; prints the peak memory (README's SDXL table)."""
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-    from sdlora.models.checkpoint import _tokenizer
+    from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
 
     base_dir = tmp_path / "sdxl"
     with torch.device("cpu"):
@@ -331,7 +332,7 @@ def test_full_sdxl_architecture_trains_one_step_in_bf16(tmp_path, fresh_process)
             pipe = StableDiffusionXLPipeline(
                 vae=arch.build_vae("sdxl"), text_encoder=arch.build_text_encoder("sdxl"),
                 text_encoder_2=arch.build_text_encoder("sdxl", "text_encoder_2"),
-                tokenizer=_tokenizer("sd_v1"), tokenizer_2=_tokenizer("sd_v2"), unet=arch.build_unet("sdxl"),
+                tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(), unet=arch.build_unet("sdxl"),
                 scheduler=DDPMScheduler.from_config(arch.part_config("sdxl", "scheduler")))
         finally:
             torch.set_default_dtype(torch.float32)

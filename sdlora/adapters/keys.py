@@ -9,7 +9,7 @@ SDXL's U-Net is named as in Stability's original (SGM) layout, as kohya writes i
 `down_blocks.1.attentions.0...` -> `lora_unet_input_blocks_4_1_...` (`checkpoint.unet_original_paths`).
 Text-encoder keys always read `lora_te_text_model_encoder_layers_N_...`: transformers 4
 wrapped CLIPTextModel's layers in `text_model`, transformers 5 does not, and every UI
-reads the 4.x names (`family.nested_text_name`). "_" is ambiguous in reverse, so key -> module path goes through a
+reads the 4.x names (`families.clip.nested_text_name`). "_" is ambiguous in reverse, so key -> module path goes through a
 map built from the model itself (`kohya_module_map`). What a module's tensors mean is `kinds`' job.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from sdlora.errors import UserError
 from sdlora.models.checkpoint import unet_original_paths
-from sdlora.models.family import nested_text_key, nested_text_name
+from sdlora.models.families.clip import nested_text_key, nested_text_name
 
 PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 TEXT_PARTS = ("te", "te1", "te2")

@@ -27,7 +27,7 @@ from sdlora import kohya_blocks
 from sdlora.adapters import apply, keys, kinds
 from sdlora.data.buckets import resolution_pair
 from sdlora.errors import UserError
-from sdlora.models.family import FAMILIES, is_sdxl
+from sdlora.models.families import FAMILIES
 
 ADAPTER_NAME = "sdlora"
 
@@ -130,7 +130,7 @@ def text_encoder_lrs(cfg, base) -> list[float]:
     network.train_text_encoder is false. A text encoder is trained when its rate here is > 0: the
     optimizer groups, the trainer and the metadata all read this list."""
     lr = cfg.train.text_encoder_lr
-    count = 2 if is_sdxl(_get(base, "family")) else 1
+    count = len(FAMILIES[_get(base, "family")].text_encoders)
     if isinstance(lr, list) and len(lr) != count:
         raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {_get(base, 'name')} has {count} text "
                         f"encoder(s); give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
@@ -400,7 +400,7 @@ def network_metadata(base, output_name: str, network: dict[str, str], descriptio
     return {
         **network,
         "ss_base_model_version": spec.base_model_version,
-        "ss_v2": str(family.startswith("sd_v2")),
+        "ss_v2": str(spec.ss_v2),
         "ss_output_name": output_name,
         "ss_sd_model_name": str(_get(base, "name")),
         "ss_new_sd_model_hash": str(_get(base, "model_hash") or ""),

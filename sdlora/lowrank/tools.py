@@ -44,6 +44,7 @@ from sdlora.lowrank.svd import (
     truncate,
 )
 from sdlora.models.checkpoint import save_diffusers, save_single_file
+from sdlora.models.families import by_base_model_version
 from sdlora.models.load import load_base, stored_dtypes
 
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -93,13 +94,13 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], sd_v1: bool) -> tuple[int, ...]:
+def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], conv_proj: bool) -> tuple[int, ...]:
     """The base weight's shape as far as the adapter tells it.
 
     LoRA modules, Tucker cores and a full 4-d lokr_w2 carry it (`kinds.stated_weight_shape`).
     Otherwise LoHa and LoKr store [r, in * kh * kw], so the kernel comes from the diffusers layer
-    name: 3x3 for the U-Net's ResNet and sampler convs, 1x1 conv for SD1.x proj_in / proj_out and
-    ResNet shortcuts.
+    name: 3x3 for the U-Net's ResNet and sampler convs, 1x1 conv for ResNet shortcuts and, where the
+    family has them as convs (`conv_proj`: SD1.x), proj_in / proj_out.
     """
     stated = kinds.stated_weight_shape(parts)
     if stated is not None:
@@ -109,14 +110,14 @@ def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], sd_v1: bool) 
     unet = keys.part_of(key) == "unet"
     if unet and key.endswith(_SPATIAL_CONV_ENDINGS) and cols % 9 == 0:
         return (out, cols // 9, 3, 3)
-    if unet and (key.endswith("_conv_shortcut") or (sd_v1 and key.endswith(_SD1_POINTWISE_CONV_ENDINGS))):
+    if unet and (key.endswith("_conv_shortcut") or (conv_proj and key.endswith(_SD1_POINTWISE_CONV_ENDINGS))):
         return (out, cols, 1, 1)
     return (out, cols)
 
 
 
 def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, energy: float | None = None,
-                   max_rank: int | None = None, sd_v1: bool = True,
+                   max_rank: int | None = None, conv_proj: bool = True,
                    dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[ModuleResize]]:
     """Resize every module of a Kohya state dict; return (new tensors, per-module records)."""
     if (rank is None) == (energy is None):
@@ -126,7 +127,7 @@ def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, en
     for key, parts in keys.group_modules(tensors).items():
         kind = kinds.module_variant(parts)
         scale = kinds.module_scale(parts)
-        shape = _module_weight_shape(key, parts, sd_v1)
+        shape = _module_weight_shape(key, parts, conv_proj)
         S, top = module_spectrum(parts)
         old_rank = kinds.module_rank(parts) or S.numel()
         k = choose_rank(S, rank, energy, max_rank)
@@ -156,8 +157,8 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
     refuse_to_overwrite(dst, overwrite)
     start = time.perf_counter()
     tensors, metadata = read_adapter(src)
-    sd_v1 = metadata.get("ss_base_model_version", "sd_v1").startswith("sd_v1")
-    new, records = resize_tensors(tensors, rank, energy, max_rank, sd_v1=sd_v1)
+    family = by_base_model_version(metadata.get("ss_base_model_version", "sd_v1"))
+    new, records = resize_tensors(tensors, rank, energy, max_rank, conv_proj=family is not None and family.conv_proj)
     metadata = _resized_metadata(metadata, records, rank, energy, max_rank, src)
     save_adapter(dst, new, metadata, overwrite=overwrite)
     return ResizeReport(str(src), str(dst), records, src.stat().st_size, dst.stat().st_size,

@@ -2,13 +2,13 @@
 load) and separate VAE files.
 
 Reading: `read_state_dict` is the one reader of the user's file (the pickle gate, truncation
-checks); the family comes from the keys, the architecture from the config folder shipped in
+checks); the family comes from the keys (each `Family` says how to recognise its files, where it
+keeps each text encoder and in which layout), the architecture from the config folder shipped in
 `assets/configs/<family>/` (or, for a file sdlora wrote, from the configs it embedded in the
 safetensors metadata). The U-Net and VAE load through diffusers' public single-file loader
 (`from_single_file` given the tensors and that folder), the text encoders through transformers'
-`from_pretrained(state_dict=...)`: OpenAI CLIP keys already have transformers' names, OpenCLIP keys
-are renamed by the table below that also writes them. Writing: the diffusers -> original mapping
-below, stated per block.
+`from_pretrained(state_dict=...)`, converted by the layout its family names (`families/clip.py`).
+Writing: the diffusers -> original mapping below, stated per block.
 """
 
 from __future__ import annotations
@@ -25,29 +25,15 @@ from sdlora.digest import file_digest
 from sdlora.errors import UserError
 from sdlora.io import atomic_folder, atomic_save_file, refuse_to_overwrite
 from sdlora.models.arch import CONFIGS
-from sdlora.models.family import (
-    FAMILIES,
-    is_sdxl,
-    nested_text_name,
-    with_prediction_type,
-)
-from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer
+from sdlora.models.families import FAMILIES, detect
+from sdlora.models.families.base import TextEncoderSlot
 from sdlora.quiet import quiet
 
 CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# Keys whose presence says which model a file holds.
-SD1_TE = "cond_stage_model.transformer."  # OpenAI CLIP-L
-SD2_OPENCLIP = "cond_stage_model.model."  # OpenCLIP ViT-H
-SD2_TE = SD2_OPENCLIP + "transformer.resblocks."
-SDXL_TE1 = "conditioner.embedders.0.transformer."  # OpenAI CLIP-L
-SDXL_TE2 = "conditioner.embedders.1."  # OpenCLIP ViT-bigG
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-# ComfyUI's SD20 check (supported_models.py): the v models' last attention block has a
-# spread-out norm1 bias (std > 0.09); the epsilon 512-base models keep it near zero.
-V_PROBE = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
 # ---------------------------------------------------------------- reading
@@ -104,25 +90,16 @@ def _check_safetensors_header(path: Path) -> None:
 
 
 def detect_family(keys, path: Path | str = "checkpoint") -> str:
-    """'sd_v1' | 'sd_v2' | 'sdxl' from the text-encoder keys of an original-layout file."""
+    """The name of the family in `FAMILIES` that recognises an original-layout file's keys (its text encoders'
+    for SD1.x / SD2.x / SDXL; an SD2 file is named sd_v2 until its prediction type is known)."""
     keys = list(keys)
-    if any(k.startswith(SDXL_TE2) for k in keys):
-        return "sdxl"
-    if any(k.startswith(SD2_TE) for k in keys):
-        return "sd_v2"
-    if any(k.startswith(SD1_TE) for k in keys):
-        return "sd_v1"
+    family = detect(keys)
+    if family is not None:
+        return family.name
     has_unet = any(k.startswith(UNET) for k in keys)
     what = "a UNet without a text encoder" if has_unet else "no Stable Diffusion UNet or text encoder"
     raise UserError(f"model.base: {path} holds {what} (unknown model family; sdlora reads SD1.x, SD2.x and SDXL "
                     "checkpoints in the original layout, e.g. as A1111 saves them)")
-
-
-def sd2_prediction_type(tensors: dict) -> str:
-    probe = tensors.get(V_PROBE)
-    if probe is not None and torch.std(probe.float(), unbiased=False) > 0.09:
-        return "v_prediction"
-    return "epsilon"
 
 
 @contextmanager
@@ -142,47 +119,37 @@ def _config_folder(family: str, metadata: dict):
 
 def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
                      prediction_type: str | None = None) -> dict:
-    """The components of an original-layout SD1.x / SD2.x / SDXL checkpoint (see models.load_base).
-    `prediction_type` is model.v_parameterization when set; None: SD2's is guessed from the weights
-    (and picks the sd_v2 or sd_v2_v configs), SD1.x and SDXL base predict epsilon."""
+    """The components of an original-layout checkpoint of a family in `FAMILIES` (see models.load_base).
+    `prediction_type` is model.v_parameterization when set; None: the family's guess (SD2's from the
+    weights, which picks the sd_v2 or sd_v2_v configs; SD1.x and SDXL base predict epsilon)."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tensors, metadata = read_state_dict(path, allow_pickle)
-    family = detect_family(tensors, path)
+    family = FAMILIES[detect_family(tensors, path)]
     if prediction_type:
         how = "model.v_parameterization"
-    elif family == "sd_v2":
-        prediction_type = sd2_prediction_type(tensors)
-        how = "guessed from the weights; set model.v_parameterization if wrong"
     else:
-        prediction_type, how = "epsilon", "SD1.x" if family == "sd_v1" else "SDXL base"
-    family = with_prediction_type(family, prediction_type)
+        prediction_type, how = family.guess_prediction_type(tensors)
+    family = FAMILIES[family.named_for(prediction_type)]
 
     def where(part: str) -> str:
         return f"model.base: the {part} in {path}"
 
-    with _config_folder(family, metadata) as configs:
+    with _config_folder(family.name, metadata) as configs:
         # Each part's tensors leave `tensors` as it loads, so a cast to `dtype` never holds two whole copies.
         unet = _load_model(UNet2DConditionModel, _take(tensors, UNET), configs, "unet", where("UNet"), dtype)
         vae = _load_model(AutoencoderKL, _take(tensors, VAE), configs, "vae", where("VAE"), dtype)
-        parts = dict(tokenizer=_tokenizer(family))
-        if is_sdxl(family):
-            text_encoder = _load_text_encoder(CLIPTextModel, _clip_state(tensors, SDXL_TE1), configs,
-                                              "text_encoder", where("text encoder 1"), dtype)
-            text_encoder_2 = _load_text_encoder(CLIPTextModelWithProjection,
-                                                _open_clip_state(tensors, SDXL_TE2 + "model.", projection=True),
-                                                configs, "text_encoder_2", where("text encoder 2"), dtype)
-            parts.update(text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer("sd_v2"))
-        else:
-            state = (_clip_state(tensors, SD1_TE) if family == "sd_v1"
-                     else _open_clip_state(tensors, SD2_OPENCLIP, projection=False))
-            text_encoder = _load_text_encoder(CLIPTextModel, state, configs, "text_encoder",
-                                              where("text encoder"), dtype)
+        parts = {}
+        for slot in family.text_encoders:
+            parts[slot.part] = _load_text_encoder(getattr(transformers, slot.model_class),
+                                                  text_encoder_state(tensors, slot), configs, slot.part,
+                                                  where(slot.label), dtype)
+            parts[slot.tokenizer_part] = slot.tokenizer()
         scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
-    parts.update(text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=scheduler, family=family,
+    parts.update(vae=vae, unet=unet, noise_scheduler=scheduler, family=family.name,
                  prediction_type=prediction_type, model_hash=file_digest(path))
-    print(f"{path.name}: {family}, {prediction_type} ({how})")
+    print(f"{path.name}: {family.name}, {prediction_type} ({how})")
     return parts
 
 
@@ -254,56 +221,9 @@ def _mismatch(where: str, detail: str) -> str:
     return f"{where} does not match the expected architecture ({detail}); is it a complete SD checkpoint?"
 
 
-def _clip_state(tensors: dict, prefix: str) -> dict:
-    # OpenAI CLIP in the original layout is transformers' CLIPTextModel under a prefix; position_ids
-    # are a buffer transformers builds itself. The tensors leave `tensors`.
-    return {k[len(prefix):]: v for k, v in _take(tensors, prefix).items() if not k.endswith("position_ids")}
-
-
-# OpenCLIP (SD2's text encoder, SDXL's second) <-> transformers CLIP, both ways. OpenCLIP stacks
-# q, k, v in one in_proj (dim 0) and applies text_projection as x @ P, so P is the transposed
-# Linear weight.
-_OPEN_CLIP_NAMES = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
-                    "text_model.final_layer_norm.weight": "ln_final.weight",
-                    "text_model.final_layer_norm.bias": "ln_final.bias"}
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-                    "self_attn.out_proj": "attn.out_proj"}
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-
-
-def _open_clip_state(tensors: dict, prefix: str, projection: bool) -> dict:
-    """The OpenCLIP text encoder under `prefix` in transformers-4 names, taken out of `tensors` (`projection`: keep its
-    text_projection, which SDXL's pooled embedding uses and SD2's U-Net never sees)."""
-    names = {v: k for k, v in _OPEN_CLIP_NAMES.items()}
-    layer_names = {v: k for k, v in _OPEN_CLIP_LAYER.items()}
-    state = {}
-    for key, value in _take(tensors, prefix).items():  # they leave `tensors`
-        name = key[len(prefix):]
-        if name in names:
-            state[names[name]] = value
-        elif name == "text_projection":
-            if projection:
-                state["text_projection.weight"] = value.T.contiguous()
-        elif name.startswith("transformer.resblocks."):
-            index, rest = name.removeprefix("transformer.resblocks.").split(".", 1)
-            module, param = rest.rsplit(".", 1)
-            base = f"text_model.encoder.layers.{index}."
-            if module == "attn" and param.startswith("in_proj_"):
-                for proj, chunk in zip(_QKV, value.chunk(3)):
-                    state[f"{base}{proj}.{param.removeprefix('in_proj_')}"] = chunk.clone()
-            else:
-                state[base + layer_names.get(module, module) + "." + param] = value
-        # logit_scale and the like belong to CLIP's image-text training, not to the U-Net's conditioning
-    if prefix == SD2_OPENCLIP:
-        # SD2 conditions on the penultimate of OpenCLIP-H's 24 blocks: its config has 23 and the
-        # file's last block never runs (diffusers leaves it out too).
-        state = {k: v for k, v in state.items() if not k.startswith("text_model.encoder.layers.23.")}
-    return state
-
-
-def _tokenizer(family: str):
-    return open_clip_tokenizer() if family.startswith("sd_v2") else clip_tokenizer()
+def text_encoder_state(tensors: dict, slot: TextEncoderSlot) -> dict:
+    """The text encoder of `slot` in transformers-4 names, its tensors taken out of `tensors`."""
+    return slot.from_original({k[len(slot.prefix):]: v for k, v in _take(tensors, slot.prefix).items()})
 
 
 def load_vae(path: Path, dtype: torch.dtype, family: str = "sd_v1"):
@@ -446,33 +366,8 @@ def vae_to_original(state: dict, config) -> dict:
     return out
 
 
-def text_encoder_to_original(state: dict, layout: str, prefix: str) -> dict:
-    """A CLIPTextModel(WithProjection) state dict under `prefix`, in OpenAI CLIP names (layout
-    sd_v1: SD1, SDXL's first encoder) or OpenCLIP names (SD2, SDXL's second encoder)."""
-    projection = state.get("text_projection.weight")
-    state = {nested_text_name(k): v for k, v in state.items()
-             if not k.endswith("position_ids") and k != "text_projection.weight"}
-    if layout == "sd_v1":
-        return {prefix + k: v for k, v in state.items()}
-    out = {} if projection is None else {prefix + "text_projection": projection.T.contiguous()}
-    for key, value in state.items():
-        if key in _OPEN_CLIP_NAMES:
-            out[prefix + _OPEN_CLIP_NAMES[key]] = value
-            continue
-        layer, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
-        module, param = rest.rsplit(".", 1)
-        base = f"{prefix}transformer.resblocks.{layer}."
-        if module in _QKV:
-            if module == _QKV[0]:
-                parts = [state[key.replace(_QKV[0], p)] for p in _QKV]
-                out[base + f"attn.in_proj_{param}"] = torch.cat(parts, 0)
-            continue
-        out[base + _OPEN_CLIP_LAYER[module] + "." + param] = value
-    return out
-
-
 def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
-    """One .safetensors in the original SD layout (UNet, VAE, text encoder), atomically.
+    """One .safetensors in the original SD layout (UNet, VAE, the family's text encoders), atomically.
 
     The diffusers configs ride along in the metadata, so sdlora reloads non-standard sizes
     (the tiny model) exactly; A1111 and ComfyUI ignore them.
@@ -485,28 +380,25 @@ def save_single_file(base, path, dtype: torch.dtype = torch.float16, overwrite: 
     tensors = {}
     tensors.update(unet_to_original(base.unet.state_dict(), base.unet.config))
     tensors.update(vae_to_original(base.vae.state_dict(), base.vae.config))
+    family = FAMILIES[base.family]
+    first, *others = family.text_encoders
+    # the first text encoder's config before the scheduler's, the others' after: the order sdlora has always written
     configs = {"unet": dict(base.unet.config), "vae": dict(base.vae.config),
-               "text_encoder": base.text_encoder.config.to_dict(), "scheduler": dict(base.noise_scheduler.config)}
-    te = base.text_encoder.state_dict()
-    if is_sdxl(base.family):
-        tensors.update(text_encoder_to_original(te, "sd_v1", SDXL_TE1))
-        tensors.update(text_encoder_to_original(base.text_encoder_2.state_dict(), "sd_v2", SDXL_TE2 + "model."))
-        configs["text_encoder_2"] = base.text_encoder_2.config.to_dict()
-    elif base.family == "sd_v1":
-        tensors.update(text_encoder_to_original(te, "sd_v1", SD1_TE))
-    else:
-        tensors.update(text_encoder_to_original(te, "sd_v2", SD2_OPENCLIP))
+               first.part: getattr(base, first.part).config.to_dict(), "scheduler": dict(base.noise_scheduler.config)}
+    for slot in family.text_encoders:
+        tensors.update(slot.to_original(getattr(base, slot.part).state_dict()))
+    configs.update({slot.part: getattr(base, slot.part).config.to_dict() for slot in others})
     tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
     meta = {CONFIG_META_KEY: json.dumps(configs, default=str),
-            "modelspec.architecture": FAMILIES[base.family].architecture,
+            "modelspec.architecture": family.architecture,
             "modelspec.prediction_type": "v" if base.prediction_type == "v_prediction" else "epsilon"}
     atomic_save_file(tensors, path, metadata=meta)
     return path
 
 
 def save_diffusers(base, folder, overwrite: bool = False) -> Path:
-    """A diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder, written to a temp
-    folder then renamed."""
+    """A diffusers folder of the family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline),
+    written to a temp folder then renamed."""
 
     folder = Path(folder)
     refuse_to_overwrite(folder, overwrite, "pass overwrite=True")

@@ -1,13 +1,9 @@
 """Base models: load the embedded tiny model, a diffusers folder, a single-file checkpoint or a
 hub id into diffusers components; save them back as one original-layout file or a folder.
 
-Nothing is downloaded unless the user names a hub id. The family of a base decides the
-Kohya metadata and the training target:
-
-    sd_v1    CLIP-L text encoder (768), epsilon prediction, 512 px
-    sd_v2    OpenCLIP-H text encoder (1024), epsilon prediction, 512 px (SD2.x-base)
-    sd_v2_v  OpenCLIP-H text encoder (1024), v prediction, 768 px (SD2.x 768-v)
-    sdxl     two text encoders, epsilon prediction, 1024 px
+Nothing is downloaded unless the user names a hub id. The family of a base (`models/families/`:
+sd_v1, sd_v2, sd_v2_v, sdxl) says its text encoders and pipeline and decides the Kohya metadata and
+the training target.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from sdlora.digest import file_digest
 from sdlora.errors import UserError
 from sdlora.models import arch
 from sdlora.models.checkpoint import load_single_file, load_vae
-from sdlora.models.family import is_sdxl, with_prediction_type
+from sdlora.models.families import FAMILIES, folder_family, folder_layout
 from sdlora.models.tokenizer import clip_tokenizer
 from sdlora.quiet import quiet
 
@@ -49,7 +45,7 @@ class BaseModel:
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPMScheduler, the training noise schedule
-    family: str  # "sd_v1" | "sd_v2" | "sd_v2_v" | "sdxl"
+    family: str  # a key of models.families.FAMILIES: "sd_v1" | "sd_v2" | "sd_v2_v" | "sdxl"
     prediction_type: str  # "epsilon" | "v_prediction"
     resolution: int  # native pixels (the VAE's sample_size)
     name: str  # folder or file name without suffix (ss_sd_model_name)
@@ -59,28 +55,18 @@ class BaseModel:
     tokenizer_2: Any = None
 
     def pipeline(self, scheduler=None):
-        """A StableDiffusionPipeline over these same components (no safety checker);
-        a StableDiffusionXLPipeline for an SDXL base."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        if is_sdxl(self.family):
-            return StableDiffusionXLPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
-                scheduler=scheduler if scheduler is not None else self.noise_scheduler)
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler if scheduler is not None else self.noise_scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        """The family's diffusers pipeline over these same components: a StableDiffusionPipeline (no
+        safety checker), a StableDiffusionXLPipeline for an SDXL base."""
+        return FAMILIES[self.family].pipeline(self, scheduler if scheduler is not None else self.noise_scheduler)
 
     @property
     def text_encoders(self) -> list:
         """The text encoder(s) in conditioning order: [CLIP] or, for SDXL, [CLIP-L, OpenCLIP bigG]."""
-        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
+        return [getattr(self, slot.part) for slot in FAMILIES[self.family].text_encoders]
 
     @property
     def tokenizers(self) -> list:
-        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
+        return [getattr(self, slot.tokenizer_part) for slot in FAMILIES[self.family].text_encoders]
 
     def info(self) -> str:
         return (f"{self.name}: {self.family}, {self.prediction_type}, {self.resolution} px, "
@@ -114,7 +100,7 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     family, prediction_type = parts.pop("family"), parts.pop("prediction_type")
     if forced_prediction:
         prediction_type = forced_prediction
-        family = with_prediction_type(family, prediction_type)
+        family = FAMILIES[family].named_for(prediction_type)
     scheduler = parts["noise_scheduler"]
     if scheduler.config.prediction_type != prediction_type:
         from diffusers import DDPMScheduler
@@ -148,15 +134,6 @@ def random_base(family: str = "sd_v1", device=None) -> BaseModel:
                      unet=arch.build_unet(family, device=device), noise_scheduler=scheduler, family=family,
                      prediction_type=scheduler.config.prediction_type, resolution=vae.config.sample_size,
                      name=f"random-{family}", model_hash="", source="random")
-
-
-def family_of(text_encoder_dim: int, cross_attention_dim: int, prediction_type: str, sdxl: bool = False) -> str:
-    """The family from the text encoder width / the UNet's cross attention width."""
-    if sdxl:
-        return "sdxl"
-    if 1024 in (text_encoder_dim, cross_attention_dim):
-        return with_prediction_type("sd_v2", prediction_type)
-    return "sd_v1"
 
 
 def base_weights_file(model_cfg) -> Path | None:
@@ -206,16 +183,18 @@ def _folder_unet_weights(folder: Path) -> Path:
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
-    """A local diffusers StableDiffusionPipeline (or SDXL) folder, without network."""
+    """A local diffusers folder of a family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline),
+    without network."""
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     index = json.loads((folder / "model_index.json").read_text())
-    sdxl = "text_encoder_2" in index
-    subfolders = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
-        ("text_encoder_2", "tokenizer_2") if sdxl else ())
+    layout = folder_layout(index)
+    subfolders = ("unet", "vae", *(part for slot in layout.text_encoders for part in (slot.part, slot.tokenizer_part)),
+                  "scheduler")
     missing = [p for p in subfolders if not (folder / p).is_dir()]
     if missing:
         raise UserError(f"model.base: {folder} lacks the subfolder(s) {', '.join(missing)}; "
@@ -226,21 +205,20 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
         with quiet(diffusers_logging, transformers_logging):  # a "Loading weights" bar per model otherwise
             unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-            text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **te_kw)
-            tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+            encoders = {}
+            for slot in layout.text_encoders:
+                encoders[slot.part] = getattr(transformers, slot.model_class).from_pretrained(
+                    folder, subfolder=slot.part, **te_kw).eval()
+                encoders[slot.tokenizer_part] = CLIPTokenizer.from_pretrained(folder, subfolder=slot.tokenizer_part,
+                                                                              local_files_only=True)
             noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-            extra = {}
-            if sdxl:
-                extra = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                    folder, subfolder="text_encoder_2", **te_kw).eval(),
-                    tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"model.base: cannot load the diffusers folder {folder}: {e}") from e
     prediction_type = noise_scheduler.config.prediction_type
-    family = family_of(text_encoder.config.hidden_size, unet.config.cross_attention_dim, prediction_type, sdxl)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(), unet=unet.eval(),
-                noise_scheduler=noise_scheduler, family=family, prediction_type=prediction_type,
-                model_hash=file_digest(_folder_unet_weights(folder)), **extra)
+    widths = {encoders[layout.text_encoders[0].part].config.hidden_size, unet.config.cross_attention_dim}
+    family = folder_family(layout, widths, prediction_type)
+    return dict(vae=vae.eval(), unet=unet.eval(), noise_scheduler=noise_scheduler, family=family,
+                prediction_type=prediction_type, model_hash=file_digest(_folder_unet_weights(folder)), **encoders)
 
 
 def load_hub(source: str, dtype: torch.dtype) -> dict:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from sdlora.models.family import FAMILIES, TextConditioning, tokenize
+from sdlora.models.families import FAMILIES
+from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.prompts import (
     CHUNK_TOKENS as CHUNK,  # tokens per chunk between BOS and EOS (CLIP's 77 - 2)
 )

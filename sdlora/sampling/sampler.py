@@ -41,7 +41,8 @@ from sdlora.adapters.file import short_hash
 from sdlora.errors import UserError
 from sdlora.io import safe_file_stem
 from sdlora.models import prompts as rules
-from sdlora.models.family import FAMILIES, TextConditioning, tokenize
+from sdlora.models.families import FAMILIES
+from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.load import compute_device, load_base
 from sdlora.quiet import quiet
 from sdlora.sampling import tiled

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.models.family import TextConditioning
+from sdlora.models.families.base import TextConditioning
 
 LATENT_CELL = 8  # pixels per latent cell: every VAE sdlora loads downsamples by 8
 
@@ -62,7 +62,7 @@ class Denoiser:
     a crop of the full picture, which is how SDXL was trained to read them.
     """
 
-    family: object  # models.family.Family of the base
+    family: object  # models.families.base.Family of the base
     unet: torch.nn.Module
     text: TextConditioning  # batch 2: (negative, prompt)
     cfg_scale: float

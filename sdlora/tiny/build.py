@@ -16,7 +16,7 @@ from sdlora import ASSETS
 from sdlora.data.caption import DEFAULT_VOCABULARY, tiny_tagger
 from sdlora.errors import UserError
 from sdlora.io import atomic_save_file, atomic_write_text
-from sdlora.models.family import DiffusionObjective
+from sdlora.models.families.base import DiffusionObjective
 from sdlora.models.tokenizer import clip_tokenizer, write_clip_tokenizer_files
 from sdlora.sampling.metrics import colourfulness
 from sdlora.tiny import STAGES, configs

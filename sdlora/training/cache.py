@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sdlora.data.buckets import Bucket, fit_to_bucket
 from sdlora.io import atomic_save_file
-from sdlora.models.family import TextConditioning
+from sdlora.models.families.base import TextConditioning
 
 PREPROCESS_VERSION = "1"  # bump when fit_to_bucket or normalisation changes
 

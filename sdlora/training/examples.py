@@ -25,7 +25,7 @@ from sdlora.data.dataset import REPORT_MD, current_manifest
 from sdlora.data.subsets import Subset, balanced_repeats
 from sdlora.data.tags import parse_caption
 from sdlora.errors import UserError
-from sdlora.models.family import DiffusionObjective, Family
+from sdlora.models.families.base import DiffusionObjective, Family
 from sdlora.models.load import DTYPES
 from sdlora.models.longprompt import LENGTHS, count_cut, tokenize_long
 from sdlora.training.cache import LatentCache, LazyLatents, TextEmbeddingCache

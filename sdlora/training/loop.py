@@ -23,7 +23,8 @@ from sdlora.config import Config
 from sdlora.errors import UserError
 from sdlora.io import output_lock, refuse_to_overwrite, remove_stale_temps
 from sdlora.models import quantize
-from sdlora.models.family import FAMILIES, TextConditioning
+from sdlora.models.families import FAMILIES
+from sdlora.models.families.base import TextConditioning
 from sdlora.models.load import DTYPES, compute_device, load_base
 from sdlora.models.longprompt import encode_long, tokenize_long
 from sdlora.models.prompts import check_prompt

@@ -1,6 +1,6 @@
 """Noise shaping of the training loss: kohya's noise offset (fixed and adaptive) and pyramid
 (multi-resolution) noise. The objective itself (noisy latents, target, timesteps, min-SNR
-weights) is the family's (`models.family.DiffusionObjective`)."""
+weights) is the family's (`models.families.base.DiffusionObjective`)."""
 
 from __future__ import annotations
 

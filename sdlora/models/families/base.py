@@ -1,7 +1,7 @@
-"""What differs between base-model families, behind one interface: a `Family` per family in
-`FAMILIES`, keyed by `BaseModel.family`. The trainer and the samplers ask the family object and
-never branch on a family's name; adding a family is a new `Family` (its own module when it needs
-one) and a registry entry.
+"""The family interface: what differs between base-model families, one `Family` per entry of
+`families.FAMILIES`, keyed by `BaseModel.family`. The trainer, the samplers and the loaders ask the
+family object and never branch on a family's name; adding a family is its own module (sd.py, sdxl.py)
+and a registry entry.
 
     family     text conditioning of the U-Net                         extra U-Net inputs
     sd_v1      CLIP-L hidden states (B, 77, 768), kohya's clip_skip     -
@@ -9,70 +9,27 @@ one) and a registry entry.
     sdxl       penultimate CLIP-L (768) ++ penultimate OpenCLIP-bigG    text_embeds: the pooled projection
                (1280) = (B, 77, 2048)                                   of encoder 2 (B, 1280); time_ids (B, 6)
 
-SDXL was trained with size and crop conditioning: `time_ids` = (original height, original
-width, crop top, crop left, target height, target width) of each example, as in kohya's
-`sdxl_train_network.py` and diffusers' SDXL LoRA example. At sampling time the pipeline builds
-them itself (original = target = the image size, crop (0, 0)).
-
-kohya's clip_skip does not apply to SDXL: both encoders always give their penultimate layer
-(without the final layer norm), which is what clip_skip 2 means for SD1.x; kohya warns and
-ignores other values, and so does sdlora. The pooled embedding always comes from the last layer.
-
 The training objective (`DiffusionObjective`: epsilon or v-prediction on the DDPM schedule, with
 its timestep sampling and min-SNR weighting) and the latent format (`LatentFormat`: scaling and
 shift from the VAE's config) come from the family too, so a rectified-flow family (noisy =
 (1 - sigma) x + sigma noise, target noise - x) brings its own objective and the loop is unchanged.
 
-Kohya key names (`lora_te1_` / `lora_te2_`, SGM U-Net names) live in `kohya.py`; the
-Kohya/modelspec names of each family are its `Family` fields.
+On the loading side a family says its text encoders (`TextEncoderSlot`: the pipeline component, the
+transformers class, the tokenizer, where a single file keeps it and in which layout), its diffusers
+pipeline class, how its single files are recognised and what its prediction type is when the file
+does not say. Kohya key names (`lora_te1_` / `lora_te2_`, SGM U-Net names) live in
+`adapters/keys.py`; the Kohya/modelspec ids of each family are its `Family` fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-
-def is_sdxl(family: str) -> bool:
-    return family == "sdxl"
-
-
-def with_prediction_type(family: str, prediction_type: str) -> str:
-    """SD2.x's two variants are named by their prediction type (sd_v2: epsilon, the 512 px base;
-    sd_v2_v: v_prediction, 768 px); the other families keep their name."""
-    if family.startswith("sd_v2"):
-        return "sd_v2_v" if prediction_type == "v_prediction" else "sd_v2"
-    return family
-
-
-# transformers 4 nests CLIPTextModel's transformer as `.text_model` (so its module paths read
-# `text_model.encoder.layers.N...`); transformers 5 flattens CLIPTextModel (`encoder.layers.N...`)
-# and keeps the nesting in CLIPTextModelWithProjection. Files (Kohya adapters, original-layout
-# checkpoints) always use the 4.x names.
-_TEXT_TRANSFORMER_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
-
-
-def nested_text_name(path: str) -> str:
-    """A text encoder's module or parameter path under its transformers-4 name: `encoder.layers.3.mlp.fc1`
-    -> `text_model.encoder.layers.3.mlp.fc1`; nested paths and `text_projection` are kept."""
-    return "text_model." + path if path.startswith(_TEXT_TRANSFORMER_CHILDREN) else path
-
-
-def nested_text_key(body: str) -> str:
-    """`nested_text_name` for the body of a Kohya key, whose "." are already "_": `encoder_layers_3_mlp_fc1`
-    (what kohya and LyCORIS write under transformers 5) -> `text_model_encoder_layers_3_mlp_fc1`."""
-    children = tuple(child.replace(".", "_") for child in _TEXT_TRANSFORMER_CHILDREN)
-    return "text_model_" + body if body.startswith(children) else body
-
-
-def text_transformer(text_encoder):
-    """The CLIPTextTransformer (embeddings, encoder, final_layer_norm) of a text encoder, nested or flat,
-    also when accelerate wrapped it for multi-process training."""
-    from accelerate.utils import extract_model_from_parallel
-
-    text_encoder = extract_model_from_parallel(text_encoder)
-    return getattr(text_encoder, "text_model", text_encoder)
+from sdlora.models.families.clip import encode_prompt
 
 
 @dataclass
@@ -94,22 +51,6 @@ def tokenize(tokenizers_, captions: list[str]) -> list[torch.Tensor]:
     """Each tokenizer's (B, 77) input ids, padded and truncated to its 77 positions."""
     return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                 return_tensors="pt").input_ids for tok in tokenizers_]
-
-
-def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-    """One CLIP text encoder's hidden states for the UNet's cross attention, (B, 77, dim).
-
-    kohya's clip_skip: 1 is the last hidden state; n > 1 is the hidden state n layers from
-    the end (hidden_states[-n]) passed through the final layer norm, as sd-scripts does.
-    diffusers' pipelines count differently: their `clip_skip=k` takes hidden_states[-(k + 1)]
-    (then the final layer norm), so kohya/A1111 clip_skip n is diffusers clip_skip n - 1;
-    never pass this value to a pipeline's `clip_skip` argument, pass prompt_embeds instead.
-    """
-    if clip_skip <= 1:
-        return text_encoder(input_ids)[0]
-    out = text_encoder(input_ids, output_hidden_states=True)
-    hidden = out.hidden_states[-clip_skip]
-    return text_transformer(text_encoder).final_layer_norm(hidden)
 
 
 @dataclass(frozen=True)
@@ -167,6 +108,27 @@ class DiffusionObjective:
 
 
 @dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder of a family: its place in a diffusers pipeline and in an original-layout single file."""
+
+    part: str  # the pipeline component and its config subfolder: "text_encoder", "text_encoder_2"
+    tokenizer_part: str  # its tokenizer's component: "tokenizer", "tokenizer_2"
+    label: str  # how messages name it: "text encoder", "text encoder 2"
+    model_class: str  # the transformers class: "CLIPTextModel" | "CLIPTextModelWithProjection"
+    prefix: str  # where a single file keeps its tensors
+    layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout: its state to and from the names under `prefix`
+    tokenizer: Callable[[], Any]  # its tokenizer, built offline
+
+    def from_original(self, state: dict) -> dict:
+        """Its state in transformers-4 names from a single file's tensors under `prefix` (prefix removed)."""
+        return self.layout.from_original(state)
+
+    def to_original(self, state: dict) -> dict:
+        """A state dict of the encoder in the single file's names, `prefix` included."""
+        return self.layout.to_original(state, self.prefix)
+
+
+@dataclass(frozen=True)
 class Family:
     """A family with one CLIP text encoder (SD1.x, SD2.x): its hidden states condition the U-Net."""
 
@@ -175,6 +137,35 @@ class Family:
     architecture: str  # modelspec.architecture, before "/lora"
     # modelspec.implementation: kohya writes Stability's repository for SDXL, "diffusers" for SD1/2.
     implementation: str = "diffusers"
+    title: str = ""  # how the loading message names it: "SD1.x", "SDXL base"
+    text_encoders: tuple[TextEncoderSlot, ...] = ()  # in conditioning order
+    signature: str = ""  # a key prefix that only this family's single files hold
+    context_width: int = 0  # the width of its text conditioning, which tells folders of alike families apart
+    ss_v2: bool = False  # kohya's ss_v2: an SD2.x base
+    conv_proj: bool = False  # the U-Net's proj_in / proj_out are 1x1 convs (SD1.x), not Linear
+    pipeline_class: str = "StableDiffusionPipeline"  # diffusers' text-to-image pipeline of the family
+    pipeline_options: tuple[tuple[str, Any], ...] = ()  # its further constructor arguments
+
+    def detects(self, keys: list[str]) -> bool:
+        """Do a single file's tensor names say it holds this family?"""
+        return any(k.startswith(self.signature) for k in keys)
+
+    def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
+        """(prediction type, how it was decided) of a single file that does not say."""
+        return "epsilon", self.title
+
+    def named_for(self, prediction_type: str) -> str:
+        """The family's name for a base with this prediction type (SD2.x names its two variants by it)."""
+        return self.name
+
+    def pipeline(self, base, scheduler):
+        """The family's diffusers pipeline over `base`'s components (a BaseModel) with `scheduler`."""
+        import diffusers
+
+        encoders = {part: getattr(base, part) for slot in self.text_encoders
+                    for part in (slot.part, slot.tokenizer_part)}
+        return getattr(diffusers, self.pipeline_class)(vae=base.vae, unet=base.unet, scheduler=scheduler, **encoders,
+                                                       **dict(self.pipeline_options))
 
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
         """The U-Net's text conditioning from each encoder's (B, 77) input ids (see the module docstring)."""
@@ -213,43 +204,3 @@ class Family:
 
     def latent_format(self, vae) -> LatentFormat:
         return LatentFormat.of(vae)
-
-
-@dataclass(frozen=True)
-class SDXLFamily(Family):
-    """SDXL: two text encoders whose penultimate states are concatenated, encoder 2's pooled
-    projection, and size/crop conditioning (`time_ids`)."""
-
-    def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
-        out1 = encoders[0](input_ids[0], output_hidden_states=True)
-        out2 = encoders[1](input_ids[1], output_hidden_states=True)
-        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
-        return TextConditioning(hidden, out2.text_embeds)  # text_embeds: projection of the EOS token's state
-
-    def size_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
-                          target_size: tuple[int, int]) -> torch.Tensor:
-        """time_ids, (6,)."""
-        return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
-
-    def unet_conditioning(self, text: TextConditioning, time_ids_: torch.Tensor | None, dtype: torch.dtype) -> dict:
-        return {"encoder_hidden_states": text.hidden.to(dtype),
-                "added_cond_kwargs": {"text_embeds": text.pooled.to(dtype), "time_ids": time_ids_.to(dtype)}}
-
-    def clip_skip_note(self, clip_skip: int) -> str | None:
-        if clip_skip > 2:  # kohya's behaviour
-            return (f"model.clip_skip = {clip_skip} is ignored for SDXL: both text encoders always give their "
-                    "penultimate layer (what kohya and A1111 use); set clip_skip = 1 or 2 to silence this")
-        return None
-
-    def unread_text_layers(self, clip_skip: int, num_layers: list[int]) -> dict[str, range]:
-        """SDXL reads encoder 1's penultimate state and encoder 2's last (its pooled output)."""
-        return {"te1": range(num_layers[0] - 1, num_layers[0]), "te2": range(0)}
-
-
-FAMILIES = {f.name: f for f in (
-    Family("sd_v1", "sd_v1", "stable-diffusion-v1"),
-    Family("sd_v2", "sd_v2", "stable-diffusion-v2-512"),
-    Family("sd_v2_v", "sd_v2_v", "stable-diffusion-v2-768-v"),
-    SDXLFamily("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
-               "https://github.com/Stability-AI/generative-models"),
-)}

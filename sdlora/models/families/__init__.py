@@ -1,0 +1,47 @@
+"""The base-model families, one registry: `FAMILIES`, keyed by `BaseModel.family`. The interface is
+`base.Family`; each family lives in its own module (sd.py: SD1.x and SD2.x, sdxl.py). Adding a
+family is its module and an entry here; the loaders, the trainer and the samplers ask the registry.
+"""
+
+from __future__ import annotations
+
+from sdlora.models.families.base import Family
+from sdlora.models.families.sd import SD1, SD2, SD2_V
+from sdlora.models.families.sdxl import SDXL
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SD2_V, SDXL)}
+
+
+def detect(keys) -> Family | None:
+    """The family of a single file from its tensor names; None when none recognises them. A family
+    with more text encoders is asked first (an SDXL file holds a CLIP-L as SD1.x files do)."""
+    keys = list(keys)
+    by_encoders = sorted(FAMILIES.values(), key=lambda f: -len(f.text_encoders))
+    return next((f for f in by_encoders if f.detects(keys)), None)
+
+
+def _parts(family: Family) -> list[str]:
+    return [slot.part for slot in family.text_encoders]
+
+
+def folder_layout(index: dict) -> Family:
+    """The family whose text encoders a diffusers folder's model_index.json names (the one with the
+    most, where several fit); of families with the same components (SD1.x, SD2.x) the first, whose
+    components load alike and which `folder_family` then tells apart."""
+    fitting = [f for f in FAMILIES.values() if all(part in index for part in _parts(f))]
+    return max(fitting or [SD1], key=lambda f: len(f.text_encoders))
+
+
+def folder_family(layout: Family, widths: set[int], prediction_type: str) -> str:
+    """The family name of a loaded folder with `layout`'s components, from its text widths (the text
+    encoder's hidden size, the U-Net's cross attention) and prediction type: a family with the same
+    components whose context width is among them, else the first of them (SD1.x for any other width,
+    the tiny model's included)."""
+    alike = [f for f in FAMILIES.values() if _parts(f) == _parts(layout)]
+    found = next((f for f in alike[1:] if f.context_width in widths), alike[0])
+    return found.named_for(prediction_type)
+
+
+def by_base_model_version(version: str) -> Family | None:
+    """The family an adapter's ss_base_model_version names; None for one sdlora does not know."""
+    return next((f for f in FAMILIES.values() if f.base_model_version == version), None)
