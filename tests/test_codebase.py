@@ -351,3 +351,25 @@ def test_adapter_kinds_are_not_dispatched_on_strings_outside_their_units():
             if names_kind or reparsed:
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
     assert not found, "string dispatch on adapter kinds:\n" + "\n".join(found)
+
+
+def test_families_are_not_dispatched_on_strings_outside_their_modules():
+    """`if family == "sdxl"` is how a new family (SD3.5, FLUX) would get half-supported: what differs
+    per family is asked of its `Family` in models/families/. config.py and presets/ read the names
+    people write."""
+    from sdlora.models.families import FAMILIES
+
+    exempt = [PACKAGE / "models" / "families", PACKAGE / "presets"]
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "config.py" or any(e in path.parents for e in exempt):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names_family = (isinstance(node, ast.Compare)
+                            and any(isinstance(c, ast.Constant) and c.value in FAMILIES
+                                    for side in (node.left, *node.comparators) for c in ast.walk(side)))
+            prefix_test = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                           and node.func.attr == "startswith" and "family" in ast.unparse(node.func.value).lower())
+            if names_family or prefix_test:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, "string dispatch on families:\n" + "\n".join(found)
