@@ -287,7 +287,7 @@ def test_the_base_digest_is_remembered_by_size_and_mtime(tmp_path, monkeypatch):
     weights.write_bytes(b"weights")
     first = digest.stored_digest(weights, store)
     digest._DIGESTS.clear()
-    monkeypatch.setattr(cache, "_sha256", lambda p: pytest.fail("hashed again"))
+    monkeypatch.setattr(digest, "_sha256", lambda p: pytest.fail("hashed again"))
     assert digest.stored_digest(weights, store) == first
 
 
