@@ -70,8 +70,8 @@ MINI_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=4 * FLOW_LATENT_CHANNELS,
                              guidance_embeds=True)  # dev; schnell has no guidance embedding
 # SD3.5 Large-like (qk RMS norm); SD3.5 Medium adds a second image self-attention (MMDiT-X) in its first blocks.
 MINI_SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=FLOW_LATENT_CHANNELS,
-                            out_channels=FLOW_LATENT_CHANNELS, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-                            caption_projection_dim=32, joint_attention_dim=MINI_T5["d_model"],
+                            out_channels=FLOW_LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=MINI_T5["d_model"],
                             pooled_projection_dim=MINI_TEXT_ENCODER["projection_dim"]
                             + MINI_SDXL_TEXT_ENCODER_2["projection_dim"],
                             pos_embed_max_size=16, qk_norm="rms_norm")
