@@ -129,3 +129,32 @@ def test_fixed_timesteps_and_bad_names():
     for kw in ({"timestep_sampling": "logit"}, {"model_prediction_type": "v"}, {"weighting_scheme": "snr"}):
         with pytest.raises(ConfigError, match=next(iter(kw))):
             FlowObjective(**kw)
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal"])
+def test_sd3_objective_is_kohyas(scheme):
+    from sdlora.models.flow import SD3Objective
+
+    n, shift = 256, 3.0
+    g = torch.Generator().manual_seed(7)
+    if scheme == "logit_normal":
+        u = torch.sigmoid(torch.cat([torch.normal(0.0, 1.0, (1,), generator=g) for _ in range(n)]))
+    else:
+        u = torch.cat([torch.rand((1,), generator=g) for _ in range(n)])
+    # kohya sd3_train_utils: u = (u * shift) / (1 + (shift - 1) * u); timesteps = (u * 1000).long(); sigmas = t / 1000
+    expected = ((u * shift) / (1 + (shift - 1) * u) * 1000).long() / 1000
+    objective = SD3Objective(weighting_scheme=scheme, training_shift=shift)
+    assert torch.equal(draws(n, 7, objective), expected)
+    assert not objective.notes()
+    g = torch.Generator().manual_seed(8)
+    x, noise, p = (torch.randn((3, 16, 2, 2), generator=g) for _ in range(3))
+    sigma = torch.tensor([0.1, 0.5, 0.9])
+    noisy = objective.noisy(x, noise, sigma)
+    # kohya: model_pred * (-sigmas) + noisy_model_input against target = latents, weighted
+    assert torch.equal(objective.prediction(p, noisy, sigma), p * (-sigma.view(-1, 1, 1, 1)) + noisy)
+    assert torch.equal(objective.target(x, noise, sigma), x)
+    loss = ((objective.prediction(p, noisy, sigma) - objective.target(x, noise, sigma)) ** 2).mean(dim=(1, 2, 3))
+    velocity_loss = ((p - (noise - x)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, sigma ** 2 * velocity_loss, atol=1e-5)  # the velocity loss times sigma^2
+    cosmap = SD3Objective(weighting_scheme="cosmap").loss_weights(sigma)
+    assert torch.allclose(cosmap, 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2)))

@@ -6,7 +6,8 @@ learns the line's velocity:
     x_sigma = (1 - sigma) x + sigma n,    sigma in [0, 1] (0: the image, 1: pure noise)
     target  = d x_sigma / d sigma = n - x
 
-Here "timesteps" are the sigmas themselves, () per example and (B,) per batch; FLUX's
+`FlowObjective` is the objective with kohya's FLUX options (below), `SD3Objective` the one kohya's
+SD3 training uses. Here "timesteps" are the sigmas themselves, () per example and (B,) per batch; FLUX's
 transformer takes sigma (it multiplies by 1000 itself), SD3's takes 1000 sigma.
 
 How sigma is drawn follows kohya's `--timestep_sampling` (sd-scripts `library/flux_train_utils.py`,
@@ -77,7 +78,7 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
 
 class FlowObjective:
-    """Rectified flow with kohya's FLUX options (see the module docstring)."""
+    """Rectified flow with kohya's FLUX options (`flux_train_network.py`; see the module docstring)."""
 
     def __init__(self, timestep_sampling: str = "sigma", sigmoid_scale: float = 1.0,
                  discrete_flow_shift: float = 3.0, model_prediction_type: str = "raw",
@@ -152,3 +153,32 @@ class FlowObjective:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         return compute_loss_weighting_for_sd3(self.weighting_scheme, timesteps)
+
+
+class SD3Objective(FlowObjective):
+    """Rectified flow as kohya trains SD3.x (sd-scripts `library/sd3_train_utils.py`,
+    `get_noisy_model_input_and_timesteps`, and `sd3_train_network.py`), which has no timestep_sampling
+    or model_prediction_type: u from the weighting scheme's density, shifted by `training_shift` S and
+    floored to the 1000-step grid,
+
+        sigma = floor(1000 S u / (1 + (S - 1) u)) / 1000        in {0, 1/1000, ..., 999/1000}
+
+    and the x0-preconditioned output x_sigma - sigma p compared with the latents x, weighted by the
+    scheme. Since x_sigma - sigma p - x = sigma (n - x - p), that is the velocity loss times sigma^2."""
+
+    def __init__(self, weighting_scheme: str = "none", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, training_shift: float = 1.0):
+        super().__init__("sigma", model_prediction_type="sigma_scaled", weighting_scheme=weighting_scheme,
+                         logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+        self.training_shift = training_shift
+
+    def sample_timesteps(self, generator: torch.Generator, latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(self.weighting_scheme, 1, self.logit_mean, self.logit_std,
+                                                  self.mode_scale, generator=generator)
+        u = shift_sigmas(u, self.training_shift)
+        return ((u * NUM_TRAIN_TIMESTEPS).long() / NUM_TRAIN_TIMESTEPS)[0]
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return latents
