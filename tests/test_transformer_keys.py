@@ -191,3 +191,61 @@ def test_split_reads_fused_modules_as_diffusers_does(sparse):
             assert a.shape == mine.down.shape and b.shape == mine.up.shape
             assert torch.allclose(b @ a, delta(mine), atol=1e-6)
             assert torch.allclose(delta(mine), delta(original), atol=1e-6)
+
+
+def test_sd3_map_lays_out_weights_as_diffusers_single_file_converter():
+    """The same map turns a diffusers MMDiT into Stability's layout (fused rows, swapped halves), which
+    diffusers' own single-file converter turns back into the same tensors."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from sdlora.tiny.configs import build_sd3_components
+
+    transformer = build_sd3_components(medium=True)["transformer"]  # qk norm, attn2, a context_pre_only last block
+    ours = transformer.state_dict()
+    original = {"pos_embed": ours["pos_embed.pos_embed"]}
+    for m in kohya_modules(transformer, SD3_NAMES, outer=True).values():
+        for tensor in ("weight", "bias"):
+            rows = torch.cat([ours[f"{p}.{tensor}"] for p in m.paths])
+            if m.swap_halves:
+                rows = torch.cat(rows.chunk(2)[::-1])
+            original[f"{m.original}.{tensor}"] = rows
+    norms = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+    for name, tensor in ours.items():  # the qk norms: no Linear, outside the map
+        if name.startswith("transformer_blocks."):
+            _, i, rest = name.split(".", 2)
+            module = rest.removesuffix(".weight")
+            if module in norms:
+                original[f"joint_blocks.{i}.{norms[module]}.weight"] = tensor
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert sorted(converted) == sorted(ours)
+    assert all(torch.equal(converted[k], ours[k]) for k in ours)
+
+
+def test_flux_map_is_diffusers_kohya_converters():
+    """Every FLUX module kohya can write (block 0 of each kind, the embedders, the final layer) lands on
+    the diffusers modules our map names, with the same factors, through diffusers' kohya converter."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(guidance_embeds=True)
+    modules = {k: m for k, m in kohya_modules(flux, FLUX_NAMES, outer=True).items()
+               if "_blocks_" not in k or "_blocks_0_" in k}
+    g = torch.Generator().manual_seed(2)
+    state, fused = {}, {}
+    for key, m in modules.items():
+        inputs = flux.get_submodule(m.paths[0]).in_features
+        fused[key] = LoraFactors(torch.randn(1, inputs, generator=g), torch.randn(sum(output_sizes(flux, m)), 1,
+                                                                                  generator=g), 1.0)
+        state |= {f"{key}.lora_down.weight": fused[key].down, f"{key}.lora_up.weight": fused[key].up,
+                  f"{key}.alpha": torch.tensor(1.0)}
+    theirs = {k.removeprefix("transformer."): v for k, v in _convert_kohya_flux_lora_to_diffusers(dict(state)).items()}
+    expected = set()
+    for key, m in modules.items():
+        for path, part in zip(m.paths, split(fused[key], output_sizes(flux, m), swap_halves=m.swap_halves)):
+            assert torch.equal(theirs[f"{path}.lora_A.weight"], part.down)
+            assert torch.equal(theirs[f"{path}.lora_B.weight"], part.up)
+            expected |= {f"{path}.lora_A.weight", f"{path}.lora_B.weight"}
+    assert set(theirs) == expected

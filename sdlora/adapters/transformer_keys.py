@@ -12,6 +12,9 @@ keep the originals' module tree and read those names. diffusers' modules differ 
 - (shift, scale): the originals' final adaLN modulation (and SD3's last context block's) emits
   (shift, scale), diffusers' `AdaLayerNormContinuous` (scale, shift): the rows' two halves exchanged.
 
+The same map lays out an original checkpoint's Linear weights from diffusers' (rows stacked,
+halves exchanged), as diffusers' single-file converter reads them back.
+
 Kohya's default targets are every Linear in FLUX's DoubleStreamBlock / SingleStreamBlock (19 x 10 +
 38 x 3 = 304 modules on FLUX.1) and in SD3's joint blocks (x_block and context_block); the
 embedders and the final layer are opt-in (kohya's `in_dims` / `emb_dims`). Text encoders:
@@ -117,6 +120,7 @@ class KohyaModule:
     """One module of a Kohya file and the diffusers modules it covers."""
 
     key: str  # lora_unet_double_blocks_0_img_attn_qkv
+    original: str  # its path in the original model: double_blocks.0.img_attn.qkv
     paths: tuple[str, ...]  # diffusers module paths; their outputs are the key's rows, in order
     swap_halves: bool = False  # rows (shift, scale) in the original, (scale, shift) in diffusers
 
@@ -134,7 +138,7 @@ def kohya_modules(transformer: nn.Module, names: TransformerNames, outer: bool =
         # AdaLayerNormContinuous's linear emits (scale, shift); the originals' modulation (shift, scale).
         swap = type(modules[paths[0].rsplit(".", 1)[0]]).__name__ == "AdaLayerNormContinuous"
         key = f"{UNET_PREFIX}_{original.replace('.', '_')}"
-        found[key] = KohyaModule(key, paths, swap)
+        found[key] = KohyaModule(key, original, paths, swap)
 
     for original, ours, table in names.blocks:
         for i in range(len(getattr(transformer, ours))):
