@@ -126,9 +126,10 @@ class KohyaModule:
 
 
 def kohya_modules(transformer: nn.Module, names: TransformerNames, outer: bool = False) -> dict[str, KohyaModule]:
-    """{kohya key: KohyaModule} of the transformer's blocks (kohya's default targets), in model order;
-    with `outer`, also the embedders and the final layer. A module missing from the model (the last
-    SD3 block's context projection, attn2 outside MMDiT-X blocks, schnell's guidance) has no key."""
+    """{kohya key: KohyaModule} of the transformer's blocks (kohya's default targets) in the order kohya
+    creates them (the original model's); with `outer`, also the embedders and the final layer. A module
+    missing from the model (the last SD3 block's context projection, attn2 outside MMDiT-X blocks,
+    schnell's guidance) has no key."""
     modules = dict(transformer.named_modules())
     found: dict[str, KohyaModule] = {}
 
