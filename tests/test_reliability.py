@@ -22,7 +22,6 @@ from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 from sdlora.data.caption import DEFAULT_VOCABULARY
 from sdlora.models import checkpoint, load
-from sdlora.training import cache
 from sdlora.training.examples import collect_examples
 from sdlora.training.loop import train
 from sdlora.training.state import STATE_FILE

@@ -157,7 +157,9 @@ def test_fuse_and_split_round_trip():
 def test_split_reads_fused_modules_as_diffusers_does(sparse):
     """kohya -> diffusers: the same factors (diffusers bakes alpha / rank into them) on the real widths,
     for kohya's layout (one down shared by the parts) and for one down per part (block-sparse up)."""
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
 
     g = torch.Generator().manual_seed(1)
     h, rank = 3072, 8
@@ -196,7 +198,9 @@ def test_split_reads_fused_modules_as_diffusers_does(sparse):
 def test_sd3_map_lays_out_weights_as_diffusers_single_file_converter():
     """The same map turns a diffusers MMDiT into Stability's layout (fused rows, swapped halves), which
     diffusers' own single-file converter turns back into the same tensors."""
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
 
     from sdlora.tiny.configs import build_sd3_components
 
@@ -227,7 +231,9 @@ def test_flux_map_is_diffusers_kohya_converters():
     """Every FLUX module kohya can write (block 0 of each kind, the embedders, the final layer) lands on
     the diffusers modules our map names, with the same factors, through diffusers' kohya converter."""
     from diffusers import FluxTransformer2DModel
-    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
 
     with torch.device("meta"):
         flux = FluxTransformer2DModel(guidance_embeds=True)

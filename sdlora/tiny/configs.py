@@ -144,7 +144,12 @@ def build_sd3_components(medium: bool = False, seed: int = 0) -> dict:
     text_encoder_3 (T5)."""
     import torch
     from diffusers import SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     torch.manual_seed(seed)
     return {"transformer": SD3Transformer2DModel(**(MINI_SD35_MEDIUM_TRANSFORMER if medium else MINI_SD3_TRANSFORMER)),
