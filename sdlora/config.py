@@ -214,6 +214,23 @@ class TrainConfig:
                                          "step, any adapter module whose weight change has a norm above this is "
                                          "scaled down to it (1.0 is kohya's starting point; 0 = off)", min=0.0)
     min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", min=0.0)
+    # Rectified flow (FLUX.1), kohya's flux_train_network.py options and names (models/flow.py states the maths)
+    timestep_sampling: str = opt("sigma", "how sigma is drawn (kohya's timestep_sampling)",
+                                 choices=["sigma", "uniform", "sigmoid", "shift", "flux_shift"])
+    sigmoid_scale: float = opt(1.0, "scale of the normal draw in sigmoid / shift / flux_shift sampling", min=0.0)
+    discrete_flow_shift: float = opt(3.0, "shift S of the sigma and shift samplings (3.1582 = FLUX's at 1024 px)",
+                                     min=0.0)
+    model_prediction_type: str = opt("raw", "what the loss compares with noise - latents: raw (the output), "
+                                            "additive, sigma_scaled (kohya's default)",
+                                     choices=["raw", "additive", "sigma_scaled"])
+    weighting_scheme: str = opt("none", "density of sigma sampling (logit_normal, mode) or loss weights with "
+                                        "sigma_scaled (sigma_sqrt, cosmap)",
+                                choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
+    logit_mean: float = opt(0.0, "mean of the logit_normal density")
+    logit_std: float = opt(1.0, "standard deviation of the logit_normal density", min=0.0)
+    mode_scale: float = opt(1.29, "scale of the mode density")
+    guidance_scale: float = opt(3.5, "FLUX.1-dev's guidance input during training (kohya's default 3.5; its "
+                                     "docs advise 1.0 for LoRA)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
     adaptive_noise_scale: float = opt(0.0, "adds this x abs(mean of each latent channel) to noise_offset (kohya's "
                                            "adaptive_noise_scale; needs noise_offset; 0 = off)", min=-1.0, max=1.0)

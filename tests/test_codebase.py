@@ -169,11 +169,15 @@ def _choices(section: str, key: str) -> list:
 def test_config_choices_are_the_tables_that_implement_them():
     """config.py names the choices (it is imported by everything, so it cannot import the
     implementations); each list must be exactly the keys of the table that acts on it."""
+    from sdlora.models import flow
     from sdlora.sampling import sampler
     from sdlora.training.optimizers import OPTIMIZERS
 
     assert _choices("train", "optimizer") == list(OPTIMIZERS)
     assert _choices("sample", "sampler") == list(sampler.SAMPLERS)
+    assert _choices("train", "timestep_sampling") == list(flow.TIMESTEP_SAMPLINGS)
+    assert _choices("train", "model_prediction_type") == list(flow.MODEL_PREDICTION_TYPES)
+    assert _choices("train", "weighting_scheme") == list(flow.WEIGHTING_SCHEMES)
 
 
 def test_the_dataset_builder_and_the_cli_import_without_torch():

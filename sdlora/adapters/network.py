@@ -429,6 +429,7 @@ def network_metadata(base, output_name: str, network: dict[str, str], descriptio
     if family not in FAMILIES:
         raise ValueError(f"adapter_metadata: unknown base family {family!r}; expected one of {', '.join(FAMILIES)}")
     spec = FAMILIES[family]
+    prediction = spec.modelspec_prediction_type(_get(base, "prediction_type"))
     return {
         **network,
         "ss_base_model_version": spec.base_model_version,
@@ -441,7 +442,7 @@ def network_metadata(base, output_name: str, network: dict[str, str], descriptio
         "modelspec.implementation": spec.implementation,
         "modelspec.title": output_name,
         "modelspec.date": _iso(time.time() if finished is None else finished),
-        "modelspec.prediction_type": "v" if _get(base, "prediction_type") == "v_prediction" else "epsilon",
+        **({} if prediction is None else {"modelspec.prediction_type": prediction}),
         "modelspec.description": description,
     }
 

@@ -146,8 +146,9 @@ class FlowObjective:
             return model_output * (-timesteps.view(-1, 1, 1, 1)) + noisy_latents
         return model_output
 
-    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Per-example loss weights (B,), or None: unweighted."""
+    def loss_weights(self, timesteps: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor | None:
+        """Per-example loss weights (B,), or None: unweighted. min-SNR-gamma is a DDPM weighting and does not
+        apply here (kohya's FLUX and SD3 trainings ignore it as well)."""
         if self.model_prediction_type != "sigma_scaled":
             return None
         from diffusers.training_utils import compute_loss_weighting_for_sd3

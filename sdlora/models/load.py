@@ -102,7 +102,7 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
         prediction_type = forced_prediction
         family = FAMILIES[family].named_for(prediction_type)
     scheduler = parts["noise_scheduler"]
-    if scheduler.config.prediction_type != prediction_type:
+    if FAMILIES[family].folder_prediction_type(scheduler) != prediction_type:
         from diffusers import DDPMScheduler
 
         parts["noise_scheduler"] = DDPMScheduler.from_config(scheduler.config, prediction_type=prediction_type)
@@ -159,7 +159,7 @@ def stored_dtypes(model_cfg) -> set[torch.dtype] | None:
     else:
         path = Path(model_cfg.base).expanduser()
     if path.is_dir():
-        files = [f for part in ("unet", "text_encoder", "text_encoder_2", "vae") for f in (path / part).glob("*")
+        files = [f for part in (*_denoiser_parts(), "text_encoder", "text_encoder_2", "vae") for f in (path / part).glob("*")
                  if f.name.startswith(("diffusion_pytorch_model", "model")) and f.suffix in (".safetensors", ".bin")]
     else:
         files = [path] if path.is_file() else []
@@ -174,26 +174,33 @@ def stored_dtypes(model_cfg) -> set[torch.dtype] | None:
     return found
 
 
+def _denoiser_parts() -> list[str]:
+    """The folders a family keeps its denoiser in: unet, transformer."""
+    return list(dict.fromkeys(f.denoiser_part for f in FAMILIES.values()))
+
+
 def _folder_unet_weights(folder: Path) -> Path:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / "unet" / name).exists():
-            return folder / "unet" / name
-    raise UserError(f"model.base: {folder}/unet has no diffusion_pytorch_model.safetensors; "
+    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder."""
+    for part in _denoiser_parts():
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+            if (folder / part / name).exists():
+                return folder / part / name
+    raise UserError(f"model.base: {folder} has no {' or '.join(_denoiser_parts())}/diffusion_pytorch_model.safetensors; "
                     "the diffusers folder is incomplete")
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     """A local diffusers folder of a family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline),
     without network."""
+    import diffusers
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
     from diffusers.utils import logging as diffusers_logging
-    from transformers import CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     index = json.loads((folder / "model_index.json").read_text())
     layout = folder_layout(index)
-    subfolders = ("unet", "vae", *(part for slot in layout.text_encoders for part in (slot.part, slot.tokenizer_part)),
+    subfolders = (layout.denoiser_part, "vae", *(part for slot in layout.text_encoders for part in (slot.part, slot.tokenizer_part)),
                   "scheduler")
     missing = [p for p in subfolders if not (folder / p).is_dir()]
     if missing:
@@ -203,20 +210,23 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     te_kw = dict(local_files_only=True, dtype=dtype)
     try:
         with quiet(diffusers_logging, transformers_logging):  # a "Loading weights" bar per model otherwise
-            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+            unet = getattr(diffusers, layout.denoiser_class).from_pretrained(folder, subfolder=layout.denoiser_part,
+                                                                             **kw)
             vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
             encoders = {}
             for slot in layout.text_encoders:
                 encoders[slot.part] = getattr(transformers, slot.model_class).from_pretrained(
                     folder, subfolder=slot.part, **te_kw).eval()
-                encoders[slot.tokenizer_part] = CLIPTokenizer.from_pretrained(folder, subfolder=slot.tokenizer_part,
-                                                                              local_files_only=True)
-            noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+                encoders[slot.tokenizer_part] = getattr(transformers, slot.tokenizer_class).from_pretrained(
+                    folder, subfolder=slot.tokenizer_part, local_files_only=True)
+            noise_scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(
+                folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(f"model.base: cannot load the diffusers folder {folder}: {e}") from e
-    prediction_type = noise_scheduler.config.prediction_type
-    widths = {encoders[layout.text_encoders[0].part].config.hidden_size, unet.config.cross_attention_dim}
-    family = folder_family(layout, widths, prediction_type)
+    prediction_type = layout.folder_prediction_type(noise_scheduler)
+    widths = {encoders[layout.text_encoders[0].part].config.hidden_size,
+              getattr(unet.config, "cross_attention_dim", None)}
+    family = folder_family(layout, unet, widths, prediction_type)
     return dict(vae=vae.eval(), unet=unet.eval(), noise_scheduler=noise_scheduler, family=family,
                 prediction_type=prediction_type, model_hash=file_digest(_folder_unet_weights(folder)), **encoders)
 

@@ -64,6 +64,10 @@ MINI_T5 = dict(vocab_size=32128, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_
                is_encoder_decoder=False, use_cache=False)
 FLOW_LATENT_CHANNELS = 16
 # hidden = heads x head_dim = 2 x 16; the rotary axes (id, row, column) split head_dim 4 + 4 + 8.
+# FLUX's VAE: 16 channels, latents (z - 0.1159) x 0.3611 (its config's shift_factor / scaling_factor).
+MINI_FLUX_VAE = dict(MINI_VAE, latent_channels=FLOW_LATENT_CHANNELS, shift_factor=0.1159, scaling_factor=0.3611,
+                     use_quant_conv=False, use_post_quant_conv=False)
+MINI_T5_MAX_LENGTH = 32  # the T5 tokenizer's model_max_length: the text sequence the transformer sees
 MINI_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=4 * FLOW_LATENT_CHANNELS, num_layers=2, num_single_layers=2,
                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=MINI_T5["d_model"],
                              pooled_projection_dim=MINI_TEXT_ENCODER["hidden_size"], axes_dims_rope=[4, 4, 8],
@@ -156,3 +160,37 @@ def build_sd3_components(medium: bool = False, seed: int = 0) -> dict:
             "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**MINI_TEXT_ENCODER)),
             "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER_2)),
             "text_encoder_3": T5EncoderModel(T5Config(**MINI_T5))}
+
+
+def t5_tokenizer():
+    """A small T5TokenizerFast built offline (a Unigram model over a few words and the letters, T5's
+    special tokens <pad> 0, </s> 1, <unk> 2 and its "</s>" suffix): tests need no Hub download."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = "a the of and mountains lake sunset river forest sky clrscn scenery colorful pastel".split()
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in words]
+             + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.:()\u2581"])
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=MINI_T5_MAX_LENGTH, extra_ids=0)
+
+
+def build_flux_pipeline(guidance: bool = True, seed: int = 0):
+    """A FluxPipeline of random FLUX.1-architecture components at test size (`build_flux_components`, a
+    16-channel VAE with FLUX's latent factors, offline tokenizers); save_pretrained makes a base folder."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    parts = build_flux_components(guidance, seed)
+    torch.manual_seed(seed + 1)
+    # FLUX.1-dev's scheduler config (schnell's: shift 1.0, no dynamic shifting)
+    scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                 base_image_seq_len=256, max_image_seq_len=4096)
+                 if guidance else FlowMatchEulerDiscreteScheduler(shift=1.0))
+    return FluxPipeline(scheduler=scheduler, vae=AutoencoderKL(**MINI_FLUX_VAE), tokenizer=clip_tokenizer(),
+                        tokenizer_2=t5_tokenizer(), **parts)

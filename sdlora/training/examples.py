@@ -255,7 +255,7 @@ class TrainingSamples(torch.utils.data.Dataset):
             "latents": latents,
             "noise": torch.randn(latents.shape, generator=g),
             "offset": torch.randn((latents.shape[0], 1, 1), generator=g),
-            "timesteps": data.objective.sample_timesteps(g),
+            "timesteps": data.objective.sample_timesteps(g, tuple(latents.shape[-2:])),
             "loss_weight": torch.tensor(tc.prior_loss_weight if d.is_reg else 1.0),
         }
         if tc.multires_noise_iterations:  # drawn last: the draws above stay those of a run without it

@@ -152,13 +152,16 @@ class Trainer:
         self.accelerator = acc = make_accelerator(cfg)
         self.weight_dtype = DTYPES[tc.mixed_precision]  # the frozen base; adapters train in fp32
         self.base = base = load_base(cfg.model, dtype=self.weight_dtype)
-        self.family = FAMILIES[base.family]
+        self.family = FAMILIES[base.family].for_training(tc)
         self.objective = self.family.objective(base.noise_scheduler)
         self.latent_format = self.family.latent_format(base.vae)
-        note = self.family.clip_skip_note(cfg.model.clip_skip)
-        if note:
-            self._main_log(f"warning: {note}")
+        for note in [self.family.clip_skip_note(cfg.model.clip_skip), *self.objective.notes()]:
+            if note:
+                self._main_log(f"warning: {note}")
         self.settings = resolve_settings(cfg, base)  # ranks with Kohya's defaults; checks a rate pair against the encoders
+        if self.settings.trains_text_encoder and not self.family.trains_text_encoders:
+            raise UserError(f"{cfg.source}: {base.name} is {self.family.title}, whose text encoders sdlora does not "
+                            "train yet; set network.train_text_encoder = false (or train.text_encoder_lr = 0)")
         with acc.main_process_first():  # one process rebuilds a stale manifest, the others read it
             dataset = collect_examples(cfg, log=self._main_log, manifest=manifest)  # what config_hash covers
         examples, validation = split_held_out(dataset)
@@ -248,12 +251,14 @@ class Trainer:
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.te_learning):
                 text = self.encode_text(batch["input_ids"])  # (B, 77, d) hidden states (+ SDXL's pooled (B, 1280))
-        noise_pred = self.family.predict(self.unet, noisy_latents, timesteps, text, batch.get("time_ids"),
-                                         self.weight_dtype)
+        model_output = self.family.predict(self.unet, noisy_latents, timesteps, text, batch.get("time_ids"),
+                                           self.weight_dtype)
+        prediction = objective.prediction(model_output, noisy_latents, timesteps)
         target = objective.target(latents, noise, timesteps)
-        loss = F.mse_loss(noise_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-        if tc.min_snr_gamma:
-            loss = loss * objective.snr_weights(timesteps, tc.min_snr_gamma)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        weights = objective.loss_weights(timesteps, tc.min_snr_gamma)  # min-SNR (DDPM), the flow's scheme
+        if weights is not None:
+            loss = loss * weights
         return (loss * batch["loss_weight"]).mean()  # regularisation images: train.prior_loss_weight
 
     @torch.no_grad()

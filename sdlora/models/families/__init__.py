@@ -6,10 +6,11 @@ family is its module and an entry here; the loaders, the trainer and the sampler
 from __future__ import annotations
 
 from sdlora.models.families.base import Family
+from sdlora.models.families.flux import FLUX_DEV, FLUX_SCHNELL
 from sdlora.models.families.sd import SD1, SD2, SD2_V
 from sdlora.models.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SD2_V, SDXL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SD2_V, SDXL, FLUX_DEV, FLUX_SCHNELL)}
 
 
 def detect(keys) -> Family | None:
@@ -21,24 +22,26 @@ def detect(keys) -> Family | None:
 
 
 def _parts(family: Family) -> list[str]:
-    return [slot.part for slot in family.text_encoders]
+    """The pipeline components that set the family's folders apart: its denoiser and text encoders."""
+    return [family.denoiser_part, *(slot.part for slot in family.text_encoders)]
 
 
 def folder_layout(index: dict) -> Family:
-    """The family whose text encoders a diffusers folder's model_index.json names (the one with the
-    most, where several fit); of families with the same components (SD1.x, SD2.x) the first, whose
+    """The family whose denoiser and text encoders a diffusers folder's model_index.json names (the one
+    with the most, where several fit); of families with the same components (SD1.x, SD2.x; FLUX.1 dev
+    and schnell) the first, whose
     components load alike and which `folder_family` then tells apart."""
     fitting = [f for f in FAMILIES.values() if all(part in index for part in _parts(f))]
     return max(fitting or [SD1], key=lambda f: len(f.text_encoders))
 
 
-def folder_family(layout: Family, widths: set[int], prediction_type: str) -> str:
-    """The family name of a loaded folder with `layout`'s components, from its text widths (the text
-    encoder's hidden size, the U-Net's cross attention) and prediction type: a family with the same
-    components whose context width is among them, else the first of them (SD1.x for any other width,
-    the tiny model's included)."""
+def folder_family(layout: Family, denoiser, widths: set[int], prediction_type: str) -> str:
+    """The family name of a loaded folder with `layout`'s components, from its denoiser, its text widths
+    (the text encoder's hidden size, the U-Net's cross attention) and prediction type: a family with the
+    same components that `fits_folder`, else the first of them (SD1.x for any other width, the tiny
+    model's included; FLUX.1 dev unless the transformer has no guidance embedding)."""
     alike = [f for f in FAMILIES.values() if _parts(f) == _parts(layout)]
-    found = next((f for f in alike[1:] if f.context_width in widths), alike[0])
+    found = next((f for f in alike[1:] if f.fits_folder(denoiser, widths)), alike[0])
     return found.named_for(prediction_type)
 
 

@@ -84,8 +84,8 @@ class DiffusionObjective:
         self.v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
         self.num_timesteps = noise_scheduler.config.num_train_timesteps
 
-    def sample_timesteps(self, generator: torch.Generator) -> torch.Tensor:
-        """One example's timestep, () int64, uniform over the schedule."""
+    def sample_timesteps(self, generator: torch.Generator, latent_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """One example's timestep, () int64, uniform over the schedule (whatever the latents' (h, w))."""
         return torch.randint(0, self.num_timesteps, (), generator=generator)
 
     def fixed_timesteps(self, k: int) -> torch.Tensor:
@@ -99,6 +99,19 @@ class DiffusionObjective:
         if self.v_prediction:
             return self.noise_scheduler.get_velocity(latents, noise, timesteps)
         return noise
+
+    def prediction(self, model_output: torch.Tensor, noisy_latents: torch.Tensor,
+                   timesteps: torch.Tensor) -> torch.Tensor:
+        """What the loss compares with `target`: the U-Net's output itself."""
+        return model_output
+
+    def loss_weights(self, timesteps: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor | None:
+        """Per-example loss weights (B,): min-SNR-gamma's, or None (unweighted) when gamma is 0."""
+        return self.snr_weights(timesteps, min_snr_gamma) if min_snr_gamma else None
+
+    def notes(self) -> list[str]:
+        """Warnings for settings this objective ignores: none."""
+        return []
 
     def snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
         from diffusers.training_utils import compute_snr
@@ -117,7 +130,8 @@ class TextEncoderSlot:
     model_class: str  # the transformers class: "CLIPTextModel" | "CLIPTextModelWithProjection"
     prefix: str  # where a single file keeps its tensors
     layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout: its state to and from the names under `prefix`
-    tokenizer: Callable[[], Any]  # its tokenizer, built offline
+    tokenizer: Callable[[], Any] | None  # its tokenizer, built offline (None: the family has no single files yet)
+    tokenizer_class: str = "CLIPTokenizer"  # the transformers class of a folder's tokenizer
 
     def from_original(self, state: dict) -> dict:
         """Its state in transformers-4 names from a single file's tensors under `prefix` (prefix removed)."""
@@ -145,6 +159,10 @@ class Family:
     conv_proj: bool = False  # the U-Net's proj_in / proj_out are 1x1 convs (SD1.x), not Linear
     pipeline_class: str = "StableDiffusionPipeline"  # diffusers' text-to-image pipeline of the family
     pipeline_options: tuple[tuple[str, Any], ...] = ()  # its further constructor arguments
+    trains_text_encoders: bool = True  # sdlora can put adapters on its text encoders
+    denoiser_part: str = "unet"  # the denoiser's pipeline component and folder (BaseModel.unet holds it)
+    denoiser_class: str = "UNet2DConditionModel"  # its diffusers class
+    scheduler_class: str = "DDPMScheduler"  # the training noise schedule's diffusers class
 
     def detects(self, keys: list[str]) -> bool:
         """Do a single file's tensor names say it holds this family?"""
@@ -164,8 +182,27 @@ class Family:
 
         encoders = {part: getattr(base, part) for slot in self.text_encoders
                     for part in (slot.part, slot.tokenizer_part)}
-        return getattr(diffusers, self.pipeline_class)(vae=base.vae, unet=base.unet, scheduler=scheduler, **encoders,
+        return getattr(diffusers, self.pipeline_class)(vae=base.vae, scheduler=scheduler,
+                                                       **{self.denoiser_part: base.unet}, **encoders,
                                                        **dict(self.pipeline_options))
+
+    def fits_folder(self, denoiser, widths: set[int]) -> bool:
+        """Is a loaded folder with this family's components this family rather than an alike one
+        (`families.folder_family`)? Its text conditioning's width is among the folder's `widths`."""
+        return self.context_width in widths
+
+    def folder_prediction_type(self, scheduler) -> str:
+        """The prediction type of a folder with this training scheduler."""
+        return scheduler.config.prediction_type
+
+    def modelspec_prediction_type(self, prediction_type: str) -> str | None:
+        """modelspec.prediction_type of an adapter on a base with `prediction_type`; None: not written."""
+        return "v" if prediction_type == "v_prediction" else "epsilon"
+
+    def for_training(self, train) -> "Family":
+        """The family as one training uses it, with its [train] table (`train`): the same for SD1.x-SDXL,
+        whose objective and conditioning have no settings there."""
+        return self
 
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
         """The U-Net's text conditioning from each encoder's (B, 77) input ids (see the module docstring)."""
