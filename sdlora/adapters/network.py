@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sdlora import kohya_blocks
-from sdlora.adapters import apply, keys, kinds
+from sdlora.adapters import apply, keys, kinds, transformer_keys
 from sdlora.data.buckets import resolution_pair
 from sdlora.errors import UserError
 from sdlora.models.families import FAMILIES
@@ -33,7 +33,8 @@ ADAPTER_NAME = "sdlora"
 
 # Kohya's target containers (networks/lora.py): every Linear and 1x1 Conv2d inside them
 # gets `dim`; 3x3 convs inside the ResNet containers get `conv_dim` (LoCon).
-TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+# FLUX.1's double- and single-stream blocks (kohya's DoubleStreamBlock / SingleStreamBlock) likewise.
+TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
 _ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"
@@ -193,6 +194,9 @@ class Network:
     frozen_parts: set[str] = field(default_factory=set)
     unet_blocks: dict[str, int] = field(default_factory=dict)  # kohya key -> block, with block lr weights only
     block_lr_weights: list[float] | None = None  # network.*_lr_weight, one per U-Net block
+    # A transformer named as in its original (FLUX.1): Kohya key -> the diffusers modules it covers, whose
+    # adapters `modules` holds under their diffusers paths; files hold them fused (`transformer_keys`).
+    original_names: dict[str, transformer_keys.KohyaModule] = field(default_factory=dict)
 
     def layer(self, key: str) -> nn.Module:
         part, path = self.modules[key]
@@ -276,8 +280,49 @@ class Network:
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         """`<key>.lora_down.weight`, `<key>.lora_up.weight` (LoHa: `.hada_*`, LoKr: `.lokr_*`; DoRA: + `.dora_scale`),
         `<key>.alpha` (0-dim)."""
+        if self.original_names:
+            return self._original_state_dict(dtype)
         return {f"{key}.{suffix}": tensor.to("cpu", dtype) for key in self.exported_keys()
                 for suffix, tensor in self.module_tensors(key).items()}
+
+    def _diffusers_keys(self) -> dict[str, str]:
+        """{diffusers module path: our key} of the denoiser's adapters."""
+        return {path: key for key, (part, path) in self.modules.items() if part == "unet"}
+
+    def _original_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The Kohya state dict of a transformer named as its original: each original module's LoRA fused
+        from its diffusers parts' (`transformer_keys.fuse`), then the text encoders' as they are."""
+        exported, key_of = set(self.exported_keys()), self._diffusers_keys()
+        out = {}
+        for name, module in self.original_names.items():
+            if key_of[module.paths[0]] not in exported:
+                continue
+            parts = [self.module_tensors(key_of[path]) for path in module.paths]
+            fused = transformer_keys.fuse([transformer_keys.LoraFactors(t["lora_down.weight"], t["lora_up.weight"],
+                                                                        float(t["alpha"])) for t in parts],
+                                          module.swap_halves)
+            out |= {f"{name}.lora_down.weight": fused.down.to("cpu", dtype),
+                    f"{name}.lora_up.weight": fused.up.to("cpu", dtype),
+                    f"{name}.alpha": torch.tensor(fused.alpha).to(dtype)}
+        return out | {f"{key}.{suffix}": tensor.to("cpu", dtype) for key in exported if self.modules[key][0] != "unet"
+                      for suffix, tensor in self.module_tensors(key).items()}
+
+    def _diffusers_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A Kohya state dict of this network with the original's names -> its diffusers parts' keys
+        (`transformer_keys.split`, the inverse of `_original_state_dict`)."""
+        key_of, unet = self._diffusers_keys(), self.models["unet"]
+        out = {}
+        for name, parts in keys.group_modules(tensors).items():
+            module = self.original_names.get(name)
+            if module is None or not {"lora_down.weight", "lora_up.weight", "alpha"} >= set(parts):
+                out |= {f"{name}.{suffix}": t for suffix, t in parts.items()}
+                continue
+            fused = transformer_keys.LoraFactors(parts["lora_down.weight"], parts["lora_up.weight"], float(parts["alpha"]))
+            sizes = transformer_keys.output_sizes(unet, module)
+            for path, factors in zip(module.paths, transformer_keys.split(fused, sizes, module.swap_halves)):
+                out |= {f"{key_of[path]}.lora_down.weight": factors.down, f"{key_of[path]}.lora_up.weight": factors.up,
+                        f"{key_of[path]}.alpha": torch.tensor(factors.alpha)}
+        return out
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
@@ -309,6 +354,8 @@ class Network:
     def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy a Kohya state dict of the same network into the adapters (resume, init_weights), its
         modules matched to the layers as the adapters' engine matches them (`apply.canonical`)."""
+        if self.original_names:
+            tensors = self._diffusers_state_dict(tensors)
         groups, unmatched = apply.canonical(keys.group_modules(tensors), self.models)
         expected = set(self.exported_keys())
         unknown, missing = sorted(set(unmatched) | (set(groups) - expected)), sorted(expected - set(groups))
@@ -379,8 +426,28 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Sett
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
         modules.update({key: (part, path) for key, path in keys.module_keys(model, part, paths).items()})
     blocks_by_key = {key: block_of[path] for key, (part, path) in modules.items() if part == "unet" and block_of}
-    return Network(kind=kinds.for_network_type(network_cfg.type).NAME, models=models,
-                   modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights)
+    network = Network(kind=kinds.for_network_type(network_cfg.type).NAME, models=models,
+                      modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights)
+    names = transformer_keys.names_of(unet)
+    if names is not None:
+        network.original_names = _original_names(unet, names, network_cfg, set(modules.values()))
+    return network
+
+
+def _original_names(transformer: nn.Module, names, network_cfg, adapted: set[tuple[str, str]]) -> dict:
+    """{Kohya key: KohyaModule} of the adapted modules of a transformer named as its original. Only LoRA
+    fuses exactly (and so loads as kohya writes it); every part of a fused module must be adapted."""
+    if kinds.for_network_type(network_cfg.type) is not kinds.lora or network_cfg.dora:
+        raise UserError(f"[network] type = {network_cfg.type!r}{' with dora' if network_cfg.dora else ''}: "
+                        f"{type(transformer).__name__} adapters are written as Kohya's fused modules, which "
+                        "sdlora does for plain LoRA only; set network.type = \"lora\" and dora = false")
+    modules = {k: m for k, m in transformer_keys.kohya_modules(transformer, names, outer=True).items()
+               if any(("unet", p) in adapted for p in m.paths)}
+    partial = [k for k, m in modules.items() if not all(("unet", p) in adapted for p in m.paths)]
+    if partial:
+        raise UserError(f"[network] unet_targets = {network_cfg.unet_targets!r} adapts part of the fused module(s) "
+                        f"{', '.join(partial[:3])}; use unet_targets = \"transformer\" (kohya's default)")
+    return modules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +600,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "ss_session_id": str(stats.get("session_id", secrets.randbelow(2**31))),
         "modelspec.resolution": f"{width}x{height}",
     }
+    meta |= FAMILIES[_get(base, "family")].kohya_metadata(train)
     if cfg.trigger:
         meta["modelspec.trigger_phrase"] = cfg.trigger
     if thumbnail:

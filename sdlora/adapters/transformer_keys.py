@@ -115,6 +115,17 @@ FLUX_NAMES = TransformerNames((("double_blocks", "transformer_blocks", FLUX_DOUB
 SD3_NAMES = TransformerNames((("joint_blocks", "transformer_blocks", SD3_JOINT),), SD3_OUTER)
 
 
+# The transformers named as in their originals, by diffusers class.
+NAMES_BY_CLASS = {"FluxTransformer2DModel": FLUX_NAMES, "SD3Transformer2DModel": SD3_NAMES}
+
+
+def names_of(denoiser: nn.Module) -> TransformerNames | None:
+    """How a denoiser's Kohya names read (FLUX.1's, SD3's), or None: named by its diffusers paths (U-Nets)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return NAMES_BY_CLASS.get(type(extract_model_from_parallel(denoiser)).__name__)
+
+
 @dataclass(frozen=True)
 class KohyaModule:
     """One module of a Kohya file and the diffusers modules it covers."""

@@ -41,9 +41,11 @@ def set_attention(unet: nn.Module, kind: str, where: str = "train.attention") ->
     xformers: xformers' memory-efficient attention, which needs the package and a CUDA GPU."""
     require_attention(kind, where)
     if kind == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())
+        # U-Nets' Attention modules; FLUX's FluxAttention computes with PyTorch's SDPA by default
+        if any(isinstance(m, Attention) for m in unet.modules()):
+            unet.set_attn_processor(AttnProcessor2_0())
     else:
         unet.enable_xformers_memory_efficient_attention()
 

@@ -199,6 +199,10 @@ class Family:
         """modelspec.prediction_type of an adapter on a base with `prediction_type`; None: not written."""
         return "v" if prediction_type == "v_prediction" else "epsilon"
 
+    def kohya_metadata(self, train) -> dict[str, str]:
+        """The family's own ss_* fields of a trained adapter, from its [train] table (`train`): none."""
+        return {}
+
     def for_training(self, train) -> "Family":
         """The family as one training uses it, with its [train] table (`train`): the same for SD1.x-SDXL,
         whose objective and conditioning have no settings there."""

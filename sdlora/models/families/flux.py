@@ -69,6 +69,15 @@ class FluxFamily(Family):
                 train.weighting_scheme, train.logit_mean, train.logit_std, train.mode_scale)
         return replace(self, guidance_scale=train.guidance_scale, flow=flow)
 
+    def kohya_metadata(self, train) -> dict[str, str]:
+        """What sd-scripts' flux_train_network.py adds (its `update_metadata`), as str() of its arguments."""
+        return {"ss_network_module": "networks.lora_flux", "ss_model_type": "flux", "ss_apply_t5_attn_mask": "False",
+                "ss_weighting_scheme": train.weighting_scheme, "ss_logit_mean": str(train.logit_mean),
+                "ss_logit_std": str(train.logit_std), "ss_mode_scale": str(train.mode_scale),
+                "ss_guidance_scale": str(train.guidance_scale), "ss_timestep_sampling": train.timestep_sampling,
+                "ss_sigmoid_scale": str(train.sigmoid_scale), "ss_model_prediction_type": train.model_prediction_type,
+                "ss_discrete_flow_shift": str(train.discrete_flow_shift)}
+
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
         pooled = encoders[0](input_ids[0]).pooler_output  # (B, 768): CLIP-L's EOS state after the final norm
         hidden = encoders[1](input_ids[1]).last_hidden_state  # (B, T, 4096)
