@@ -22,7 +22,6 @@ from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 from sdlora.data.caption import DEFAULT_VOCABULARY
 from sdlora.models import checkpoint, load
-from sdlora.training import cache
 from sdlora.training.examples import collect_examples
 from sdlora.training.loop import train
 from sdlora.training.state import STATE_FILE
@@ -287,7 +286,7 @@ def test_the_base_digest_is_remembered_by_size_and_mtime(tmp_path, monkeypatch):
     weights.write_bytes(b"weights")
     first = digest.stored_digest(weights, store)
     digest._DIGESTS.clear()
-    monkeypatch.setattr(cache, "_sha256", lambda p: pytest.fail("hashed again"))
+    monkeypatch.setattr(digest, "_sha256", lambda p: pytest.fail("hashed again"))
     assert digest.stored_digest(weights, store) == first
 
 

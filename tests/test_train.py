@@ -312,6 +312,7 @@ def test_divergence_message_and_report_state_the_effective_alpha(tmp_path):
     """network.alpha = 0 means alpha = dim (Kohya's default): the user reads 8, not 0."""
     from types import SimpleNamespace
 
+    from sdlora.adapters.network import resolve_settings
     from sdlora.config import config_from_dict
 
     cfg = config_from_dict({"name": "style", "network": {"dim": 8, "alpha": 0}, "output": {"dir": str(tmp_path)}})
@@ -320,7 +321,8 @@ def test_divergence_message_and_report_state_the_effective_alpha(tmp_path):
     assert "network.alpha / network.dim (8 / 8)" in str(e.value)
 
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    trainer = SimpleNamespace(cfg=cfg, base=SimpleNamespace(name="tiny", family="sd_v1", prediction_type="epsilon"),
+    base = SimpleNamespace(name="tiny", family="sd_v1", prediction_type="epsilon")
+    trainer = SimpleNamespace(cfg=cfg, base=base, settings=resolve_settings(cfg, base),
                               data=SimpleNamespace(examples=[], validation=[]), epochs=1, train_te=False,
                               validation_losses=[])
     report = write_report(trainer, TrainResult(adapter=tmp_path / "style.safetensors", steps=2,

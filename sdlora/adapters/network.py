@@ -138,10 +138,39 @@ def text_encoder_lrs(cfg, base) -> list[float]:
     return lrs if cfg.network.train_text_encoder else [0.0] * count
 
 
-def _peft_config(network_cfg, paths: list[str], model: nn.Module, ranks: dict | None = None):
+@dataclass(frozen=True)
+class Settings:
+    """[network] and [train] values as a training uses them, resolved once (`resolve_settings`) when the
+    config and the base are known: Kohya's rank defaults applied (`network_ranks`) and one learning
+    rate per text encoder of the base (`text_encoder_lrs`). The trainer resolves them and hands them
+    to injection, the metadata, the report and the guards."""
+
+    dim: int
+    alpha: float
+    conv_dim: int
+    conv_alpha: float
+    text_encoder_lrs: tuple[float, ...]
+
+    @property
+    def ranks(self) -> tuple[int, float, int, float]:
+        """(dim, alpha, conv_dim, conv_alpha), as `network_ranks` gives them."""
+        return self.dim, self.alpha, self.conv_dim, self.conv_alpha
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return any(lr > 0 for lr in self.text_encoder_lrs)
+
+
+def resolve_settings(cfg, base) -> Settings:
+    return Settings(*network_ranks(cfg.network), tuple(text_encoder_lrs(cfg, base)))
+
+
+def _peft_config(network_cfg, paths: list[str], model: nn.Module, defaults: tuple[int, float, int, float],
+                 ranks: dict | None = None):
     """The kind's peft config (`kinds.*.peft_config`) with explicit full paths; spatial convs get conv_dim /
-    conv_alpha, or each path its (dim, alpha) from `ranks` (block-wise settings)."""
-    dim, alpha, conv_dim, conv_alpha = network_ranks(network_cfg)
+    conv_alpha, or each path its (dim, alpha) from `ranks` (block-wise settings); defaults: the
+    [network]'s (dim, alpha, conv_dim, conv_alpha) with Kohya's defaults applied."""
+    dim, alpha, conv_dim, conv_alpha = defaults
     if ranks is None:
         modules = dict(model.named_modules())
         ranks = {p: (conv_dim, conv_alpha) for p in paths if _is_spatial_conv(modules[p])}
@@ -305,13 +334,16 @@ class Network:
                     param.copy_(parts[suffix].reshape(param.shape) / self._file_factor(key, suffix))
 
 
-def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
+def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Settings | None = None) -> Network:
     """Freeze the base models and add adapters (peft, adapter name "sdlora") per `network_cfg`.
 
     `text_encoder` is one model, a (te1, te2) pair (SDXL) or None; text-encoder adapters are
-    created only when network_cfg.train_text_encoder is true.
+    created only when network_cfg.train_text_encoder is true. settings: the training's resolved
+    `Settings` (None: the ranks are resolved here from network_cfg).
     """
     from peft import inject_adapter_in_model
+
+    defaults = settings.ranks if settings else network_ranks(network_cfg)
 
     text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     text_encoders = [te for te in text_encoders if te is not None]
@@ -338,7 +370,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print) -> Network:
             if not paths:
                 raise UserError("[network] block_dims / *_lr_weight leave no U-Net block with adapters: give some "
                                 "block a rank above 0 and a weight above block_lr_zero_threshold")
-        config = _peft_config(network_cfg, paths, model, ranks if part == "unet" else None)
+        config = _peft_config(network_cfg, paths, model, defaults, ranks if part == "unet" else None)
         if part == "unet":
             model.add_adapter(config, adapter_name=ADAPTER_NAME)  # diffusers' own path: set_adapters etc. work
         else:
@@ -415,7 +447,7 @@ def network_metadata(base, output_name: str, network: dict[str, str], descriptio
 
 
 def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, dataset_dirs: dict | None = None,
-                     thumbnail: str | None = None) -> dict[str, str]:
+                     thumbnail: str | None = None, settings: Settings | None = None) -> dict[str, str]:
     """Kohya `ss_*` and Stability `modelspec.*` metadata; every value a string.
 
     cfg: the Config; base: a BaseModel or dict with family, prediction_type, name, model_hash;
@@ -429,7 +461,8 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         raise ValueError(f"adapter_metadata: stats lacks {', '.join(missing)}")
     net, train, data = cfg.network, cfg.train, cfg.dataset
     width, height = resolution_pair(data.resolution)
-    _, alpha, conv_dim, conv_alpha = network_ranks(net)
+    settings = settings or resolve_settings(cfg, base)
+    alpha, conv_dim, conv_alpha = settings.alpha, settings.conv_dim, settings.conv_alpha
     network_args = {}
     if kinds.writes_conv_args(net.type) or net.unet_targets == "all":
         network_args.update(conv_dim=str(conv_dim), conv_alpha=f"{conv_alpha:g}")
@@ -438,7 +471,7 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     network_args.update(kohya_blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
-    te_lrs = text_encoder_lrs(cfg, base)
+    te_lrs = settings.text_encoder_lrs
     description = (f"{net.type} (dim {net.dim}, alpha {alpha:g}) trained by sdlora on "
                    f"{stats['num_train_images']} images, {stats['steps']} steps")
     algo = kinds.for_network_type(net.type).LYCORIS_ALGO  # LoRA and LoCon are Kohya's own networks.lora

@@ -52,6 +52,31 @@ MINI_SDXL_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_b
                       addition_embed_type="text_time", addition_time_embed_dim=8,
                       projection_class_embeddings_input_dim=16 + 6 * 8)
 
+# FLUX.1- and SD3.5-architecture denoisers and text encoders at test size: the same classes and
+# module names as the real ones (diffusers' FluxTransformer2DModel / SD3Transformer2DModel,
+# transformers' CLIP and T5 encoders), on the real 16-channel latents. Widths are chained as in the
+# real models: FLUX's transformer takes T5's hidden states (joint_attention_dim = d_model) and
+# CLIP-L's pooled output (pooled_projection_dim = hidden_size); SD3's takes CLIP-L ++ CLIP-G
+# penultimate states (32 + 32, T5's width here; the real 768 + 1280 are zero-padded to 4096) then T5's
+# along the sequence, and the two projections concatenated (32 + 16) as its pooled input.
+MINI_T5 = dict(vocab_size=32128, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
+               is_encoder_decoder=False, use_cache=False)
+FLOW_LATENT_CHANNELS = 16
+# hidden = heads x head_dim = 2 x 16; the rotary axes (id, row, column) split head_dim 4 + 4 + 8.
+MINI_FLUX_TRANSFORMER = dict(patch_size=1, in_channels=4 * FLOW_LATENT_CHANNELS, num_layers=2, num_single_layers=2,
+                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=MINI_T5["d_model"],
+                             pooled_projection_dim=MINI_TEXT_ENCODER["hidden_size"], axes_dims_rope=[4, 4, 8],
+                             guidance_embeds=True)  # dev; schnell has no guidance embedding
+# SD3.5 Large-like (qk RMS norm); SD3.5 Medium adds a second image self-attention (MMDiT-X) in its first blocks.
+MINI_SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=FLOW_LATENT_CHANNELS,
+                            out_channels=FLOW_LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
+                            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=MINI_T5["d_model"],
+                            pooled_projection_dim=MINI_TEXT_ENCODER["projection_dim"]
+                            + MINI_SDXL_TEXT_ENCODER_2["projection_dim"],
+                            pos_embed_max_size=16, qk_norm="rms_norm")
+MINI_SD35_MEDIUM_TRANSFORMER = dict(MINI_SD3_TRANSFORMER, dual_attention_layers=(0,))
+
 OPEN_CLIP = dict(embed_dim=64, init_logit_bias=-5.0,
                  vision_cfg=dict(image_size=64, layers=4, width=96, patch_size=8, head_width=32),
                  text_cfg=dict(context_length=77, vocab_size=49408, width=48, heads=4, layers=3))
@@ -98,3 +123,36 @@ def build_sdxl_pipeline(seed: int = 0):
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER_2)),
         tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(), unet=UNet2DConditionModel(**MINI_SDXL_UNET),
         scheduler=DDPMScheduler.from_config(SCHEDULER))
+
+
+def build_flux_components(guidance: bool = True, seed: int = 0) -> dict:
+    """Random-weight FLUX.1-architecture parts at test size, named as FluxPipeline names them:
+    transformer (dev-like with `guidance`, else schnell-like), text_encoder (CLIP-L), text_encoder_2 (T5)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return {"transformer": FluxTransformer2DModel(**dict(MINI_FLUX_TRANSFORMER, guidance_embeds=guidance)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**MINI_TEXT_ENCODER)),
+            "text_encoder_2": T5EncoderModel(T5Config(**MINI_T5))}
+
+
+def build_sd3_components(medium: bool = False, seed: int = 0) -> dict:
+    """Random-weight SD3.5-architecture parts at test size, named as StableDiffusion3Pipeline names them:
+    transformer (Large-like, or Medium-like with `medium`), text_encoder (CLIP-L), text_encoder_2 (CLIP-G),
+    text_encoder_3 (T5)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(seed)
+    return {"transformer": SD3Transformer2DModel(**(MINI_SD35_MEDIUM_TRANSFORMER if medium else MINI_SD3_TRANSFORMER)),
+            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**MINI_TEXT_ENCODER)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**MINI_SDXL_TEXT_ENCODER_2)),
+            "text_encoder_3": T5EncoderModel(T5Config(**MINI_T5))}

@@ -76,16 +76,17 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def check_finite(cfg: Config, step: int, epoch: int, loss: float, grad_norm: float, losses: list[float],
-                 overflow_skips: bool) -> None:
+                 overflow_skips: bool, settings=None) -> None:
     """Stop training on a NaN/inf loss or gradient norm, saying where, why and what to change.
 
+    settings: the training's resolved `network.Settings` (None: resolved from cfg for the message).
     overflow_skips: fp16's gradient scaler skips steps whose gradients overflow and lowers its
     scale, so an infinite gradient is expected there now and then; a non-finite loss is not.
     """
     if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow_skips):
         return
     tc = cfg.train
-    dim, alpha, _, _ = network_ranks(cfg.network)
+    dim, alpha = (settings.dim, settings.alpha) if settings else network_ranks(cfg.network)[:2]  # the trainer's, or these
     what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
     last = f"last finite loss {losses[-1]:.4f} at step {step - 1}" if losses else "no step had finished"
     if tc.mixed_precision == "fp16":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.adapters.file import read_adapter
-from sdlora.adapters.network import inject, text_encoder_lrs
+from sdlora.adapters.network import inject, resolve_settings
 from sdlora.config import Config
 from sdlora.errors import UserError
 from sdlora.io import output_lock, refuse_to_overwrite, remove_stale_temps
@@ -83,18 +83,18 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def make_network(cfg: Config, base, family, train_te: bool, device, log=print):
+def make_network(cfg: Config, base, family, settings, device, log=print):
     """The adapters on the frozen base (`network.inject`), their initial weights the same in every
     process and every run; then network.init_weights, the text layers nothing reads frozen,
     model.quantize and the U-Net's speed settings, gradient checkpointing."""
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
-    encoders = base.text_encoders
+    encoders, train_te = base.text_encoders, settings.trains_text_encoder
     for m in (base.unet, base.vae, *encoders):
         m.requires_grad_(False)
     set_seed(cfg.train.seed)
-    network = inject(base.unet, encoders if train_te else None, cfg.network, log=log)
+    network = inject(base.unet, encoders if train_te else None, cfg.network, log=log, settings=settings)
     cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
     if cfg.network.init_weights:  # kohya's network_weights: continue from an existing adapter
         try:
@@ -158,7 +158,7 @@ class Trainer:
         note = self.family.clip_skip_note(cfg.model.clip_skip)
         if note:
             self._main_log(f"warning: {note}")
-        self.text_encoder_lrs = text_encoder_lrs(cfg, base)  # checks a pair against the encoders
+        self.settings = resolve_settings(cfg, base)  # ranks with Kohya's defaults; checks a rate pair against the encoders
         with acc.main_process_first():  # one process rebuilds a stale manifest, the others read it
             dataset = collect_examples(cfg, log=self._main_log, manifest=manifest)  # what config_hash covers
         examples, validation = split_held_out(dataset)
@@ -168,8 +168,8 @@ class Trainer:
                            f"{cfg.dataset.validation_split:g}); their loss is logged every epoch")
         warn_cut_captions(base.tokenizers[0], examples, cfg.dataset.max_token_length, self._main_log)
 
-        self.train_te = train_te = any(lr > 0 for lr in self.text_encoder_lrs)  # text-encoder adapters train
-        self.network = make_network(cfg, base, self.family, train_te, acc.device, self._main_log)
+        self.train_te = train_te = self.settings.trains_text_encoder  # text-encoder adapters train
+        self.network = make_network(cfg, base, self.family, self.settings, acc.device, self._main_log)
         self.te_learning = train_te  # ... and still learn (train.stop_text_encoder_training not reached)
         if tc.stop_text_encoder_training and not train_te:
             self._main_log(f"warning: [train] stop_text_encoder_training = {tc.stop_text_encoder_training} has no "
@@ -183,7 +183,7 @@ class Trainer:
         self.data = TrainingData(cfg, dataset, latents, te_cache, base.tokenizers, self.family, self.objective)
 
         # The optimizer and its schedule over the planned steps; accelerate wraps what trains.
-        groups = self.network.param_groups(tc.unet_lr, self.text_encoder_lrs)
+        groups = self.network.param_groups(tc.unet_lr, list(self.settings.text_encoder_lrs))
         optimizer = make_optimizer(tc, groups, cfg.source, fused=acc.device.type == "cuda")
         self.steps_per_epoch, self.total_steps, self.epochs = planned_steps(tc, examples)
         lr_scheduler = get_scheduler(
@@ -293,7 +293,7 @@ class Trainer:
             final = cfg.adapter_path(None)
             refuse_final_overwrite(cfg, resume)
             result = TrainResult(adapter=final)
-            saver = Saver(cfg, self.base, self.network, self.optimizer, self.lr_scheduler, self.data,
+            saver = Saver(cfg, self.base, self.settings, self.network, self.optimizer, self.lr_scheduler, self.data,
                           (self.steps_per_epoch, self.total_steps, self.epochs),
                           Progress(time.time(), 0.0, time.time(), result.adapters), log=self.log)
             start = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "losses": result.losses}
@@ -350,7 +350,7 @@ class Trainer:
                         loss_value = acc.gather(loss.detach()).mean().item()
                         # before the update: a non-finite step never reaches the weights or a file
                         check_finite(cfg, step + 1, epoch + 1, loss_value, float(grad_norm), losses,
-                                     overflow_skips=acc.scaler is not None)
+                                     overflow_skips=acc.scaler is not None, settings=self.settings)
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters.file import save_adapter
-from sdlora.adapters.network import adapter_metadata
+from sdlora.adapters.network import Settings, adapter_metadata
 from sdlora.config import Config
 from sdlora.errors import UserError
 from sdlora.models.load import DTYPES
@@ -52,9 +52,10 @@ class Saver:
 
     plan: (optimizer steps per epoch, total steps, epochs), `examples.planned_steps`."""
 
-    def __init__(self, cfg: Config, base, network, optimizer, lr_scheduler, data: TrainingData,
+    def __init__(self, cfg: Config, base, settings: Settings, network, optimizer, lr_scheduler, data: TrainingData,
                  plan: tuple[int, int, int], progress: Progress, log=print):
-        self.cfg, self.base, self.network, self.data, self.progress, self.log = cfg, base, network, data, progress, log
+        self.cfg, self.base, self.settings, self.network = cfg, base, settings, network
+        self.data, self.progress, self.log = data, progress, log
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.steps_per_epoch, self.total_steps, self.epochs = plan
 
@@ -68,7 +69,7 @@ class Saver:
                  "total_batch_size": cfg.train.batch_size * cfg.train.gradient_accumulation_steps,
                  **dataset_stats(examples)}
         metadata = adapter_metadata(cfg, self.base, stats, tag_frequency(examples),
-                                    dataset_dirs(examples, reg=False))
+                                    dataset_dirs(examples, reg=False), settings=self.settings)
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
         save_adapter(path, self.network.kohya_state_dict(DTYPES[cfg.train.save_precision]), metadata, overwrite=True)
 

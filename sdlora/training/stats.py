@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.adapters.network import network_ranks
 from sdlora.config import Config
 from sdlora.data.buckets import Bucket
 from sdlora.data.tags import tag_frequency as freq
@@ -107,7 +106,7 @@ def validation_lines(trainer) -> list[str]:
 def write_report(trainer, result: TrainResult) -> Path:
     """report.md and loss_curve.png in output.dir, from the trainer (loop.Trainer) and its result."""
     cfg = trainer.cfg
-    dim, alpha, _, _ = network_ranks(cfg.network)
+    dim, alpha = trainer.settings.dim, trainer.settings.alpha
     out = cfg.output_dir
     curve = out / "loss_curve.png"
     line_plot(result.losses, curve, title=f"{cfg.output_name}: training loss", xlabel="step", ylabel="loss")

@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sdlora.errors import USER_ERRORS  # noqa: E402
-from sdlora.io import os_error_message
+from sdlora.io import os_error_message  # noqa: E402
 from sdlora.ui import dataset_edit, training  # noqa: E402
 from sdlora.ui.project import (  # noqa: E402
     PRESETS,
