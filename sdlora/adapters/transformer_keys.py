@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sdlora.models.family import nested_text_name
+from sdlora.models.families.clip import nested_text_name
 
 UNET_PREFIX = "lora_unet"
 # Kohya's text-encoder prefixes for these families (ComfyUI's too): T5 is te3 with or without CLIP-G.
