@@ -337,23 +337,29 @@ def test_sibling_imports_are_at_the_top_unless_they_keep_torch_out_of_the_cli():
 ADAPTER_KINDS = {"lora", "locon", "loha", "lokr", "tucker", "dora", "ia3", "glora", "full", "diag-oft", "boft"}
 
 
+def _string_dispatch(exempt: list[Path], names, method: str, word: str) -> list[str]:
+    """Places outside config.py, presets/ (which read the names people write) and `exempt` that compare
+    a value with a string `names(value)` accepts, or call `.method(...)` on something named like `word`."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "config.py" or any(e in path.parents for e in [*exempt, PACKAGE / "presets"]):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            compared = (isinstance(node, ast.Compare)
+                        and any(isinstance(c, ast.Constant) and isinstance(c.value, str) and names(c.value)
+                                for side in (node.left, *node.comparators) for c in ast.walk(side)))
+            reparsed = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == method and word in ast.unparse(node.func.value).lower())
+            if compared or reparsed:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
 def test_adapter_kinds_are_not_dispatched_on_strings_outside_their_units():
     """`if kind == "loha"` towers are how a new kind gets half-supported: each kind is one unit in
     adapters/kinds/ and callers ask it. config.py and presets/ read the names people write."""
-    exempt = [PACKAGE / "adapters" / "kinds", PACKAGE / "presets"]
-    found = []
-    for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "config.py" or any(e in path.parents for e in exempt):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names_kind = (isinstance(node, ast.Compare)
-                          and any(isinstance(c, ast.Constant) and isinstance(c.value, str)
-                                  and set(c.value.lower().split("+")) & ADAPTER_KINDS
-                                  for side in (node.left, *node.comparators) for c in ast.walk(side)))
-            reparsed = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr == "split" and "kind" in ast.unparse(node.func.value).lower())
-            if names_kind or reparsed:
-                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    found = _string_dispatch([PACKAGE / "adapters" / "kinds"],
+                             lambda value: set(value.lower().split("+")) & ADAPTER_KINDS, "split", "kind")
     assert not found, "string dispatch on adapter kinds:\n" + "\n".join(found)
 
 
@@ -363,17 +369,6 @@ def test_families_are_not_dispatched_on_strings_outside_their_modules():
     people write."""
     from sdlora.models.families import FAMILIES
 
-    exempt = [PACKAGE / "models" / "families", PACKAGE / "presets"]
-    found = []
-    for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "config.py" or any(e in path.parents for e in exempt):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names_family = (isinstance(node, ast.Compare)
-                            and any(isinstance(c, ast.Constant) and c.value in FAMILIES
-                                    for side in (node.left, *node.comparators) for c in ast.walk(side)))
-            prefix_test = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                           and node.func.attr == "startswith" and "family" in ast.unparse(node.func.value).lower())
-            if names_family or prefix_test:
-                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    found = _string_dispatch([PACKAGE / "models" / "families"], lambda value: value in FAMILIES, "startswith",
+                             "family")
     assert not found, "string dispatch on families:\n" + "\n".join(found)

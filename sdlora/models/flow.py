@@ -1,4 +1,4 @@
-"""The rectified-flow objective of SD3.x and FLUX.1, with the interface of `family.DiffusionObjective`.
+"""The rectified-flow objective of SD3.x and FLUX.1, with the interface of `families.base.DiffusionObjective`.
 
 A latent x (B, C, h, w) and Gaussian noise n are joined on a straight line, and the denoiser
 learns the line's velocity:

@@ -23,8 +23,8 @@ does not say. Kohya key names (`lora_te1_` / `lora_te2_`, SGM U-Net names) live 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
