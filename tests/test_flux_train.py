@@ -86,7 +86,7 @@ def test_sdlora_train_exports_kohya_flux_names_that_hold_the_trained_weights(tmp
 
 
 def test_the_loss_of_a_repeated_batch_falls_and_resume_reads_the_fused_file(tmp_path, flux_dev_dir):
-    cfg = load_config(make_style(tmp_path, flux_dev_dir, extra="max_train_steps = 20\nunet_lr = 1e-2"), FLUX)
+    cfg = load_config(make_style(tmp_path, flux_dev_dir, extra="max_train_steps = 20\nunet_lr = 1e-2\ntimestep_sampling = \"flux_shift\""), FLUX)
     trainer = Trainer(cfg, log=lambda m: None)
     batch = next(iter(trainer.loader))
     losses = []
