@@ -10,7 +10,11 @@ import torch
 from sdlora.adapters.network import network_metadata
 from sdlora.config import Config
 from sdlora.models.families import FAMILIES
-from sdlora.models.families.base import DiffusionObjective, LatentFormat, TextConditioning
+from sdlora.models.families.base import (
+    DiffusionObjective,
+    LatentFormat,
+    TextConditioning,
+)
 from sdlora.models.flow import FlowObjective
 from sdlora.models.load import load_base
 from sdlora.tiny.configs import build_flux_pipeline

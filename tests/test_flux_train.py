@@ -7,12 +7,11 @@ diffusers 0.42's Kohya FLUX converter hard-codes FLUX.1's full widths (single bl
 file is checked here by splitting it back into diffusers' modules (`transformer_keys.split`, the
 converter's own rule) and loading that in diffusers' format, with no key left over."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import make_style
 
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
@@ -21,7 +20,6 @@ from sdlora.errors import UserError
 from sdlora.models.flux import latent_image_ids
 from sdlora.tiny.configs import build_flux_pipeline
 from sdlora.training.loop import Trainer
-from test_train import make_style
 
 FLUX = ["network.train_text_encoder=false", "dataset.shuffle_caption=false"]
 
