@@ -18,6 +18,7 @@ from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.errors import UserError
 from sdlora.models.flux import latent_image_ids
+from sdlora.sampling.sampler import Sampler
 from sdlora.tiny.configs import build_flux_pipeline
 from sdlora.training.loop import Trainer
 
@@ -122,4 +123,13 @@ def test_flux_text_encoder_training_is_refused_in_one_line(tmp_path, flux_dev_di
 def test_other_adapter_kinds_are_refused_on_flux(tmp_path, flux_dev_dir):
     cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha"])
     with pytest.raises(UserError, match="fused modules"):
+        Trainer(cfg, log=lambda m: None)
+
+
+def test_sampling_flux_is_refused_in_one_line_and_previews_before_training(tmp_path, flux_dev_dir):
+    cfg = load_config(make_style(tmp_path, flux_dev_dir), FLUX)
+    with pytest.raises(UserError, match="does not render FLUX.1 dev yet"):
+        Sampler(cfg)
+    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "sample.every_n_epochs=1"])
+    with pytest.raises(UserError, match=r"every_n_epochs = 1: .*set it to 0"):
         Trainer(cfg, log=lambda m: None)

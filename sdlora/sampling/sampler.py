@@ -246,6 +246,10 @@ class Sampler:
     def __init__(self, cfg, fuse: bool | None = None, base=None):
         self.cfg = cfg
         self.base = base if base is not None else load_base(cfg.model)
+        family = FAMILIES[self.base.family]
+        if not family.samples:
+            raise UserError(f"{cfg.model.base}: sdlora does not render {family.title} yet (it trains it): load the "
+                            "adapter in ComfyUI or Forge to see it")
         s = cfg.sample
         self.device = compute_device()
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))

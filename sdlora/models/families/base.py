@@ -160,6 +160,7 @@ class Family:
     pipeline_class: str = "StableDiffusionPipeline"  # diffusers' text-to-image pipeline of the family
     pipeline_options: tuple[tuple[str, Any], ...] = ()  # its further constructor arguments
     trains_text_encoders: bool = True  # sdlora can put adapters on its text encoders
+    samples: bool = True  # sdlora's sampler renders it (previews, `sdlora sample`, the run's samples)
     denoiser_part: str = "unet"  # the denoiser's pipeline component and folder (BaseModel.unet holds it)
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class
     scheduler_class: str = "DDPMScheduler"  # the training noise schedule's diffusers class
