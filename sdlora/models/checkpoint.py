@@ -148,8 +148,7 @@ def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
             parts[slot.tokenizer_part] = slot.tokenizer()
         scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
     parts.update(vae=vae, unet=unet, noise_scheduler=scheduler, family=family.name,
-                 prediction_type=prediction_type, model_hash=file_digest(path))
-    print(f"{path.name}: {family.name}, {prediction_type} ({how})")
+                 prediction_type=prediction_type, model_hash=file_digest(path), detected=how)
     return parts
 
 

@@ -51,6 +51,7 @@ class BaseModel:
     name: str  # folder or file name without suffix (ss_sd_model_name)
     model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
     source: str  # what the user gave as model.base
+    detected: str = ""  # a single file: how its family and prediction type were told (`info` says it)
     text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
     tokenizer_2: Any = None
 
@@ -69,8 +70,8 @@ class BaseModel:
         return [getattr(self, slot.tokenizer_part) for slot in FAMILIES[self.family].text_encoders]
 
     def info(self) -> str:
-        return (f"{self.name}: {self.family}, {self.prediction_type}, {self.resolution} px, "
-                f"sha256 {self.model_hash[:12]} ({self.source})")
+        return (f"{self.name}: {self.family}, {self.prediction_type}{f' ({self.detected})' if self.detected else ''}, "
+                f"{self.resolution} px, sha256 {self.model_hash[:12]} ({self.source})")
 
 
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:

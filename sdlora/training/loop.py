@@ -153,6 +153,8 @@ class Trainer:
         self.weight_dtype = DTYPES[tc.mixed_precision]  # the frozen base; adapters train in fp32
         self.base = base = load_base(cfg.model, dtype=self.weight_dtype)
         self.family = FAMILIES[base.family].for_training(tc)
+        if base.detected:  # a single file: say how its family and prediction type were told
+            self._main_log(f"base {base.info()}")
         self.objective = self.family.objective(base.noise_scheduler)
         self.latent_format = self.family.latent_format(base.vae)
         for note in [self.family.clip_skip_note(cfg.model.clip_skip), *self.objective.notes()]:
