@@ -128,8 +128,8 @@ def test_other_adapter_kinds_are_refused_on_flux(tmp_path, flux_dev_dir):
 
 def test_sampling_flux_is_refused_in_one_line_and_previews_before_training(tmp_path, flux_dev_dir):
     cfg = load_config(make_style(tmp_path, flux_dev_dir), FLUX)
-    with pytest.raises(UserError, match="does not render FLUX.1 dev yet"):
-        Sampler(cfg)
+    with pytest.raises(UserError, match="does not render FLUX.1 dev with adapters yet"):
+        Sampler(cfg).adapters.add(tmp_path / "style.safetensors")
     cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "sample.every_n_epochs=1"])
     with pytest.raises(UserError, match=r"every_n_epochs = 1: .*set it to 0"):
         Trainer(cfg, log=lambda m: None)
