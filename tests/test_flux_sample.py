@@ -5,8 +5,10 @@ encoded by the family, seeds as for SD, and sides rendered at the next multiple 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_train import make_style
 
+from sdlora.adapters import transformer_keys
 from sdlora.config import load_config
 from sdlora.models.families import FAMILIES
 from sdlora.sampling.sampler import Sampler, pass_settings
@@ -71,3 +73,39 @@ def test_schnell_renders_4_steps_when_the_config_leaves_steps_and_hires_is_off_w
     steps_set = load_config(make_style(tmp_path, tmp_path), ["sample.steps=8"]).sample
     assert pass_settings(schnell, steps_set, "off", 1080, notes.append)[0] == 8
     assert pass_settings(FAMILIES["sd_v1"], cfg.sample, "on", 128, notes.append) == (25, "on", "dpmpp_2m_karras")
+
+
+def _kohya_flux_file(path, transformer, rank=4, alpha=2.0, seed=0):
+    """A Kohya FLUX LoRA with random factors on kohya's default targets, fused modules one down shared by
+    their parts (as kohya trains them): {key: (down, up, alpha)}."""
+    generator = torch.Generator().manual_seed(seed)
+    modules, tensors = {}, {}
+    for key, module in transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES).items():
+        layers = [transformer.get_submodule(p) for p in module.paths]
+        down = torch.randn(rank, layers[0].in_features, generator=generator) * 0.1
+        up = torch.randn(sum(layer.out_features for layer in layers), rank, generator=generator) * 0.1
+        modules[key] = (module, down, up)
+        tensors |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+    save_file(tensors, path)
+    return modules
+
+
+def test_a_kohya_flux_file_changes_each_diffusers_part_by_scale_alpha_over_rank_up_down(tmp_path, flux_dirs):
+    cfg = load_config(make_style(tmp_path, flux_dirs[True]), FLUX)
+    sampler = Sampler(cfg)
+    transformer = sampler.pipe.transformer
+    base = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+    base_image, _ = sampler.render(PROMPTS[:1], [3], 64, 64, 2)
+    modules = _kohya_flux_file(tmp_path / "flux.safetensors", transformer)
+    sampler.adapters.add(tmp_path / "flux.safetensors")
+    sampler.adapters.set_scale(0.5)
+    for module, down, up in modules.values():
+        rows = up.split([transformer.get_submodule(p).out_features for p in module.paths])
+        for path, up_j in zip(module.paths, rows):
+            change = transformer.get_submodule(path).weight - base[f"{path}.weight"]
+            torch.testing.assert_close(change, 0.5 * (2.0 / 4) * up_j @ down, atol=1e-6, rtol=1e-5)
+    assert not np.array_equal(_pixels(sampler.render(PROMPTS[:1], [3], 64, 64, 2)[0]), _pixels(base_image))
+    sampler.adapters.set_scale(0.0)
+    assert np.array_equal(_pixels(sampler.render(PROMPTS[:1], [3], 64, 64, 2)[0]), _pixels(base_image))
+    sampler.adapters.close()
+    assert all(torch.equal(p, base[name]) for name, p in transformer.named_parameters())

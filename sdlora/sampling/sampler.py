@@ -1,6 +1,8 @@
 """`sdlora sample`: render a trained adapter the way A1111 / ComfyUI will show it.
 
-The adapter is read from its exported Kohya `.safetensors` file, never from training state:
+The adapter is read from its exported Kohya `.safetensors` file, never from training state
+(a FLUX.1 file's fused modules split onto diffusers' layers, and always patched: diffusers reads
+FLUX Kohya files only at the full model's widths):
 
     unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
                        per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters import apply, keys, kinds
+from sdlora.adapters import apply, keys, kinds, transformer_keys
 from sdlora.adapters.file import short_hash
 from sdlora.config import SampleConfig
 from sdlora.errors import UserError
@@ -129,19 +131,19 @@ class AdapterSet:
     unloaded, patched weights restored.
     """
 
-    def __init__(self, pipe, fuse: bool, refusal: str = ""):
+    def __init__(self, pipe, fuse: bool):
         self.pipe, self.fuse = pipe, fuse
-        self.refusal = refusal  # why this pipeline takes no adapter (its family renders the base alone), or ""
         self.adapters: list[Adapter] = []
         self.patcher: apply.Patcher | None = None
         self.current: list[float] = []  # the weights applied now, one per adapter
         self._count = 0
 
     def add(self, path, weight: float | None = None) -> Adapter:
-        if self.refusal:
-            raise UserError(f"{path}: {self.refusal}")
         adapter = read_for_base(path, weight, self.pipe)
-        if not self.fuse and all(kinds.is_plain_lora(module) for module in adapter.modules.values()):
+        # diffusers reads a transformer's (FLUX.1's) Kohya files only at the full model's widths: patched here.
+        denoiser = keys.model_parts(self.pipe)["unet"]
+        if (not self.fuse and transformer_keys.names_of(denoiser) is None
+                and all(kinds.is_plain_lora(module) for module in adapter.modules.values())):
             self._load_with_diffusers(adapter)
         if not adapter.name:
             if self.patcher is None:
@@ -268,10 +270,7 @@ class Sampler:
         self.scheduler_name = s.sampler
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        refusal = "" if self.family.samples else (f"sdlora does not render {self.family.title} with adapters yet (it "
-                                                   "renders the base and trains it): load the adapter in ComfyUI or "
-                                                   "Forge to see it")
-        self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse, refusal)
+        self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse)
 
     def encode(self, prompts: list[str]):
         """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
@@ -405,8 +404,9 @@ class Sampler:
         left, top = (w0 - width) // 2, (h0 - height) // 2
         images = [im.crop((left, top, left + width, top + height)) for im in images]
         # Forge's names for FLUX.1: CFG scale 1 (none) and the distilled guidance apart.
+        guided = self.pipe.transformer.config.guidance_embeds  # dev; schnell has no guidance input
         params = {"Steps": steps, "Sampler": FLOW_SAMPLER[0], "Schedule type": FLOW_SAMPLER[1], "CFG scale": 1.0,
-                  "Distilled CFG Scale": float(s.guidance_scale) if self.pipe.transformer.config.guidance_embeds else None, "Seed": None,
+                  "Distilled CFG Scale": float(s.guidance_scale) if guided else None, "Seed": None,
                   "Size": f"{width}x{height}",
                   "Render size": f"{w0}x{h0}, centre-cropped" if (w0, h0) != (width, height) else None,
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,

@@ -160,7 +160,6 @@ class Family:
     pipeline_class: str = "StableDiffusionPipeline"  # diffusers' text-to-image pipeline of the family
     pipeline_options: tuple[tuple[str, Any], ...] = ()  # its further constructor arguments
     trains_text_encoders: bool = True  # sdlora can put adapters on its text encoders
-    samples: bool = True  # sdlora's sampler renders it with adapters (previews, `sdlora sample`); False: the base alone
     # The sampler's classifier-free guidance with a negative prompt; False: the family is guidance-distilled
     # (FLUX.1 dev takes the guidance scale as an input, schnell none) and renders from the prompt alone.
     cfg: bool = True
