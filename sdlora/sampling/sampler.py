@@ -23,9 +23,9 @@ Before anything is loaded, every module key of a file is matched against the bas
 Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
 unmatched keys silently.
 
-FLUX.1 (a family without classifier-free guidance, `family.cfg`) renders in one FluxPipeline pass
-(`Sampler.render_distilled`): flow-matching Euler, dev's distilled guidance, sides at the next multiple
-of 16 and cropped.
+FLUX.1 (a family without classifier-free guidance, `family.classifier_free_guidance`) renders in one
+FluxPipeline pass (`Sampler.render_distilled`): flow-matching Euler, dev's distilled guidance, sides at
+the next multiple of 16 and cropped.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
@@ -328,7 +328,7 @@ class Sampler:
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
-        if not self.family.cfg:
+        if not self.family.classifier_free_guidance:
             return self.render_distilled(prompts, seeds, width, height, steps, s)
         if s.sampler != self.scheduler_name:
             self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
@@ -523,7 +523,7 @@ def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str
     """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A guidance-distilled family
     (FLUX.1) renders in one flow-matching Euler pass (the hires and tiled passes are SD's; a note says so when
     they would have run), in its own steps (schnell: 4) where the config leaves `steps` at its default."""
-    if family.cfg:
+    if family.classifier_free_guidance:
         return s.steps, hires, s.sampler
     steps = family.sample_steps if family.sample_steps and s.steps == SampleConfig.steps else s.steps
     if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
