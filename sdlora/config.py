@@ -265,6 +265,8 @@ class SampleConfig:
     height: int = opt(720, "image height (a multiple of 8)", min=64)
     steps: int = opt(25, "denoising steps", min=1, max=1000)
     cfg_scale: float = opt(7.0, "classifier-free guidance scale", min=0.0)
+    guidance_scale: float = opt(3.5, "FLUX.1-dev's distilled guidance input when sampling (no classifier-free "
+                                     "guidance; schnell takes none)", min=0.0)
     sampler: str = opt("dpmpp_2m_karras", "scheduler",
                        choices=["dpmpp_2m_karras", "dpmpp_2m", "euler_a", "euler", "ddim"])
     seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)", items=int, min=0, max=SEED_MAX)

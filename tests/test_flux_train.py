@@ -11,14 +11,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_run import RUN_EXTRA
 from test_train import make_style
 
+from sdlora import run
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.errors import UserError
 from sdlora.models.flux import latent_image_ids
-from sdlora.sampling.sampler import Sampler
 from sdlora.tiny.configs import build_flux_pipeline
 from sdlora.training.loop import Trainer
 
@@ -126,10 +127,14 @@ def test_other_adapter_kinds_are_refused_on_flux(tmp_path, flux_dev_dir):
         Trainer(cfg, log=lambda m: None)
 
 
-def test_sampling_flux_is_refused_in_one_line_and_previews_before_training(tmp_path, flux_dev_dir):
-    cfg = load_config(make_style(tmp_path, flux_dev_dir), FLUX)
-    with pytest.raises(UserError, match="does not render FLUX.1 dev yet"):
-        Sampler(cfg)
-    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "sample.every_n_epochs=1"])
-    with pytest.raises(UserError, match=r"every_n_epochs = 1: .*set it to 0"):
-        Trainer(cfg, log=lambda m: None)
+def test_sdlora_run_on_a_flux_folder_previews_each_epoch_and_renders_the_scale_grid(tmp_path, flux_dev_dir):
+    # Two epochs of 4 steps: a preview after the first (the last epoch's adapter is the run's, sampled below).
+    extra = RUN_EXTRA.replace("max_train_steps = 4", "max_train_steps = 8") + "\nevery_n_epochs = 1\npreview_steps = 2"
+    path = make_style(tmp_path, flux_dev_dir, extra=extra)
+    logs = []
+    result = run.run(load_config(path, FLUX), log=logs.append)
+    previews = sorted((tmp_path / "out" / "previews").rglob("preview*grid*.png"))
+    assert [p.parent.name for p in previews] == ["epoch000001"]
+    assert result["sample"].grids and all(g.is_file() for g in result["sample"].grids)
+    assert any("flow-matching Euler" in line and "2 steps" in line for line in logs)
+    assert result["figures"] is not None  # scale 0 vs 1: the style figures of the report

@@ -3,7 +3,8 @@
     W = W0 + sum_i w_i * dW_i       dW_i = kinds.module_delta (any kind; DoRA's from W0)
 
 A file's modules are matched to the model's Linear/Conv2d layers by their Kohya keys (an SDXL
-U-Net's layers answer to their SGM and their diffusers-path keys) and every shape is checked
+U-Net's layers answer to their SGM and their diffusers-path keys; a FLUX.1 file's fused LoRA modules
+are split onto diffusers' layers first, `transformer_keys.split_modules`) and every shape is checked
 before any weight changes. Then one layer at a time: its sum is accumulated in fp32 from W0 and
 written back in the weight's own dtype, so no set of full-size changes is ever held and merging
 peaks near the base's own size. A multiplier is a number, or (te, unet) as A1111's
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdlora.adapters import keys, kinds
+from sdlora.adapters import keys, kinds, transformer_keys
 from sdlora.adapters.file import read_adapter
 from sdlora.errors import UserError
 
@@ -60,6 +61,11 @@ def read_for_model(path, parts: dict[str, nn.Module]) -> tuple[dict[str, dict], 
             kinds.kind_of(module)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    denoiser = parts["unet"]
+    names = transformer_keys.names_of(denoiser)
+    if names is not None:  # named as the original (FLUX.1): fused modules split onto diffusers' as diffusers does
+        originals = transformer_keys.kohya_modules(denoiser, names, outer=True)
+        modules = transformer_keys.split_modules(denoiser, originals, modules)
     matched, unmatched = canonical(modules, parts)
     if unmatched:
         trained_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture") or "unknown"

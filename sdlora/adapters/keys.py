@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from sdlora.adapters import transformer_keys
 from sdlora.errors import UserError
 from sdlora.models.checkpoint import unet_original_paths
 from sdlora.models.families.clip import nested_text_key, nested_text_name
@@ -49,7 +50,13 @@ def part_of(key: str) -> str:
 
 def model_parts(models) -> dict[str, nn.Module]:
     """{part: model} of a base model or pipeline: U-Net + `te` (SD1.x/SD2.x), or U-Net + `te1`
-    (CLIP-L) + `te2` (OpenCLIP bigG) when it has a second text encoder (SDXL)."""
+    (CLIP-L) + `te2` (OpenCLIP bigG) when it has a second text encoder (SDXL). A transformer named as
+    its original (FLUX.1) is the `unet` part (kohya's `lora_unet_`) with CLIP-L as `te1`; its T5
+    (kohya's `lora_te3_`) is no part yet."""
+    denoiser = getattr(models, "unet", None)  # a BaseModel's or an SD pipeline's; a FluxPipeline's transformer
+    denoiser = models.transformer if denoiser is None else denoiser
+    if transformer_keys.names_of(denoiser) is not None:
+        return {"unet": denoiser, "te1": models.text_encoder}
     text_encoder_2 = getattr(models, "text_encoder_2", None)
     if text_encoder_2 is None:
         return {"unet": models.unet, "te": models.text_encoder}

@@ -310,19 +310,8 @@ class Network:
     def _diffusers_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A Kohya state dict of this network with the original's names -> its diffusers parts' keys
         (`transformer_keys.split`, the inverse of `_original_state_dict`)."""
-        key_of, unet = self._diffusers_keys(), self.models["unet"]
-        out = {}
-        for name, parts in keys.group_modules(tensors).items():
-            module = self.original_names.get(name)
-            if module is None or not {"lora_down.weight", "lora_up.weight", "alpha"} >= set(parts):
-                out |= {f"{name}.{suffix}": t for suffix, t in parts.items()}
-                continue
-            fused = transformer_keys.LoraFactors(parts["lora_down.weight"], parts["lora_up.weight"], float(parts["alpha"]))
-            sizes = transformer_keys.output_sizes(unet, module)
-            for path, factors in zip(module.paths, transformer_keys.split(fused, sizes, module.swap_halves)):
-                out |= {f"{key_of[path]}.lora_down.weight": factors.down, f"{key_of[path]}.lora_up.weight": factors.up,
-                        f"{key_of[path]}.alpha": torch.tensor(factors.alpha)}
-        return out
+        modules = transformer_keys.split_modules(self.models["unet"], self.original_names, keys.group_modules(tensors))
+        return {f"{key}.{suffix}": t for key, parts in modules.items() for suffix, t in parts.items()}
 
     @torch.no_grad()
     def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:

@@ -218,3 +218,24 @@ def split(fused: LoraFactors, sizes: list[int], swap_halves: bool = False) -> li
 def output_sizes(transformer: nn.Module, module: KohyaModule) -> list[int]:
     """Each diffusers part's output features: the row sizes of the fused module."""
     return [transformer.get_submodule(p).out_features for p in module.paths]
+
+
+def split_modules(transformer: nn.Module, originals: dict[str, KohyaModule],
+                  modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{kohya key: tensors} of a file named as the transformer's original -> the same LoRA on diffusers'
+    modules, each part under its diffusers path's key (`lora_unet_transformer_blocks_0_attn_to_q`) with
+    `split`'s factors; modules that are no LoRA of an original module (text encoders) stay as they are.
+    A module without alpha has alpha = rank (scale 1), as every Kohya reader takes it."""
+    out = {}
+    for name, parts in modules.items():
+        module = originals.get(name)
+        if module is None or not {"lora_down.weight", "lora_up.weight", "alpha"} >= set(parts):
+            out[name] = parts
+            continue
+        down = parts["lora_down.weight"]
+        fused = LoraFactors(down, parts["lora_up.weight"], float(parts.get("alpha", down.shape[0])))
+        for path, factors in zip(module.paths, split(fused, output_sizes(transformer, module), module.swap_halves)):
+            out[f"{UNET_PREFIX}_{path.replace('.', '_')}"] = {"lora_down.weight": factors.down,
+                                                              "lora_up.weight": factors.up,
+                                                              "alpha": torch.tensor(factors.alpha)}
+    return out

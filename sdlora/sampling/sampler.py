@@ -1,6 +1,8 @@
 """`sdlora sample`: render a trained adapter the way A1111 / ComfyUI will show it.
 
-The adapter is read from its exported Kohya `.safetensors` file, never from training state:
+The adapter is read from its exported Kohya `.safetensors` file, never from training state
+(a FLUX.1 file's fused modules split onto diffusers' layers, and always patched: diffusers reads
+FLUX Kohya files only at the full model's widths):
 
     unfused (default)  diffusers' `load_lora_weights` (peft layers), one adapter name per file,
                        per-file weights through `set_adapters`: W x + w * (alpha / r) * up(down(x))
@@ -21,6 +23,10 @@ Before anything is loaded, every module key of a file is matched against the bas
 Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
 unmatched keys silently.
 
+FLUX.1 (a family without classifier-free guidance, `family.classifier_free_guidance`) renders in one
+FluxPipeline pass (`Sampler.render_distilled`): flow-matching Euler, dev's distilled guidance, sides at
+the next multiple of 16 and cropped.
+
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
 components (strength = hires_denoise) adds the detail; far above the native size the img2img
@@ -36,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters import apply, keys, kinds
+from sdlora.adapters import apply, keys, kinds, transformer_keys
 from sdlora.adapters.file import short_hash
+from sdlora.config import SampleConfig
 from sdlora.errors import UserError
 from sdlora.io import safe_file_stem
 from sdlora.models import prompts as rules
@@ -69,10 +76,17 @@ SAMPLERS = {
 }
 
 
+# A flow-matching base (FLUX.1) renders with flow-matching Euler from its own scheduler config (its shift and
+# dynamic shifting), whatever `sample.sampler` says: the names Forge writes for it.
+FLOW_SAMPLER = ("Euler", "Simple")
+
+
 def make_scheduler(name: str, base_scheduler):
     """The sampler `name` built from the base's scheduler config (same betas and prediction type)."""
     import diffusers
 
+    if isinstance(base_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(base_scheduler.config)
     if name not in SAMPLERS:
         raise UserError(f"[sample] sampler = {name!r}: choose one of {', '.join(SAMPLERS)}")
     cls_name, extra, _, _ = SAMPLERS[name]
@@ -126,7 +140,10 @@ class AdapterSet:
 
     def add(self, path, weight: float | None = None) -> Adapter:
         adapter = read_for_base(path, weight, self.pipe)
-        if not self.fuse and all(kinds.is_plain_lora(module) for module in adapter.modules.values()):
+        # diffusers reads a transformer's (FLUX.1's) Kohya files only at the full model's widths: patched here.
+        denoiser = keys.model_parts(self.pipe)["unet"]
+        if (not self.fuse and transformer_keys.names_of(denoiser) is None
+                and all(kinds.is_plain_lora(module) for module in adapter.modules.values())):
             self._load_with_diffusers(adapter)
         if not adapter.name:
             if self.patcher is None:
@@ -246,10 +263,7 @@ class Sampler:
     def __init__(self, cfg, fuse: bool | None = None, base=None):
         self.cfg = cfg
         self.base = base if base is not None else load_base(cfg.model)
-        family = FAMILIES[self.base.family]
-        if not family.samples:
-            raise UserError(f"{cfg.model.base}: sdlora does not render {family.title} yet (it trains it): load the "
-                            "adapter in ComfyUI or Forge to see it")
+        self.family = FAMILIES[self.base.family]
         s = cfg.sample
         self.device = compute_device()
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
@@ -314,6 +328,8 @@ class Sampler:
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
+        if not self.family.classifier_free_guidance:
+            return self.render_distilled(prompts, seeds, width, height, steps, s)
         if s.sampler != self.scheduler_name:
             self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
             self.scheduler_name = s.sampler
@@ -366,6 +382,35 @@ class Sampler:
                                  guidance_scale=s.cfg_scale, generator=generators(), **switching(per_step)).images
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
                            "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
+        return images, params
+
+    def render_distilled(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
+                         s) -> tuple[list, dict]:
+        """`render` for a guidance-distilled family (FLUX.1): one pass of the family's pipeline with
+        flow-matching Euler, no negative prompt and no classifier-free guidance; dev takes
+        `sample.guidance_scale` as its input, schnell ignores it. The prompts are encoded by the family
+        as they are written (A1111's emphasis, BREAK and prompt editing are SD's rules).
+
+        Sides are rendered at the next multiple of `family.size_multiple` and centre-cropped to the
+        requested size (1080x720 -> 1088x720, 4 px off each side); the infotext's Size is the image's
+        and "Render size" the pass's."""
+        m = self.family.size_multiple
+        w0, h0 = math.ceil(width / m) * m, math.ceil(height / m) * m
+        noise_device = "cpu" if self.device == "mps" else self.device
+        generator = [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]
+        text = self.encode(list(prompts))
+        images = self.pipe(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, width=w0, height=h0,
+                           num_inference_steps=steps, guidance_scale=s.guidance_scale, generator=generator).images
+        left, top = (w0 - width) // 2, (h0 - height) // 2
+        images = [im.crop((left, top, left + width, top + height)) for im in images]
+        # Forge's names for FLUX.1: CFG scale 1 (none) and the distilled guidance apart.
+        guided = self.pipe.transformer.config.guidance_embeds  # dev; schnell has no guidance input
+        params = {"Steps": steps, "Sampler": FLOW_SAMPLER[0], "Schedule type": FLOW_SAMPLER[1], "CFG scale": 1.0,
+                  "Distilled CFG Scale": float(s.guidance_scale) if guided else None, "Seed": None,
+                  "Size": f"{width}x{height}",
+                  "Render size": f"{w0}x{h0}, centre-cropped" if (w0, h0) != (width, height) else None,
+                  "Model hash": self.base.model_hash[:10], "Model": self.base.name,
+                  "RNG": "CPU" if noise_device == "cpu" else None}
         return images, params
 
     def tile_size(self, s) -> tuple[int, int]:
@@ -474,6 +519,19 @@ def _hires_note(mode: str) -> str:
     return {"off": "", "on": ", hires", "tiled": ", tiled hires"}[mode]
 
 
+def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str, str]:
+    """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A guidance-distilled family
+    (FLUX.1) renders in one flow-matching Euler pass (the hires and tiled passes are SD's; a note says so when
+    they would have run), in its own steps (schnell: 4) where the config leaves `steps` at its default."""
+    if family.classifier_free_guidance:
+        return s.steps, hires, s.sampler
+    steps = family.sample_steps if family.sample_steps and s.steps == SampleConfig.steps else s.steps
+    if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
+        log(f"note: {family.title} renders in one pass at the target size; the hires and tiled passes are SD's, "
+            "so hires is off")
+    return steps, "off", "flow-matching Euler"
+
+
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
                fuse: bool | None = None, lora_dirs=()) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
@@ -503,9 +561,9 @@ def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str 
             loras = [(default, None)]
     folder = Path(out_dir) if out_dir else cfg.output_dir / "samples"
     sampler = Sampler(cfg, fuse=fuse)
-    hires = hires or s.hires
-    size = dict(width=s.width, height=s.height, steps=s.steps, hires=hires)
-    log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {s.steps} steps, {s.sampler}"
+    steps, hires, scheduler = pass_settings(sampler.family, s, hires or s.hires, sampler.base.resolution, log)
+    size = dict(width=s.width, height=s.height, steps=steps, hires=hires)
+    log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {steps} steps, {scheduler}"
         f"{_hires_note(hires_mode(hires, s.width, s.height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
     try:
         if epochs_dir:

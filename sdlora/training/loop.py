@@ -164,10 +164,6 @@ class Trainer:
         if self.settings.trains_text_encoder and not self.family.trains_text_encoders:
             raise UserError(f"{cfg.source}: {base.name} is {self.family.title}, whose text encoders sdlora does not "
                             "train yet; set network.train_text_encoder = false (or train.text_encoder_lr = 0)")
-        if cfg.sample.every_n_epochs and not self.family.samples:
-            raise UserError(f"{cfg.source}: [sample] every_n_epochs = {cfg.sample.every_n_epochs}: sdlora does not "
-                            f"render {self.family.title} yet, so there are no previews; set it to 0 (the adapters "
-                            "are still saved every save_every_n_epochs)")
         with acc.main_process_first():  # one process rebuilds a stale manifest, the others read it
             dataset = collect_examples(cfg, log=self._main_log, manifest=manifest)  # what config_hash covers
         examples, validation = split_held_out(dataset)

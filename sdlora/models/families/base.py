@@ -160,7 +160,11 @@ class Family:
     pipeline_class: str = "StableDiffusionPipeline"  # diffusers' text-to-image pipeline of the family
     pipeline_options: tuple[tuple[str, Any], ...] = ()  # its further constructor arguments
     trains_text_encoders: bool = True  # sdlora can put adapters on its text encoders
-    samples: bool = True  # sdlora's sampler renders it (previews, `sdlora sample`, the run's samples)
+    # The sampler's classifier-free guidance with a negative prompt; False: the family is guidance-distilled
+    # (FLUX.1 dev takes the guidance scale as an input, schnell none) and renders from the prompt alone.
+    classifier_free_guidance: bool = True
+    size_multiple: int = 8  # the pipeline's image sides are multiples of this (FLUX.1: 16, the VAE's 8 x 2x2 packing)
+    sample_steps: int = 0  # its steps when [sample] steps is left at the default (0: that default)
     denoiser_part: str = "unet"  # the denoiser's pipeline component and folder (BaseModel.unet holds it)
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class
     scheduler_class: str = "DDPMScheduler"  # the training noise schedule's diffusers class

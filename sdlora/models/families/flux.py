@@ -109,8 +109,9 @@ class FluxFamily(Family):
 
 
 _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_encoders=FLUX_TEXT_ENCODERS,
-             trains_text_encoders=False, samples=False,
+             trains_text_encoders=False, classifier_free_guidance=False, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
              scheduler_class="FlowMatchEulerDiscreteScheduler")
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", **_FLUX)
-FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False, **_FLUX)
+FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False,
+                          sample_steps=4, **_FLUX)  # schnell is distilled for 1-4 steps, as its model card renders
