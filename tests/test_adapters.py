@@ -407,7 +407,6 @@ def test_bundled_embeddings_are_left_out_with_a_note(tmp_path):
     assert notes == ["note: bundle.safetensors: 1 bundled embedding(s) ignored (mychar); only the LoRA part is loaded"]
 
 
-
 # Renders: each kind changes the image exactly as the reference network does ---------------------
 
 

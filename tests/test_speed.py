@@ -66,7 +66,6 @@ def test_adamw_is_fused_when_asked():
     assert not make_optimizer(tc, [{"params": params, "lr": 1e-3}], None).defaults["fused"]
 
 
-
 FAULTS_OF_A_CONV_STEP = """
 import contextlib, io, resource, sys
 import torch

@@ -298,7 +298,6 @@ def test_a_training_started_from_the_ui_gives_the_clis_adapter(tmp_path, mini_ba
     assert all((ui[k] == cli[k]).all() for k in ui)
 
 
-
 @pytest.mark.slow  # ~1 min on 2 shared cores: a 1080x720 two-pass render in a new process
 def test_the_prompt_box_samples_a1111_syntax_at_the_configs_size_with_one_adapter(tmp_path, mini_base_dir, monkeypatch):
     from PIL import Image

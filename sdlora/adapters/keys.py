@@ -29,6 +29,7 @@ from sdlora.models.families.clip import nested_text_key, nested_text_name
 PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
 TEXT_PARTS = ("te", "te1", "te2")
 
+
 def kohya_key(part: str, module_path: str) -> str:
     """Module path as in named_modules() -> Kohya module key (no tensor suffix)."""
     if part not in PREFIXES:

@@ -292,6 +292,8 @@ def bench_merge(family: str, dim: int = 16, alpha: float = 8) -> dict:
     return {"base_mb": round(base_bytes / 2**20), "merge_extra_mb": round(peak.extra_bytes / 2**20),
             "peak_over_base": round((base_bytes + peak.extra_bytes) / base_bytes, 3),
             "modules": merged[str(path)], "seconds": round(seconds, 1)}
+
+
 def sd15_module_shapes() -> dict[str, tuple[int, ...]]:
     """{kohya key: weight shape} of Kohya's default targets on SD1.5 (192 U-Net + 72 text encoder)."""
     unet = build_unet("sd_v1", device="meta")  # shapes only, no weights

@@ -115,7 +115,6 @@ def _module_weight_shape(key: str, parts: dict[str, torch.Tensor], conv_proj: bo
     return (out, cols)
 
 
-
 def resize_tensors(tensors: dict[str, torch.Tensor], rank: int | None = None, energy: float | None = None,
                    max_rank: int | None = None, conv_proj: bool = True,
                    dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[ModuleResize]]:

@@ -256,7 +256,6 @@ def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: flo
     return "off" if area <= 1 else "tiled" if area > tiled_above else "on"
 
 
-
 class Sampler:
     """A base model with adapters, rendering prompts x seeds at a given adapter scale."""
 

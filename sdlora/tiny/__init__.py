@@ -15,6 +15,5 @@ Stages (each writes its result, so a stage can be rerun alone):
 # This module holds what the command line needs without loading the build's numpy and torch.
 
 
-
 STAGES = ["data", "demo", "vae", "unet", "clip", "export", "report"]
 BUILD_MINUTES = 45  # the whole build at --scale 1 on 2 CPU cores (README)

@@ -28,12 +28,14 @@ def pyramid_noise(shape: tuple[int, int, int], iterations: int, discount: float,
             break
     return pyramid
 
+
 def add_pyramid(noise: torch.Tensor, pyramid: torch.Tensor) -> torch.Tensor:
     """(noise + pyramid) / std, the std taken per example (B, C, H, W): kohya divides by the whole
     batch's, the same for one example; per example, an example's noise does not depend on which
     examples share its batch or process."""
     noise = noise + pyramid
     return noise / noise.std(dim=(1, 2, 3), keepdim=True)
+
 
 def noise_offset_strength(tc, latents: torch.Tensor) -> torch.Tensor | float:
     """train.noise_offset, plus adaptive_noise_scale x |mean of each latent channel| (kohya's adaptive
