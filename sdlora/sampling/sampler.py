@@ -60,6 +60,7 @@ from sdlora.sampling.grids import (
     render_grid,
     sweep_columns,
 )
+from sdlora.sampling.render_cache import RenderCache
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -532,14 +533,17 @@ def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str
 
 
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
-               fuse: bool | None = None, lora_dirs=()) -> SampleResult:
+               fuse: bool | None = None, lora_dirs=(), native: bool = False) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
 
     loras: [(path, weight or None)], all applied together. None sweeps the file over
     `sample.lora_scales` (the grid columns, 0 = the base); a number fixes its weight in every
     column. Default: the trained `<output.dir>/<output_name>.safetensors`, swept.
     epochs_dir: the columns are the `NAME-0000NN.safetensors` files there and the final
-    `NAME.safetensors` instead, each at weight 1 (`loras` is not used).
+    `NAME.safetensors` instead, each at weight 1 (`loras` is not used), merged into the weights one at a
+    time unless `fuse` says otherwise (as the epoch scoring renders them).
+    native: one pass at the base's native area with the target's aspect ratio (`first_pass_size`), the
+    size the epoch scoring renders at: `--epochs-dir` after training then draws nothing new.
     Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
     Prompts: `sample.prompt_file` (kohya's syntax) when set, else `sample.prompts`; their
     `<lora:name:w>` tags load adapters found in lora_dirs (then no default adapter is needed).
@@ -559,11 +563,16 @@ def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str 
         else:
             loras = [(default, None)]
     folder = Path(out_dir) if out_dir else cfg.output_dir / "samples"
-    sampler = Sampler(cfg, fuse=fuse)
+    sampler = Sampler(cfg, fuse=True if fuse is None and epochs_dir else fuse)
+    if native:
+        width, height = first_pass_size(s.width, s.height, sampler.base.resolution)
+        hires = "off"
+    else:
+        width, height = s.width, s.height
     steps, hires, scheduler = pass_settings(sampler.family, s, hires or s.hires, sampler.base.resolution, log)
-    size = dict(width=s.width, height=s.height, steps=steps, hires=hires)
-    log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {steps} steps, {scheduler}"
-        f"{_hires_note(hires_mode(hires, s.width, s.height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
+    size = dict(width=width, height=height, steps=steps, hires=hires, cache=RenderCache.of(cfg))
+    log(f"sampling {sampler.base.info()} at {width}x{height}, {steps} steps, {scheduler}"
+        f"{_hires_note(hires_mode(hires, width, height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
     try:
         if epochs_dir:
             def column(path):
@@ -607,7 +616,7 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
         prompts = [rules.extract_networks(p)[0] for p in _prompts(cfg)]  # the trained adapter alone: no tags
         result = render_grid(sampler, prompts, sample_cfg.seeds, sweep_columns(sampler, [0.0, 1.0]), folder,
                              "preview", width=w, height=h, steps=cfg.sample.preview_steps, hires="off",
-                             log=lambda m: None)
+                             log=lambda m: None, cache=RenderCache.of(cfg))
     finally:
         sampler.adapters.close()
     return result.grids[0]
