@@ -253,3 +253,23 @@ def test_sd1_diffusers_format_loads_whole_in_stable_diffusion_pipeline(tmp_path,
                                            rtol=1e-4)
                 checked += 1
     assert checked == len(tensors) // 2  # every module of the file is a LoRA layer in diffusers
+
+
+def test_resize_of_a_diffusers_format_file_writes_diffusers_keys_again(trained, flux_dir, tmp_path):
+    """`output.resize_energy` of a `format = "diffusers"` training: the resized file stays loadable by diffusers."""
+    from diffusers import FluxPipeline
+
+    from sdlora.lowrank.tools import resize
+
+    out = tmp_path / "resized.safetensors"
+    resize(trained["diffusers"], out, rank=4)  # the trained rank: every weight change kept
+    tensors = load_file(out)
+    assert tensors.keys() == load_file(trained["diffusers"]).keys()
+    transformer = FluxPipeline.from_pretrained(flux_dir).transformer
+    expected = _merged(transformer, trained["diffusers"])
+    changes = _merged(transformer, out)
+    assert changes.keys() == expected.keys()
+    for name, change in changes.items():
+        torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4)
+    resize(trained["diffusers"], out, rank=1, overwrite=True)
+    assert all(v.shape[0 if k.endswith("lora_A.weight") else 1] == 1 for k, v in load_file(out).items())

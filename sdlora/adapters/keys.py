@@ -318,22 +318,48 @@ def to_diffusers_names(tensors: dict[str, torch.Tensor], parts: dict[str, nn.Mod
     diffusers' modules first, as diffusers itself reads Kohya's (`transformer_keys.split_modules`).
     Only plain LoRA / LoCon has this style (peft's DoRA magnitude is another quantity than LyCORIS's)."""
     modules = group_modules(tensors)
-    names = transformer_keys.names_of(parts["unet"])
-    if names is not None:
-        originals = transformer_keys.kohya_modules(parts["unet"], names, outer=True)
+    original_names = transformer_keys.names_of(parts["unet"])
+    if original_names is not None:
+        originals = transformer_keys.kohya_modules(parts["unet"], original_names, outer=True)
         modules = transformer_keys.split_modules(parts["unet"], originals, modules)
     paths = {key: (part, path) for part, model in parts.items() for key, path in loadable_module_map(model, part).items()}
+    unmatched = sorted(key for key in modules if key not in paths)
+    if unmatched:
+        raise UserError(f"{unmatched[0]}: matches no layer of the base model ({len(unmatched)} modules); "
+                        f"the adapter was trained for another architecture")
+    names = {}
+    for key in modules:
+        part, path = paths[key]
+        names[key] = (f"{denoiser_component}.{path}" if part == "unet"
+                      else f"{_TEXT_COMPONENTS[part]}.{nested_text_name(path)}")
+    return named_as_diffusers(modules, names)
+
+
+def named_as_diffusers(modules: dict[str, dict[str, torch.Tensor]], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{kohya key: tensors} -> `<name>.lora_A.weight` = scale * down, `<name>.lora_B.weight` = up, with `names`
+    {kohya key: diffusers module name ("transformer.<path>")}: diffusers' files hold no alpha, so the scale
+    alpha / rank is baked into lora_A and the file loads at scale 1."""
     out = {}
     for key, module in modules.items():
         if not kinds.is_plain_lora(module):
             raise UserError(f"{key}: a {kinds.module_variant(module)} module has no diffusers key style (it holds "
                             f"LoRA and LoCon only); write it in the kohya format")
-        if key not in paths:
-            raise UserError(f"{key}: matches no layer of the base model; it was trained for another architecture")
-        part, path = paths[key]
-        component = denoiser_component if part == "unet" else _TEXT_COMPONENTS[part]
-        if part != "unet":
-            path = nested_text_name(path)
-        out[f"{component}.{path}.lora_A.weight"] = module["lora_down.weight"] * kinds.module_scale(module)
-        out[f"{component}.{path}.lora_B.weight"] = module["lora_up.weight"]
+        out[f"{names[key]}.lora_A.weight"] = module["lora_down.weight"] * kinds.module_scale(module)
+        out[f"{names[key]}.lora_B.weight"] = module["lora_up.weight"]
     return out
+
+
+def diffusers_module_names(names) -> dict[str, str]:
+    """{kohya key: diffusers module name} of a file's tensor names in diffusers' own style (`unet.`, `transformer.`,
+    `text_encoder(_2).` with lora_A / lora_B), as `to_kohya_names` reads them; {} for a file in another style.
+    Tools that rewrite such a file (resize) write it back in its style with these names."""
+    names = list(names)
+    second = any(k.startswith(("text_encoder_2.", "base_model.model.text_encoder_2.")) for k in names)
+    found = {}
+    for name in names:
+        module = _diffusers_module(name, second)
+        if module is None or module[2] not in ("unet", "transformer", *_TEXT_COMPONENTS.values()):
+            return {}
+        part, path, component, _ = module
+        found[kohya_key(part, path)] = f"{component}.{path}"
+    return found

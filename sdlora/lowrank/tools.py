@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sdlora.adapters import apply, keys, kinds, transformer_keys
-from sdlora.adapters.file import read_adapter, save_adapter
+from sdlora.adapters.file import diffusers_names_of, read_adapter, save_adapter
 from sdlora.adapters.network import (
     network_fields,
     network_metadata,
@@ -159,6 +159,9 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
     family = by_base_model_version(metadata.get("ss_base_model_version", "sd_v1"))
     new, records = resize_tensors(tensors, rank, energy, max_rank, conv_proj=family is not None and family.conv_proj)
     metadata = _resized_metadata(metadata, records, rank, energy, max_rank, src)
+    names = diffusers_names_of(src)
+    if names and not any(r.dora for r in records):  # a diffusers-style file stays one ([output] format)
+        new = keys.named_as_diffusers(keys.group_modules(new), names)
     save_adapter(dst, new, metadata, overwrite=overwrite)
     return ResizeReport(str(src), str(dst), records, src.stat().st_size, dst.stat().st_size,
                         time.perf_counter() - start)
