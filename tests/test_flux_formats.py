@@ -273,3 +273,48 @@ def test_resize_of_a_diffusers_format_file_writes_diffusers_keys_again(trained, 
         torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4)
     resize(trained["diffusers"], out, rank=1, overwrite=True)
     assert all(v.shape[0 if k.endswith("lora_A.weight") else 1] == 1 for k, v in load_file(out).items())
+
+
+def test_an_sdxl_kohya_file_converted_to_diffusers_keys_loads_whole_in_the_sdxl_pipeline(mini_sdxl_dir, tmp_path,
+                                                                                         caplog):
+    """SGM-named U-Net keys and both text encoders (lora_te1_ / lora_te2_) -> `unet.<diffusers path>`,
+    `text_encoder.` / `text_encoder_2.text_model.`; the base folder is read without its weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sdlora.adapters.network import text_encoder_target_paths, unet_target_paths
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(mini_sdxl_dir, torch_dtype=torch.float32)
+    parts = keys.model_parts(pipe)
+    generator = torch.Generator().manual_seed(0)
+    kohya = {}
+    for part, model in parts.items():
+        paths = unet_target_paths(model, "transformer") if part == "unet" else text_encoder_target_paths(model)
+        for key, path in keys.module_keys(model, part, paths).items():
+            layer = model.get_submodule(path)
+            kohya |= {f"{key}.lora_down.weight": torch.randn(2, layer.in_features, generator=generator) * 0.1,
+                      f"{key}.lora_up.weight": torch.randn(layer.out_features, 2, generator=generator) * 0.1,
+                      f"{key}.alpha": torch.tensor(1.0)}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # SGM names, as kohya writes SDXL
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    convert(tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors", output_format="diffusers",
+            base=mini_sdxl_dir)
+    tensors = load_file(tmp_path / "diffusers.safetensors")
+    assert {k.split(".")[0] for k in tensors} == {"unet", "text_encoder", "text_encoder_2"}
+
+    weights = {(part, name): p.detach().clone() for part, m in parts.items() for name, p in m.named_parameters()}
+    apply.merge_files(parts, [(tmp_path / "kohya.safetensors", 1.0)])
+    merged = {(part, name): p.detach().clone() for part, m in parts.items() for name, p in m.named_parameters()}
+    with torch.no_grad():
+        for (part, name), w in weights.items():
+            parts[part].get_parameter(name).copy_(w)
+    assert _load_quietly(pipe, tmp_path / "diffusers.safetensors", caplog) == []
+    pipe.fuse_lora()
+    checked = 0
+    for part, model in parts.items():
+        for path, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                torch.testing.assert_close(module.get_base_layer().weight, merged[(part, path + ".weight")],
+                                           atol=1e-6, rtol=1e-4)
+                checked += 1
+    assert checked == len(kohya) // 3
