@@ -318,3 +318,15 @@ def test_an_sdxl_kohya_file_converted_to_diffusers_keys_loads_whole_in_the_sdxl_
                                            atol=1e-6, rtol=1e-4)
                 checked += 1
     assert checked == len(kohya) // 3
+
+
+def test_init_weights_from_a_diffusers_format_file_starts_from_the_trained_changes(trained, flux_dir, tmp_path):
+    """The file holds no alpha (scale 1, baked into lora_A); a network with alpha 2 at rank 4 takes the same
+    weight changes."""
+    cfg = load_config(make_style(tmp_path, flux_dir), [*FLUX, f"network.init_weights='{trained['diffusers']}'"])
+    network = Trainer(cfg, log=lambda m: None).network
+    for key, (part, path) in network.modules.items():
+        layer = network.layer(key)
+        delta = layer.lora_B[ADAPTER_NAME].weight @ layer.lora_A[ADAPTER_NAME].weight * layer.scaling[ADAPTER_NAME]
+        assert layer.scaling[ADAPTER_NAME] == 0.5
+        torch.testing.assert_close(delta.detach(), trained["deltas"][path], atol=1e-6, rtol=1e-4)
