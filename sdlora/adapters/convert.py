@@ -16,7 +16,6 @@ from sdlora.io import refuse_to_overwrite
 from sdlora.models.load import model_skeleton
 
 
-
 def convert(src, dst, overwrite: bool = False, output_format: str = "kohya", base=None) -> dict[str, str]:
     """Write the adapter `src` (Kohya, LyCORIS, diffusers, peft, OneTrainer or ai-toolkit keys) as a
     `output_format`-named file `dst`.

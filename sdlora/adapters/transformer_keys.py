@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sdlora.adapters import kinds
 from sdlora.models.families.clip import nested_text_name
 
 UNET_PREFIX = "lora_unet"
@@ -253,8 +254,7 @@ def fuse_modules(transformer: nn.Module, originals: dict[str, KohyaModule],
     for name, module in originals.items():
         part_keys = [f"{UNET_PREFIX}_{path.replace('.', '_')}" for path in module.paths]
         present = [k for k in part_keys if k in modules]
-        if not present or any(not {"lora_down.weight", "lora_up.weight"} <= set(modules[k]) or
-                              not {"lora_down.weight", "lora_up.weight", "alpha"} >= set(modules[k]) for k in present):
+        if not present or not all(kinds.is_plain_lora(modules[k]) for k in present):
             continue  # nothing of it, or not a plain LoRA: left under the diffusers names
         parts = []
         for k in present:
