@@ -124,11 +124,13 @@ def _styles(kohya: dict[str, torch.Tensor], transformer) -> dict[str, dict[str, 
     - diffusers_alpha: diffusers' module names with `.alpha` (as diffusers' FLUX loader reads "network_alphas");
     - onetrainer: `lora_transformer_<diffusers path with _>` with lora_down / lora_up / alpha (ComfyUI's map);
     - simpletuner_lycoris: `lycoris_<diffusers path with _>`, LyCORIS's LoRA tensors;
-    - ai_toolkit_comfy: `diffusion_model.<BFL path>.lora_A / lora_B` (ComfyUI model keys), scale baked in."""
+    - ai_toolkit_comfy: `diffusion_model.<BFL path>.lora_A / lora_B` (ComfyUI model keys), scale baked in;
+    - comfy_kohya_tensors: `diffusion_model.<BFL path>` with Kohya's lora_down / lora_up / alpha (ComfyUI reads it)."""
     modules = keys.group_modules(kohya)
     originals = transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES, outer=True)
     split = transformer_keys.split_modules(transformer, originals, modules)
-    styles = {"diffusers_alpha": {}, "onetrainer": {}, "simpletuner_lycoris": {}, "ai_toolkit_comfy": {}}
+    styles = {"diffusers_alpha": {}, "onetrainer": {}, "simpletuner_lycoris": {}, "ai_toolkit_comfy": {},
+              "comfy_kohya_tensors": {}}
     for key, t in split.items():
         path = next(p for m in originals.values() for p in m.paths if key == f"lora_unet_{p.replace('.', '_')}")
         styles["diffusers_alpha"] |= {f"transformer.{path}.lora_A.weight": t["lora_down.weight"],
@@ -142,6 +144,7 @@ def _styles(kohya: dict[str, torch.Tensor], transformer) -> dict[str, dict[str, 
         scale = float(t["alpha"]) / t["lora_down.weight"].shape[0]
         styles["ai_toolkit_comfy"] |= {f"diffusion_model.{original}.lora_A.weight": t["lora_down.weight"] * scale,
                                        f"diffusion_model.{original}.lora_B.weight": t["lora_up.weight"]}
+        styles["comfy_kohya_tensors"] |= {f"diffusion_model.{original}.{suffix}": v for suffix, v in t.items()}
     return styles
 
 

@@ -128,6 +128,7 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 # patch lora_linear_layer, its attention processors `processor.to_q_lora.down`.
 _DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+    ".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight",  # Kohya's tensors on such names
     ".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
     ".lora_linear_layer.down.weight": "lora_down.weight", ".lora_linear_layer.up.weight": "lora_up.weight",
     "_lora.down.weight": "lora_down.weight", "_lora.up.weight": "lora_up.weight",
