@@ -333,3 +333,20 @@ def test_init_weights_from_a_diffusers_format_file_starts_from_the_trained_chang
         delta = layer.lora_B[ADAPTER_NAME].weight @ layer.lora_A[ADAPTER_NAME].weight * layer.scaling[ADAPTER_NAME]
         assert layer.scaling[ADAPTER_NAME] == 0.5
         torch.testing.assert_close(delta.detach(), trained["deltas"][path], atol=1e-6, rtol=1e-4)
+
+
+def test_sdlora_run_with_diffusers_format_samples_and_resizes_diffusers_files(tmp_path, flux_dir):
+    """The run's previews, grids and `resize_energy` read the diffusers-style files through the one reader;
+    the resized file keeps diffusers' keys."""
+    from test_run import RUN_EXTRA
+
+    from sdlora import run
+
+    path = make_style(tmp_path, flux_dir, extra=RUN_EXTRA)
+    result = run.run(load_config(path, [*FLUX, "output.format=diffusers", "output.resize_energy=0.9"]),
+                     log=lambda m: None)
+    adapter = result["paths"]["adapter"]
+    assert all(k.startswith("transformer.") for k in load_file(adapter))
+    assert result["sample"].grids and all(g.is_file() for g in result["sample"].grids)
+    resized = sorted(adapter.parent.glob("*energy*.safetensors"))
+    assert resized and all(k.startswith("transformer.") for k in load_file(resized[0]))
