@@ -92,6 +92,8 @@ class ModelConfig:
 
 # Precisions a saved file (adapter, merged model) can be written in: train.save_precision, --save-precision.
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+# Key styles of adapter files ([output] format, `sdlora convert --format`): Kohya's, diffusers' own.
+ADAPTER_FORMATS = ("kohya", "diffusers")
 # The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
 SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extension", "shuffle_caption",
                       "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug")
@@ -300,6 +302,10 @@ class OutputConfig:
                     choices=["last", "best"])
     resize_energy: float = opt(0.0, "also write NAME-energyNN.safetensors keeping this share of each module's "
                                     "energy, e.g. 0.9 (0 = off)", min=0.0, max=1.0)
+    format: str = opt("kohya", "key style of the adapter files: kohya (lora_unet_*, what A1111, Forge, ComfyUI and "
+                               "kohya read) | diffusers (unet. / transformer. / text_encoder. lora_A / lora_B with the "
+                               "scale baked in, what diffusers' load_lora_weights reads natively; LoRA and LoCon only)",
+                      choices=list(ADAPTER_FORMATS))
 
 
 @dataclass

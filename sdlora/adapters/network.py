@@ -355,7 +355,13 @@ class Network:
         for key, parts in groups.items():
             if kinds.module_kind(parts) != self.kind:
                 raise UserError(f"{key}: the adapter is {kinds.module_kind(parts)}, this network is {self.kind}")
-            alpha = float(parts["alpha"]) if "alpha" in parts else kinds.module_rank(parts)
+            if "alpha" not in parts:
+                # Scale 1 (diffusers' files bake theirs into lora_A): the same change at this network's scale
+                # alpha / rank, with one factor divided by that scale.
+                factor = next(suffix for suffix in self._adapter_params(key) if suffix != "dora_scale")
+                if factor in parts:
+                    parts = {**parts, factor: parts[factor] * (kinds.module_rank(parts) / self._alpha(key))}
+            alpha = float(parts["alpha"]) if "alpha" in parts else self._alpha(key)
             if abs(alpha - self._alpha(key)) > 1e-3 * max(1.0, alpha):
                 raise UserError(f"{key}: alpha {alpha:g} in the adapter, {self._alpha(key):g} in [network]; "
                                 f"set network.alpha / conv_alpha to the adapter's values")

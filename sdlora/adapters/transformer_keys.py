@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sdlora.adapters import kinds
 from sdlora.models.families.clip import nested_text_name
 
 UNET_PREFIX = "lora_unet"
@@ -183,7 +184,8 @@ class LoraFactors:
     alpha: float
 
 
-def _swap_halves(up: torch.Tensor) -> torch.Tensor:
+def exchange_halves(up: torch.Tensor) -> torch.Tensor:
+    """Rows (a; b) -> (b; a): a modulation's (shift, scale) in the original <-> (scale, shift) in diffusers."""
     half = up.shape[0] // 2
     return torch.cat([up[half:], up[:half]])
 
@@ -199,13 +201,13 @@ def fuse(parts: list[LoraFactors], swap_halves: bool = False) -> LoraFactors:
         fused = LoraFactors(torch.cat([p.down for p in parts]), torch.block_diag(*(p.up for p in parts)),
                             sum(p.alpha for p in parts))
     if swap_halves:
-        fused.up = _swap_halves(fused.up)
+        fused.up = exchange_halves(fused.up)
     return fused
 
 
 def split(fused: LoraFactors, sizes: list[int], swap_halves: bool = False) -> list[LoraFactors]:
     """The diffusers parts' factors (output sizes `sizes`) from a Kohya module's, as diffusers reads them."""
-    up = _swap_halves(fused.up) if swap_halves else fused.up
+    up = exchange_halves(fused.up) if swap_halves else fused.up
     n, rank = len(sizes), fused.down.shape[0]
     if n > 1 and rank % n == 0:
         r = rank // n
@@ -238,4 +240,37 @@ def split_modules(transformer: nn.Module, originals: dict[str, KohyaModule],
             out[f"{UNET_PREFIX}_{path.replace('.', '_')}"] = {"lora_down.weight": factors.down,
                                                               "lora_up.weight": factors.up,
                                                               "alpha": torch.tensor(factors.alpha)}
+    return out
+
+
+def fuse_modules(transformer: nn.Module, originals: dict[str, KohyaModule],
+                 modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of `split_modules`: LoRA modules on diffusers' modules (keys of their diffusers paths,
+    `lora_unet_transformer_blocks_0_attn_to_q`, as diffusers, OneTrainer or ai-toolkit files name them) ->
+    one module per original module under Kohya's name, `fuse`d from its parts. A part the file does not
+    adapt (diffusers' default targets leave out single blocks' proj_mlp) contributes zero rows of up: the
+    fused weight change is exactly the parts' stacked. Other modules (text encoders, original names) stay."""
+    out = dict(modules)
+    for name, module in originals.items():
+        part_keys = [f"{UNET_PREFIX}_{path.replace('.', '_')}" for path in module.paths]
+        present = [k for k in part_keys if k in modules]
+        if not present or not all(kinds.is_plain_lora(modules[k]) for k in present):
+            continue  # nothing of it, or not a plain LoRA: left under the diffusers names
+        parts = []
+        for k in present:
+            down = modules[k]["lora_down.weight"]
+            parts.append(LoraFactors(down, modules[k]["lora_up.weight"], float(modules[k].get("alpha", down.shape[0]))))
+        # One scale for all parts (`fuse`): each part's scale is moved into its down where they differ.
+        scales = [p.alpha / p.down.shape[0] for p in parts]
+        if len(set(scales)) > 1:
+            parts = [LoraFactors(p.down * s, p.up, float(p.down.shape[0])) for p, s in zip(parts, scales)]
+        fused = fuse(parts)
+        sizes = output_sizes(transformer, module)
+        rows = dict(zip(present, fused.up.split([sizes[part_keys.index(k)] for k in present])))
+        up = torch.cat([rows[k] if k in rows else fused.up.new_zeros(size, fused.up.shape[1])
+                        for k, size in zip(part_keys, sizes)])
+        fused.up = exchange_halves(up) if module.swap_halves else up
+        for k in present:
+            del out[k]
+        out[name] = {"lora_down.weight": fused.down, "lora_up.weight": fused.up, "alpha": torch.tensor(fused.alpha)}
     return out

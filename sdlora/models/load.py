@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdlora import ASSETS
+from sdlora.config import ModelConfig
 from sdlora.digest import file_digest
 from sdlora.errors import UserError
 from sdlora.models import arch
@@ -230,6 +231,35 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     family = folder_family(layout, unet, widths, prediction_type)
     return dict(vae=vae.eval(), unet=unet.eval(), noise_scheduler=noise_scheduler, family=family,
                 prediction_type=prediction_type, model_hash=file_digest(_folder_unet_weights(folder)), **encoders)
+
+
+def model_skeleton(source) -> tuple[Any, str]:
+    """(the denoiser and text encoders of a base as attributes `unet` / `transformer`, `text_encoder(_2)`,
+    the denoiser's pipeline component): what names and shapes the modules of `source` have, for tools that
+    map adapter keys without touching a weight. A diffusers folder's models are built from their configs on
+    the meta device (no weight is read: FLUX.1's 12B parameters cost nothing); other bases load whole."""
+    from types import SimpleNamespace
+
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    folder = Path(str(source)).expanduser()
+    if not (folder / "model_index.json").is_file():
+        base = load_base(ModelConfig(base=str(source)))
+        return base, FAMILIES[base.family].denoiser_part
+    layout = folder_layout(json.loads((folder / "model_index.json").read_text()))
+    try:
+        with init_empty_weights():
+            denoiser_class = getattr(diffusers, layout.denoiser_class)
+            models = {layout.denoiser_part: denoiser_class.from_config(
+                denoiser_class.load_config(folder, subfolder=layout.denoiser_part))}
+            for slot in layout.text_encoders:
+                model_class = getattr(transformers, slot.model_class)
+                models[slot.part] = model_class(model_class.config_class.from_pretrained(folder / slot.part))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot read the diffusers folder's model configs: {e}") from e
+    return SimpleNamespace(**models), layout.denoiser_part
 
 
 def load_hub(source: str, dtype: torch.dtype) -> dict:
