@@ -52,8 +52,10 @@ class BaseModel:
     model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
     source: str  # what the user gave as model.base
     detected: str = ""  # a single file: how its family and prediction type were told (`info` says it)
-    text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
+    text_encoder_2: Any = None  # SDXL: OpenCLIP bigG (CLIPTextModelWithProjection); FLUX.1: T5; SD3.x: CLIP-G
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3.x: T5-XXL
+    tokenizer_3: Any = None
 
     def pipeline(self, scheduler=None):
         """The family's diffusers pipeline over these same components: a StableDiffusionPipeline (no
@@ -220,6 +222,8 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
                     folder, subfolder=slot.part, **te_kw).eval()
                 encoders[slot.tokenizer_part] = getattr(transformers, slot.tokenizer_class).from_pretrained(
                     folder, subfolder=slot.tokenizer_part, local_files_only=True)
+                if slot.max_length:  # the family reads this many tokens (SD3's T5: 256, as its pipeline)
+                    encoders[slot.tokenizer_part].model_max_length = slot.max_length
             noise_scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(
                 folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
