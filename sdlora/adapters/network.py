@@ -35,7 +35,8 @@ ADAPTER_NAME = "sdlora"
 # gets `dim`; 3x3 convs inside the ResNet containers get `conv_dim` (LoCon).
 # FLUX.1's double- and single-stream blocks (kohya's DoubleStreamBlock / SingleStreamBlock) and SD3's
 # joint blocks (kohya's SingleDiTBlock pairs, context_block and x_block) likewise.
-TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock")
+TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                      "JointTransformerBlock")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
 _ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"
