@@ -17,6 +17,7 @@ from test_train import make_style
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
 from sdlora.config import load_config
+from sdlora.errors import UserError
 from sdlora.tiny.configs import build_sd3_pipeline
 from sdlora.training.guards import TrainingStopped
 from sdlora.training.loop import Trainer, train
@@ -115,3 +116,10 @@ def test_sd3_resume_ends_where_an_uninterrupted_run_ends(tmp_path, sd3_dirs, int
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def test_buckets_off_the_16_px_grid_are_refused_in_one_line(tmp_path, sd3_dirs):
+    cfg = load_config(make_style(tmp_path, sd3_dirs["large"]), [*SD3, "dataset.bucket_reso_steps=8",
+                                                               "dataset.resolution=72"])  # 72 x 72 buckets
+    with pytest.raises(UserError, match="multiples of 16 px, and bucket"):
+        Trainer(cfg, log=lambda m: None)
