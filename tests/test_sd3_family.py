@@ -138,3 +138,11 @@ def test_export_ids_are_sd_scripts(family, architecture, version):
 def test_clip_skip_is_ignored_with_a_note():
     assert FAMILIES["sd35_large"].clip_skip_note(1) is None
     assert "ignored for SD3.5 Large" in FAMILIES["sd35_large"].clip_skip_note(2)
+
+
+def test_a_folder_with_a_sharded_transformer_loads(tmp_path):
+    """The Hub's SD3.5 Large keeps its transformer in shards with an index."""
+    build_sd3_pipeline().save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    base = load_base(_model_cfg(tmp_path))
+    assert base.family == "sd35_large" and base.model_hash

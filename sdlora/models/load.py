@@ -183,9 +183,12 @@ def _denoiser_parts() -> list[str]:
 
 
 def _folder_unet_weights(folder: Path) -> Path:
-    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder."""
+    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder. A transformer saved in
+    shards (SD3.5 Large, FLUX.1 on the Hub) is named by its shard index, whose sha256 then stands for the
+    weights: hashing every shard of a 16 GB model would cost minutes per load."""
     for part in _denoiser_parts():
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors.index.json"):
             if (folder / part / name).exists():
                 return folder / part / name
     raise UserError(f"model.base: {folder} has no {' or '.join(_denoiser_parts())}/diffusion_pytorch_model.safetensors; "
