@@ -233,6 +233,8 @@ class TrainConfig:
     mode_scale: float = opt(1.29, "scale of the mode density")
     guidance_scale: float = opt(3.5, "FLUX.1-dev's guidance input during training (kohya's default 3.5; its "
                                      "docs advise 1.0 for LoRA)", min=0.0)
+    training_shift: float = opt(1.0, "SD3.x: shift S of the sigma drawn from weighting_scheme's density (kohya's "
+                                     "sd3 training_shift; 3.0 is SD3.5's sampling shift)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
     adaptive_noise_scale: float = opt(0.0, "adds this x abs(mean of each latent channel) to noise_offset (kohya's "
                                            "adaptive_noise_scale; needs noise_offset; 0 = off)", min=-1.0, max=1.0)
@@ -269,6 +271,14 @@ class SampleConfig:
     cfg_scale: float = opt(7.0, "classifier-free guidance scale", min=0.0)
     guidance_scale: float = opt(3.5, "FLUX.1-dev's distilled guidance input when sampling (no classifier-free "
                                      "guidance; schnell takes none)", min=0.0)
+    skip_layer_guidance_scale: float = opt(0.0, "SD3.x: skip-layer guidance scale (diffusers' default 2.8; 0 = off)",
+                                           min=0.0)
+    skip_guidance_layers: list = opt([7, 8, 9], "SD3.x: transformer blocks skipped by skip-layer guidance (SAI's "
+                                                "[7, 8, 9] for SD3.5 Medium)", items=int, min=0)
+    skip_layer_guidance_start: float = opt(0.01, "SD3.x: share of the steps after which skip-layer guidance starts",
+                                           min=0.0, max=1.0)
+    skip_layer_guidance_stop: float = opt(0.2, "SD3.x: share of the steps at which skip-layer guidance stops",
+                                          min=0.0, max=1.0)
     sampler: str = opt("dpmpp_2m_karras", "scheduler",
                        choices=["dpmpp_2m_karras", "dpmpp_2m", "euler_a", "euler", "ddim"])
     seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)", items=int, min=0, max=SEED_MAX)

@@ -33,8 +33,10 @@ ADAPTER_NAME = "sdlora"
 
 # Kohya's target containers (networks/lora.py): every Linear and 1x1 Conv2d inside them
 # gets `dim`; 3x3 convs inside the ResNet containers get `conv_dim` (LoCon).
-# FLUX.1's double- and single-stream blocks (kohya's DoubleStreamBlock / SingleStreamBlock) likewise.
-TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+# FLUX.1's double- and single-stream blocks (kohya's DoubleStreamBlock / SingleStreamBlock) and SD3's
+# joint blocks (kohya's SingleDiTBlock pairs, context_block and x_block) likewise.
+TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                      "JointTransformerBlock")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
 _ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"

@@ -53,8 +53,10 @@ class BaseModel:
     model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
     source: str  # what the user gave as model.base
     detected: str = ""  # a single file: how its family and prediction type were told (`info` says it)
-    text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
+    text_encoder_2: Any = None  # SDXL: OpenCLIP bigG (CLIPTextModelWithProjection); FLUX.1: T5; SD3.x: CLIP-G
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3.x: T5-XXL
+    tokenizer_3: Any = None
 
     def pipeline(self, scheduler=None):
         """The family's diffusers pipeline over these same components: a StableDiffusionPipeline (no
@@ -182,9 +184,12 @@ def _denoiser_parts() -> list[str]:
 
 
 def _folder_unet_weights(folder: Path) -> Path:
-    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder."""
+    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder. A transformer saved in
+    shards (SD3.5 Large, FLUX.1 on the Hub) is named by its shard index, whose sha256 then stands for the
+    weights: hashing every shard of a 16 GB model would cost minutes per load."""
     for part in _denoiser_parts():
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors.index.json"):
             if (folder / part / name).exists():
                 return folder / part / name
     raise UserError(f"model.base: {folder} has no {' or '.join(_denoiser_parts())}/diffusion_pytorch_model.safetensors; "
@@ -221,6 +226,8 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
                     folder, subfolder=slot.part, **te_kw).eval()
                 encoders[slot.tokenizer_part] = getattr(transformers, slot.tokenizer_class).from_pretrained(
                     folder, subfolder=slot.tokenizer_part, local_files_only=True)
+                if slot.max_length:  # the family reads this many tokens (SD3's T5: 256, as its pipeline)
+                    encoders[slot.tokenizer_part].model_max_length = slot.max_length
             noise_scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(
                 folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
