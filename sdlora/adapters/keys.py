@@ -191,6 +191,7 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
         notes.append(f"{renamed} text-encoder modules are keyed without `text_model_` (written under transformers 5, "
                      f"e.g. by LyCORIS); read as lora_te_text_model_..., the names A1111 and ComfyUI read "
                      f"(`sdlora convert` writes them so)")
+    tensors = transformer_keys.read_names(tensors)  # ComfyUI's names of a transformer's diffusers modules
     kohya_prefixes = tuple(p + "_" for p in PREFIXES.values())
     if all(k.startswith(kohya_prefixes) for k in tensors):
         return tensors, notes
