@@ -99,6 +99,10 @@ KOHYA_KEYS: dict[str, str] = {
     "mid_lr_weight": "network.mid_lr_weight",
     "up_lr_weight": "network.up_lr_weight",
     "block_lr_zero_threshold": "network.block_lr_zero_threshold",
+    # networks/lora_flux.py network_args
+    "train_blocks": "network.train_blocks",
+    "train_double_block_indices": "network.train_double_block_indices",
+    "train_single_block_indices": "network.train_single_block_indices",
 }
 
 

@@ -114,6 +114,22 @@ def test_a_selection_of_no_block_and_a_selection_on_a_unet_are_refused(tmp_path,
         inject(unet, None, NetworkConfig(train_text_encoder=False, train_modulation=False))
 
 
+def test_import_kohya_maps_lora_flux_block_selection():
+    import tomllib
+
+    from sdlora.presets.kohya import import_kohya
+
+    mapped = []
+    text = import_kohya(['flux_train_network.py --network_dim 4 --network_args "train_blocks=single" '
+                         '"train_double_block_indices=0" "train_single_block_indices=0,1,8-12" '
+                         '"img_mod_dim=0" "txt_mod_dim=0" "single_mod_dim=0"'], log=mapped.append)
+    network = tomllib.loads(text)["network"]
+    assert network == {"dim": 4, "train_blocks": "single", "train_double_block_indices": "0",  # "0" is block 0
+                       "train_single_block_indices": "0,1,8-12", "train_modulation": False}
+    text = import_kohya(['flux_train_network.py --network_args "img_mod_dim=0"'], log=mapped.append)
+    assert "train_modulation" not in text and any("img_mod_dim=0: sdlora drops" in m for m in mapped)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kinds: train, export, apply back
 
