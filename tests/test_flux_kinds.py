@@ -33,6 +33,7 @@ from sdlora.adapters import apply, kinds, transformer_keys
 from sdlora.adapters.network import ADAPTER_NAME, adapter_metadata, inject
 from sdlora.config import NetworkConfig, load_config
 from sdlora.errors import ConfigError, UserError
+from sdlora.sampling.sampler import Sampler
 from sdlora.tiny.configs import MINI_UNET
 from sdlora.training.loop import Trainer
 
@@ -249,6 +250,17 @@ def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(
     assert apply.merge_files({"unet": base}, [(path, 1.0)]) == {str(path): len(changes)}
     for p, change in changes.items():
         assert torch.allclose(base.get_submodule(p).weight - w0[p], change, atol=1e-5), p
+
+    # Sampling applies it the same way: the pipeline's transformer changes by the trained change, and back.
+    sampler = Sampler(trainer.cfg)
+    sampled = sampler.pipe.transformer
+    w0 = {p: sampled.get_submodule(p).weight.detach().clone() for p in changes}
+    sampler.adapters.add(path)
+    sampler.adapters.set_scale(1.0)
+    for p, change in changes.items():
+        assert torch.allclose(sampled.get_submodule(p).weight - w0[p], change, atol=1e-5), p
+    sampler.adapters.close()
+    assert all(torch.equal(sampled.get_submodule(p).weight, w0[p]) for p in changes)
 
     meta = adapter_metadata(trainer.cfg, trainer.base, {"num_train_images": 4, "num_epochs": 1, "epoch": 1, "steps": 3})
     lycoris = kind in ("loha", "lokr", "dora")  # LyCORIS's algorithms; LoRA and LoCon are kohya's lora_flux
