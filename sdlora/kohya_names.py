@@ -117,3 +117,9 @@ def kohya_hint(key: str, section: str | None) -> str | None:
         return f"; did you mean '{name}' (kohya's {key})?"
     table = "[[dataset.subsets]]" if where.endswith("[]") else f"[{where}]"
     return f"; kohya's {key} is {table} {name} here (`sdlora import-kohya` converts kohya files)"
+
+
+# The modulation ranks of kohya's transformer networks (network_args): all 0 drop the blocks' modulation
+# linears, as network.train_modulation = false does.
+FLUX_MODULATION_ARGS = ("img_mod_dim", "txt_mod_dim", "single_mod_dim")  # networks/lora_flux.py
+SD3_MODULATION_ARGS = ("context_mod_dim", "x_mod_dim")  # networks/lora_sd3.py

@@ -115,6 +115,17 @@ def test_a_selection_of_no_block_and_a_selection_on_a_unet_are_refused(tmp_path,
         inject(unet, None, NetworkConfig(train_text_encoder=False, train_modulation=False))
 
 
+def test_the_selection_is_written_to_ss_network_args_as_kohya_spells_it(tmp_path, flux_dev_dir):  # noqa: F811
+    import json
+
+    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.train_double_block_indices=0,1",
+                                                           "network.train_modulation=false"])
+    base = {"family": "flux1_dev", "prediction_type": "flow", "name": "flux", "model_hash": ""}
+    meta = adapter_metadata(cfg, base, {"num_train_images": 4, "num_epochs": 1, "epoch": 1, "steps": 1})
+    args = json.loads(meta["ss_network_args"])
+    assert args == {"train_double_block_indices": "0,1", "img_mod_dim": "0", "txt_mod_dim": "0", "single_mod_dim": "0"}
+
+
 def test_import_kohya_maps_lora_flux_block_selection():
     import tomllib
 

@@ -540,6 +540,9 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         network_args["dropout"] = f"{net.dropout:g}"
     network_args.update(kohya_blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
     network_args.update(kohya_blocks.selection_args(net))  # train_blocks, ... as lora_flux spells them
+    names = transformer_keys.NAMES_BY_CLASS.get(FAMILIES[_get(base, "family")].denoiser_class)
+    if names is not None and not net.train_modulation:
+        network_args.update(dict.fromkeys(names.modulation_args, "0"))
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
     te_lrs = settings.text_encoder_lrs

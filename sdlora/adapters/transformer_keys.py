@@ -46,6 +46,7 @@ from torch import nn
 from sdlora.adapters import kinds
 from sdlora.errors import UserError
 from sdlora.kohya_blocks import block_selection
+from sdlora.kohya_names import FLUX_MODULATION_ARGS, SD3_MODULATION_ARGS
 from sdlora.models.families.clip import nested_text_name
 
 UNET_PREFIX = "lora_unet"
@@ -122,13 +123,16 @@ class TransformerNames:
     outer: dict[str, tuple[str, ...]]
     block_kinds: tuple[str, ...] = ()
     modulation: frozenset[str] = frozenset()
+    modulation_args: tuple[str, ...] = ()  # kohya's network_args whose 0s drop `modulation`
 
 
 FLUX_NAMES = TransformerNames((("double_blocks", "transformer_blocks", FLUX_DOUBLE),
                                ("single_blocks", "single_transformer_blocks", FLUX_SINGLE)), FLUX_OUTER,
-                              ("double", "single"), frozenset({"img_mod.lin", "txt_mod.lin", "modulation.lin"}))
+                              ("double", "single"), frozenset({"img_mod.lin", "txt_mod.lin", "modulation.lin"}),
+                              FLUX_MODULATION_ARGS)
 SD3_NAMES = TransformerNames((("joint_blocks", "transformer_blocks", SD3_JOINT),), SD3_OUTER, ("joint",),
-                             frozenset({"context_block.adaLN_modulation.1", "x_block.adaLN_modulation.1"}))
+                             frozenset({"context_block.adaLN_modulation.1", "x_block.adaLN_modulation.1"}),
+                             SD3_MODULATION_ARGS)
 
 
 # The transformers named as in their originals, by diffusers class.
