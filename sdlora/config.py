@@ -185,6 +185,18 @@ class NetworkConfig:
                                 "down_lr_weight", check=kohya_blocks.check_lr_weight)
     block_lr_zero_threshold: float = opt(0.0, "a block lr weight at or below this becomes 0: the block gets no "
                                               "adapters (kohya's block_lr_zero_threshold)", min=0.0)
+    # kohya's networks/lora_flux.py network_args: which transformer blocks get adapters
+    train_blocks: str = opt("all", "transformer blocks adapted (FLUX.1; kohya's train_blocks): all, single (the "
+                                   "single-stream blocks only) or double", choices=["all", "single", "double"])
+    train_double_block_indices: Any = opt("all", "FLUX.1 double blocks adapted (kohya's train_double_block_indices): "
+                                                 "\"all\", \"none\" or indices and ranges, e.g. \"0,1,8-12,18\"",
+                                          check=kohya_blocks.check_block_selection)
+    train_single_block_indices: Any = opt("all", "FLUX.1 single blocks adapted (kohya's train_single_block_indices), "
+                                                 "as train_double_block_indices",
+                                          check=kohya_blocks.check_block_selection)
+    train_modulation: bool = opt(True, "adapt the transformer blocks' modulation linears too (FLUX.1 img_mod, "
+                                       "txt_mod, modulation; SD3 adaLN_modulation); false = kohya's img_mod_dim = "
+                                       "txt_mod_dim = single_mod_dim = 0")
 
 
 @dataclass

@@ -128,9 +128,10 @@ def test_flux_text_encoder_training_is_refused_in_one_line(tmp_path, flux_dev_di
         Trainer(cfg, log=lambda m: None)
 
 
-def test_other_adapter_kinds_are_refused_on_flux(tmp_path, flux_dev_dir):
-    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha"])
-    with pytest.raises(UserError, match="fused modules"):
+def test_dora_on_a_kind_peft_has_no_dora_for_is_refused_on_flux(tmp_path, flux_dev_dir):
+    # LoHa, LoKr and DoRA on LoRA train on FLUX.1 (tests/test_flux_kinds.py); DoRA over LoHa does not exist
+    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha", "network.dora=true"])
+    with pytest.raises(UserError, match="dora = true needs type lora or locon"):
         Trainer(cfg, log=lambda m: None)
 
 

@@ -146,7 +146,7 @@ _UNET_CHILDREN = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_o
                   "transformer_blocks.", "single_transformer_blocks.")
 # Kohya-style keys (lora_down / lora_up / alpha, LyCORIS tensors) under another prefix, on the denoiser's
 # diffusers module path: OneTrainer's `lora_transformer_` and SimpleTuner's LyCORIS `lycoris_` (ComfyUI reads both).
-_DENOISER_PREFIXES = ("lora_transformer_", "lycoris_")
+_DENOISER_PREFIXES = (f"{transformer_keys.DIFFUSERS_PART_PREFIX}_", "lycoris_")
 BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
 
 
@@ -197,7 +197,7 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
         notes.append(f"{len(embeddings)} bundled embedding(s) ignored ({', '.join(embeddings)}); only the LoRA "
                      f"part is loaded")
         tensors = {k: v for k, v in tensors.items() if not k.startswith(BUNDLED_EMBEDDING_PREFIX)}
-    tensors = {_denoiser_key(k): v for k, v in tensors.items()}
+    tensors = {denoiser_key(k): v for k, v in tensors.items()}
     tensors, renamed = _nested_text_keys(tensors)
     if renamed:
         notes.append(f"{renamed} text-encoder modules are keyed without `text_model_` (written under transformers 5, "
@@ -231,7 +231,7 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
     return converted, notes
 
 
-def _denoiser_key(name: str) -> str:
+def denoiser_key(name: str) -> str:
     """OneTrainer's `lora_transformer_<path>` and SimpleTuner's `lycoris_<path>` -> `lora_unet_<path>` (the path
     with "_" as in Kohya's keys); any other name as it is."""
     for prefix in _DENOISER_PREFIXES:

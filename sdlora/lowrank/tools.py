@@ -24,6 +24,7 @@ import torch
 
 from sdlora.adapters import apply, keys, kinds, transformer_keys
 from sdlora.adapters.file import diffusers_names_of, read_adapter, save_adapter
+from sdlora.adapters.kinds.rows import exchanged_halves
 from sdlora.adapters.network import (
     network_fields,
     network_metadata,
@@ -270,7 +271,7 @@ def _weight_change(models: dict, part: str, paths: tuple[str, ...], swap_halves:
                             f"{tuple(tuned_weight.shape)} in the tuned model; they must share one architecture")
         changes.append(tuned_weight.detach().float() - base_weight.detach().float())
     change = torch.cat(changes) if len(changes) > 1 else changes[0]
-    return transformer_keys.exchange_halves(change) if swap_halves else change
+    return exchanged_halves(change) if swap_halves else change
 
 
 def extract_tensors(base, tuned, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
