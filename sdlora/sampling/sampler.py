@@ -24,8 +24,8 @@ Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers w
 unmatched keys silently.
 
 FLUX.1 (a family without classifier-free guidance, `family.classifier_free_guidance`) renders in one
-FluxPipeline pass (`Sampler.render_distilled`): flow-matching Euler, dev's distilled guidance, sides at
-the next multiple of 16 and cropped.
+FluxPipeline pass (`Sampler.render_distilled`): flow-matching Euler or DPM++ 2M on flow sigmas
+(`FLOW_SAMPLERS`), dev's distilled guidance, sides at the next multiple of 16 and cropped.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
@@ -76,21 +76,69 @@ SAMPLERS = {
 }
 
 
-# A flow-matching base (FLUX.1) renders with flow-matching Euler from its own scheduler config (its shift and
-# dynamic shifting), whatever `sample.sampler` says: the names Forge writes for it.
-FLOW_SAMPLER = ("Euler", "Simple")
+# A flow-matching base (FLUX.1) renders with the solvers diffusers runs on flow sigmas, built on the base's own
+# scheduler config (its shift and dynamic shifting): config name -> (diffusers class, extra config, the name
+# Forge writes). Names without a flow form in diffusers (Karras sigmas and the ancestral, DDIM and DDPM
+# samplers are SD's noise schedules) render with flow-matching Euler, the base's own sampler.
+FLOW_SAMPLERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), "DPM++ 2M"),
+}
+FLOW_SCHEDULE = "Simple"  # Forge's schedule type for FLUX.1's shifted, evenly spaced sigmas
+
+
+def is_flow(base_scheduler) -> bool:
+    import diffusers
+
+    return isinstance(base_scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
+
+
+def flow_sampler(name: str) -> str:
+    """The FLOW_SAMPLERS entry a flow-matching base renders the config's sampler `name` with."""
+    return name if name in FLOW_SAMPLERS else "euler"
+
+
+def sampler_names(name: str, base_scheduler) -> tuple[str, str]:
+    """(Sampler, Schedule type) of the infotext for the config's sampler `name` on this base."""
+    if is_flow(base_scheduler):
+        return FLOW_SAMPLERS[flow_sampler(name)][2], FLOW_SCHEDULE
+    return SAMPLERS[name][2], SAMPLERS[name][3]
 
 
 def make_scheduler(name: str, base_scheduler):
     """The sampler `name` built from the base's scheduler config (same betas and prediction type)."""
     import diffusers
 
-    if isinstance(base_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
-        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(base_scheduler.config)
+    if is_flow(base_scheduler):
+        return _flow_scheduler(flow_sampler(name), base_scheduler.config)
     if name not in SAMPLERS:
         raise UserError(f"[sample] sampler = {name!r}: choose one of {', '.join(SAMPLERS)}")
     cls_name, extra, _, _ = SAMPLERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+
+
+def _flow_scheduler(name: str, config):
+    """FLOW_SAMPLERS[name] on the flow-matching config `config`.
+
+    diffusers' multistep solvers on flow sigmas (use_flow_sigmas) step through
+    sigma = S s / (1 + (S - 1) s), s evenly spaced from 1, with S = e^mu where the pipeline passes mu, the
+    same shift as flow-matching Euler's. FluxPipeline passes mu at every call, which these solvers take only
+    with dynamic shifting, so a fixed shift S (schnell's 1.0) becomes dynamic shifting whose line is flat at
+    mu = ln S; the pipelines read that line (base_shift, max_shift, ...) from the scheduler's config."""
+    import diffusers
+
+    cls_name, extra, _ = FLOW_SAMPLERS[name]
+    cls = getattr(diffusers, cls_name)
+    if cls is diffusers.FlowMatchEulerDiscreteScheduler:
+        return cls.from_config(config)
+    line = dict(base_shift=config.base_shift, max_shift=config.max_shift) if config.use_dynamic_shifting else \
+        dict.fromkeys(("base_shift", "max_shift"), math.log(config.shift))
+    scheduler = cls.from_config({k: v for k, v in config.items() if k != "shift"}, use_flow_sigmas=True,
+                                prediction_type="flow_prediction", flow_shift=config.shift, use_dynamic_shifting=True,
+                                time_shift_type="exponential", **extra)
+    scheduler.register_to_config(**line, base_image_seq_len=config.base_image_seq_len,
+                                 max_image_seq_len=config.max_image_seq_len)
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,11 +375,11 @@ class Sampler:
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
-        if not self.family.classifier_free_guidance:
-            return self.render_distilled(prompts, seeds, width, height, steps, s)
         if s.sampler != self.scheduler_name:
             self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
             self.scheduler_name = s.sampler
+        if not self.family.classifier_free_guidance:
+            return self.render_distilled(prompts, seeds, width, height, steps, s)
         for side, v in (("width", width), ("height", height)):
             if v % 8 or v < 8:
                 raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
@@ -348,7 +396,8 @@ class Sampler:
                            generator=generators(), **switching(per_step)).images
         # A1111's key order (processing.create_infotext); None values are left out of the text.
         clip_skip = self.cfg.model.clip_skip
-        params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
+        names = sampler_names(s.sampler, self.base.noise_scheduler)
+        params = {"Steps": steps, "Sampler": names[0], "Schedule type": names[1],
                   "CFG scale": float(s.cfg_scale), "Seed": None, "Size": f"{w0}x{h0}",
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
@@ -386,7 +435,7 @@ class Sampler:
     def render_distilled(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
                          s) -> tuple[list, dict]:
         """`render` for a guidance-distilled family (FLUX.1): one pass of the family's pipeline with
-        flow-matching Euler, no negative prompt and no classifier-free guidance; dev takes
+        a flow-matching solver (`FLOW_SAMPLERS`), no negative prompt and no classifier-free guidance; dev takes
         `sample.guidance_scale` as its input, schnell ignores it. The prompts are encoded by the family
         as they are written (A1111's emphasis, BREAK and prompt editing are SD's rules).
 
@@ -404,7 +453,8 @@ class Sampler:
         images = [im.crop((left, top, left + width, top + height)) for im in images]
         # Forge's names for FLUX.1: CFG scale 1 (none) and the distilled guidance apart.
         guided = self.pipe.transformer.config.guidance_embeds  # dev; schnell has no guidance input
-        params = {"Steps": steps, "Sampler": FLOW_SAMPLER[0], "Schedule type": FLOW_SAMPLER[1], "CFG scale": 1.0,
+        names = sampler_names(s.sampler, self.base.noise_scheduler)
+        params = {"Steps": steps, "Sampler": names[0], "Schedule type": names[1], "CFG scale": 1.0,
                   "Distilled CFG Scale": float(s.guidance_scale) if guided else None, "Seed": None,
                   "Size": f"{width}x{height}",
                   "Render size": f"{w0}x{h0}, centre-cropped" if (w0, h0) != (width, height) else None,
@@ -528,7 +578,11 @@ def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str
     if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
         log(f"note: {family.title} renders in one pass at the target size; the hires and tiled passes are SD's, "
             "so hires is off")
-    return steps, "off", "flow-matching Euler"
+    name = flow_sampler(s.sampler)
+    if name != s.sampler and s.sampler != SampleConfig.sampler:  # SD's default sampler: the base's own, quietly
+        log(f"note: [sample] sampler = {s.sampler!r} has no flow-matching form in diffusers; {family.title} renders "
+            f"with flow-matching Euler (or set sampler = {' or '.join(map(repr, FLOW_SAMPLERS))})")
+    return steps, "off", f"flow-matching {FLOW_SAMPLERS[name][2]}"
 
 
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
