@@ -6,24 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_flux_sample import flux_dirs  # noqa: F401  (the tiny dev and schnell folders, a fixture)
 from test_train import make_style
 
 from sdlora.config import load_config
 from sdlora.models.families import FAMILIES
 from sdlora.models.flow import flux_mu, shift_sigmas
 from sdlora.sampling.sampler import Sampler, pass_settings
-from sdlora.tiny.configs import build_flux_pipeline
 
 FLUX = ["network.train_text_encoder=false", "dataset.shuffle_caption=false"]
-
-
-@pytest.fixture(scope="module")
-def flux_dirs(tmp_path_factory):
-    folders = {}
-    for guidance in (True, False):
-        folders[guidance] = tmp_path_factory.mktemp("flux_dev" if guidance else "flux_schnell")
-        build_flux_pipeline(guidance=guidance).save_pretrained(folders[guidance])
-    return folders
 
 
 def _sampler(tmp_path, folder, *changes) -> Sampler:
