@@ -23,9 +23,10 @@ Before anything is loaded, every module key of a file is matched against the bas
 Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
 unmatched keys silently.
 
-FLUX.1 (a family without classifier-free guidance, `family.classifier_free_guidance`) renders in one
-FluxPipeline pass (`Sampler.render_distilled`): flow-matching Euler or DPM++ 2M on flow sigmas
-(`FLOW_SAMPLERS`), dev's distilled guidance, sides at the next multiple of 16 and cropped.
+FLUX.1 (a family without classifier-free guidance, `family.classifier_free_guidance`) renders with
+FluxPipeline (`Sampler.render_distilled`): flow-matching Euler or DPM++ 2M on flow sigmas
+(`FLOW_SAMPLERS`), dev's distilled guidance, sides at the next multiple of 16 and cropped; a second
+pass (FluxImg2ImgPipeline, or tiles of multiples of 16 px) only when hires says on or tiled.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
@@ -293,6 +294,17 @@ def img2img_steps(denoise_steps: int, strength: float) -> int:
     return n
 
 
+def flux_img2img_steps(denoise_steps: int, strength: float) -> int:
+    """The n to give FluxImg2ImgPipeline so that it denoises exactly `denoise_steps`: it runs
+    n - int(n - n * strength) of n steps (diffusers' SD img2img runs int(n * strength), `img2img_steps`)."""
+    n = max(1, math.floor(denoise_steps / strength))
+    while n > 1 and n - int(n - n * strength) > denoise_steps:
+        n -= 1
+    while n - int(n - n * strength) < denoise_steps:
+        n += 1
+    return n
+
+
 def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: float) -> str:
     """The second pass a render gets: "off", "on" (one img2img pass at the target size) or "tiled".
     auto: off up to the native area, tiled above `tiled_above` times it, one pass between."""
@@ -329,6 +341,22 @@ class Sampler:
         with torch.no_grad():
             return FAMILIES[self.base.family].encode_text(self.base.text_encoders, [x.to(self.device) for x in ids],
                                                           self.cfg.model.clip_skip)
+
+    def encode_whole(self, prompts: list[str]) -> TextConditioning:
+        """The conditioning of a family whose encoders read each prompt whole (FLUX.1), as Forge reads
+        A1111's syntax there: emphasis weights the tokens (`Family.emphasized`), BREAK has no meaning, and
+        prompt editing, alternation and AND are refused."""
+        runs = []
+        for prompt in prompts:
+            schedule = rules.prompt_schedule(rules.conditioned_text(prompt), 1000)  # any switch shows in 1000 steps
+            if len(schedule) > 1:
+                raise UserError(f"prompt {prompt!r}: prompt editing and alternation ([a:b:when], [a|b]) are not "
+                                f"supported for {self.family.title} prompts yet; (word:1.2) emphasis is")
+            runs.append(rules.parse_attention(schedule[0][1]))
+        per_tokenizer = [[rules.sequence_tokens(r, tok) for r in runs] for tok in self.base.tokenizers]
+        text = self.encode_ids([torch.tensor([c.tokens for c in chunks]) for chunks in per_tokenizer])
+        return self.family.emphasized(text, [torch.tensor([c.multipliers for c in chunks], device=text.hidden.device)
+                                             for chunks in per_tokenizer])
 
     def embeds(self, prompts: list[str], negative: list[str]) -> dict:
         """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
@@ -379,7 +407,7 @@ class Sampler:
             self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
             self.scheduler_name = s.sampler
         if not self.family.classifier_free_guidance:
-            return self.render_distilled(prompts, seeds, width, height, steps, s)
+            return self.render_distilled(prompts, seeds, width, height, steps, s, hires)
         for side, v in (("width", width), ("height", height)):
             if v % 8 or v < 8:
                 raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
@@ -433,24 +461,33 @@ class Sampler:
         return images, params
 
     def render_distilled(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
-                         s) -> tuple[list, dict]:
-        """`render` for a guidance-distilled family (FLUX.1): one pass of the family's pipeline with
-        a flow-matching solver (`FLOW_SAMPLERS`), no negative prompt and no classifier-free guidance; dev takes
-        `sample.guidance_scale` as its input, schnell ignores it. The prompts are encoded by the family
-        as they are written (A1111's emphasis, BREAK and prompt editing are SD's rules).
+                         s, hires: str = "off") -> tuple[list, dict]:
+        """`render` for a guidance-distilled family (FLUX.1): the family's pipeline with a flow-matching
+        solver (`FLOW_SAMPLERS`), no negative prompt and no classifier-free guidance; dev takes
+        `sample.guidance_scale` as its input, schnell ignores it. The prompts are encoded whole, with
+        A1111's emphasis as Forge weights FLUX.1 prompts (`encode_whole`).
 
         Sides are rendered at the next multiple of `family.size_multiple` and centre-cropped to the
         requested size (1080x720 -> 1088x720, 4 px off each side); the infotext's Size is the image's
-        and "Render size" the pass's."""
+        and "Render size" the pass's.
+
+        hires "on" / "tiled" (asked for: `pass_settings` turns auto off for these families): the first pass
+        at the native area (sides multiples of 16), a Lanczos upscale to the render size, then
+        FluxImg2ImgPipeline ("on") or the tiled pass with `tiled.FlowDenoiser` ("tiled", tiles on multiples of
+        16 px), both with flow-matching Euler (FluxImg2ImgPipeline passes its own sigmas, which diffusers'
+        multistep solvers do not take); then the crop. Size is then the first pass's, as in A1111."""
+        from PIL import Image
+
         m = self.family.size_multiple
         w0, h0 = math.ceil(width / m) * m, math.ceil(height / m) * m
+        two_pass = hires in ("on", "tiled")
+        fw, fh = (math.ceil(x / m) * m for x in first_pass_size(width, height, self.base.resolution)) if two_pass \
+            else (w0, h0)
         noise_device = "cpu" if self.device == "mps" else self.device
-        generator = [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]
-        text = self.encode(list(prompts))
-        images = self.pipe(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, width=w0, height=h0,
-                           num_inference_steps=steps, guidance_scale=s.guidance_scale, generator=generator).images
-        left, top = (w0 - width) // 2, (h0 - height) // 2
-        images = [im.crop((left, top, left + width, top + height)) for im in images]
+        generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
+        text = self.encode_whole(list(prompts))
+        images = self.pipe(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, width=fw, height=fh,
+                           num_inference_steps=steps, guidance_scale=s.guidance_scale, generator=generators()).images
         # Forge's names for FLUX.1: CFG scale 1 (none) and the distilled guidance apart.
         guided = self.pipe.transformer.config.guidance_embeds  # dev; schnell has no guidance input
         names = sampler_names(s.sampler, self.base.noise_scheduler)
@@ -460,7 +497,52 @@ class Sampler:
                   "Render size": f"{w0}x{h0}, centre-cropped" if (w0, h0) != (width, height) else None,
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "RNG": "CPU" if noise_device == "cpu" else None}
-        return images, params
+        if two_pass:
+            euler = make_scheduler("euler", self.base.noise_scheduler)
+            images = [im.resize((w0, h0), Image.LANCZOS) for im in images]
+            hires_steps = s.hires_steps or steps
+            if s.hires_denoise > 0 and hires == "tiled":
+                images = self.refine_tiled_flow(images, text, seeds, s, hires_steps, euler, noise_device)
+            elif s.hires_denoise > 0:
+                from diffusers import AutoPipelineForImage2Image
+
+                img2img = AutoPipelineForImage2Image.from_pipe(self.pipe, scheduler=euler)  # FluxImg2ImgPipeline
+                img2img.set_progress_bar_config(disable=True)
+                images = img2img(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, image=images, width=w0,
+                                 height=h0, strength=s.hires_denoise,
+                                 num_inference_steps=flux_img2img_steps(hires_steps, s.hires_denoise),
+                                 guidance_scale=s.guidance_scale, generator=generators()).images
+            params.update({"Size": f"{fw}x{fh}", "Denoising strength": float(s.hires_denoise),
+                           "Hires resize": f"{width}x{height}", "Hires steps": s.hires_steps or None,
+                           "Hires upscaler": "Lanczos",
+                           "Hires sampler": FLOW_SAMPLERS["euler"][2] if names[0] != FLOW_SAMPLERS["euler"][2] else None})
+            if hires == "tiled":
+                tile, overlap = self.tile_size(s)
+                params.update({"Hires mode": "tiled", "Hires tile": f"{tile}x{tile}", "Hires tile overlap": overlap})
+        left, top = (w0 - width) // 2, (h0 - height) // 2
+        return [im.crop((left, top, left + width, top + height)) for im in images], params
+
+    def refine_tiled_flow(self, upscaled: list, text: TextConditioning, seeds: list[int], s, hires_steps: int,
+                          scheduler, noise_device) -> list:
+        """The tiled pass (tiled.py) of a guidance-distilled flow family over each upscaled image, its noise
+        drawn from its own seed; `text` is the batch's conditioning, one row per image."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        tile, overlap = self.tile_size(s)
+        family = self.family.for_sampling(s.guidance_scale)
+        transformer = getattr(self.pipe, self.family.denoiser_part)
+        out = []
+        for k, (image, seed) in enumerate(zip(upscaled, seeds)):
+            latents = tiled.encode(self.pipe, image)
+            noise = randn_tensor(latents.shape, generator=torch.Generator(noise_device).manual_seed(int(seed)),
+                                 device=torch.device(self.device), dtype=latents.dtype)
+            row = TextConditioning(hidden=text.hidden[k:k + 1], pooled=text.pooled[k:k + 1])
+            denoiser = tiled.FlowDenoiser(family, transformer, row, (image.height, image.width))
+            latents = tiled.refine(latents, noise, scheduler, denoiser,
+                                   num_steps=img2img_steps(hires_steps, s.hires_denoise), strength=s.hires_denoise,
+                                   tile=tile // tiled.LATENT_CELL, overlap=overlap // tiled.LATENT_CELL)
+            out.append(tiled.decode(self.pipe, latents))
+        return out
 
     def tile_size(self, s) -> tuple[int, int]:
         """(tile side, overlap) of the tiled pass in pixels: the base's native size and a quarter of
@@ -473,6 +555,10 @@ class Sampler:
                                 f"try {value - value % tiled.LATENT_CELL or tiled.LATENT_CELL}")
         if overlap >= tile:
             raise UserError(f"[sample] hires_tile_overlap = {overlap} must be smaller than the tile ({tile} px)")
+        m = self.family.size_multiple
+        if tile % m:  # FLUX.1's tiles are packed in 2x2 latent patches
+            raise UserError(f"[sample] hires_tile = {tile} is not a multiple of {m}, which {self.family.title} "
+                            f"needs; try {tile - tile % m or m}")
         return tile, overlap
 
     def refine_tiled(self, upscaled: list, per_step: list[dict], seeds: list[int], s, steps: int,
@@ -570,19 +656,23 @@ def _hires_note(mode: str) -> str:
 
 def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str, str]:
     """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A guidance-distilled family
-    (FLUX.1) renders in one flow-matching Euler pass (the hires and tiled passes are SD's; a note says so when
-    they would have run), in its own steps (schnell: 4) where the config leaves `steps` at its default."""
+    (FLUX.1) renders with a flow-matching solver, a second pass only when hires says on or tiled (auto: off,
+    and a note says so when it would have run), in its own steps (schnell: 4) where the config leaves
+    `steps` at its default."""
     if family.classifier_free_guidance:
         return s.steps, hires, s.sampler
     steps = family.sample_steps if family.sample_steps and s.steps == SampleConfig.steps else s.steps
-    if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
-        log(f"note: {family.title} renders in one pass at the target size; the hires and tiled passes are SD's, "
-            "so hires is off")
+    if hires == "auto" and hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
+        # FLUX.1 renders up to about 2 megapixels in one pass (BFL's range), so auto leaves the second pass to
+        # the user
+        log(f"note: {family.title} renders in one pass at the target size (hires = auto), so hires is off; set "
+            "hires = \"on\" or \"tiled\" for a second pass")
+    hires = hires if hires in ("on", "tiled") else "off"
     name = flow_sampler(s.sampler)
     if name != s.sampler and s.sampler != SampleConfig.sampler:  # SD's default sampler: the base's own, quietly
         log(f"note: [sample] sampler = {s.sampler!r} has no flow-matching form in diffusers; {family.title} renders "
             f"with flow-matching Euler (or set sampler = {' or '.join(map(repr, FLOW_SAMPLERS))})")
-    return steps, "off", f"flow-matching {FLOW_SAMPLERS[name][2]}"
+    return steps, hires, f"flow-matching {FLOW_SAMPLERS[name][2]}"
 
 
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
