@@ -790,3 +790,26 @@ def test_gui_t5xxl_rate_is_the_second_text_encoder_rate(tmp_path, capsys):
     assert cfg.train.text_encoder_lr == [1e-5, 2e-5]
     code, cfg, err = convert(tmp_path, capsys, write(tmp_path / "flux.json", {**preset, "t5xxl_lr": 0}))
     assert cfg.train.text_encoder_lr == 1e-5
+
+
+FLUX_FUZZED = ["timestep_sampling", "model_prediction_type", "guidance_scale", "discrete_flow_shift", "fp8_base",
+               "t5xxl_lr", "text_encoder_lr", "train_blocks", "t5xxl_max_token_length", "clip_l", "ae",
+               "flux1_checkbox", "sd3_checkbox", "img_mod_dim", "train_double_block_indices", "weighting_scheme",
+               "apply_t5_attn_mask", "blocks_to_swap"]
+
+
+@pytest.mark.parametrize("key", FLUX_FUZZED)
+def test_odd_flux_values_convert_or_are_refused_in_one_line(tmp_path, key):
+    for value in ODD_VALUES:
+        path = tmp_path / "gui.json"
+        preset = gui_preset(**{"flux1_checkbox": True, "LoRA_type": "Flux1", "sdxl": False, "t5xxl_lr": 2e-5,
+                               key: value})
+        path.write_text(json.dumps(preset))
+        try:
+            text = import_kohya([str(path)], log=lambda m: None)
+        except UserError as e:
+            assert "\n" not in str(e) and key in str(e), (value, str(e))
+            continue
+        out = tmp_path / "out.toml"
+        out.write_text(text)
+        load_config(out)

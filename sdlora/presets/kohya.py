@@ -800,14 +800,17 @@ def _learning_rates(args: dict, gui: set, put, out: Conversion) -> None:
         value, key = lr, "learning_rate"
     else:
         return
-    if not _is_off(t5) and not isinstance(value, list) and _number(value) > 0:
+    if not _is_off(t5) and isinstance(_number(value), (int, float)) and _number(value) > 0:
         # the kohya_ss GUI's T5-XXL rate: it passes --text_encoder_lr text_encoder_lr t5xxl_lr (lora_gui.py)
         value, key = [value, t5], "text_encoder_lr, t5xxl_lr"
     if isinstance(value, list) and len(value) == 2 and _number(value[0]) == _number(value[1]):
         value = value[0]  # one rate for every text encoder: also right for a base with one (SD1.x, SD2.x)
 
     def rates(v):
-        return [_typed(x, float, key) for x in v] if isinstance(v, list) else _typed(v, float, key)
+        typed = [_typed(x, float, key) for x in v] if isinstance(v, list) else _typed(v, float, key)
+        if any(x < 0 for x in (typed if isinstance(typed, list) else [typed])):
+            raise UserError(f"--{key} = {v}: a learning rate is 0 or more")
+        return typed
 
     put("train.text_encoder_lr", value, key, raw=value, converted=rates)
 
