@@ -34,6 +34,7 @@ import torch
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
 from sdlora.models.flow import FlowObjective
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
+from sdlora.models.prompts import emphasize
 
 FLUX_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModel", "text_encoders.clip_l.transformer.",
@@ -69,6 +70,9 @@ class FluxFamily(Family):
                 train.weighting_scheme, train.logit_mean, train.logit_std, train.mode_scale)
         return replace(self, guidance_scale=train.guidance_scale, flow=flow)
 
+    def for_sampling(self, guidance_scale: float) -> "FluxFamily":
+        return replace(self, guidance_scale=guidance_scale)
+
     def kohya_metadata(self, train) -> dict[str, str]:
         """What sd-scripts' flux_train_network.py adds (its `update_metadata`), as str() of its arguments."""
         return {"ss_network_module": "networks.lora_flux", "ss_model_type": "flux", "ss_apply_t5_attn_mask": "False",
@@ -82,6 +86,12 @@ class FluxFamily(Family):
         pooled = encoders[0](input_ids[0]).pooler_output  # (B, 768): CLIP-L's EOS state after the final norm
         hidden = encoders[1](input_ids[1]).last_hidden_state  # (B, T, 4096)
         return TextConditioning(hidden, pooled)
+
+    def emphasized(self, text: TextConditioning, multipliers: list[torch.Tensor]) -> TextConditioning:
+        """A1111's "Original" emphasis on T5's states, each prompt on its own, as Forge weights FLUX.1
+        prompts (its T5 engine); CLIP-L's pooled output has none: it reads the text without the syntax."""
+        hidden = torch.cat([emphasize(text.hidden[i:i + 1], multipliers[1][i:i + 1]) for i in range(len(text.hidden))])
+        return replace(text, hidden=hidden)
 
     def clip_skip_note(self, clip_skip: int) -> str | None:
         if clip_skip > 1:
