@@ -115,12 +115,6 @@ def test_the_loss_of_a_repeated_batch_falls_and_resume_reads_the_fused_file(tmp_
     assert network.kohya_state_dict(torch.float32).keys() == state.keys()
 
 
-def test_flux_text_encoder_training_is_refused_in_one_line(tmp_path, flux_dev_dir):
-    cfg = load_config(make_style(tmp_path, flux_dev_dir))  # network.train_text_encoder defaults to true
-    with pytest.raises(UserError, match="train_text_encoder = false"):
-        Trainer(cfg, log=lambda m: None)
-
-
 def test_other_adapter_kinds_are_refused_on_flux(tmp_path, flux_dev_dir):
     cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha"])
     with pytest.raises(UserError, match="fused modules"):

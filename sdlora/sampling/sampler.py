@@ -262,7 +262,7 @@ class Sampler:
     def __init__(self, cfg, fuse: bool | None = None, base=None):
         self.cfg = cfg
         self.base = base if base is not None else load_base(cfg.model)
-        self.family = FAMILIES[self.base.family]
+        self.family = FAMILIES[self.base.family].with_text_settings(cfg.train)  # T5's length as trained
         s = cfg.sample
         self.device = compute_device()
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
@@ -274,7 +274,7 @@ class Sampler:
     def encode(self, prompts: list[str]):
         """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
         the config's clip_skip (Kohya/A1111 semantics), and SDXL's pooled embeddings."""
-        return self.encode_ids(tokenize(self.base.tokenizers, prompts))
+        return self.encode_ids(tokenize(self.base.tokenizers, prompts, self.family.token_lengths(self.base.tokenizers)))
 
     def encode_ids(self, ids: list[torch.Tensor]):
         """`encode` from each text encoder's (B, 77) input ids."""
