@@ -5,6 +5,8 @@ one learning rate per encoder; a frozen encoder's outputs cached while a trained
 per variant ([train] t5_max_length); caption dropout per encoder as sd-scripts' sd3 strategy does it
 (the dropped encoder's outputs are zeros)."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -124,6 +126,10 @@ def test_t5_lora_only_with_train_t5_and_each_encoder_gets_its_own_rate(tmp_path,
     batch = next(iter(t.loader))
     t.accelerator.backward(t.step(batch))
     assert all(p.grad is not None for k in t5_keys for p in t.network._adapter_params(k).values())
+    meta = network.adapter_metadata(t.cfg, t.base, {"num_train_images": 4, "num_epochs": 1, "epoch": 1, "steps": 1},
+                                    settings=t.settings)
+    assert json.loads(meta["ss_network_args"])["train_t5xxl"] == "True"  # as kohya's network_args say it
+    assert meta["ss_text_encoder_lr"] == "0.0001, 3e-05" and meta["ss_network_train_unet_only"] == "False"
 
     # without train_t5 the second rate is T5's and unused; a rate per encoder of another count is refused
     lrs = network.text_encoder_lrs(config_from_dict({"name": "s", "train": {"text_encoder_lr": [1e-4, 3e-5]}}),
