@@ -63,7 +63,8 @@ def comfyui_text_keys(clip_l, t5) -> set[str]:
     clip_map = ["mlp_fc1", "mlp_fc2", "self_attn_k_proj", "self_attn_q_proj", "self_attn_v_proj", "self_attn_out_proj"]
     found = {f"lora_te1_text_model_encoder_layers_{b}_{c}" for b in range(clip_l.config.num_hidden_layers)
              for c in clip_map}
-    return found | {"lora_te3_" + k[:-len(".weight")].replace(".", "_") for k in t5.state_dict() if k.endswith(".weight")}
+    t5_weights = [k[:-len(".weight")] for k in t5.state_dict() if k.endswith(".weight")]
+    return found | {"lora_te3_" + k.replace(".", "_") for k in t5_weights}
 
 
 def test_text_encoder_names_and_counts_equal_kohyas_and_comfyui_reads_every_one():
@@ -111,7 +112,8 @@ def test_clip_l_lora_trains_by_default_the_loss_falls_and_t5_stays_frozen_and_ca
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(p.any() for p in clip_ups)  # CLIP-L's adapters learned
     exported = {k.split(".")[0] for k in t.network.kohya_state_dict()}
-    assert {k for k in exported if k.startswith("lora_te")} == {k for k in t.network.modules if k.startswith("lora_te1")}
+    clip_modules = {k for k in t.network.modules if k.startswith("lora_te1")}
+    assert {k for k in exported if k.startswith("lora_te")} == clip_modules
 
 
 def test_t5_lora_only_with_train_t5_and_each_encoder_gets_its_own_rate(tmp_path, flux_dev_dir):
@@ -141,6 +143,10 @@ def test_t5_lora_only_with_train_t5_and_each_encoder_gets_its_own_rate(tmp_path,
     with pytest.raises(UserError, match=r"train_t5 = true: sd has no T5 text encoder; set train_t5 = false"):
         network.text_encoder_lrs(config_from_dict({"name": "s", "network": {"train_t5": True}}),
                                  {"family": "sd_v1", "name": "sd"})
+    with pytest.raises(UserError, match=r"train_t5 = true adds T5 .* set train_text_encoder = true"):
+        network.text_encoder_lrs(config_from_dict({"name": "s", "network": {"train_t5": True,
+                                                                            "train_text_encoder": False}}),
+                                 {"family": "flux1_dev", "name": "flux"})
 
 
 def test_exported_text_encoder_keys_read_back_equal_and_apply_to_the_pipeline(tmp_path, flux_dev_dir):

@@ -9,7 +9,8 @@ SDXL's U-Net is named as in Stability's original (SGM) layout, as kohya writes i
 `down_blocks.1.attentions.0...` -> `lora_unet_input_blocks_4_1_...` (`checkpoint.unet_original_paths`).
 Text-encoder keys always read `lora_te_text_model_encoder_layers_N_...`: transformers 4
 wrapped CLIPTextModel's layers in `text_model`, transformers 5 does not, and every UI
-reads the 4.x names (`families.clip.nested_text_name`). "_" is ambiguous in reverse, so key -> module path goes through a
+reads the 4.x names (`families.clip.nested_text_name`); T5 (`lora_te3_encoder_block_N_...`, FLUX.1
+and SD3) has no such nesting. "_" is ambiguous in reverse, so key -> module path goes through a
 map built from the model itself (`kohya_module_map`). What a module's tensors mean is `kinds`' job.
 """
 

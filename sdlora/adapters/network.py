@@ -138,8 +138,12 @@ def text_encoder_lrs(cfg, base) -> list[float]:
     slots = FAMILIES[_get(base, "family")].text_encoders
     count = len(slots)
     if cfg.network.train_t5 and not any(slot.name == "t5" for slot in slots):
-        raise UserError(f"{cfg.source or 'config'}: [network] train_t5 = true: {_get(base, 'name')} has no T5 text encoder; "
-                        "set train_t5 = false")
+        raise UserError(f"{cfg.source or 'config'}: [network] train_t5 = true: {_get(base, 'name')} has no T5 "
+                        "text encoder; set train_t5 = false")
+    if cfg.network.train_t5 and not cfg.network.train_text_encoder:
+        raise UserError(f"{cfg.source or 'config'}: [network] train_t5 = true adds T5 to the trained text encoders, "
+                        "but train_text_encoder = false trains none; set train_text_encoder = true (and "
+                        "text_encoder_lr = [0, rate] for T5 alone) or train_t5 = false")
     if isinstance(lr, list) and len(lr) not in (1, count):
         order = f" or a pair [te1, te2]" if count == 2 and not slots[0].name else (
             f" or one per encoder [{', '.join(slot.name for slot in slots)}]" if count > 1 else "")

@@ -17,8 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sdlora.adapters.file import read_adapter
 from sdlora.adapters import keys
+from sdlora.adapters.file import read_adapter
 from sdlora.adapters.network import inject, resolve_settings
 from sdlora.config import Config
 from sdlora.errors import UserError

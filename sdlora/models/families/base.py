@@ -14,6 +14,12 @@ its timestep sampling and min-SNR weighting) and the latent format (`LatentForma
 shift from the VAE's config) come from the family too, so a rectified-flow family (noisy =
 (1 - sigma) x + sigma noise, target noise - x) brings its own objective and the loop is unchanged.
 
+A family whose conditioning joins each encoder's own outputs (`per_encoder_text`: FLUX.1's CLIP-L
+pooled output and T5 hidden states) says so by `encode_slot` / `join_text`: the trainer then caches
+a frozen encoder's outputs while a trained one runs, and zeros one encoder's outputs for kohya's
+per-encoder caption dropout. Its T5 length (`t5_max_length`, kohya's t5xxl_max_token_length) is the
+family's unless [train] t5_max_length says otherwise (`with_text_settings`).
+
 On the loading side a family says its text encoders (`TextEncoderSlot`: the pipeline component, the
 transformers class, the tokenizer, where a single file keeps it and in which layout), its diffusers
 pipeline class, how its single files are recognised and what its prediction type is when the file

@@ -121,6 +121,7 @@ _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_en
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
              scheduler_class="FlowMatchEulerDiscreteScheduler")
 # T5 lengths: kohya's t5xxl_max_token_length defaults (flux_train_network.py), 512 dev, 256 schnell.
+# schnell is distilled for 1-4 steps, as its model card renders.
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", t5_max_length=512, **_FLUX)
 FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False,
-                          sample_steps=4, t5_max_length=256, **_FLUX)  # schnell is distilled for 1-4 steps, as its model card renders
+                          sample_steps=4, t5_max_length=256, **_FLUX)
