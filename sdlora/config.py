@@ -62,14 +62,16 @@ def _resolution(value, where: str):
 
 
 def _learning_rates(value, where: str):
-    """One learning rate, or a pair [te1, te2] (SDXL's two text encoders)."""
+    """One learning rate, or one per text encoder in the family's order: SDXL [te1, te2], FLUX.1 [clip_l, t5],
+    SD3 [clip_l, clip_g, t5] (the count is checked against the base, `network.text_encoder_lrs`)."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if number(value):
         value = float(value)
-    elif isinstance(value, list) and len(value) == 2 and all(number(v) for v in value):
+    elif isinstance(value, list) and value and len(value) <= 3 and all(number(v) for v in value):
         value = [float(v) for v in value]
     else:
-        raise ConfigError(f"{where}: expected a number or a pair [te1, te2], got {value!r}")
+        raise ConfigError(f"{where}: expected a number or one per text encoder ([te1, te2]; FLUX.1 [clip_l, t5]), "
+                          f"got {value!r}")
     for v in value if isinstance(value, list) else [value]:
         if not 0.0 <= v < float("inf"):
             raise ConfigError(f"{where}: {v!r} is not a finite learning rate >= 0")
@@ -159,7 +161,9 @@ class NetworkConfig:
     conv_alpha: float = opt(0.0, "alpha of the conv adapters; 0 = conv_dim / 2", min=0.0)
     unet_targets: str = opt("transformer", "U-Net modules adapted",
                             choices=["attn2", "attention", "transformer", "all"])
-    train_text_encoder: bool = opt(True, "adapt the text encoder too")
+    train_text_encoder: bool = opt(True, "adapt the text encoder too (FLUX.1 / SD3: the CLIP encoders; T5 only with "
+                                         "train_t5)")
+    train_t5: bool = opt(False, "adapt T5-XXL too (FLUX.1 / SD3, kohya's train_t5xxl; needs train_text_encoder)")
     dropout: float = opt(0.0, "dropout on the adapter input", min=0.0, max=1.0)
     init_weights: str = opt("", "start from this Kohya LoRA file (kohya's network_weights); its modules, ranks and "
                                 "alphas must match [network]", path=True)
@@ -202,8 +206,9 @@ class NetworkConfig:
 @dataclass
 class TrainConfig:
     unet_lr: float = opt(5e-4, "learning rate of the U-Net adapters", min=0.0)
-    text_encoder_lr: Any = opt(1e-4, "learning rate of the text-encoder adapters (SDXL: one, or a pair "
-                               "[te1, te2]); 0 freezes it", check=_learning_rates)
+    text_encoder_lr: Any = opt(1e-4, "learning rate of the text-encoder adapters: one, or one per encoder in the "
+                                      "family's order (SDXL [te1, te2], FLUX.1 [clip_l, t5], SD3 [clip_l, clip_g, "
+                                      "t5]); 0 freezes it", check=_learning_rates)
     stop_text_encoder_training: int = opt(0, "text-encoder adapters stop learning after this many optimizer steps and "
                                              "are saved as they are then (kohya's stop_text_encoder_training; "
                                              "0 = never)",
@@ -247,6 +252,14 @@ class TrainConfig:
                                      "docs advise 1.0 for LoRA)", min=0.0)
     training_shift: float = opt(1.0, "SD3.x: shift S of the sigma drawn from weighting_scheme's density (kohya's "
                                      "sd3 training_shift; 3.0 is SD3.5's sampling shift)", min=0.0)
+    # FLUX.1 / SD3 text encoders (kohya's t5xxl_max_token_length and sd3's per-encoder caption dropout)
+    t5_max_length: int = opt(0, "T5 tokens per caption, also when sampling (kohya's t5xxl_max_token_length; "
+                                "0 = the family's: FLUX.1 dev 512, schnell 256, SD3 256)", min=0, max=4096)
+    clip_l_dropout_rate: float = opt(0.0, "probability that an example's CLIP-L outputs are zeros (kohya's "
+                                          "clip_l_dropout_rate)", min=0.0, max=1.0)
+    clip_g_dropout_rate: float = opt(0.0, "probability that an example's CLIP-G outputs are zeros (SD3)",
+                                     min=0.0, max=1.0)
+    t5_dropout_rate: float = opt(0.0, "probability that an example's T5 outputs are zeros", min=0.0, max=1.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
     adaptive_noise_scale: float = opt(0.0, "adds this x abs(mean of each latent channel) to noise_offset (kohya's "
                                            "adaptive_noise_scale; needs noise_offset; 0 = off)", min=-1.0, max=1.0)

@@ -122,12 +122,6 @@ def test_the_loss_of_a_repeated_batch_falls_and_resume_reads_the_fused_file(tmp_
     assert network.kohya_state_dict(torch.float32).keys() == state.keys()
 
 
-def test_flux_text_encoder_training_is_refused_in_one_line(tmp_path, flux_dev_dir):
-    cfg = load_config(make_style(tmp_path, flux_dev_dir))  # network.train_text_encoder defaults to true
-    with pytest.raises(UserError, match="train_text_encoder = false"):
-        Trainer(cfg, log=lambda m: None)
-
-
 def test_dora_on_a_kind_peft_has_no_dora_for_is_refused_on_flux(tmp_path, flux_dev_dir):
     # LoHa, LoKr and DoRA on LoRA train on FLUX.1 (tests/test_flux_kinds.py); DoRA over LoHa does not exist
     cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha", "network.dora=true"])

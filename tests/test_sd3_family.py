@@ -46,7 +46,7 @@ def test_an_sd3_folder_loads_as_its_variant(sd3_folders):
     assert type(large.unet).__name__ == "SD3Transformer2DModel"
     assert [type(te).__name__ for te in large.text_encoders] == ["CLIPTextModelWithProjection"] * 2 + ["T5EncoderModel"]
     # T5 reads 256 tokens as the pipeline's max_sequence_length, whatever the folder's tokenizer says (32 here)
-    assert [tok.model_max_length for tok in large.tokenizers] == [77, 77, 256]
+    assert FAMILIES[large.family].token_lengths(large.tokenizers) == [77, 77, 256]
     assert type(large.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert large.model_hash and large.model_hash != medium.model_hash  # the transformer's weights
     assert type(large.pipeline()).__name__ == "StableDiffusion3Pipeline"
@@ -80,8 +80,8 @@ def test_text_conditioning_is_the_pipelines_encode_prompt():
     the two projections side by side."""
     pipe = build_sd3_pipeline()
     pipe.text_encoder_3.eval()  # T5's dropout
-    pipe.tokenizer_3.model_max_length = 256  # as the loader sets it
-    ids = tokenize([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3], CAPTIONS)
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3]
+    ids = tokenize(tokenizers, CAPTIONS, FAMILIES["sd35_large"].token_lengths(tokenizers))  # T5: 256
     with torch.no_grad():
         text = FAMILIES["sd35_large"].encode_text([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], ids)
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None, do_classifier_free_guidance=False)

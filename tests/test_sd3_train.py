@@ -77,7 +77,9 @@ def test_the_loss_of_a_repeated_batch_falls_and_the_file_reads_back_into_the_net
     cfg = load_config(make_style(tmp_path, sd3_dirs["large"], extra="max_train_steps = 20\nunet_lr = 3e-2"), SD3)
     trainer = Trainer(cfg, log=lambda m: None)
     batch = next(iter(trainer.loader))
-    assert batch["text"]["hidden"].shape[1:] == (77 + 256, 64)  # CLIP-L ++ CLIP-G padded, then T5's 256 tokens
+    # each frozen encoder's own outputs, cached: the CLIPs' 77 states and pooled projections, T5's 256 states
+    assert {k: v.shape[1:] for k, v in batch["text"].items()} == {
+        "0.hidden": (77, 32), "0.pooled": (32,), "1.hidden": (77, 32), "1.pooled": (16,), "2.hidden": (256, 64)}
     losses = []
     for _ in range(16):
         loss = trainer.step(batch)

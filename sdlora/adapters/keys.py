@@ -9,7 +9,8 @@ SDXL's U-Net is named as in Stability's original (SGM) layout, as kohya writes i
 `down_blocks.1.attentions.0...` -> `lora_unet_input_blocks_4_1_...` (`checkpoint.unet_original_paths`).
 Text-encoder keys always read `lora_te_text_model_encoder_layers_N_...`: transformers 4
 wrapped CLIPTextModel's layers in `text_model`, transformers 5 does not, and every UI
-reads the 4.x names (`families.clip.nested_text_name`). "_" is ambiguous in reverse, so key -> module path goes through a
+reads the 4.x names (`families.clip.nested_text_name`); T5 (`lora_te3_encoder_block_N_...`, FLUX.1
+and SD3) has no such nesting. "_" is ambiguous in reverse, so key -> module path goes through a
 map built from the model itself (`kohya_module_map`). What a module's tensors mean is `kinds`' job.
 """
 
@@ -26,15 +27,24 @@ from sdlora.errors import UserError
 from sdlora.models.checkpoint import unet_original_paths
 from sdlora.models.families.clip import nested_text_key, nested_text_name
 
-PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2"}
-TEXT_PARTS = ("te", "te1", "te2")
+PREFIXES = {"unet": "lora_unet", "te": "lora_te", "te1": "lora_te1", "te2": "lora_te2", "te3": "lora_te3"}
+CLIP_PARTS = ("te", "te1", "te2")  # named as transformers 4 nests CLIP; te3 (T5, FLUX.1 / SD3) has no nesting
+TEXT_PARTS = (*CLIP_PARTS, "te3")
+
+
+def text_parts(slots) -> list[str]:
+    """The part of each of a family's text encoders (`TextEncoderSlot`s, in order): a named encoder's is
+    its Kohya prefix's (FLUX.1: CLIP-L te1, T5 te3), else "te" for one encoder, te1, te2 for two."""
+    if all(slot.name for slot in slots):
+        return [transformer_keys.TEXT_PREFIXES[slot.name].removeprefix("lora_") for slot in slots]
+    return ["te"] if len(slots) == 1 else [f"te{i + 1}" for i in range(len(slots))]
 
 
 def kohya_key(part: str, module_path: str) -> str:
     """Module path as in named_modules() -> Kohya module key (no tensor suffix)."""
     if part not in PREFIXES:
         raise ValueError(f"unknown model part {part!r}; expected one of {', '.join(PREFIXES)}")
-    if part in TEXT_PARTS:
+    if part in CLIP_PARTS:
         module_path = nested_text_name(module_path)
     return f"{PREFIXES[part]}_{module_path.replace('.', '_')}"
 
@@ -52,12 +62,22 @@ def part_of(key: str) -> str:
 def model_parts(models) -> dict[str, nn.Module]:
     """{part: model} of a base model or pipeline: U-Net + `te` (SD1.x/SD2.x), or U-Net + `te1`
     (CLIP-L) + `te2` (OpenCLIP bigG) when it has a second text encoder (SDXL). A transformer named as
-    its original (FLUX.1) is the `unet` part (kohya's `lora_unet_`) with CLIP-L as `te1`; its T5
-    (kohya's `lora_te3_`) is no part yet."""
+    its original (FLUX.1, SD3) is the `unet` part (kohya's `lora_unet_`) with its CLIP encoders as `te1`
+    (CLIP-L) and `te2` (CLIP-G) and its T5 as `te3`, as kohya and ComfyUI number them."""
     denoiser = getattr(models, "unet", None)  # a BaseModel's or an SD pipeline's; a FluxPipeline's transformer
     denoiser = models.transformer if denoiser is None else denoiser
     if transformer_keys.names_of(denoiser) is not None:
-        return {"unet": denoiser, "te1": models.text_encoder}
+        parts, clips = {"unet": denoiser}, 0
+        for component in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            encoder = getattr(models, component, None)
+            if encoder is None:
+                continue
+            if type(encoder).__name__ == "T5EncoderModel":
+                parts["te3"] = encoder
+            else:
+                clips += 1
+                parts[f"te{clips}"] = encoder
+        return parts
     text_encoder_2 = getattr(models, "text_encoder_2", None)
     if text_encoder_2 is None:
         return {"unet": models.unet, "te": models.text_encoder}
@@ -242,7 +262,7 @@ def denoiser_key(name: str) -> str:
 
 def _nested_text_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """(tensors with every text-encoder key under its transformers-4 name, how many modules were renamed)."""
-    text_prefixes = [PREFIXES[part] + "_" for part in TEXT_PARTS]
+    text_prefixes = [PREFIXES[part] + "_" for part in CLIP_PARTS]
     renamed: dict[str, torch.Tensor] = {}
     modules = set()
     for name, tensor in tensors.items():

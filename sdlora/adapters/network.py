@@ -38,7 +38,9 @@ ADAPTER_NAME = "sdlora"
 TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock",
                       "JointTransformerBlock")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
+# kohya's TEXT_ENCODER_TARGET_REPLACE_MODULE (lora_flux.py, lora_sd3.py): CLIP's attention and MLP, T5's
+# self-attention (q, k, v, o) and gated feed-forward (wi_0, wi_1, wo).
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP", "T5Attention", "T5DenseGatedActDense")
 _ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"
 _PRESET_PATTERNS = {
     "attn2": re.compile(rf"\.attn2\.{_ATTENTION_LAYERS}$"),
@@ -87,7 +89,8 @@ def unet_target_paths(unet: nn.Module, preset: str, convs: bool = False) -> list
 
 
 def text_encoder_target_paths(text_encoder: nn.Module) -> list[str]:
-    """q/k/v/out_proj and mlp fc1/fc2 of every CLIP layer (Kohya's CLIPAttention + CLIPMLP)."""
+    """q/k/v/out_proj and mlp fc1/fc2 of every CLIP layer (Kohya's CLIPAttention + CLIPMLP); of T5,
+    SelfAttention q/k/v/o and DenseReluDense wi_0/wi_1/wo of every block."""
     return list(_layers_inside(text_encoder, TEXT_ENCODER_BLOCKS))
 
 
@@ -128,16 +131,47 @@ def unet_block_plan(network_cfg, unet: nn.Module, paths: list[str], log=print) -
 
 def text_encoder_lrs(cfg, base) -> list[float]:
     """The learning rate of each text encoder of `base` (BaseModel or dict with family and name), from
-    train.text_encoder_lr (one rate, or a pair [te1, te2] for SDXL); every one 0 when
-    network.train_text_encoder is false. A text encoder is trained when its rate here is > 0: the
+    train.text_encoder_lr: one rate, or one per encoder in the family's order (SDXL [te1, te2], FLUX.1
+    [clip_l, t5]; a list of one is that rate for all, as kohya reads it); every one 0 when
+    network.train_text_encoder is false, and T5's 0 unless network.train_t5 (kohya creates T5 adapters
+    only with train_t5xxl). A text encoder is trained when its rate here is > 0: the adapters, the
     optimizer groups, the trainer and the metadata all read this list."""
     lr = cfg.train.text_encoder_lr
-    count = len(FAMILIES[_get(base, "family")].text_encoders)
-    if isinstance(lr, list) and len(lr) != count:
+    slots = FAMILIES[_get(base, "family")].text_encoders
+    count = len(slots)
+    if cfg.network.train_t5 and not any(slot.name == "t5" for slot in slots):
+        raise UserError(f"{cfg.source or 'config'}: [network] train_t5 = true: {_get(base, 'name')} has no T5 "
+                        "text encoder; set train_t5 = false")
+    if cfg.network.train_t5 and not cfg.network.train_text_encoder:
+        raise UserError(f"{cfg.source or 'config'}: [network] train_t5 = true adds T5 to the trained text encoders, "
+                        "but train_text_encoder = false trains none; set train_text_encoder = true (and "
+                        "text_encoder_lr = [0, rate] for T5 alone) or train_t5 = false")
+    if isinstance(lr, list) and len(lr) not in (1, count):
+        order = f" or a pair [te1, te2]" if count == 2 and not slots[0].name else (
+            f" or one per encoder [{', '.join(slot.name for slot in slots)}]" if count > 1 else "")
         raise UserError(f"{cfg.source}: [train] text_encoder_lr = {lr}: {_get(base, 'name')} has {count} text "
-                        f"encoder(s); give one learning rate{' or a pair [te1, te2]' if count == 2 else ''}")
-    lrs = [float(x) for x in lr] if isinstance(lr, list) else [float(lr)] * count
-    return lrs if cfg.network.train_text_encoder else [0.0] * count
+                        f"encoder(s); give one learning rate{order}")
+    lrs = [float(x) for x in lr] * (count if len(lr) == 1 else 1) if isinstance(lr, list) else [float(lr)] * count
+    if not cfg.network.train_text_encoder:
+        return [0.0] * count
+    return [0.0 if slot.name == "t5" and not cfg.network.train_t5 else rate for slot, rate in zip(slots, lrs)]
+
+
+def text_dropout_rates(cfg, base) -> list[float]:
+    """The probability that an example's outputs of each text encoder of `base` are zeros: [train]
+    <name>_dropout_rate of the encoder's `TextEncoderSlot.name` (kohya's sd3 strategy: a dropped
+    encoder's hidden states and pooled output are zeros, not an empty caption's); a rate for an
+    encoder the family lacks is refused."""
+    train, family = cfg.train, FAMILIES[_get(base, "family")]
+    rates = {"clip_l": train.clip_l_dropout_rate, "clip_g": train.clip_g_dropout_rate, "t5": train.t5_dropout_rate}
+    names = [slot.name for slot in family.text_encoders]
+    for name, rate in rates.items():
+        if rate and (name not in names or not family.per_encoder_text):
+            has = f"its text encoders are {', '.join(names)}" if all(names) and family.per_encoder_text else \
+                "it drops no encoder apart; use [dataset] caption_dropout_rate"
+            raise UserError(f"{cfg.source or 'config'}: [train] {name}_dropout_rate = {rate:g}: {_get(base, 'name')} "
+                            f"({family.title}) has no {name} text encoder ({has}); set {name}_dropout_rate = 0")
+    return [rates[name] if name else 0.0 for name in names]
 
 
 @dataclass(frozen=True)
@@ -152,6 +186,7 @@ class Settings:
     conv_dim: int
     conv_alpha: float
     text_encoder_lrs: tuple[float, ...]
+    text_dropout_rates: tuple[float, ...] = ()  # per text encoder (`text_dropout_rates`)
 
     @property
     def ranks(self) -> tuple[int, float, int, float]:
@@ -164,7 +199,8 @@ class Settings:
 
 
 def resolve_settings(cfg, base) -> Settings:
-    return Settings(*network_ranks(cfg.network), tuple(text_encoder_lrs(cfg, base)))
+    return Settings(*network_ranks(cfg.network), tuple(text_encoder_lrs(cfg, base)),
+                    tuple(text_dropout_rates(cfg, base)))
 
 
 def _peft_config(network_cfg, paths: list[str], model: nn.Module, defaults: tuple[int, float, int, float],
@@ -198,6 +234,9 @@ class Network:
     # A transformer named as in its original (FLUX.1): Kohya key -> the diffusers modules it covers, whose
     # adapters `modules` holds under their diffusers paths; files hold them fused (`transformer_keys`).
     original_names: dict[str, transformer_keys.KohyaModule] = field(default_factory=dict)
+    # The text parts in the family's order, the order of `text_encoder_lrs` (FLUX.1: te1 CLIP-L, te3 T5);
+    # empty: the adapted ones, "te" or te1, te2.
+    text_order: tuple[str, ...] = ()
 
     def layer(self, key: str) -> nn.Module:
         part, path = self.modules[key]
@@ -233,10 +272,12 @@ class Network:
     def param_groups(self, unet_lr: float, text_encoder_lrs: list[float]) -> list[dict]:
         """Optimizer groups; a part whose learning rate is 0 is frozen, left out and not exported.
 
-        text_encoder_lrs: one rate per text encoder (`text_encoder_lrs`: [te] or SDXL's [te1, te2])."""
+        text_encoder_lrs: one rate per text encoder (`text_encoder_lrs`: [te], SDXL's [te1, te2], FLUX.1's
+        [te1, te3] = [clip_l, t5])."""
         groups = []
+        order = list(self.text_order) or [part for part in self.models if part != "unet"]
         for part in self.models:
-            lr = unet_lr if part == "unet" else text_encoder_lrs[1] if part == "te2" else text_encoder_lrs[0]
+            lr = unet_lr if part == "unet" else text_encoder_lrs[order.index(part)]
             params = self.parameters_of(part)
             if lr == 0:
                 for p in params:
@@ -247,7 +288,8 @@ class Network:
             if part == "unet" and self.block_lr_weights is not None:
                 groups += self._block_groups(lr)
                 continue
-            name = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder_1", "te2": "text_encoder_2"}[part]
+            name = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder_1", "te2": "text_encoder_2",
+                    "te3": "text_encoder_3"}[part]
             groups.append({"params": params, "lr": lr, "name": name})
         if not groups:
             raise UserError("[train] unet_lr and text_encoder_lr are both 0: nothing would be trained")
@@ -376,25 +418,32 @@ class Network:
                     param.copy_(parts[suffix].reshape(param.shape) / self._file_factor(key, suffix))
 
 
-def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Settings | None = None) -> Network:
+def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Settings | None = None,
+           text_order: tuple[str, ...] = ()) -> Network:
     """Freeze the base models and add adapters (peft, adapter name "sdlora") per `network_cfg`.
 
     `text_encoder` is one model, a (te1, te2) pair (SDXL) or None; text-encoder adapters are
-    created only when network_cfg.train_text_encoder is true. settings: the training's resolved
+    created only when network_cfg.train_text_encoder is true. Or {part: model} (`keys.text_parts`) of
+    exactly the encoders to adapt, with `text_order` the family's parts in order (FLUX.1: CLIP-L te1,
+    and T5 te3 only when it trains, as kohya creates them). settings: the training's resolved
     `Settings` (None: the ranks are resolved here from network_cfg).
     """
     from peft import inject_adapter_in_model
 
     defaults = settings.ranks if settings else network_ranks(network_cfg)
 
-    text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    text_encoders = [te for te in text_encoders if te is not None]
+    if isinstance(text_encoder, dict):
+        text_encoders, names = list(text_encoder.values()), list(text_encoder)
+    else:
+        text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        text_encoders = [te for te in text_encoders if te is not None]
+        names = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
+        if not network_cfg.train_text_encoder:
+            names = []
     for te in text_encoders:
         te.requires_grad_(False)  # the base is never trained, adapted or not
     models: dict[str, nn.Module] = {"unet": unet}
-    if network_cfg.train_text_encoder:
-        names = ["te"] if len(text_encoders) == 1 else [f"te{i + 1}" for i in range(len(text_encoders))]
-        models.update(zip(names, text_encoders))
+    models.update(zip(names, text_encoders))
     modules: dict[str, tuple[str, str]] = {}
     ranks, block_of, lr_weights = None, {}, None
     for part, model in models.items():
@@ -423,7 +472,8 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Sett
         modules.update({key: (part, path) for key, path in keys.module_keys(model, part, paths).items()})
     blocks_by_key = {key: block_of[path] for key, (part, path) in modules.items() if part == "unet" and block_of}
     network = Network(kind=kinds.for_network_type(network_cfg.type).NAME, models=models,
-                      modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights)
+                      modules=modules, unet_blocks=blocks_by_key if lr_weights else {}, block_lr_weights=lr_weights,
+                      text_order=tuple(text_order))
     names = transformer_keys.names_of(unet)
     if names is not None:
         network.original_names = _original_names(unet, names, network_cfg, set(modules.values()))
@@ -551,6 +601,8 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     names = transformer_keys.NAMES_BY_CLASS.get(FAMILIES[_get(base, "family")].denoiser_class)
     if names is not None and not net.train_modulation:
         network_args.update(dict.fromkeys(names.modulation_args, "0"))
+    if net.train_t5 and any(settings.text_encoder_lrs):
+        network_args["train_t5xxl"] = "True"  # lora_flux / lora_sd3's network_args
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
     te_lrs = settings.text_encoder_lrs

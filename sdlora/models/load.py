@@ -226,8 +226,6 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
                     folder, subfolder=slot.part, **te_kw).eval()
                 encoders[slot.tokenizer_part] = getattr(transformers, slot.tokenizer_class).from_pretrained(
                     folder, subfolder=slot.tokenizer_part, local_files_only=True)
-                if slot.max_length:  # the family reads this many tokens (SD3's T5: 256, as its pipeline)
-                    encoders[slot.tokenizer_part].model_max_length = slot.max_length
             noise_scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(
                 folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:

@@ -52,10 +52,12 @@ def _chunks(tokenizer, caption: str, n: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def tokenize_long(tokenizers, captions: list[str], max_token_length: int = 75) -> list[torch.Tensor]:
-    """Each tokenizer's ids: (B, 77) for 75 tokens (family.tokenize), else (B, n, 77) chunks."""
+def tokenize_long(tokenizers, captions: list[str], max_token_length: int = 75,
+                  lengths: list[int] | None = None) -> list[torch.Tensor]:
+    """Each tokenizer's ids: (B, 77) for 75 tokens (family.tokenize, each tokenizer padded to its
+    `lengths`), else (B, n, 77) chunks."""
     if max_token_length <= CHUNK:
-        return tokenize(tokenizers, captions)
+        return tokenize(tokenizers, captions, lengths)
     n = max_token_length // CHUNK
     return [torch.stack([_chunks(tok, c, n) for c in captions]) for tok in tokenizers]
 

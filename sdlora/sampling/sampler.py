@@ -324,7 +324,7 @@ class Sampler:
     def __init__(self, cfg, fuse: bool | None = None, base=None):
         self.cfg = cfg
         self.base = base if base is not None else load_base(cfg.model)
-        self.family = FAMILIES[self.base.family]
+        self.family = FAMILIES[self.base.family].with_text_settings(cfg.train)  # T5's length as trained
         s = cfg.sample
         self.device = compute_device()
         self.pipe = self.base.pipeline(scheduler=make_scheduler(s.sampler, self.base.noise_scheduler))
@@ -336,7 +336,7 @@ class Sampler:
     def encode(self, prompts: list[str]):
         """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
         the config's clip_skip (Kohya/A1111 semantics), and SDXL's pooled embeddings."""
-        return self.encode_ids(tokenize(self.base.tokenizers, prompts))
+        return self.encode_ids(tokenize(self.base.tokenizers, prompts, self.family.token_lengths(self.base.tokenizers)))
 
     def encode_ids(self, ids: list[torch.Tensor]):
         """`encode` from each text encoder's (B, 77) input ids."""
@@ -355,7 +355,9 @@ class Sampler:
                 raise UserError(f"prompt {prompt!r}: prompt editing and alternation ([a:b:when], [a|b]) are not "
                                 f"supported for {self.family.title} prompts yet; (word:1.2) emphasis is")
             runs.append(rules.parse_attention(schedule[0][1]))
-        per_tokenizer = [[rules.sequence_tokens(r, tok) for r in runs] for tok in self.base.tokenizers]
+        lengths = self.family.token_lengths(self.base.tokenizers)  # T5's as trained ([train] t5_max_length)
+        per_tokenizer = [[rules.sequence_tokens(r, tok, n) for r in runs]
+                         for tok, n in zip(self.base.tokenizers, lengths)]
         text = self.encode_ids([torch.tensor([c.tokens for c in chunks]) for chunks in per_tokenizer])
         return self.family.emphasized(text, [torch.tensor([c.multipliers for c in chunks], device=text.hidden.device)
                                              for chunks in per_tokenizer])

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from sdlora.data.buckets import Bucket, fit_to_bucket
 from sdlora.io import atomic_save_file
-from sdlora.models.families.base import TextConditioning
 
 PREPROCESS_VERSION = "1"  # bump when fit_to_bucket or normalisation changes
 
@@ -132,14 +131,15 @@ class LazyLatents:
 
 class TextEmbeddingCache:
     """Frozen text-encoder outputs per caption (only valid when captions never change):
-    {"hidden": (77, d)} and, for SDXL, {"pooled": (1280,)}, keyed by the encoders' weights,
-    `identity` (family, clip_skip) and the caption."""
+    {"hidden": (77, d)} and, for SDXL, {"pooled": (1280,)} (`TextConditioning.to_dict`), or a
+    per-encoder family's frozen encoders' own outputs ({"1.hidden": (T, d)}: encoder 1's), keyed by
+    the encoders' weights, `identity` (family, clip_skip, lengths, encoders) and the caption."""
 
     def __init__(self, folder: Path, text_encoders, identity: str, encode, log=print):
         self.folder = Path(folder)
-        self.encode = encode  # list of captions -> TextConditioning of the batch
+        self.encode = encode  # list of captions -> {name: (B, ...)} of the batch
         self.te_id = "_".join(module_fingerprint(te) for te in text_encoders) + f"_{identity}"
-        self.memory: dict[str, TextConditioning] = {}
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
         self.log = log
         self.encodes = 0  # captions through the text encoders: one per distinct caption not on disk
 
@@ -147,7 +147,7 @@ class TextEmbeddingCache:
         for caption in dict.fromkeys(captions):
             self.get(caption)
 
-    def get(self, caption: str):
+    def get(self, caption: str) -> dict[str, torch.Tensor]:
         key = hashlib.sha256(f"{self.te_id}\0{caption}".encode()).hexdigest()[:32]
         if key in self.memory:
             return self.memory[key]
@@ -156,8 +156,8 @@ class TextEmbeddingCache:
         if entry is None:
             self.encodes += 1
             with torch.no_grad():
-                text = self.encode([caption])
-            entry = {name: t[0].float().cpu() for name, t in text.to_dict().items()}
+                outputs = self.encode([caption])
+            entry = {name: t[0].float().cpu() for name, t in outputs.items()}
             atomic_save_file(entry, path)
-        self.memory[key] = TextConditioning.from_dict(entry)
-        return self.memory[key]
+        self.memory[key] = entry
+        return entry

@@ -183,16 +183,19 @@ class TrainingData:
 
     def __init__(self, cfg: Config, dataset: list[Example], latents: LazyLatents,
                  te_cache: TextEmbeddingCache | None, tokenizers: list, family: Family,
-                 objective: DiffusionObjective):
+                 objective: DiffusionObjective, text_dropout_rates: tuple[float, ...] = ()):
         self.cfg, self.dataset = cfg, dataset  # dataset: every example, held-out ones too (config_hash covers it)
         self.examples, self.validation = split_held_out(dataset)
         self.latents, self.te_cache = latents, te_cache
         self.tokenizers, self.family, self.objective = tokenizers, family, objective
+        self.text_dropout_rates = text_dropout_rates  # per text encoder (`network.text_dropout_rates`)
         self.batches = EpochBatches(self.examples, cfg.train.batch_size, cfg.train.seed)
 
     def tokenize(self, caption: str) -> list[torch.Tensor]:
-        """One (77,) tensor of input ids per text encoder; (n, 77) chunks with max_token_length > 75."""
-        return [ids[0] for ids in tokenize_long(self.tokenizers, [caption], self.cfg.dataset.max_token_length)]
+        """One (77,) tensor of input ids per text encoder (T5: (t5_max_length,)); (n, 77) chunks with
+        max_token_length > 75."""
+        return [ids[0] for ids in tokenize_long(self.tokenizers, [caption], self.cfg.dataset.max_token_length,
+                                                self.family.token_lengths(self.tokenizers))]
 
     def size_conditioning(self, ex: Example, flipped: bool) -> torch.Tensor | None:
         """The family's size conditioning of one example (SDXL's time_ids, (6,)): its original size, the
@@ -217,8 +220,8 @@ class TrainingData:
         }
         caption = ", ".join(ex.tags)
         if self.te_cache is not None:
-            batch["text"] = {name: v.expand(k, *v.shape) for name, v in self.te_cache.get(caption).to_dict().items()}
-        else:
+            batch["text"] = {name: v.expand(k, *v.shape) for name, v in self.te_cache.get(caption).items()}
+        if self.te_cache is None or self.family.per_encoder_text:  # the encoders not cached run
             batch["input_ids"] = [ids.expand(k, *ids.shape) for ids in self.tokenize(caption)]
         ids = self.size_conditioning(ex, flipped=False)
         if ids is not None:
@@ -262,12 +265,16 @@ class TrainingSamples(torch.utils.data.Dataset):
             sample["pyramid"] = pyramid_noise(latents.shape, tc.multires_noise_iterations,
                                               tc.multires_noise_discount, g)
         if data.te_cache is not None:
-            sample["text"] = data.te_cache.get(caption).to_dict()  # {"hidden"(, "pooled")}
-        else:
+            sample["text"] = data.te_cache.get(caption)  # {"hidden"(, "pooled")}; per encoder: {"1.hidden", ...}
+        if data.te_cache is None or data.family.per_encoder_text:  # the encoders not cached run
             sample["input_ids"] = data.tokenize(caption)  # one (77,) per text encoder
         ids = data.size_conditioning(ex, flip)
         if ids is not None:
             sample["time_ids"] = ids
+        if any(data.text_dropout_rates):  # drawn last: the draws above stay those of a run without it
+            # kohya's sd3 caption dropout per encoder: 1 = this example's outputs of that encoder are zeros
+            sample["text_dropout"] = torch.tensor([float(rate > 0 and rng.random() < rate)
+                                                   for rate in data.text_dropout_rates])
         return sample
 
 

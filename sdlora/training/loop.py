@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sdlora.adapters import keys
 from sdlora.adapters.file import read_adapter
 from sdlora.adapters.network import inject, resolve_settings
 from sdlora.config import Config
@@ -24,7 +25,7 @@ from sdlora.errors import UserError
 from sdlora.io import output_lock, refuse_to_overwrite, remove_stale_temps
 from sdlora.models import quantize
 from sdlora.models.families import FAMILIES
-from sdlora.models.families.base import TextConditioning
+from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.load import DTYPES, compute_device, load_base
 from sdlora.models.longprompt import encode_long, tokenize_long
 from sdlora.models.prompts import check_prompt
@@ -94,7 +95,12 @@ def make_network(cfg: Config, base, family, settings, device, log=print):
     for m in (base.unet, base.vae, *encoders):
         m.requires_grad_(False)
     set_seed(cfg.train.seed)
-    network = inject(base.unet, encoders if train_te else None, cfg.network, log=log, settings=settings)
+    if family.per_encoder_text:  # adapters on the encoders that train only (FLUX.1's T5 with train_t5), as kohya
+        parts = keys.text_parts(family.text_encoders)
+        adapted = {part: te for part, te, lr in zip(parts, encoders, settings.text_encoder_lrs) if lr > 0}
+        network = inject(base.unet, adapted, cfg.network, log=log, settings=settings, text_order=tuple(parts))
+    else:
+        network = inject(base.unet, encoders if train_te else None, cfg.network, log=log, settings=settings)
     cast_training_params([base.unet, *encoders], dtype=torch.float32)  # adapters train in fp32 under fp16/bf16
     if cfg.network.init_weights:  # kohya's network_weights: continue from an existing adapter
         try:
@@ -115,8 +121,8 @@ def make_network(cfg: Config, base, family, settings, device, log=print):
         log(f"speed: {', '.join(done)}")
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-        if train_te:
-            for te in encoders:
+        for part, te in network.models.items():
+            if part != "unet":
                 te.gradient_checkpointing_enable()
     return network
 
@@ -124,9 +130,9 @@ def make_network(cfg: Config, base, family, settings, device, log=print):
 def text_embedding_cache(cfg: Config, base, encoders: list, device, captions: list[str]) -> TextEmbeddingCache:
     """The frozen text encoders' outputs of every caption, encoded once (or read from the cache);
     then the encoders leave the accelerator: they never run again."""
-    def encode(batch: list[str]) -> TextConditioning:
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
         ids = tokenize_long(base.tokenizers, batch, cfg.dataset.max_token_length)
-        return encode_long(base.family, encoders, [i.to(device) for i in ids], cfg.model.clip_skip)
+        return encode_long(base.family, encoders, [i.to(device) for i in ids], cfg.model.clip_skip).to_dict()
 
     tokens = "" if cfg.dataset.max_token_length == 75 else f"_tok{cfg.dataset.max_token_length}"
     cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", base.text_encoders,
@@ -134,6 +140,26 @@ def text_embedding_cache(cfg: Config, base, encoders: list, device, captions: li
     cache.fill(captions)
     for te in base.text_encoders:  # the meta device keeps their configs
         te.to("meta")
+    return cache
+
+
+def encoder_output_cache(cfg: Config, base, family, encoders: list, slots: list[int], device,
+                         captions: list[str]) -> TextEmbeddingCache:
+    """A per-encoder family's (`Family.per_encoder_text`) frozen encoders `slots`: their own outputs of
+    every caption ({"1.hidden": ...}), encoded once (or read from the cache); then those encoders leave
+    the accelerator, while the trained ones run each step."""
+    lengths = family.token_lengths(base.tokenizers)
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        ids = tokenize(base.tokenizers, batch, lengths)
+        return {f"{i}.{name}": t for i in slots
+                for name, t in family.encode_slot(i, encoders[i], ids[i].to(device), cfg.model.clip_skip).items()}
+
+    identity = f"{base.family}_encoders{'-'.join(map(str, slots))}_len{'-'.join(map(str, lengths))}"
+    cache = TextEmbeddingCache(cfg.output_dir / "cache" / "text", [encoders[i] for i in slots], identity, encode)
+    cache.fill(captions)
+    for i in slots:  # the meta device keeps their configs
+        encoders[i].to("meta")
     return cache
 
 
@@ -187,12 +213,25 @@ class Trainer:
             self._main_log(f"warning: [train] stop_text_encoder_training = {tc.stop_text_encoder_training} has no "
                            "effect: the text encoder is not trained")
         encoders = [te.to(acc.device) for te in base.text_encoders]
+        # Which encoders train (and run each step): each on its own where the family's conditioning joins
+        # each encoder's outputs (FLUX.1: CLIP-L, T5 with train_t5), else all or none.
+        per_encoder = self.family.per_encoder_text
+        lrs = self.settings.text_encoder_lrs
+        self.trained_slots = [lr > 0 for lr in lrs] if per_encoder else [train_te] * len(lrs)
+        if per_encoder and cfg.dataset.max_token_length > 75:
+            raise UserError(f"{cfg.source}: [dataset] max_token_length = {cfg.dataset.max_token_length} chunks CLIP "
+                            f"captions for SD; {self.family.title} reads T5's [train] t5_max_length tokens (kohya "
+                            "ignores max_token_length for it too); set max_token_length = 75")
         te_cache = None
-        if not train_te and captions_fixed(examples):  # every caption is known now
-            te_cache = text_embedding_cache(cfg, base, encoders, acc.device,
-                                            [", ".join(ex.tags) for ex in examples + validation])
+        captions = [", ".join(ex.tags) for ex in examples + validation]
+        frozen = [i for i, trained in enumerate(self.trained_slots) if not trained]
+        if per_encoder and frozen and captions_fixed(examples):  # every caption is known now
+            te_cache = encoder_output_cache(cfg, base, self.family, encoders, frozen, acc.device, captions)
+        elif not per_encoder and not train_te and captions_fixed(examples):
+            te_cache = text_embedding_cache(cfg, base, encoders, acc.device, captions)
         latents = example_latents(cfg, base.vae, acc.device, examples + validation, self._main_log)
-        self.data = TrainingData(cfg, dataset, latents, te_cache, base.tokenizers, self.family, self.objective)
+        self.data = TrainingData(cfg, dataset, latents, te_cache, base.tokenizers, self.family, self.objective,
+                                 self.settings.text_dropout_rates)
 
         # The optimizer and its schedule over the planned steps; accelerate wraps what trains.
         groups = self.network.param_groups(tc.unet_lr, list(self.settings.text_encoder_lrs))
@@ -201,10 +240,13 @@ class Trainer:
         lr_scheduler = get_scheduler(
             tc.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(tc, self.total_steps),
             num_training_steps=self.total_steps, num_cycles=tc.lr_scheduler_num_cycles)
-        prepared = acc.prepare(base.unet, *(encoders if train_te else []), optimizer, lr_scheduler)
+        trained = [te for te, t in zip(encoders, self.trained_slots) if t]
+        prepared = acc.prepare(base.unet, *trained, optimizer, lr_scheduler)
         self.unet = prepared[0]  # DDP-wrapped when multi-process
-        # [CLIP] or SDXL's [CLIP-L, OpenCLIP bigG]; the prepared ones when trained, so their gradients are all-reduced
-        self.text_encoders = list(prepared[1:-2]) if train_te else encoders
+        # [CLIP], SDXL's [CLIP-L, OpenCLIP bigG], FLUX.1's [CLIP-L, T5]; the prepared ones when trained, so their
+        # gradients are all-reduced
+        prepared_encoders = iter(prepared[1:-2])
+        self.text_encoders = [next(prepared_encoders) if t else te for te, t in zip(encoders, self.trained_slots)]
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.trainable = list(self.network.trainable_parameters())  # what the optimizer updates
         self.loader = acc.prepare(torch.utils.data.DataLoader(
@@ -219,6 +261,26 @@ class Trainer:
         device = self.accelerator.device
         return encode_long(self.base.family, self.text_encoders, [ids.to(device) for ids in input_ids],
                            self.cfg.model.clip_skip)
+
+    def encode_per_encoder(self, batch: dict) -> TextConditioning:
+        """A per-encoder family's conditioning: each frozen encoder's cached outputs or its run (with
+        autograd where it trains), each example's dropped encoders' outputs zeros (`text_dropout`, kohya's
+        sd3 caption dropout), joined by the family."""
+        device = self.accelerator.device
+        cached = batch.get("text", {})
+        outputs = []
+        for i, encoder in enumerate(self.text_encoders):
+            own = {name.split(".", 1)[1]: v.to(device) for name, v in cached.items() if name.startswith(f"{i}.")}
+            if not own:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and self.te_learning and self.trained_slots[i]):
+                    own = self.family.encode_slot(i, encoder, batch["input_ids"][i].to(device),
+                                                  self.cfg.model.clip_skip)
+            outputs.append(own)
+        if "text_dropout" in batch:
+            keep = 1 - batch["text_dropout"].to(device)  # (B, encoders)
+            outputs = [{name: v * keep[:, i].reshape(-1, *[1] * (v.dim() - 1)).to(v.dtype) for name, v in out.items()}
+                       for i, out in enumerate(outputs)]
+        return self.family.join_text(outputs)
 
     def stop_text_encoder(self, step: int) -> None:
         """train.stop_text_encoder_training (kohya's): once that many optimizer steps are done, the
@@ -255,7 +317,9 @@ class Trainer:
             noise = add_pyramid(noise, batch["pyramid"])
         timesteps = batch["timesteps"]  # (B,)
         noisy_latents = objective.noisy(latents, noise, timesteps)
-        if "text" in batch:  # cached outputs of the frozen text encoder(s)
+        if self.family.per_encoder_text:  # cached or run per encoder (FLUX.1)
+            text = self.encode_per_encoder(batch)
+        elif "text" in batch:  # cached outputs of the frozen text encoder(s)
             text = TextConditioning.from_dict({k: v.to(self.accelerator.device) for k, v in batch["text"].items()})
         else:
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.te_learning):
@@ -289,7 +353,7 @@ class Trainer:
         self._main_log(f"epoch {epoch}: validation loss {value:.4f}")
 
     def trained_models(self) -> list:
-        return [self.unet] + (self.text_encoders if self.train_te else [])
+        return [self.unet] + [te for te, t in zip(self.text_encoders, self.trained_slots) if t]
 
     # -- the loop
     def run(self, resume: bool = False) -> TrainResult:

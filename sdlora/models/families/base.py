@@ -14,6 +14,12 @@ its timestep sampling and min-SNR weighting) and the latent format (`LatentForma
 shift from the VAE's config) come from the family too, so a rectified-flow family (noisy =
 (1 - sigma) x + sigma noise, target noise - x) brings its own objective and the loop is unchanged.
 
+A family whose conditioning joins each encoder's own outputs (`per_encoder_text`: FLUX.1's CLIP-L
+pooled output and T5 hidden states) says so by `encode_slot` / `join_text`: the trainer then caches
+a frozen encoder's outputs while a trained one runs, and zeros one encoder's outputs for kohya's
+per-encoder caption dropout. Its T5 length (`t5_max_length`, kohya's t5xxl_max_token_length) is the
+family's unless [train] t5_max_length says otherwise (`with_text_settings`).
+
 On the loading side a family says its text encoders (`TextEncoderSlot`: the pipeline component, the
 transformers class, the tokenizer, where a single file keeps it and in which layout), its diffusers
 pipeline class, how its single files are recognised and what its prediction type is when the file
@@ -24,7 +30,7 @@ does not say. Kohya key names (`lora_te1_` / `lora_te2_`, SGM U-Net names) live 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,10 +53,12 @@ class TextConditioning:
         return cls(d["hidden"], d.get("pooled"))
 
 
-def tokenize(tokenizers_, captions: list[str]) -> list[torch.Tensor]:
-    """Each tokenizer's (B, 77) input ids, padded and truncated to its 77 positions."""
-    return [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids for tok in tokenizers_]
+def tokenize(tokenizers_, captions: list[str], lengths: list[int] | None = None) -> list[torch.Tensor]:
+    """Each tokenizer's (B, 77) input ids, padded and truncated to its 77 positions (`lengths`: each
+    tokenizer's own, `Family.token_lengths`; None: its model_max_length)."""
+    lengths = lengths or [tok.model_max_length for tok in tokenizers_]
+    return [tok(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+            for tok, length in zip(tokenizers_, lengths)]
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,10 @@ class TextEncoderSlot:
     layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout: its state to and from the names under `prefix`
     tokenizer: Callable[[], Any] | None  # its tokenizer, built offline (None: the family has no single files yet)
     tokenizer_class: str = "CLIPTokenizer"  # the transformers class of a folder's tokenizer
-    max_length: int = 0  # the tokens it reads, whatever its tokenizer's model_max_length (0: that)
+    # Which encoder it is where the family names them (FLUX.1, SD3: "clip_l" | "clip_g" | "t5"): its Kohya
+    # prefix (`transformer_keys.TEXT_PREFIXES`), its caption dropout ([train] <name>_dropout_rate); "" for
+    # SD1.x-SDXL's, numbered by position.
+    name: str = ""
 
     def from_original(self, state: dict) -> dict:
         """Its state in transformers-4 names from a single file's tensors under `prefix` (prefix removed)."""
@@ -172,6 +183,10 @@ class Family:
     denoiser_part: str = "unet"  # the denoiser's pipeline component and folder (BaseModel.unet holds it)
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class
     scheduler_class: str = "DDPMScheduler"  # the training noise schedule's diffusers class
+    # The conditioning joins each encoder's own outputs (`encode_slot`, `join_text`), so that encoders can
+    # be cached, trained and dropped apart (FLUX.1); False: the encoders combine only in `encode_text`.
+    per_encoder_text: bool = False
+    t5_max_length: int = 0  # T5 tokens per caption (kohya's t5xxl_max_token_length default); 0: no T5
 
     def detects(self, keys: list[str]) -> bool:
         """Do a single file's tensor names say it holds this family?"""
@@ -231,6 +246,25 @@ class Family:
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
         """The U-Net's text conditioning from each encoder's (B, 77) input ids (see the module docstring)."""
         return TextConditioning(encode_prompt(encoders[0], input_ids[0], clip_skip))
+
+    def encode_slot(self, index: int, encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+        """Text encoder `index`'s own outputs, {name: (B, ...)}, for a family with `per_encoder_text`."""
+        raise NotImplementedError(f"{self.title} conditions on its text encoders together")
+
+    def join_text(self, outputs: list[dict[str, torch.Tensor]]) -> TextConditioning:
+        """The conditioning from every encoder's `encode_slot` outputs, in slot order."""
+        raise NotImplementedError(f"{self.title} conditions on its text encoders together")
+
+    def with_text_settings(self, train) -> "Family":
+        """The family with [train]'s text settings (`train`): t5_max_length replaces the family's T5 length."""
+        if train.t5_max_length and self.t5_max_length:
+            return replace(self, t5_max_length=train.t5_max_length)
+        return self
+
+    def token_lengths(self, tokenizers: list) -> list[int]:
+        """Tokens per caption of each encoder: T5's `t5_max_length`, the others their tokenizer's (CLIP's 77)."""
+        return [self.t5_max_length if slot.name == "t5" and self.t5_max_length else tok.model_max_length
+                for slot, tok in zip(self.text_encoders, tokenizers)]
 
     def size_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                           target_size: tuple[int, int]) -> torch.Tensor | None:

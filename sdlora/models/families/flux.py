@@ -1,9 +1,11 @@
 """FLUX.1 (dev and schnell): a rectified-flow transformer on packed 16-channel latents, conditioned
 on T5-XXL's hidden states and CLIP-L's pooled output.
 
-    text          T5 last hidden state (B, T, 4096) -> encoder_hidden_states (T = the T5 tokenizer's
-                  model_max_length: 512 in FLUX.1-dev's folder, 256 in schnell's)
+    text          T5 last hidden state (B, T, 4096) -> encoder_hidden_states (T = kohya's
+                  t5xxl_max_token_length: 512 for dev, 256 for schnell, or [train] t5_max_length)
                   CLIP-L pooler_output (B, 768) -> pooled_projections
+                  Each encoder's outputs are its own (`per_encoder_text`): a frozen encoder's are cached
+                  while a trained one runs, and [train] clip_l_dropout_rate / t5_dropout_rate zero them
     latents       (VAE latent - shift_factor) x scaling_factor (0.1159, 0.3611 in FLUX's VAE config),
                   packed into 2x2 patches: (B, 16, h, w) -> (B, (h/2)(w/2), 64) (`models.flux`)
     ids           img_ids ((h/2)(w/2), 3) = (0, row, column) of each patch; txt_ids (T, 3) zeros
@@ -19,9 +21,9 @@ FluxTransformer2DModel. The objective is `flow.FlowObjective` with kohya's FLUX 
 Export ids as sd-scripts writes them: ss_base_model_version "flux1", modelspec.architecture
 "flux-1-dev/lora" / "flux-1-schnell/lora", modelspec.implementation BFL's repository, and no
 modelspec.prediction_type. Bases load from diffusers folders (FluxPipeline.save_pretrained); dev and
-schnell are told apart by the transformer's guidance embedding. Not yet: single files, adapters on the
-text encoders (CLIP-L `lora_te1_`, T5 `lora_te3_`), T5's length by variant (256 schnell / 512 dev)
-other than the folder's tokenizer says.
+schnell are told apart by the transformer's guidance embedding. Adapters on the text encoders as
+sd-scripts' lora_flux.py makes them: CLIP-L (`lora_te1_`) with network.train_text_encoder, T5
+(`lora_te3_`) only with network.train_t5 (kohya's train_t5xxl). Not yet: single files.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from sdlora.models.prompts import emphasize
 
 FLUX_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModel", "text_encoders.clip_l.transformer.",
-                    None, None),
+                    None, None, name="clip_l"),
     TextEncoderSlot("text_encoder_2", "tokenizer_2", "T5-XXL", "T5EncoderModel", "text_encoders.t5xxl.transformer.",
-                    None, None, tokenizer_class="T5TokenizerFast"),
+                    None, None, tokenizer_class="T5TokenizerFast", name="t5"),
 )
 
 
@@ -68,7 +70,7 @@ class FluxFamily(Family):
     def for_training(self, train) -> "FluxFamily":
         flow = (train.timestep_sampling, train.sigmoid_scale, train.discrete_flow_shift, train.model_prediction_type,
                 train.weighting_scheme, train.logit_mean, train.logit_std, train.mode_scale)
-        return replace(self, guidance_scale=train.guidance_scale, flow=flow)
+        return replace(self.with_text_settings(train), guidance_scale=train.guidance_scale, flow=flow)
 
     def for_sampling(self, guidance_scale: float) -> "FluxFamily":
         return replace(self, guidance_scale=guidance_scale)
@@ -83,9 +85,15 @@ class FluxFamily(Family):
                 "ss_discrete_flow_shift": str(train.discrete_flow_shift)}
 
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
-        pooled = encoders[0](input_ids[0]).pooler_output  # (B, 768): CLIP-L's EOS state after the final norm
-        hidden = encoders[1](input_ids[1]).last_hidden_state  # (B, T, 4096)
-        return TextConditioning(hidden, pooled)
+        return self.join_text([self.encode_slot(i, enc, ids) for i, (enc, ids) in enumerate(zip(encoders, input_ids))])
+
+    def encode_slot(self, index: int, encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+        if index == 0:
+            return {"pooled": encoder(input_ids).pooler_output}  # (B, 768): CLIP-L's EOS state after the final norm
+        return {"hidden": encoder(input_ids).last_hidden_state}  # (B, T, 4096)
+
+    def join_text(self, outputs: list[dict[str, torch.Tensor]]) -> TextConditioning:
+        return TextConditioning(outputs[1]["hidden"], outputs[0]["pooled"])
 
     def emphasized(self, text: TextConditioning, multipliers: list[torch.Tensor]) -> TextConditioning:
         """A1111's "Original" emphasis on T5's states, each prompt on its own, as Forge weights FLUX.1
@@ -100,7 +108,7 @@ class FluxFamily(Family):
         return None
 
     def unread_text_layers(self, clip_skip: int, num_layers: list[int]) -> dict[str, range]:
-        return {"te1": range(0), "te2": range(0)}  # both encoders' last layers are read
+        return {"te1": range(0), "te3": range(0)}  # both encoders' last layers are read
 
     def predict(self, denoiser, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text: TextConditioning,
                 time_ids_: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -119,9 +127,11 @@ class FluxFamily(Family):
 
 
 _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_encoders=FLUX_TEXT_ENCODERS,
-             trains_text_encoders=False, classifier_free_guidance=False, one_pass=True, size_multiple=16,
+             per_encoder_text=True, classifier_free_guidance=False, one_pass=True, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
              scheduler_class="FlowMatchEulerDiscreteScheduler")
-FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", **_FLUX)
+# T5 lengths: kohya's t5xxl_max_token_length defaults (flux_train_network.py), 512 dev, 256 schnell.
+# schnell is distilled for 1-4 steps, as its model card renders.
+FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", t5_max_length=512, **_FLUX)
 FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False,
-                          sample_steps=4, **_FLUX)  # schnell is distilled for 1-4 steps, as its model card renders
+                          sample_steps=4, t5_max_length=256, **_FLUX)

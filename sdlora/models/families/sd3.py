@@ -41,11 +41,11 @@ T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length, kohya's t
 
 SD3_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModelWithProjection",
-                    "text_encoders.clip_l.transformer.", None, None),
+                    "text_encoders.clip_l.transformer.", None, None, name="clip_l"),
     TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIP-G", "CLIPTextModelWithProjection",
-                    "text_encoders.clip_g.transformer.", None, None),
+                    "text_encoders.clip_g.transformer.", None, None, name="clip_g"),
     TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5-XXL", "T5EncoderModel", "text_encoders.t5xxl.transformer.",
-                    None, None, tokenizer_class="T5TokenizerFast", max_length=T5_MAX_LENGTH),
+                    None, None, tokenizer_class="T5TokenizerFast", name="t5"),
 )
 
 
@@ -75,7 +75,7 @@ class SD3Family(Family):
         return "epsilon"  # what sd-scripts writes for SD3 (sai_model_spec sets it for every non-FLUX model)
 
     def for_training(self, train) -> "SD3Family":
-        return replace(self, flow=(train.weighting_scheme, train.logit_mean, train.logit_std, train.mode_scale,
+        return replace(self.with_text_settings(train), flow=(train.weighting_scheme, train.logit_mean, train.logit_std, train.mode_scale,
                                    train.training_shift))
 
     def kohya_metadata(self, train) -> dict[str, str]:
@@ -87,13 +87,20 @@ class SD3Family(Family):
                 "ss_mode_scale": str(train.mode_scale)}
 
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
-        clip_l = encoders[0](input_ids[0], output_hidden_states=True)
-        clip_g = encoders[1](input_ids[1], output_hidden_states=True)
-        t5 = encoders[2](input_ids[2]).last_hidden_state  # (B, T, 4096)
-        clip = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
-        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, 4096)
-        pooled = torch.cat([clip_l.text_embeds, clip_g.text_embeds], dim=-1)  # (B, 768 + 1280)
-        return TextConditioning(torch.cat([clip, t5], dim=-2), pooled)  # hidden (B, 77 + T, 4096)
+        return self.join_text([self.encode_slot(i, enc, ids) for i, (enc, ids) in enumerate(zip(encoders, input_ids))])
+
+    def encode_slot(self, index: int, encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> dict[str, torch.Tensor]:
+        if index < 2:  # CLIP-L, CLIP-G: the penultimate layer's states and the projected EOS state
+            out = encoder(input_ids, output_hidden_states=True)
+            return {"hidden": out.hidden_states[-2], "pooled": out.text_embeds}  # (B, 77, 768 | 1280), (B, ...)
+        return {"hidden": encoder(input_ids).last_hidden_state}  # T5: (B, T, 4096)
+
+    def join_text(self, outputs: list[dict[str, torch.Tensor]]) -> TextConditioning:
+        clip_l, clip_g, t5 = outputs
+        clip = torch.cat([clip_l["hidden"], clip_g["hidden"]], dim=-1)  # (B, 77, 768 + 1280)
+        clip = torch.nn.functional.pad(clip, (0, t5["hidden"].shape[-1] - clip.shape[-1]))  # (B, 77, 4096)
+        pooled = torch.cat([clip_l["pooled"], clip_g["pooled"]], dim=-1)  # (B, 768 + 1280)
+        return TextConditioning(torch.cat([clip, t5["hidden"]], dim=-2), pooled)  # hidden (B, 77 + T, 4096)
 
     def clip_skip_note(self, clip_skip: int) -> str | None:
         if clip_skip > 1:
@@ -116,8 +123,9 @@ class SD3Family(Family):
 
 
 # Sides a multiple of 16: the VAE's 8 x the transformer's 2x2 patches.
+# T5 reads T5_MAX_LENGTH tokens unless [train] t5_max_length says otherwise.
 _SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, trains_text_encoders=False,
-            one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline", denoiser_part="transformer",
+            per_encoder_text=True, t5_max_length=T5_MAX_LENGTH, one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline", denoiser_part="transformer",
             denoiser_class="SD3Transformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler")
 SD3_MEDIUM = SD3Family("sd3_medium", "medium", "stable-diffusion-3-medium", title="SD3 Medium", **_SD3)
 SD35_MEDIUM = SD3Family("sd35_medium", "5-medium", "stable-diffusion-3-5-medium", title="SD3.5 Medium", **_SD3)
