@@ -245,6 +245,11 @@ class Family:
         read hidden_states[-clip_skip]."""
         return {"te": range(num_layers[0] - max(clip_skip, 1) + 1, num_layers[0])}
 
+    def swap_blocks(self, denoiser, blocks_to_swap: int) -> list[tuple[list, int]]:
+        """[train] blocks_to_swap over the denoiser's block lists (`models.blockswap`): each list's blocks
+        in forward order with how many of its last ones are swapped; [] for a U-Net, which has none."""
+        return []
+
     def objective(self, noise_scheduler) -> DiffusionObjective:
         return DiffusionObjective(noise_scheduler)
 
