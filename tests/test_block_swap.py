@@ -8,6 +8,8 @@ that the model's parameters and buffers hold (an evicted tensor holds an empty p
 copies in flight (prefetched, not yet in): what a GPU would hold of the model."""
 
 import copy
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +17,17 @@ from safetensors.torch import load_file
 from test_flux_train import FLUX
 from test_train import make_style
 
-from sdlora.config import load_config
+from sdlora.bench import memory, parts
+from sdlora.config import NetworkConfig, load_config
 from sdlora.errors import ConfigError, UserError
 from sdlora.models import blockswap
 from sdlora.models.families import FAMILIES
-from sdlora.tiny.configs import MINI_FLUX_TRANSFORMER, build_flux_pipeline
+from sdlora.tiny.configs import build_flux_pipeline
 from sdlora.training.loop import Trainer
 
+FULL_FLUX, FULL_SD35_MEDIUM = memory.FULL_TRANSFORMERS
 # 4 double + 6 single blocks: kohya's limit (two blocks of each list stay) allows blocks_to_swap <= 4
-SWAP_FLUX = dict(MINI_FLUX_TRANSFORMER, num_layers=4, num_single_layers=6)
+SWAP_FLUX = FULL_FLUX.reduced
 FLUX_DEV = FAMILIES["flux1_dev"]
 
 
@@ -161,3 +165,63 @@ def test_sdlora_train_with_blocks_to_swap_writes_the_same_adapter(tmp_path, swap
     (losses, tensors), (losses_s, tensors_s) = results
     assert losses_s == losses and len(losses) == 3
     assert tensors_s.keys() == tensors.keys() and all(torch.equal(tensors_s[k], tensors[k]) for k in tensors)
+
+
+def test_the_memory_table_counts_weights_adapters_and_activations_on_the_meta_device():
+    from diffusers import FluxTransformer2DModel
+
+    tiny = dataclasses.replace(FULL_FLUX, config=SWAP_FLUX, text_tokens=8)
+    rows = {(r["precision"], r["resolution"]): r for r in memory.memory_table(tiny, (64, 128), blocks_to_swap=2)}
+    assert len(rows) == 2 * 2 * 2  # bf16 / fp8, each alone and with blocks_to_swap, at two resolutions
+
+    model = _with_lora()  # the same architecture with real weights on the CPU, LoRA on other targets
+    base_params = sum(p.numel() for p in FluxTransformer2DModel(**SWAP_FLUX).parameters())
+    bf16, fp8 = rows[("bf16", 64)], rows[("fp8", 64)]
+    assert bf16["frozen_gib"] * memory.GIB == 2 * base_params  # every base parameter in bf16
+    assert 0.4 < fp8["frozen_gib"] / bf16["frozen_gib"] < 0.7  # Linear weights at 1 byte, the rest bf16
+    # swapping takes off what the real swapper keeps on the CPU, less the two blocks in flight
+    swap = blockswap.enable(FLUX_DEV, torch.nn.Module.to(model, torch.bfloat16), 2, "cpu", "test.toml")
+    sizes = sorted(blockswap.tensor_bytes(c) for c in swap.offload.values())
+    swapped = rows[("bf16 + blocks_to_swap 2", 64)]
+    assert (bf16["frozen_gib"] - swapped["frozen_gib"]) * memory.GIB == sum(sizes) - sum(sizes[-2:]) > 0
+    assert swapped["activations_gib"] == bf16["activations_gib"]  # swapping moves weights only
+    network = memory.lora_on_meta(tiny.cls_name, tiny.config, NetworkConfig(train_text_encoder=False))[1]
+    assert bf16["adapters_gib"] * memory.GIB == 16 * sum(p.numel() for p in network.trainable_parameters())
+    big = rows[("bf16", 128)]  # 4x the image tokens
+    assert big["activations_gib"] > 2 * bf16["activations_gib"]
+    assert big["activations_checkpointed_gib"] < big["activations_gib"]
+
+
+def test_a_cpu_step_of_a_flow_family_records_its_weights_and_trains():
+    figures = parts.measured_cpu_step(FULL_FLUX, 64, reduced=True)
+    assert figures["weights_gib"] > 0 and figures["step_extra_gib"] >= 0 and figures["loss"] > 0
+
+
+@pytest.mark.slow
+def test_full_flux_memory_table_and_one_training_step_on_the_meta_device():
+    """FLUX.1-dev at its full 12B parameters on the meta device (no RAM): one LoRA step (forward, backward,
+    AdamW) per precision and the README's memory table."""
+    rows = memory.memory_table(FULL_FLUX)
+    print("\n" + memory.markdown(rows))
+    by = {(r["precision"], r["resolution"]): r for r in rows}
+    assert 11.8e9 < by[("bf16", 1024)]["frozen_gib"] * memory.GIB / 2 < 12.0e9  # 11.9B parameters in bf16
+    totals = [by[(p, 1024)]["total_checkpointed_gib"]
+              for p in ("bf16", "bf16 + blocks_to_swap 16", "fp8", "fp8 + blocks_to_swap 16")]
+    assert totals == sorted(totals, reverse=True)
+    assert by[("fp8 + blocks_to_swap 16", 1024)]["total_checkpointed_gib"] < 12  # kohya's 12 GB advice holds
+
+
+def _available_gib() -> float:
+    line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+    return int(line.split()[1]) / 2**20
+
+
+@pytest.mark.slow
+def test_sd35_medium_bf16_training_step_on_the_cpu_records_its_peak():
+    if FULL_SD35_MEDIUM.family not in FAMILIES:
+        pytest.skip("the SD3.5 Medium family is not registered in this checkout")
+    if _available_gib() < 16:
+        pytest.skip("SD3.5 Medium in bf16 needs ~5 GB for its weights and more for the step")
+    figures = parts.measured_cpu_step(FULL_SD35_MEDIUM, 256)
+    print(f"\nSD3.5 Medium bf16, 256 px, one LoRA step on the CPU: {figures}")
+    assert 4.0 < figures["weights_gib"] < 6.0 and figures["step_extra_gib"] > 0

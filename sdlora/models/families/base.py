@@ -247,8 +247,11 @@ class Family:
 
     def swap_blocks(self, denoiser, blocks_to_swap: int) -> list[tuple[list, int]]:
         """[train] blocks_to_swap over the denoiser's block lists (`models.blockswap`): each list's blocks
-        in forward order with how many of its last ones are swapped; [] for a U-Net, which has none."""
-        return []
+        in forward order with how many of its last ones are swapped. A transformer with one list of
+        blocks (SD3's joint blocks, diffusers' `transformer_blocks`) swaps its last `blocks_to_swap`, as
+        kohya's sd3 offloader; a U-Net has none: []."""
+        blocks = getattr(denoiser, "transformer_blocks", None)
+        return [] if blocks is None else [(list(blocks), blocks_to_swap)]
 
     def objective(self, noise_scheduler) -> DiffusionObjective:
         return DiffusionObjective(noise_scheduler)
