@@ -24,6 +24,7 @@ from sdlora.models import blockswap
 from sdlora.models.families import FAMILIES
 from sdlora.tiny.configs import build_flux_pipeline
 from sdlora.training.loop import Trainer
+from sdlora.training.stats import config_hash
 
 FULL_FLUX, FULL_SD35_MEDIUM = memory.FULL_TRANSFORMERS
 # 4 double + 6 single blocks: kohya's limit (two blocks of each list stay) allows blocks_to_swap <= 4
@@ -162,6 +163,9 @@ def test_sdlora_train_with_blocks_to_swap_writes_the_same_adapter(tmp_path, swap
             assert any(line.startswith("block swap: 5 of 10 transformer blocks") for line in logs)
             last = trainer.base.unet.single_transformer_blocks[-1]  # out since its backward: only adapters held
             assert all(p.numel() == 0 for p in last.parameters() if not p.requires_grad)
+            # the same adapter either way: `sdlora run` and --resume take a run with another blocks_to_swap
+            unswapped = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, blocks_to_swap=0))
+            assert config_hash(unswapped, trainer.data.dataset) == config_hash(cfg, trainer.data.dataset)
     (losses, tensors), (losses_s, tensors_s) = results
     assert losses_s == losses and len(losses) == 3
     assert tensors_s.keys() == tensors.keys() and all(torch.equal(tensors_s[k], tensors[k]) for k in tensors)
