@@ -191,8 +191,7 @@ def swap_bytes(family, model: nn.Module, blocks_to_swap: int) -> tuple[int, int]
 
 
 def frozen_tensor_values(block: nn.Module) -> list[torch.Tensor]:
-    return [module._parameters[name] if name in module._parameters else module._buffers[name]
-            for module, name in frozen_tensors(block)]
+    return [getattr(module, name) for module, name in frozen_tensors(block)]
 
 
 def memory_table(full: FullTransformer, resolutions=(512, 768, 1024), blocks_to_swap: int = 16,

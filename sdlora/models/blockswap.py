@@ -41,16 +41,12 @@ def frozen_tensors(block: nn.Module) -> list[tuple[nn.Module, str]]:
     (fp8 weights). Named, not held: `Module.to` replaces buffers by new tensors (parameters it keeps)."""
     seen, out = set(), []
     for module in block.modules():
-        tensors = [(n, p) for n, p in module._parameters.items() if p is not None and not p.requires_grad]
-        for name, t in tensors + [(n, b) for n, b in module._buffers.items() if b is not None]:
+        tensors = [(n, p) for n, p in module.named_parameters(recurse=False) if not p.requires_grad]
+        for name, t in tensors + list(module.named_buffers(recurse=False)):
             if id(t) not in seen:
                 seen.add(id(t))
                 out.append((module, name))
     return out
-
-
-def _tensor(module: nn.Module, name: str) -> torch.Tensor:
-    return module._parameters[name] if name in module._parameters else module._buffers[name]
 
 
 def tensor_bytes(tensors) -> int:
@@ -78,7 +74,7 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if cuda else None
         self.frozen = {i: frozen_tensors(blocks[i]) for i in self.swapped}
         # the real values of each swapped tensor: pinned host memory with CUDA, so copies run asynchronously
-        self.offload = {i: [_tensor(*named).detach().to("cpu") for named in self.frozen[i]] for i in self.swapped}
+        self.offload = {i: [getattr(*named).detach().to("cpu") for named in self.frozen[i]] for i in self.swapped}
         if cuda:
             self.offload = {i: [t.pin_memory() for t in copies] for i, copies in self.offload.items()}
         self.resident: set[int] = set()
@@ -121,12 +117,12 @@ class BlockSwap:
             for c in copies:  # allocated on the side stream, used on this one: freed only after its work
                 c.record_stream(compute)
         for named, c in zip(self.frozen[i], copies):
-            _tensor(*named).data = c
+            getattr(*named).data = c
         self.resident.add(i)
 
     def _out(self, i: int) -> None:
         for named in self.frozen[i]:
-            t = _tensor(*named)
+            t = getattr(*named)
             t.data = torch.empty(0, dtype=t.dtype, device=t.device)
         self.resident.discard(i)
 
@@ -175,7 +171,7 @@ class BlockSwap:
         self.pending.clear()
         for i in self.swapped:
             for named, c in zip(self.frozen[i], self.offload[i]):
-                _tensor(*named).data = c
+                getattr(*named).data = c
         self.resident.clear()
 
 
