@@ -9,9 +9,10 @@ costs no RAM. What the device holds during one training step at batch 1:
     adapters         the trained parameters in fp32 + their fp32 gradients + AdamW's two fp32
                      moments: 16 B per adapter parameter
     activations      what autograd saves for the backward in one forward (saved_tensors_hooks over
-                     the family's own `predict`, all in bf16 as bf16 autocast computes it); with gradient checkpointing
-                     the saved tensors outside the blocks + every block's inputs (what checkpoint
-                     keeps) + the largest block's saved tensors (recomputed inside its backward)
+                     the family's own `predict`, all in bf16 as bf16 autocast computes it, attention
+                     as the flash kernel saves it); with gradient checkpointing the saved tensors
+                     outside the blocks + every block's inputs (what checkpoint keeps) + the largest
+                     block's saved tensors (recomputed inside its backward)
 
 Computed, not measured: the CUDA context (~0.3-0.5 GiB), the caching allocator's slack, the
 transient buffers of one operation (attention and matmul workspaces, a dequantised fp8 weight),
