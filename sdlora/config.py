@@ -271,6 +271,9 @@ class TrainConfig:
     mixed_precision: str = opt("no", "mixed precision of the frozen base and autocast (accelerate fixes it once "
                                "per Python process)", choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = opt(False, "trade compute for memory")
+    blocks_to_swap: int = opt(0, "transformer blocks (FLUX.1, SD3.5) whose frozen weights stay on the CPU and "
+                                 "come to the GPU only for their forward and backward (kohya's blocks_to_swap; "
+                                 "0 = off)", min=0)
     save_every_n_epochs: int = opt(1, "save an adapter and training state every n epochs (0 = end only)", min=0)
     save_every_n_steps: int = opt(0, "also save an adapter (NAME-stepNNNNNNNN) and training state every n "
                                      "optimizer steps (0 = off)", min=0)
@@ -615,6 +618,10 @@ def _check_consistency(cfg: Config, path: Path) -> None:
         raise ConfigError(f"{path}: [train] adaptive_noise_scale = {t.adaptive_noise_scale:g} adds to noise_offset, "
                           "which is 0 (kohya requires it too); set noise_offset (e.g. 0.05) or "
                           "adaptive_noise_scale = 0")
+    if t.blocks_to_swap and t.compile:
+        # a compiled block guards on its weights' storage, which swapping replaces every step
+        raise ConfigError(f"{path}: [train] blocks_to_swap = {t.blocks_to_swap} cannot be combined with compile = "
+                          "true (the swapped weights change storage every step); set one of them off")
     if cfg.trigger and "," in cfg.trigger:
         raise ConfigError(f"{path}: trigger {cfg.trigger!r} must be one tag without commas")
     _check_file_names(cfg, path)

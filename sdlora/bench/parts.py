@@ -27,10 +27,18 @@ from sdlora.adapters.network import (
     text_encoder_target_paths,
     unet_target_paths,
 )
+from sdlora.bench.memory import (
+    GIB,
+    FlowStep,
+    FullTransformer,
+    bench_memory,
+    frozen_bytes,
+)
 from sdlora.config import NetworkConfig, config_from_dict
 from sdlora.data.caption import open_clip_tagger, tiny_tagger
 from sdlora.lowrank.tools import resize_tensors
 from sdlora.models.arch import build_text_encoder, build_unet, build_vae
+from sdlora.models.blockswap import tensor_bytes
 from sdlora.models.load import compute_device, load_base
 from sdlora.sampling.sampler import Sampler
 from sdlora.tiny.configs import build_components
@@ -260,6 +268,15 @@ class ResidentPeak:
         self.extra_bytes = (self._kib("VmHWM") - self.start) * 1024
 
 
+def measured_cpu_step(full: FullTransformer, resolution: int, reduced: bool = False) -> dict:
+    """One FlowStep on the CPU: its weights, and the peak resident memory the step adds above them (GiB)."""
+    trainee = FlowStep(full, "cpu", resolution, reduced)
+    weights = frozen_bytes(trainee.model) + tensor_bytes(trainee.network.trainable_parameters())
+    with ResidentPeak() as peak:
+        loss = float(trainee.step())
+    return {"weights_gib": weights / GIB, "step_extra_gib": peak.extra_bytes / GIB, "loss": loss}
+
+
 def random_unet(family: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.nn.Module:
     """The family's full U-Net at random weights, allocated once in `dtype` (never an fp32 copy first)."""
     unet = torch.nn.Module.to(build_unet(family, device="meta"), dtype).to_empty(device="cpu")
@@ -351,6 +368,8 @@ def run_bench(parts: list[str], device: str, first_step_model: str = "tiny", fir
     if "merge" in parts:
         results["merge_sd15"] = bench_merge("sd_v1")
         results["merge_sdxl"] = bench_merge("sdxl")
+    if "flow_memory" in parts:
+        results.update(bench_memory())
     if "first_step" in parts:
         results["first_step"] = bench_first_step(first_step_model, resolution=first_step_resolution)
     return results

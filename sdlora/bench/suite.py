@@ -8,6 +8,9 @@ Rows (each guarded: a failing row is recorded with its one-line error and the re
           sdpa and xformers: samples/s, MFU, LoRA overhead ratio, peak memory;
 - sdxl:   SDXL's U-Net at 1024 px (128x128 latents, text_embeds (B, 1280) and time_ids (B, 6)),
           batch 1 and 4, bf16, gradient checkpointing off and on;
+- flux1_dev (sd35_medium once its family is registered): the full transformer at random bf16
+          weights, one LoRA step at 1024 px with gradient checkpointing: bf16, fp8, fp8 +
+          blocks_to_swap 16 (bench/memory.py): samples/s, peak memory;
 - sampler: one-pass images at 1080x720 from an SD1.5-architecture folder: base, LoRA fused,
           LoRA unfused;
 - optimizer / quantize: an 8-bit AdamW step, fp8 and nf4 frozen bases: they run and train
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora.adapters import network
+from sdlora.bench import memory
 from sdlora.bench.parts import bench_sampler, fastest_in_turns, peak_memory_mb
 from sdlora.config import NetworkConfig, TrainConfig
 from sdlora.models import arch
@@ -384,6 +388,26 @@ class Suite:
         self.row(f"lever torch.compile transformer blocks ({s.dtype} b{batch})", compiled, needs_s=120,
                  dtype=s.dtype, **params)
 
+    def flow_rows(self) -> None:
+        """The transformer families whose family sdlora has (FLUX.1 dev; SD3.5 Medium once registered):
+        one LoRA step at 1024 px (toy sizes: 64 px) with gradient checkpointing, bf16 / fp8 / fp8 +
+        blocks_to_swap: samples/s and the measured peak, beside README's computed memory table."""
+        s = self.shapes
+        resolution, swap = (64, 2) if s.reduced else (1024, 16)
+        for full in memory.registered():
+            for quantize, blocks in (("none", 0), ("fp8", 0), ("fp8", swap)):
+                def run(full=full, quantize=quantize, blocks=blocks):
+                    t = memory.FlowStep(full, self.device, resolution, s.reduced, quantize, blocks)
+                    if self.device == "cuda":  # the step's peak, not the random initialisation's
+                        torch.cuda.reset_peak_memory_stats()
+                    seconds = self.step_rate(t.step)
+                    return {"samples_per_s": 1 / seconds, "seconds_per_step": seconds,
+                            "peak_memory_mb": peak_memory_mb(self.device)}
+                label = ("bf16" if quantize == "none" else quantize) + (f" + blocks_to_swap {blocks}" if blocks else "")
+                self.row(f"{full.family} {label} {resolution}px checkpointing", run, needs_s=0 if s.reduced else 90,
+                         family=full.family, resolution=resolution, quantize=quantize, blocks_to_swap=blocks,
+                         gradient_checkpointing=True)
+
     def matmul_row(self) -> None:
         """The achievable bf16 matmul rate, the ceiling MFU is read against in practice."""
         n = 8192 if self.device == "cuda" else 256
@@ -399,6 +423,7 @@ class Suite:
         self.matmul_row()
         self.sd15_rows()
         self.sdxl_rows()
+        self.flow_rows()
         self.trains_rows()
         self.sampler_row()
         self.lever_rows()  # compile last: the slowest to start

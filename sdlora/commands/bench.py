@@ -21,6 +21,9 @@ latent cache, and the LoRA overhead ratio = (forward + backward with adapters) /
 LoRA step cannot avoid). Plus the tagger, sampler and resize figures of their stages, merge's
 peak memory (a default-config U-Net adapter baked into SD1.5's and SDXL's full U-Nets at random
 fp16 weights: peak_over_base = (base + the most merging added) / base), and start-up: seconds until `sdlora --help`, each `sdlora COMMAND --help` and `--version` exit.
+flow_memory (asked for by name, ~1 min): the GiB a FLUX.1-dev LoRA step holds on the GPU at 512/768/1024 px
+in bf16, fp8 and with blocks_to_swap 16, gradient checkpointing on, computed on the meta device
+(sdlora/bench/memory.py says what is counted).
 """
 
 
@@ -30,8 +33,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: the --parts figures; gpu: the GPU suite (bench/suite.py; toy shapes without CUDA)")
     p.add_argument("--parts", default="train,tagger,sampler,resize,merge,first_step,startup",
-                   help="cpu suite, comma-separated: train, tagger, sampler, resize, merge, first_step, startup "
-                        "(default: all)")
+                   help="cpu suite, comma-separated: train, tagger, sampler, resize, merge, first_step, startup, "
+                        "flow_memory (default: all but flow_memory)")
     p.add_argument("--first-step-base", default="tiny",
                    help="first_step: model.base to train (e.g. a diffusers folder of SD1.5's architecture)")
     p.add_argument("--first-step-resolution", type=int, default=128, help="first_step: training resolution")

@@ -124,7 +124,8 @@ class QuantizedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # meta: none
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         return _DequantizedOp.apply(x.to(dtype), self, self.bias)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from sdlora.adapters.network import inject, resolve_settings
 from sdlora.config import Config
 from sdlora.errors import UserError
 from sdlora.io import output_lock, refuse_to_overwrite, remove_stale_temps
-from sdlora.models import quantize
+from sdlora.models import blockswap, quantize
 from sdlora.models.families import FAMILIES
 from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.load import DTYPES, compute_device, load_base
@@ -208,6 +208,11 @@ class Trainer:
 
         self.train_te = train_te = self.settings.trains_text_encoder  # text-encoder adapters train
         self.network = make_network(cfg, base, self.family, self.settings, acc.device, self._main_log)
+        # before accelerate moves the denoiser to the device: the swapped blocks never arrive there whole
+        self.block_swap = blockswap.enable(self.family, base.unet, tc.blocks_to_swap, acc.device, cfg.source)
+        if self.block_swap:
+            self._main_log(f"block swap: {len(self.block_swap.swapped)} of {len(self.block_swap.blocks)} transformer "
+                           f"blocks ({self.block_swap.swapped_bytes() / 2**30:.2f} GiB) stay on the CPU")
         self.te_learning = train_te  # ... and still learn (train.stop_text_encoder_training not reached)
         if tc.stop_text_encoder_training and not train_te:
             self._main_log(f"warning: [train] stop_text_encoder_training = {tc.stop_text_encoder_training} has no "

@@ -85,7 +85,8 @@ def config_hash(cfg: Config, examples: list[Example]) -> str:
     """What the adapter depends on: training settings, base, images and captions."""
     d = cfg.to_dict()
     relevant = {k: d[k] for k in ("model", "dataset", "network", "train")}
-    for key in ("overwrite", "save_every_n_epochs"):
+    # blocks_to_swap moves weights, never a number: a run may resume with more or fewer blocks swapped
+    for key in ("overwrite", "save_every_n_epochs", "blocks_to_swap"):
         relevant["train"].pop(key, None)
     relevant["examples"] = [(ex.digest, ex.tags, ex.repeats, ex.subset.to_dict(), ex.held_out) for ex in examples]
     relevant["trigger"] = cfg.trigger

@@ -294,6 +294,14 @@ class Family:
         read hidden_states[-clip_skip]."""
         return {"te": range(num_layers[0] - max(clip_skip, 1) + 1, num_layers[0])}
 
+    def swap_blocks(self, denoiser, blocks_to_swap: int) -> list[tuple[list, int]]:
+        """[train] blocks_to_swap over the denoiser's block lists (`models.blockswap`): each list's blocks
+        in forward order with how many of its last ones are swapped. A transformer with one list of
+        blocks (SD3's joint blocks, diffusers' `transformer_blocks`) swaps its last `blocks_to_swap`, as
+        kohya's sd3 offloader; a U-Net has none: []."""
+        blocks = getattr(denoiser, "transformer_blocks", None)
+        return [] if blocks is None else [(list(blocks), blocks_to_swap)]
+
     def objective(self, noise_scheduler) -> DiffusionObjective:
         return DiffusionObjective(noise_scheduler)
 

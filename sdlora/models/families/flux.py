@@ -122,6 +122,12 @@ class FluxFamily(Family):
                        txt_ids=torch.zeros(text.hidden.shape[1], 3, device=noisy_latents.device), **kwargs).sample
         return unpack_latents(out, h, w)  # (B, C, h, w)
 
+    def swap_blocks(self, denoiser, blocks_to_swap: int) -> list[tuple[list, int]]:
+        # kohya's split (flux_models.enable_block_swap): a double block holds about two single blocks' weights
+        double = blocks_to_swap // 2
+        return [(list(denoiser.transformer_blocks), double),
+                (list(denoiser.single_transformer_blocks), 2 * (blocks_to_swap - double))]
+
     def objective(self, noise_scheduler) -> FlowObjective:
         return FlowObjective(*self.flow)
 
