@@ -23,8 +23,11 @@ self-attention, `dual_attention_layers`) -> SD3.5 Medium ("5-medium"); qk norm w
 ("stable-diffusion-3-5-large/lora"); kohya writes modelspec.implementation "diffusers" and
 modelspec.prediction_type "epsilon" for SD3 files (its sai_model_spec falls through to them).
 
-Bases load from diffusers folders (StableDiffusion3Pipeline.save_pretrained). Not yet: single files,
-adapters on the text encoders (CLIP-L `lora_te1_`, CLIP-G `lora_te2_`, T5 `lora_te3_`).
+Bases load from diffusers folders (StableDiffusion3Pipeline.save_pretrained). Adapters on the text
+encoders as sd-scripts' lora_sd3.py names them: CLIP-L `lora_te1_`, CLIP-G `lora_te2_` (with
+network.train_text_encoder), T5 `lora_te3_` (with network.train_t5); each encoder conditions on its
+own (`encode_slot`), so a frozen one is cached while a trained one runs, and kohya's per-encoder caption
+dropout zeros one encoder's outputs.
 """
 
 from __future__ import annotations
@@ -124,8 +127,7 @@ class SD3Family(Family):
 
 # Sides a multiple of 16: the VAE's 8 x the transformer's 2x2 patches.
 # T5 reads T5_MAX_LENGTH tokens unless [train] t5_max_length says otherwise.
-_SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, trains_text_encoders=False,
-            per_encoder_text=True, t5_max_length=T5_MAX_LENGTH, one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline", denoiser_part="transformer",
+_SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, per_encoder_text=True, t5_max_length=T5_MAX_LENGTH, one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline", denoiser_part="transformer",
             denoiser_class="SD3Transformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler")
 SD3_MEDIUM = SD3Family("sd3_medium", "medium", "stable-diffusion-3-medium", title="SD3 Medium", **_SD3)
 SD35_MEDIUM = SD3Family("sd35_medium", "5-medium", "stable-diffusion-3-5-medium", title="SD3.5 Medium", **_SD3)
