@@ -132,6 +132,8 @@ class TextEncoderSlot:
     layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout: its state to and from the names under `prefix`
     tokenizer: Callable[[], Any] | None  # its tokenizer, built offline (None: the family has no single files yet)
     tokenizer_class: str = "CLIPTokenizer"  # the transformers class of a folder's tokenizer
+    # A tokenizer folder for it (model.text_encoders) holds one of these; (): never read from a folder.
+    tokenizer_files: tuple[str, ...] = ()
 
     def from_original(self, state: dict) -> dict:
         """Its state in transformers-4 names from a single file's tensors under `prefix` (prefix removed)."""
@@ -168,6 +170,11 @@ class Family:
     denoiser_part: str = "unet"  # the denoiser's pipeline component and folder (BaseModel.unet holds it)
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class
     scheduler_class: str = "DDPMScheduler"  # the training noise schedule's diffusers class
+    # Where its single files keep the denoiser: under the first of these prefixes the file has ("": bare
+    # names, as BFL's own files); the VAE under `vae_prefix`; each text encoder under its slot's prefix.
+    denoiser_prefixes: tuple[str, ...] = ("model.diffusion_model.",)
+    vae_prefix: str = "first_stage_model."
+    vae_file: str = ""  # what to give as model.vae when a single file lacks the VAE ("": it never does)
 
     def detects(self, keys: list[str]) -> bool:
         """Do a single file's tensor names say it holds this family?"""
@@ -176,6 +183,12 @@ class Family:
     def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
         """(prediction type, how it was decided) of a single file that does not say."""
         return "epsilon", self.title
+
+    def single_file_scheduler(self, configs, prediction_type: str):
+        """The training noise schedule of a single file, from the config folder `configs`."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
 
     def named_for(self, prediction_type: str) -> str:
         """The family's name for a base with this prediction type (SD2.x names its two variants by it)."""

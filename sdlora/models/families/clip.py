@@ -62,11 +62,21 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
 
 @dataclass(frozen=True)
 class OpenAIClipLayout:
-    """OpenAI CLIP (SD1's text encoder, SDXL's first): transformers' CLIPTextModel names under the prefix;
-    position_ids are a buffer transformers builds itself."""
+    """OpenAI CLIP (SD1's text encoder, SDXL's first, FLUX's CLIP-L): transformers' CLIPTextModel names under
+    the prefix; position_ids are a buffer transformers builds itself. `projection`: the model has a
+    text_projection; without one, a file's (SAI's clip_l.safetensors holds it) is not read."""
+
+    projection: bool = False
+
+    def recognises(self, keys) -> bool:
+        return "text_model.embeddings.token_embedding.weight" in keys
+
+    def width(self, state: dict) -> int:
+        return state["text_model.embeddings.token_embedding.weight"].shape[1]
 
     def from_original(self, state: dict) -> dict:
-        return {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        return {k: v for k, v in state.items() if not k.endswith("position_ids")
+                and (self.projection or k != "text_projection.weight")}
 
     def to_original(self, state: dict, prefix: str) -> dict:
         return {prefix + nested_text_name(k): v for k, v in state.items()

@@ -18,10 +18,14 @@ FluxTransformer2DModel. The objective is `flow.FlowObjective` with kohya's FLUX 
 
 Export ids as sd-scripts writes them: ss_base_model_version "flux1", modelspec.architecture
 "flux-1-dev/lora" / "flux-1-schnell/lora", modelspec.implementation BFL's repository, and no
-modelspec.prediction_type. Bases load from diffusers folders (FluxPipeline.save_pretrained); dev and
-schnell are told apart by the transformer's guidance embedding. Not yet: single files, adapters on the
-text encoders (CLIP-L `lora_te1_`, T5 `lora_te3_`), T5's length by variant (256 schnell / 512 dev)
-other than the folder's tokenizer says.
+modelspec.prediction_type. Bases load from diffusers folders (FluxPipeline.save_pretrained) and from
+single files: BFL's transformer (`double_blocks.0.img_attn.qkv.weight`, ...: flux1-dev.safetensors),
+bare or under ComfyUI's `model.diffusion_model.`, whose all-in-one files add `vae.` (BFL's autoencoder,
+the LDM layout of ae.safetensors) and `text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.
+transformer.` (transformers' names); what a file lacks comes from model.vae / model.text_encoders. Dev and
+schnell are told apart by the transformer's guidance embedding (`guidance_in.*` in a file, as ComfyUI,
+diffusers and kohya tell them). Not yet: adapters on the text encoders (CLIP-L `lora_te1_`, T5
+`lora_te3_`), T5's length by variant (256 schnell / 512 dev) other than its tokenizer says.
 """
 
 from __future__ import annotations
@@ -32,15 +36,22 @@ from typing import Any
 import torch
 
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
+from sdlora.models.families.clip import OpenAIClipLayout
+from sdlora.models.families.t5 import T5Layout
 from sdlora.models.flow import FlowObjective
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
+from sdlora.models.tokenizer import clip_tokenizer, t5_tokenizer
 
+# The prefixes are ComfyUI's (its supported_models.Flux: text_encoder_key_prefix "text_encoders.").
 FLUX_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModel", "text_encoders.clip_l.transformer.",
-                    None, None),
+                    OpenAIClipLayout(), clip_tokenizer),
     TextEncoderSlot("text_encoder_2", "tokenizer_2", "T5-XXL", "T5EncoderModel", "text_encoders.t5xxl.transformer.",
-                    None, None, tokenizer_class="T5TokenizerFast"),
+                    T5Layout(), t5_tokenizer, tokenizer_class="T5TokenizerFast",
+                    tokenizer_files=("tokenizer.json", "spiece.model")),
 )
+# A key only FLUX.1 transformers hold (ComfyUI's and diffusers' test), and the one only dev's hold.
+FLUX_SIGNATURE, FLUX_GUIDANCE = "double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.weight"
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,17 @@ class FluxFamily(Family):
     flow: tuple[Any, ...] = ()
 
     def detects(self, keys: list[str]) -> bool:
-        return False  # single files: not read yet
+        keys = set(keys)
+        prefix = next((p for p in self.denoiser_prefixes if p + FLUX_SIGNATURE in keys), None)
+        return prefix is not None and (prefix + FLUX_GUIDANCE in keys) == self.guidance
+
+    def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
+        return "flow", f"{self.title}: {'a' if self.guidance else 'no'} guidance embedding"
+
+    def single_file_scheduler(self, configs, prediction_type: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler")
 
     def fits_folder(self, denoiser, widths: set[int]) -> bool:
         return bool(denoiser.config.guidance_embeds) == self.guidance
@@ -111,7 +132,8 @@ class FluxFamily(Family):
 _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_encoders=FLUX_TEXT_ENCODERS,
              trains_text_encoders=False, classifier_free_guidance=False, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
-             scheduler_class="FlowMatchEulerDiscreteScheduler")
+             scheduler_class="FlowMatchEulerDiscreteScheduler", denoiser_prefixes=("model.diffusion_model.", ""),
+             vae_prefix="vae.", vae_file="ae.safetensors (FLUX.1's autoencoder in BFL's layout)")
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", **_FLUX)
 FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False,
                           sample_steps=4, **_FLUX)  # schnell is distilled for 1-4 steps, as its model card renders

@@ -1,0 +1,206 @@
+"""FLUX.1 single files in the layouts people download: BFL's transformer (bare, or under ComfyUI's
+model.diffusion_model.) with separate CLIP-L / T5-XXL / autoencoder files, ComfyUI's all-in-one files,
+and fp8-stored weights. Tiny checkpoints are written from a tiny FluxPipeline and loaded back."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdlora.config import ModelConfig, config_from_dict
+from sdlora.errors import UserError
+from sdlora.models.checkpoint import CONFIG_META_KEY, vae_to_original
+from sdlora.models.families import FAMILIES
+from sdlora.models.load import load_base
+from sdlora.models.transformer_names import (
+    FLUX_NAMES,
+    state_from_original,
+    state_to_original,
+)
+from sdlora.tiny.configs import build_flux_pipeline, t5_tokenizer
+
+CLIP_L, T5 = FAMILIES["flux1_dev"].text_encoders
+
+
+def _configs(pipe) -> dict:
+    """The tiny parts' diffusers configs, as a file sdlora wrote carries them (the real sizes are shipped)."""
+    return {"transformer": dict(pipe.transformer.config), "vae": dict(pipe.vae.config),
+            "text_encoder": pipe.text_encoder.config.to_dict(), "text_encoder_2": pipe.text_encoder_2.config.to_dict(),
+            "scheduler": dict(pipe.scheduler.config)}
+
+
+def _save(tensors: dict, path, dtype=torch.float32, configs: dict | None = None):
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in tensors.items()}
+    save_file(tensors, path, metadata={CONFIG_META_KEY: json.dumps(configs, default=str)} if configs else None)
+    return path
+
+
+def _bfl_transformer(pipe) -> dict:
+    return state_to_original(pipe.transformer.state_dict(), pipe.transformer, FLUX_NAMES)
+
+
+def _bfl_vae(pipe) -> dict:
+    # ae.safetensors: the LDM autoencoder's names without first_stage_model.
+    return {k.removeprefix("first_stage_model."): v for k, v in vae_to_original(pipe.vae.state_dict(),
+                                                                                 pipe.vae.config).items()}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {variant: build_flux_pipeline(guidance=variant == "dev") for variant in ("dev", "schnell")}
+
+
+@pytest.fixture(scope="module")
+def parts(pipes, tmp_path_factory):
+    """Separate files as downloaded: clip_l.safetensors, t5xxl_fp16.safetensors, ae.safetensors, and the
+    T5 tokenizer's folder (as ComfyUI's comfy/text_encoders/t5_tokenizer)."""
+    root, pipe = tmp_path_factory.mktemp("flux_parts"), pipes["dev"]
+    t5_tokenizer().save_pretrained(root / "t5_tokenizer")
+    return {"clip_l": _save(CLIP_L.to_original(pipe.text_encoder.state_dict()), root / "clip_l.safetensors"),
+            "t5": _save(T5.to_original(pipe.text_encoder_2.state_dict()), root / "t5xxl_fp16.safetensors", torch.float16),
+            "ae": _save(_bfl_vae(pipe), root / "ae.safetensors", configs={"vae": dict(pipe.vae.config)}),
+            "tokenizer": root / "t5_tokenizer"}
+
+
+def _model_cfg(base, parts=None, **kw) -> ModelConfig:
+    if parts is not None:
+        kw = dict(vae=str(parts["ae"]), text_encoders=[str(parts[k]) for k in ("clip_l", "t5", "tokenizer")], **kw)
+    return ModelConfig(base=str(base), **kw)
+
+
+def _assert_same_weights(model, reference, round_to=None):
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        expected = value if round_to is None else value.to(round_to).to(value.dtype)
+        assert ours[key].dtype == value.dtype, key
+        assert torch.equal(ours[key], expected), key
+
+
+def test_the_bfl_map_reads_as_diffusers_own_single_file_converter_at_full_width():
+    """At FLUX.1's real width (3072, which diffusers' converter assumes) the map lays out and reads BFL's
+    tensors as convert_flux_transformer_checkpoint_to_diffusers reads them: narrow random stand-ins with
+    each tensor's real row count (rows are all that fusing and swapping touch)."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+    g = torch.Generator().manual_seed(0)
+    ours = {k: torch.randn(v.shape[0], *([3] if v.ndim > 1 else []), generator=g) for k, v in flux.state_dict().items()}
+    original = state_to_original(ours, flux, FLUX_NAMES)
+    assert "double_blocks.1.img_attn.qkv.weight" in original and "single_blocks.1.linear1.weight" in original
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(original))
+    back = state_from_original(original, flux, FLUX_NAMES)
+    for converted in (theirs, back):
+        assert converted.keys() == ours.keys()
+        assert all(torch.equal(converted[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_a_bfl_transformer_with_separate_text_encoders_and_autoencoder_loads_as_the_pipeline(variant, pipes, parts,
+                                                                                            tmp_path):
+    pipe = pipes[variant]
+    bfl = _save(_bfl_transformer(pipe), tmp_path / f"flux1-{variant}.safetensors", configs=_configs(pipe))
+    base = load_base(_model_cfg(bfl, parts))
+    assert base.family == f"flux1_{variant}" and base.prediction_type == "flow"
+    assert "guidance embedding" in base.detected
+    _assert_same_weights(base.unet, pipe.transformer)
+    _assert_same_weights(base.vae, pipes["dev"].vae)
+    _assert_same_weights(base.text_encoder, pipes["dev"].text_encoder)
+    _assert_same_weights(base.text_encoder_2, pipes["dev"].text_encoder_2, round_to=torch.float16)  # stored so
+    assert type(base.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert base.tokenizers[1]("clrscn, lake").input_ids == pipe.tokenizer_2("clrscn, lake").input_ids
+
+
+def test_a_comfyui_all_in_one_file_renders_what_the_pipeline_renders(pipes, parts, tmp_path):
+    """model.diffusion_model. + vae. + text_encoders.clip_l/t5xxl.transformer. in one file (ComfyUI's
+    save format, its supported_models.Flux prefixes), bf16 as ComfyUI saves; only the T5 tokenizer is separate."""
+    pipe = pipes["dev"]
+    tensors = {"model.diffusion_model." + k: v for k, v in _bfl_transformer(pipe).items()}
+    tensors |= {"vae." + k: v for k, v in _bfl_vae(pipe).items()}
+    tensors |= CLIP_L.to_original(pipe.text_encoder.state_dict()) | T5.to_original(pipe.text_encoder_2.state_dict())
+    assert any(k.startswith("text_encoders.clip_l.transformer.text_model.") for k in tensors)
+    assert any(k.startswith("text_encoders.t5xxl.transformer.encoder.block.") for k in tensors)
+    aio = _save(tensors, tmp_path / "flux1-dev-aio.safetensors", torch.bfloat16, _configs(pipe))
+    base = load_base(ModelConfig(base=str(aio), text_encoders=[str(parts["tokenizer"])]))
+    assert base.family == "flux1_dev"
+    reference = copy.deepcopy(pipe)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(reference, name).eval()  # built in training mode: T5's dropout
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(p.to(torch.bfloat16))  # the weights as the file stores them
+        _assert_same_weights(getattr(base, name if name != "transformer" else "unet"), module)
+    kwargs = dict(prompt="clrscn, mountains", height=32, width=32, num_inference_steps=2, max_sequence_length=32,
+                  output_type="pt")
+    ours = base.pipeline()(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    theirs = reference(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert ours.shape == (1, 3, 32, 32) and torch.isfinite(ours).all()
+    assert torch.equal(ours, theirs)
+
+
+def test_fp8_stored_weights_load_upcast_to_the_training_dtype(pipes, parts, tmp_path):
+    """A ComfyUI-saved transformer (model.diffusion_model.) stored as float8_e4m3fn, with an fp8 T5
+    (t5xxl_fp8_e4m3fn.safetensors): every weight is the pipeline's rounded to fp8, held as float32."""
+    pipe = pipes["dev"]
+    fp8 = torch.float8_e4m3fn
+    transformer = _save({"model.diffusion_model." + k: v for k, v in _bfl_transformer(pipe).items()},
+                        tmp_path / "flux1-dev-fp8.safetensors", fp8, _configs(pipe))
+    t5 = _save(T5.to_original(pipe.text_encoder_2.state_dict()), tmp_path / "t5xxl_fp8_e4m3fn.safetensors", fp8)
+    cfg = _model_cfg(transformer, parts)
+    cfg.text_encoders[1] = str(t5)
+    base = load_base(cfg, dtype=torch.float32)
+    _assert_same_weights(base.unet, pipe.transformer, round_to=fp8)
+    _assert_same_weights(base.text_encoder_2, pipe.text_encoder_2, round_to=fp8)
+    _assert_same_weights(base.text_encoder, pipe.text_encoder)
+
+
+def test_a_training_step_runs_on_a_single_file_base(pipes, parts, tmp_path):
+    pipe = pipes["schnell"]
+    bfl = _save(_bfl_transformer(pipe), tmp_path / "flux1-schnell.safetensors", configs=_configs(pipe))
+    base = load_base(_model_cfg(bfl, parts))
+    family = FAMILIES[base.family].for_training(config_from_dict({}).train)
+    latents = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    ids = [tok(["clrscn, lake"], padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids for tok in base.tokenizers]
+    text = family.encode_text(base.text_encoders, ids)
+    base.unet.requires_grad_(True)
+    out = family.predict(base.unet, latents, torch.tensor([0.5]), text, None, torch.float32)
+    out.pow(2).mean().backward()
+    assert out.shape == latents.shape and base.unet.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_missing_parts_are_one_line_errors_naming_the_field(pipes, parts, tmp_path):
+    pipe = pipes["dev"]
+    bfl = _save(_bfl_transformer(pipe), tmp_path / "flux1-dev.safetensors", configs=_configs(pipe))
+    with pytest.raises(UserError, match=r"flux1-dev.safetensors holds no VAE; set model.vae = \"ae.safetensors\""):
+        load_base(ModelConfig(base=str(bfl)))
+    with pytest.raises(UserError, match="holds no CLIP-L text encoder; add its file to model.text_encoders"):
+        load_base(ModelConfig(base=str(bfl), vae=str(parts["ae"])))
+    with pytest.raises(UserError, match="holds no T5-XXL text encoder"):
+        load_base(ModelConfig(base=str(bfl), vae=str(parts["ae"]), text_encoders=[str(parts["clip_l"])]))
+    with pytest.raises(UserError, match=r"model.text_encoders: .*ae.safetensors holds none of FLUX.1 dev's text"):
+        load_base(ModelConfig(base=str(bfl), vae=str(parts["ae"]), text_encoders=[str(parts["ae"])]))
+    with pytest.raises(UserError, match="model.text_encoders: .* is not a single-file checkpoint"):
+        load_base(ModelConfig(base="tiny", text_encoders=[str(parts["clip_l"])]))
+    scaled = _bfl_transformer(pipe) | {"scaled_fp8": torch.zeros(2), "img_in.scale_weight": torch.ones(1)}
+    scaled = _save(scaled, tmp_path / "flux1-dev-scaled.safetensors", configs=_configs(pipe))
+    with pytest.raises(UserError, match="scaled fp8"):
+        load_base(_model_cfg(scaled, parts))
+    cut = {k: v for k, v in _bfl_transformer(pipe).items() if not k.startswith("single_blocks.1.")}
+    cut = _save(cut, tmp_path / "flux1-dev-cut.safetensors", configs=_configs(pipe))
+    with pytest.raises(UserError, match=r"FluxTransformer in .*does not match .*missing \['single_transformer_blocks.1"):
+        load_base(_model_cfg(cut, parts))
+
+
+def test_text_encoders_paths_are_read_from_the_config_folder(tmp_path):
+    cfg = config_from_dict({"model": {"base": "flux1-dev.safetensors", "vae": "ae.safetensors",
+                                      "text_encoders": ["te/clip_l.safetensors", str(tmp_path / "t5.safetensors")]}},
+                           base_dir=tmp_path / "cfg")
+    assert cfg.model.text_encoders == [str(tmp_path / "cfg" / "te" / "clip_l.safetensors"),
+                                       str(tmp_path / "t5.safetensors")]
