@@ -204,3 +204,61 @@ def test_text_encoders_paths_are_read_from_the_config_folder(tmp_path):
                            base_dir=tmp_path / "cfg")
     assert cfg.model.text_encoders == [str(tmp_path / "cfg" / "te" / "clip_l.safetensors"),
                                        str(tmp_path / "t5.safetensors")]
+
+
+def test_fp8_stored_weights_stay_as_stored_under_model_quantize_fp8(pipes, parts, tmp_path):
+    """model.quantize = "fp8" holds an fp8-stored file's weights as the file stores them (scale 1), not
+    rounded a second time onto a per-channel scale."""
+    from sdlora.models.quantize import QuantizedLayer, quantize_frozen
+
+    pipe = pipes["dev"]
+    transformer = _save(_bfl_transformer(pipe), tmp_path / "flux1-dev-fp8.safetensors", torch.float8_e4m3fn,
+                        _configs(pipe))
+    base = load_base(_model_cfg(transformer, parts), dtype=torch.bfloat16)
+    loaded = {name: m.weight.detach().clone() for name, m in base.unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    base.unet.requires_grad_(False)
+    assert quantize_frozen(base.unet, "fp8")["layers"] == len(loaded)
+    for name, layer in base.unet.named_modules():
+        if isinstance(layer, QuantizedLayer):
+            assert layer.qweight.dtype == torch.float8_e4m3fn
+            assert torch.equal(layer.dequantize(torch.bfloat16), loaded[name]), name
+
+
+def test_the_sd3_map_reads_stability_files_as_diffusers_converter():
+    """The same reader serves SD3.x (MMDiT-X attn2, qk norms, the context_pre_only last block, pos_embed):
+    Stability's layout written by the map is what convert_sd3_transformer_checkpoint_to_diffusers reads."""
+    from diffusers.loaders.single_file_utils import (
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
+
+    from sdlora.models.transformer_names import SD3_NAMES
+    from sdlora.tiny.configs import build_sd3_components
+
+    transformer = build_sd3_components(medium=True)["transformer"]
+    ours = transformer.state_dict()
+    original = state_to_original(ours, transformer, SD3_NAMES)
+    assert "joint_blocks.0.x_block.attn2.ln_q.weight" in original and "pos_embed" in original
+    for converted in (convert_sd3_transformer_checkpoint_to_diffusers(dict(original)),
+                      state_from_original(original, transformer, SD3_NAMES)):
+        assert converted.keys() == ours.keys()
+        assert all(torch.equal(converted[k], ours[k]) for k in ours)
+
+
+@pytest.mark.parametrize("family, params", [("flux1_dev", 11_901_408_320), ("flux1_schnell", 11_891_178_560)])
+def test_the_shipped_configs_are_flux1s_architecture(family, params):
+    """The configs a real flux1-dev/schnell.safetensors loads with (meta device: shapes only); the counts are
+    BFL's (schnell lacks the guidance embedding), T5-XXL's encoder 4.76 B."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from sdlora.models.arch import CONFIGS
+
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(CONFIGS / family,
+                                                                                            subfolder="transformer"))
+        t5 = transformers.T5EncoderModel(
+            transformers.T5Config.from_pretrained(CONFIGS / family, subfolder="text_encoder_2"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / family, subfolder="vae"))
+    assert sum(p.numel() for p in transformer.parameters()) == params
+    assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
+    assert vae.config.latent_channels == 16 and (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
