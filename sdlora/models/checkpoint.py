@@ -145,8 +145,8 @@ def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
 
     with _config_folder(family.name, metadata) as configs:
         separate, tokenizer_folders = read_text_encoder_files(text_encoders, family, configs)
-        # Each part's tensors leave `tensors` as it loads, so a cast to `dtype` never holds two whole copies.
-        # The text encoders and VAE go first: a BFL file names its transformer's tensors bare.
+        # Each part's tensors leave `tensors` (the text encoders' and the VAE's first: a BFL file names its
+        # transformer's bare) and are cast to `dtype` as it loads, so no two whole copies are ever held.
         encoder_states = {slot.part: text_encoder_state(tensors, slot) for slot in family.text_encoders}
         vae_state = _take(tensors, family.vae_prefix)
         prefix = next((p for p in family.denoiser_prefixes if any(k.startswith(p) for k in tensors)),
@@ -154,13 +154,14 @@ def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
         denoiser = family.denoiser_class.removesuffix("2DConditionModel").removesuffix("2DModel")  # UNet, FluxTransformer
         unet = _load_denoiser(family, _take(tensors, prefix), prefix, configs, where(denoiser), dtype)
         if vae_state or not family.vae_file:  # (an SD file without one: its missing tensors are named)
-            vae = _load_model(AutoencoderKL, {k.removeprefix(family.vae_prefix): v for k, v in vae_state.items()}
-                              if family.vae_prefix != VAE else vae_state, configs, "vae", where("VAE"), dtype)
+            if family.vae_prefix != VAE:  # first_stage_model. is a layout of its own (and names a missing tensor)
+                vae_state = {k.removeprefix(family.vae_prefix): v for k, v in vae_state.items()}
+            vae = _load_model(AutoencoderKL, vae_state, configs, "vae", where("VAE"), dtype)
         elif vae_given:
             vae = None  # load_base loads model.vae
         else:
-            raise UserError(f"model.base: {path} holds no VAE; set model.vae = \"{family.vae_file.split(' ')[0]}\" "
-                            f"({family.vae_file})")
+            raise UserError(f"model.base: {path} holds no VAE; set model.vae = \"{family.vae_file}\" ({family.title}'s "
+                            "autoencoder, the file its makers publish)")
         parts = {}
         for slot in family.text_encoders:
             state, origin = separate.get(slot.part), f"model.text_encoders: the {slot.label} file"

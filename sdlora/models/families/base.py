@@ -174,7 +174,7 @@ class Family:
     # names, as BFL's own files); the VAE under `vae_prefix`; each text encoder under its slot's prefix.
     denoiser_prefixes: tuple[str, ...] = ("model.diffusion_model.",)
     vae_prefix: str = "first_stage_model."
-    vae_file: str = ""  # what to give as model.vae when a single file lacks the VAE ("": it never does)
+    vae_file: str = ""  # the VAE file to give as model.vae when a single file lacks one ("": its files never do)
 
     def detects(self, keys: list[str]) -> bool:
         """Do a single file's tensor names say it holds this family?"""

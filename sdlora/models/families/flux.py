@@ -133,7 +133,7 @@ _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_en
              trains_text_encoders=False, classifier_free_guidance=False, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
              scheduler_class="FlowMatchEulerDiscreteScheduler", denoiser_prefixes=("model.diffusion_model.", ""),
-             vae_prefix="vae.", vae_file="ae.safetensors (FLUX.1's autoencoder in BFL's layout)")
+             vae_prefix="vae.", vae_file="ae.safetensors")
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", **_FLUX)
 FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False,
                           sample_steps=4, **_FLUX)  # schnell is distilled for 1-4 steps, as its model card renders
