@@ -262,3 +262,20 @@ def test_the_shipped_configs_are_flux1s_architecture(family, params):
     assert sum(p.numel() for p in transformer.parameters()) == params
     assert sum(p.numel() for p in t5.parameters()) == 4_762_310_656
     assert vae.config.latent_channels == 16 and (vae.config.scaling_factor, vae.config.shift_factor) == (0.3611, 0.1159)
+
+
+def test_t5s_tokenizer_comes_from_the_hugging_face_cache_or_a_one_line_error(tmp_path):
+    """Without a tokenizer folder, T5's comes from a FLUX.1 repository's tokenizer_2 in the local cache
+    (laid out as huggingface_hub stores a snapshot); nothing is downloaded."""
+    from sdlora.models.tokenizer import t5_tokenizer
+
+    with pytest.raises(UserError, match="model.text_encoders: T5-XXL's tokenizer is not on this machine; add its folder"):
+        t5_tokenizer(tmp_path / "empty_cache")
+    repo = tmp_path / "cache" / "models--black-forest-labs--FLUX.1-schnell"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    from sdlora.tiny.configs import t5_tokenizer as tiny_t5_tokenizer
+
+    tiny_t5_tokenizer().save_pretrained(repo / "snapshots" / ("0" * 40) / "tokenizer_2")
+    found = t5_tokenizer(tmp_path / "cache")
+    assert found("clrscn, lake").input_ids == tiny_t5_tokenizer()("clrscn, lake").input_ids

@@ -48,7 +48,7 @@ FLUX_TEXT_ENCODERS = (
                     OpenAIClipLayout(), clip_tokenizer),
     TextEncoderSlot("text_encoder_2", "tokenizer_2", "T5-XXL", "T5EncoderModel", "text_encoders.t5xxl.transformer.",
                     T5Layout(), t5_tokenizer, tokenizer_class="T5TokenizerFast",
-                    tokenizer_files=("tokenizer.json", "spiece.model")),
+                    tokenizer_files=("tokenizer.json",)),
 )
 # A key only FLUX.1 transformers hold (ComfyUI's and diffusers' test), and the one only dev's hold.
 FLUX_SIGNATURE, FLUX_GUIDANCE = "double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.weight"
