@@ -279,3 +279,19 @@ def test_t5s_tokenizer_comes_from_the_hugging_face_cache_or_a_one_line_error(tmp
     tiny_t5_tokenizer().save_pretrained(repo / "snapshots" / ("0" * 40) / "tokenizer_2")
     found = t5_tokenizer(tmp_path / "cache")
     assert found("clrscn, lake").input_ids == tiny_t5_tokenizer()("clrscn, lake").input_ids
+
+
+def test_every_layout_recognises_the_file_it_writes():
+    """model.text_encoders tells files apart by each layout's tensor names and width: every family's slot
+    recognises its own encoder written in its layout, and no other layout claims it."""
+    from sdlora.tiny.configs import build_sdxl_pipeline
+
+    encoders = {"flux": (build_flux_pipeline(), FAMILIES["flux1_dev"]), "sdxl": (build_sdxl_pipeline(), FAMILIES["sdxl"])}
+    layouts = {s.layout for f in FAMILIES.values() for s in f.text_encoders}
+    for pipe, family in encoders.values():
+        for slot in family.text_encoders:
+            model = getattr(pipe, slot.part)
+            state = {k.removeprefix(slot.prefix): v for k, v in slot.to_original(model.state_dict()).items()}
+            assert slot.layout.recognises(state) and slot.layout.width(state) == model.config.hidden_size
+            assert [layout for layout in layouts if layout.recognises(state)
+                    and type(layout) is not type(slot.layout)] == []

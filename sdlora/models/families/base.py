@@ -129,7 +129,7 @@ class TextEncoderSlot:
     label: str  # how messages name it: "text encoder", "text encoder 2"
     model_class: str  # the transformers class: "CLIPTextModel" | "CLIPTextModelWithProjection"
     prefix: str  # where a single file keeps its tensors
-    layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout: its state to and from the names under `prefix`
+    layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout / t5.T5Layout: its state to and from the names under `prefix`
     tokenizer: Callable[[], Any] | None  # its tokenizer, built offline (None: the family has no single files yet)
     tokenizer_class: str = "CLIPTokenizer"  # the transformers class of a folder's tokenizer
     # A tokenizer folder for it (model.text_encoders) holds one of these; (): never read from a folder.

@@ -57,7 +57,8 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
 # ---------------------------------------------------------------- original single-file layouts
 #
 # Each layout converts a CLIPTextModel(WithProjection) state dict (transformers names) to the names a
-# single file keeps under the encoder's prefix, and back from those names with the prefix removed.
+# single file keeps under the encoder's prefix, and back from those names with the prefix removed; it
+# recognises a separate file of its encoder (model.text_encoders) by a tensor name, and reads its width.
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,12 @@ class OpenClipLayout:
 
     projection: bool
     unused_block: int | None = None
+
+    def recognises(self, keys) -> bool:
+        return "transformer.resblocks.0.attn.in_proj_weight" in keys
+
+    def width(self, state: dict) -> int:
+        return state["token_embedding.weight"].shape[1]
 
     def from_original(self, state: dict) -> dict:
         """The encoder in transformers-4 names, from its original names (prefix removed)."""
