@@ -124,6 +124,9 @@ def test_a_comfyui_all_in_one_file_renders_what_the_pipeline_renders(pipes, part
     tensors = {"model.diffusion_model." + k: v for k, v in _bfl_transformer(pipe).items()}
     tensors |= {"vae." + k: v for k, v in _bfl_vae(pipe).items()}
     tensors |= CLIP_L.to_original(pipe.text_encoder.state_dict()) | T5.to_original(pipe.text_encoder_2.state_dict())
+    # what else ComfyUI's CLIP-L part may hold: a projection FLUX never reads, CLIP's logit scale
+    tensors |= {"text_encoders.clip_l.transformer.text_projection.weight": torch.eye(32),
+                "text_encoders.clip_l.logit_scale": torch.tensor(4.6055)}
     assert any(k.startswith("text_encoders.clip_l.transformer.text_model.") for k in tensors)
     assert any(k.startswith("text_encoders.t5xxl.transformer.encoder.block.") for k in tensors)
     aio = _save(tensors, tmp_path / "flux1-dev-aio.safetensors", torch.bfloat16, _configs(pipe))
