@@ -117,6 +117,16 @@ def test_a_bfl_transformer_with_separate_text_encoders_and_autoencoder_loads_as_
     assert base.tokenizers[1]("clrscn, lake").input_ids == pipe.tokenizer_2("clrscn, lake").input_ids
 
 
+def test_a_transformer_in_diffusers_names_loads_too(pipes, parts, tmp_path):
+    """One file of diffusers' names (a FluxTransformer2DModel's state dict, as kohya also reads), dev or schnell
+    by its guidance embedder."""
+    for variant, pipe in pipes.items():
+        single = _save(pipe.transformer.state_dict(), tmp_path / f"{variant}.safetensors", configs=_configs(pipe))
+        base = load_base(_model_cfg(single, parts))
+        assert base.family == f"flux1_{variant}"
+        _assert_same_weights(base.unet, pipe.transformer)
+
+
 def test_a_comfyui_all_in_one_file_renders_what_the_pipeline_renders(pipes, parts, tmp_path):
     """model.diffusion_model. + vae. + text_encoders.clip_l/t5xxl.transformer. in one file (ComfyUI's
     save format, its supported_models.Flux prefixes), bf16 as ComfyUI saves; only the T5 tokenizer is separate."""

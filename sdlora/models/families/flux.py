@@ -19,8 +19,8 @@ FluxTransformer2DModel. The objective is `flow.FlowObjective` with kohya's FLUX 
 Export ids as sd-scripts writes them: ss_base_model_version "flux1", modelspec.architecture
 "flux-1-dev/lora" / "flux-1-schnell/lora", modelspec.implementation BFL's repository, and no
 modelspec.prediction_type. Bases load from diffusers folders (FluxPipeline.save_pretrained) and from
-single files: BFL's transformer (`double_blocks.0.img_attn.qkv.weight`, ...: flux1-dev.safetensors),
-bare or under ComfyUI's `model.diffusion_model.`, whose all-in-one files add `vae.` (BFL's autoencoder,
+single files: BFL's transformer (`double_blocks.0.img_attn.qkv.weight`, ...: flux1-dev.safetensors; or
+in diffusers' names), bare or under ComfyUI's `model.diffusion_model.`, whose all-in-one files add `vae.` (BFL's autoencoder,
 the LDM layout of ae.safetensors) and `text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.
 transformer.` (transformers' names); what a file lacks comes from model.vae / model.text_encoders. Dev and
 schnell are told apart by the transformer's guidance embedding (`guidance_in.*` in a file, as ComfyUI,
@@ -50,8 +50,10 @@ FLUX_TEXT_ENCODERS = (
                     T5Layout(), t5_tokenizer, tokenizer_class="T5TokenizerFast",
                     tokenizer_files=("tokenizer.json",)),
 )
-# A key only FLUX.1 transformers hold (ComfyUI's and diffusers' test), and the one only dev's hold.
-FLUX_SIGNATURE, FLUX_GUIDANCE = "double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.weight"
+# A key only FLUX.1 transformers hold (ComfyUI's and diffusers' test) and the one only dev's hold, in BFL's
+# names and in diffusers' (a transformer saved by diffusers as one file, which kohya reads too).
+FLUX_SIGNATURES = {"double_blocks.0.img_attn.norm.key_norm.scale": "guidance_in.in_layer.weight",
+                   "single_transformer_blocks.0.proj_mlp.weight": "time_text_embed.guidance_embedder.linear_1.weight"}
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,9 @@ class FluxFamily(Family):
 
     def detects(self, keys: list[str]) -> bool:
         keys = set(keys)
-        prefix = next((p for p in self.denoiser_prefixes if p + FLUX_SIGNATURE in keys), None)
-        return prefix is not None and (prefix + FLUX_GUIDANCE in keys) == self.guidance
+        found = next(((p, guidance) for p in self.denoiser_prefixes for signature, guidance in FLUX_SIGNATURES.items()
+                      if p + signature in keys), None)
+        return found is not None and ("".join(found) in keys) == self.guidance
 
     def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
         return "flow", f"{self.title}: {'a' if self.guidance else 'no'} guidance embedding"
