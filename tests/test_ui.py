@@ -153,7 +153,8 @@ def _other_value(f, current):
             "sample.seeds": "[7, 8]", "sample.lora_scales": "[0.0, 0.75]", "network.block_dims": "[4, 8]",
             "network.block_alphas": "[2.0, 4.0]", "network.conv_block_dims": "[2, 2]",
             "network.conv_block_alphas": "[1.0, 1.0]", "network.down_lr_weight": '"sine+0.5"',
-            "network.mid_lr_weight": "[2.0]", "network.up_lr_weight": "[1.0, 0.5]"}
+            "network.mid_lr_weight": "[2.0]", "network.up_lr_weight": "[1.0, 0.5]",
+            "model.text_encoders": '["clip_l.safetensors", "t5xxl_fp16.safetensors"]'}
     strings = {"name": "renamed", "trigger": "trg", "model.base": "other/base", "model.vae": "vae.safetensors",
                "dataset.image_dir": "style2", "dataset.reg_dir": "reg", "dataset.background": "#000000",
                "dataset.caption_extension": ".caption", "caption.model": "ViT-B-32", "caption.pretrained": "ckpt.bin",
