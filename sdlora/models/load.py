@@ -77,8 +77,7 @@ class BaseModel:
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load model.base (and model.vae when set) as float `dtype` components."""
     source = model_cfg.base
-    # getattr: the tests' SimpleNamespace stand-ins for ModelConfig name only the fields they set
-    text_encoders = [Path(p).expanduser() for p in getattr(model_cfg, "text_encoders", [])]
+    text_encoders = [Path(p).expanduser() for p in model_cfg.text_encoders]
     if text_encoders and not Path(source).expanduser().is_file():
         raise UserError(f"model.text_encoders: {source} is not a single-file checkpoint; a diffusers folder or hub id "
                         "brings its own text encoders, so leave model.text_encoders empty")
