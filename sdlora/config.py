@@ -95,6 +95,8 @@ class ModelConfig:
 
 # Precisions a saved file (adapter, merged model) can be written in: train.save_precision, --save-precision.
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+# Key styles of adapter files ([output] format, `sdlora convert --format`): Kohya's, diffusers' own.
+ADAPTER_FORMATS = ("kohya", "diffusers")
 # The [dataset] keys a [[dataset.subsets]] table may set (its defaults come from [dataset]).
 SUBSET_SHARED_KEYS = ("image_dir", "num_repeats", "keep_tokens", "caption_extension", "shuffle_caption",
                       "caption_dropout_rate", "caption_tag_dropout_rate", "flip_aug")
@@ -186,6 +188,18 @@ class NetworkConfig:
                                 "down_lr_weight", check=kohya_blocks.check_lr_weight)
     block_lr_zero_threshold: float = opt(0.0, "a block lr weight at or below this becomes 0: the block gets no "
                                               "adapters (kohya's block_lr_zero_threshold)", min=0.0)
+    # kohya's networks/lora_flux.py network_args: which transformer blocks get adapters
+    train_blocks: str = opt("all", "transformer blocks adapted (FLUX.1; kohya's train_blocks): all, single (the "
+                                   "single-stream blocks only) or double", choices=["all", "single", "double"])
+    train_double_block_indices: Any = opt("all", "FLUX.1 double blocks adapted (kohya's train_double_block_indices): "
+                                                 "\"all\", \"none\" or indices and ranges, e.g. \"0,1,8-12,18\"",
+                                          check=kohya_blocks.check_block_selection)
+    train_single_block_indices: Any = opt("all", "FLUX.1 single blocks adapted (kohya's train_single_block_indices), "
+                                                 "as train_double_block_indices",
+                                          check=kohya_blocks.check_block_selection)
+    train_modulation: bool = opt(True, "adapt the transformer blocks' modulation linears too (FLUX.1 img_mod, "
+                                       "txt_mod, modulation; SD3 adaLN_modulation); false = kohya's img_mod_dim = "
+                                       "txt_mod_dim = single_mod_dim = 0")
 
 
 @dataclass
@@ -234,6 +248,8 @@ class TrainConfig:
     mode_scale: float = opt(1.29, "scale of the mode density")
     guidance_scale: float = opt(3.5, "FLUX.1-dev's guidance input during training (kohya's default 3.5; its "
                                      "docs advise 1.0 for LoRA)", min=0.0)
+    training_shift: float = opt(1.0, "SD3.x: shift S of the sigma drawn from weighting_scheme's density (kohya's "
+                                     "sd3 training_shift; 3.0 is SD3.5's sampling shift)", min=0.0)
     noise_offset: float = opt(0.0, "noise offset (brighter/darker images)", min=0.0, max=1.0)
     adaptive_noise_scale: float = opt(0.0, "adds this x abs(mean of each latent channel) to noise_offset (kohya's "
                                            "adaptive_noise_scale; needs noise_offset; 0 = off)", min=-1.0, max=1.0)
@@ -270,6 +286,14 @@ class SampleConfig:
     cfg_scale: float = opt(7.0, "classifier-free guidance scale", min=0.0)
     guidance_scale: float = opt(3.5, "FLUX.1-dev's distilled guidance input when sampling (no classifier-free "
                                      "guidance; schnell takes none)", min=0.0)
+    skip_layer_guidance_scale: float = opt(0.0, "SD3.x: skip-layer guidance scale (diffusers' default 2.8; 0 = off)",
+                                           min=0.0)
+    skip_guidance_layers: list = opt([7, 8, 9], "SD3.x: transformer blocks skipped by skip-layer guidance (SAI's "
+                                                "[7, 8, 9] for SD3.5 Medium)", items=int, min=0)
+    skip_layer_guidance_start: float = opt(0.01, "SD3.x: share of the steps after which skip-layer guidance starts",
+                                           min=0.0, max=1.0)
+    skip_layer_guidance_stop: float = opt(0.2, "SD3.x: share of the steps at which skip-layer guidance stops",
+                                          min=0.0, max=1.0)
     sampler: str = opt("dpmpp_2m_karras", "scheduler",
                        choices=["dpmpp_2m_karras", "dpmpp_2m", "euler_a", "euler", "ddim"])
     seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)", items=int, min=0, max=SEED_MAX)
@@ -303,6 +327,10 @@ class OutputConfig:
                     choices=["last", "best"])
     resize_energy: float = opt(0.0, "also write NAME-energyNN.safetensors keeping this share of each module's "
                                     "energy, e.g. 0.9 (0 = off)", min=0.0, max=1.0)
+    format: str = opt("kohya", "key style of the adapter files: kohya (lora_unet_*, what A1111, Forge, ComfyUI and "
+                               "kohya read) | diffusers (unet. / transformer. / text_encoder. lora_A / lora_B with the "
+                               "scale baked in, what diffusers' load_lora_weights reads natively; LoRA and LoCon only)",
+                      choices=list(ADAPTER_FORMATS))
 
 
 @dataclass

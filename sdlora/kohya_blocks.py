@@ -193,3 +193,50 @@ def kohya_args(net) -> dict[str, str]:
     if any(key in args for key in LR_WEIGHT_KEYS) and net.block_lr_zero_threshold:
         args["block_lr_zero_threshold"] = f"{net.block_lr_zero_threshold:g}"
     return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer blocks (kohya's networks/lora_flux.py: train_double_block_indices, train_single_block_indices)
+
+
+def block_selection(value, where: str, total: int | None = None) -> list[int] | None:
+    """The block indices a kohya selection string names, kohya's `parse_block_selection`: "all"
+    (None: every block), "none" or "" (none), or indices and inclusive ranges, "0,1,8-12,18". With
+    `total` (the model's block count) each index must lie in 0..total-1; without it only the
+    syntax is checked (the config loader knows no model)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string such as \"all\", \"none\" or \"0,1,8-12\", got {value!r}")
+    text = value.strip()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return []
+    selected: set[int] = set()
+    for item in text.split(","):
+        start, dash, end = item.partition("-")
+        try:
+            first, last = int(start), int(end if dash else start)
+        except ValueError:
+            raise ConfigError(f"{where}: {item.strip()!r} in {value!r} is neither an index nor a range such as "
+                              f"\"8-12\"; write \"all\", \"none\" or indices and ranges, e.g. \"0,1,8-12\"") from None
+        if first > last:
+            raise ConfigError(f"{where}: range {item.strip()!r} runs backwards; write it as \"{last}-{first}\"")
+        for index in (first, last):
+            if index < 0 or (total is not None and index >= total):
+                bound = f"0 to {total - 1}" if total is not None else "0 or above"
+                raise UserError(f"{where}: block {index} does not exist; this model's blocks are numbered {bound}")
+        selected.update(range(first, last + 1))
+    return sorted(selected)
+
+
+def check_block_selection(value, where: str) -> str:
+    """network.train_double_block_indices / train_single_block_indices: kohya's selection syntax."""
+    block_selection(value, where)
+    return value.strip()
+
+
+def selection_args(net) -> dict[str, str]:
+    """The transformer block selection keys that are not "all", as kohya's ss_network_args spells them."""
+    args = {"train_blocks": net.train_blocks, "train_double_block_indices": net.train_double_block_indices,
+            "train_single_block_indices": net.train_single_block_indices}
+    return {key: value for key, value in args.items() if value != "all"}

@@ -99,6 +99,10 @@ KOHYA_KEYS: dict[str, str] = {
     "mid_lr_weight": "network.mid_lr_weight",
     "up_lr_weight": "network.up_lr_weight",
     "block_lr_zero_threshold": "network.block_lr_zero_threshold",
+    # networks/lora_flux.py network_args
+    "train_blocks": "network.train_blocks",
+    "train_double_block_indices": "network.train_double_block_indices",
+    "train_single_block_indices": "network.train_single_block_indices",
 }
 
 
@@ -113,3 +117,9 @@ def kohya_hint(key: str, section: str | None) -> str | None:
         return f"; did you mean '{name}' (kohya's {key})?"
     table = "[[dataset.subsets]]" if where.endswith("[]") else f"[{where}]"
     return f"; kohya's {key} is {table} {name} here (`sdlora import-kohya` converts kohya files)"
+
+
+# The modulation ranks of kohya's transformer networks (network_args): all 0 drop the blocks' modulation
+# linears, as network.train_modulation = false does.
+FLUX_MODULATION_ARGS = ("img_mod_dim", "txt_mod_dim", "single_mod_dim")  # networks/lora_flux.py
+SD3_MODULATION_ARGS = ("context_mod_dim", "x_mod_dim")  # networks/lora_sd3.py

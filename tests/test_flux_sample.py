@@ -75,12 +75,12 @@ def test_schnell_renders_4_steps_when_the_config_leaves_steps_and_hires_is_off_w
     assert pass_settings(FAMILIES["sd_v1"], cfg.sample, "on", 128, notes.append) == (25, "on", "dpmpp_2m_karras")
 
 
-def _kohya_flux_file(path, transformer, rank=4, alpha=2.0, seed=0):
-    """A Kohya FLUX LoRA with random factors on kohya's default targets, fused modules one down shared by
-    their parts (as kohya trains them): {key: (down, up, alpha)}."""
+def kohya_transformer_file(path, transformer, names=transformer_keys.FLUX_NAMES, rank=4, alpha=2.0, seed=0):
+    """A Kohya FLUX (or SD3, `names`) LoRA with random factors on kohya's default targets, fused modules one
+    down shared by their parts (as kohya trains them): {key: (module, down, up)}."""
     generator = torch.Generator().manual_seed(seed)
     modules, tensors = {}, {}
-    for key, module in transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES).items():
+    for key, module in transformer_keys.kohya_modules(transformer, names).items():
         layers = [transformer.get_submodule(p) for p in module.paths]
         down = torch.randn(rank, layers[0].in_features, generator=generator) * 0.1
         up = torch.randn(sum(layer.out_features for layer in layers), rank, generator=generator) * 0.1
@@ -92,20 +92,30 @@ def _kohya_flux_file(path, transformer, rank=4, alpha=2.0, seed=0):
 
 def test_a_kohya_flux_file_changes_each_diffusers_part_by_scale_alpha_over_rank_up_down(tmp_path, flux_dirs):
     cfg = load_config(make_style(tmp_path, flux_dirs[True]), FLUX)
-    sampler = Sampler(cfg)
+    assert_file_changes_each_part_by_scale_alpha_over_rank_up_down(Sampler(cfg), tmp_path / "flux.safetensors",
+                                                                    transformer_keys.FLUX_NAMES)
+
+
+def assert_file_changes_each_part_by_scale_alpha_over_rank_up_down(sampler, path, names):
+    """A random Kohya file on the sampler's transformer (`kohya_transformer_file`, named by `names`) at scale 0.5
+    changes each diffusers part by 0.5 alpha / rank up_j @ down and the render; scale 0 renders the base, and
+    closing the adapters gives the base's weights back."""
     transformer = sampler.pipe.transformer
     base = {name: p.detach().clone() for name, p in transformer.named_parameters()}
     base_image, _ = sampler.render(PROMPTS[:1], [3], 64, 64, 2)
-    modules = _kohya_flux_file(tmp_path / "flux.safetensors", transformer)
-    sampler.adapters.add(tmp_path / "flux.safetensors")
+    modules = kohya_transformer_file(path, transformer, names)
+    sampler.adapters.add(path)
     sampler.adapters.set_scale(0.5)
     for module, down, up in modules.values():
+        if module.swap_halves:  # the original's (shift, scale) rows are diffusers' (scale, shift)
+            up = torch.cat(up.chunk(2)[::-1])
         rows = up.split([transformer.get_submodule(p).out_features for p in module.paths])
-        for path, up_j in zip(module.paths, rows):
-            change = transformer.get_submodule(path).weight - base[f"{path}.weight"]
+        for path_j, up_j in zip(module.paths, rows):
+            change = transformer.get_submodule(path_j).weight - base[f"{path_j}.weight"]
             torch.testing.assert_close(change, 0.5 * (2.0 / 4) * up_j @ down, atol=1e-6, rtol=1e-5)
     assert not np.array_equal(_pixels(sampler.render(PROMPTS[:1], [3], 64, 64, 2)[0]), _pixels(base_image))
     sampler.adapters.set_scale(0.0)
     assert np.array_equal(_pixels(sampler.render(PROMPTS[:1], [3], 64, 64, 2)[0]), _pixels(base_image))
     sampler.adapters.close()
     assert all(torch.equal(p, base[name]) for name, p in transformer.named_parameters())
+    return modules

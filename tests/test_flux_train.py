@@ -62,16 +62,23 @@ def test_sdlora_train_exports_kohya_flux_names_that_hold_the_trained_weights(tmp
 
     # The file, split back into diffusers' modules with alpha / rank baked into lora_A, loads whole in
     # diffusers and gives the transformer the trained weights.
+    assert_loads_in_diffusers_as_trained(pipe, tensors, transformer_keys.FLUX_NAMES)
+
+
+def assert_loads_in_diffusers_as_trained(pipe, tensors: dict, names) -> None:
+    """A Kohya transformer file (`tensors`, named by `names`), split into diffusers' modules with alpha / rank
+    baked into lora_A, loads whole through `pipe.load_lora_weights` in diffusers' own format, and each original
+    module's rows change by alpha / rank up @ down, which is not zero (it trained)."""
     transformer = pipe.transformer
     diffusers_lora = {}
-    for key, module in transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES).items():
+    modules = transformer_keys.kohya_modules(transformer, names)
+    for key, module in modules.items():
         fused = transformer_keys.LoraFactors(tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"],
                                              float(tensors[f"{key}.alpha"]))
         parts = transformer_keys.split(fused, transformer_keys.output_sizes(transformer, module), module.swap_halves)
         for p, factors in zip(module.paths, parts):
             diffusers_lora[f"transformer.{p}.lora_A.weight"] = factors.down * (factors.alpha / factors.down.shape[0])
             diffusers_lora[f"transformer.{p}.lora_B.weight"] = factors.up
-    modules = transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES)
     before = {p: transformer.get_submodule(p).weight.clone() for m in modules.values() for p in m.paths}
     pipe.load_lora_weights(diffusers_lora)
     pipe.fuse_lora()
@@ -121,9 +128,10 @@ def test_flux_text_encoder_training_is_refused_in_one_line(tmp_path, flux_dev_di
         Trainer(cfg, log=lambda m: None)
 
 
-def test_other_adapter_kinds_are_refused_on_flux(tmp_path, flux_dev_dir):
-    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha"])
-    with pytest.raises(UserError, match="fused modules"):
+def test_dora_on_a_kind_peft_has_no_dora_for_is_refused_on_flux(tmp_path, flux_dev_dir):
+    # LoHa, LoKr and DoRA on LoRA train on FLUX.1 (tests/test_flux_kinds.py); DoRA over LoHa does not exist
+    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, "network.type=loha", "network.dora=true"])
+    with pytest.raises(UserError, match="dora = true needs type lora or locon"):
         Trainer(cfg, log=lambda m: None)
 
 

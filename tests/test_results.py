@@ -108,3 +108,39 @@ def test_resize_energy_keeps_ninety_percent_of_every_module_and_loads_in_diffuse
     assert np.abs(pictures[0] - pictures[1]).max() <= 3  # ...at its Kohya scale, W + (alpha / r) up down
     report = cfg.report_path.read_text()
     assert "## Resized by energy" in report and path.name in report and "colourfulness" in report
+
+
+def test_scored_epoch_renders_are_reused_by_sample_epochs_dir_native(tmp_path, monkeypatch):
+    """The scoring after training renders each epoch on the prompts and seeds; `sdlora sample
+    --epochs-dir --native` asks for the same pictures and draws none of them again, until a file changes."""
+    import dataclasses
+
+    import numpy as np
+
+    from sdlora.sampling import sampler
+
+    cfg = demo_cfg(tmp_path / "out")
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, prompts=PROMPTS[:2]))
+    cfg.output_dir.mkdir(parents=True)
+    files = [(f"epoch {e}", write_adapter(cfg, cfg.adapter_path(e), seed=e)) for e in (1, 2)]
+    drawn = []
+    real = sampler.Sampler.render
+
+    def counting(self, prompts, *args, **kwargs):
+        drawn.append(len(prompts))
+        return real(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sampler.Sampler, "render", counting)
+    style = [make_scene_image(i, palette="colourful")[0] for i in range(4)]
+    ranking = results.score_epochs(cfg, files, log=lambda m: None, style=style)
+    assert sum(drawn) == 3 * 2  # the base and two epochs, two prompts x one seed
+    drawn.clear()
+    lines = []
+    result = sampler.run_sample(cfg, epochs_dir=cfg.output_dir, native=True, log=lines.append)
+    assert drawn == [] and len(result.images) == 4
+    assert any("drawn before" in line for line in lines)
+    scored = [im for score in ranking.scores[1:] for im in score.images]
+    assert all(np.array_equal(np.asarray(r.image), np.asarray(im)) for r, im in zip(result.images, scored))
+    scaled(files[1][1], 2.0)  # a changed adapter file is a new picture
+    sampler.run_sample(cfg, epochs_dir=cfg.output_dir, native=True, log=lambda m: None)
+    assert sum(drawn) == 2

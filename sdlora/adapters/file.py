@@ -120,6 +120,15 @@ def read_adapter(path, allow_non_finite: bool = False, log=print) -> tuple[dict[
     return tensors, metadata
 
 
+def diffusers_names_of(path) -> dict[str, str]:
+    """{kohya key: diffusers module name} of an adapter file in diffusers' own key style (`keys.diffusers_module_names`,
+    from its header alone); {} for any other style."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return keys.diffusers_module_names(f.keys())
+
+
 def non_finite_modules(tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """{module key: [suffixes of its tensors holding NaN or infinity]}, for modules that have any."""
     broken: dict[str, list[str]] = {}

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from sdlora.adapters import transformer_keys
+from sdlora.adapters import kinds, transformer_keys
 from sdlora.errors import UserError
 from sdlora.models.checkpoint import unet_original_paths
 from sdlora.models.families.clip import nested_text_key, nested_text_name
@@ -128,14 +128,25 @@ def group_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 # patch lora_linear_layer, its attention processors `processor.to_q_lora.down`.
 _DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+    ".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight",  # Kohya's tensors on such names
     ".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
     ".lora_linear_layer.down.weight": "lora_down.weight", ".lora_linear_layer.up.weight": "lora_up.weight",
     "_lora.down.weight": "lora_down.weight", "_lora.up.weight": "lora_up.weight",
     ".lora_magnitude_vector.weight": "dora_scale", ".lora_magnitude_vector": "dora_scale",
     ".alpha": "alpha",
 }
-_DIFFUSERS_COMPONENTS = {"unet.": "unet", "text_encoder.": "te", "text_encoder_2.": "te2"}
-_UNET_CHILDREN = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.")
+# The pipeline component a name starts with -> the part. A transformer's (FLUX.1, SD3) `transformer.` names are
+# diffusers' and PEFT's (SimpleTuner and ai-toolkit write them too); `diffusion_model.` names are the
+# original's modules (ComfyUI's model keys, which ai-toolkit's ComfyUI-style files use), Kohya's names with dots.
+_DIFFUSERS_COMPONENTS = {"unet.": "unet", "transformer.": "unet", "diffusion_model.": "unet",
+                         "text_encoder.": "te", "text_encoder_2.": "te2"}
+# The component a diffusers file writes each part under (the denoiser's is the family's `denoiser_part`).
+_TEXT_COMPONENTS = {"te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
+_UNET_CHILDREN = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.",
+                  "transformer_blocks.", "single_transformer_blocks.")
+# Kohya-style keys (lora_down / lora_up / alpha, LyCORIS tensors) under another prefix, on the denoiser's
+# diffusers module path: OneTrainer's `lora_transformer_` and SimpleTuner's LyCORIS `lycoris_` (ComfyUI reads both).
+_DENOISER_PREFIXES = (f"{transformer_keys.DIFFUSERS_PART_PREFIX}_", "lycoris_")
 BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
 
 
@@ -186,6 +197,7 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
         notes.append(f"{len(embeddings)} bundled embedding(s) ignored ({', '.join(embeddings)}); only the LoRA "
                      f"part is loaded")
         tensors = {k: v for k, v in tensors.items() if not k.startswith(BUNDLED_EMBEDDING_PREFIX)}
+    tensors = {denoiser_key(k): v for k, v in tensors.items()}
     tensors, renamed = _nested_text_keys(tensors)
     if renamed:
         notes.append(f"{renamed} text-encoder modules are keyed without `text_model_` (written under transformers 5, "
@@ -217,6 +229,15 @@ def to_kohya_names(tensors: dict[str, torch.Tensor],
             converted[f"{key}.dora_scale"] = parts["dora_scale"].reshape(up.shape[0], *[1] * (up.dim() - 1))
     notes.append("converted from diffusers/peft key names to Kohya's")
     return converted, notes
+
+
+def denoiser_key(name: str) -> str:
+    """OneTrainer's `lora_transformer_<path>` and SimpleTuner's `lycoris_<path>` -> `lora_unet_<path>` (the path
+    with "_" as in Kohya's keys); any other name as it is."""
+    for prefix in _DENOISER_PREFIXES:
+        if name.startswith(prefix):
+            return f"{PREFIXES['unet']}_{name[len(prefix):]}"
+    return name
 
 
 def _nested_text_keys(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
@@ -254,7 +275,7 @@ def _diffusers_alphas(tensors: dict[str, torch.Tensor], modules: dict[str, dict[
         return
     if not isinstance(config, dict):
         return
-    components = {part: prefix[:-1] for prefix, part in _DIFFUSERS_COMPONENTS.items()}  # "te" -> "text_encoder"
+    components = {"unet": "unet", **_TEXT_COMPONENTS}
     for key, parts in modules.items():
         if "alpha" in parts or "lora_down.weight" not in parts:
             continue
@@ -284,3 +305,62 @@ def loadable_module_map(model: nn.Module, part: str) -> dict[str, str]:
         for path in list(mapping.values()):
             mapping.setdefault(kohya_key(part, path), path)
     return mapping
+
+
+def to_diffusers_names(tensors: dict[str, torch.Tensor], parts: dict[str, nn.Module],
+                       denoiser_component: str) -> dict[str, torch.Tensor]:
+    """A Kohya-named LoRA of the model `parts` (`model_parts`) in diffusers' own key style, as its
+    `save_lora_weights` writes it: `<component>.<module path>.lora_A.weight` / `.lora_B.weight` with the
+    denoiser under `denoiser_component` ("unet", "transformer"), CLIP text encoders under `text_encoder` /
+    `text_encoder_2` with transformers 4's `text_model.` (the names diffusers' files carry).
+
+    diffusers' files hold no alpha (its LoRA metadata is optional), so they load at scale 1: the scale
+    alpha / rank is baked into lora_A. A transformer's fused modules (FLUX.1's qkv, linear1) are split onto
+    diffusers' modules first, as diffusers itself reads Kohya's (`transformer_keys.split_modules`).
+    Only plain LoRA / LoCon has this style (peft's DoRA magnitude is another quantity than LyCORIS's)."""
+    modules = group_modules(tensors)
+    original_names = transformer_keys.names_of(parts["unet"])
+    if original_names is not None:
+        originals = transformer_keys.kohya_modules(parts["unet"], original_names, outer=True)
+        modules = transformer_keys.split_modules(parts["unet"], originals, modules)
+    paths = {key: (part, path) for part, model in parts.items() for key, path in loadable_module_map(model, part).items()}
+    unmatched = sorted(key for key in modules if key not in paths)
+    if unmatched:
+        raise UserError(f"{unmatched[0]}: matches no layer of the base model ({len(unmatched)} modules); "
+                        f"the adapter was trained for another architecture")
+    names = {}
+    for key in modules:
+        part, path = paths[key]
+        names[key] = (f"{denoiser_component}.{path}" if part == "unet"
+                      else f"{_TEXT_COMPONENTS[part]}.{nested_text_name(path)}")
+    return named_as_diffusers(modules, names)
+
+
+def named_as_diffusers(modules: dict[str, dict[str, torch.Tensor]], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{kohya key: tensors} -> `<name>.lora_A.weight` = scale * down, `<name>.lora_B.weight` = up, with `names`
+    {kohya key: diffusers module name ("transformer.<path>")}: diffusers' files hold no alpha, so the scale
+    alpha / rank is baked into lora_A and the file loads at scale 1."""
+    out = {}
+    for key, module in modules.items():
+        if not kinds.is_plain_lora(module):
+            raise UserError(f"{key}: a {kinds.module_variant(module)} module has no diffusers key style (it holds "
+                            f"LoRA and LoCon only); write it in the kohya format")
+        out[f"{names[key]}.lora_A.weight"] = module["lora_down.weight"] * kinds.module_scale(module)
+        out[f"{names[key]}.lora_B.weight"] = module["lora_up.weight"]
+    return out
+
+
+def diffusers_module_names(names) -> dict[str, str]:
+    """{kohya key: diffusers module name} of a file's tensor names in diffusers' own style (`unet.`, `transformer.`,
+    `text_encoder(_2).` with lora_A / lora_B), as `to_kohya_names` reads them; {} for a file in another style.
+    Tools that rewrite such a file (resize) write it back in its style with these names."""
+    names = list(names)
+    second = any(k.startswith(("text_encoder_2.", "base_model.model.text_encoder_2.")) for k in names)
+    found = {}
+    for name in names:
+        module = _diffusers_module(name, second)
+        if module is None or module[2] not in ("unet", "transformer", *_TEXT_COMPONENTS.values()):
+            return {}
+        part, path, component, _ = module
+        found[kohya_key(part, path)] = f"{component}.{path}"
+    return found

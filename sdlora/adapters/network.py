@@ -33,8 +33,10 @@ ADAPTER_NAME = "sdlora"
 
 # Kohya's target containers (networks/lora.py): every Linear and 1x1 Conv2d inside them
 # gets `dim`; 3x3 convs inside the ResNet containers get `conv_dim` (LoCon).
-# FLUX.1's double- and single-stream blocks (kohya's DoubleStreamBlock / SingleStreamBlock) likewise.
-TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+# FLUX.1's double- and single-stream blocks (kohya's DoubleStreamBlock / SingleStreamBlock) and SD3's
+# joint blocks (kohya's SingleDiTBlock pairs, context_block and x_block) likewise.
+TRANSFORMER_BLOCKS = ("Transformer2DModel", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+                      "JointTransformerBlock")
 RESNET_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPMLP")
 _ATTENTION_LAYERS = r"(to_q|to_k|to_v|to_out\.0)"
@@ -289,27 +291,26 @@ class Network:
         return {path: key for key, (part, path) in self.modules.items() if part == "unet"}
 
     def _original_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The Kohya state dict of a transformer named as its original: each original module's LoRA fused
-        from its diffusers parts' (`transformer_keys.fuse`), then the text encoders' as they are."""
+        """The Kohya state dict of a transformer named as its original: each original module's adapter
+        stacked from its diffusers parts' where the kind stacks exactly, else per part under ComfyUI's
+        names (`transformer_keys.export_modules`), then the text encoders' as they are."""
         exported, key_of = set(self.exported_keys()), self._diffusers_keys()
         out = {}
-        for name, module in self.original_names.items():
+        for module in self.original_names.values():
             if key_of[module.paths[0]] not in exported:
                 continue
             parts = [self.module_tensors(key_of[path]) for path in module.paths]
-            fused = transformer_keys.fuse([transformer_keys.LoraFactors(t["lora_down.weight"], t["lora_up.weight"],
-                                                                        float(t["alpha"])) for t in parts],
-                                          module.swap_halves)
-            out |= {f"{name}.lora_down.weight": fused.down.to("cpu", dtype),
-                    f"{name}.lora_up.weight": fused.up.to("cpu", dtype),
-                    f"{name}.alpha": torch.tensor(fused.alpha).to(dtype)}
+            out |= {f"{key}.{suffix}": tensor.to("cpu", dtype)
+                    for key, tensors in transformer_keys.export_modules(module, parts).items()
+                    for suffix, tensor in tensors.items()}
         return out | {f"{key}.{suffix}": tensor.to("cpu", dtype) for key in exported if self.modules[key][0] != "unet"
                       for suffix, tensor in self.module_tensors(key).items()}
 
     def _diffusers_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A Kohya state dict of this network with the original's names -> its diffusers parts' keys
-        (`transformer_keys.split`, the inverse of `_original_state_dict`)."""
-        modules = transformer_keys.split_modules(self.models["unet"], self.original_names, keys.group_modules(tensors))
+        (`transformer_keys.split_modules`, the inverse of `_original_state_dict`)."""
+        modules = transformer_keys.split_modules(self.models["unet"], self.original_names,
+                                                 keys.group_modules({keys.denoiser_key(k): t for k, t in tensors.items()}))
         return {f"{key}.{suffix}": t for key, parts in modules.items() for suffix, t in parts.items()}
 
     @torch.no_grad()
@@ -355,7 +356,13 @@ class Network:
         for key, parts in groups.items():
             if kinds.module_kind(parts) != self.kind:
                 raise UserError(f"{key}: the adapter is {kinds.module_kind(parts)}, this network is {self.kind}")
-            alpha = float(parts["alpha"]) if "alpha" in parts else kinds.module_rank(parts)
+            if "alpha" not in parts:
+                # Scale 1 (diffusers' files bake theirs into lora_A): the same change at this network's scale
+                # alpha / rank, with one factor divided by that scale.
+                factor = next(suffix for suffix in self._adapter_params(key) if suffix != "dora_scale")
+                if factor in parts:
+                    parts = {**parts, factor: parts[factor] * (kinds.module_rank(parts) / self._alpha(key))}
+            alpha = float(parts["alpha"]) if "alpha" in parts else self._alpha(key)
             if abs(alpha - self._alpha(key)) > 1e-3 * max(1.0, alpha):
                 raise UserError(f"{key}: alpha {alpha:g} in the adapter, {self._alpha(key):g} in [network]; "
                                 f"set network.alpha / conv_alpha to the adapter's values")
@@ -394,6 +401,7 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Sett
         model.requires_grad_(False)
         if part == "unet":
             paths = unet_target_paths(model, network_cfg.unet_targets, convs=kinds.adapts_convs(network_cfg.type))
+            paths = _selected_blocks(model, network_cfg, paths)
         else:
             paths = text_encoder_target_paths(model)
         if not paths:
@@ -422,13 +430,27 @@ def inject(unet: nn.Module, text_encoder, network_cfg, log=print, settings: Sett
     return network
 
 
+def _selected_blocks(denoiser: nn.Module, network_cfg, paths: list[str]) -> list[str]:
+    """`paths` less the transformer blocks' modules that [network] train_blocks, train_*_block_indices and
+    train_modulation leave out (`transformer_keys.unselected_paths`); a U-Net has no such blocks."""
+    names = transformer_keys.names_of(denoiser)
+    if names is None:
+        if transformer_keys.selects_blocks(network_cfg):
+            raise UserError("[network] train_blocks, train_double_block_indices, train_single_block_indices and "
+                            "train_modulation choose transformer blocks (FLUX.1); this base is a U-Net: leave them "
+                            "at their defaults")
+        return paths
+    left_out = transformer_keys.unselected_paths(denoiser, names, network_cfg)
+    selected = [p for p in paths if p not in left_out]
+    if paths and not selected:
+        raise UserError("[network] train_blocks / train_double_block_indices / train_single_block_indices select no "
+                        "transformer block: name at least one")
+    return selected
+
+
 def _original_names(transformer: nn.Module, names, network_cfg, adapted: set[tuple[str, str]]) -> dict:
-    """{Kohya key: KohyaModule} of the adapted modules of a transformer named as its original. Only LoRA
-    fuses exactly (and so loads as kohya writes it); every part of a fused module must be adapted."""
-    if kinds.for_network_type(network_cfg.type) is not kinds.lora or network_cfg.dora:
-        raise UserError(f"[network] type = {network_cfg.type!r}{' with dora' if network_cfg.dora else ''}: "
-                        f"{type(transformer).__name__} adapters are written as Kohya's fused modules, which "
-                        "sdlora does for plain LoRA only; set network.type = \"lora\" and dora = false")
+    """{Kohya key: KohyaModule} of the adapted modules of a transformer named as its original; every part
+    of a fused module must be adapted."""
     modules = {k: m for k, m in transformer_keys.kohya_modules(transformer, names, outer=True).items()
                if any(("unet", p) in adapted for p in m.paths)}
     partial = [k for k, m in modules.items() if not all(("unet", p) in adapted for p in m.paths)]
@@ -525,6 +547,10 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
     if net.dropout:
         network_args["dropout"] = f"{net.dropout:g}"
     network_args.update(kohya_blocks.kohya_args(net))  # block_dims, down_lr_weight, ... as kohya spells them
+    network_args.update(kohya_blocks.selection_args(net))  # train_blocks, ... as lora_flux spells them
+    names = transformer_keys.NAMES_BY_CLASS.get(FAMILIES[_get(base, "family")].denoiser_class)
+    if names is not None and not net.train_modulation:
+        network_args.update(dict.fromkeys(names.modulation_args, "0"))
     now = time.time()
     started, finished = stats.get("training_started_at", now), stats.get("training_finished_at", now)
     te_lrs = settings.text_encoder_lrs
@@ -589,6 +615,8 @@ def adapter_metadata(cfg, base, stats: dict, tag_frequency: dict | None = None, 
         "modelspec.resolution": f"{width}x{height}",
     }
     meta |= FAMILIES[_get(base, "family")].kohya_metadata(train)
+    if network["ss_network_module"] == "lycoris.kohya":  # a family's own network module is plain LoRA's
+        meta["ss_network_module"] = network["ss_network_module"]
     if cfg.trigger:
         meta["modelspec.trigger_phrase"] = cfg.trigger
     if thumbnail:

@@ -21,7 +21,11 @@ LoRA on a fused module, with rank r and scale alpha / r (delta W = scale up @ do
 both exact: row block j of up @ down is B_j A_j, and n alpha / (n r) = alpha / r. Reading a fused
 module back follows diffusers' `_convert_kohya_flux_lora_to_diffusers`: when r divides by n and up's
 off-diagonal blocks are all zero, down is cut into n pieces of rank r / n (alpha / n each, the same
-scale); otherwise every part gets the whole down, and up's row blocks.
+scale); otherwise every part gets the whole down, and up's row blocks. LoHa stacks exactly too
+(its output-side factors block-diagonal, rank n r, alpha n alpha) and DoRA's per-row magnitudes
+concatenate (`kinds.stack_rows`); LoKr cannot (rows of Kronecker products stacked are no Kronecker
+product), so a LoKr on a fused module is written per diffusers part under ComfyUI's
+`lora_transformer_<diffusers path>` names, which ComfyUI applies to the part's rows of the fused weight.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sdlora.adapters import kinds
+from sdlora.adapters.kinds.rows import exchanged_halves
+from sdlora.errors import UserError
+from sdlora.kohya_blocks import block_selection
 from sdlora.models.families.clip import nested_text_name
 from sdlora.models.transformer_names import (  # noqa: F401 - FLUX_NAMES, SD3_NAMES: re-exported for the adapters
     FLUX_NAMES,
@@ -41,6 +49,9 @@ from sdlora.models.transformer_names import (  # noqa: F401 - FLUX_NAMES, SD3_NA
 )
 
 UNET_PREFIX = "lora_unet"
+# ComfyUI's (OneTrainer's) prefix for a transformer's diffusers module paths: `lora_transformer_` + the
+# path, "." -> "_"; read as UNET_PREFIX + the same (`keys.denoiser_key`), the key of that diffusers module here.
+DIFFUSERS_PART_PREFIX = "lora_transformer"
 # Kohya's text-encoder prefixes for these families (ComfyUI's too): T5 is te3 with or without CLIP-G.
 TEXT_PREFIXES = {"clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"}
 
@@ -74,6 +85,47 @@ def kohya_modules(transformer: nn.Module, names: TransformerNames, outer: bool =
     return found
 
 
+def block_indices(network_cfg) -> dict[str, tuple[str, str]]:
+    """{block kind: ([network] field, kohya's selection string)}: the blocks of each kind chosen by index
+    (kohya's lora_flux network_args train_double_block_indices, train_single_block_indices)."""
+    return {"double": ("train_double_block_indices", network_cfg.train_double_block_indices),
+            "single": ("train_single_block_indices", network_cfg.train_single_block_indices)}
+
+
+def selects_blocks(network_cfg) -> bool:
+    """Whether [network] narrows the transformer blocks' targets (train_blocks, train_*_block_indices,
+    train_modulation), which a U-Net has no use for."""
+    return (network_cfg.train_blocks != "all" or not network_cfg.train_modulation
+            or any(value.strip() != "all" for _, value in block_indices(network_cfg).values()))
+
+
+def unselected_paths(transformer: nn.Module, names: TransformerNames, network_cfg) -> set[str]:
+    """The diffusers module paths inside the transformer's blocks that [network] leaves out, as kohya's
+    lora_flux does: a block of a kind other than train_blocks, or whose index the kind's
+    train_*_block_indices does not name, loses all its modules (kohya: dim 0); with train_modulation
+    false every block loses its modulation linears (kohya's img_mod_dim = txt_mod_dim = single_mod_dim = 0).
+    Indices are bounded by the model's own block counts (FLUX.1: 19 double, 38 single)."""
+    model = type(transformer).__name__
+    if network_cfg.train_blocks not in ("all", *names.block_kinds):
+        raise UserError(f"[network] train_blocks = {network_cfg.train_blocks!r}: {model} has no such blocks (it has "
+                        f"{', '.join(names.block_kinds)}); use \"all\"")
+    indices = block_indices(network_cfg)
+    for kind, (field_name, value) in indices.items():
+        if kind not in names.block_kinds and block_selection(value, f"[network] {field_name}") is not None:
+            raise UserError(f"[network] {field_name} = {value!r}: {model} has no {kind} blocks; leave it \"all\"")
+    left_out: set[str] = set()
+    for kind, (_, ours, table) in zip(names.block_kinds, names.blocks):
+        count = len(getattr(transformer, ours))
+        field_name, value = indices.get(kind, ("", "all"))
+        chosen = block_selection(value, f"[network] {field_name}", count)
+        for i in range(count):
+            whole = network_cfg.train_blocks not in ("all", kind) or (chosen is not None and i not in chosen)
+            for path, parts in table.items():
+                if whole or (not network_cfg.train_modulation and path in names.modulation):
+                    left_out.update(f"{ours}.{i}.{p}" for p in parts)
+    return left_out
+
+
 def text_kohya_key(encoder: str, module_path: str) -> str:
     """A text encoder's module path -> its Kohya key: `encoder.layers.0.mlp.fc1` of CLIP-L ->
     `lora_te1_text_model_encoder_layers_0_mlp_fc1`; `encoder.block.0.layer.0.SelfAttention.q` of T5 ->
@@ -83,7 +135,8 @@ def text_kohya_key(encoder: str, module_path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA factors of fused modules
+# Adapters of fused modules: one module under the original's name where the kind stacks rows exactly
+# (`kinds.stack_rows`: LoRA, LoHa, DoRA), else one per diffusers part
 
 
 @dataclass
@@ -94,37 +147,23 @@ class LoraFactors:
     up: torch.Tensor
     alpha: float
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_down.weight": self.down, "lora_up.weight": self.up, "alpha": torch.tensor(self.alpha)}
 
-def _swap_halves(up: torch.Tensor) -> torch.Tensor:
-    half = up.shape[0] // 2
-    return torch.cat([up[half:], up[:half]])
+    @classmethod
+    def of(cls, parts: dict[str, torch.Tensor]) -> "LoraFactors":
+        return cls(parts["lora_down.weight"], parts["lora_up.weight"], kinds.lora.alpha_of(parts))
 
 
 def fuse(parts: list[LoraFactors], swap_halves: bool = False) -> LoraFactors:
-    """The Kohya module's factors from its diffusers parts' (see the module docstring)."""
-    first = parts[0]
-    if any(p.alpha / p.down.shape[0] != first.alpha / first.down.shape[0] for p in parts):
-        raise ValueError("the parts of a fused module need one scale (alpha / rank)")
-    if all(torch.equal(p.down, first.down) for p in parts[1:]):
-        fused = LoraFactors(first.down, torch.cat([p.up for p in parts]), first.alpha)
-    else:
-        fused = LoraFactors(torch.cat([p.down for p in parts]), torch.block_diag(*(p.up for p in parts)),
-                            sum(p.alpha for p in parts))
-    if swap_halves:
-        fused.up = _swap_halves(fused.up)
-    return fused
+    """The Kohya module's LoRA factors from its diffusers parts' (`kinds.lora.stack_rows`)."""
+    return LoraFactors.of(kinds.lora.stack_rows([p.tensors() for p in parts], swap_halves))
 
 
 def split(fused: LoraFactors, sizes: list[int], swap_halves: bool = False) -> list[LoraFactors]:
-    """The diffusers parts' factors (output sizes `sizes`) from a Kohya module's, as diffusers reads them."""
-    up = _swap_halves(fused.up) if swap_halves else fused.up
-    n, rank = len(sizes), fused.down.shape[0]
-    if n > 1 and rank % n == 0:
-        r = rank // n
-        blocks = [rows.split(r, dim=1) for rows in up.split(sizes)]  # blocks[j][k]: rows of part j, ranks k
-        if all(not blocks[j][k].any() for j in range(n) for k in range(n) if j != k):
-            return [LoraFactors(down, blocks[j][j], fused.alpha / n) for j, down in enumerate(fused.down.chunk(n))]
-    return [LoraFactors(fused.down, rows, fused.alpha) for rows in up.split(sizes)]
+    """The diffusers parts' LoRA factors (output sizes `sizes`) from a Kohya module's, as diffusers reads
+    them (`kinds.lora.split_rows`)."""
+    return [LoraFactors.of(p) for p in kinds.lora.split_rows(fused.tensors(), sizes, swap_halves)]
 
 
 def output_sizes(transformer: nn.Module, module: KohyaModule) -> list[int]:
@@ -132,22 +171,70 @@ def output_sizes(transformer: nn.Module, module: KohyaModule) -> list[int]:
     return [transformer.get_submodule(p).out_features for p in module.paths]
 
 
+def part_key(path: str) -> str:
+    """The key of a diffusers module of the transformer: `lora_unet_transformer_blocks_0_attn_to_q`."""
+    return f"{UNET_PREFIX}_{path.replace('.', '_')}"
+
+
+def export_modules(module: KohyaModule, parts: list[dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """{key: tensors} of one original module adapted on its diffusers parts: the stacked module under
+    kohya's name where the kind stacks exactly (`kinds.stack_rows`); otherwise (LoKr on qkv / linear1)
+    each part under ComfyUI's name for that diffusers module, `lora_transformer_<path>`, which ComfyUI's
+    `model_lora_keys_unet` maps onto the part's rows of the fused weight (comfy/utils.py
+    `flux_to_diffusers`: (dim 0, offset, size)) and `keys.denoiser_key` maps back here."""
+    stacked = kinds.stack_rows(parts, module.swap_halves)
+    if stacked is not None:
+        return {module.key: stacked}
+    return {f"{DIFFUSERS_PART_PREFIX}_{path.replace('.', '_')}": p for path, p in zip(module.paths, parts)}
+
+
 def split_modules(transformer: nn.Module, originals: dict[str, KohyaModule],
                   modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """{kohya key: tensors} of a file named as the transformer's original -> the same LoRA on diffusers'
-    modules, each part under its diffusers path's key (`lora_unet_transformer_blocks_0_attn_to_q`) with
-    `split`'s factors; modules that are no LoRA of an original module (text encoders) stay as they are.
-    A module without alpha has alpha = rank (scale 1), as every Kohya reader takes it."""
+    """{kohya key: tensors} of a file named as the transformer's original -> the same adapters on diffusers'
+    modules, each part under its diffusers path's key (`part_key`) with `kinds.split_rows`' tensors;
+    modules that are no adapter of an original module (text encoders, parts already) stay as they are."""
     out = {}
     for name, parts in modules.items():
         module = originals.get(name)
-        if module is None or not {"lora_down.weight", "lora_up.weight", "alpha"} >= set(parts):
+        if module is None:
             out[name] = parts
             continue
-        down = parts["lora_down.weight"]
-        fused = LoraFactors(down, parts["lora_up.weight"], float(parts.get("alpha", down.shape[0])))
-        for path, factors in zip(module.paths, split(fused, output_sizes(transformer, module), module.swap_halves)):
-            out[f"{UNET_PREFIX}_{path.replace('.', '_')}"] = {"lora_down.weight": factors.down,
-                                                              "lora_up.weight": factors.up,
-                                                              "alpha": torch.tensor(factors.alpha)}
+        try:
+            pieces = kinds.split_rows(parts, output_sizes(transformer, module), module.swap_halves)
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
+        out |= {part_key(path): piece for path, piece in zip(module.paths, pieces)}
+    return out
+
+
+def fuse_modules(transformer: nn.Module, originals: dict[str, KohyaModule],
+                 modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of `split_modules`: LoRA modules on diffusers' modules (keys of their diffusers paths,
+    `lora_unet_transformer_blocks_0_attn_to_q`, as diffusers, OneTrainer or ai-toolkit files name them) ->
+    one module per original module under Kohya's name, `fuse`d from its parts. A part the file does not
+    adapt (diffusers' default targets leave out single blocks' proj_mlp) contributes zero rows of up: the
+    fused weight change is exactly the parts' stacked. Other modules (text encoders, original names) stay."""
+    out = dict(modules)
+    for name, module in originals.items():
+        part_keys = [f"{UNET_PREFIX}_{path.replace('.', '_')}" for path in module.paths]
+        present = [k for k in part_keys if k in modules]
+        if not present or not all(kinds.is_plain_lora(modules[k]) for k in present):
+            continue  # nothing of it, or not a plain LoRA: left under the diffusers names
+        parts = []
+        for k in present:
+            down = modules[k]["lora_down.weight"]
+            parts.append(LoraFactors(down, modules[k]["lora_up.weight"], float(modules[k].get("alpha", down.shape[0]))))
+        # One scale for all parts (`fuse`): each part's scale is moved into its down where they differ.
+        scales = [p.alpha / p.down.shape[0] for p in parts]
+        if len(set(scales)) > 1:
+            parts = [LoraFactors(p.down * s, p.up, float(p.down.shape[0])) for p, s in zip(parts, scales)]
+        fused = fuse(parts)
+        sizes = output_sizes(transformer, module)
+        rows = dict(zip(present, fused.up.split([sizes[part_keys.index(k)] for k in present])))
+        up = torch.cat([rows[k] if k in rows else fused.up.new_zeros(size, fused.up.shape[1])
+                        for k, size in zip(part_keys, sizes)])
+        fused.up = exchanged_halves(up) if module.swap_halves else up
+        for k in present:
+            del out[k]
+        out[name] = {"lora_down.weight": fused.down, "lora_up.weight": fused.up, "alpha": torch.tensor(fused.alpha)}
     return out

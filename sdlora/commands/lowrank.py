@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from sdlora.commands import ADAPTER_FILES
-from sdlora.config import SAVE_PRECISIONS
+from sdlora.config import ADAPTER_FORMATS, SAVE_PRECISIONS
 from sdlora.errors import UserError
 
 
@@ -65,12 +65,22 @@ def add_command(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_merge)
 
-    p = subparsers.add_parser("convert", help="rewrite a diffusers/peft-format adapter as a Kohya file",
+    p = subparsers.add_parser("convert", help="rewrite an adapter with Kohya's or diffusers' key names",
                               description="Read an adapter as every sdlora command reads it (Kohya, LyCORIS, "
-                                          "diffusers or peft key names; bundled embeddings left out) and write it "
-                                          "with Kohya's key names, which A1111, Forge and ComfyUI load.")
+                                          "diffusers, peft, OneTrainer or ai-toolkit key names; bundled embeddings "
+                                          "left out) and write it with Kohya's key names, which A1111, Forge, "
+                                          "ComfyUI and kohya load, or with diffusers' own (--format diffusers). "
+                                          "Weight changes are kept exactly; FLUX.1's fused modules are split or "
+                                          "joined as the base's transformer lays them out.")
     p.add_argument("input", metavar="IN", help=f"adapter (.safetensors): {ADAPTER_FILES}")
-    p.add_argument("output", metavar="OUT", help="Kohya-format adapter to write (.safetensors)")
+    p.add_argument("output", metavar="OUT", help="adapter to write (.safetensors)")
+    p.add_argument("--format", choices=ADAPTER_FORMATS, default="kohya",
+                   help="key style of OUT: kohya (lora_unet_*, default) or diffusers (unet. / transformer. / "
+                        "text_encoder. lora_A / lora_B, the scale baked in; needs --base)")
+    p.add_argument("--base", metavar="BASE",
+                   help="the base the adapter is for (a diffusers folder: only its configs are read; or 'tiny', a "
+                        ".safetensors checkpoint): names the modules for --format diffusers and for writing a "
+                        "FLUX.1 adapter on diffusers' modules with Kohya's fused names")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_convert)
 
@@ -140,8 +150,9 @@ def _cmd_merge(args) -> int:
 def _cmd_convert(args) -> int:
     from sdlora.adapters.convert import convert
 
-    metadata = convert(args.input, args.output, overwrite=args.overwrite)
-    print(f"wrote {args.output} ({metadata['ss_network_module']}, dim {metadata.get('ss_network_dim', '?')})")
+    metadata = convert(args.input, args.output, overwrite=args.overwrite, output_format=args.format, base=args.base)
+    print(f"wrote {args.output} ({args.format} keys; {metadata['ss_network_module']}, "
+          f"dim {metadata.get('ss_network_dim', '?')})")
     return 0
 
 

@@ -46,6 +46,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--fuse", action="store_true", help="merge adapters into the weights (faster; A1111's way)")
     p.add_argument("--epochs-dir", metavar="DIR",
                    help="render every NAME-0000NN.safetensors (and NAME.safetensors) in DIR side by side")
+    p.add_argument("--native", action="store_true",
+                   help="one pass at the base's native area with the target's aspect ratio, the size the epoch "
+                        "scoring after training renders at: with --epochs-dir those renders are reused")
     p.add_argument("--out", metavar="DIR", help="output folder (default <output.dir>/samples)")
     p.set_defaults(func=_cmd_sample)
 
@@ -81,7 +84,7 @@ def _cmd_sample(args) -> int:
         changes["lora_scales"] = _numbers(args.scales, float, "--scales")
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **changes))
     result = run_sample(cfg, [parse_adapter_arg(x) for x in args.lora], out_dir=args.out, epochs_dir=args.epochs_dir,
-                        lora_dirs=args.lora_dir, hires=args.hires, log=print)
+                        lora_dirs=args.lora_dir, hires=args.hires, native=args.native, log=print)
     print(f"{len(result.images)} images and {len(result.grids)} grids in {result.folder}")
     for grid in result.grids:
         print(f"  {grid}")

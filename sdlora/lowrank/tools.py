@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters import apply, keys, kinds
-from sdlora.adapters.file import read_adapter, save_adapter
+from sdlora.adapters import apply, keys, kinds, transformer_keys
+from sdlora.adapters.file import diffusers_names_of, read_adapter, save_adapter
+from sdlora.adapters.kinds.rows import exchanged_halves
 from sdlora.adapters.network import (
     network_fields,
     network_metadata,
@@ -44,7 +45,7 @@ from sdlora.lowrank.svd import (
     truncate,
 )
 from sdlora.models.checkpoint import save_diffusers, save_single_file
-from sdlora.models.families import by_base_model_version
+from sdlora.models.families import FAMILIES, by_base_model_version
 from sdlora.models.load import load_base, stored_dtypes
 
 # Names of 3x3 convs in diffusers' U-Net (ResNet blocks, down/upsamplers, stem and head).
@@ -159,6 +160,9 @@ def resize(src, dst, rank: int | None = None, energy: float | None = None, max_r
     family = by_base_model_version(metadata.get("ss_base_model_version", "sd_v1"))
     new, records = resize_tensors(tensors, rank, energy, max_rank, conv_proj=family is not None and family.conv_proj)
     metadata = _resized_metadata(metadata, records, rank, energy, max_rank, src)
+    names = diffusers_names_of(src)
+    if names and not any(r.dora for r in records):  # a diffusers-style file stays one ([output] format)
+        new = keys.named_as_diffusers(keys.group_modules(new), names)
     save_adapter(dst, new, metadata, overwrite=overwrite)
     return ResizeReport(str(src), str(dst), records, src.stat().st_size, dst.stat().st_size,
                         time.perf_counter() - start)
@@ -235,14 +239,39 @@ def _load(source, what: str, dtype: torch.dtype = torch.float32):
     return load_base(ModelConfig(base=str(source)), dtype=dtype)
 
 
-def _extract_targets(base, conv_rank: int) -> dict[str, tuple[str, str]]:
-    """{kohya key: (part, module path)} of Kohya's default `transformer` targets (plus ResNet convs)."""
+def _extract_targets(base, conv_rank: int) -> dict[str, tuple[str, tuple[str, ...], bool]]:
+    """{kohya key: (part, module paths, swap_halves)} of Kohya's default targets (plus ResNet convs): one path
+    each, except a transformer named as its original (FLUX.1), whose Kohya module is the rows of several
+    diffusers modules (`transformer_keys.kohya_modules`)."""
     targets = {}
     for part, model in keys.model_parts(base).items():
+        names = transformer_keys.names_of(model) if part == "unet" else None
+        if names is not None:
+            targets.update({key: (part, module.paths, module.swap_halves)
+                            for key, module in transformer_keys.kohya_modules(model, names).items()})
+            continue
         paths = (unet_target_paths(model, "transformer", convs=conv_rank > 0) if part == "unet"
                  else text_encoder_target_paths(model))
-        targets.update({key: (part, path) for key, path in keys.module_keys(model, part, paths).items()})
+        targets.update({key: (part, (path,), False) for key, path in keys.module_keys(model, part, paths).items()})
     return targets
+
+
+def _weight_change(models: dict, part: str, paths: tuple[str, ...], swap_halves: bool) -> torch.Tensor:
+    """W_tuned - W_base (fp32) of one Kohya module: its diffusers modules' rows stacked, in the original's order."""
+    changes = []
+    for path in paths:
+        try:
+            tuned_weight = models["tuned"][part].get_submodule(path).weight
+        except AttributeError:
+            raise UserError(f"extract: the tuned model has no {part} module {path}; base and tuned must share "
+                            f"one architecture") from None
+        base_weight = models["base"][part].get_submodule(path).weight
+        if tuned_weight.shape != base_weight.shape:
+            raise UserError(f"extract: {path} is {tuple(base_weight.shape)} in the base and "
+                            f"{tuple(tuned_weight.shape)} in the tuned model; they must share one architecture")
+        changes.append(tuned_weight.detach().float() - base_weight.detach().float())
+    change = torch.cat(changes) if len(changes) > 1 else changes[0]
+    return exchanged_halves(change) if swap_halves else change
 
 
 def extract_tensors(base, tuned, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
@@ -253,19 +282,8 @@ def extract_tensors(base, tuned, rank: int | None = None, energy: float | None =
         raise UserError("extract: give exactly one of --rank R or --energy BETA")
     models = {"base": keys.model_parts(base), "tuned": keys.model_parts(tuned)}
     targets = _extract_targets(base, conv_rank)
-    weights = {}
-    for key, (part, path) in targets.items():
-        try:
-            tuned_weight = models["tuned"][part].get_submodule(path).weight
-        except AttributeError:
-            raise UserError(f"extract: the tuned model has no {part} module {path}; base and tuned must share "
-                            f"one architecture") from None
-        base_weight = models["base"][part].get_submodule(path).weight
-        if tuned_weight.shape != base_weight.shape:
-            raise UserError(f"extract: {path} is {tuple(base_weight.shape)} in the base and "
-                            f"{tuple(tuned_weight.shape)} in the tuned model; they must share one architecture")
-        weights[key] = tuned_weight.detach().float() - base_weight.detach().float()
-    te_keys = [k for k, (part, _) in targets.items() if part != "unet"]
+    weights = {key: _weight_change(models, part, paths, swap) for key, (part, paths, swap) in targets.items()}
+    te_keys = [k for k, (part, _, _) in targets.items() if part != "unet"]
     te_skipped = bool(te_keys) and max(float(weights[k].abs().max()) for k in te_keys) < te_tolerance
     if all(float(w.abs().max()) < te_tolerance for w in weights.values()):
         raise UserError(f"extract: no target weight differs by more than {te_tolerance:g} between --base and "
@@ -348,8 +366,9 @@ def load_merged(base_source, adapters: list[tuple[Path, float]], dtype: torch.dt
     exact = dtype is not None and stored_dtypes(ModelConfig(base=str(base_source))) == {dtype}
     base = _load(base_source, "BASE", dtype if exact else torch.float32)
     merged = merge_adapters(base, [(Path(p), float(m)) for p, m in adapters])
-    if dtype is not None and not exact:
-        for component in (*keys.model_parts(base).values(), base.vae):
+    if dtype is not None and not exact:  # every text encoder, FLUX.1's T5 (no adapter part) too
+        text_encoders = [getattr(base, slot.part) for slot in FAMILIES[base.family].text_encoders]
+        for component in (base.unet, *text_encoders, base.vae):
             component.to(dtype)
     return base, merged
 
@@ -365,6 +384,9 @@ def merge(base_source, adapters: list[tuple[Path, float]], out, dtype: torch.dty
         raise UserError(f"merge: OUT {out} must end with .safetensors (one checkpoint file) or have no suffix "
                         f"(a diffusers folder)")
     base, merged = load_merged(base_source, adapters, dtype)
+    if out.suffix.lower() == ".safetensors" and transformer_keys.names_of(base.unet) is not None:
+        raise UserError(f"merge: OUT {out}: a {FAMILIES[base.family].title} base is written as a diffusers folder "
+                        f"(give OUT without a suffix); its single-file layout is not written yet")
     if out.suffix.lower() == ".safetensors":
         save_single_file(base, out, dtype, overwrite=overwrite)
     else:

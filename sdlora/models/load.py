@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdlora import ASSETS
+from sdlora.config import ModelConfig
 from sdlora.digest import file_digest
 from sdlora.errors import UserError
 from sdlora.models import arch
@@ -52,8 +53,10 @@ class BaseModel:
     model_hash: str  # sha256 hex of the checkpoint file (a folder: of its unet weights)
     source: str  # what the user gave as model.base
     detected: str = ""  # a single file: how its family and prediction type were told (`info` says it)
-    text_encoder_2: Any = None  # SDXL only: OpenCLIP bigG (CLIPTextModelWithProjection)
+    text_encoder_2: Any = None  # SDXL: OpenCLIP bigG (CLIPTextModelWithProjection); FLUX.1: T5; SD3.x: CLIP-G
     tokenizer_2: Any = None
+    text_encoder_3: Any = None  # SD3.x: T5-XXL
+    tokenizer_3: Any = None
 
     def pipeline(self, scheduler=None):
         """The family's diffusers pipeline over these same components: a StableDiffusionPipeline (no
@@ -186,9 +189,12 @@ def _denoiser_parts() -> list[str]:
 
 
 def _folder_unet_weights(folder: Path) -> Path:
-    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder."""
+    """The denoiser's weights (the U-Net's, or the transformer's) of a diffusers folder. A transformer saved in
+    shards (SD3.5 Large, FLUX.1 on the Hub) is named by its shard index, whose sha256 then stands for the
+    weights: hashing every shard of a 16 GB model would cost minutes per load."""
     for part in _denoiser_parts():
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors.index.json"):
             if (folder / part / name).exists():
                 return folder / part / name
     raise UserError(f"model.base: {folder} has no {' or '.join(_denoiser_parts())}/diffusion_pytorch_model.safetensors; "
@@ -225,6 +231,8 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
                     folder, subfolder=slot.part, **te_kw).eval()
                 encoders[slot.tokenizer_part] = getattr(transformers, slot.tokenizer_class).from_pretrained(
                     folder, subfolder=slot.tokenizer_part, local_files_only=True)
+                if slot.max_length:  # the family reads this many tokens (SD3's T5: 256, as its pipeline)
+                    encoders[slot.tokenizer_part].model_max_length = slot.max_length
             noise_scheduler = getattr(diffusers, layout.scheduler_class).from_pretrained(
                 folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -235,6 +243,35 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> dict:
     family = folder_family(layout, unet, widths, prediction_type)
     return dict(vae=vae.eval(), unet=unet.eval(), noise_scheduler=noise_scheduler, family=family,
                 prediction_type=prediction_type, model_hash=file_digest(_folder_unet_weights(folder)), **encoders)
+
+
+def model_skeleton(source) -> tuple[Any, str]:
+    """(the denoiser and text encoders of a base as attributes `unet` / `transformer`, `text_encoder(_2)`,
+    the denoiser's pipeline component): what names and shapes the modules of `source` have, for tools that
+    map adapter keys without touching a weight. A diffusers folder's models are built from their configs on
+    the meta device (no weight is read: FLUX.1's 12B parameters cost nothing); other bases load whole."""
+    from types import SimpleNamespace
+
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    folder = Path(str(source)).expanduser()
+    if not (folder / "model_index.json").is_file():
+        base = load_base(ModelConfig(base=str(source)))
+        return base, FAMILIES[base.family].denoiser_part
+    layout = folder_layout(json.loads((folder / "model_index.json").read_text()))
+    try:
+        with init_empty_weights():
+            denoiser_class = getattr(diffusers, layout.denoiser_class)
+            models = {layout.denoiser_part: denoiser_class.from_config(
+                denoiser_class.load_config(folder, subfolder=layout.denoiser_part))}
+            for slot in layout.text_encoders:
+                model_class = getattr(transformers, slot.model_class)
+                models[slot.part] = model_class(model_class.config_class.from_pretrained(folder / slot.part))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}: cannot read the diffusers folder's model configs: {e}") from e
+    return SimpleNamespace(**models), layout.denoiser_part
 
 
 def load_hub(source: str, dtype: torch.dtype) -> dict:

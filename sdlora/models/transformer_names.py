@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sdlora.kohya_names import FLUX_MODULATION_ARGS, SD3_MODULATION_ARGS
+
 # Per block: {original path: diffusers paths whose outputs are its rows, in order}.
 FLUX_DOUBLE = {
     "img_mod.lin": ("norm1.linear",),
@@ -83,10 +85,15 @@ SD3_OUTER = {  # kohya's emb_dims
 @dataclass(frozen=True)
 class TransformerNames:
     """How one family's transformer is named in the original: its block lists
-    (original prefix, diffusers prefix, per-block table) and the modules outside them."""
+    (original prefix, diffusers prefix, per-block table) and the modules outside them;
+    `block_kinds` names each block list as kohya's train_blocks does ("double", "single"), and
+    `modulation` holds the per-block paths of the modulation linears (kohya's *_mod_dim)."""
 
     blocks: tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...]
     outer: dict[str, tuple[str, ...]]
+    block_kinds: tuple[str, ...] = ()
+    modulation: frozenset[str] = frozenset()
+    modulation_args: tuple[str, ...] = ()  # kohya's network_args whose 0s drop `modulation`
     # Tensors of no Linear: {original block list: {name in a block: diffusers name}}, and outside the blocks.
     block_tensors: dict[str, dict[str, str]] = field(default_factory=dict)
     outer_tensors: dict[str, str] = field(default_factory=dict)
@@ -105,9 +112,13 @@ SD3_JOINT_NORMS = {"x_block.attn.ln_q.weight": "attn.norm_q.weight", "x_block.at
 
 FLUX_NAMES = TransformerNames((("double_blocks", "transformer_blocks", FLUX_DOUBLE),
                                ("single_blocks", "single_transformer_blocks", FLUX_SINGLE)), FLUX_OUTER,
-                              {"double_blocks": FLUX_DOUBLE_NORMS, "single_blocks": FLUX_SINGLE_NORMS})
-SD3_NAMES = TransformerNames((("joint_blocks", "transformer_blocks", SD3_JOINT),), SD3_OUTER,
-                             {"joint_blocks": SD3_JOINT_NORMS}, {"pos_embed": "pos_embed.pos_embed"})
+                              ("double", "single"), frozenset({"img_mod.lin", "txt_mod.lin", "modulation.lin"}),
+                              FLUX_MODULATION_ARGS,
+                              block_tensors={"double_blocks": FLUX_DOUBLE_NORMS, "single_blocks": FLUX_SINGLE_NORMS})
+SD3_NAMES = TransformerNames((("joint_blocks", "transformer_blocks", SD3_JOINT),), SD3_OUTER, ("joint",),
+                             frozenset({"context_block.adaLN_modulation.1", "x_block.adaLN_modulation.1"}),
+                             SD3_MODULATION_ARGS, block_tensors={"joint_blocks": SD3_JOINT_NORMS},
+                             outer_tensors={"pos_embed": "pos_embed.pos_embed"})
 
 
 # The transformers named as in their originals, by diffusers class.
@@ -146,8 +157,10 @@ def original_modules(transformer: nn.Module, names: TransformerNames, outer: boo
     return found
 
 
-def _swap(rows: torch.Tensor) -> torch.Tensor:
-    return torch.cat(rows.chunk(2)[::-1])
+def exchanged_halves(rows: torch.Tensor) -> torch.Tensor:
+    """The two halves of the rows exchanged: the originals' (shift, scale) <-> diffusers' (scale, shift)."""
+    half = rows.shape[0] // 2
+    return torch.cat([rows[half:], rows[:half]])
 
 
 def _tensor_renames(transformer: nn.Module, names: TransformerNames) -> dict[str, str]:
@@ -173,7 +186,7 @@ def state_from_original(state: dict, transformer: nn.Module, names: TransformerN
             if rows is None:
                 continue
             if module.swap_halves:
-                rows = _swap(rows)
+                rows = exchanged_halves(rows)
             sizes = ([transformer.get_submodule(p).out_features for p in module.paths] if len(module.paths) > 1
                      else [rows.shape[0]])
             out.update({f"{path}.{tensor}": part for path, part in zip(module.paths, rows.split(sizes))})
@@ -192,7 +205,7 @@ def state_to_original(state: dict, transformer: nn.Module, names: TransformerNam
             keys = [f"{p}.{tensor}" for p in module.paths]
             if all(k in state for k in keys):
                 rows = torch.cat([state.pop(k) for k in keys])
-                out[f"{module.original}.{tensor}"] = _swap(rows) if module.swap_halves else rows
+                out[f"{module.original}.{tensor}"] = exchanged_halves(rows) if module.swap_halves else rows
     renames = {v: k for k, v in _tensor_renames(transformer, names).items()}
     out.update({renames[k]: state.pop(k) for k in list(state) if k in renames})
     return out | state

@@ -23,6 +23,7 @@ from sdlora.errors import UserError
 from sdlora.io import inside
 from sdlora.models.prompts import PromptLine, extract_networks, find_lora
 from sdlora.sampling.infotext import parameters_for, save_png
+from sdlora.sampling.render_cache import RenderCache
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _batches(items: list, size: int):
 
 def render_grid(sampler, prompts: list, seeds: list[int], columns: list[tuple[str, callable]],
                 folder: Path, stem: str, *, width: int, height: int, steps: int, hires: str,
-                log, lora_dirs=()) -> SampleResult:
+                log, lora_dirs=(), cache: RenderCache | None = None) -> SampleResult:
     """Render prompts (rows) x columns for every seed; save the full images and one grid per seed.
 
     prompts: strings or prompt-file lines (`prompts.PromptLine`, whose options override the
@@ -87,6 +88,7 @@ def render_grid(sampler, prompts: list, seeds: list[int], columns: list[tuple[st
     tags load that adapter (searched in lora_dirs) for their row only.
     columns: (label, prepare) pairs; prepare() applies that column's adapters and returns
     (column scale, adapter file recorded with its images or None).
+    cache: renders drawn before with the same settings are taken from it (`render_cache`).
     """
     s = sampler.cfg.sample
     result = SampleResult(folder=folder)
@@ -103,7 +105,7 @@ def render_grid(sampler, prompts: list, seeds: list[int], columns: list[tuple[st
     for c, (label, prepare) in enumerate(columns):
         scale, lora_file = prepare()
         column_weights = list(sampler.adapters.current)
-        started = time.time()
+        started, reused = time.time(), cache.hits if cache else 0
         for (w, h, n_steps, cfg_scale, sampler_name, negative, tags), group in itertools.groupby(
                 pairs, key=lambda pair: settings(rows[pair[0]])):
             weights = [dict(tags).get(id(a), 0.0) if a.from_prompt else cw
@@ -112,15 +114,22 @@ def render_grid(sampler, prompts: list, seeds: list[int], columns: list[tuple[st
                 sampler.adapters.set_weights(weights)
             for batch in _batches(list(group), s.batch_size):
                 row_seeds = [rows[p].line.seed if rows[p].line.seed is not None else seeds[i] for p, i in batch]
-                images, params = sampler.render([rows[p].text for p, _ in batch], row_seeds, w, h, n_steps, hires,
-                                                [negative] * len(batch), cfg_scale, sampler_name)
-                for (p, i), seed, image in zip(batch, row_seeds, images):
+                call = ([rows[p].text for p, _ in batch], row_seeds, w, h, n_steps, hires, [negative] * len(batch),
+                        cfg_scale, sampler_name)
+                if cache is None:
+                    images, shared = sampler.render(*call)
+                    params = [shared] * len(images)
+                else:
+                    images, params = cache.render(sampler, *call)
+                for (p, i), seed, image, param in zip(batch, row_seeds, images, params):
                     path = inside(folder, folder / f"{stem}_{label_slug(label)}_p{p:02d}_seed{seed}.png")
                     save_png(image, path, parameters_for(rows[p].line.prompt, seed, sampler.adapters.adapters,
-                                                         weights, negative, params))
+                                                         weights, negative, param))
                     result.images.append(Rendered(path, rows[p].line.prompt, seed, scale, lora_file, image))
                     cells[i, p, c] = image
-        log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s")
+        reused = cache.hits - reused if cache else 0
+        log(f"  {label}: {len(pairs)} images in {time.time() - started:.1f}s"
+            + (f" ({reused} drawn before, from {cache.folder})" if reused else ""))
     labels = [label for label, _ in columns]
     for i, seed in enumerate(seeds):
         grid = make_grid([[cells[i, p, c] for c in range(len(columns))] for p in range(len(rows))],

@@ -50,11 +50,12 @@ def parse_infotext(text: str) -> dict[str, str]:
     return result
 
 
-def save_png(image, path: Path, parameters: str) -> None:
+def save_png(image, path: Path, parameters: str, key: str = "parameters") -> None:
+    """Write a PNG atomically with `parameters` as its text chunk `key` (A1111's "parameters")."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", parameters)
+    info.add_text(key, parameters)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 

@@ -23,9 +23,9 @@ Before anything is loaded, every module key of a file is matched against the bas
 Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
 unmatched keys silently.
 
-FLUX.1 (a family without classifier-free guidance, `family.classifier_free_guidance`) renders in one
-FluxPipeline pass (`Sampler.render_distilled`): flow-matching Euler, dev's distilled guidance, sides at
-the next multiple of 16 and cropped.
+FLUX.1 and SD3.x (`family.one_pass`) render in one pass of their pipeline (`Sampler.render_one_pass`):
+flow-matching Euler, FLUX.1 dev's distilled guidance or SD3's classifier-free guidance with its
+skip-layer guidance option, sides at the next multiple of 16 and cropped.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
@@ -60,6 +60,7 @@ from sdlora.sampling.grids import (
     render_grid,
     sweep_columns,
 )
+from sdlora.sampling.render_cache import RenderCache
 
 # config name -> (diffusers scheduler class, extra config, A1111's sampler name, A1111's schedule type).
 # A1111 (1.9+) writes the sampler and its sigma schedule as two fields: "Sampler: DPM++ 2M,
@@ -327,8 +328,8 @@ class Sampler:
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
-        if not self.family.classifier_free_guidance:
-            return self.render_distilled(prompts, seeds, width, height, steps, s)
+        if self.family.one_pass:
+            return self.render_one_pass(prompts, seeds, width, height, steps, s, negatives)
         if s.sampler != self.scheduler_name:
             self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
             self.scheduler_name = s.sampler
@@ -383,12 +384,15 @@ class Sampler:
                            "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
         return images, params
 
-    def render_distilled(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
-                         s) -> tuple[list, dict]:
-        """`render` for a guidance-distilled family (FLUX.1): one pass of the family's pipeline with
-        flow-matching Euler, no negative prompt and no classifier-free guidance; dev takes
-        `sample.guidance_scale` as its input, schnell ignores it. The prompts are encoded by the family
-        as they are written (A1111's emphasis, BREAK and prompt editing are SD's rules).
+    def render_one_pass(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
+                        s, negatives: list[str] | None = None) -> tuple[list, dict]:
+        """`render` for a family that renders in one pass of its pipeline (`family.one_pass`: FLUX.1, SD3.x)
+        with flow-matching Euler from the base's scheduler config. The prompts are encoded by the family as
+        they are written (A1111's emphasis, BREAK and prompt editing are SD's rules).
+
+        FLUX.1 (no classifier-free guidance) takes no negative prompt; dev takes `sample.guidance_scale` as its
+        input, schnell ignores it. SD3.x guides with the negative prompts at `cfg_scale`, and with
+        skip-layer guidance when `skip_layer_guidance_scale` > 0 (diffusers' arguments of the same names).
 
         Sides are rendered at the next multiple of `family.size_multiple` and centre-cropped to the
         requested size (1080x720 -> 1088x720, 4 px off each side); the infotext's Size is the image's
@@ -398,19 +402,45 @@ class Sampler:
         noise_device = "cpu" if self.device == "mps" else self.device
         generator = [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]
         text = self.encode(list(prompts))
+        guided = getattr(self.pipe.transformer.config, "guidance_embeds", False)  # FLUX.1 dev's guidance input
+        kwargs, params = {"guidance_scale": s.guidance_scale}, {"CFG scale": 1.0}
+        if self.family.classifier_free_guidance:
+            negative = self.encode(list(negatives) if negatives else [s.negative_prompt] * len(prompts))
+            kwargs = {"guidance_scale": s.cfg_scale, "negative_prompt_embeds": negative.hidden,
+                      "negative_pooled_prompt_embeds": negative.pooled, **self.skip_layer_guidance(s)}
+            params = {"CFG scale": float(s.cfg_scale), "Skip layer guidance": skip_layer_note(s)}
         images = self.pipe(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, width=w0, height=h0,
-                           num_inference_steps=steps, guidance_scale=s.guidance_scale, generator=generator).images
+                           num_inference_steps=steps, generator=generator, **kwargs).images
         left, top = (w0 - width) // 2, (h0 - height) // 2
         images = [im.crop((left, top, left + width, top + height)) for im in images]
         # Forge's names for FLUX.1: CFG scale 1 (none) and the distilled guidance apart.
-        guided = self.pipe.transformer.config.guidance_embeds  # dev; schnell has no guidance input
-        params = {"Steps": steps, "Sampler": FLOW_SAMPLER[0], "Schedule type": FLOW_SAMPLER[1], "CFG scale": 1.0,
+        params = {"Steps": steps, "Sampler": FLOW_SAMPLER[0], "Schedule type": FLOW_SAMPLER[1], **params,
                   "Distilled CFG Scale": float(s.guidance_scale) if guided else None, "Seed": None,
                   "Size": f"{width}x{height}",
                   "Render size": f"{w0}x{h0}, centre-cropped" if (w0, h0) != (width, height) else None,
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "RNG": "CPU" if noise_device == "cpu" else None}
         return images, params
+
+    def skip_layer_guidance(self, s) -> dict:
+        """StableDiffusion3Pipeline's skip-layer guidance arguments from [sample] (none when its scale is 0):
+        from step start x steps to stop x steps, the prediction moves by scale x (text - text with the
+        `skip_guidance_layers` transformer blocks skipped)."""
+        if not s.skip_layer_guidance_scale:
+            return {}
+        blocks = len(self.pipe.transformer.transformer_blocks)
+        outside = [i for i in s.skip_guidance_layers if i >= blocks]
+        if outside or not s.skip_guidance_layers:
+            raise UserError(f"[sample] skip_guidance_layers = {list(s.skip_guidance_layers)}: {self.base.name} has "
+                            f"transformer blocks 0 to {blocks - 1}; name some of them, or set "
+                            "skip_layer_guidance_scale = 0")
+        if s.skip_layer_guidance_start >= s.skip_layer_guidance_stop:
+            raise UserError(f"[sample] skip_layer_guidance_start = {s.skip_layer_guidance_start:g} is not before "
+                            f"skip_layer_guidance_stop = {s.skip_layer_guidance_stop:g}; start must be the smaller")
+        return {"skip_guidance_layers": list(s.skip_guidance_layers),
+                "skip_layer_guidance_scale": s.skip_layer_guidance_scale,
+                "skip_layer_guidance_start": s.skip_layer_guidance_start,
+                "skip_layer_guidance_stop": s.skip_layer_guidance_stop}
 
     def tile_size(self, s) -> tuple[int, int]:
         """(tile side, overlap) of the tiled pass in pixels: the base's native size and a quarter of
@@ -514,15 +544,24 @@ def _prompts(cfg) -> list[str]:
     return list(cfg.sample.prompts)
 
 
+def skip_layer_note(s) -> str | None:
+    """The infotext's "Skip layer guidance" value: scale, layers and the share of steps it runs in; None when off."""
+    if not s.skip_layer_guidance_scale:
+        return None
+    layers = ", ".join(str(i) for i in s.skip_guidance_layers)
+    return (f"{s.skip_layer_guidance_scale:g} (layers {layers}; steps {s.skip_layer_guidance_start:g}-"
+            f"{s.skip_layer_guidance_stop:g})")
+
+
 def _hires_note(mode: str) -> str:
     return {"off": "", "on": ", hires", "tiled": ", tiled hires"}[mode]
 
 
 def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str, str]:
-    """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A guidance-distilled family
-    (FLUX.1) renders in one flow-matching Euler pass (the hires and tiled passes are SD's; a note says so when
+    """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A one-pass family
+    (FLUX.1, SD3.x) renders in one flow-matching Euler pass (the hires and tiled passes are SD's; a note says so when
     they would have run), in its own steps (schnell: 4) where the config leaves `steps` at its default."""
-    if family.classifier_free_guidance:
+    if not family.one_pass:
         return s.steps, hires, s.sampler
     steps = family.sample_steps if family.sample_steps and s.steps == SampleConfig.steps else s.steps
     if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
@@ -532,14 +571,17 @@ def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str
 
 
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
-               fuse: bool | None = None, lora_dirs=()) -> SampleResult:
+               fuse: bool | None = None, lora_dirs=(), native: bool = False) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
 
     loras: [(path, weight or None)], all applied together. None sweeps the file over
     `sample.lora_scales` (the grid columns, 0 = the base); a number fixes its weight in every
     column. Default: the trained `<output.dir>/<output_name>.safetensors`, swept.
     epochs_dir: the columns are the `NAME-0000NN.safetensors` files there and the final
-    `NAME.safetensors` instead, each at weight 1 (`loras` is not used).
+    `NAME.safetensors` instead, each at weight 1 (`loras` is not used), merged into the weights one at a
+    time unless `fuse` says otherwise (as the epoch scoring renders them).
+    native: one pass at the base's native area with the target's aspect ratio (`first_pass_size`), the
+    size the epoch scoring renders at: `--epochs-dir` after training then draws nothing new.
     Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
     Prompts: `sample.prompt_file` (kohya's syntax) when set, else `sample.prompts`; their
     `<lora:name:w>` tags load adapters found in lora_dirs (then no default adapter is needed).
@@ -559,11 +601,16 @@ def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str 
         else:
             loras = [(default, None)]
     folder = Path(out_dir) if out_dir else cfg.output_dir / "samples"
-    sampler = Sampler(cfg, fuse=fuse)
+    sampler = Sampler(cfg, fuse=True if fuse is None and epochs_dir else fuse)
+    if native:
+        width, height = first_pass_size(s.width, s.height, sampler.base.resolution)
+        hires = "off"
+    else:
+        width, height = s.width, s.height
     steps, hires, scheduler = pass_settings(sampler.family, s, hires or s.hires, sampler.base.resolution, log)
-    size = dict(width=s.width, height=s.height, steps=steps, hires=hires)
-    log(f"sampling {sampler.base.info()} at {s.width}x{s.height}, {steps} steps, {scheduler}"
-        f"{_hires_note(hires_mode(hires, s.width, s.height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
+    size = dict(width=width, height=height, steps=steps, hires=hires, cache=RenderCache.of(cfg))
+    log(f"sampling {sampler.base.info()} at {width}x{height}, {steps} steps, {scheduler}"
+        f"{_hires_note(hires_mode(hires, width, height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")
     try:
         if epochs_dir:
             def column(path):
@@ -607,7 +654,7 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
         prompts = [rules.extract_networks(p)[0] for p in _prompts(cfg)]  # the trained adapter alone: no tags
         result = render_grid(sampler, prompts, sample_cfg.seeds, sweep_columns(sampler, [0.0, 1.0]), folder,
                              "preview", width=w, height=h, steps=cfg.sample.preview_steps, hires="off",
-                             log=lambda m: None)
+                             log=lambda m: None, cache=RenderCache.of(cfg))
     finally:
         sampler.adapters.close()
     return result.grids[0]

@@ -80,6 +80,8 @@ MINI_SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=FLOW_LATENT
                             + MINI_SDXL_TEXT_ENCODER_2["projection_dim"],
                             pos_embed_max_size=16, qk_norm="rms_norm")
 MINI_SD35_MEDIUM_TRANSFORMER = dict(MINI_SD3_TRANSFORMER, dual_attention_layers=(0,))
+# SD3's VAE: 16 channels, latents (z - 0.0609) x 1.5305 (its config's shift_factor / scaling_factor).
+MINI_SD3_VAE = dict(MINI_FLUX_VAE, shift_factor=0.0609, scaling_factor=1.5305)
 
 OPEN_CLIP = dict(embed_dim=64, init_logit_bias=-5.0,
                  vision_cfg=dict(image_size=64, layers=4, width=96, patch_size=8, head_width=32),
@@ -194,3 +196,21 @@ def build_flux_pipeline(guidance: bool = True, seed: int = 0):
                  if guidance else FlowMatchEulerDiscreteScheduler(shift=1.0))
     return FluxPipeline(scheduler=scheduler, vae=AutoencoderKL(**MINI_FLUX_VAE), tokenizer=clip_tokenizer(),
                         tokenizer_2=t5_tokenizer(), **parts)
+
+
+def build_sd3_pipeline(medium: bool = False, seed: int = 0):
+    """A StableDiffusion3Pipeline of random SD3.5-architecture components at test size (`build_sd3_components`,
+    a 16-channel VAE with SD3's latent factors, offline tokenizers, SD3.5's scheduler config: shift 3.0);
+    save_pretrained makes a base folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        StableDiffusion3Pipeline,
+    )
+
+    parts = build_sd3_components(medium, seed)
+    torch.manual_seed(seed + 1)
+    return StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=AutoencoderKL(**MINI_SD3_VAE), tokenizer=clip_tokenizer(),
+                                    tokenizer_2=open_clip_tokenizer(), tokenizer_3=t5_tokenizer(), **parts)

@@ -167,6 +167,13 @@ class Trainer:
         with acc.main_process_first():  # one process rebuilds a stale manifest, the others read it
             dataset = collect_examples(cfg, log=self._main_log, manifest=manifest)  # what config_hash covers
         examples, validation = split_held_out(dataset)
+        # A transformer's patch grid (FLUX.1, SD3.x: 16 px); SD's U-Nets take every bucket the config allows, as before.
+        m = self.family.size_multiple
+        off_grid = sorted({str(ex.bucket) for ex in dataset if m > 8 and (ex.bucket.width % m or ex.bucket.height % m)})
+        if off_grid:
+            raise UserError(f"{cfg.source}: {self.family.title} needs image sides that are multiples of {m} px, and "
+                            f"bucket(s) {', '.join(off_grid[:3])} are not; set [dataset] bucket_reso_steps, "
+                            f"min_bucket_reso and resolution to multiples of {m}")
         self.validation_losses: list[tuple[int, float]] = []  # (epoch, loss) of the held-out images
         if validation:
             self._main_log(f"validation: {len(validation)} image(s) held out (dataset.validation_split = "

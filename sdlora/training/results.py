@@ -41,6 +41,7 @@ from sdlora.models.prompts import extract_networks
 from sdlora.sampling.grids import epoch_files, make_grid
 from sdlora.sampling.infotext import save_png
 from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
+from sdlora.sampling.render_cache import RenderCache
 from sdlora.sampling.sampler import Sampler, first_pass_size
 
 ADHERENCE_KEEP = 0.5  # share of the base's adherence above chance an epoch must keep not to count as over-fitted
@@ -103,8 +104,10 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=pr
     w, h = first_pass_size(s.width, s.height, sampler.base.resolution)
     style_hist = hue_sat_histogram(style)
 
+    cache = RenderCache.of(cfg)  # `sdlora sample --epochs-dir --native` finds these renders there
+
     def render() -> list:
-        return sampler.render([p for p, _ in pairs], [seed for _, seed in pairs], w, h, s.steps, hires="off")[0]
+        return cache.render(sampler, [p for p, _ in pairs], [seed for _, seed in pairs], w, h, s.steps, "off")[0]
 
     scores = []
     try:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapters import keys, kinds
 from sdlora.adapters.file import save_adapter
 from sdlora.adapters.network import Settings, adapter_metadata
 from sdlora.config import Config
 from sdlora.errors import UserError
+from sdlora.models.families import FAMILIES
 from sdlora.models.load import DTYPES
 from sdlora.sampling import sampler
 from sdlora.training import state as training_state
@@ -58,6 +60,10 @@ class Saver:
         self.data, self.progress, self.log = data, progress, log
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.steps_per_epoch, self.total_steps, self.epochs = plan
+        if cfg.output.format == "diffusers" and (kinds.for_network_type(cfg.network.type) is not kinds.lora
+                                                 or cfg.network.dora):
+            raise UserError(f"[output] format = \"diffusers\" holds LoRA and LoCon only, not [network] type = "
+                            f"{cfg.network.type!r}{' with dora' if cfg.network.dora else ''}; set format = \"kohya\"")
 
     def adapter(self, path: Path, epoch: int, step: int) -> None:
         """The Kohya-format adapter at `path` in train.save_precision, with kohya's ss_* metadata."""
@@ -71,7 +77,15 @@ class Saver:
         metadata = adapter_metadata(cfg, self.base, stats, tag_frequency(examples),
                                     dataset_dirs(examples, reg=False), settings=self.settings)
         metadata["sdlora_config_hash"] = stats["config_hash"]  # `sdlora run` skips retraining on a match
-        save_adapter(path, self.network.kohya_state_dict(DTYPES[cfg.train.save_precision]), metadata, overwrite=True)
+        dtype = DTYPES[cfg.train.save_precision]
+        if cfg.output.format == "diffusers":  # the scale baked into lora_A in fp32, then rounded once
+            tensors = {k: v.to(dtype) for k, v in keys.to_diffusers_names(
+                self.network.kohya_state_dict(torch.float32), self.network.models,
+                FAMILIES[self.base.family].denoiser_part).items()}
+            metadata["format"] = "pt"  # what diffusers' own files carry
+        else:
+            tensors = self.network.kohya_state_dict(dtype)
+        save_adapter(path, tensors, metadata, overwrite=True)
 
     def state(self, epoch: int, batch_in_epoch: int, step: int, losses: list[float]) -> None:
         """Everything --resume needs to continue bit for bit, as data (`state.py`): no pickle."""

@@ -41,10 +41,16 @@ def set_attention(unet: nn.Module, kind: str, where: str = "train.attention") ->
     xformers: xformers' memory-efficient attention, which needs the package and a CUDA GPU."""
     require_attention(kind, where)
     if kind == "sdpa":
-        from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+        from diffusers.models.attention_processor import (
+            Attention,
+            AttnProcessor2_0,
+            JointAttnProcessor2_0,
+        )
 
-        # U-Nets' Attention modules; FLUX's FluxAttention computes with PyTorch's SDPA by default
-        if any(isinstance(m, Attention) for m in unet.modules()):
+        # U-Nets' Attention modules; FLUX's FluxAttention and SD3's joint attention (JointAttnProcessor2_0, which
+        # AttnProcessor2_0 would break: it drops the text stream) compute with PyTorch's SDPA by default.
+        attention = [m for m in unet.modules() if isinstance(m, Attention)]
+        if attention and not any(isinstance(m.processor, JointAttnProcessor2_0) for m in attention):
             unet.set_attn_processor(AttnProcessor2_0())
     else:
         unet.enable_xformers_memory_efficient_attention()

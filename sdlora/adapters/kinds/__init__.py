@@ -151,3 +151,23 @@ def stated_weight_shape(parts: dict[str, torch.Tensor]) -> tuple[int, ...] | Non
     """The base weight's shape as the module states it; None when it stores [out, in * kh * kw] flattened
     (LoHa, LoKr without a kernel), so the kernel must come from elsewhere."""
     return kind_of(parts).weight_shape(parts)
+
+
+def stack_rows(parts: list[dict[str, torch.Tensor]], swap_halves: bool = False) -> dict[str, torch.Tensor] | None:
+    """One module whose change is the parts' changes stacked by rows, [dW_1; ...; dW_n] (with
+    swap_halves, the rows' two halves exchanged after), exactly; DoRA's per-row magnitudes concatenate.
+    None when the kind cannot write it so (LoKr). The parts are one kind with one scale alpha / r."""
+    stacked = kind_of(parts[0]).stack_rows(parts, swap_halves)
+    if stacked is None or not has_dora(parts[0]):
+        return stacked
+    return stacked | {dora.TENSOR: dora.stack_rows([p[dora.TENSOR] for p in parts], swap_halves)}
+
+
+def split_rows(parts: dict[str, torch.Tensor], sizes: list[int], swap_halves: bool = False
+               ) -> list[dict[str, torch.Tensor]]:
+    """The modules of the parts (output sizes `sizes`) of a module whose rows stack them, each changing
+    its part's rows exactly as the module changes them (the inverse of `stack_rows`)."""
+    pieces = kind_of(parts).split_rows(parts, sizes, swap_halves)
+    if not has_dora(parts):
+        return pieces
+    return [piece | {dora.TENSOR: m} for piece, m in zip(pieces, dora.split_rows(parts[dora.TENSOR], sizes, swap_halves))]

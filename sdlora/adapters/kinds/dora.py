@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from sdlora.adapters.kinds.rows import exchanged_halves
 from sdlora.errors import UserError
 
 TENSOR = "dora_scale"
@@ -38,3 +39,17 @@ def dora_delta(base_weight: torch.Tensor, update: torch.Tensor, magnitude: torch
     shape[axis] = -1
     norm = norm.reshape(shape) + torch.finfo(torch.float32).eps  # LyCORIS's guard against a zero column
     return weight * (magnitude.float().reshape(shape) / norm) - base_weight.float()
+
+
+def stack_rows(magnitudes: list[torch.Tensor], swap_halves: bool = False) -> torch.Tensor:
+    """The magnitude of a module whose rows are the parts' rows: per-output-row magnitudes [out_j, 1]
+    concatenate, since each row's norm involves that row alone."""
+    stacked = torch.cat(magnitudes)
+    return exchanged_halves(stacked) if swap_halves else stacked
+
+
+def split_rows(magnitude: torch.Tensor, sizes: list[int], swap_halves: bool = False) -> list[torch.Tensor]:
+    if magnitude.shape[0] != sum(sizes) or magnitude.numel() != sum(sizes):
+        raise UserError(f"dora_scale of shape {tuple(magnitude.shape)} on a fused module of {sum(sizes)} rows: only "
+                        f"a per-output-row magnitude [{sum(sizes)}, 1] can be cut onto its parts")
+    return list((exchanged_halves(magnitude) if swap_halves else magnitude).split(sizes))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sdlora.adapters.kinds.lycoris import lycoris_peft_config
+from sdlora.adapters.kinds.rows import common_scale, diagonal_blocks, exchanged_halves
 from sdlora.adapters.kinds.tucker import tucker, tucker_pair
 
 NAME = "loha"
@@ -95,3 +96,43 @@ def peft_alpha(layer, adapter: str) -> float:
 def file_factor(suffix: str, suffixes, scale: float) -> float:
     """What a peft tensor is multiplied by in the file: 1, peft's LoHa tensors are the file's."""
     return 1.0
+
+
+def stack_rows(parts: list[dict[str, torch.Tensor]], swap_halves: bool = False) -> dict[str, torch.Tensor] | None:
+    """One module whose change is the parts' stacked, [dW_1; ...; dW_n], exactly: with the output-side
+    factors block-diagonal and the input-side ones stacked,
+
+        w1_a = blockdiag(w1_a_j), w1_b = [w1_b_1; ...; w1_b_n]   (w2 likewise)
+
+    row block j of (w1_a @ w1_b) * (w2_a @ w2_b) is (w1_a_j @ w1_b_j) * (w2_a_j @ w2_b_j); the rank is
+    n r and alpha n alpha, so the scale alpha / r is kept. swap_halves exchanges the row halves of
+    w1_a and w2_a (a row permutation of both factors permutes the Hadamard product's rows).
+    None for Tucker modules (convs, never fused)."""
+    if any(TUCKER in p for p in parts):
+        return None
+    scale = common_scale([float(p.get("alpha", rank(p))) / rank(p) for p in parts])
+    stacked = {}
+    for a, b in (("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")):
+        up = torch.block_diag(*(p[a] for p in parts))
+        stacked[a] = exchanged_halves(up) if swap_halves else up
+        stacked[b] = torch.cat([p[b] for p in parts])
+    return stacked | {"alpha": torch.tensor(scale * stacked["hada_w1_b"].shape[0])}
+
+
+def split_rows(parts: dict[str, torch.Tensor], sizes: list[int], swap_halves: bool = False
+               ) -> list[dict[str, torch.Tensor]]:
+    """The parts (output sizes `sizes`) of a module their rows stack into, each exact: when w1_a and
+    w2_a are block-diagonal over n equal rank chunks (`stack_rows`' layout), the diagonal blocks with
+    the input-side factors' chunks (alpha / n each); otherwise every part keeps the whole input-side
+    factors and its rows of w1_a and w2_a (alpha as it is)."""
+    ups = {a: exchanged_halves(parts[a]) if swap_halves else parts[a] for a in ("hada_w1_a", "hada_w2_a")}
+    alpha, n = float(parts.get("alpha", rank(parts))), len(sizes)
+    diagonal = {a: diagonal_blocks(up, sizes) for a, up in ups.items()}
+    if all(d is not None for d in diagonal.values()):
+        chunks = {b: parts[b].chunk(n) for b in ("hada_w1_b", "hada_w2_b")}
+        return [{"hada_w1_a": diagonal["hada_w1_a"][j], "hada_w1_b": chunks["hada_w1_b"][j],
+                 "hada_w2_a": diagonal["hada_w2_a"][j], "hada_w2_b": chunks["hada_w2_b"][j],
+                 "alpha": torch.tensor(alpha / n)} for j in range(n)]
+    w1, w2 = ups["hada_w1_a"].split(sizes), ups["hada_w2_a"].split(sizes)
+    return [{"hada_w1_a": w1[j], "hada_w1_b": parts["hada_w1_b"], "hada_w2_a": w2[j], "hada_w2_b": parts["hada_w2_b"],
+             "alpha": torch.tensor(alpha)} for j in range(n)]

@@ -15,6 +15,7 @@ import torch
 
 from sdlora.adapters.kinds.lycoris import lycoris_peft_config
 from sdlora.adapters.kinds.tucker import full_pair, tucker, tucker_pair
+from sdlora.errors import UserError
 
 NAME = "lokr"
 NETWORK_TYPES = ("lokr",)  # [network] type values
@@ -110,3 +111,17 @@ def file_factor(suffix: str, suffixes, scale: float) -> float:
     """What a peft tensor is multiplied by in the file. LyCORIS and the UIs give a LoKr with both
     factors full scale 1 whatever alpha says; peft scales it by alpha / r, folded into w1."""
     return scale if suffix == "lokr_w1" and "lokr_w2" in suffixes else 1.0
+
+
+def stack_rows(parts: list[dict[str, torch.Tensor]], swap_halves: bool = False) -> dict[str, torch.Tensor] | None:
+    """None: the rows of several Kronecker products stacked are no Kronecker product (nor, in general, are
+    kron(w1, w2)'s with its halves exchanged), so a LoKr module stays on its own Linear; one part as it is."""
+    return parts[0] if len(parts) == 1 and not swap_halves else None
+
+
+def split_rows(parts: dict[str, torch.Tensor], sizes: list[int], swap_halves: bool = False
+               ) -> list[dict[str, torch.Tensor]]:
+    if len(sizes) == 1 and not swap_halves:
+        return [parts]
+    raise UserError("a LoKr module on a fused Linear (qkv, linear1) cannot be cut onto its parts as a LoKr; "
+                    "write it per part (lora_transformer_<diffusers path>), as sdlora exports LoKr")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from sdlora.adapters.kinds.rows import common_scale, diagonal_blocks, exchanged_halves
 from sdlora.adapters.kinds.tucker import tucker, tucker_pair
 from sdlora.errors import UserError
 
@@ -117,3 +118,45 @@ def peft_alpha(layer, adapter: str) -> float:
 def file_factor(suffix: str, suffixes, scale: float) -> float:
     """What a peft tensor is multiplied by in the file: 1, peft's LoRA tensors are the file's."""
     return 1.0
+
+
+def alpha_of(parts: dict[str, torch.Tensor]) -> float:
+    """The module's alpha; a module without one loads as alpha = rank (scale 1), as every Kohya reader takes it."""
+    return float(parts["alpha"]) if "alpha" in parts else float(rank(parts))
+
+
+def stack_rows(parts: list[dict[str, torch.Tensor]], swap_halves: bool = False) -> dict[str, torch.Tensor] | None:
+    """One module whose change is the parts' stacked, [dW_1; ...; dW_n] (rank r and scale alpha / r each):
+
+        one down shared by the parts (kohya's own training):  down = A,              up = [B_1; ...; B_n],  alpha
+        a down per part:                                      down = [A_1; ...; A_n],  up = blockdiag(B_j),  n alpha
+
+    both exact: row block j of up @ down is B_j A_j, and n alpha / (n r) = alpha / r. swap_halves
+    exchanges up's row halves after. None for Tucker modules (convs, never fused)."""
+    if any(TUCKER in p for p in parts):
+        return None
+    scale = common_scale([alpha_of(p) / rank(p) for p in parts])
+    downs, ups = [p["lora_down.weight"] for p in parts], [p["lora_up.weight"] for p in parts]
+    if all(torch.equal(d, downs[0]) for d in downs[1:]):
+        down, up = downs[0], torch.cat(ups)
+    else:
+        down, up = torch.cat(downs), torch.block_diag(*ups)
+    if swap_halves:
+        up = exchanged_halves(up)
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(scale * down.shape[0])}
+
+
+def split_rows(parts: dict[str, torch.Tensor], sizes: list[int], swap_halves: bool = False
+               ) -> list[dict[str, torch.Tensor]]:
+    """The parts (output sizes `sizes`) of a module their rows stack into, as diffusers'
+    `_convert_kohya_flux_lora_to_diffusers` reads a fused module: when the rank divides by n and up is
+    block-diagonal, down's n chunks with up's diagonal blocks (alpha / n each, the same scale);
+    otherwise every part gets the whole down and its row block of up (alpha as it is)."""
+    up = exchanged_halves(parts["lora_up.weight"]) if swap_halves else parts["lora_up.weight"]
+    down, alpha = parts["lora_down.weight"], alpha_of(parts)
+    diagonal = diagonal_blocks(up, sizes)
+    if diagonal is not None:
+        n = len(sizes)
+        return [{"lora_down.weight": d, "lora_up.weight": u, "alpha": torch.tensor(alpha / n)}
+                for d, u in zip(down.chunk(n), diagonal)]
+    return [{"lora_down.weight": down, "lora_up.weight": u, "alpha": torch.tensor(alpha)} for u in up.split(sizes)]

@@ -1,5 +1,5 @@
 """The base-model families, one registry: `FAMILIES`, keyed by `BaseModel.family`. The interface is
-`base.Family`; each family lives in its own module (sd.py: SD1.x and SD2.x, sdxl.py). Adding a
+`base.Family`; each family lives in its own module (sd.py: SD1.x and SD2.x, sdxl.py, flux.py, sd3.py). Adding a
 family is its module and an entry here; the loaders, the trainer and the samplers ask the registry.
 """
 
@@ -8,9 +8,11 @@ from __future__ import annotations
 from sdlora.models.families.base import Family
 from sdlora.models.families.flux import FLUX_DEV, FLUX_SCHNELL
 from sdlora.models.families.sd import SD1, SD2, SD2_V
+from sdlora.models.families.sd3 import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
 from sdlora.models.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SD2_V, SDXL, FLUX_DEV, FLUX_SCHNELL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SD2_V, SDXL, FLUX_DEV, FLUX_SCHNELL, SD3_MEDIUM,
+                                                   SD35_MEDIUM, SD35_LARGE)}
 
 
 def detect(keys) -> Family | None:

@@ -132,6 +132,7 @@ class TextEncoderSlot:
     layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout / t5.T5Layout: its state to and from the names under `prefix`
     tokenizer: Callable[[], Any] | None  # its tokenizer, built offline (None: the family has no single files yet)
     tokenizer_class: str = "CLIPTokenizer"  # the transformers class of a folder's tokenizer
+    max_length: int = 0  # the tokens it reads, whatever its tokenizer's model_max_length (0: that)
     # A tokenizer folder for it (model.text_encoders) holds one of these; (): never read from a folder.
     tokenizer_files: tuple[str, ...] = ()
 
@@ -166,6 +167,9 @@ class Family:
     # (FLUX.1 dev takes the guidance scale as an input, schnell none) and renders from the prompt alone.
     classifier_free_guidance: bool = True
     size_multiple: int = 8  # the pipeline's image sides are multiples of this (FLUX.1: 16, the VAE's 8 x 2x2 packing)
+    # The sampler renders in one pass of its pipeline with flow-matching Euler at the next multiple of size_multiple
+    # and crops (FLUX.1, SD3.x); False: SD's passes (hires, tiles) and A1111's prompt rules.
+    one_pass: bool = False
     sample_steps: int = 0  # its steps when [sample] steps is left at the default (0: that default)
     denoiser_part: str = "unet"  # the denoiser's pipeline component and folder (BaseModel.unet holds it)
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class

@@ -133,7 +133,7 @@ class FluxFamily(Family):
 
 
 _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_encoders=FLUX_TEXT_ENCODERS,
-             trains_text_encoders=False, classifier_free_guidance=False, size_multiple=16,
+             trains_text_encoders=False, classifier_free_guidance=False, one_pass=True, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
              scheduler_class="FlowMatchEulerDiscreteScheduler", denoiser_prefixes=("model.diffusion_model.", ""),
              vae_prefix="vae.", vae_file="ae.safetensors")
