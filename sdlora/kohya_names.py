@@ -79,6 +79,18 @@ KOHYA_KEYS: dict[str, str] = {
     "seed": "train.seed",
     "xformers": "train.attention",
     "sdpa": "train.attention",
+    # rectified flow (flux_train_network.py; the weighting options are train_util's, used by FLUX and SD3)
+    "timestep_sampling": "train.timestep_sampling",
+    "sigmoid_scale": "train.sigmoid_scale",
+    "discrete_flow_shift": "train.discrete_flow_shift",
+    "model_prediction_type": "train.model_prediction_type",
+    "weighting_scheme": "train.weighting_scheme",
+    "logit_mean": "train.logit_mean",
+    "logit_std": "train.logit_std",
+    "mode_scale": "train.mode_scale",
+    "guidance_scale": "train.guidance_scale",
+    "ae": "model.vae",  # FLUX's autoencoder file
+    "fp8_base": "model.quantize",
     # sample, output
     "sample_every_n_epochs": "sample.every_n_epochs",
     "sample_sampler": "sample.sampler",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_flux_sample import _kohya_flux_file
+from test_flux_sample import kohya_transformer_file
 
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
@@ -24,7 +24,7 @@ def flux(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flux_tools")
     build_flux_pipeline(guidance=True).save_pretrained(tmp / "base")
     transformer = FluxPipeline.from_pretrained(tmp / "base").transformer
-    _kohya_flux_file(tmp / "style.safetensors", transformer, rank=4, alpha=2.0)
+    kohya_transformer_file(tmp / "style.safetensors", transformer, rank=4, alpha=2.0)
     return {"dir": tmp, "base": tmp / "base", "lora": tmp / "style.safetensors", "transformer": transformer}
 
 

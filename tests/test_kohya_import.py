@@ -9,6 +9,7 @@ back through sdlora's own config loader, the `sdlora config check` path.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -571,3 +572,244 @@ def test_block_alphas_and_conv_blocks_alone_are_left_out_as_kohya_ignores_them(t
     code, cfg, err = convert(tmp_path, capsys, f'train_network.py --network_dim 4 --network_args '
                                                f'"block_alphas={dims}" "up_lr_weight=1,1,1,1,1,1,1,1,1,1,1,1"')
     assert code == 0 and cfg.network.block_alphas == [2.0] * 25
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLUX.1 and SD3 (flux_train_network.py, sd3_train_network.py, the kohya_ss GUI's Flux1 / SD3 fields)
+
+KOHYA_SS_PRESETS = Path(__file__).parent / "data" / "kohya_ss"  # verbatim from bmaltais/kohya_ss @ 45088f04
+# sd-scripts docs/flux_train_network.md's example command (its paths made plain file names)
+FLUX_DOCS_COMMAND = (
+    'accelerate launch --num_cpu_threads_per_process 1 flux_train_network.py '
+    '--pretrained_model_name_or_path="flux1-dev.safetensors" --clip_l="clip_l.safetensors" '
+    '--t5xxl="t5xxl_fp16.safetensors" --ae="ae.safetensors" --output_dir="out" --output_name="my_flux_lora" '
+    '--save_model_as=safetensors --network_module=networks.lora_flux --network_dim=16 --network_alpha=1 '
+    '--learning_rate=1e-4 --optimizer_type="AdamW8bit" --lr_scheduler="constant" --sdpa --max_train_epochs=10 '
+    '--save_every_n_epochs=1 --mixed_precision="fp16" --gradient_checkpointing --guidance_scale=1.0 '
+    '--timestep_sampling="flux_shift" --model_prediction_type="raw" --blocks_to_swap=18 '
+    '--cache_text_encoder_outputs --cache_latents')
+# sd-scripts docs/sd3_train_network.md's example command
+SD3_DOCS_COMMAND = (
+    'accelerate launch --num_cpu_threads_per_process 1 sd3_train_network.py '
+    '--pretrained_model_name_or_path="sd3.5_medium.safetensors" --clip_l="clip_l.safetensors" '
+    '--clip_g="clip_g.safetensors" --t5xxl="t5xxl_fp16.safetensors" --output_dir="out" --output_name="my_sd3_lora" '
+    '--save_model_as=safetensors --network_module=networks.lora --network_dim=16 --network_alpha=1 '
+    '--learning_rate=1e-4 --optimizer_type="AdamW8bit" --lr_scheduler="constant" --sdpa --max_train_epochs=10 '
+    '--save_every_n_epochs=1 --mixed_precision="fp16" --gradient_checkpointing --weighting_scheme="uniform" '
+    '--blocks_to_swap=32')
+
+
+def has_key(target: str) -> bool:
+    """Whether this sdlora's config has `target` ("section.name"): the keys other parts of issue 22 add."""
+    return target in {key for key, _, _ in describe()}
+
+
+def needs_key(*targets):
+    missing = [t for t in targets if not has_key(t)]
+    return pytest.mark.skipif(bool(missing), reason=f"sdlora's config has no {', '.join(missing)} yet")
+
+
+def test_flux_docs_command_maps_the_flow_options(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, cfg, err = convert(tmp_path, capsys, FLUX_DOCS_COMMAND)
+    assert code == 0, err
+    train = cfg.train
+    assert (train.timestep_sampling, train.model_prediction_type, train.guidance_scale) == ("flux_shift", "raw", 1.0)
+    assert cfg.model.vae == str(tmp_path / "ae.safetensors")  # FLUX's autoencoder file
+    assert cfg.model.base == "flux1-dev.safetensors" and cfg.network.type == "lora"
+    assert "kohya's default" not in err  # every flow option was given
+    if not has_key("train.blocks_to_swap"):
+        assert "not mapped: --blocks_to_swap = 18: needs sdlora's train.blocks_to_swap" in err
+    if not has_key("model.text_encoders"):
+        assert "not mapped: --clip_l/t5xxl = ['clip_l.safetensors', 't5xxl_fp16.safetensors']: needs" in err
+
+
+def test_flux_options_left_unset_take_kohyas_defaults_not_sdloras(tmp_path, capsys):
+    """flux_train_network.py trains with model_prediction_type sigma_scaled and guidance 3.5 when they are not
+    given; sdlora's defaults differ (raw), so the config says kohya's."""
+    code, cfg, err = convert(tmp_path, capsys, "flux_train_network.py --network_module networks.lora_flux "
+                                               "--timestep_sampling shift --discrete_flow_shift 3.1582")
+    assert code == 0, err
+    assert (cfg.train.model_prediction_type, cfg.train.guidance_scale) == ("sigma_scaled", 3.5)
+    assert (cfg.train.timestep_sampling, cfg.train.discrete_flow_shift) == ("shift", 3.1582)
+    assert "--model_prediction_type is not set: kohya's default for this family, sigma_scaled" in err
+    # the network module alone says FLUX too; an SDXL command line gets no FLUX defaults
+    code, cfg, err = convert(tmp_path, capsys, "train_network.py --network_module networks.lora_flux")
+    assert cfg.train.model_prediction_type == "sigma_scaled"
+    code, cfg, err = convert(tmp_path, capsys, "sdxl_train_network.py --network_dim 8")
+    assert cfg.train.model_prediction_type == "raw" and "kohya's default" not in err
+
+
+@pytest.mark.parametrize("value, expected", [("uniform", "none"), ("none", "none"), ("logit_normal", "logit_normal"),
+                                             ("mode", "mode"), ("cosmap", "cosmap"), ("sigma_sqrt", "sigma_sqrt")])
+def test_every_kohya_weighting_scheme_maps(tmp_path, capsys, value, expected):
+    code, cfg, err = convert(tmp_path, capsys, f"flux_train_network.py --weighting_scheme {value} "
+                                               "--logit_mean -0.5 --logit_std 1.2 --mode_scale 1.1")
+    assert code == 0, err
+    assert cfg.train.weighting_scheme == expected
+    assert (cfg.train.logit_mean, cfg.train.logit_std, cfg.train.mode_scale) == (-0.5, 1.2, 1.1)
+
+
+def test_flow_choices_sdlora_lacks_are_refused_in_one_line(tmp_path, capsys):
+    code, cfg, err = convert(tmp_path, capsys, "flux_train_network.py --timestep_sampling qinglong "
+                                               "--model_prediction_type raw")
+    assert code == 0, err
+    assert cfg.train.timestep_sampling == "sigma"
+    assert ("not mapped: --timestep_sampling = 'qinglong': sdlora offers sigma, uniform, sigmoid, shift, flux_shift; "
+            "its default applies") in err
+
+
+def test_sd3_docs_command(tmp_path, capsys):
+    code, cfg, err = convert(tmp_path, capsys, SD3_DOCS_COMMAND + " --training_shift 3.0")
+    assert code == 0, err
+    assert cfg.train.weighting_scheme == "none"  # kohya's "uniform"
+    assert cfg.train.model_prediction_type == "raw"  # no FLUX defaults for SD3: its objective is fixed
+    if not has_key("train.training_shift"):
+        assert "not mapped: --training_shift = 3.0: needs sdlora's train.training_shift" in err
+    if not has_key("model.text_encoders"):
+        assert "--clip_l/clip_g/t5xxl = ['clip_l.safetensors', 'clip_g.safetensors', 't5xxl_fp16.safetensors']" in err
+
+
+def test_flux_settings_that_do_not_apply_say_why(tmp_path, capsys):
+    code, cfg, err = convert(tmp_path, capsys, "flux_train_network.py --apply_t5_attn_mask --model_type chroma "
+                                               "--v_parameterization --fp8_base --network_train_unet_only")
+    assert code == 0, err
+    assert "--apply_t5_attn_mask = True: sdlora encodes T5 without its attention mask" in err
+    assert "--model_type = 'chroma': sdlora trains FLUX.1 dev and schnell" in err
+    assert "--v_parameterization = True: FLUX.1 and SD3 predict the flow velocity" in err
+    assert cfg.model.v_parameterization == "auto" and cfg.model.quantize == "fp8"
+    assert cfg.network.train_text_encoder is False
+
+
+def test_lycoris_on_flux(tmp_path, capsys):
+    code, cfg, err = convert(tmp_path, capsys, 'flux_train_network.py --network_module lycoris.kohya '
+                                               '--network_dim 8 --network_args "algo=lokr" "factor=8"')
+    assert code == 0, err
+    assert cfg.network.type == "lokr" and cfg.train.model_prediction_type == "sigma_scaled"
+
+
+def test_the_kohya_ss_flux_preset(tmp_path, capsys):
+    """bmaltais/kohya_ss presets/lora/flux1D - adamw8bit fp8.json, as shipped."""
+    code, cfg, err = convert(tmp_path, capsys, KOHYA_SS_PRESETS / "flux1D - adamw8bit fp8.json")
+    assert code == 0, err
+    assert main(["config", "check", str(tmp_path / "imported.toml")]) == 0
+    train = cfg.train
+    assert (train.timestep_sampling, train.model_prediction_type, train.guidance_scale) == ("sigmoid", "raw", 1.0)
+    assert (train.discrete_flow_shift, train.unet_lr, train.optimizer) == (3.0, 3e-4, "adamw8bit")
+    assert cfg.model.quantize == "fp8" and cfg.model.vae.endswith("put the full path to ae.sft here")
+    assert cfg.model.v_parameterization == "auto"  # the GUI's v_parameterization false is no setting for FLUX
+    assert "--flux1_checkbox: not needed" in err and "--apply_t5_attn_mask = True: sdlora encodes T5" in err
+    if not has_key("network.train_blocks"):
+        assert "--network_args train_blocks = all: needs sdlora's network.train_blocks" in err
+
+
+def test_the_kohya_ss_sd3_preset(tmp_path, capsys):
+    """bmaltais/kohya_ss presets/dreambooth/sd3_bdsqlsz_v2.json, as shipped."""
+    code, cfg, err = convert(tmp_path, capsys, KOHYA_SS_PRESETS / "sd3_bdsqlsz_v2.json")
+    assert code == 0, err
+    assert (cfg.train.weighting_scheme, cfg.train.logit_mean, cfg.train.mode_scale) == ("logit_normal", 0.0, 1.29)
+    assert cfg.train.text_encoder_lr == 1e-5 and cfg.model.v_parameterization == "auto"
+    assert cfg.train.model_prediction_type == "raw"
+
+
+def test_gui_flux_fields_with_the_checkbox_off_are_not_settings(tmp_path, capsys):
+    """The GUI saves its FLUX/SD3 fields in every config, at their defaults, but passes them only with the
+    family's checkbox on: an SDXL config keeps sdlora's flow defaults."""
+    preset = gui_preset(flux1_checkbox=False, sd3_checkbox=False, guidance_scale=3.5, timestep_sampling="sigmoid",
+                        model_prediction_type="sigma_scaled", discrete_flow_shift=3.1582, weighting_scheme="mode",
+                        sigmoid_scale=2.0, t5xxl_max_token_length=512, apply_t5_attn_mask=True, ae="ae.sft")
+    code, cfg, err = convert(tmp_path, capsys, write(tmp_path / "sdxl.json", preset))
+    assert code == 0, err
+    defaults = load_config_defaults()
+    for name in ("timestep_sampling", "model_prediction_type", "discrete_flow_shift", "weighting_scheme",
+                 "sigmoid_scale"):
+        assert getattr(cfg.train, name) == getattr(defaults.train, name), name
+    assert cfg.model.vae == ""
+    assert "the kohya_ss GUI passes these only with its FLUX.1 / SD3 checkbox on" in err
+    # with the checkbox on they are (but sigmoid_scale, which the GUI never passes for FLUX)
+    code, cfg, err = convert(tmp_path, capsys, write(tmp_path / "flux.json", {**preset, "flux1_checkbox": True,
+                                                                              "LoRA_type": "Flux1"}))
+    assert (cfg.train.timestep_sampling, cfg.train.discrete_flow_shift, cfg.train.sigmoid_scale) == \
+        ("sigmoid", 3.1582, defaults.train.sigmoid_scale)
+    assert cfg.train.weighting_scheme == "none"  # an SD3 field
+
+
+def load_config_defaults():
+    from sdlora.config import config_from_dict
+
+    return config_from_dict({})
+
+
+@needs_key("model.text_encoders", "train.t5_max_length", "train.blocks_to_swap")
+def test_flux_text_encoder_files_length_and_block_swap(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, cfg, err = convert(tmp_path, capsys, FLUX_DOCS_COMMAND + " --t5xxl_max_token_length 256")
+    assert code == 0, err
+    assert cfg.model.text_encoders == [str(tmp_path / "clip_l.safetensors"), str(tmp_path / "t5xxl_fp16.safetensors")]
+    assert (cfg.train.t5_max_length, cfg.train.blocks_to_swap) == (256, 18)
+
+
+@needs_key("model.text_encoders", "train.clip_l_dropout_rate", "train.clip_g_dropout_rate", "train.t5_dropout_rate")
+def test_sd3_text_encoder_files_and_dropout(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, cfg, err = convert(tmp_path, capsys, SD3_DOCS_COMMAND + " --clip_l_dropout_rate 0.1 "
+                                               "--clip_g_dropout_rate 0.2 --t5_dropout_rate 0.3")
+    assert code == 0, err
+    assert [p.rpartition("/")[2] for p in cfg.model.text_encoders] == ["clip_l.safetensors", "clip_g.safetensors",
+                                                                        "t5xxl_fp16.safetensors"]
+    assert (cfg.train.clip_l_dropout_rate, cfg.train.clip_g_dropout_rate, cfg.train.t5_dropout_rate) == \
+        (0.1, 0.2, 0.3)
+
+
+@needs_key("network.train_t5", "network.train_blocks", "network.train_double_block_indices",
+           "network.train_single_block_indices", "network.train_modulation")
+def test_lora_flux_network_args(tmp_path, capsys):
+    code, cfg, err = convert(tmp_path, capsys, 'flux_train_network.py --network_module networks.lora_flux '
+                                               '--network_args "train_t5xxl=True" "train_blocks=single" '
+                                               '"train_double_block_indices=none" "train_single_block_indices=0,1,8-12" '
+                                               '"img_mod_dim=0" "txt_mod_dim=0" "single_mod_dim=0"')
+    assert code == 0, err
+    net = cfg.network
+    assert (net.train_t5, net.train_blocks, net.train_modulation) == (True, "single", False)
+    assert (net.train_double_block_indices, net.train_single_block_indices) == ("none", "0,1,8-12")
+
+
+def test_some_modulation_dims_zero_is_not_mapped(tmp_path, capsys):
+    code, cfg, err = convert(tmp_path, capsys, 'flux_train_network.py --network_args "img_mod_dim=0" '
+                                               '"img_attn_dim=8"')
+    assert code == 0, err
+    assert "--network_args img_mod_dim=0: sdlora drops the modulation linears only all together" in err
+    assert "--network_args img_attn_dim=8: no sdlora equivalent" in err
+
+
+def test_gui_t5xxl_rate_is_the_second_text_encoder_rate(tmp_path, capsys):
+    """kohya_ss passes --text_encoder_lr TE T5 when its T5-XXL rate is set (and TE > 0)."""
+    preset = gui_preset(flux1_checkbox=True, LoRA_type="Flux1", sdxl=False, text_encoder_lr=1e-5, t5xxl_lr=2e-5)
+    code, cfg, err = convert(tmp_path, capsys, write(tmp_path / "flux.json", preset))
+    assert code == 0, err
+    assert cfg.train.text_encoder_lr == [1e-5, 2e-5]
+    code, cfg, err = convert(tmp_path, capsys, write(tmp_path / "flux.json", {**preset, "t5xxl_lr": 0}))
+    assert cfg.train.text_encoder_lr == 1e-5
+
+
+FLUX_FUZZED = ["timestep_sampling", "model_prediction_type", "guidance_scale", "discrete_flow_shift", "fp8_base",
+               "t5xxl_lr", "text_encoder_lr", "train_blocks", "t5xxl_max_token_length", "clip_l", "ae",
+               "flux1_checkbox", "sd3_checkbox", "img_mod_dim", "train_double_block_indices", "weighting_scheme",
+               "apply_t5_attn_mask", "blocks_to_swap"]
+
+
+@pytest.mark.parametrize("key", FLUX_FUZZED)
+def test_odd_flux_values_convert_or_are_refused_in_one_line(tmp_path, key):
+    for value in ODD_VALUES:
+        path = tmp_path / "gui.json"
+        preset = gui_preset(**{"flux1_checkbox": True, "LoRA_type": "Flux1", "sdxl": False, "t5xxl_lr": 2e-5,
+                               key: value})
+        path.write_text(json.dumps(preset))
+        try:
+            text = import_kohya([str(path)], log=lambda m: None)
+        except UserError as e:
+            assert "\n" not in str(e) and key in str(e), (value, str(e))
+            continue
+        out = tmp_path / "out.toml"
+        out.write_text(text)
+        load_config(out)

@@ -392,6 +392,24 @@ def chunk_tokens(runs: list[tuple[str, float]], tokenizer) -> list[Chunk]:
     return chunks
 
 
+def sequence_tokens(runs: list[tuple[str, float]], tokenizer) -> Chunk:
+    """The prompt as one sequence, for a family whose encoders read it whole (FLUX.1's CLIP-L and T5, as
+    Forge's T5 engine and its CLIP engine's first chunk read them): [BOS, where the tokenizer has one] +
+    the runs' tokens, cut to fit, + [EOS], padded to the tokenizer's model_max_length, each token with its
+    run's weight. The tokenizer's own call gives the same ids for a prompt without emphasis. BREAK has no
+    meaning in one sequence and is dropped."""
+    kept = [(text, weight) for text, weight in runs if (text, weight) != ("BREAK", -1)] or [("", 1.0)]
+    ids = tokenizer([text for text, _ in kept], truncation=False, add_special_tokens=False)["input_ids"]
+    tokens = [t for piece in ids for t in piece]
+    weights = [w for piece, (_, w) in zip(ids, kept) for _ in piece]
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    room = tokenizer.model_max_length - len(bos) - 1
+    tokens, weights = [*bos, *tokens[:room], tokenizer.eos_token_id], [1.0] * len(bos) + weights[:room] + [1.0]
+    filler = tokenizer.model_max_length - len(tokens)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Chunk(tokens + [pad] * filler, weights + [1.0] * filler)
+
+
 def emphasize(z: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
     """A1111's "Original" emphasis: z * w per token, rescaled so the mean of z is unchanged.
     z (B, T, d), multipliers (B, T). All weights 1 leave z as it is (the rule's value; computed,

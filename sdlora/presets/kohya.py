@@ -79,7 +79,9 @@ NOT_NEEDED = {"v2": "the base model's family is read from the base itself",
               "cache_latents": "latents are always cached on disk",
               "cache_latents_to_disk": "latents are always cached on disk",
               **dict.fromkeys(("cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-                               "sdxl_cache_text_encoder_outputs"),
+                               "sdxl_cache_text_encoder_outputs", "flux1_cache_text_encoder_outputs",
+                               "flux1_cache_text_encoder_outputs_to_disk", "sd3_cache_text_encoder_outputs",
+                               "sd3_cache_text_encoder_outputs_to_disk"),
                               "text-encoder outputs are cached whenever the text encoder is frozen"),
               **dict.fromkeys(("no_half_vae", "sdxl_no_half_vae"), "latents are always encoded with the VAE in fp32"),
               "num_cpu_threads_per_process": "accelerate launch's option; sdlora sets its CPU threads itself"}
@@ -90,10 +92,66 @@ AS_SDLORA_DOES = {"unit": 1,  # DyLoRA's unit: sdlora trains no DyLoRA
                   "factor": -1,  # LoKr's most balanced split, sdlora's
                   "train_on_input": True,  # IA3's default: sdlora trains no IA3
                   "lr_scheduler_power": 1}
+# FLUX/SD3 options sdlora has no key for, with what sdlora does instead.
+FLOW_NOT_MAPPED = {
+    "apply_t5_attn_mask": "sdlora encodes T5 without its attention mask (kohya's default)",
+    "model_type": "sdlora trains FLUX.1 dev and schnell; other models of the FLUX script (Chroma) are not supported",
+    "split_mode": "deprecated in sd-scripts, where blocks_to_swap replaces it",
+    "cpu_offload_checkpointing": "sdlora's gradient checkpointing keeps activations on the device",
+    "fp8_base_unet": "model.quantize = \"fp8\" holds the transformer and the text encoders in fp8 together",
+    "mem_eff_save": "sdlora's adapters are small enough to save at once",
+}
 # Keys read here rather than through KOHYA_KEYS: further sources, and the GUI's switches and percentages.
 READ_HERE = {"network_args", "additional_parameters", "dataset_config", "config_file", "noise_offset_type",
              "stop_text_encoder_training_pct", "use_8bit_adam", "text_encoder_lr1", "text_encoder_lr2",
-             "learning_rate_te", "learning_rate_te1", "learning_rate_te2"}
+             "learning_rate_te", "learning_rate_te1", "learning_rate_te2", "flux1_checkbox", "sd3_checkbox",
+             "t5xxl_lr"}
+
+# Which sd-scripts family a setup trains: the kohya_ss GUI's checkbox, else the script, else the network module.
+GUI_CHECKBOXES = {"flux1_checkbox": "flux", "sd3_checkbox": "sd3"}
+FAMILY_SCRIPTS = {"flux_train_network.py": "flux", "flux_train.py": "flux", "sd3_train_network.py": "sd3",
+                  "sd3_train.py": "sd3"}
+FAMILY_MODULES = {"networks.lora_flux": "flux", "networks.oft_flux": "flux", "networks.lora_sd3": "sd3"}
+# The kohya_ss GUI saves every field but passes these to sd-scripts only with its family's checkbox on
+# (kohya_gui/lora_gui.py, config_toml_data and the Flux1 network_args); sigmoid_scale it passes for none of
+# sdlora's families. With the checkbox off they are not training settings.
+GUI_FAMILY_KEYS = {
+    **dict.fromkeys(("guidance_scale", "timestep_sampling", "model_prediction_type", "discrete_flow_shift", "ae",
+                     "t5xxl_max_token_length", "apply_t5_attn_mask", "split_mode", "mem_eff_save",
+                     "cpu_offload_checkpointing", "single_blocks_to_swap", "double_blocks_to_swap", "fp8_base_unet",
+                     "train_t5xxl", "flux1_cache_text_encoder_outputs",
+                     "flux1_cache_text_encoder_outputs_to_disk"), ("flux",)),
+    **dict.fromkeys(("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "clip_g", "sd3_clip_l", "sd3_t5xxl",
+                     "clip_l_dropout_rate", "clip_g_dropout_rate", "sd3_clip_l_dropout_rate", "t5_dropout_rate",
+                     "sd3_t5_dropout_rate", "enable_scaled_pos_embed", "sd3_enable_scaled_pos_embed",
+                     "pos_emb_random_crop_rate", "save_clip", "save_t5xxl", "t5xxl_device", "t5xxl_dtype",
+                     "sd3_text_encoder_batch_size", "sd3_cache_text_encoder_outputs",
+                     "sd3_cache_text_encoder_outputs_to_disk", "sd3_fused_backward_pass",
+                     "sd3_disable_mmap_load_safetensors"), ("sd3",)),
+    **dict.fromkeys(("clip_l", "t5xxl", "blocks_to_swap"), ("flux", "sd3")),
+    "sigmoid_scale": (),
+}
+# sd-scripts' defaults (flux_train_utils.add_flux_train_arguments) where sdlora's differ: written out when the
+# sources leave them unset, so the config trains as kohya did.
+FAMILY_DEFAULTS = {"flux": {"model_prediction_type": ("sigma_scaled", "its docs advise raw"),
+                            "guidance_scale": (3.5, "its docs advise 1.0 for FLUX.1-dev LoRAs")}}
+# kohya's spellings of sdlora's choices: weighting_scheme "uniform" is kohya's default and means none.
+CHOICE_ALIASES = {"weighting_scheme": {"uniform": "none"}}
+# The kohya_ss GUI's Flux1 fields, lora_flux's network_args: the block selection and modulation ranks map
+# (`_network_args`), train_t5xxl too; the other ranks per module type, kohya's qkv split and GGPO have no key.
+FLUX_NETWORK_ARGS = ("img_attn_dim", "txt_attn_dim", "img_mlp_dim", "txt_mlp_dim", "img_mod_dim", "txt_mod_dim",
+                     "single_dim", "single_mod_dim", "in_dims", "split_qkv", "enable_all_linear", "ggpo_beta",
+                     "ggpo_sigma", "train_blocks", "train_double_block_indices", "train_single_block_indices",
+                     "train_t5xxl")
+# kohya options whose sdlora keys other parts of issue 22 add: mapped when this sdlora has the key, else
+# listed as not mapped with the key that takes them. Text-encoder files become one list, [model] text_encoders.
+PENDING_KEYS = {"t5xxl_max_token_length": "train.t5_max_length", "blocks_to_swap": "train.blocks_to_swap",
+                "clip_l_dropout_rate": "train.clip_l_dropout_rate",
+                "sd3_clip_l_dropout_rate": "train.clip_l_dropout_rate",
+                "clip_g_dropout_rate": "train.clip_g_dropout_rate", "t5_dropout_rate": "train.t5_dropout_rate",
+                "sd3_t5_dropout_rate": "train.t5_dropout_rate", "training_shift": "train.training_shift"}
+PENDING_NETWORK_ARGS = {"train_t5xxl": "network.train_t5"}
+TEXT_ENCODER_FILES = ("clip_l", "sd3_clip_l", "clip_g", "t5xxl", "sd3_t5xxl")  # the families' order: CLIP-L, G, T5
 # Sections of the kohya_ss GUI's config.toml that hold other tabs' settings (captioning, hub upload, other
 # trainers), not this training's: flattening them would let e.g. the WD14 tagger's batch_size win.
 GUI_OTHER_TABS = {"wd14_caption", "dataset_preparation", "settings", "server", "configuration", "huggingface",
@@ -125,6 +183,7 @@ class Setup:
     gui: set = field(default_factory=set)
     datasets: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    scripts: list = field(default_factory=list)  # the sd-scripts scripts the command lines run
 
     def update(self, args: dict, where: str, gui: bool = False) -> None:
         self.args.update(args)
@@ -155,8 +214,14 @@ def parse_command_line(text: str, where: str = "the command line") -> dict:
 
     Arguments before the script (accelerate's own) are skipped; a flag alone is True; several
     values after one flag are a list (kohya's nargs="*" arguments such as network_args)."""
+    return _command(text, where)[1]
+
+
+def _command(text: str, where: str) -> tuple[str, dict]:
+    """(the script's file name, lowercased, "" when none; its arguments as `parse_command_line` reads them)."""
     tokens = _split_words(text, where)
     script = next((i for i, t in enumerate(tokens) if t.lower().endswith(".py")), -1)
+    name = re.split(r"[\\/]", tokens[script])[-1].lower() if script >= 0 else ""
     out: dict = {}
     key = None
     for token in tokens[script + 1:]:
@@ -166,7 +231,14 @@ def parse_command_line(text: str, where: str = "the command line") -> dict:
         elif key is not None:
             current = out[key]
             out[key] = token if current is True else (current if isinstance(current, list) else [current]) + [token]
-    return out
+    return name, out
+
+
+def _read_command(text: str, where: str, setup: Setup, seen: frozenset, whole: bool = True) -> Setup:
+    script, args = _command(text, where)
+    if script:
+        setup.scripts.append(script)
+    return _read_arguments(args, where, setup, seen, whole=whole)
 
 
 def read_source(source: str, setup: Setup | None = None, seen: frozenset = frozenset()) -> Setup:
@@ -175,7 +247,7 @@ def read_source(source: str, setup: Setup | None = None, seen: frozenset = froze
     if _is_file(source):
         return _read_file(Path(source).expanduser(), setup, seen)
     if "--" in source:
-        return _read_arguments(parse_command_line(source), "the command line", setup, seen)
+        return _read_command(source, "the command line", setup, seen)
     if Path(source).expanduser().is_dir():
         raise UserError(f"{source}: a folder; give a kohya config file inside it, or its images as "
                         "[dataset] image_dir of an sdlora config")
@@ -194,7 +266,7 @@ def _read_file(path: Path, setup: Setup, seen: frozenset) -> Setup:
     except OSError as e:
         raise UserError(f"{path}: cannot be read: {e.strerror}") from None
     if path.suffix.lower() in COMMAND_FILES:
-        return _read_arguments(parse_command_line(text, str(path)), str(path), setup, seen)
+        return _read_command(text, str(path), setup, seen)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -253,8 +325,7 @@ def _read_arguments(args: dict, where: str, setup: Setup, seen: frozenset, gui: 
     if _given(extra):
         if not isinstance(extra, str):
             raise UserError(f"{where}: additional_parameters = {extra!r}: expected the command-line text")
-        _read_arguments(parse_command_line(extra, f"{where} additional_parameters"),
-                        f"{where} additional_parameters", setup, seen, whole=False)
+        _read_command(extra, f"{where} additional_parameters", setup, seen, whole=False)
     if _given(dataset_config):
         before = len(setup.datasets)
         _read_named_file(str(dataset_config), f"{where}: dataset_config", setup, seen)
@@ -329,7 +400,7 @@ def _key_value_list(value, where: str) -> dict:
         if not sep or not k.strip():
             raise UserError(f"{where}: {item!r} is not key=value")
         v = v.strip().strip("\"'")
-        if k.strip() in BLOCK_ARGS:  # kohya's "1,,0.5" per block: the block checkers read it (an empty one is 0)
+        if k.strip() in BLOCK_ARGS or k.strip() in SELECTION_ARGS:  # per-block text ("1,,0.5", "0,1,8-12"), read whole
             out[k.strip()] = v
         else:
             out[k.strip()] = [_number(x) for x in v.split(",") if x.strip()] if "," in v else _number(v)
@@ -449,11 +520,27 @@ def convert(setup: Setup) -> Conversion:
         out.unmapped.append(f"--{key} = {args[key]!r}: {why}")
 
     _drop_unset(args, setup.gui, out)
+    family = _family(setup, args)
+    _gui_family_fields(args, setup.gui, out)
+    for key, (value, why) in FAMILY_DEFAULTS.get(family, {}).items():
+        if key not in args:
+            args[key], origin[key] = value, "kohya's default"
+            out.notes.append(f"--{key} is not set: kohya's default for this family, {value}, is written out "
+                             f"({why})")
     subsets = _apply_datasets(setup.datasets, args, origin, out)
     network_args = _key_value_list(args.pop("network_args", []), where("network_args"))
     for key in BLOCK_ARGS:  # the GUI's top-level block weights; network_args win, as the GUI puts them there
         if key in args:
             network_args.setdefault(key, args.pop(key))
+    gui_flux_lora = str(args.get("LoRA_type", "")).lower() == "flux1"
+    for key in FLUX_NETWORK_ARGS:  # the GUI's Flux1 fields: network_args of lora_flux when LoRA_type is Flux1
+        if key in args and key in setup.gui:
+            value = args.pop(key)
+            if gui_flux_lora and not _is_off(value):
+                network_args.setdefault(key, value)
+            else:
+                out.off.append(key)
+    _pending(args, network_args, put, out)
 
     if "max_train_epochs" in args and "epoch" in args:  # kohya_ss: max_train_epochs, when set, replaces epoch
         out.notes.append(f"--epoch {args.pop('epoch')}: replaced by --max_train_epochs {args['max_train_epochs']}")
@@ -468,6 +555,8 @@ def convert(setup: Setup) -> Conversion:
         target = KOHYA_KEYS.get(key)
         if key in NOT_NEEDED:
             out.unmapped.append(f"--{key}: not needed ({NOT_NEEDED[key] or 'no effect in sdlora'})")
+        elif key in FLOW_NOT_MAPPED and not _is_off(value):
+            not_mapped(key, FLOW_NOT_MAPPED[key])
         elif target is None or target.startswith("dataset.subsets[]"):
             if _is_off(value) or (key in AS_SDLORA_DOES and _number(value) == AS_SDLORA_DOES[key]):
                 out.off.append(key)
@@ -498,6 +587,11 @@ def convert(setup: Setup) -> Conversion:
             put(target, value, key, converted=lambda v: _nearest_resolution(v, where(key), key, out))
         elif key == "network_train_unet_only":
             put(target, not _typed(value, bool, where(key)), key)
+        elif key == "v_parameterization" and family:
+            if _is_off(value):
+                out.off.append(key)
+            else:
+                not_mapped(key, "FLUX.1 and SD3 predict the flow velocity; the option does not apply")
         elif key == "v_parameterization":
             put(target, "v_prediction" if _typed(value, bool, where(key)) else "epsilon", key)
         elif key == "save_precision":
@@ -512,6 +606,16 @@ def convert(setup: Setup) -> Conversion:
                 not_mapped(key, "no such sdlora sampler")
         elif key == "sample_prompts":
             _sample_prompts(value, key, put, not_mapped)
+        elif key in ("timestep_sampling", "model_prediction_type", "weighting_scheme"):
+            name = str(value).strip().lower()
+            name = CHOICE_ALIASES.get(key, {}).get(name, name)
+            choices = _field(target)[0].metadata["choices"]
+            if name in choices:
+                put(target, name, key)
+            else:
+                not_mapped(key, f"sdlora offers {', '.join(choices)}; its default applies")
+        elif key == "fp8_base":
+            put(target, "fp8" if _typed(value, bool, where(key)) else "none", key)
         elif key == "optimizer_args":
             put(target, _key_value_list(value, where(key)), key)
         elif key == "lr_warmup_steps":
@@ -561,6 +665,63 @@ def _drop_unset(args: dict, gui: set, out: Conversion) -> None:
         out.notes.append(f"unset in the source (\"\" or 0), so sdlora's default applies: {', '.join(defaults)}")
     for k in unset:
         del args[k]
+
+
+def _family(setup: Setup, args: dict) -> str | None:
+    """"flux" or "sd3" when the sources say which sd-scripts family they train (the GUI's checkbox, the
+    script, the network module), else None."""
+    for key, family in GUI_CHECKBOXES.items():
+        if _number(args.get(key)) is True:
+            return family
+    scripts = [FAMILY_SCRIPTS[s] for s in setup.scripts if s in FAMILY_SCRIPTS]
+    if scripts:
+        return scripts[-1]
+    if str(args.get("LoRA_type", "")).lower().startswith("flux1"):
+        return "flux"
+    return FAMILY_MODULES.get(str(args.get("network_module", "")).lower())
+
+
+def _gui_family_fields(args: dict, gui: set, out: Conversion) -> None:
+    """The kohya_ss GUI's fields of a family whose checkbox is off are not passed to sd-scripts: left out."""
+    on = {family for key, family in GUI_CHECKBOXES.items() if _number(args.get(key)) is True}
+    unused = [k for k in args if k in gui and k in GUI_FAMILY_KEYS and not on & set(GUI_FAMILY_KEYS[k])]
+    for key in unused:
+        del args[key]
+    if unused:
+        out.notes.append(f"{', '.join(unused)}: the kohya_ss GUI passes these only with its FLUX.1 / SD3 checkbox "
+                         "on, which this file leaves off (or, sigmoid_scale, for none of them); not used")
+    for key in GUI_CHECKBOXES:
+        if key in args:
+            out.unmapped.append(f"--{key}: not needed (the base model's family is read from the base itself)")
+            del args[key]
+
+
+def _pending(args: dict, network_args: dict, put, out: Conversion) -> None:
+    """The options whose sdlora keys other parts of issue 22 add (PENDING_KEYS, PENDING_NETWORK_ARGS, the
+    text-encoder files): mapped when this sdlora has the key."""
+    def take(target: str, value, key: str, label: str, converted=None) -> None:
+        if _field(target) is None:
+            out.unmapped.append(f"--{label} = {value}: needs sdlora's {target}, which this version does not have")
+        else:
+            put(target, value, key, raw=value, converted=converted)
+
+    for key, target in PENDING_KEYS.items():
+        if key in args:
+            value = args.pop(key)
+            if _is_off(value):
+                out.off.append(key)
+            else:
+                take(target, value, key, key)
+    for key, target in PENDING_NETWORK_ARGS.items():
+        if key in network_args:
+            value = network_args.pop(key)
+            if key != "train_t5xxl" or not _is_off(value):
+                take(target, value, key, f"network_args {key}")
+    named = [k for k in TEXT_ENCODER_FILES if k in args]
+    files = list(dict.fromkeys(str(args.pop(k)) for k in named))  # the GUI's clip_l and sd3_clip_l may agree
+    if files:
+        take("model.text_encoders", files, named[0], "/".join(named),
+             converted=lambda v: [str(Path(f).expanduser().resolve()) for f in v])
 
 
 def _stop_text_encoder_training(args: dict, gui: set, out: Conversion) -> None:
@@ -626,6 +787,7 @@ def _learning_rates(args: dict, gui: set, put, out: Conversion) -> None:
         for k in rates:
             del args[k]
     lr = args.pop("learning_rate", None)
+    t5 = args.pop("t5xxl_lr", None)
     if "unet_lr" in args or lr is not None:
         key = "unet_lr" if "unet_lr" in args else "learning_rate"
         put("train.unet_lr", args.pop("unet_lr", lr), key)
@@ -643,11 +805,17 @@ def _learning_rates(args: dict, gui: set, put, out: Conversion) -> None:
         value, key = lr, "learning_rate"
     else:
         return
+    if not _is_off(t5) and isinstance(_number(value), (int, float)) and _number(value) > 0:
+        # the kohya_ss GUI's T5-XXL rate: it passes --text_encoder_lr text_encoder_lr t5xxl_lr (lora_gui.py)
+        value, key = [value, t5], "text_encoder_lr, t5xxl_lr"
     if isinstance(value, list) and len(value) == 2 and _number(value[0]) == _number(value[1]):
         value = value[0]  # one rate for every text encoder: also right for a base with one (SD1.x, SD2.x)
 
     def rates(v):
-        return [_typed(x, float, key) for x in v] if isinstance(v, list) else _typed(v, float, key)
+        typed = [_typed(x, float, key) for x in v] if isinstance(v, list) else _typed(v, float, key)
+        if any(x < 0 for x in (typed if isinstance(typed, list) else [typed])):
+            raise UserError(f"--{key} = {v}: a learning rate is 0 or more")
+        return typed
 
     put("train.text_encoder_lr", value, key, raw=value, converted=rates)
 

@@ -23,9 +23,11 @@ Before anything is loaded, every module key of a file is matched against the bas
 Linear/Conv2d layers and its shape checked (`apply.read_for_model`): diffusers would drop
 unmatched keys silently.
 
-FLUX.1 and SD3.x (`family.one_pass`) render in one pass of their pipeline (`Sampler.render_one_pass`):
-flow-matching Euler, FLUX.1 dev's distilled guidance or SD3's classifier-free guidance with its
-skip-layer guidance option, sides at the next multiple of 16 and cropped.
+FLUX.1 and SD3.x (`family.one_pass`) render with their own pipeline (`Sampler.render_one_pass`): a
+flow-matching solver (`FLOW_SAMPLERS`: Euler, or DPM++ 2M on flow sigmas), FLUX.1 dev's distilled
+guidance or SD3's classifier-free guidance with its skip-layer guidance option, sides at the next
+multiple of 16 and cropped; for FLUX.1 a second pass (FluxImg2ImgPipeline, or tiles of multiples of
+16 px) only when hires says on or tiled.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
@@ -77,21 +79,69 @@ SAMPLERS = {
 }
 
 
-# A flow-matching base (FLUX.1) renders with flow-matching Euler from its own scheduler config (its shift and
-# dynamic shifting), whatever `sample.sampler` says: the names Forge writes for it.
-FLOW_SAMPLER = ("Euler", "Simple")
+# A flow-matching base (FLUX.1) renders with the solvers diffusers runs on flow sigmas, built on the base's own
+# scheduler config (its shift and dynamic shifting): config name -> (diffusers class, extra config, the name
+# Forge writes). Names without a flow form in diffusers (Karras sigmas and the ancestral, DDIM and DDPM
+# samplers are SD's noise schedules) render with flow-matching Euler, the base's own sampler.
+FLOW_SAMPLERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), "DPM++ 2M"),
+}
+FLOW_SCHEDULE = "Simple"  # Forge's schedule type for FLUX.1's shifted, evenly spaced sigmas
+
+
+def is_flow(base_scheduler) -> bool:
+    import diffusers
+
+    return isinstance(base_scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
+
+
+def flow_sampler(name: str) -> str:
+    """The FLOW_SAMPLERS entry a flow-matching base renders the config's sampler `name` with."""
+    return name if name in FLOW_SAMPLERS else "euler"
+
+
+def sampler_names(name: str, base_scheduler) -> tuple[str, str]:
+    """(Sampler, Schedule type) of the infotext for the config's sampler `name` on this base."""
+    if is_flow(base_scheduler):
+        return FLOW_SAMPLERS[flow_sampler(name)][2], FLOW_SCHEDULE
+    return SAMPLERS[name][2], SAMPLERS[name][3]
 
 
 def make_scheduler(name: str, base_scheduler):
     """The sampler `name` built from the base's scheduler config (same betas and prediction type)."""
     import diffusers
 
-    if isinstance(base_scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
-        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(base_scheduler.config)
+    if is_flow(base_scheduler):
+        return _flow_scheduler(flow_sampler(name), base_scheduler.config)
     if name not in SAMPLERS:
         raise UserError(f"[sample] sampler = {name!r}: choose one of {', '.join(SAMPLERS)}")
     cls_name, extra, _, _ = SAMPLERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)
+
+
+def _flow_scheduler(name: str, config):
+    """FLOW_SAMPLERS[name] on the flow-matching config `config`.
+
+    diffusers' multistep solvers on flow sigmas (use_flow_sigmas) step through
+    sigma = S s / (1 + (S - 1) s), s evenly spaced from 1, with S = e^mu where the pipeline passes mu, the
+    same shift as flow-matching Euler's. FluxPipeline passes mu at every call, which these solvers take only
+    with dynamic shifting, so a fixed shift S (schnell's 1.0) becomes dynamic shifting whose line is flat at
+    mu = ln S; the pipelines read that line (base_shift, max_shift, ...) from the scheduler's config."""
+    import diffusers
+
+    cls_name, extra, _ = FLOW_SAMPLERS[name]
+    cls = getattr(diffusers, cls_name)
+    if cls is diffusers.FlowMatchEulerDiscreteScheduler:
+        return cls.from_config(config)
+    line = dict(base_shift=config.base_shift, max_shift=config.max_shift) if config.use_dynamic_shifting else \
+        dict.fromkeys(("base_shift", "max_shift"), math.log(config.shift))
+    scheduler = cls.from_config({k: v for k, v in config.items() if k != "shift"}, use_flow_sigmas=True,
+                                prediction_type="flow_prediction", flow_shift=config.shift, use_dynamic_shifting=True,
+                                time_shift_type="exponential", **extra)
+    scheduler.register_to_config(**line, base_image_seq_len=config.base_image_seq_len,
+                                 max_image_seq_len=config.max_image_seq_len)
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +296,17 @@ def img2img_steps(denoise_steps: int, strength: float) -> int:
     return n
 
 
+def flux_img2img_steps(denoise_steps: int, strength: float) -> int:
+    """The n to give FluxImg2ImgPipeline so that it denoises exactly `denoise_steps`: it runs
+    n - int(n - n * strength) of n steps (diffusers' SD img2img runs int(n * strength), `img2img_steps`)."""
+    n = max(1, math.floor(denoise_steps / strength))
+    while n > 1 and n - int(n - n * strength) > denoise_steps:
+        n -= 1
+    while n - int(n - n * strength) < denoise_steps:
+        n += 1
+    return n
+
+
 def hires_mode(mode: str, width: int, height: int, native: int, tiled_above: float) -> str:
     """The second pass a render gets: "off", "on" (one img2img pass at the target size) or "tiled".
     auto: off up to the native area, tiled above `tiled_above` times it, one pass between."""
@@ -282,6 +343,22 @@ class Sampler:
         with torch.no_grad():
             return FAMILIES[self.base.family].encode_text(self.base.text_encoders, [x.to(self.device) for x in ids],
                                                           self.cfg.model.clip_skip)
+
+    def encode_whole(self, prompts: list[str]) -> TextConditioning:
+        """The conditioning of a family whose encoders read each prompt whole (FLUX.1), as Forge reads
+        A1111's syntax there: emphasis weights the tokens (`Family.emphasized`), BREAK has no meaning, and
+        prompt editing, alternation and AND are refused."""
+        runs = []
+        for prompt in prompts:
+            schedule = rules.prompt_schedule(rules.conditioned_text(prompt), 1000)  # any switch shows in 1000 steps
+            if len(schedule) > 1:
+                raise UserError(f"prompt {prompt!r}: prompt editing and alternation ([a:b:when], [a|b]) are not "
+                                f"supported for {self.family.title} prompts yet; (word:1.2) emphasis is")
+            runs.append(rules.parse_attention(schedule[0][1]))
+        per_tokenizer = [[rules.sequence_tokens(r, tok) for r in runs] for tok in self.base.tokenizers]
+        text = self.encode_ids([torch.tensor([c.tokens for c in chunks]) for chunks in per_tokenizer])
+        return self.family.emphasized(text, [torch.tensor([c.multipliers for c in chunks], device=text.hidden.device)
+                                             for chunks in per_tokenizer])
 
     def embeds(self, prompts: list[str], negative: list[str]) -> dict:
         """The pipelines' prompt-embedding arguments for prompts and their negative prompts, each
@@ -328,11 +405,11 @@ class Sampler:
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
-        if self.family.one_pass:
-            return self.render_one_pass(prompts, seeds, width, height, steps, s, negatives)
         if s.sampler != self.scheduler_name:
             self.pipe.scheduler = make_scheduler(s.sampler, self.base.noise_scheduler)
             self.scheduler_name = s.sampler
+        if self.family.one_pass:
+            return self.render_one_pass(prompts, seeds, width, height, steps, s, negatives, hires)
         for side, v in (("width", width), ("height", height)):
             if v % 8 or v < 8:
                 raise UserError(f"[sample] {side} = {v} is not a positive multiple of 8; try {max(8, v - v % 8)}")
@@ -349,7 +426,8 @@ class Sampler:
                            generator=generators(), **switching(per_step)).images
         # A1111's key order (processing.create_infotext); None values are left out of the text.
         clip_skip = self.cfg.model.clip_skip
-        params = {"Steps": steps, "Sampler": SAMPLERS[s.sampler][2], "Schedule type": SAMPLERS[s.sampler][3],
+        names = sampler_names(s.sampler, self.base.noise_scheduler)
+        params = {"Steps": steps, "Sampler": names[0], "Schedule type": names[1],
                   "CFG scale": float(s.cfg_scale), "Seed": None, "Size": f"{w0}x{h0}",
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
@@ -385,10 +463,10 @@ class Sampler:
         return images, params
 
     def render_one_pass(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
-                        s, negatives: list[str] | None = None) -> tuple[list, dict]:
-        """`render` for a family that renders in one pass of its pipeline (`family.one_pass`: FLUX.1, SD3.x)
-        with flow-matching Euler from the base's scheduler config. The prompts are encoded by the family as
-        they are written (A1111's emphasis, BREAK and prompt editing are SD's rules).
+                        s, negatives: list[str] | None = None, hires: str = "off") -> tuple[list, dict]:
+        """`render` for a family that renders with its own pipeline (`family.one_pass`: FLUX.1, SD3.x) and a
+        flow-matching solver (`FLOW_SAMPLERS`). The prompts are encoded whole, with A1111's emphasis as Forge
+        weights FLUX.1 prompts (`encode_whole`).
 
         FLUX.1 (no classifier-free guidance) takes no negative prompt; dev takes `sample.guidance_scale` as its
         input, schnell ignores it. SD3.x guides with the negative prompts at `cfg_scale`, and with
@@ -396,31 +474,86 @@ class Sampler:
 
         Sides are rendered at the next multiple of `family.size_multiple` and centre-cropped to the
         requested size (1080x720 -> 1088x720, 4 px off each side); the infotext's Size is the image's
-        and "Render size" the pass's."""
+        and "Render size" the pass's.
+
+        hires "on" / "tiled" (asked for: `pass_settings` turns auto off for these families): the first pass
+        at the native area (sides multiples of 16), a Lanczos upscale to the render size, then
+        FluxImg2ImgPipeline ("on") or the tiled pass with `tiled.FlowDenoiser` ("tiled", tiles on multiples of
+        16 px), both with flow-matching Euler (FluxImg2ImgPipeline passes its own sigmas, which diffusers'
+        multistep solvers do not take); then the crop. Size is then the first pass's, as in A1111."""
+        from PIL import Image
+
         m = self.family.size_multiple
         w0, h0 = math.ceil(width / m) * m, math.ceil(height / m) * m
+        two_pass = hires in ("on", "tiled")
+        fw, fh = (math.ceil(x / m) * m for x in first_pass_size(width, height, self.base.resolution)) if two_pass \
+            else (w0, h0)
         noise_device = "cpu" if self.device == "mps" else self.device
-        generator = [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]
-        text = self.encode(list(prompts))
+        generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
+        text = self.encode_whole(list(prompts))
         guided = getattr(self.pipe.transformer.config, "guidance_embeds", False)  # FLUX.1 dev's guidance input
-        kwargs, params = {"guidance_scale": s.guidance_scale}, {"CFG scale": 1.0}
+        kwargs, guidance = {"guidance_scale": s.guidance_scale}, {"CFG scale": 1.0}
         if self.family.classifier_free_guidance:
-            negative = self.encode(list(negatives) if negatives else [s.negative_prompt] * len(prompts))
+            negative = self.encode_whole(list(negatives) if negatives else [s.negative_prompt] * len(prompts))
             kwargs = {"guidance_scale": s.cfg_scale, "negative_prompt_embeds": negative.hidden,
                       "negative_pooled_prompt_embeds": negative.pooled, **self.skip_layer_guidance(s)}
-            params = {"CFG scale": float(s.cfg_scale), "Skip layer guidance": skip_layer_note(s)}
-        images = self.pipe(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, width=w0, height=h0,
-                           num_inference_steps=steps, generator=generator, **kwargs).images
-        left, top = (w0 - width) // 2, (h0 - height) // 2
-        images = [im.crop((left, top, left + width, top + height)) for im in images]
+            guidance = {"CFG scale": float(s.cfg_scale), "Skip layer guidance": skip_layer_note(s)}
+        images = self.pipe(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, width=fw, height=fh,
+                           num_inference_steps=steps, generator=generators(), **kwargs).images
         # Forge's names for FLUX.1: CFG scale 1 (none) and the distilled guidance apart.
-        params = {"Steps": steps, "Sampler": FLOW_SAMPLER[0], "Schedule type": FLOW_SAMPLER[1], **params,
+        names = sampler_names(s.sampler, self.base.noise_scheduler)
+        params = {"Steps": steps, "Sampler": names[0], "Schedule type": names[1], **guidance,
                   "Distilled CFG Scale": float(s.guidance_scale) if guided else None, "Seed": None,
                   "Size": f"{width}x{height}",
                   "Render size": f"{w0}x{h0}, centre-cropped" if (w0, h0) != (width, height) else None,
                   "Model hash": self.base.model_hash[:10], "Model": self.base.name,
                   "RNG": "CPU" if noise_device == "cpu" else None}
-        return images, params
+        if two_pass:
+            euler = make_scheduler("euler", self.base.noise_scheduler)
+            images = [im.resize((w0, h0), Image.LANCZOS) for im in images]
+            hires_steps = s.hires_steps or steps
+            if s.hires_denoise > 0 and hires == "tiled":
+                images = self.refine_tiled_flow(images, text, seeds, s, hires_steps, euler, noise_device)
+            elif s.hires_denoise > 0:
+                from diffusers import AutoPipelineForImage2Image
+
+                img2img = AutoPipelineForImage2Image.from_pipe(self.pipe, scheduler=euler)  # FluxImg2ImgPipeline
+                img2img.set_progress_bar_config(disable=True)
+                images = img2img(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, image=images, width=w0,
+                                 height=h0, strength=s.hires_denoise,
+                                 num_inference_steps=flux_img2img_steps(hires_steps, s.hires_denoise),
+                                 guidance_scale=s.guidance_scale, generator=generators()).images
+            params.update({"Size": f"{fw}x{fh}", "Denoising strength": float(s.hires_denoise),
+                           "Hires resize": f"{width}x{height}", "Hires steps": s.hires_steps or None,
+                           "Hires upscaler": "Lanczos",
+                           "Hires sampler": FLOW_SAMPLERS["euler"][2] if names[0] != FLOW_SAMPLERS["euler"][2] else None})
+            if hires == "tiled":
+                tile, overlap = self.tile_size(s)
+                params.update({"Hires mode": "tiled", "Hires tile": f"{tile}x{tile}", "Hires tile overlap": overlap})
+        left, top = (w0 - width) // 2, (h0 - height) // 2
+        return [im.crop((left, top, left + width, top + height)) for im in images], params
+
+    def refine_tiled_flow(self, upscaled: list, text: TextConditioning, seeds: list[int], s, hires_steps: int,
+                          scheduler, noise_device) -> list:
+        """The tiled pass (tiled.py) of a guidance-distilled flow family over each upscaled image, its noise
+        drawn from its own seed; `text` is the batch's conditioning, one row per image."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        tile, overlap = self.tile_size(s)
+        family = self.family.for_sampling(s.guidance_scale)
+        transformer = getattr(self.pipe, self.family.denoiser_part)
+        out = []
+        for k, (image, seed) in enumerate(zip(upscaled, seeds)):
+            latents = tiled.encode(self.pipe, image)
+            noise = randn_tensor(latents.shape, generator=torch.Generator(noise_device).manual_seed(int(seed)),
+                                 device=torch.device(self.device), dtype=latents.dtype)
+            row = TextConditioning(hidden=text.hidden[k:k + 1], pooled=text.pooled[k:k + 1])
+            denoiser = tiled.FlowDenoiser(family, transformer, row, (image.height, image.width))
+            latents = tiled.refine(latents, noise, scheduler, denoiser,
+                                   num_steps=img2img_steps(hires_steps, s.hires_denoise), strength=s.hires_denoise,
+                                   tile=tile // tiled.LATENT_CELL, overlap=overlap // tiled.LATENT_CELL)
+            out.append(tiled.decode(self.pipe, latents))
+        return out
 
     def skip_layer_guidance(self, s) -> dict:
         """StableDiffusion3Pipeline's skip-layer guidance arguments from [sample] (none when its scale is 0):
@@ -453,6 +586,10 @@ class Sampler:
                                 f"try {value - value % tiled.LATENT_CELL or tiled.LATENT_CELL}")
         if overlap >= tile:
             raise UserError(f"[sample] hires_tile_overlap = {overlap} must be smaller than the tile ({tile} px)")
+        m = self.family.size_multiple
+        if tile % m:  # FLUX.1's tiles are packed in 2x2 latent patches
+            raise UserError(f"[sample] hires_tile = {tile} is not a multiple of {m}, which {self.family.title} "
+                            f"needs; try {tile - tile % m or m}")
         return tile, overlap
 
     def refine_tiled(self, upscaled: list, per_step: list[dict], seeds: list[int], s, steps: int,
@@ -558,16 +695,30 @@ def _hires_note(mode: str) -> str:
 
 
 def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str, str]:
-    """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A one-pass family
-    (FLUX.1, SD3.x) renders in one flow-matching Euler pass (the hires and tiled passes are SD's; a note says so when
-    they would have run), in its own steps (schnell: 4) where the config leaves `steps` at its default."""
+    """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A one-pass family (FLUX.1,
+    SD3.x) renders with a flow-matching solver in its own steps (schnell: 4) where the config leaves `steps`
+    at its default; a guidance-distilled one (FLUX.1) takes a second pass only when hires says on or tiled
+    (auto: off, and a note says so when it would have run). SD3.x renders in one pass: the second passes
+    have no negative prompt to guide with."""
     if not family.one_pass:
         return s.steps, hires, s.sampler
     steps = family.sample_steps if family.sample_steps and s.steps == SampleConfig.steps else s.steps
-    if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
-        log(f"note: {family.title} renders in one pass at the target size; the hires and tiled passes are SD's, "
-            "so hires is off")
-    return steps, "off", "flow-matching Euler"
+    if family.classifier_free_guidance:
+        if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
+            log(f"note: {family.title} renders in one pass at the target size; the hires and tiled passes take no "
+                "negative prompt, so hires is off")
+        hires = "off"
+    elif hires == "auto" and hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
+        # FLUX.1 renders up to about 2 megapixels in one pass (BFL's range), so auto leaves the second pass to
+        # the user
+        log(f"note: {family.title} renders in one pass at the target size (hires = auto), so hires is off; set "
+            "hires = \"on\" or \"tiled\" for a second pass")
+    hires = hires if hires in ("on", "tiled") else "off"
+    name = flow_sampler(s.sampler)
+    if name != s.sampler and s.sampler != SampleConfig.sampler:  # SD's default sampler: the base's own, quietly
+        log(f"note: [sample] sampler = {s.sampler!r} has no flow-matching form in diffusers; {family.title} renders "
+            f"with flow-matching Euler (or set sampler = {' or '.join(map(repr, FLOW_SAMPLERS))})")
+    return steps, hires, f"flow-matching {FLOW_SAMPLERS[name][2]}"
 
 
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,

@@ -15,8 +15,8 @@ The scheduler then steps the whole latent with the blended prediction, so multis
 What a family must say lives in `Denoiser`: how a batch of tiles is predicted (the U-Net with
 classifier-free guidance; SDXL adds pooled embeddings and time ids that follow each tile's crop
 coordinates, as in its crop-conditioned training) and how clean latents are noised to the first
-timestep (`scheduler.add_noise` for the DDPM-style schedulers of SD1.x/2.x/SDXL; a flow family
-would plug in its own `Denoiser` with its scheduler's noising).
+timestep (`scheduler.add_noise` for the DDPM-style schedulers of SD1.x/2.x/SDXL; `FlowDenoiser` for a
+guidance-distilled flow family, FLUX.1: x_sigma = (1 - sigma) x + sigma n, its pipeline's schedule).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sdlora.models.families.base import TextConditioning
@@ -89,6 +90,48 @@ class Denoiser:
     def noised(self, scheduler, latents, noise, t):
         return scheduler.add_noise(latents, noise, t.reshape(1))
 
+    def set_timesteps(self, scheduler, num_steps: int, device) -> None:
+        scheduler.set_timesteps(num_steps, device=device)
+
+    def model_input(self, scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_model_input(x, t)
+
+
+@dataclass
+class FlowDenoiser:
+    """A guidance-distilled flow family's (FLUX.1's) transformer for one image: no classifier-free
+    guidance (`Family.for_sampling` gives dev its distilled guidance input), timesteps scheduled as
+    FluxImg2ImgPipeline schedules them: sigmas evenly spaced from 1 to 1/n, shifted by the scheduler at
+    mu of the whole image's packed sequence length (the tiles see the sigmas of the image they form);
+    the transformer takes sigma = t / 1000."""
+
+    family: object  # models.families.base.Family, `for_sampling` applied
+    transformer: torch.nn.Module
+    text: TextConditioning  # batch 1
+    full_size: tuple[int, int]  # (height, width) in pixels
+
+    def __call__(self, tiles: torch.Tensor, t: torch.Tensor, boxes) -> torch.Tensor:
+        """tiles (N, C, th, tw) -> the velocity (N, C, th, tw); th and tw even (2x2 packing)."""
+        n = tiles.shape[0]
+        text = TextConditioning(hidden=self.text.hidden.repeat(n, 1, 1), pooled=self.text.pooled.repeat(n, 1))
+        sigmas = (t / 1000).expand(n).to(tiles.device)
+        return self.family.predict(self.transformer, tiles, sigmas, text, None, self.transformer.dtype).to(tiles.dtype)
+
+    def noised(self, scheduler, latents, noise, t):
+        return scheduler.scale_noise(latents, t.reshape(1), noise)
+
+    def set_timesteps(self, scheduler, num_steps: int, device) -> None:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        height, width = self.full_size
+        c = scheduler.config
+        mu = calculate_shift((height // LATENT_CELL // 2) * (width // LATENT_CELL // 2), c.base_image_seq_len,
+                             c.max_image_seq_len, c.base_shift, c.max_shift)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
+
+    def model_input(self, scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x  # flow matching scales nothing
+
 
 @torch.no_grad()
 def refine(latents: torch.Tensor, noise: torch.Tensor, scheduler, denoiser: Denoiser, *, num_steps: int,
@@ -100,7 +143,7 @@ def refine(latents: torch.Tensor, noise: torch.Tensor, scheduler, denoiser: Deno
     tile, overlap: in latent cells.
     on_step(i): called before the i-th step that runs (prompt editing switches the conditioning there).
     """
-    scheduler.set_timesteps(num_steps, device=latents.device)
+    denoiser.set_timesteps(scheduler, num_steps, latents.device)
     t_start = max(num_steps - int(num_steps * strength), 0)
     timesteps = scheduler.timesteps[t_start * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):
@@ -118,7 +161,7 @@ def refine(latents: torch.Tensor, noise: torch.Tensor, scheduler, denoiser: Deno
     for step, t in enumerate(timesteps):
         if on_step is not None:
             on_step(step)
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = denoiser.model_input(scheduler, x, t)
         blended = torch.zeros_like(x)
         for i in range(0, len(boxes), batch):
             chunk = boxes[i:i + batch]

@@ -230,6 +230,17 @@ class Family:
         whose objective and conditioning have no settings there."""
         return self
 
+    def emphasized(self, text: TextConditioning, multipliers: list[torch.Tensor]) -> TextConditioning:
+        """A1111's emphasis on the conditioning of prompts read whole (`prompts.sequence_tokens`), from each
+        tokenizer's (B, T) token weights: the family knows which encoder's states they scale. SD1.x-SDXL
+        prompts are chunked and weighted by `prompts.encode` instead."""
+        return text
+
+    def for_sampling(self, guidance_scale: float) -> "Family":
+        """The family as sdlora's own denoising loops (the tiled hires pass) call `predict` when sampling: a
+        guidance-distilled family takes `guidance_scale` ([sample]) as its input; the others: the same."""
+        return self
+
     def encode_text(self, encoders: list, input_ids: list[torch.Tensor], clip_skip: int = 1) -> TextConditioning:
         """The U-Net's text conditioning from each encoder's (B, 77) input ids (see the module docstring)."""
         return TextConditioning(encode_prompt(encoders[0], input_ids[0], clip_skip))

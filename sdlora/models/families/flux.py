@@ -40,6 +40,7 @@ from sdlora.models.families.clip import OpenAIClipLayout
 from sdlora.models.families.t5 import T5Layout
 from sdlora.models.flow import FlowObjective
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
+from sdlora.models.prompts import emphasize
 from sdlora.models.tokenizer import clip_tokenizer, t5_tokenizer
 
 # The prefixes are ComfyUI's (its supported_models.Flux: text_encoder_key_prefix "text_encoders.").
@@ -93,6 +94,9 @@ class FluxFamily(Family):
                 train.weighting_scheme, train.logit_mean, train.logit_std, train.mode_scale)
         return replace(self, guidance_scale=train.guidance_scale, flow=flow)
 
+    def for_sampling(self, guidance_scale: float) -> "FluxFamily":
+        return replace(self, guidance_scale=guidance_scale)
+
     def kohya_metadata(self, train) -> dict[str, str]:
         """What sd-scripts' flux_train_network.py adds (its `update_metadata`), as str() of its arguments."""
         return {"ss_network_module": "networks.lora_flux", "ss_model_type": "flux", "ss_apply_t5_attn_mask": "False",
@@ -106,6 +110,12 @@ class FluxFamily(Family):
         pooled = encoders[0](input_ids[0]).pooler_output  # (B, 768): CLIP-L's EOS state after the final norm
         hidden = encoders[1](input_ids[1]).last_hidden_state  # (B, T, 4096)
         return TextConditioning(hidden, pooled)
+
+    def emphasized(self, text: TextConditioning, multipliers: list[torch.Tensor]) -> TextConditioning:
+        """A1111's "Original" emphasis on T5's states, each prompt on its own, as Forge weights FLUX.1
+        prompts (its T5 engine); CLIP-L's pooled output has none: it reads the text without the syntax."""
+        hidden = torch.cat([emphasize(text.hidden[i:i + 1], multipliers[1][i:i + 1]) for i in range(len(text.hidden))])
+        return replace(text, hidden=hidden)
 
     def clip_skip_note(self, clip_skip: int) -> str | None:
         if clip_skip > 1:
