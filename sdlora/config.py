@@ -83,6 +83,9 @@ class ModelConfig:
     base: str = opt("tiny", "base model: 'tiny' (embedded), a diffusers folder, a .safetensors "
                     "checkpoint, or a hub id (downloaded only when named)")
     vae: str = opt("", "optional separate VAE: a .safetensors file or diffusers folder", path=True)
+    text_encoders: list = opt([], "separate text encoders for a single-file base that lacks them (FLUX.1: "
+                              "clip_l.safetensors, t5xxl_fp16.safetensors), each recognised by its tensors, "
+                              "and the T5 tokenizer's folder", path=True, items=str)
     clip_skip: int = opt(1, "kohya's clip_skip: 2 uses the penultimate text-encoder layer", min=1, max=12)
     allow_pickle: bool = opt(False, "allow loading pickled .ckpt/.pt files (weights_only=True)")
     v_parameterization: str = opt("auto", "prediction type: auto (from the base) | epsilon | v_prediction",
@@ -514,9 +517,16 @@ def _build(cls, data: dict, where: str, base_dir: Path | None):
     obj = cls(**values)
     if base_dir is not None:
         relative = {f.name: getattr(obj, f.name) for f in fields.values() if f.metadata.get("path")}
-        resolved = {k: str((base_dir / v).resolve()) for k, v in relative.items() if v and not Path(v).is_absolute()}
+        resolved = {k: _resolve(base_dir, v) for k, v in relative.items() if v}
         obj = dataclasses.replace(obj, **resolved)  # subsets are frozen
     return obj
+
+
+def _resolve(base_dir: Path, value):
+    """A path field's value (a path, or a list of them) with relative paths read from `base_dir`."""
+    if isinstance(value, list):
+        return [_resolve(base_dir, v) for v in value]
+    return value if Path(value).is_absolute() else str((base_dir / value).resolve())
 
 
 def path_keys() -> set[str]:

@@ -32,7 +32,7 @@ def flux_folders(tmp_path_factory):
 
 
 def _model_cfg(folder):
-    return SimpleNamespace(base=str(folder), v_parameterization="auto", allow_pickle=False, vae="")
+    return SimpleNamespace(base=str(folder), v_parameterization="auto", allow_pickle=False, vae="", text_encoders=[])
 
 
 def test_a_flux_folder_loads_as_dev_or_schnell_by_its_guidance_embedding(flux_folders):

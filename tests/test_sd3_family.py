@@ -36,7 +36,7 @@ def sd3_folders(tmp_path_factory):
 
 
 def _model_cfg(folder):
-    return SimpleNamespace(base=str(folder), v_parameterization="auto", allow_pickle=False, vae="")
+    return SimpleNamespace(base=str(folder), v_parameterization="auto", allow_pickle=False, vae="", text_encoders=[])
 
 
 def test_an_sd3_folder_loads_as_its_variant(sd3_folders):

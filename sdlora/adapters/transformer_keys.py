@@ -3,17 +3,9 @@ factors of fused modules written from (and read into) their diffusers parts.
 
 sd-scripts (`networks/lora_flux.py`, `networks/lora_sd3.py`) names a module by its path in the
 original model (BFL's FLUX, Stability's MMDiT), "." -> "_", after `lora_unet_`; ComfyUI and Forge
-keep the originals' module tree and read those names. diffusers' modules differ in two ways:
-
-- fused projections: the original's one Linear is several diffusers Linears over the same input,
-  whose outputs are its rows in order. FLUX double blocks' `img_attn.qkv` = [to_q; to_k; to_v]
-  (3 x 3072 rows), single blocks' `linear1` = [to_q; to_k; to_v; proj_mlp] (3 x 3072 + 12288),
-  SD3 `x_block.attn.qkv` = [to_q; to_k; to_v];
-- (shift, scale): the originals' final adaLN modulation (and SD3's last context block's) emits
-  (shift, scale), diffusers' `AdaLayerNormContinuous` (scale, shift): the rows' two halves exchanged.
-
-The same map lays out an original checkpoint's Linear weights from diffusers' (rows stacked,
-halves exchanged), as diffusers' single-file converter reads them back.
+keep the originals' module tree and read those names. How the originals' modules map onto diffusers'
+(fused projections, exchanged (shift, scale) halves) is `models/transformer_names.py`, which also
+reads original-layout checkpoints by the same map.
 
 Kohya's default targets are every Linear in FLUX's DoubleStreamBlock / SingleStreamBlock (19 x 10 +
 38 x 3 = 304 modules on FLUX.1) and in SD3's joint blocks (x_block and context_block); the
@@ -47,8 +39,14 @@ from sdlora.adapters import kinds
 from sdlora.adapters.kinds.rows import exchanged_halves
 from sdlora.errors import UserError
 from sdlora.kohya_blocks import block_selection
-from sdlora.kohya_names import FLUX_MODULATION_ARGS, SD3_MODULATION_ARGS
 from sdlora.models.families.clip import nested_text_name
+from sdlora.models.transformer_names import (  # noqa: F401 - FLUX_NAMES, SD3_NAMES: re-exported for the adapters
+    FLUX_NAMES,
+    NAMES_BY_CLASS,
+    SD3_NAMES,
+    TransformerNames,
+    original_modules,
+)
 
 UNET_PREFIX = "lora_unet"
 # ComfyUI's (OneTrainer's) prefix for a transformer's diffusers module paths: `lora_transformer_` + the
@@ -56,88 +54,6 @@ UNET_PREFIX = "lora_unet"
 DIFFUSERS_PART_PREFIX = "lora_transformer"
 # Kohya's text-encoder prefixes for these families (ComfyUI's too): T5 is te3 with or without CLIP-G.
 TEXT_PREFIXES = {"clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"}
-
-# Per block: {original path: diffusers paths whose outputs are its rows, in order}.
-FLUX_DOUBLE = {
-    "img_mod.lin": ("norm1.linear",),
-    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "img_attn.proj": ("attn.to_out.0",),
-    "img_mlp.0": ("ff.net.0.proj",),
-    "img_mlp.2": ("ff.net.2",),
-    "txt_mod.lin": ("norm1_context.linear",),
-    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "txt_attn.proj": ("attn.to_add_out",),
-    "txt_mlp.0": ("ff_context.net.0.proj",),
-    "txt_mlp.2": ("ff_context.net.2",),
-}
-FLUX_SINGLE = {
-    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
-    "linear2": ("proj_out",),  # its input is cat(attention 3072, mlp 12288) in both
-    "modulation.lin": ("norm.linear",),
-}
-FLUX_OUTER = {  # kohya's in_dims, and the final layer
-    "img_in": ("x_embedder",),
-    "time_in.in_layer": ("time_text_embed.timestep_embedder.linear_1",),
-    "time_in.out_layer": ("time_text_embed.timestep_embedder.linear_2",),
-    "vector_in.in_layer": ("time_text_embed.text_embedder.linear_1",),
-    "vector_in.out_layer": ("time_text_embed.text_embedder.linear_2",),
-    "guidance_in.in_layer": ("time_text_embed.guidance_embedder.linear_1",),  # dev only
-    "guidance_in.out_layer": ("time_text_embed.guidance_embedder.linear_2",),
-    "txt_in": ("context_embedder",),
-    "final_layer.linear": ("proj_out",),
-    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
-}
-SD3_JOINT = {
-    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "context_block.attn.proj": ("attn.to_add_out",),  # not in the last block (context_pre_only)
-    "context_block.mlp.fc1": ("ff_context.net.0.proj",),  # nor its mlp
-    "context_block.mlp.fc2": ("ff_context.net.2",),
-    "context_block.adaLN_modulation.1": ("norm1_context.linear",),
-    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "x_block.attn.proj": ("attn.to_out.0",),
-    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5 Medium's MMDiT-X blocks
-    "x_block.attn2.proj": ("attn2.to_out.0",),
-    "x_block.mlp.fc1": ("ff.net.0.proj",),
-    "x_block.mlp.fc2": ("ff.net.2",),
-    "x_block.adaLN_modulation.1": ("norm1.linear",),
-}
-SD3_OUTER = {  # kohya's emb_dims
-    "context_embedder": ("context_embedder",),
-    "t_embedder.mlp.0": ("time_text_embed.timestep_embedder.linear_1",),
-    "t_embedder.mlp.2": ("time_text_embed.timestep_embedder.linear_2",),
-    "x_embedder.proj": ("pos_embed.proj",),  # a Conv2d
-    "y_embedder.mlp.0": ("time_text_embed.text_embedder.linear_1",),
-    "y_embedder.mlp.2": ("time_text_embed.text_embedder.linear_2",),
-    "final_layer.adaLN_modulation.1": ("norm_out.linear",),
-    "final_layer.linear": ("proj_out",),
-}
-
-
-@dataclass(frozen=True)
-class TransformerNames:
-    """How one family's transformer is named in the original: its block lists
-    (original prefix, diffusers prefix, per-block table) and the modules outside them;
-    `block_kinds` names each block list as kohya's train_blocks does ("double", "single"), and
-    `modulation` holds the per-block paths of the modulation linears (kohya's *_mod_dim)."""
-
-    blocks: tuple[tuple[str, str, dict[str, tuple[str, ...]]], ...]
-    outer: dict[str, tuple[str, ...]]
-    block_kinds: tuple[str, ...] = ()
-    modulation: frozenset[str] = frozenset()
-    modulation_args: tuple[str, ...] = ()  # kohya's network_args whose 0s drop `modulation`
-
-
-FLUX_NAMES = TransformerNames((("double_blocks", "transformer_blocks", FLUX_DOUBLE),
-                               ("single_blocks", "single_transformer_blocks", FLUX_SINGLE)), FLUX_OUTER,
-                              ("double", "single"), frozenset({"img_mod.lin", "txt_mod.lin", "modulation.lin"}),
-                              FLUX_MODULATION_ARGS)
-SD3_NAMES = TransformerNames((("joint_blocks", "transformer_blocks", SD3_JOINT),), SD3_OUTER, ("joint",),
-                             frozenset({"context_block.adaLN_modulation.1", "x_block.adaLN_modulation.1"}),
-                             SD3_MODULATION_ARGS)
-
-
-# The transformers named as in their originals, by diffusers class.
-NAMES_BY_CLASS = {"FluxTransformer2DModel": FLUX_NAMES, "SD3Transformer2DModel": SD3_NAMES}
 
 
 def names_of(denoiser: nn.Module) -> TransformerNames | None:
@@ -162,24 +78,10 @@ def kohya_modules(transformer: nn.Module, names: TransformerNames, outer: bool =
     creates them (the original model's); with `outer`, also the embedders and the final layer. A module
     missing from the model (the last SD3 block's context projection, attn2 outside MMDiT-X blocks,
     schnell's guidance) has no key."""
-    modules = dict(transformer.named_modules())
-    found: dict[str, KohyaModule] = {}
-
-    def add(original: str, paths: tuple[str, ...]) -> None:
-        if not all(p in modules for p in paths):
-            return
-        # AdaLayerNormContinuous's linear emits (scale, shift); the originals' modulation (shift, scale).
-        swap = type(modules[paths[0].rsplit(".", 1)[0]]).__name__ == "AdaLayerNormContinuous"
-        key = f"{UNET_PREFIX}_{original.replace('.', '_')}"
-        found[key] = KohyaModule(key, original, paths, swap)
-
-    for original, ours, table in names.blocks:
-        for i in range(len(getattr(transformer, ours))):
-            for path, parts in table.items():
-                add(f"{original}.{i}.{path}", tuple(f"{ours}.{i}.{p}" for p in parts))
-    if outer:
-        for path, parts in names.outer.items():
-            add(path, parts)
+    found = {}
+    for module in original_modules(transformer, names, outer):
+        key = f"{UNET_PREFIX}_{module.original.replace('.', '_')}"
+        found[key] = KohyaModule(key, module.original, module.paths, module.swap_halves)
     return found
 
 

@@ -27,6 +27,7 @@ from sdlora.io import atomic_folder, atomic_save_file, refuse_to_overwrite
 from sdlora.models.arch import CONFIGS
 from sdlora.models.families import FAMILIES, detect
 from sdlora.models.families.base import TextEncoderSlot
+from sdlora.models.transformer_names import NAMES_BY_CLASS, state_from_original
 from sdlora.quiet import quiet
 
 CONFIG_META_KEY = "sdlora.diffusers_config"  # JSON {"unet":..., "vae":..., "text_encoder":..., "scheduler":...}
@@ -34,6 +35,7 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 # ---------------------------------------------------------------- reading
@@ -99,7 +101,8 @@ def detect_family(keys, path: Path | str = "checkpoint") -> str:
     has_unet = any(k.startswith(UNET) for k in keys)
     what = "a UNet without a text encoder" if has_unet else "no Stable Diffusion UNet or text encoder"
     raise UserError(f"model.base: {path} holds {what} (unknown model family; sdlora reads SD1.x, SD2.x and SDXL "
-                    "checkpoints in the original layout, e.g. as A1111 saves them)")
+                    "checkpoints in the original layout, e.g. as A1111 saves them, and FLUX.1 transformers in "
+                    "BFL's layout)")
 
 
 @contextmanager
@@ -118,12 +121,16 @@ def _config_folder(family: str, metadata: dict):
 
 
 def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
-                     prediction_type: str | None = None) -> dict:
+                     prediction_type: str | None = None, text_encoders: list[Path] = (),
+                     vae_given: bool = False) -> dict:
     """The components of an original-layout checkpoint of a family in `FAMILIES` (see models.load_base).
     `prediction_type` is model.v_parameterization when set; None: the family's guess (SD2's from the
-    weights, which picks the sd_v2 or sd_v2_v configs; SD1.x and SDXL base predict epsilon)."""
+    weights, which picks the sd_v2 or sd_v2_v configs; SD1.x and SDXL base predict epsilon; FLUX.1 flow).
+    `text_encoders` (model.text_encoders): separate text-encoder files and tokenizer folders, each
+    recognised by what it holds, for a file that lacks them (a file's wins over the checkpoint's own);
+    `vae_given`: model.vae is set, so a checkpoint without a VAE is no error (load_base loads that one)."""
     import transformers
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     tensors, metadata = read_state_dict(path, allow_pickle)
     family = FAMILIES[detect_family(tensors, path)]
@@ -137,19 +144,114 @@ def load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool = False,
         return f"model.base: the {part} in {path}"
 
     with _config_folder(family.name, metadata) as configs:
-        # Each part's tensors leave `tensors` as it loads, so a cast to `dtype` never holds two whole copies.
-        unet = _load_model(UNet2DConditionModel, _take(tensors, UNET), configs, "unet", where("UNet"), dtype)
-        vae = _load_model(AutoencoderKL, _take(tensors, VAE), configs, "vae", where("VAE"), dtype)
+        separate, tokenizer_folders = read_text_encoder_files(text_encoders, family, configs)
+        # Each part's tensors leave `tensors` (the text encoders' and the VAE's first: a BFL file names its
+        # transformer's bare) and are cast to `dtype` as it loads, so no two whole copies are ever held.
+        encoder_states = {slot.part: text_encoder_state(tensors, slot) for slot in family.text_encoders}
+        vae_state = _take(tensors, family.vae_prefix)
+        prefix = next((p for p in family.denoiser_prefixes if any(k.startswith(p) for k in tensors)),
+                      family.denoiser_prefixes[0])
+        denoiser = family.denoiser_class.removesuffix("2DConditionModel").removesuffix("2DModel")  # UNet, FluxTransformer
+        unet = _load_denoiser(family, _take(tensors, prefix), prefix, configs, where(denoiser), dtype)
+        if vae_state or not family.vae_file:  # (an SD file without one: its missing tensors are named)
+            if family.vae_prefix != VAE:  # first_stage_model. is a layout of its own (and names a missing tensor)
+                vae_state = {k.removeprefix(family.vae_prefix): v for k, v in vae_state.items()}
+            vae = _load_model(AutoencoderKL, vae_state, configs, "vae", where("VAE"), dtype)
+        elif vae_given:
+            vae = None  # load_base loads model.vae
+        else:
+            raise UserError(f"model.base: {path} holds no VAE; set model.vae = \"{family.vae_file}\" ({family.title}'s "
+                            "autoencoder, the file its makers publish)")
         parts = {}
         for slot in family.text_encoders:
-            parts[slot.part] = _load_text_encoder(getattr(transformers, slot.model_class),
-                                                  text_encoder_state(tensors, slot), configs, slot.part,
-                                                  where(slot.label), dtype)
-            parts[slot.tokenizer_part] = slot.tokenizer()
-        scheduler = DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
+            state, origin = separate.get(slot.part), f"model.text_encoders: the {slot.label} file"
+            if state is None:
+                state, origin = encoder_states[slot.part], where(slot.label)
+            if not state:
+                raise UserError(f"model.base: {path} holds no {slot.label} text encoder; add its file to "
+                                f"model.text_encoders (the {family.title} text encoders: "
+                                f"{', '.join(s.label for s in family.text_encoders)})")
+            parts[slot.part] = _load_text_encoder(getattr(transformers, slot.model_class), state, configs, slot.part,
+                                                  origin, dtype)
+            parts[slot.tokenizer_part] = tokenizer_folders.get(slot.part) or slot.tokenizer()
+        scheduler = family.single_file_scheduler(configs, prediction_type)
     parts.update(vae=vae, unet=unet, noise_scheduler=scheduler, family=family.name,
                  prediction_type=prediction_type, model_hash=file_digest(path), detected=how)
     return parts
+
+
+def read_text_encoder_files(paths, family, configs: Path) -> tuple[dict, dict]:
+    """({slot part: state in transformers-4 names}, {slot part: tokenizer}) of model.text_encoders: each
+    .safetensors file is the family's text encoder whose layout names its tensors (bare or under the
+    slot's single-file prefix) at the width of that encoder's config, the first such one not yet given;
+    each folder the tokenizer of the slot whose tokenizer files it holds."""
+    import transformers
+
+    states, tokenizers = {}, {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            slot = next((s for s in family.text_encoders if any((path / f).exists() for f in s.tokenizer_files)), None)
+            if slot is None:
+                raise UserError(f"model.text_encoders: the folder {path} holds no tokenizer of {family.title} "
+                                f"(no {' or '.join(f for s in family.text_encoders for f in s.tokenizer_files)})")
+            try:
+                tokenizers[slot.part] = getattr(transformers, slot.tokenizer_class).from_pretrained(
+                    path, local_files_only=True)
+            except (OSError, ValueError, ImportError) as e:
+                raise UserError(f"model.text_encoders: cannot read the {slot.label} tokenizer in {path} "
+                                f"({e.__class__.__name__}: {e}); give a folder with its tokenizer.json") from e
+            continue
+        if not path.is_file():
+            raise UserError(f"model.text_encoders: {path} does not exist; give the text encoders' .safetensors files")
+        tensors, _ = read_state_dict(path)
+        for slot in family.text_encoders:
+            state = {k.removeprefix(slot.prefix): v for k, v in tensors.items()}
+            width = transformers.AutoConfig.from_pretrained(configs, subfolder=slot.part).hidden_size
+            if slot.part not in states and slot.layout.recognises(state) and slot.layout.width(state) == width:
+                states[slot.part] = slot.from_original(state)
+                break
+        else:
+            raise UserError(f"model.text_encoders: {path} holds none of {family.title}'s text encoders "
+                            f"({', '.join(s.label for s in family.text_encoders if s.part not in states)}) in the "
+                            "layouts sdlora reads (transformers' names, bare or as ComfyUI saves them)")
+    return states, tokenizers
+
+
+def _load_denoiser(family, state: dict, prefix: str, configs: Path, where: str, dtype: torch.dtype):
+    """The family's denoiser from its tensors in a single file (under `prefix`): a U-Net through diffusers'
+    single-file loader; a transformer renamed by `transformer_names` (any width, where diffusers' FLUX
+    converter assumes 3072) and loaded by the same loader, which takes diffusers' names as they are."""
+    import diffusers
+
+    cls = getattr(diffusers, family.denoiser_class)
+    names = NAMES_BY_CLASS.get(family.denoiser_class)
+    if names is None:
+        return _load_model(cls, state, configs, family.denoiser_part, where, dtype)
+    from diffusers.utils import logging
+
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(configs, subfolder=family.denoiser_part, local_files_only=True))
+    state = state_from_original({k[len(prefix):]: v for k, v in state.items()}, model, names)
+    expected = model.state_dict().keys()
+    unknown = sorted(state.keys() - expected)
+    if any(k.endswith((".scale_weight", "scaled_fp8")) for k in unknown):
+        raise UserError(f"{where} is stored as ComfyUI's scaled fp8 (.scale_weight tensors), which sdlora does not "
+                        "read; use the plain fp8 (float8_e4m3fn), bf16 or fp16 file")
+    missing = sorted(expected - state.keys())
+    for what, keys in (("missing", missing), ("unexpected", unknown)):
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise UserError(_mismatch(where, f"{what} {keys[:3]}{more}"))
+    with quiet(logging, warnings=False):  # as in _load_model
+        model = cls.from_single_file(upcast_fp8(state, dtype), config=str(configs), subfolder=family.denoiser_part,
+                                     local_files_only=True, torch_dtype=dtype)
+    return model.eval()
+
+
+def upcast_fp8(state: dict, dtype: torch.dtype) -> dict:
+    """`state` with its float8 tensors (an fp8-stored file's: float8_e4m3fn, float8_e5m2) as `dtype`;
+    every fp8 value is exact in bf16, fp16 and fp32."""
+    return {k: v.to(dtype) if v.dtype in FP8_DTYPES else v for k, v in state.items()}
 
 
 def _take(tensors: dict, prefix: str) -> dict:
@@ -200,13 +302,13 @@ def _known_tensors(cls, state: dict, configs: Path, part: str, where: str) -> di
 
 def _load_text_encoder(cls, state: dict, configs: Path, part: str, where: str, dtype: torch.dtype):
     """A CLIPTextModel(WithProjection) from tensors under transformers-4 names (`text_model.*`, as files
-    name them; transformers 5 maps them onto its flat CLIPTextModel), via `from_pretrained(state_dict=...)`."""
-    from transformers import CLIPTextConfig
+    name them; transformers 5 maps them onto its flat CLIPTextModel), or a T5EncoderModel, via
+    `from_pretrained(state_dict=...)`."""
     from transformers.utils import logging
 
-    config = CLIPTextConfig.from_pretrained(configs, subfolder=part, local_files_only=True)
+    config = cls.config_class.from_pretrained(configs, subfolder=part, local_files_only=True)
     with quiet(logging, warnings=False):  # its load report says what the UserError below says in one line
-        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+        model, info = cls.from_pretrained(None, config=config, state_dict=upcast_fp8(state, dtype), dtype=dtype,
                                           output_loading_info=True, ignore_mismatched_sizes=True)
     mismatched = sorted(k if isinstance(k, str) else k[0] for k in info["mismatched_keys"])  # 4.x: names; 5: tuples
     for what, keys in (("missing", sorted(info["missing_keys"])), ("unexpected", sorted(info["unexpected_keys"])),

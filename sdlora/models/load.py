@@ -80,6 +80,10 @@ class BaseModel:
 def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load model.base (and model.vae when set) as float `dtype` components."""
     source = model_cfg.base
+    text_encoders = [Path(p).expanduser() for p in model_cfg.text_encoders]
+    if text_encoders and not Path(source).expanduser().is_file():
+        raise UserError(f"model.text_encoders: {source} is not a single-file checkpoint; a diffusers folder or hub id "
+                        "brings its own text encoders, so leave model.text_encoders empty")
     # model.v_parameterization overrides what the base says (or, for a single file, what its weights suggest)
     forced_prediction = None if model_cfg.v_parameterization == "auto" else model_cfg.v_parameterization
     if source == "tiny":
@@ -94,7 +98,8 @@ def load_base(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
             parts = _load_folder(path, dtype)
             name = path.name
         elif path.is_file():
-            parts = load_single_file(path, dtype, model_cfg.allow_pickle, forced_prediction)
+            parts = load_single_file(path, dtype, model_cfg.allow_pickle, forced_prediction, text_encoders,
+                                     bool(model_cfg.vae))
             name = path.stem
         else:
             parts = load_hub(source, dtype)

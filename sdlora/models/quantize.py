@@ -5,7 +5,9 @@ that holds its weight quantised and dequantises it per call, in the forward and 
 backward (so no dequantised weight is kept alive between them):
 
     fp8:  W = q * s,  q = float8_e4m3fn(W / s),  s = max|W[o]| / 448 per output channel o
-          (1 byte a weight + one fp32 scale per channel; works on any device)
+          (1 byte a weight + one fp32 scale per channel; works on any device); a weight whose every
+          value is a float8_e4m3fn value (an fp8-stored checkpoint's, upcast on load) is kept as it
+          is, s = 1, rather than rounded a second time
     nf4:  bitsandbytes' 4-bit NormalFloat with a per-64-block absmax (CUDA only)
 
 Adapters are injected first and stay full precision: the peft layer's `base_layer` is what
@@ -46,6 +48,9 @@ def _pack(weight: torch.Tensor, fmt: str):
     """(stored tensor, scale or bitsandbytes QuantState) for a weight (out, ...)."""
     w = weight.detach()
     if fmt == "fp8":
+        stored = w.to(FP8)
+        if torch.equal(stored.to(w.dtype), w):
+            return stored, torch.ones(w.shape[0], device=w.device)
         amax = w.float().abs().reshape(w.shape[0], -1).amax(dim=1)
         scale = (amax / FP8_MAX).clamp(min=1e-12)  # (out,)
         q = (w.float() / scale.view(-1, *[1] * (w.dim() - 1))).to(FP8)

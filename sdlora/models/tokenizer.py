@@ -1,4 +1,4 @@
-"""The CLIP tokenizer, built offline from the BPE vocabulary that open_clip ships.
+"""The CLIP tokenizer, built offline from the BPE vocabulary that open_clip ships; T5-XXL's, found offline.
 
 open_clip's `bpe_simple_vocab_16e6.txt.gz` holds the merges of OpenAI's CLIP BPE. The
 `vocab.json` / `merges.txt` pair that `transformers.CLIPTokenizer` reads is derived from
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from sdlora import ASSETS
+from sdlora.errors import UserError
 from sdlora.io import atomic_write_text
 
 N_MERGES = 49152 - 256 - 2
@@ -76,3 +77,30 @@ def open_clip_tokenizer(cache_dir: str | Path | None = None):
     tokenizer = clip_tokenizer(cache_dir)
     tokenizer.pad_token = "!"
     return tokenizer
+
+
+# T5-XXL's tokenizer (google/t5-v1_1-xxl's SentencePiece model, 32,100 pieces) is not derivable from
+# anything installed, so it is not shipped: a FLUX.1 / SD3.x single file is read with a tokenizer folder
+# the user has (model.text_encoders) or the copy in the Hugging Face cache of one of these repositories'
+# (a tokenizer.json: T5TokenizerFast reads it without the sentencepiece package).
+T5_TOKENIZER_SOURCES = ("black-forest-labs/FLUX.1-dev/tokenizer_2", "black-forest-labs/FLUX.1-schnell/tokenizer_2",
+                        "stabilityai/stable-diffusion-3.5-medium/tokenizer_3",
+                        "stabilityai/stable-diffusion-3.5-large/tokenizer_3")
+
+
+def t5_tokenizer(cache_dir: str | Path | None = None):
+    """T5-XXL's T5TokenizerFast from the local Hugging Face cache (`cache_dir`, None: the default one) of one of
+    `T5_TOKENIZER_SOURCES`, never downloaded; a UserError that says where to get one when no copy is there.
+    (transformers builds an empty T5 tokenizer when asked for files it lacks, so the file is looked up first.)"""
+    from huggingface_hub import try_to_load_from_cache
+    from transformers import T5TokenizerFast
+
+    for source in T5_TOKENIZER_SOURCES:
+        owner, name, subfolder = source.split("/")
+        found = try_to_load_from_cache(f"{owner}/{name}", f"{subfolder}/tokenizer.json", cache_dir=cache_dir)
+        if isinstance(found, str):
+            return T5TokenizerFast.from_pretrained(Path(found).parent, local_files_only=True)
+    raise UserError("model.text_encoders: T5-XXL's tokenizer is not on this machine; add its folder to "
+                    "model.text_encoders (ComfyUI's comfy/text_encoders/t5_tokenizer, or tokenizer_2 of a FLUX.1 "
+                    "diffusers folder), or fetch it once into the Hugging Face cache: huggingface-cli download "
+                    "black-forest-labs/FLUX.1-schnell --include 'tokenizer_2/*'")

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import torch
 
-
-def exchanged_halves(rows: torch.Tensor) -> torch.Tensor:
-    """The two halves of the rows exchanged: the originals' (shift, scale) <-> diffusers' (scale, shift)."""
-    half = rows.shape[0] // 2
-    return torch.cat([rows[half:], rows[:half]])
+# The one owner sits below the adapters, where single-file loading reads original checkpoints with it.
+from sdlora.models.transformer_names import exchanged_halves  # noqa: F401 - re-exported for the kinds
 
 
 def diagonal_blocks(factor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor] | None:

@@ -137,13 +137,15 @@ class TextEncoderSlot:
     label: str  # how messages name it: "text encoder", "text encoder 2"
     model_class: str  # the transformers class: "CLIPTextModel" | "CLIPTextModelWithProjection"
     prefix: str  # where a single file keeps its tensors
-    layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout: its state to and from the names under `prefix`
+    layout: Any  # clip.OpenAIClipLayout / clip.OpenClipLayout / t5.T5Layout: its state to and from the names under `prefix`
     tokenizer: Callable[[], Any] | None  # its tokenizer, built offline (None: the family has no single files yet)
     tokenizer_class: str = "CLIPTokenizer"  # the transformers class of a folder's tokenizer
     # Which encoder it is where the family names them (FLUX.1, SD3: "clip_l" | "clip_g" | "t5"): its Kohya
     # prefix (`transformer_keys.TEXT_PREFIXES`), its caption dropout ([train] <name>_dropout_rate); "" for
     # SD1.x-SDXL's, numbered by position.
     name: str = ""
+    # A tokenizer folder for it (model.text_encoders) holds one of these; (): never read from a folder.
+    tokenizer_files: tuple[str, ...] = ()
 
     def from_original(self, state: dict) -> dict:
         """Its state in transformers-4 names from a single file's tensors under `prefix` (prefix removed)."""
@@ -187,6 +189,11 @@ class Family:
     # be cached, trained and dropped apart (FLUX.1); False: the encoders combine only in `encode_text`.
     per_encoder_text: bool = False
     t5_max_length: int = 0  # T5 tokens per caption (kohya's t5xxl_max_token_length default); 0: no T5
+    # Where its single files keep the denoiser: under the first of these prefixes the file has ("": bare
+    # names, as BFL's own files); the VAE under `vae_prefix`; each text encoder under its slot's prefix.
+    denoiser_prefixes: tuple[str, ...] = ("model.diffusion_model.",)
+    vae_prefix: str = "first_stage_model."
+    vae_file: str = ""  # the VAE file to give as model.vae when a single file lacks one ("": its files never do)
 
     def detects(self, keys: list[str]) -> bool:
         """Do a single file's tensor names say it holds this family?"""
@@ -195,6 +202,12 @@ class Family:
     def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
         """(prediction type, how it was decided) of a single file that does not say."""
         return "epsilon", self.title
+
+    def single_file_scheduler(self, configs, prediction_type: str):
+        """The training noise schedule of a single file, from the config folder `configs`."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_pretrained(configs, subfolder="scheduler", prediction_type=prediction_type)
 
     def named_for(self, prediction_type: str) -> str:
         """The family's name for a base with this prediction type (SD2.x names its two variants by it)."""

@@ -57,16 +57,27 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
 # ---------------------------------------------------------------- original single-file layouts
 #
 # Each layout converts a CLIPTextModel(WithProjection) state dict (transformers names) to the names a
-# single file keeps under the encoder's prefix, and back from those names with the prefix removed.
+# single file keeps under the encoder's prefix, and back from those names with the prefix removed; it
+# recognises a separate file of its encoder (model.text_encoders) by a tensor name, and reads its width.
 
 
 @dataclass(frozen=True)
 class OpenAIClipLayout:
-    """OpenAI CLIP (SD1's text encoder, SDXL's first): transformers' CLIPTextModel names under the prefix;
-    position_ids are a buffer transformers builds itself."""
+    """OpenAI CLIP (SD1's text encoder, SDXL's first, FLUX's CLIP-L): transformers' CLIPTextModel names under
+    the prefix; position_ids are a buffer transformers builds itself. `projection`: the model has a
+    text_projection; without one, a file's (SAI's clip_l.safetensors holds it) is not read."""
+
+    projection: bool = False
+
+    def recognises(self, keys) -> bool:
+        return "text_model.embeddings.token_embedding.weight" in keys
+
+    def width(self, state: dict) -> int:
+        return state["text_model.embeddings.token_embedding.weight"].shape[1]
 
     def from_original(self, state: dict) -> dict:
-        return {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        return {k: v for k, v in state.items() if not k.endswith("position_ids")
+                and (self.projection or k != "text_projection.weight")}
 
     def to_original(self, state: dict, prefix: str) -> dict:
         return {prefix + nested_text_name(k): v for k, v in state.items()
@@ -93,6 +104,12 @@ class OpenClipLayout:
 
     projection: bool
     unused_block: int | None = None
+
+    def recognises(self, keys) -> bool:
+        return "transformer.resblocks.0.attn.in_proj_weight" in keys
+
+    def width(self, state: dict) -> int:
+        return state["token_embedding.weight"].shape[1]
 
     def from_original(self, state: dict) -> dict:
         """The encoder in transformers-4 names, from its original names (prefix removed)."""

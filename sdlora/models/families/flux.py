@@ -20,10 +20,15 @@ FluxTransformer2DModel. The objective is `flow.FlowObjective` with kohya's FLUX 
 
 Export ids as sd-scripts writes them: ss_base_model_version "flux1", modelspec.architecture
 "flux-1-dev/lora" / "flux-1-schnell/lora", modelspec.implementation BFL's repository, and no
-modelspec.prediction_type. Bases load from diffusers folders (FluxPipeline.save_pretrained); dev and
-schnell are told apart by the transformer's guidance embedding. Adapters on the text encoders as
-sd-scripts' lora_flux.py makes them: CLIP-L (`lora_te1_`) with network.train_text_encoder, T5
-(`lora_te3_`) only with network.train_t5 (kohya's train_t5xxl). Not yet: single files.
+modelspec.prediction_type. Bases load from diffusers folders (FluxPipeline.save_pretrained) and from
+single files: BFL's transformer (`double_blocks.0.img_attn.qkv.weight`, ...: flux1-dev.safetensors; or
+in diffusers' names), bare or under ComfyUI's `model.diffusion_model.`, whose all-in-one files add `vae.` (BFL's autoencoder,
+the LDM layout of ae.safetensors) and `text_encoders.clip_l.transformer.` / `text_encoders.t5xxl.
+transformer.` (transformers' names); what a file lacks comes from model.vae / model.text_encoders. Dev and
+schnell are told apart by the transformer's guidance embedding (`guidance_in.*` in a file, as ComfyUI,
+diffusers and kohya tell them). Adapters on the text encoders as sd-scripts' lora_flux.py makes them:
+CLIP-L (`lora_te1_`) with network.train_text_encoder, T5 (`lora_te3_`) only with network.train_t5
+(kohya's train_t5xxl).
 """
 
 from __future__ import annotations
@@ -34,16 +39,25 @@ from typing import Any
 import torch
 
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
+from sdlora.models.families.clip import OpenAIClipLayout
+from sdlora.models.families.t5 import T5Layout
 from sdlora.models.flow import FlowObjective
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
 from sdlora.models.prompts import emphasize
+from sdlora.models.tokenizer import clip_tokenizer, t5_tokenizer
 
+# The prefixes are ComfyUI's (its supported_models.Flux: text_encoder_key_prefix "text_encoders.").
 FLUX_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModel", "text_encoders.clip_l.transformer.",
-                    None, None, name="clip_l"),
+                    OpenAIClipLayout(), clip_tokenizer, name="clip_l"),
     TextEncoderSlot("text_encoder_2", "tokenizer_2", "T5-XXL", "T5EncoderModel", "text_encoders.t5xxl.transformer.",
-                    None, None, tokenizer_class="T5TokenizerFast", name="t5"),
+                    T5Layout(), t5_tokenizer, tokenizer_class="T5TokenizerFast", name="t5",
+                    tokenizer_files=("tokenizer.json",)),
 )
+# A key only FLUX.1 transformers hold (ComfyUI's and diffusers' test) and the one only dev's hold, in BFL's
+# names and in diffusers' (a transformer saved by diffusers as one file, which kohya reads too).
+FLUX_SIGNATURES = {"double_blocks.0.img_attn.norm.key_norm.scale": "guidance_in.in_layer.weight",
+                   "single_transformer_blocks.0.proj_mlp.weight": "time_text_embed.guidance_embedder.linear_1.weight"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,18 @@ class FluxFamily(Family):
     flow: tuple[Any, ...] = ()
 
     def detects(self, keys: list[str]) -> bool:
-        return False  # single files: not read yet
+        keys = set(keys)
+        found = next(((p, guidance) for p in self.denoiser_prefixes for signature, guidance in FLUX_SIGNATURES.items()
+                      if p + signature in keys), None)
+        return found is not None and ("".join(found) in keys) == self.guidance
+
+    def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
+        return "flow", f"{self.title}: {'a' if self.guidance else 'no'} guidance embedding"
+
+    def single_file_scheduler(self, configs, prediction_type: str):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler")
 
     def fits_folder(self, denoiser, widths: set[int]) -> bool:
         return bool(denoiser.config.guidance_embeds) == self.guidance
@@ -135,7 +160,8 @@ class FluxFamily(Family):
 _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_encoders=FLUX_TEXT_ENCODERS,
              per_encoder_text=True, classifier_free_guidance=False, one_pass=True, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
-             scheduler_class="FlowMatchEulerDiscreteScheduler")
+             scheduler_class="FlowMatchEulerDiscreteScheduler", denoiser_prefixes=("model.diffusion_model.", ""),
+             vae_prefix="vae.", vae_file="ae.safetensors")
 # T5 lengths: kohya's t5xxl_max_token_length defaults (flux_train_network.py), 512 dev, 256 schnell.
 # schnell is distilled for 1-4 steps, as its model card renders.
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", t5_max_length=512, **_FLUX)
