@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_flux_sample import _kohya_flux_file
+from test_flux_sample import kohya_transformer_file as _kohya_flux_file
 
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
