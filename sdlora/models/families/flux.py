@@ -32,8 +32,13 @@ from typing import Any
 import torch
 
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
-from sdlora.models.flow import FlowObjective
+from sdlora.models.flow import DENSITY_SETTINGS, FlowObjective
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
+
+# The family-dependent keys it reads: FlowObjective's; dev's guidance input in training and sampling (`reads`).
+FLUX_SETTINGS = DENSITY_SETTINGS | {"train.timestep_sampling", "train.sigmoid_scale", "train.discrete_flow_shift",
+                                    "train.model_prediction_type"}
+GUIDANCE_SETTINGS = frozenset({"train.guidance_scale", "sample.guidance_scale"})
 
 FLUX_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModel", "text_encoders.clip_l.transformer.",
@@ -57,6 +62,9 @@ class FluxFamily(Family):
 
     def fits_folder(self, denoiser, widths: set[int]) -> bool:
         return bool(denoiser.config.guidance_embeds) == self.guidance
+
+    def reads(self) -> frozenset[str]:
+        return super().reads() | (GUIDANCE_SETTINGS if self.guidance else frozenset())  # schnell has no guidance input
 
     def folder_prediction_type(self, scheduler) -> str:
         return "flow"
@@ -111,7 +119,7 @@ class FluxFamily(Family):
 _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_encoders=FLUX_TEXT_ENCODERS,
              trains_text_encoders=False, classifier_free_guidance=False, one_pass=True, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
-             scheduler_class="FlowMatchEulerDiscreteScheduler")
+             scheduler_class="FlowMatchEulerDiscreteScheduler", settings=FLUX_SETTINGS)
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", **_FLUX)
 FLUX_SCHNELL = FluxFamily("flux1_schnell", "flux1", "flux-1-schnell", title="FLUX.1 schnell", guidance=False,
                           sample_steps=4, **_FLUX)  # schnell is distilled for 1-4 steps, as its model card renders

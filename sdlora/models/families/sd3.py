@@ -35,8 +35,12 @@ from typing import Any
 import torch
 
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
-from sdlora.models.flow import SD3Objective
+from sdlora.models.flow import DENSITY_SETTINGS, SD3Objective
 
+# The family-dependent keys it reads beside CFG's: SD3Objective's, StableDiffusion3Pipeline's skip-layer guidance.
+SD3_SETTINGS = DENSITY_SETTINGS | {"train.training_shift", "sample.skip_layer_guidance_scale",
+                                   "sample.skip_guidance_layers", "sample.skip_layer_guidance_start",
+                                   "sample.skip_layer_guidance_stop"}
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length, kohya's t5xxl_max_token_length
 
 SD3_TEXT_ENCODERS = (
@@ -118,7 +122,8 @@ class SD3Family(Family):
 # Sides a multiple of 16: the VAE's 8 x the transformer's 2x2 patches.
 _SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, trains_text_encoders=False,
             one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline", denoiser_part="transformer",
-            denoiser_class="SD3Transformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler")
+            denoiser_class="SD3Transformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler",
+            settings=SD3_SETTINGS)
 SD3_MEDIUM = SD3Family("sd3_medium", "medium", "stable-diffusion-3-medium", title="SD3 Medium", **_SD3)
 SD35_MEDIUM = SD3Family("sd35_medium", "5-medium", "stable-diffusion-3-5-medium", title="SD3.5 Medium", **_SD3)
 SD35_LARGE = SD3Family("sd35_large", "5-large", "stable-diffusion-3-5-large", title="SD3.5 Large", **_SD3)
