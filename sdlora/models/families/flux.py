@@ -14,7 +14,8 @@ on T5-XXL's hidden states and CLIP-L's pooled output.
 
 as kohya's `flux_train_network.py` calls the model and diffusers' FluxPipeline calls
 FluxTransformer2DModel. The objective is `flow.FlowObjective` with kohya's FLUX options from
-[train]. min_snr_gamma does not apply to rectified flow (kohya's FLUX training ignores it too).
+[train]. min_snr_gamma does not apply to rectified flow (kohya's FLUX training ignores it too; a note names it
+when set, as any key the family does not read: `families.unread_settings`).
 
 Export ids as sd-scripts writes them: ss_base_model_version "flux1", modelspec.architecture
 "flux-1-dev/lora" / "flux-1-schnell/lora", modelspec.implementation BFL's repository, and no

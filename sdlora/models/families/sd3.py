@@ -14,7 +14,8 @@ sd-scripts' `strategy_sd3.py` build it:
 The objective is `flow.SD3Objective` (kohya's sd3_train_network.py): sigma from the weighting scheme's
 density shifted by [train] training_shift (kohya's default 1.0; FLUX's discrete_flow_shift is 3.0) and
 floored to the 1000-step grid, the x0-preconditioned output compared with the latents.
-[train] timestep_sampling, model_prediction_type and discrete_flow_shift are FLUX's and unused here.
+[train] timestep_sampling, model_prediction_type and discrete_flow_shift are FLUX's and unused here (a note names
+them when set, `families.unread_settings`).
 
 The three variants are told apart by the transformer as sd-scripts' `sd3_utils.analyze_state_dict_state`
 does: no qk norm -> SD3 Medium ("medium"); qk RMS norm with MMDiT-X blocks (a second image
