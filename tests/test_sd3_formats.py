@@ -294,3 +294,25 @@ def test_training_and_sampling_sd3_note_flux_only_settings_once(sd3, tmp_path):
     logs.clear()
     run_sample(cfg, [(sd3["lora"], None)], out_dir=tmp_path / "samples", log=logs.append)
     assert [line for line in logs if line.startswith("note: [")] == [note.format("sample", "2.0")]
+
+
+def test_sdlora_run_on_sd3_writes_diffusers_files_and_notes_each_ignored_key_once(tmp_path, sd3_dir):
+    """`output.format = "diffusers"` through the whole run (previews, samples, resize by energy read the
+    files through the one reader); the trainer notes both tables since it previews, the samples no more."""
+    from test_run import RUN_EXTRA
+
+    from sdlora import run
+
+    logs = []
+    extra = RUN_EXTRA.replace("max_train_steps = 4", "max_train_steps = 4\nguidance_scale = 1.0") + \
+        "\nevery_n_epochs = 1\npreview_steps = 1\nguidance_scale = 2.0"
+    cfg = load_config(make_style(tmp_path, sd3_dir, extra=extra),
+                      [*SD3, "output.format=diffusers", "output.resize_energy=0.9"])
+    result = run.run(cfg, log=logs.append)
+    adapter = result["paths"]["adapter"]
+    assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(adapter))
+    resized = sorted(adapter.parent.glob("*energy*.safetensors"))
+    assert resized and all(k.startswith("transformer.transformer_blocks.") for k in load_file(resized[0]))
+    assert result["sample"].grids and all(g.is_file() for g in result["sample"].grids)
+    notes = [line for line in logs if line.startswith("note: [")]
+    assert [n.split(" = ")[0] for n in notes] == ["note: [train] guidance_scale", "note: [sample] guidance_scale"]
