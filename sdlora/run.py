@@ -88,7 +88,9 @@ def run(cfg: Config, log=print) -> dict:
         trained = loop.train(cfg, log=log, manifest=manifest)
         after = results.after_training(cfg, manifest, log=log)
     log("== 3/3 samples")
-    result = sampler.run_sample(cfg, loras=[(final, None)], log=log)
+    # the trainer's previews noted the [sample] keys its family ignores
+    result = sampler.run_sample(cfg, loras=[(final, None)], log=log,
+                                setting_notes=trained is None or not cfg.sample.every_n_epochs)
     figures = style_figures(cfg, result.images, manifest)
     if figures:
         append_style_report(cfg, figures)

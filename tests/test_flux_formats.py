@@ -37,9 +37,14 @@ def flux_dir(tmp_path_factory):
 def trained(tmp_path_factory, flux_dir):
     """A tiny FLUX.1 LoRA trained 3 steps and written in diffusers' format; beside it the same network
     as a Kohya file (fused qkv / linear1, alpha), written by the network itself."""
-    tmp = tmp_path_factory.mktemp("trained")
-    cfg = load_config(make_style(tmp, flux_dir, extra="max_train_steps = 3\nunet_lr = 5e-2"),
-                      [*FLUX, "output.format=diffusers", "output.score_epochs=false"])
+    return train_both_formats(tmp_path_factory.mktemp("trained"), flux_dir, FLUX)
+
+
+def train_both_formats(tmp, base_dir, settings) -> dict:
+    """`trained` on the base folder `base_dir`: {"diffusers": the export, "kohya": the network's Kohya file,
+    "deltas": {diffusers path: trained weight change}, "dir": tmp}."""
+    cfg = load_config(make_style(tmp, base_dir, extra="max_train_steps = 3\nunet_lr = 5e-2"),
+                      [*settings, "output.format=diffusers", "output.score_epochs=false"])
     trainer = Trainer(cfg, log=lambda m: None)
     trainer.run()
     kohya = tmp / "kohya.safetensors"
@@ -86,7 +91,7 @@ def test_a_diffusers_format_export_loads_whole_in_flux_pipeline_and_renders_as_t
     before = {p: pipe.transformer.get_submodule(p).weight.detach().clone() for p in trained["deltas"]}
     assert _load_quietly(pipe, trained["diffusers"], caplog) == []  # no unexpected / missing key, no note
     lora = pipe(PROMPT, width=64, height=64, num_inference_steps=2, guidance_scale=3.5,
-                max_sequence_length=pipe.tokenizer_2.model_max_length,
+                max_sequence_length=512,  # dev's T5 length, which the sampler reads too
                 generator=torch.Generator("cpu").manual_seed(3)).images
     pipe.fuse_lora()
     for path, delta in trained["deltas"].items():  # the trained network's change, module by module
@@ -119,15 +124,16 @@ def _merged(transformer, path) -> dict[str, torch.Tensor]:
     return changes
 
 
-def _styles(kohya: dict[str, torch.Tensor], transformer) -> dict[str, dict[str, torch.Tensor]]:
-    """The Kohya file written the way other trainers write FLUX.1 LoRAs (each by its own rules):
+def _styles(kohya: dict[str, torch.Tensor], transformer,
+            names=transformer_keys.FLUX_NAMES) -> dict[str, dict[str, torch.Tensor]]:
+    """The Kohya file written the way other trainers write FLUX.1 (or SD3, `names`) LoRAs (each by its own rules):
     - diffusers_alpha: diffusers' module names with `.alpha` (as diffusers' FLUX loader reads "network_alphas");
     - onetrainer: `lora_transformer_<diffusers path with _>` with lora_down / lora_up / alpha (ComfyUI's map);
     - simpletuner_lycoris: `lycoris_<diffusers path with _>`, LyCORIS's LoRA tensors;
     - ai_toolkit_comfy: `diffusion_model.<BFL path>.lora_A / lora_B` (ComfyUI model keys), scale baked in;
     - comfy_kohya_tensors: `diffusion_model.<BFL path>` with Kohya's lora_down / lora_up / alpha (ComfyUI reads it)."""
     modules = keys.group_modules(kohya)
-    originals = transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES, outer=True)
+    originals = transformer_keys.kohya_modules(transformer, names, outer=True)
     split = transformer_keys.split_modules(transformer, originals, modules)
     styles = {"diffusers_alpha": {}, "onetrainer": {}, "simpletuner_lycoris": {}, "ai_toolkit_comfy": {},
               "comfy_kohya_tensors": {}}

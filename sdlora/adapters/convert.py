@@ -1,7 +1,7 @@
 """`sdlora convert`: an adapter file with any key names written with Kohya's, the names A1111,
 Forge, ComfyUI and kohya's loaders read, or with diffusers' own (`format = "diffusers"`, what
 `load_lora_weights` of diffusers' pipelines reads natively). A key-format job: every module's weight
-change is kept exactly (a fused FLUX.1 module is split or joined, `transformer_keys`)."""
+change is kept exactly (a fused FLUX.1 / SD3 module is split or joined, `transformer_keys`)."""
 
 from __future__ import annotations
 

@@ -47,6 +47,8 @@ TIMESTEP_SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 MODEL_PREDICTION_TYPES = ("raw", "additive", "sigma_scaled")
 # kohya also accepts "uniform", which means "none" (its default).
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+# The [train] keys of the weighting scheme's density and loss weights, which both flow objectives read.
+DENSITY_SETTINGS = frozenset({"train.weighting_scheme", "train.logit_mean", "train.logit_std", "train.mode_scale"})
 NUM_TRAIN_TIMESTEPS = 1000  # the schedule "sigma" sampling indexes, as kohya's FlowMatchEulerDiscreteScheduler
 
 # FLUX's resolution-dependent shift: mu linear in the image sequence length through these two points

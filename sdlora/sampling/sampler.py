@@ -50,7 +50,7 @@ from sdlora.config import SampleConfig
 from sdlora.errors import UserError
 from sdlora.io import safe_file_stem
 from sdlora.models import prompts as rules
-from sdlora.models.families import FAMILIES
+from sdlora.models.families import FAMILIES, unread_settings
 from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.load import compute_device, load_base
 from sdlora.quiet import quiet
@@ -724,7 +724,8 @@ def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str
 
 
 def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str | None = None,
-               fuse: bool | None = None, lora_dirs=(), native: bool = False) -> SampleResult:
+               fuse: bool | None = None, lora_dirs=(), native: bool = False,
+               setting_notes: bool = True) -> SampleResult:
     """Render the config's prompts x seeds x LoRA scales with the given adapters, and their grids.
 
     loras: [(path, weight or None)], all applied together. None sweeps the file over
@@ -735,6 +736,8 @@ def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str 
     time unless `fuse` says otherwise (as the epoch scoring renders them).
     native: one pass at the base's native area with the target's aspect ratio (`first_pass_size`), the
     size the epoch scoring renders at: `--epochs-dir` after training then draws nothing new.
+    setting_notes: a note for each [sample] key the base's family ignores (`families.unread_settings`); False
+    where the training's previews noted them already.
     Images and one grid per seed go to out_dir (default `<output.dir>/samples`).
     Prompts: `sample.prompt_file` (kohya's syntax) when set, else `sample.prompts`; their
     `<lora:name:w>` tags load adapters found in lora_dirs (then no default adapter is needed).
@@ -761,6 +764,8 @@ def run_sample(cfg, loras=(), *, log, out_dir=None, epochs_dir=None, hires: str 
     else:
         width, height = s.width, s.height
     steps, hires, scheduler = pass_settings(sampler.family, s, hires or s.hires, sampler.base.resolution, log)
+    for note in unread_settings(sampler.family, cfg, ("sample",)) if setting_notes else []:
+        log(f"note: {note}")
     size = dict(width=width, height=height, steps=steps, hires=hires, cache=RenderCache.of(cfg))
     log(f"sampling {sampler.base.info()} at {width}x{height}, {steps} steps, {scheduler}"
         f"{_hires_note(hires_mode(hires, width, height, sampler.base.resolution, s.hires_tiled_above))} -> {folder}")

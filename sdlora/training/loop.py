@@ -24,7 +24,7 @@ from sdlora.config import Config
 from sdlora.errors import UserError
 from sdlora.io import output_lock, refuse_to_overwrite, remove_stale_temps
 from sdlora.models import blockswap, quantize
-from sdlora.models.families import FAMILIES
+from sdlora.models.families import FAMILIES, unread_settings
 from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.load import DTYPES, compute_device, load_base
 from sdlora.models.longprompt import encode_long, tokenize_long
@@ -186,6 +186,9 @@ class Trainer:
         for note in [self.family.clip_skip_note(cfg.model.clip_skip), *self.objective.notes()]:
             if note:
                 self._main_log(f"warning: {note}")
+        # [sample] too when the previews render with it (`sdlora run` then leaves it to the trainer)
+        for note in unread_settings(self.family, cfg, ("train", "sample") if cfg.sample.every_n_epochs else ("train",)):
+            self._main_log(f"note: {note}")
         self.settings = resolve_settings(cfg, base)  # ranks with Kohya's defaults; checks a rate pair against the encoders
         if self.settings.trains_text_encoder and not self.family.trains_text_encoders:
             raise UserError(f"{cfg.source}: {base.name} is {self.family.title}, whose text encoders sdlora does not "

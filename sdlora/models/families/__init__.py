@@ -5,6 +5,9 @@ family is its module and an entry here; the loaders, the trainer and the sampler
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 from sdlora.models.families.base import Family
 from sdlora.models.families.flux import FLUX_DEV, FLUX_SCHNELL
 from sdlora.models.families.sd import SD1, SD2, SD2_V
@@ -50,3 +53,26 @@ def folder_family(layout: Family, denoiser, widths: set[int], prediction_type: s
 def by_base_model_version(version: str) -> Family | None:
     """The family an adapter's ss_base_model_version names; None for one sdlora does not know."""
     return next((f for f in FAMILIES.values() if f.base_model_version == version), None)
+
+
+def unread_settings(family: Family, cfg, sections: tuple[str, ...] = ("train", "sample")) -> list[str]:
+    """One note per key of `cfg`'s `sections` that some family reads and `family` does not (`Family.reads`), set
+    away from its default: FLUX.1's guidance_scale or timestep_sampling on SD3.x, SD3's training_shift or
+    skip-layer guidance on FLUX.1, cfg_scale on FLUX.1, min_snr_gamma on either. Such a key changes nothing."""
+    family_keys = frozenset().union(*(f.reads() for f in FAMILIES.values()))
+    reads = family.reads()
+    notes = []
+    for section in sections:
+        table = getattr(cfg, section)
+        for field in dataclasses.fields(table):
+            key = f"{section}.{field.name}"
+            if key not in family_keys or key in reads:
+                continue
+            value = getattr(table, field.name)
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            if value == default:
+                continue
+            readers = ", ".join(dict.fromkeys(f.title for f in FAMILIES.values() if key in f.reads()))
+            notes.append(f"[{section}] {field.name} = {json.dumps(value)} is ignored for {family.title} (it applies to "
+                         f"{readers}); remove it to silence this note")
+    return notes

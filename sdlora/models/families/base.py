@@ -37,6 +37,11 @@ import torch
 
 from sdlora.models.families.clip import encode_prompt
 
+# Config keys ("section.key") whose use depends on the family (`Family.reads`): classifier-free guidance's, and the
+# schedulers of SD's sampling passes.
+CFG_SETTINGS = frozenset({"sample.cfg_scale", "sample.negative_prompt"})
+SD_PASS_SETTINGS = frozenset({"sample.sampler"})
+
 
 @dataclass
 class TextConditioning:
@@ -194,6 +199,16 @@ class Family:
     denoiser_prefixes: tuple[str, ...] = ("model.diffusion_model.",)
     vae_prefix: str = "first_stage_model."
     vae_file: str = ""  # the VAE file to give as model.vae when a single file lacks one ("": its files never do)
+    # The family-dependent config keys its objective and sampler read beside `CFG_SETTINGS` / `SD_PASS_SETTINGS`
+    # (`reads`); the DDPM objective's min-SNR weighting here.
+    settings: frozenset[str] = frozenset({"train.min_snr_gamma"})
+
+    def reads(self) -> frozenset[str]:
+        """The family-dependent config keys this family reads: its `settings`, classifier-free guidance's when it
+        guides so, the schedulers of SD's passes unless it renders in one flow-matching pass. A key another family
+        reads and this one does not is noted when set (`families.unread_settings`)."""
+        return (self.settings | (CFG_SETTINGS if self.classifier_free_guidance else frozenset())
+                | (frozenset() if self.one_pass else SD_PASS_SETTINGS))
 
     def detects(self, keys: list[str]) -> bool:
         """Do a single file's tensor names say it holds this family?"""

@@ -16,7 +16,8 @@ on T5-XXL's hidden states and CLIP-L's pooled output.
 
 as kohya's `flux_train_network.py` calls the model and diffusers' FluxPipeline calls
 FluxTransformer2DModel. The objective is `flow.FlowObjective` with kohya's FLUX options from
-[train]. min_snr_gamma does not apply to rectified flow (kohya's FLUX training ignores it too).
+[train]. min_snr_gamma does not apply to rectified flow (kohya's FLUX training ignores it too; a note names it
+when set, as any key the family does not read: `families.unread_settings`).
 
 Export ids as sd-scripts writes them: ss_base_model_version "flux1", modelspec.architecture
 "flux-1-dev/lora" / "flux-1-schnell/lora", modelspec.implementation BFL's repository, and no
@@ -41,10 +42,15 @@ import torch
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
 from sdlora.models.families.clip import OpenAIClipLayout
 from sdlora.models.families.t5 import T5Layout
-from sdlora.models.flow import FlowObjective
+from sdlora.models.flow import DENSITY_SETTINGS, FlowObjective
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
 from sdlora.models.prompts import emphasize
 from sdlora.models.tokenizer import clip_tokenizer, t5_tokenizer
+
+# The family-dependent keys it reads: FlowObjective's; dev's guidance input in training and sampling (`reads`).
+FLUX_SETTINGS = DENSITY_SETTINGS | {"train.timestep_sampling", "train.sigmoid_scale", "train.discrete_flow_shift",
+                                    "train.model_prediction_type"}
+GUIDANCE_SETTINGS = frozenset({"train.guidance_scale", "sample.guidance_scale"})
 
 # The prefixes are ComfyUI's (its supported_models.Flux: text_encoder_key_prefix "text_encoders.").
 FLUX_TEXT_ENCODERS = (
@@ -85,6 +91,9 @@ class FluxFamily(Family):
 
     def fits_folder(self, denoiser, widths: set[int]) -> bool:
         return bool(denoiser.config.guidance_embeds) == self.guidance
+
+    def reads(self) -> frozenset[str]:
+        return super().reads() | (GUIDANCE_SETTINGS if self.guidance else frozenset())  # schnell has no guidance input
 
     def folder_prediction_type(self, scheduler) -> str:
         return "flow"
@@ -161,7 +170,7 @@ _FLUX = dict(implementation="https://github.com/black-forest-labs/flux", text_en
              per_encoder_text=True, classifier_free_guidance=False, one_pass=True, size_multiple=16,
              pipeline_class="FluxPipeline", denoiser_part="transformer", denoiser_class="FluxTransformer2DModel",
              scheduler_class="FlowMatchEulerDiscreteScheduler", denoiser_prefixes=("model.diffusion_model.", ""),
-             vae_prefix="vae.", vae_file="ae.safetensors")
+             vae_prefix="vae.", vae_file="ae.safetensors", settings=FLUX_SETTINGS)
 # T5 lengths: kohya's t5xxl_max_token_length defaults (flux_train_network.py), 512 dev, 256 schnell.
 # schnell is distilled for 1-4 steps, as its model card renders.
 FLUX_DEV = FluxFamily("flux1_dev", "flux1", "flux-1-dev", title="FLUX.1 dev", t5_max_length=512, **_FLUX)

@@ -14,7 +14,8 @@ sd-scripts' `strategy_sd3.py` build it:
 The objective is `flow.SD3Objective` (kohya's sd3_train_network.py): sigma from the weighting scheme's
 density shifted by [train] training_shift (kohya's default 1.0; FLUX's discrete_flow_shift is 3.0) and
 floored to the 1000-step grid, the x0-preconditioned output compared with the latents.
-[train] timestep_sampling, model_prediction_type and discrete_flow_shift are FLUX's and unused here.
+[train] timestep_sampling, model_prediction_type and discrete_flow_shift are FLUX's and unused here (a note names
+them when set, `families.unread_settings`).
 
 The three variants are told apart by the transformer as sd-scripts' `sd3_utils.analyze_state_dict_state`
 does: no qk norm -> SD3 Medium ("medium"); qk RMS norm with MMDiT-X blocks (a second image
@@ -38,8 +39,12 @@ from typing import Any
 import torch
 
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
-from sdlora.models.flow import SD3Objective
+from sdlora.models.flow import DENSITY_SETTINGS, SD3Objective
 
+# The family-dependent keys it reads beside CFG's: SD3Objective's, StableDiffusion3Pipeline's skip-layer guidance.
+SD3_SETTINGS = DENSITY_SETTINGS | {"train.training_shift", "sample.skip_layer_guidance_scale",
+                                   "sample.skip_guidance_layers", "sample.skip_layer_guidance_start",
+                                   "sample.skip_layer_guidance_stop"}
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length, kohya's t5xxl_max_token_length
 
 SD3_TEXT_ENCODERS = (
@@ -127,8 +132,10 @@ class SD3Family(Family):
 
 # Sides a multiple of 16: the VAE's 8 x the transformer's 2x2 patches.
 # T5 reads T5_MAX_LENGTH tokens unless [train] t5_max_length says otherwise.
-_SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, per_encoder_text=True, t5_max_length=T5_MAX_LENGTH, one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline", denoiser_part="transformer",
-            denoiser_class="SD3Transformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler")
+_SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, per_encoder_text=True,
+            t5_max_length=T5_MAX_LENGTH, one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline",
+            denoiser_part="transformer", denoiser_class="SD3Transformer2DModel",
+            scheduler_class="FlowMatchEulerDiscreteScheduler", settings=SD3_SETTINGS)
 SD3_MEDIUM = SD3Family("sd3_medium", "medium", "stable-diffusion-3-medium", title="SD3 Medium", **_SD3)
 SD35_MEDIUM = SD3Family("sd35_medium", "5-medium", "stable-diffusion-3-5-medium", title="SD3.5 Medium", **_SD3)
 SD35_LARGE = SD3Family("sd35_large", "5-large", "stable-diffusion-3-5-large", title="SD3.5 Large", **_SD3)
