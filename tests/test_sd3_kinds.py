@@ -10,8 +10,10 @@ sorted module names (joined by "\\n"), first 16 hex digits, and their count.
 
 ComfyUI reads a `lora_transformer_<diffusers path>` module of SD3 onto the part's rows of the fused weight
 (comfy/lora.py `model_lora_keys_unet` for SD3, comfy/utils.py `mmdit_to_diffusers`: to_q / add_q_proj
-(0, 0, H), to_k (0, H, H), to_v (0, 2H, H), H = 64 x depth, the hidden size); a LoKr on a fused qkv is
-written so (a Kronecker product per part does not stack into one).
+(0, 0, H), to_k (0, H, H), to_v (0, 2H, H), H = 64 x depth, the hidden size; the last block's norm1_context
+onto the whole weight with swap_scale_shift); a LoKr on a fused qkv or on that modulation is written so (a
+Kronecker product per part does not stack into one, nor exchange its halves). SD3.5 Medium's attn2.to_q/k/v
+parts are mapped the same way only where ComfyUI's mmdit_to_diffusers lists attn2 (later versions).
 """
 
 import hashlib
