@@ -201,9 +201,11 @@ class NetworkConfig:
     train_single_block_indices: Any = opt("all", "FLUX.1 single blocks adapted (kohya's train_single_block_indices), "
                                                  "as train_double_block_indices",
                                           check=kohya_blocks.check_block_selection)
+    train_block_indices: Any = opt("all", "SD3.x joint blocks adapted (kohya lora_sd3's train_block_indices), as "
+                                          "train_double_block_indices", check=kohya_blocks.check_block_selection)
     train_modulation: bool = opt(True, "adapt the transformer blocks' modulation linears too (FLUX.1 img_mod, "
                                        "txt_mod, modulation; SD3 adaLN_modulation); false = kohya's img_mod_dim = "
-                                       "txt_mod_dim = single_mod_dim = 0")
+                                       "txt_mod_dim = single_mod_dim = 0 (SD3: context_mod_dim = x_mod_dim = 0)")
 
 
 @dataclass

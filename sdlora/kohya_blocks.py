@@ -196,7 +196,8 @@ def kohya_args(net) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Transformer blocks (kohya's networks/lora_flux.py: train_double_block_indices, train_single_block_indices)
+# Transformer blocks (kohya's networks/lora_flux.py: train_double_block_indices, train_single_block_indices;
+# networks/lora_sd3.py: train_block_indices over the joint blocks)
 
 
 def block_selection(value, where: str, total: int | None = None) -> list[int] | None:
@@ -230,7 +231,8 @@ def block_selection(value, where: str, total: int | None = None) -> list[int] | 
 
 
 def check_block_selection(value, where: str) -> str:
-    """network.train_double_block_indices / train_single_block_indices: kohya's selection syntax."""
+    """network.train_double_block_indices / train_single_block_indices / train_block_indices: kohya's
+    selection syntax."""
     block_selection(value, where)
     return value.strip()
 
@@ -238,5 +240,6 @@ def check_block_selection(value, where: str) -> str:
 def selection_args(net) -> dict[str, str]:
     """The transformer block selection keys that are not "all", as kohya's ss_network_args spells them."""
     args = {"train_blocks": net.train_blocks, "train_double_block_indices": net.train_double_block_indices,
-            "train_single_block_indices": net.train_single_block_indices}
+            "train_single_block_indices": net.train_single_block_indices,
+            "train_block_indices": net.train_block_indices}
     return {key: value for key, value in args.items() if value != "all"}

@@ -115,6 +115,7 @@ KOHYA_KEYS: dict[str, str] = {
     "train_blocks": "network.train_blocks",
     "train_double_block_indices": "network.train_double_block_indices",
     "train_single_block_indices": "network.train_single_block_indices",
+    "train_block_indices": "network.train_block_indices",  # networks/lora_sd3.py
 }
 
 

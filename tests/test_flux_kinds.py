@@ -48,7 +48,7 @@ SELECTIONS = {
     "double blocks by index": ({"train_blocks": "double", "train_double_block_indices": "5-6"}, 20),
 }
 DEFAULTS = dict(train_blocks="all", train_double_block_indices="all", train_single_block_indices="all",
-                train_modulation=True)
+                train_block_indices="all", train_modulation=True)
 
 
 def selected_keys(transformer, **selection) -> list[str]:
@@ -202,6 +202,41 @@ COMFY_OFFSETS = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "attn.add_q_pro
                  "attn.add_v_proj": 2, "proj_mlp": 3}  # x H, comfy/utils.py flux_to_diffusers
 
 
+def assert_comfy_patches_as_trained(base, originals, parts, tensors, changes, offsets) -> None:
+    """Each module of the file (`tensors`), its change computed by LyCORIS (`lycoris_change`) and patched onto
+    the `base` transformer's weights as ComfyUI patches them, equals the trained change of each diffusers
+    Linear (`changes`): a module named as the original (`originals`) changes the whole original weight (its
+    (shift, scale) halves exchanged where the original's order differs), one of `parts` (ComfyUI's
+    `lora_transformer_<diffusers path>`) the part's rows at `offsets[its path in the block]` x hidden (0 when
+    absent: the whole weight, ComfyUI's swap_scale_shift applied to the change) and nothing else."""
+    modules = {k.split(".", 1)[0] for k in tensors}
+    grouped = {k: {s.split(".", 1)[1]: t for s, t in tensors.items() if s.split(".", 1)[0] == k} for k in modules}
+    hidden = base.config.num_attention_heads * base.config.attention_head_dim
+    for key, module in grouped.items():
+        if key in parts:
+            original, part = parts[key]
+            w0 = torch.cat([base.get_submodule(p).weight for p in original.paths]).detach()
+            offset = offsets.get(part.split(".", 2)[2], 0) * hidden
+            rows = base.get_submodule(part).weight.shape[0]
+            patched = w0.clone()
+            patched.narrow(0, offset, rows).add_(lycoris_change(module, w0.narrow(0, offset, rows)))
+            want = {part: changes[part]}
+            got = {part: (patched - w0).narrow(0, offset, rows)}
+            assert not torch.cat([(patched - w0)[:offset], (patched - w0)[offset + rows:]]).any()
+        else:
+            original = originals[key]
+            w0 = torch.cat([base.get_submodule(p).weight for p in original.paths]).detach()
+            if original.swap_halves:  # the original's rows are (shift, scale), diffusers' (scale, shift)
+                w0 = torch.cat(w0.chunk(2)[::-1])
+            change = lycoris_change(module, w0)
+            if original.swap_halves:
+                change = torch.cat(change.chunk(2)[::-1])
+            want = {p: changes[p] for p in original.paths}
+            got = dict(zip(original.paths, change.split(transformer_keys.output_sizes(base, original))))
+        for p in want:
+            assert torch.allclose(got[p], want[p], atol=1e-5), (key, p)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(tmp_path, flux_dev_dir, kind):  # noqa: F811
     from diffusers import FluxTransformer2DModel
@@ -234,28 +269,16 @@ def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(
     # Each module's change, computed from the file by LyCORIS and patched as ComfyUI patches it (the whole
     # original weight, or the part's rows of it), equals the trained change of each diffusers Linear.
     base = FluxTransformer2DModel.from_pretrained(flux_dev_dir, subfolder="transformer")
-    grouped = {k: {s.split(".", 1)[1]: t for s, t in tensors.items() if s.split(".", 1)[0] == k} for k in modules}
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    for key, module in grouped.items():
-        if key in parts:
-            original, part = parts[key]
-            w0 = torch.cat([base.get_submodule(p).weight for p in original.paths]).detach()
-            offset = COMFY_OFFSETS[part.split(".", 2)[2]] * hidden
-            rows = base.get_submodule(part).weight.shape[0]
-            patched = w0.clone()
-            patched.narrow(0, offset, rows).add_(lycoris_change(module, w0.narrow(0, offset, rows)))
-            want = {part: changes[part]}
-            got = {part: (patched - w0).narrow(0, offset, rows)}
-            assert not torch.cat([(patched - w0)[:offset], (patched - w0)[offset + rows:]]).any()
-        else:
-            original = originals[key]
-            w0 = torch.cat([base.get_submodule(p).weight for p in original.paths]).detach()
-            change = lycoris_change(module, w0).split(transformer_keys.output_sizes(base, original))
-            want = {p: changes[p] for p in original.paths}
-            got = dict(zip(original.paths, change))
-        for p in want:
-            assert torch.allclose(got[p], want[p], atol=1e-5), (key, p)
+    assert_comfy_patches_as_trained(base, originals, parts, tensors, changes, COMFY_OFFSETS)
 
+    assert_applies_back_as_trained(trainer, base, path, tensors, changes, kind, "networks.lora_flux")
+
+
+def assert_applies_back_as_trained(trainer, base, path, tensors, changes, kind, kohya_network) -> None:
+    """The exported file at `path` (its `tensors`) applied by our engine to a fresh `base` transformer, and by
+    the sampler to its pipeline, changes each diffusers Linear by its trained change (`changes`), and close
+    restores it; the metadata names kohya's or LyCORIS's network; read back into the network it gives the
+    same file (resume, init_weights)."""
     # Our one engine applies the file back: each diffusers Linear changes by the trained change.
     w0 = {p: base.get_submodule(p).weight.detach().clone() for p in changes}
     assert apply.merge_files({"unet": base}, [(path, 1.0)]) == {str(path): len(changes)}
@@ -274,8 +297,8 @@ def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(
     assert all(torch.equal(sampled.get_submodule(p).weight, w0[p]) for p in changes)
 
     meta = adapter_metadata(trainer.cfg, trainer.base, {"num_train_images": 4, "num_epochs": 1, "epoch": 1, "steps": 3})
-    lycoris = kind in ("loha", "lokr", "dora")  # LyCORIS's algorithms; LoRA and LoCon are kohya's lora_flux
-    assert meta["ss_network_module"] == ("lycoris.kohya" if lycoris else "networks.lora_flux")
+    lycoris = kind in ("loha", "lokr", "dora")  # LyCORIS's algorithms; LoRA and LoCon are kohya's own network
+    assert meta["ss_network_module"] == ("lycoris.kohya" if lycoris else kohya_network)
 
     # resume / init_weights: the file read back into the network gives the same file
     network = trainer.network

@@ -486,15 +486,15 @@ def _selected_blocks(denoiser: nn.Module, network_cfg, paths: list[str]) -> list
     names = transformer_keys.names_of(denoiser)
     if names is None:
         if transformer_keys.selects_blocks(network_cfg):
-            raise UserError("[network] train_blocks, train_double_block_indices, train_single_block_indices and "
-                            "train_modulation choose transformer blocks (FLUX.1); this base is a U-Net: leave them "
-                            "at their defaults")
+            raise UserError("[network] train_blocks, train_double_block_indices, train_single_block_indices, "
+                            "train_block_indices and train_modulation choose transformer blocks (FLUX.1, SD3.x); "
+                            "this base is a U-Net: leave them at their defaults")
         return paths
     left_out = transformer_keys.unselected_paths(denoiser, names, network_cfg)
     selected = [p for p in paths if p not in left_out]
     if paths and not selected:
-        raise UserError("[network] train_blocks / train_double_block_indices / train_single_block_indices select no "
-                        "transformer block: name at least one")
+        raise UserError("[network] train_blocks / train_double_block_indices / train_single_block_indices / "
+                        "train_block_indices select no transformer block: name at least one")
     return selected
 
 

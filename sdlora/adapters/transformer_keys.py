@@ -87,9 +87,11 @@ def kohya_modules(transformer: nn.Module, names: TransformerNames, outer: bool =
 
 def block_indices(network_cfg) -> dict[str, tuple[str, str]]:
     """{block kind: ([network] field, kohya's selection string)}: the blocks of each kind chosen by index
-    (kohya's lora_flux network_args train_double_block_indices, train_single_block_indices)."""
+    (kohya's lora_flux network_args train_double_block_indices, train_single_block_indices; lora_sd3's
+    train_block_indices over SD3's joint blocks)."""
     return {"double": ("train_double_block_indices", network_cfg.train_double_block_indices),
-            "single": ("train_single_block_indices", network_cfg.train_single_block_indices)}
+            "single": ("train_single_block_indices", network_cfg.train_single_block_indices),
+            "joint": ("train_block_indices", network_cfg.train_block_indices)}
 
 
 def selects_blocks(network_cfg) -> bool:
@@ -104,7 +106,10 @@ def unselected_paths(transformer: nn.Module, names: TransformerNames, network_cf
     lora_flux does: a block of a kind other than train_blocks, or whose index the kind's
     train_*_block_indices does not name, loses all its modules (kohya: dim 0); with train_modulation
     false every block loses its modulation linears (kohya's img_mod_dim = txt_mod_dim = single_mod_dim = 0).
-    Indices are bounded by the model's own block counts (FLUX.1: 19 double, 38 single)."""
+    Indices are bounded by the model's own block counts (FLUX.1: 19 double, 38 single; SD3.5 Large 38
+    joint, Medium 24), where lora_sd3 parses train_block_indices against 999 and ignores indices past the
+    model's blocks: a wrong index is refused here, not dropped silently. lora_sd3 selects as lora_flux does
+    (a joint block left out loses all its modules; context_mod_dim = x_mod_dim = 0 drop adaLN_modulation)."""
     model = type(transformer).__name__
     if network_cfg.train_blocks not in ("all", *names.block_kinds):
         raise UserError(f"[network] train_blocks = {network_cfg.train_blocks!r}: {model} has no such blocks (it has "

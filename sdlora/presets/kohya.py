@@ -44,7 +44,7 @@ from sdlora.config import (
     path_keys,
 )
 from sdlora.errors import UserError
-from sdlora.kohya_names import FLUX_MODULATION_ARGS, KOHYA_KEYS
+from sdlora.kohya_names import FLUX_MODULATION_ARGS, KOHYA_KEYS, SD3_MODULATION_ARGS
 
 # kohya optimizer name (lowercased) -> sdlora's; the second table holds the nearest sdlora optimizer where
 # sdlora has no such one, with why it is the nearest.
@@ -164,9 +164,10 @@ ZERO_IS_UNSET = {"epoch", "max_train_epochs", "max_train_steps", "clip_skip", "l
 # dims and alphas; the lr weights a list or a preset name ("sine", "cosine+.25").
 BLOCK_ARGS = (*kohya_blocks.DIM_KEYS, *kohya_blocks.LR_WEIGHT_KEYS, "block_lr_zero_threshold")
 NETWORK_ARGS = ("conv_dim", "conv_alpha", "dropout", "dora_wd", *BLOCK_ARGS)
-# lora_flux's block selection (strings: "0" names block 0, it does not switch anything off); its
-# modulation ranks (FLUX_MODULATION_ARGS) map to network.train_modulation = false when all three are 0.
-SELECTION_ARGS = ("train_blocks", "train_double_block_indices", "train_single_block_indices")
+# lora_flux's and lora_sd3's block selection (strings: "0" names block 0, it does not switch anything off);
+# their modulation ranks (FLUX_MODULATION_ARGS, SD3_MODULATION_ARGS) map to network.train_modulation = false
+# when all of one network's are 0.
+SELECTION_ARGS = ("train_blocks", "train_double_block_indices", "train_single_block_indices", "train_block_indices")
 # The dataset-config keys a subset inherits from its dataset and [general] (kohya's "ascendable" ones).
 INHERITED = (*SUBSET_SHARED_KEYS, "class_tokens")
 COMMAND_FILES = {".sh", ".bat", ".cmd", ".ps1", ".txt"}
@@ -747,14 +748,14 @@ def _network_args(network_args: dict, put, out: Conversion, where: str) -> None:
     # kohya (networks/lora.py create_network) reads block_alphas and the conv block values only when
     # block_dims or a block lr weight is given; alone they change nothing there.
     blockwise = any(not _is_off(network_args.get(k)) for k in ("block_dims", *kohya_blocks.LR_WEIGHT_KEYS))
-    modulation = {k: _number(network_args.pop(k)) for k in FLUX_MODULATION_ARGS if k in network_args}
-    if modulation and len(modulation) == len(FLUX_MODULATION_ARGS) and not any(modulation.values()):
-        put("network.train_modulation", False, "network_args",
-            raw=" ".join(f"{k}=0" for k in FLUX_MODULATION_ARGS))
-    elif modulation:
-        out.unmapped.append(f"--network_args {', '.join(f'{k}={v}' for k, v in modulation.items())}: sdlora drops the "
-                            f"modulation linears only all together (network.train_modulation = false, kohya's "
-                            f"{' = '.join(FLUX_MODULATION_ARGS)} = 0)")
+    for modulation_args in (FLUX_MODULATION_ARGS, SD3_MODULATION_ARGS):  # lora_flux's, lora_sd3's
+        modulation = {k: _number(network_args.pop(k)) for k in modulation_args if k in network_args}
+        if modulation and len(modulation) == len(modulation_args) and not any(modulation.values()):
+            put("network.train_modulation", False, "network_args", raw=" ".join(f"{k}=0" for k in modulation_args))
+        elif modulation:
+            out.unmapped.append(f"--network_args {', '.join(f'{k}={v}' for k, v in modulation.items())}: sdlora "
+                                f"drops the modulation linears only all together (network.train_modulation = "
+                                f"false, kohya's {' = '.join(modulation_args)} = 0)")
     for key, value in network_args.items():
         label = f"{where} {key}"
         if key in SELECTION_ARGS:  # "0,1,8-12" arrives as a list of its items
