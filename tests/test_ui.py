@@ -156,7 +156,7 @@ def _other_value(f, current):
             "network.mid_lr_weight": "[2.0]", "network.up_lr_weight": "[1.0, 0.5]",
             "model.text_encoders": '["clip_l.safetensors", "t5xxl_fp16.safetensors"]',
             "sample.skip_guidance_layers": "[5, 6]", "network.train_double_block_indices": '"0,1,8-12"',
-            "network.train_single_block_indices": '"none"'}
+            "network.train_single_block_indices": '"none"', "network.train_block_indices": '"0,1"'}
     strings = {"name": "renamed", "trigger": "trg", "model.base": "other/base", "model.vae": "vae.safetensors",
                "dataset.image_dir": "style2", "dataset.reg_dir": "reg", "dataset.background": "#000000",
                "dataset.caption_extension": ".caption", "caption.model": "ViT-B-32", "caption.pretrained": "ckpt.bin",
