@@ -55,6 +55,26 @@ def mini_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def mini_flux_dir(tmp_path_factory):
+    """A random-weight FLUX.1-dev-architecture diffusers folder at test size (CLIP-L, T5, packed latents)."""
+    from sdlora.tiny.configs import build_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("mini_flux")
+    build_flux_pipeline(guidance=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def mini_sd3_dir(tmp_path_factory):
+    """A random-weight SD3.5-Large-architecture diffusers folder at test size (CLIP-L, CLIP-G, T5, MMDiT)."""
+    from sdlora.tiny.configs import build_sd3_pipeline
+
+    folder = tmp_path_factory.mktemp("mini_sd3")
+    build_sd3_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def interrupt_at_step(monkeypatch):
     """arm(n, signum): this process gets `signum` (default SIGINT, what Ctrl-C sends) during the
     n-th training step, through the same handler a user's Ctrl-C or `kill` reaches."""
