@@ -61,6 +61,9 @@ def test_over_fitted_last_epochs_are_not_recommended_and_the_report_says_why(tmp
     results.report_epochs(cfg, ranking, results.epochs_grid(cfg, ranking))
     report = cfg.report_path.read_text()
     assert f"Recommended: **{ranking.best.label}**" in report and "lost the prompt" in report
+    # The palette figure is a CIELAB distance with the lightness and chroma it is made of, the training set's beside.
+    assert "(delta-E)" in report and "| training set | | 0 |" in report
+    assert all(e.palette_distance > 0 and 0 < e.lab["lightness"] < 100 for e in ranking.scores)
     assert (cfg.output_dir / "epochs_scored_grid.png").is_file()
     results.report_epochs(cfg, ranking, None)  # a second run replaces the section
     assert cfg.report_path.read_text().count("## Epochs ranked") == 1
