@@ -157,6 +157,9 @@ def recommend(scores: list[EpochScore]) -> tuple[EpochScore, str]:
     else:
         best = max(epochs, key=lambda e: e.adherence)
         reason = f"every epoch loses the prompt; {best.label} keeps the most of it (adherence {best.adherence:.2f})"
+    if min(e.palette_distance for e in epochs) >= base.palette_distance:
+        reason += ("; no epoch's palette is closer to the training set than the base's: the adapter does not carry "
+                   "the style's colours (the lightness and chroma columns show what it misses)")
     if lost:
         reason += (f"; {', '.join(e.label for e in lost)} lost the prompt (adherence "
                    f"{', '.join(f'{e.adherence:.2f}' for e in lost)} < {floor:.2f}, which keeps {ADHERENCE_KEEP:.0%} of "
