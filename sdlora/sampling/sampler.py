@@ -31,8 +31,8 @@ multiple of 16 and cropped; for FLUX.1 a second pass (FluxImg2ImgPipeline, or ti
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
 ratio, a Lanczos upscale (or the upscaler model `hires_upscaler` names: upscale.py) takes it to the
-target size, and an img2img pass over the same components (strength = hires_denoise) adds the detail; far above the native size the img2img
-pass runs in tiles (`tiled.py`).
+target size, and an img2img pass over the same components (strength = hires_denoise) adds the
+detail; far above the native size the img2img pass runs in tiles (`tiled.py`).
 """
 
 from __future__ import annotations
@@ -401,7 +401,6 @@ class Sampler:
 
         negatives, cfg_scale, sampler: per call (a prompt file's --n, --l, --ss); default the config's.
         """
-
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
@@ -481,7 +480,6 @@ class Sampler:
         FluxImg2ImgPipeline ("on") or the tiled pass with `tiled.FlowDenoiser` ("tiled", tiles on multiples of
         16 px), both with flow-matching Euler (FluxImg2ImgPipeline passes its own sigmas, which diffusers'
         multistep solvers do not take); then the crop. Size is then the first pass's, as in A1111."""
-
         m = self.family.size_multiple
         w0, h0 = math.ceil(width / m) * m, math.ceil(height / m) * m
         two_pass = hires in ("on", "tiled")
