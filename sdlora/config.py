@@ -327,6 +327,9 @@ class SampleConfig:
                           min=0)
     hires_tile_overlap: int = opt(0, "pixels neighbouring tiles share, a multiple of 8 (0 = a quarter of the tile)",
                                   min=0)
+    hires_upscaler: str = opt("", "upscale step of the hires pass: empty = Lanczos, or an upscaler model file "
+                                  "(.pth / .safetensors: ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, ... read by spandrel as "
+                                  "ComfyUI and Forge read them; pip install 'sdlora[upscalers]')", path=True)
     hires_denoise: float = opt(0.45, "img2img denoising strength of the hires pass", min=0.0, max=1.0)
     hires_steps: int = opt(0, "steps of the hires pass (0 = same as steps)", min=0)
     thumbnail: int = opt(256, "longest side of each grid cell", min=16)

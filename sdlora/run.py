@@ -63,9 +63,13 @@ def append_style_report(cfg: Config, figures: dict) -> None:
         "| figure | base (scale 0) | LoRA (scale 1.0) | style set |", "|---|---|---|---|",
         f"| colourfulness (Hasler-Suesstrunk) | {figures['colourfulness_base']:.1f} | "
         f"{figures['colourfulness_lora']:.1f} | {figures['colourfulness_style_set']:.1f} |",
-        f"| hue/saturation histogram distance to the style set (Hellinger) | {figures['hist_distance_base']:.3f} | "
-        f"{figures['hist_distance_lora']:.3f} | 0 |",
-        "", f"Colourfulness ratio LoRA / base: **{figures['colourfulness_ratio']:.2f}x**", "",
+        f"| palette distance to the style set (CIELAB delta-E) | {figures['palette_distance_base']:.1f} | "
+        f"{figures['palette_distance_lora']:.1f} | 0 |",
+        f"| lightness L* (mean +- spread) | {results.lab_text(figures['lab_base'])} | {results.lab_text(figures['lab_lora'])} | "
+        f"{results.lab_text(figures['lab_style_set'])} |",
+        f"| chroma C* (0 = grey) | {figures['lab_base']['chroma']:.0f} | {figures['lab_lora']['chroma']:.0f} | "
+        f"{figures['lab_style_set']['chroma']:.0f} |",
+        "", f"Colourfulness ratio LoRA / base: **{figures['colourfulness_ratio']:.2f}x**", "", results.PALETTE_NOTE, "",
     ]
     atomic_write_text(report, text + section + "\n".join(rows))
 
@@ -96,7 +100,7 @@ def run(cfg: Config, log=print) -> dict:
         append_style_report(cfg, figures)
         log(f"style: colourfulness {figures['colourfulness_base']:.1f} -> {figures['colourfulness_lora']:.1f} "
             f"({figures['colourfulness_ratio']:.2f}x); palette distance to the style set "
-            f"{figures['hist_distance_base']:.3f} -> {figures['hist_distance_lora']:.3f}")
+            f"{figures['palette_distance_base']:.1f} -> {figures['palette_distance_lora']:.1f} delta-E")
     paths = {"adapter": final, "samples": result.folder, "report": cfg.report_path,
              "dataset report": out / dataset.REPORT_MD}
     if "resized" in after:

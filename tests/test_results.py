@@ -61,6 +61,9 @@ def test_over_fitted_last_epochs_are_not_recommended_and_the_report_says_why(tmp
     results.report_epochs(cfg, ranking, results.epochs_grid(cfg, ranking))
     report = cfg.report_path.read_text()
     assert f"Recommended: **{ranking.best.label}**" in report and "lost the prompt" in report
+    # The palette figure is a CIELAB distance with the lightness and chroma it is made of, the training set's beside.
+    assert "(delta-E)" in report and "| training set | | 0 |" in report
+    assert all(e.palette_distance > 0 and 0 < e.lab["lightness"] < 100 for e in ranking.scores)
     assert (cfg.output_dir / "epochs_scored_grid.png").is_file()
     results.report_epochs(cfg, ranking, None)  # a second run replaces the section
     assert cfg.report_path.read_text().count("## Epochs ranked") == 1
@@ -144,3 +147,14 @@ def test_scored_epoch_renders_are_reused_by_sample_epochs_dir_native(tmp_path, m
     scaled(files[1][1], 2.0)  # a changed adapter file is a new picture
     sampler.run_sample(cfg, epochs_dir=cfg.output_dir, native=True, log=lambda m: None)
     assert sum(drawn) == 2
+
+
+def test_the_report_says_when_no_epoch_is_closer_to_the_training_set_than_the_base():
+    lab = {"lightness": 50.0, "lightness_std": 10.0, "chroma": 12.0}
+    base = results.EpochScore("base", None, 0.7, 38.0, 1.0, lab)
+    farther = [results.EpochScore(f"epoch {i}", None, 0.68, d, 1.1, lab) for i, d in ((2, 38.1), (4, 39.8))]
+    best, reason = results.recommend([base, *farther])
+    assert best.label == "epoch 2" and "no epoch's palette is closer" in reason
+    closer = results.EpochScore("epoch 6", None, 0.68, 30.0, 1.2, lab)
+    best, reason = results.recommend([base, *farther, closer])
+    assert best.label == "epoch 6" and "no epoch's palette is closer" not in reason

@@ -1,9 +1,11 @@
 """The demo LoRA measurably moves samples toward the style (a shortened colorful_scenery run)."""
 
+import itertools
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -53,3 +55,34 @@ def test_colourfulness_metric_orders_palettes():
     hist = metrics.hue_sat_histogram(colourful)
     assert metrics.hellinger(hist, hist) == 0.0
     assert metrics.hellinger(hist, metrics.hue_sat_histogram(muted)) > 0.1
+
+
+def test_lab_matches_the_cie_reference_values():
+    white, red = Image.new("RGB", (1, 1), (255, 255, 255)), Image.new("RGB", (1, 1), (255, 0, 0))
+    assert metrics.lab(white)[0] == pytest.approx([100.0, 0.0, 0.0], abs=0.05)
+    assert metrics.lab(red)[0] == pytest.approx([53.24, 80.09, 67.20], abs=0.1)  # sRGB red in CIELAB (D65)
+
+
+def test_palette_distance_reads_in_delta_e():
+    grey, teal = Image.new("RGB", (16, 16), (120, 120, 120)), Image.new("RGB", (16, 16), (40, 150, 140))
+    delta_e = float(np.linalg.norm(metrics.lab(grey)[0] - metrics.lab(teal)[0]))
+    assert metrics.palette_distance([grey], [grey]) == 0.0
+    # Two flat colours lie their delta-E apart (the sphere's directions sampled: within 2%).
+    assert metrics.palette_distance([grey], [teal]) == pytest.approx(delta_e, rel=0.02)
+
+
+def test_palette_distance_falls_as_a_palette_moves_toward_the_style_set():
+    from sdlora.tiny.scenery import make_scene_image
+
+    style = [make_scene_image(s, "colorful")[0] for s in range(10, 14)]  # other scenes than the moved ones
+    muted = [make_scene_image(s, "muted")[0] for s in range(4)]
+    colourful = [make_scene_image(s, "colorful")[0] for s in range(4)]  # the same scenes in the style's palette
+    distances = [metrics.palette_distance([Image.blend(m, c, t) for m, c in zip(muted, colourful)], style)
+                 for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    print(distances)
+    assert all(a > b for a, b in itertools.pairwise(distances)), distances
+    # Lightness counts too: the style set itself darkened is farther than the style set.
+    darker = [Image.eval(i.convert("RGB"), lambda v: int(v * 0.6)) for i in style]
+    assert metrics.palette_distance(darker, style) > 10
+    summary = metrics.lab_summary(darker)
+    assert summary["lightness"] < metrics.lab_summary(style)["lightness"] - 10

@@ -75,6 +75,8 @@ class RenderCache:
                     for a, w in zip(sampler.adapters.adapters, sampler.adapters.current) if _active(w)]
         model = {k: v for k, v in dataclasses.asdict(sampler.cfg.model).items() if k != "allow_pickle"}
         settings = {k: v for k, v in dataclasses.asdict(s).items() if k not in LAYOUT_FIELDS}
+        if s.hires_upscaler and Path(s.hires_upscaler).is_file():  # the upscaler model's weights draw too, not only its name
+            settings["hires_upscaler"] = file_digest(s.hires_upscaler)
         what = {"code": code_identity(), "base": sampler.base.model_hash, "model": model,
                 "adapters": adapters, "fused": bool(sampler.adapters.fuse) if adapters else None,
                 "device": str(sampler.device), "dtype": str(sampler.pipe.dtype), "sample": settings,

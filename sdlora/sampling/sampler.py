@@ -30,9 +30,9 @@ multiple of 16 and cropped; for FLUX.1 a second pass (FluxImg2ImgPipeline, or ti
 16 px) only when hires says on or tiled.
 
 Hires ("hires fix"): the first pass renders at the base's native area with the target's aspect
-ratio, a Lanczos upscale takes it to the target size, and an img2img pass over the same
-components (strength = hires_denoise) adds the detail; far above the native size the img2img
-pass runs in tiles (`tiled.py`).
+ratio, a Lanczos upscale (or the upscaler model `hires_upscaler` names: upscale.py) takes it to the
+target size, and an img2img pass over the same components (strength = hires_denoise) adds the
+detail; far above the native size the img2img pass runs in tiles (`tiled.py`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from sdlora.models.families import FAMILIES, unread_settings
 from sdlora.models.families.base import TextConditioning, tokenize
 from sdlora.models.load import compute_device, load_base
 from sdlora.quiet import quiet
-from sdlora.sampling import tiled
+from sdlora.sampling import tiled, upscale
 from sdlora.sampling.grids import (
     SampleResult,
     epoch_files,
@@ -332,6 +332,7 @@ class Sampler:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.adapters = AdapterSet(self.pipe, s.fuse if fuse is None else fuse)
+        self.upscaler = None  # upscale.ModelUpscaler of [sample] hires_upscaler, loaded when a hires pass needs it
 
     def encode(self, prompts: list[str]):
         """The U-Net's text conditioning (family.TextConditioning): (B, 77, dim) hidden states with
@@ -402,8 +403,6 @@ class Sampler:
 
         negatives, cfg_scale, sampler: per call (a prompt file's --n, --l, --ss); default the config's.
         """
-        from PIL import Image
-
         s = self.cfg.sample
         s = dataclasses.replace(s, cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
                                 sampler=sampler or s.sampler)
@@ -435,21 +434,21 @@ class Sampler:
                   "Denoising strength": None, "Clip skip": clip_skip if clip_skip > 1 else None,
                   "RNG": "CPU" if noise_device == "cpu" else None}  # A1111's field when its noise is drawn on the CPU
         if mode == "tiled":
-            images = [im.resize((width, height), Image.LANCZOS) for im in images]
+            images, upscaler = self.upscale(images, width, height)
             if s.hires_denoise > 0:
                 # Prompt editing over the hires pass's own steps, as A1111 schedules it.
                 per_step = self.step_embeds(list(prompts), negatives, steps, s.hires_steps or steps)
                 images = self.refine_tiled(images, per_step, seeds, s, steps, noise_device)
             tile, overlap = self.tile_size(s)
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
-                           "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos", "Hires mode": "tiled",
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": upscaler, "Hires mode": "tiled",
                            "Hires tile": f"{tile}x{tile}", "Hires tile overlap": overlap})
         elif two_pass:
             from diffusers import AutoPipelineForImage2Image
 
             img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)  # SD or SDXL img2img, same components
             img2img.set_progress_bar_config(disable=True)
-            upscaled = [im.resize((width, height), Image.LANCZOS) for im in images]
+            upscaled, upscaler = self.upscale(images, width, height)
             # As A1111 does, the hires pass denoises for hires_steps steps (or steps): diffusers runs
             # int(n * strength) of n scheduled steps, so n is scaled up by 1 / strength.
             hires_steps = s.hires_steps or steps
@@ -461,7 +460,7 @@ class Sampler:
                                  num_inference_steps=img2img_steps(hires_steps, s.hires_denoise),
                                  guidance_scale=s.cfg_scale, generator=generators(), **switching(per_step)).images
             params.update({"Denoising strength": float(s.hires_denoise), "Hires resize": f"{width}x{height}",
-                           "Hires steps": s.hires_steps or None, "Hires upscaler": "Lanczos"})
+                           "Hires steps": s.hires_steps or None, "Hires upscaler": upscaler})
         return images, params
 
     def render_one_pass(self, prompts: list[str], seeds: list[int], width: int, height: int, steps: int,
@@ -483,8 +482,6 @@ class Sampler:
         FluxImg2ImgPipeline ("on") or the tiled pass with `tiled.FlowDenoiser` ("tiled", tiles on multiples of
         16 px), both with flow-matching Euler (FluxImg2ImgPipeline passes its own sigmas, which diffusers'
         multistep solvers do not take); then the crop. Size is then the first pass's, as in A1111."""
-        from PIL import Image
-
         m = self.family.size_multiple
         w0, h0 = math.ceil(width / m) * m, math.ceil(height / m) * m
         two_pass = hires in ("on", "tiled")
@@ -512,7 +509,7 @@ class Sampler:
                   "RNG": "CPU" if noise_device == "cpu" else None}
         if two_pass:
             euler = make_scheduler("euler", self.base.noise_scheduler)
-            images = [im.resize((w0, h0), Image.LANCZOS) for im in images]
+            images, upscaler = self.upscale(images, w0, h0)
             hires_steps = s.hires_steps or steps
             if s.hires_denoise > 0 and hires == "tiled":
                 images = self.refine_tiled_flow(images, text, seeds, s, hires_steps, euler, noise_device)
@@ -527,7 +524,7 @@ class Sampler:
                                  guidance_scale=s.guidance_scale, generator=generators()).images
             params.update({"Size": f"{fw}x{fh}", "Denoising strength": float(s.hires_denoise),
                            "Hires resize": f"{width}x{height}", "Hires steps": s.hires_steps or None,
-                           "Hires upscaler": "Lanczos",
+                           "Hires upscaler": upscaler,
                            "Hires sampler": FLOW_SAMPLERS["euler"][2] if names[0] != FLOW_SAMPLERS["euler"][2] else None})
             if hires == "tiled":
                 tile, overlap = self.tile_size(s)
@@ -576,6 +573,16 @@ class Sampler:
                 "skip_layer_guidance_scale": s.skip_layer_guidance_scale,
                 "skip_layer_guidance_start": s.skip_layer_guidance_start,
                 "skip_layer_guidance_stop": s.skip_layer_guidance_stop}
+
+    def upscale(self, images: list, width: int, height: int) -> tuple[list, str]:
+        """The hires pass's upscale step and its name for the infotext: Lanczos, or the model file
+        `[sample] hires_upscaler` names (loaded once, on first use)."""
+        path = self.cfg.sample.hires_upscaler
+        if not path:
+            return upscale.lanczos(images, width, height), "Lanczos"
+        if self.upscaler is None:
+            self.upscaler = upscale.ModelUpscaler(path, self.device)
+        return self.upscaler(images, width, height), self.upscaler.name
 
     def tile_size(self, s) -> tuple[int, int]:
         """(tile side, overlap) of the tiled pass in pixels: the base's native size and a quarter of

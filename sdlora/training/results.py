@@ -4,8 +4,9 @@ Best epoch. Every saved epoch (and the base, scale 0) renders the config's promp
 the base's native area with the target's aspect ratio (one pass: the figures compare adapters,
 and the native size is where the denoiser answers in distribution), and is scored:
 
-    style       hue/saturation histogram distance to the training set (Hellinger, lower = closer)
-                and the colourfulness ratio over the base (metrics.style_shift)
+    style       palette distance to the training set in CIELAB (metrics.palette_distance: delta-E,
+                lower = closer; lightness and chroma shown beside it so a person sees which part
+                is off) and the colourfulness ratio over the base
     adherence   the tagger's agreement with the prompt's content tags (those it scores, trigger
                 and style tags left out): how often each ranks above the vocabulary's other tags
                 (AUC, 0.5 = chance), averaged over the images: is what was asked for still drawn. An over-fitted adapter paints its training set whatever the
@@ -40,7 +41,7 @@ from sdlora.lowrank.tools import resize
 from sdlora.models.prompts import extract_networks
 from sdlora.sampling.grids import epoch_files, make_grid
 from sdlora.sampling.infotext import save_png
-from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
+from sdlora.sampling.metrics import colourfulness, lab_summary, palette_distance
 from sdlora.sampling.render_cache import RenderCache
 from sdlora.sampling.sampler import Sampler, first_pass_size
 
@@ -52,8 +53,9 @@ class EpochScore:
     label: str  # "base", "epoch 2", ..., "final"
     path: Path | None  # None for the base
     adherence: float
-    hist_distance: float
+    palette_distance: float  # delta-E to the training set's colours (metrics.palette_distance)
     colourfulness_ratio: float
+    lab: dict  # metrics.lab_summary: lightness, lightness_std, chroma
     images: list = field(default_factory=list, repr=False)
 
 
@@ -62,6 +64,7 @@ class EpochRanking:
     scores: list[EpochScore]  # the base first, then the epochs in order
     best: EpochScore
     reason: str
+    style_lab: dict = field(default_factory=dict)  # lab_summary of the training set
 
 
 def content_tags(cfg: Config, prompt: str, tagger) -> list[str]:
@@ -102,8 +105,6 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=pr
     skip = {tag_key(t) for t in [cfg.trigger, *cfg.caption.style_tags, *cfg.caption.blacklist] if t}
     vocabulary = [t for t in tagger.scorable(read_vocabulary(cfg.caption.vocabulary))[0] if tag_key(t) not in skip]
     w, h = first_pass_size(s.width, s.height, sampler.base.resolution)
-    style_hist = hue_sat_histogram(style)
-
     cache = RenderCache.of(cfg)  # `sdlora sample --epochs-dir --native` finds these renders there
 
     def render() -> list:
@@ -121,14 +122,21 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=pr
             base_c = np.mean([colourfulness(i) for i in scores[0].images]) if scores else None
             c = np.mean([colourfulness(i) for i in images])
             scores.append(EpochScore(label, path, adherence(images, tags, tagger, vocabulary),
-                                     hellinger(hue_sat_histogram(images), style_hist),
-                                     float(c / max(base_c, 1e-9)) if base_c is not None else 1.0, images))
-            log(f"  {label}: adherence {scores[-1].adherence:.2f}, palette distance {scores[-1].hist_distance:.3f}, "
-                f"colourfulness {scores[-1].colourfulness_ratio:.2f}x")
+                                     palette_distance(images, style),
+                                     float(c / max(base_c, 1e-9)) if base_c is not None else 1.0,
+                                     lab_summary(images), images))
+            e = scores[-1]
+            log(f"  {label}: adherence {e.adherence:.2f}, palette distance {e.palette_distance:.1f} delta-E "
+                f"(lightness {lab_text(e.lab)}, chroma {e.lab['chroma']:.0f}), colourfulness {e.colourfulness_ratio:.2f}x")
     finally:
         sampler.adapters.close()
     best, reason = recommend(scores)
-    return EpochRanking(scores, best, reason)
+    return EpochRanking(scores, best, reason, lab_summary(style))
+
+
+def lab_text(lab: dict) -> str:
+    """Lightness as 'mean +- spread' (L*, 0-100)."""
+    return f"{lab['lightness']:.0f} +- {lab['lightness_std']:.0f}"
 
 
 def adherence_floor(base: EpochScore) -> float:
@@ -142,13 +150,16 @@ def recommend(scores: list[EpochScore]) -> tuple[EpochScore, str]:
     keep = [e for e in epochs if e.adherence >= floor]
     lost = [e for e in epochs if e.adherence < floor]
     if keep:
-        best = min(keep, key=lambda e: e.hist_distance)
-        reason = (f"{best.label} has the palette closest to the training set (distance {best.hist_distance:.3f}, "
-                  f"base {base.hist_distance:.3f}) among the epochs that still draw the prompt (adherence "
+        best = min(keep, key=lambda e: e.palette_distance)
+        reason = (f"{best.label} has the palette closest to the training set (delta-E {best.palette_distance:.1f}, "
+                  f"base {base.palette_distance:.1f}) among the epochs that still draw the prompt (adherence "
                   f"{best.adherence:.2f}, base {base.adherence:.2f})")
     else:
         best = max(epochs, key=lambda e: e.adherence)
         reason = f"every epoch loses the prompt; {best.label} keeps the most of it (adherence {best.adherence:.2f})"
+    if min(e.palette_distance for e in epochs) >= base.palette_distance:
+        reason += ("; no epoch's palette is closer to the training set than the base's: the adapter does not carry "
+                   "the style's colours (the lightness and chroma columns show what it misses)")
     if lost:
         reason += (f"; {', '.join(e.label for e in lost)} lost the prompt (adherence "
                    f"{', '.join(f'{e.adherence:.2f}' for e in lost)} < {floor:.2f}, which keeps {ADHERENCE_KEEP:.0%} of "
@@ -163,7 +174,7 @@ def epochs_grid(cfg: Config, ranking: EpochRanking) -> Path:
 
     s = cfg.sample
     pairs = [f"{p} (seed {seed})" for p in s.prompts for seed in s.seeds]
-    labels = [f"{'* ' if e is ranking.best else ''}{e.label}: adh {e.adherence:.2f} pal {e.hist_distance:.2f} "
+    labels = [f"{'* ' if e is ranking.best else ''}{e.label}: adh {e.adherence:.2f} dE {e.palette_distance:.1f} "
               f"col {e.colourfulness_ratio:.2f}x" for e in ranking.scores]
     rows = [[e.images[i] for e in ranking.scores] for i in range(len(pairs))]
     grid = make_grid(rows, labels, pairs, max(s.thumbnail, 192), title="epochs (* = recommended)")
@@ -185,21 +196,32 @@ def set_report_section(cfg: Config, heading: str, lines: list[str]) -> None:
 
 
 def report_epochs(cfg: Config, ranking: EpochRanking, grid: Path | None) -> None:
-    rows = ["| epoch | prompt adherence | palette distance to the training set | colourfulness vs base |",
-            "|---|---|---|---|"]
+    rows = [f"| epoch | prompt adherence | {PALETTE_COLUMNS} | colourfulness vs base |", "|---|---|---|---|---|---|"]
     for e in sorted(ranking.scores[1:], key=lambda e: (e.adherence < adherence_floor(ranking.scores[0]),
-                                                        e.hist_distance)):
+                                                        e.palette_distance)):
         mark = " **(recommended)**" if e is ranking.best else ""
-        rows.append(f"| {e.label}{mark} | {e.adherence:.2f} | {e.hist_distance:.3f} | {e.colourfulness_ratio:.2f}x |")
-    base = ranking.scores[0]
-    rows.append(f"| base (scale 0) | {base.adherence:.2f} | {base.hist_distance:.3f} | 1.00x |")
+        rows.append(f"| {e.label}{mark} | {e.adherence:.2f} | {palette_cells(e)} | {e.colourfulness_ratio:.2f}x |")
+    base, style = ranking.scores[0], ranking.style_lab
+    rows.append(f"| base (scale 0) | {base.adherence:.2f} | {palette_cells(base)} | 1.00x |")
+    rows.append(f"| training set | | 0 | {lab_text(style)} | {style['chroma']:.0f} | |")
     lines = [f"Each saved epoch rendered the sample prompts x seeds at the base's native size. "
-             f"Recommended: **{ranking.best.label}** (`{ranking.best.path.name}`): {ranking.reason}.", "", *rows]
+             f"Recommended: **{ranking.best.label}** (`{ranking.best.path.name}`): {ranking.reason}.", "", *rows,
+             "", PALETTE_NOTE]
     if cfg.output.keep == "best":
         lines += ["", f"`output.keep = \"best\"`: {ranking.best.path.name} was copied to {cfg.adapter_path().name}."]
     if grid is not None:
         lines += ["", f"![epochs]({grid.name})"]
     set_report_section(cfg, "Epochs ranked (best epoch)", lines)
+
+
+PALETTE_COLUMNS = "palette distance to the training set (delta-E) | lightness L* | chroma C*"
+PALETTE_NOTE = ("Palette distance: the mean CIELAB colour change (delta-E; about 2.3 is just noticeable) that turns "
+                "the renders' colours into the training set's, lightness included; lightness (mean +- spread) and "
+                "chroma (0 = grey) show which part of it is off.")
+
+
+def palette_cells(e: EpochScore) -> str:
+    return f"{e.palette_distance:.1f} | {lab_text(e.lab)} | {e.lab['chroma']:.0f}"
 
 
 def keep_best(cfg: Config, ranking: EpochRanking) -> Path | None:
@@ -231,10 +253,11 @@ def export_resized(cfg: Config, *, style: list, log=print, sampler=None, tagger=
     lines = [f"`{dst.name}` keeps {cfg.output.resize_energy:.0%} of each module's energy (sum of squared singular "
              f"values): ranks {min(ranks)}..{max(ranks)} (was {max(m.old_rank for m in report.modules)}), "
              f"{report.size_before / 1024:.0f} KiB -> {report.size_after / 1024:.0f} KiB.", "",
-             "| file | colourfulness vs base | palette distance to the training set | prompt adherence |",
-             "|---|---|---|---|",
-             f"| {final.name} | {full.colourfulness_ratio:.2f}x | {full.hist_distance:.3f} | {full.adherence:.2f} |",
-             f"| {dst.name} | {small.colourfulness_ratio:.2f}x | {small.hist_distance:.3f} | {small.adherence:.2f} |"]
+             f"| file | colourfulness vs base | {PALETTE_COLUMNS} | prompt adherence |",
+             "|---|---|---|---|---|---|",
+             f"| {final.name} | {full.colourfulness_ratio:.2f}x | {palette_cells(full)} | {full.adherence:.2f} |",
+             f"| {dst.name} | {small.colourfulness_ratio:.2f}x | {palette_cells(small)} | {small.adherence:.2f} |",
+             "", PALETTE_NOTE]
     set_report_section(cfg, "Resized by energy", lines)
     log(f"resized: {dst} ({report.size_before / 1024:.0f} -> {report.size_after / 1024:.0f} KiB), colourfulness "
         f"{full.colourfulness_ratio:.2f}x -> {small.colourfulness_ratio:.2f}x")

@@ -25,7 +25,7 @@ from sdlora.data.dataset import current_manifest
 from sdlora.errors import UserError
 from sdlora.io import LOCK_FILE, atomic_write_text, pid_alive
 from sdlora.sampling.grids import epoch_files, label_slug
-from sdlora.sampling.metrics import colourfulness, hellinger, hue_sat_histogram
+from sdlora.sampling.metrics import colourfulness, palette_distance
 from sdlora.training.examples import collect_examples, planned_steps
 
 RECORD = ".sdlora-ui-train.json"
@@ -303,8 +303,8 @@ def compare_epochs(cfg: Config, config_path: Path, cwd: Path, steps: int | None 
                    timeout: float = 3600) -> tuple[list[Path], list[dict]]:
     """`sdlora sample CONFIG --epochs-dir OUTPUT`: the config's prompts x seeds with every epoch's adapter
     (and the final one) side by side; returns the grids and the style figures per epoch: the mean
-    colourfulness of its images and the distance of their hue/saturation histogram to the style set's
-    (`metrics`, the figures `sdlora run` reports for the final adapter)."""
+    colourfulness of its images and their palette distance to the style set (CIELAB delta-E,
+    `metrics.palette_distance`, the figure `sdlora run` reports for the final adapter)."""
     from PIL import Image
 
     folder = cfg.output_dir / EPOCHS_FOLDER
@@ -314,14 +314,13 @@ def compare_epochs(cfg: Config, config_path: Path, cwd: Path, steps: int | None 
         argv += ["--steps", str(int(steps))]
     _run(argv, cwd, timeout)
     style = current_manifest(cfg, log=lambda m: None).style_images()
-    style_hist = hue_sat_histogram(style)
     rows = []
     for label, _ in epoch_files(cfg.output_dir, cfg.output_name):
         images = [Image.open(p) for p in sorted(folder.glob(f"epochs_{label_slug(label)}_p*_seed*.png"))]
         if images:
             rows.append({"adapter": label, "images": len(images),
                          "colourfulness": sum(map(colourfulness, images)) / len(images),
-                         "palette distance to the style set": hellinger(hue_sat_histogram(images), style_hist)})
+                         "palette distance to the style set": palette_distance(images, style)})
     rows.append({"adapter": "style set", "images": len(style),
                  "colourfulness": sum(map(colourfulness, style)) / len(style), "palette distance to the style set": 0.0})
     return sorted(folder.glob("epochs_grid_seed*.png")), rows
