@@ -17,19 +17,15 @@ from sdlora.adapters.transformer_keys import (
     split,
     text_kohya_key,
 )
+from sdlora.models.arch import part_config
 
 FLUX_DOUBLE_KOHYA = ["img_mod_lin", "img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
                      "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2"]
 FLUX_SINGLE_KOHYA = ["linear1", "linear2", "modulation_lin"]
 SD3_BLOCK = dict(context_block=["attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1"],
                  x_block=["attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1"])
-SD3_FULL = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096,
-                pooled_projection_dim=2048, attention_head_dim=64)
-SD35_LARGE = dict(SD3_FULL, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
-                  pos_embed_max_size=192, qk_norm="rms_norm")
-SD35_MEDIUM = dict(SD3_FULL, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
-                   pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
-SD3_MEDIUM = dict(SD3_FULL, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)
+# The published MMDiTs: the configs sdlora ships for their single files (assets/configs/<family>/transformer).
+SD35_LARGE, SD35_MEDIUM, SD3_MEDIUM = (part_config(f, "transformer") for f in ("sd35_large", "sd35_medium", "sd3_medium"))
 
 
 def shape(transformer, module) -> tuple[int, int]:
@@ -41,7 +37,7 @@ def test_flux_names_and_counts_equal_kohyas():
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        flux = FluxTransformer2DModel(guidance_embeds=True)  # FLUX.1-dev's defaults
+        flux = FluxTransformer2DModel.from_config(part_config("flux1_dev", "transformer"))  # FLUX.1-dev
     modules = kohya_modules(flux, FLUX_NAMES)
     expected = ([f"lora_unet_double_blocks_{i}_{n}" for i in range(19) for n in FLUX_DOUBLE_KOHYA]
                 + [f"lora_unet_single_blocks_{i}_{n}" for i in range(38) for n in FLUX_SINGLE_KOHYA])
@@ -236,7 +232,7 @@ def test_flux_map_is_diffusers_kohya_converters():
     )
 
     with torch.device("meta"):
-        flux = FluxTransformer2DModel(guidance_embeds=True)
+        flux = FluxTransformer2DModel.from_config(part_config("flux1_dev", "transformer"))
     modules = {k: m for k, m in kohya_modules(flux, FLUX_NAMES, outer=True).items()
                if "_blocks_" not in k or "_blocks_0_" in k}
     g = torch.Generator().manual_seed(2)

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from sdlora.adapters import network
 from sdlora.config import NetworkConfig
+from sdlora.models.arch import part_config
 from sdlora.models.blockswap import enable as enable_block_swap
 from sdlora.models.blockswap import frozen_tensors, swap_plan, tensor_bytes
 from sdlora.models.families import FAMILIES
@@ -59,18 +60,14 @@ class FullTransformer:
     reduced_latent_channels: int = FLOW_LATENT_CHANNELS
 
 
-# diffusers' FluxTransformer2DModel defaults are FLUX.1's widths and depths (19 double, 38 single blocks,
-# 24 heads x 128, T5 4096, CLIP 768); dev adds the guidance embedding. T5's length for dev: 512 (kohya's).
-# SD3.5 Medium: 24 MMDiT-X blocks (dual attention in the first 13), 1536 wide; its text sequence is
-# CLIP's 77 tokens followed by T5's 256 (diffusers' StableDiffusion3Pipeline).
+# The published sizes are the configs sdlora ships for the families' single files (`arch.part_config`):
+# FLUX.1-dev's 19 double and 38 single blocks, 24 heads x 128, with the guidance embedding; T5's length for
+# dev: 512 (kohya's). SD3.5 Medium: 24 MMDiT-X blocks (dual attention in the first 13), 1536 wide; its text
+# sequence is CLIP's 77 tokens followed by T5's 256 (diffusers' StableDiffusion3Pipeline).
 FULL_TRANSFORMERS = (
-    FullTransformer("flux1_dev", "FluxTransformer2DModel", {"guidance_embeds": True}, 512,
+    FullTransformer("flux1_dev", "FluxTransformer2DModel", part_config("flux1_dev", "transformer"), 512,
                     reduced=dict(MINI_FLUX_TRANSFORMER, num_layers=4, num_single_layers=6)),
-    FullTransformer("sd35_medium", "SD3Transformer2DModel",
-                    dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=4096,
-                         pooled_projection_dim=2048, attention_head_dim=64, num_layers=24, num_attention_heads=24,
-                         caption_projection_dim=1536, pos_embed_max_size=384, qk_norm="rms_norm",
-                         dual_attention_layers=tuple(range(13))), 77 + 256,
+    FullTransformer("sd35_medium", "SD3Transformer2DModel", part_config("sd35_medium", "transformer"), 77 + 256,
                     reduced=dict(MINI_SD35_MEDIUM_TRANSFORMER, num_layers=4)),
 )
 

@@ -101,8 +101,8 @@ def detect_family(keys, path: Path | str = "checkpoint") -> str:
     has_unet = any(k.startswith(UNET) for k in keys)
     what = "a UNet without a text encoder" if has_unet else "no Stable Diffusion UNet or text encoder"
     raise UserError(f"model.base: {path} holds {what} (unknown model family; sdlora reads SD1.x, SD2.x and SDXL "
-                    "checkpoints in the original layout, e.g. as A1111 saves them, and FLUX.1 transformers in "
-                    "BFL's layout)")
+                    "checkpoints in the original layout, e.g. as A1111 saves them, FLUX.1 transformers in "
+                    "BFL's layout and SD3.x MMDiTs in Stability's)")
 
 
 @contextmanager

@@ -57,6 +57,14 @@ BASE_SEQ_LEN, BASE_SHIFT = 256, 0.5
 MAX_SEQ_LEN, MAX_SHIFT = 4096, 1.15
 
 
+def flow_scheduler(configs):
+    """The training noise schedule of a flow-matching family's single file: the FlowMatchEulerDiscreteScheduler
+    of the config folder `configs` (its shift, FLUX.1-dev's resolution-dependent one included)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler")
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """S s / (1 + (S - 1) s): more noise for S > 1 (the map keeps 0 and 1 and is increasing)."""
     return (sigmas * shift) / (1 + (shift - 1) * sigmas)

@@ -101,6 +101,6 @@ def t5_tokenizer(cache_dir: str | Path | None = None):
         if isinstance(found, str):
             return T5TokenizerFast.from_pretrained(Path(found).parent, local_files_only=True)
     raise UserError("model.text_encoders: T5-XXL's tokenizer is not on this machine; add its folder to "
-                    "model.text_encoders (ComfyUI's comfy/text_encoders/t5_tokenizer, or tokenizer_2 of a FLUX.1 "
-                    "diffusers folder), or fetch it once into the Hugging Face cache: huggingface-cli download "
+                    "model.text_encoders (ComfyUI's comfy/text_encoders/t5_tokenizer, tokenizer_2 of a FLUX.1 or "
+                    "tokenizer_3 of an SD3.5 diffusers folder), or fetch it once into the Hugging Face cache: huggingface-cli download "
                     "black-forest-labs/FLUX.1-schnell --include 'tokenizer_2/*'")

@@ -65,9 +65,13 @@ def encode_prompt(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
 class OpenAIClipLayout:
     """OpenAI CLIP (SD1's text encoder, SDXL's first, FLUX's CLIP-L): transformers' CLIPTextModel names under
     the prefix; position_ids are a buffer transformers builds itself. `projection`: the model has a
-    text_projection; without one, a file's (SAI's clip_l.safetensors holds it) is not read."""
+    text_projection; without one, a file's (SAI's clip_l.safetensors holds it) is not read. `identity_projection`:
+    the pooled output is used unprojected, so the model's text_projection is the identity whatever the file holds
+    (SD3's CLIP-L: ComfyUI's SD3ClipModel reads it with return_projected_pooled=False, and diffusers' single-file
+    loader sets text_projection to eye(768), as kohya's sd3_utils.load_clip_l does for a file without one)."""
 
     projection: bool = False
+    identity_projection: bool = False
 
     def recognises(self, keys) -> bool:
         return "text_model.embeddings.token_embedding.weight" in keys
@@ -76,12 +80,16 @@ class OpenAIClipLayout:
         return state["text_model.embeddings.token_embedding.weight"].shape[1]
 
     def from_original(self, state: dict) -> dict:
-        return {k: v for k, v in state.items() if not k.endswith("position_ids")
-                and (self.projection or k != "text_projection.weight")}
+        out = {k: v for k, v in state.items() if not k.endswith("position_ids")
+               and (self.projection or k != "text_projection.weight")}
+        if self.identity_projection and out:
+            embedding = out["text_model.embeddings.token_embedding.weight"]
+            out["text_projection.weight"] = torch.eye(embedding.shape[1], dtype=embedding.dtype)
+        return out
 
     def to_original(self, state: dict, prefix: str) -> dict:
         return {prefix + nested_text_name(k): v for k, v in state.items()
-                if not k.endswith("position_ids") and k != "text_projection.weight"}
+                if not k.endswith("position_ids") and (self.projection or k != "text_projection.weight")}
 
 
 # OpenCLIP <-> transformers CLIP, both ways. OpenCLIP stacks q, k, v in one in_proj (dim 0) and applies

@@ -42,7 +42,7 @@ import torch
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
 from sdlora.models.families.clip import OpenAIClipLayout
 from sdlora.models.families.t5 import T5Layout
-from sdlora.models.flow import DENSITY_SETTINGS, FlowObjective
+from sdlora.models.flow import DENSITY_SETTINGS, FlowObjective, flow_scheduler
 from sdlora.models.flux import latent_image_ids, pack_latents, unpack_latents
 from sdlora.models.prompts import emphasize
 from sdlora.models.tokenizer import clip_tokenizer, t5_tokenizer
@@ -85,9 +85,7 @@ class FluxFamily(Family):
         return "flow", f"{self.title}: {'a' if self.guidance else 'no'} guidance embedding"
 
     def single_file_scheduler(self, configs, prediction_type: str):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(configs, subfolder="scheduler")
+        return flow_scheduler(configs)
 
     def fits_folder(self, denoiser, widths: set[int]) -> bool:
         return bool(denoiser.config.guidance_embeds) == self.guidance

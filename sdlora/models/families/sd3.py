@@ -24,7 +24,15 @@ self-attention, `dual_attention_layers`) -> SD3.5 Medium ("5-medium"); qk norm w
 ("stable-diffusion-3-5-large/lora"); kohya writes modelspec.implementation "diffusers" and
 modelspec.prediction_type "epsilon" for SD3 files (its sai_model_spec falls through to them).
 
-Bases load from diffusers folders (StableDiffusion3Pipeline.save_pretrained). Adapters on the text
+Bases load from diffusers folders (StableDiffusion3Pipeline.save_pretrained) and from SAI's single files
+(sd3.5_large.safetensors, sd3.5_medium.safetensors, sd3_medium*.safetensors): the MMDiT under
+`model.diffusion_model.joint_blocks...` (or bare, a transformer saved alone), the VAE under `first_stage_model.`,
+and, in the files that ship them, the text encoders in transformers' names under ComfyUI's and SAI's
+`text_encoders.clip_l.transformer.` / `text_encoders.clip_g.transformer.` / `text_encoders.t5xxl.transformer.`
+(ComfyUI's supported_models.SD3: text_encoder_key_prefix "text_encoders."); what a file lacks comes from
+model.text_encoders (SAI's clip_l / clip_g / t5xxl files, told apart by width and layout). The variant is
+read from the transformer's tensors by the rule below (`file_model_type`). CLIP-L's pooled output is used
+unprojected, as ComfyUI and diffusers' single-file loader read SAI's files (`OpenAIClipLayout`). Adapters on the text
 encoders as sd-scripts' lora_sd3.py names them: CLIP-L `lora_te1_`, CLIP-G `lora_te2_` (with
 network.train_text_encoder), T5 `lora_te3_` (with network.train_t5); each encoder conditions on its
 own (`encode_slot`), so a frozen one is cached while a trained one runs, and kohya's per-encoder caption
@@ -39,29 +47,66 @@ from typing import Any
 import torch
 
 from sdlora.models.families.base import Family, TextConditioning, TextEncoderSlot
-from sdlora.models.flow import DENSITY_SETTINGS, SD3Objective
+from sdlora.models.families.clip import OpenAIClipLayout
+from sdlora.models.families.t5 import T5Layout
+from sdlora.models.flow import DENSITY_SETTINGS, SD3Objective, flow_scheduler
+from sdlora.models.tokenizer import clip_tokenizer, open_clip_tokenizer, t5_tokenizer
 
 # The family-dependent keys it reads beside CFG's: SD3Objective's, StableDiffusion3Pipeline's skip-layer guidance.
 SD3_SETTINGS = DENSITY_SETTINGS | {"train.training_shift", "sample.skip_layer_guidance_scale",
                                    "sample.skip_guidance_layers", "sample.skip_layer_guidance_start",
                                    "sample.skip_layer_guidance_stop"}
+# SAI's files name the MMDiT under ComfyUI's model.diffusion_model.; a transformer saved alone may be bare.
+SD3_FAMILY_PREFIXES = ("model.diffusion_model.", "")
 T5_MAX_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length, kohya's t5xxl_max_token_length
 
+# SAI's files keep CLIP-G in transformers' names too (not OpenCLIP's, as SDXL's do), with its text_projection.
 SD3_TEXT_ENCODERS = (
     TextEncoderSlot("text_encoder", "tokenizer", "CLIP-L", "CLIPTextModelWithProjection",
-                    "text_encoders.clip_l.transformer.", None, None, name="clip_l"),
+                    "text_encoders.clip_l.transformer.", OpenAIClipLayout(identity_projection=True), clip_tokenizer,
+                    name="clip_l"),
     TextEncoderSlot("text_encoder_2", "tokenizer_2", "CLIP-G", "CLIPTextModelWithProjection",
-                    "text_encoders.clip_g.transformer.", None, None, name="clip_g"),
+                    "text_encoders.clip_g.transformer.", OpenAIClipLayout(projection=True), open_clip_tokenizer,
+                    name="clip_g"),
     TextEncoderSlot("text_encoder_3", "tokenizer_3", "T5-XXL", "T5EncoderModel", "text_encoders.t5xxl.transformer.",
-                    None, None, tokenizer_class="T5TokenizerFast", name="t5"),
+                    T5Layout(), t5_tokenizer, tokenizer_class="T5TokenizerFast", name="t5",
+                    tokenizer_files=("tokenizer.json",)),
 )
+# A tensor every SAI MMDiT holds (diffusers' and kohya's test), and those that tell the variants apart in a file.
+SD3_SIGNATURE = "joint_blocks.0.context_block.attn.qkv.weight"
+QK_NORM = "joint_blocks.0.context_block.attn.ln_k.weight"  # sd-scripts' analyze_state_dict_state test
+DUAL_ATTENTION = ".x_block.attn2.qkv.weight"  # in each MMDiT-X block
+
+
+def model_type(qk_norm: bool, dual_attention: bool) -> str:
+    """sd-scripts' model type: no qk norm -> "medium" (SD3), qk norm with MMDiT-X blocks -> "5-medium", qk norm
+    without -> "5-large" (sd3_utils.analyze_state_dict_state; it supports no other combination)."""
+    if not qk_norm:
+        return "medium"
+    return "5-medium" if dual_attention else "5-large"
 
 
 def mmdit_type(config) -> str:
     """sd-scripts' model type of an SD3Transformer2DModel config: "medium", "5-medium" or "5-large"."""
-    if not config.qk_norm:
-        return "medium"
-    return "5-medium" if config.dual_attention_layers else "5-large"
+    return model_type(bool(config.qk_norm), bool(config.dual_attention_layers))
+
+
+def file_prefix(keys) -> str | None:
+    """The prefix under which a single file keeps an SAI MMDiT (`SD3Family.denoiser_prefixes`); None: it holds none."""
+    keys = set(keys)
+    return next((p for p in SD3_FAMILY_PREFIXES if p + SD3_SIGNATURE in keys), None)
+
+
+def file_model_type(keys, prefix: str) -> tuple[str, str]:
+    """(model type, what told it) of the MMDiT under `prefix` in a file's tensor names, as `mmdit_type` reads a
+    config: the qk norms' scales, the MMDiT-X blocks' second attention, and the depth (joint blocks)."""
+    keys = [k for k in keys if k.startswith(prefix)]
+    qk_norm = prefix + QK_NORM in keys
+    dual = sorted(int(k[len(prefix):].split(".")[1]) for k in keys if k.endswith(DUAL_ATTENTION))
+    depth = len({k[len(prefix):].split(".")[1] for k in keys if k.startswith(prefix + "joint_blocks.")})
+    how = (f"{depth} joint blocks, {'qk RMS norm' if qk_norm else 'no qk norm'}"
+           + (f", dual attention in blocks {dual[0]}-{dual[-1]}" if dual else ""))
+    return model_type(qk_norm, bool(dual)), how
 
 
 @dataclass(frozen=True)
@@ -71,7 +116,14 @@ class SD3Family(Family):
     flow: tuple[Any, ...] = ()  # SD3Objective's arguments, set by `for_training`
 
     def detects(self, keys: list[str]) -> bool:
-        return False  # single files: not read yet
+        prefix = file_prefix(keys)
+        return prefix is not None and file_model_type(keys, prefix)[0] == self.base_model_version
+
+    def guess_prediction_type(self, tensors: dict) -> tuple[str, str]:
+        return "flow", f"{self.title}: {file_model_type(tensors, file_prefix(tensors))[1]}"
+
+    def single_file_scheduler(self, configs, prediction_type: str):
+        return flow_scheduler(configs)
 
     def fits_folder(self, denoiser, widths: set[int]) -> bool:
         return mmdit_type(denoiser.config) == self.base_model_version
@@ -135,7 +187,10 @@ class SD3Family(Family):
 _SD3 = dict(implementation="diffusers", text_encoders=SD3_TEXT_ENCODERS, per_encoder_text=True,
             t5_max_length=T5_MAX_LENGTH, one_pass=True, size_multiple=16, pipeline_class="StableDiffusion3Pipeline",
             denoiser_part="transformer", denoiser_class="SD3Transformer2DModel",
-            scheduler_class="FlowMatchEulerDiscreteScheduler", settings=SD3_SETTINGS)
+            scheduler_class="FlowMatchEulerDiscreteScheduler", denoiser_prefixes=SD3_FAMILY_PREFIXES,
+            vae_file="vae/diffusion_pytorch_model.safetensors", settings=SD3_SETTINGS)
+# vae_file: a transformer saved alone has no VAE; Stability publishes it only inside the checkpoints and as the
+# vae folder of its diffusers repositories (stabilityai/stable-diffusion-3.5-large), which model.vae reads.
 SD3_MEDIUM = SD3Family("sd3_medium", "medium", "stable-diffusion-3-medium", title="SD3 Medium", **_SD3)
 SD35_MEDIUM = SD3Family("sd35_medium", "5-medium", "stable-diffusion-3-5-medium", title="SD3.5 Medium", **_SD3)
 SD35_LARGE = SD3Family("sd35_large", "5-large", "stable-diffusion-3-5-large", title="SD3.5 Large", **_SD3)
