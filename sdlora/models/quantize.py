@@ -49,7 +49,7 @@ def _pack(weight: torch.Tensor, fmt: str):
     w = weight.detach()
     if fmt == "fp8":
         stored = w.to(FP8)
-        if torch.equal(stored.to(w.dtype), w):
+        if not w.is_meta and torch.equal(stored.to(w.dtype), w):  # fp8-stored already: kept as it is (meta: sizes only)
             return stored, torch.ones(w.shape[0], device=w.device)
         amax = w.float().abs().reshape(w.shape[0], -1).amax(dim=1)
         scale = (amax / FP8_MAX).clamp(min=1e-12)  # (out,)
