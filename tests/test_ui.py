@@ -162,7 +162,8 @@ def _other_value(f, current):
                "dataset.caption_extension": ".caption", "caption.model": "ViT-B-32", "caption.pretrained": "ckpt.bin",
                "caption.vocabulary": "vocab.txt", "network.init_weights": "init.safetensors",
                "sample.prompt_file": "prompts.txt", "sample.negative_prompt": "blurry",
-               "output.output_name": "other_name", "output.dir": "../output/other"}
+               "output.output_name": "other_name", "output.dir": "../output/other",
+               "sample.hires_upscaler": "upscalers/4x.pth"}
     consistent = {"dataset.bucket_reso_steps": 64, "sample.width": 1024, "sample.height": 768}  # multiples of 8
     if f.kind == "toml":
         return toml[f.key]
