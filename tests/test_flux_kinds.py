@@ -27,7 +27,7 @@ from lycoris.functional import loha as lycoris_loha
 from lycoris.functional import lokr as lycoris_lokr
 from safetensors.torch import load_file, save_file
 from test_flux_train import FLUX, flux_dev_dir  # noqa: F401  (the tiny FLUX.1-dev folder fixture)
-from test_train import make_style
+from test_train import make_style, repeat_batch
 
 from sdlora.adapters import apply, kinds, transformer_keys
 from sdlora.adapters.network import ADAPTER_NAME, adapter_metadata, inject
@@ -153,13 +153,8 @@ KINDS = {"lora": ["network.type=lora"], "locon": ["network.type=locon"], "loha":
 def train_a_few_steps(tmp_path, base_dir, overrides, steps: int = 3) -> Trainer:
     cfg = load_config(make_style(tmp_path, base_dir, extra="unet_lr = 1e-2"), [*FLUX, *overrides])
     trainer = Trainer(cfg, log=lambda m: None)
-    batch = next(iter(trainer.loader))
-    for _ in range(steps):
-        loss = trainer.step(batch)
-        assert torch.isfinite(loss)
-        trainer.accelerator.backward(loss)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
+    losses = repeat_batch(trainer, next(iter(trainer.loader)), steps)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
     return trainer
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_train import make_style
+from test_train import make_style, repeat_batch
 
 from sdlora.adapters import apply, keys, network
 from sdlora.adapters.file import read_adapter
@@ -102,13 +102,7 @@ def test_clip_l_lora_trains_by_default_the_loss_falls_and_t5_stays_frozen_and_ca
     clip_ups = [p for k in t.network.modules if k.startswith("lora_te1")
                 for s, p in t.network._adapter_params(k).items() if s == "lora_up.weight"]
     assert clip_ups and all(not p.any() for p in clip_ups)
-    losses = []
-    for _ in range(10):
-        loss = t.step(batch)
-        t.accelerator.backward(loss)
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = repeat_batch(t, batch, 10)
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(p.any() for p in clip_ups)  # CLIP-L's adapters learned
     exported = {k.split(".")[0] for k in t.network.kohya_state_dict()}
@@ -152,10 +146,7 @@ def test_t5_lora_only_with_train_t5_and_each_encoder_gets_its_own_rate(tmp_path,
 def test_exported_text_encoder_keys_read_back_equal_and_apply_to_the_pipeline(tmp_path, flux_dev_dir):
     t = trainer(tmp_path, flux_dev_dir, "text_encoder_lr = 1e-2\nunet_lr = 1e-2", ["network.train_t5=true"])
     batch = next(iter(t.loader))
-    for _ in range(2):
-        t.accelerator.backward(t.step(batch))
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
+    repeat_batch(t, batch, 2)
     state = t.network.kohya_state_dict(torch.float32)
     path = tmp_path / "te.safetensors"
     save_file(state, str(path))

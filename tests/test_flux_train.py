@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_run import RUN_EXTRA
-from test_train import make_style
+from test_train import make_style, repeat_batch
 
 from sdlora import run
 from sdlora.adapters import transformer_keys
@@ -96,13 +96,7 @@ def test_the_loss_of_a_repeated_batch_falls_and_resume_reads_the_fused_file(tmp_
     cfg = load_config(make_style(tmp_path, flux_dev_dir, extra="max_train_steps = 20\nunet_lr = 1e-2\ntimestep_sampling = \"flux_shift\""), FLUX)
     trainer = Trainer(cfg, log=lambda m: None)
     batch = next(iter(trainer.loader))
-    losses = []
-    for _ in range(12):
-        loss = trainer.step(batch)
-        trainer.accelerator.backward(loss)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = repeat_batch(trainer, batch, 12)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
 

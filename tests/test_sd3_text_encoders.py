@@ -6,7 +6,7 @@ trained ones run; the file applied to a StableDiffusion3Pipeline by the one engi
 import torch
 from test_flux_text_encoders import kohya_text_names
 from test_sd3_train import sd3_dirs  # noqa: F401  (the tiny SD3.5 folders, a fixture)
-from test_train import make_style
+from test_train import make_style, repeat_batch
 
 from sdlora.adapters import apply, keys
 from sdlora.adapters.file import read_adapter
@@ -35,13 +35,7 @@ def test_sd3_text_encoder_names_equal_kohyas_and_train_with_their_own_rates(tmp_
     assert set(batch["text"]) == {"2.hidden"}  # T5's outputs, encoded once; both CLIPs run each step
     ups = [p for k in t.network.modules if k.startswith("lora_te")
            for s, p in t.network._adapter_params(k).items() if s == "lora_up.weight"]
-    losses = []
-    for _ in range(8):
-        loss = t.step(batch)
-        t.accelerator.backward(loss)
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = repeat_batch(t, batch, 8)
     assert all(torch.isfinite(torch.tensor(losses))) and all(p.any() for p in ups)  # both CLIPs' adapters learned
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_flux_train import assert_loads_in_diffusers_as_trained
-from test_train import make_style
+from test_train import make_style, repeat_batch
 
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
@@ -80,13 +80,7 @@ def test_the_loss_of_a_repeated_batch_falls_and_the_file_reads_back_into_the_net
     # each frozen encoder's own outputs, cached: the CLIPs' 77 states and pooled projections, T5's 256 states
     assert {k: v.shape[1:] for k, v in batch["text"].items()} == {
         "0.hidden": (77, 32), "0.pooled": (32,), "1.hidden": (77, 32), "1.pooled": (16,), "2.hidden": (256, 64)}
-    losses = []
-    for _ in range(16):
-        loss = trainer.step(batch)
-        trainer.accelerator.backward(loss)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = repeat_batch(trainer, batch, 16)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
 

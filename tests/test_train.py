@@ -22,6 +22,18 @@ from sdlora.training.stats import TrainResult, write_report
 REPO = Path(__file__).resolve().parents[1]
 
 
+def repeat_batch(trainer: Trainer, batch: dict, steps: int) -> list[float]:
+    """`steps` optimizer steps of `trainer` on the same batch (no clipping, no schedule): the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = trainer.step(batch)
+        trainer.accelerator.backward(loss)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def make_style(tmp_path: Path, base_dir: Path, n: int = 4, extra: str = "", captions: bool = True) -> Path:
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
