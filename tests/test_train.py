@@ -1,6 +1,7 @@
 """The trainer end to end on the mini base: export loads in diffusers, resume, cache, multi-process."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,13 @@ KOHYA_OPTIONS = ("stop_text_encoder_training = 2\nscale_weight_norms = 0.05\nmul
                                          ("mini_flux_dir", "t5_max_length = 16"),
                                          ("mini_sd3_dir", "t5_max_length = 16")],
                          ids=["sd1", "sdxl", "sd1-kohya-options", "flux", "sd3"])
+def free_port() -> int:
+    """A TCP port nobody listens on now: parallel test workers each launch their own two processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_match_one(tmp_path, request, base, extra):
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU) == one process, same global batch."""
     base_dir = request.getfixturevalue(base)
@@ -266,7 +274,7 @@ def test_two_processes_match_one(tmp_path, request, base, extra):
         cfg_path = make_style(folder, base_dir, extra=f"max_train_steps = 4\n{extra}")
         launch = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29517"] if procs == 2 else [sys.executable])
+                   "--main_process_port", str(free_port())] if procs == 2 else [sys.executable])
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         proc = subprocess.run([*launch, "-m", "sdlora.cli", "train", str(cfg_path)], env=env, capture_output=True,
                               text=True, timeout=600)

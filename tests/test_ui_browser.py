@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train import free_port
 
 sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("gradio")
@@ -56,12 +57,6 @@ preview_steps = 8
 [output]
 dir = "../output/demo"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
