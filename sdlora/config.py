@@ -317,12 +317,16 @@ class SampleConfig:
     seeds: list = opt([1, 2, 3, 4], "seeds (one image per prompt x seed x scale)", items=int, min=0, max=SEED_MAX)
     lora_scales: list = opt([0.0, 0.5, 1.0], "LoRA scales of the grid columns (0 = the base)", items=float)
     batch_size: int = opt(1, "images per pipeline call", min=1)
-    hires: str = opt("auto", "second pass above the base's native size: on (one img2img pass at the target size) | "
-                             "tiled (img2img in blended native-size tiles) | off | auto (off at or below the native "
-                             "area, tiled above hires_tiled_above x it, on between)",
+    first_pass_resolution: int = opt(0, "side of the square area the first pass renders at before the hires pass "
+                                        "(the target's aspect ratio; A1111's hires-fix first pass): 0 = the base's "
+                                        "native size; an adapter trained larger draws its style best at its "
+                                        "[dataset] resolution", min=0)
+    hires: str = opt("auto", "second pass above the first pass's size (first_pass_resolution): on (one img2img pass "
+                             "at the target size) | tiled (img2img in blended tiles) | off | auto (off at or below the "
+                             "first pass's area, tiled above hires_tiled_above x it, on between)",
                      choices=["auto", "on", "tiled", "off"])
     hires_tiled_above: float = opt(4.0, "auto picks the tiled pass when the target's area exceeds the "
-                                   "base's native area by more than this factor", min=1.0)
+                                   "first pass's area by more than this factor", min=1.0)
     hires_tile: int = opt(0, "tile side of the tiled pass in pixels, a multiple of 8 (0 = the base's native size)",
                           min=0)
     hires_tile_overlap: int = opt(0, "pixels neighbouring tiles share, a multiple of 8 (0 = a quarter of the tile)",

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +191,11 @@ def test_hires_renders_at_the_target_size(mini_base_dir, tmp_path, adapter):
     info = infotext.parse_infotext(image.info["parameters"])
     assert info["Size"] == "80x56" and info["Hires resize"] == "96x64" and info["Denoising strength"] == "0.45"
     assert sample.first_pass_size(1080, 720, 512) == (624, 416)
+    # [sample] first_pass_resolution: the first pass at an adapter's training size, above the base's native one
+    trained = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, first_pass_resolution=72))
+    image = Image.open(sample.run_sample(trained, [(adapter, None)], log=lambda m: None).images[0].path)
+    info = infotext.parse_infotext(image.info["parameters"])
+    assert image.size == (96, 64) and info["Size"] == "88x56" and info["Hires resize"] == "96x64"
     for steps, strength in ((29, 0.29), (20, 0.45), (1, 0.05), (7, 1.0)):  # ceil(29 / 0.29) * 0.29 < 29
         assert int(sample.img2img_steps(steps, strength) * strength) == steps
     assert sample.hires_mode("auto", 64, 64, 64, 4.0) == "off" and sample.hires_mode("auto", 1080, 720, 512, 4.0) != "off"

@@ -104,7 +104,7 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=pr
     tags = [content_tags(cfg, p, tagger) for p, _ in pairs]
     skip = {tag_key(t) for t in [cfg.trigger, *cfg.caption.style_tags, *cfg.caption.blacklist] if t}
     vocabulary = [t for t in tagger.scorable(read_vocabulary(cfg.caption.vocabulary))[0] if tag_key(t) not in skip]
-    w, h = first_pass_size(s.width, s.height, sampler.base.resolution)
+    w, h = first_pass_size(s.width, s.height, sampler.native)
     cache = RenderCache.of(cfg)  # `sdlora sample --epochs-dir --native` finds these renders there
 
     def render() -> list:
