@@ -44,6 +44,18 @@ def test_diagonal_hatching_scores_high_and_smooth_or_axis_aligned_texture_low():
         metrics.artefact_ratio(smooth, smooth.resize((540, 360)))
 
 
+def test_invisible_grain_on_a_featureless_render_is_no_artefact_and_faint_hatching_is():
+    """A night sea: almost no energy of its own. Grain under one grey level RMS is not seen (a
+    share of the image's own energy made it many times the reference's); hatching of 4 levels is."""
+    flat = 60 + 4 * np.sin(X / 400)
+    rng = np.random.default_rng(0)
+    grain = picture(np.round(flat + 0.3 * rng.standard_normal(flat.shape) + 0.5 * np.sin(2 * np.pi * (X + Y) / 9)))
+    hatched = picture(flat + 4 * np.sin(2 * np.pi * (X + 2 * Y) / 25))
+    reference = lanczos_reference(picture(flat))
+    assert metrics.offaxis_hf_share(grain) > 5 * metrics.offaxis_hf_share(reference)
+    assert metrics.artefact_ratio(grain, reference) < 1.5 < metrics.artefact_ratio(hatched, reference)
+
+
 def test_hard_seams_at_tile_borders_score_high_and_blended_ones_about_one():
     boxes = tiled.tile_boxes(H // 8, W // 8, 16, 4)
     xs, ys = tile_borders(boxes)
