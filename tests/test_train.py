@@ -252,11 +252,6 @@ KOHYA_OPTIONS = ("stop_text_encoder_training = 2\nscale_weight_norms = 0.05\nmul
                  "noise_offset = 0.05\nadaptive_noise_scale = 0.1")
 
 
-# The flow families: FLUX.1 with its CLIP-L adapters (T5 cached), SD3 with both CLIPs'; T5 at 16 tokens keeps it quick.
-@pytest.mark.parametrize("base, extra", [("mini_base_dir", ""), ("mini_sdxl_dir", ""), ("mini_base_dir", KOHYA_OPTIONS),
-                                         ("mini_flux_dir", "t5_max_length = 16"),
-                                         ("mini_sd3_dir", "t5_max_length = 16")],
-                         ids=["sd1", "sdxl", "sd1-kohya-options", "flux", "sd3"])
 def free_port() -> int:
     """A TCP port nobody listens on now: parallel test workers each launch their own two processes."""
     with socket.socket() as s:
@@ -264,6 +259,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The flow families: FLUX.1 with its CLIP-L adapters (T5 cached), SD3 with both CLIPs'; T5 at 16 tokens keeps it quick.
+@pytest.mark.parametrize("base, extra", [("mini_base_dir", ""), ("mini_sdxl_dir", ""), ("mini_base_dir", KOHYA_OPTIONS),
+                                         ("mini_flux_dir", "t5_max_length = 16"),
+                                         ("mini_sd3_dir", "t5_max_length = 16")],
+                         ids=["sd1", "sdxl", "sd1-kohya-options", "flux", "sd3"])
 def test_two_processes_match_one(tmp_path, request, base, extra):
     """accelerate launch --multi_gpu --num_processes 2 (gloo on CPU) == one process, same global batch."""
     base_dir = request.getfixturevalue(base)
