@@ -7,6 +7,7 @@ from test_sample import write_adapter
 from sdlora.adapters import keys
 from sdlora.config import config_from_dict
 from sdlora.lowrank import svd
+from sdlora.sampling import sampler as sample
 from sdlora.tiny.scenery import make_scene_image
 from sdlora.training import results
 
@@ -14,7 +15,7 @@ PROMPTS = ["clrscn, mountains, lake, sunset", "clrscn, night, moon, stars, sea",
 
 
 def demo_cfg(out_dir, **output):
-    """The demo's prompts on the embedded base, scored at 192x128 (its native area) with few steps."""
+    """The demo's prompts on the embedded base, 192x128 targets scored at its first pass (160x104), few steps."""
     return config_from_dict({
         "name": "style", "trigger": "clrscn", "output": {"dir": str(out_dir), **output},
         "caption": {"model": "tiny", "style_tags": ["pastel colors", "colorful"]},
@@ -61,6 +62,8 @@ def test_over_fitted_last_epochs_are_not_recommended_and_the_report_says_why(tmp
     results.report_epochs(cfg, ranking, results.epochs_grid(cfg, ranking))
     report = cfg.report_path.read_text()
     assert f"Recommended: **{ranking.best.label}**" in report and "lost the prompt" in report
+    w, h = sample.first_pass_size(cfg.sample.width, cfg.sample.height, 128)  # the embedded base's first pass
+    assert ranking.size == (w, h) and f"at {w}x{h}, the first pass's size" in report
     # The palette figure is a CIELAB distance with the lightness and chroma it is made of, the training set's beside.
     assert "(delta-E)" in report and "| training set | | 0 |" in report
     assert all(e.palette_distance > 0 and 0 < e.lab["lightness"] < 100 for e in ranking.scores)

@@ -65,6 +65,7 @@ class EpochRanking:
     best: EpochScore
     reason: str
     style_lab: dict = field(default_factory=dict)  # lab_summary of the training set
+    size: tuple[int, int] = (0, 0)  # (width, height) the epochs rendered at: the first pass's
 
 
 def content_tags(cfg: Config, prompt: str, tagger) -> list[str]:
@@ -131,7 +132,7 @@ def score_epochs(cfg: Config, files: list[tuple[str, Path]], style: list, log=pr
     finally:
         sampler.adapters.close()
     best, reason = recommend(scores)
-    return EpochRanking(scores, best, reason, lab_summary(style))
+    return EpochRanking(scores, best, reason, lab_summary(style), (w, h))
 
 
 def lab_text(lab: dict) -> str:
@@ -204,7 +205,9 @@ def report_epochs(cfg: Config, ranking: EpochRanking, grid: Path | None) -> None
     base, style = ranking.scores[0], ranking.style_lab
     rows.append(f"| base (scale 0) | {base.adherence:.2f} | {palette_cells(base)} | 1.00x |")
     rows.append(f"| training set | | 0 | {lab_text(style)} | {style['chroma']:.0f} | |")
-    lines = [f"Each saved epoch rendered the sample prompts x seeds at the base's native size. "
+    w, h = ranking.size
+    lines = [f"Each saved epoch rendered the sample prompts x seeds at {w}x{h}, the first pass's size "
+             "(`[sample] first_pass_resolution`, or the base's native size). "
              f"Recommended: **{ranking.best.label}** (`{ranking.best.path.name}`): {ranking.reason}.", "", *rows,
              "", PALETTE_NOTE]
     if cfg.output.keep == "best":

@@ -133,7 +133,8 @@ def form_fields() -> list[FormField]:
 # them equal). Applying one changes only these keys of the form; nothing is saved until Save config.
 PRESETS = {
     "embedded tiny base (160 px)": {"dataset.resolution": 160, "dataset.min_bucket_reso": 64,
-                                    "dataset.max_bucket_reso": 256, "dataset.bucket_reso_steps": 32},
+                                    "dataset.max_bucket_reso": 256, "dataset.bucket_reso_steps": 32,
+                                    "sample.first_pass_resolution": 160},
     "SD1.x / SD2.x (512 px)": {"dataset.resolution": 512, "dataset.min_bucket_reso": 256,
                                "dataset.max_bucket_reso": 1024, "dataset.bucket_reso_steps": 64},
     "SDXL (1024 px)": {"dataset.resolution": 1024, "dataset.min_bucket_reso": 512, "dataset.max_bucket_reso": 2048,
