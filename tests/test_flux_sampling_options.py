@@ -106,12 +106,12 @@ def test_hires_on_is_flux_img2img_at_the_render_size_then_the_crop(tmp_path, flu
                                                                               dtype=float), atol=1)
 
 
-def test_flux_img2img_steps_are_the_steps_asked_for():
-    from sdlora.sampling.sampler import flux_img2img_steps
+def test_flow_img2img_steps_are_the_steps_asked_for():
+    from sdlora.sampling.sampler import flow_img2img_steps
 
     for steps in (1, 2, 7, 20, 29):
         for strength in (0.05, 0.29, 0.3, 0.45, 0.5, 0.75, 1.0):
-            n = flux_img2img_steps(steps, strength)
+            n = flow_img2img_steps(steps, strength)
             assert n - int(n - n * strength) == steps, (steps, strength)  # FluxImg2ImgPipeline.get_timesteps
 
 

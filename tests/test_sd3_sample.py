@@ -90,7 +90,9 @@ def test_sd3_renders_in_one_flow_matching_pass_at_the_configs_steps(tmp_path):
     notes = []
     assert pass_settings(FAMILIES["sd35_large"], cfg.sample, "auto", 128, notes.append) == (
         25, "off", "flow-matching Euler")
-    assert notes and "SD3.5 Large renders in one pass" in notes[0]
+    assert notes and "SD3.5 Large renders in one pass" in notes[0] and 'set hires = "on" or "tiled"' in notes[0]
+    assert [pass_settings(FAMILIES["sd35_large"], cfg.sample, mode, 128, notes.append)[1]
+            for mode in ("on", "tiled", "off")] == ["on", "tiled", "off"]
 
 
 def test_a_kohya_sd3_file_changes_each_diffusers_part_by_scale_alpha_over_rank_up_down(tmp_path, sd3_dir):
@@ -110,3 +112,45 @@ def test_sdlora_run_on_an_sd3_folder_previews_each_epoch_and_renders_the_scale_g
     assert result["sample"].grids and all(g.is_file() for g in result["sample"].grids)
     assert any("flow-matching Euler" in line and "2 steps" in line for line in logs)
     assert result["figures"] is not None  # scale 0 vs 1: the style figures of the report
+
+
+def test_the_tiled_pass_with_one_tile_is_sd3_img2img_with_cfg(tmp_path, sd3_dir):
+    """The tiled pass's SD3 denoiser (its scheduler's shifted sigmas, sigma input, classifier-free guidance
+    with the negative prompt) over one tile equals StableDiffusion3Img2ImgPipeline from the same latents."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    from sdlora.sampling import tiled
+    from sdlora.sampling.sampler import make_scheduler
+
+    sampler = Sampler(load_config(make_style(tmp_path, sd3_dir), [*SD3, "sample.cfg_scale=5"]))
+    text, negative = sampler.encode_whole(PROMPTS[:1]), sampler.encode_whole([NEGATIVE])
+    first, _ = sampler.render(PROMPTS[:1], [3], 96, 64, 2)
+    latents = tiled.encode(sampler.pipe, first[0])  # (1, C, 8, 12)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    denoiser = tiled.FlowDenoiser(sampler.family.for_sampling(0.0), sampler.pipe.transformer, text, (64, 96),
+                                  negative, 5.0)
+    scheduler = make_scheduler("euler", sampler.base.noise_scheduler)
+    ours = tiled.refine(latents, noise, scheduler, denoiser, num_steps=4, strength=0.5, tile=12, overlap=2)
+
+    img2img = StableDiffusion3Img2ImgPipeline.from_pipe(sampler.pipe,
+                                                        scheduler=make_scheduler("euler", sampler.base.noise_scheduler))
+    theirs = img2img(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, negative_prompt_embeds=negative.hidden,
+                     negative_pooled_prompt_embeds=negative.pooled, image=latents, strength=0.5, num_inference_steps=4,
+                     guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(7)).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    unguided = tiled.FlowDenoiser(sampler.family.for_sampling(0.0), sampler.pipe.transformer, text, (64, 96))
+    assert not torch.allclose(ours, tiled.refine(latents, noise, make_scheduler("euler", sampler.base.noise_scheduler),
+                                                 unguided, num_steps=4, strength=0.5, tile=12, overlap=2))
+
+
+@pytest.mark.parametrize("hires", ["on", "tiled"])
+def test_an_asked_for_second_pass_keeps_the_size_and_says_so(tmp_path, sd3_dir, hires):
+    settings = [*SD3, "sample.hires_tile=48", "sample.hires_tile_overlap=16", "sample.hires_steps=1",
+                f"sample.negative_prompt={NEGATIVE}"]
+    sampler = Sampler(load_config(make_style(tmp_path, sd3_dir), settings))
+    images, params = sampler.render(PROMPTS[:1], [3], 136, 88, 2, hires=hires)
+    assert [im.size for im in images] == [(136, 88)]
+    assert params["Hires resize"] == "136x88" and params["Denoising strength"] == 0.45
+    assert params.get("Hires mode") == ("tiled" if hires == "tiled" else None)
+    one_pass, _ = sampler.render(PROMPTS[:1], [3], 136, 88, 2)
+    assert not np.array_equal(_pixels(images), _pixels(one_pass))

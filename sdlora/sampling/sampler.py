@@ -304,8 +304,9 @@ def img2img_steps(denoise_steps: int, strength: float) -> int:
     return n
 
 
-def flux_img2img_steps(denoise_steps: int, strength: float) -> int:
-    """The n to give FluxImg2ImgPipeline so that it denoises exactly `denoise_steps`: it runs
+def flow_img2img_steps(denoise_steps: int, strength: float) -> int:
+    """The n to give FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline so that it denoises exactly
+    `denoise_steps`: each runs
     n - int(n - n * strength) of n steps (diffusers' SD img2img runs int(n * strength), `img2img_steps`)."""
     n = max(1, math.floor(denoise_steps / strength))
     while n > 1 and n - int(n - n * strength) > denoise_steps:
@@ -487,10 +488,11 @@ class Sampler:
         and "Render size" the pass's.
 
         hires "on" / "tiled" (asked for: `pass_settings` turns auto off for these families): the first pass
-        at the native area (sides multiples of 16), a Lanczos upscale to the render size, then
-        FluxImg2ImgPipeline ("on") or the tiled pass with `tiled.FlowDenoiser` ("tiled", tiles on multiples of
-        16 px), both with flow-matching Euler (FluxImg2ImgPipeline passes its own sigmas, which diffusers'
-        multistep solvers do not take); then the crop. Size is then the first pass's, as in A1111."""
+        at the first pass's area (sides multiples of 16), a Lanczos upscale to the render size, then
+        FluxImg2ImgPipeline / StableDiffusion3Img2ImgPipeline ("on") or the tiled pass with
+        `tiled.FlowDenoiser` ("tiled", tiles on multiples of 16 px), both with flow-matching Euler
+        (FluxImg2ImgPipeline passes its own sigmas, which diffusers' multistep solvers do not take) and SD3.x's
+        classifier-free guidance (skip-layer guidance stays with the first pass); then the crop. Size is then the first pass's, as in A1111."""
         m = self.family.size_multiple
         w0, h0 = math.ceil(width / m) * m, math.ceil(height / m) * m
         two_pass = hires in ("on", "tiled")
@@ -500,7 +502,7 @@ class Sampler:
         generators = lambda: [torch.Generator(noise_device).manual_seed(int(seed)) for seed in seeds]  # noqa: E731
         text = self.encode_whole(list(prompts))
         guided = getattr(self.pipe.transformer.config, "guidance_embeds", False)  # FLUX.1 dev's guidance input
-        kwargs, guidance = {"guidance_scale": s.guidance_scale}, {"CFG scale": 1.0}
+        kwargs, guidance, negative = {"guidance_scale": s.guidance_scale}, {"CFG scale": 1.0}, None
         if self.family.classifier_free_guidance:
             negative = self.encode_whole(list(negatives) if negatives else [s.negative_prompt] * len(prompts))
             kwargs = {"guidance_scale": s.cfg_scale, "negative_prompt_embeds": negative.hidden,
@@ -521,16 +523,18 @@ class Sampler:
             images, upscaler = self.upscale(images, w0, h0)
             hires_steps = s.hires_steps or steps
             if s.hires_denoise > 0 and hires == "tiled":
-                images = self.refine_tiled_flow(images, text, seeds, s, hires_steps, euler, noise_device)
+                images = self.refine_tiled_flow(images, text, seeds, s, hires_steps, euler, noise_device, negative)
             elif s.hires_denoise > 0:
                 from diffusers import AutoPipelineForImage2Image
 
-                img2img = AutoPipelineForImage2Image.from_pipe(self.pipe, scheduler=euler)  # FluxImg2ImgPipeline
+                # FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline (CFG without skip-layer guidance)
+                img2img = AutoPipelineForImage2Image.from_pipe(self.pipe, scheduler=euler)
                 img2img.set_progress_bar_config(disable=True)
+                guide = {k: v for k, v in kwargs.items() if not k.startswith("skip_")}
                 images = img2img(prompt_embeds=text.hidden, pooled_prompt_embeds=text.pooled, image=images, width=w0,
                                  height=h0, strength=s.hires_denoise,
-                                 num_inference_steps=flux_img2img_steps(hires_steps, s.hires_denoise),
-                                 guidance_scale=s.guidance_scale, generator=generators()).images
+                                 num_inference_steps=flow_img2img_steps(hires_steps, s.hires_denoise),
+                                 generator=generators(), **guide).images
             params.update({"Size": f"{fw}x{fh}", "Denoising strength": float(s.hires_denoise),
                            "Hires resize": f"{width}x{height}", "Hires steps": s.hires_steps or None,
                            "Hires upscaler": upscaler,
@@ -542,9 +546,10 @@ class Sampler:
         return [im.crop((left, top, left + width, top + height)) for im in images], params
 
     def refine_tiled_flow(self, upscaled: list, text: TextConditioning, seeds: list[int], s, hires_steps: int,
-                          scheduler, noise_device) -> list:
-        """The tiled pass (tiled.py) of a guidance-distilled flow family over each upscaled image, its noise
-        drawn from its own seed; `text` is the batch's conditioning, one row per image."""
+                          scheduler, noise_device, negative: TextConditioning | None = None) -> list:
+        """The tiled pass (tiled.py) of a flow family over each upscaled image, its noise drawn from its own
+        seed; `text` is the batch's conditioning, one row per image, and `negative` the negative prompts' for
+        classifier-free guidance at cfg_scale (SD3.x)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         tile, overlap = self.tile_size(s)
@@ -556,7 +561,9 @@ class Sampler:
             noise = randn_tensor(latents.shape, generator=torch.Generator(noise_device).manual_seed(int(seed)),
                                  device=torch.device(self.device), dtype=latents.dtype)
             row = TextConditioning(hidden=text.hidden[k:k + 1], pooled=text.pooled[k:k + 1])
-            denoiser = tiled.FlowDenoiser(family, transformer, row, (image.height, image.width))
+            neg = None if negative is None else TextConditioning(hidden=negative.hidden[k:k + 1],
+                                                                 pooled=negative.pooled[k:k + 1])
+            denoiser = tiled.FlowDenoiser(family, transformer, row, (image.height, image.width), neg, s.cfg_scale)
             latents = tiled.refine(latents, noise, scheduler, denoiser,
                                    num_steps=img2img_steps(hires_steps, s.hires_denoise), strength=s.hires_denoise,
                                    tile=tile // tiled.LATENT_CELL, overlap=overlap // tiled.LATENT_CELL)
@@ -715,20 +722,14 @@ def _hires_note(mode: str) -> str:
 def pass_settings(family, s, hires: str, resolution: int, log) -> tuple[int, str, str]:
     """(steps, hires mode, scheduler name) a family renders `s` ([sample]) with. A one-pass family (FLUX.1,
     SD3.x) renders with a flow-matching solver in its own steps (schnell: 4) where the config leaves `steps`
-    at its default; a guidance-distilled one (FLUX.1) takes a second pass only when hires says on or tiled
-    (auto: off, and a note says so when it would have run). SD3.x renders in one pass: the second passes
-    have no negative prompt to guide with."""
+    at its default, and takes a second pass only when hires says on or tiled (auto: off, and a note says so
+    when it would have run)."""
     if not family.one_pass:
         return s.steps, hires, s.sampler
     steps = family.sample_steps if family.sample_steps and s.steps == SampleConfig.steps else s.steps
-    if family.classifier_free_guidance:
-        if hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
-            log(f"note: {family.title} renders in one pass at the target size; the hires and tiled passes take no "
-                "negative prompt, so hires is off")
-        hires = "off"
-    elif hires == "auto" and hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
-        # FLUX.1 renders up to about 2 megapixels in one pass (BFL's range), so auto leaves the second pass to
-        # the user
+    if hires == "auto" and hires_mode(hires, s.width, s.height, resolution, s.hires_tiled_above) != "off":
+        # FLUX.1 renders up to about 2 megapixels in one pass (BFL's range), SD3.5 up to about 1 (its 1024 px
+        # training), so auto leaves the second pass to the user
         log(f"note: {family.title} renders in one pass at the target size (hires = auto), so hires is off; set "
             "hires = \"on\" or \"tiled\" for a second pass")
     hires = hires if hires in ("on", "tiled") else "off"

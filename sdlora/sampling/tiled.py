@@ -15,8 +15,8 @@ The scheduler then steps the whole latent with the blended prediction, so multis
 What a family must say lives in `Denoiser`: how a batch of tiles is predicted (the U-Net with
 classifier-free guidance; SDXL adds pooled embeddings and time ids that follow each tile's crop
 coordinates, as in its crop-conditioned training) and how clean latents are noised to the first
-timestep (`scheduler.add_noise` for the DDPM-style schedulers of SD1.x/2.x/SDXL; `FlowDenoiser` for a
-guidance-distilled flow family, FLUX.1: x_sigma = (1 - sigma) x + sigma n, its pipeline's schedule).
+timestep (`scheduler.add_noise` for the DDPM-style schedulers of SD1.x/2.x/SDXL; `FlowDenoiser` for the
+flow families, FLUX.1 and SD3.x: x_sigma = (1 - sigma) x + sigma n, their img2img pipelines' schedules).
 """
 
 from __future__ import annotations
@@ -99,23 +99,36 @@ class Denoiser:
 
 @dataclass
 class FlowDenoiser:
-    """A guidance-distilled flow family's (FLUX.1's) transformer for one image: no classifier-free
-    guidance (`Family.for_sampling` gives dev its distilled guidance input), timesteps scheduled as
-    FluxImg2ImgPipeline schedules them: sigmas evenly spaced from 1 to 1/n, shifted by the scheduler at
-    mu of the whole image's packed sequence length (the tiles see the sigmas of the image they form);
-    the transformer takes sigma = t / 1000."""
+    """A flow family's transformer for one image, timesteps scheduled as its img2img pipeline schedules
+    them; the transformer takes sigma = t / 1000 (`Family.predict`).
+
+    FLUX.1 (guidance-distilled, `Family.for_sampling` gives dev its guidance input; no `negative`):
+    FluxImg2ImgPipeline's sigmas, evenly spaced from 1 to 1/n and shifted at mu of the whole image's
+    packed sequence length (the tiles see the sigmas of the image they form). SD3.x (`negative` given):
+    classifier-free guidance at `cfg_scale` as StableDiffusion3Img2ImgPipeline computes it (negative and
+    text rows in one batch), its scheduler's own sigmas (shifted by its config; mu only where the config
+    asks for dynamic shifting). Skip-layer guidance stays with the first pass."""
 
     family: object  # models.families.base.Family, `for_sampling` applied
     transformer: torch.nn.Module
     text: TextConditioning  # batch 1
     full_size: tuple[int, int]  # (height, width) in pixels
+    negative: TextConditioning | None = None  # batch 1: classifier-free guidance (SD3.x)
+    cfg_scale: float = 1.0
 
     def __call__(self, tiles: torch.Tensor, t: torch.Tensor, boxes) -> torch.Tensor:
-        """tiles (N, C, th, tw) -> the velocity (N, C, th, tw); th and tw even (2x2 packing)."""
+        """tiles (N, C, th, tw) -> the velocity (N, C, th, tw); th and tw even (2x2 patches)."""
+        rows = [self.text] if self.negative is None else [self.negative, self.text]
         n = tiles.shape[0]
-        text = TextConditioning(hidden=self.text.hidden.repeat(n, 1, 1), pooled=self.text.pooled.repeat(n, 1))
-        sigmas = (t / 1000).expand(n).to(tiles.device)
-        return self.family.predict(self.transformer, tiles, sigmas, text, None, self.transformer.dtype).to(tiles.dtype)
+        text = TextConditioning(hidden=torch.cat([r.hidden.repeat(n, 1, 1) for r in rows]),
+                                pooled=torch.cat([r.pooled.repeat(n, 1) for r in rows]))
+        sigmas = (t / 1000).expand(n * len(rows)).to(tiles.device)
+        out = self.family.predict(self.transformer, tiles.repeat(len(rows), 1, 1, 1), sigmas, text, None,
+                                  self.transformer.dtype)
+        if self.negative is not None:
+            uncond, cond = out.chunk(2)
+            out = uncond + self.cfg_scale * (cond - uncond)
+        return out.to(tiles.dtype)
 
     def noised(self, scheduler, latents, noise, t):
         return scheduler.scale_noise(latents, t.reshape(1), noise)
@@ -127,7 +140,10 @@ class FlowDenoiser:
         c = scheduler.config
         mu = calculate_shift((height // LATENT_CELL // 2) * (width // LATENT_CELL // 2), c.base_image_seq_len,
                              c.max_image_seq_len, c.base_shift, c.max_shift)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
+        if self.negative is None:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
+        else:
+            scheduler.set_timesteps(num_steps, device=device, **({"mu": mu} if c.use_dynamic_shifting else {}))
 
     def model_input(self, scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x  # flow matching scales nothing
