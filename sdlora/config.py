@@ -87,7 +87,8 @@ class ModelConfig:
                               "clip_l.safetensors, t5xxl_fp16.safetensors), each recognised by its tensors, "
                               "and the T5 tokenizer's folder", path=True, items=str)
     clip_skip: int = opt(1, "kohya's clip_skip: 2 uses the penultimate text-encoder layer", min=1, max=12)
-    allow_pickle: bool = opt(False, "allow loading pickled .ckpt/.pt files (weights_only=True)")
+    allow_pickle: bool = opt(False, "allow loading pickled .ckpt/.pt/.pth files: bases (torch.load "
+                                           "weights_only=True) and [sample] hires_upscaler models")
     v_parameterization: str = opt("auto", "prediction type: auto (from the base) | epsilon | v_prediction",
                                   choices=["auto", "epsilon", "v_prediction"])
     quantize: str = opt("none", "hold the frozen U-Net and text-encoder weights quantised while training: "

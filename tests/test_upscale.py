@@ -54,7 +54,7 @@ def test_an_esrgan_file_upscales_until_the_target_then_lanczos_gives_the_exact_s
     assert np.all(np.asarray(model.upscale_one(image)) == 128)
     random = tmp_path / "random_2x.pth"
     torch.save(esrgan_2x(seed=1), random)
-    out = upscale.ModelUpscaler(random, "cpu")([image], 100, 60)[0]  # 40 -> 80 -> 160 px, Lanczos to 100
+    out = upscale.ModelUpscaler(random, "cpu", allow_pickle=True)([image], 100, 60)[0]  # 40 -> 80 -> 160 px
     assert out.size == (100, 60)
     assert not np.array_equal(np.asarray(out), np.asarray(upscale.lanczos([image], 100, 60)[0]))
 
@@ -62,6 +62,10 @@ def test_an_esrgan_file_upscales_until_the_target_then_lanczos_gives_the_exact_s
 def test_upscaler_mistakes_are_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="hires_upscaler.*no such file"):
         upscale.ModelUpscaler(tmp_path / "missing.pth", "cpu")
+    pickled = tmp_path / "4x_model.pth"  # a pickle: read only when the user opts in
+    torch.save(esrgan_2x(seed=1), pickled)
+    with pytest.raises(UserError, match=r"4x_model.pth' is a pickled .pth file.*\[model\] allow_pickle = true"):
+        upscale.ModelUpscaler(pickled, "cpu")
     lora = tmp_path / "a_lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, lora)
     with pytest.raises(UserError, match="not an upscaler architecture"):

@@ -597,7 +597,7 @@ class Sampler:
         if not path:
             return upscale.lanczos(images, width, height), "Lanczos"
         if self.upscaler is None:
-            self.upscaler = upscale.ModelUpscaler(path, self.device)
+            self.upscaler = upscale.ModelUpscaler(path, self.device, self.cfg.model.allow_pickle)
         return self.upscaler(images, width, height), self.upscaler.name
 
     def tile_size(self, s) -> tuple[int, int]:

@@ -6,7 +6,8 @@ nodes_upscale_model.py) and Forge (modules/modelloader.load_spandrel_model) both
 spandrel's ModelLoader and accept only single-image models; sdlora does the same, spandrel being
 an optional extra. As A1111's Upscaler.upscale does, the model runs until both sides reach the
 target (at most 3 passes: a 4x model on a native render is one) and Lanczos brings the result to
-the exact size. The model sees RGB in [0, 1] and returns it clamped to [0, 1] (spandrel pads to
+the exact size. A pickled file (.pth) is read only with `[model] allow_pickle = true`, as every pickle
+sdlora reads. The model sees RGB in [0, 1] and returns it clamped to [0, 1] (spandrel pads to
 its size requirements and crops back).
 """
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from sdlora.errors import UserError
+from sdlora.models.checkpoint import PICKLE_SUFFIXES
 
 MAX_PASSES = 3  # A1111: a 2x model is applied up to 3 times (8x); beyond, Lanczos does the rest
 FIELD = "[sample] hires_upscaler"
@@ -31,11 +33,15 @@ def lanczos(images: list, width: int, height: int) -> list:
 class ModelUpscaler:
     """An upscaler model file loaded with spandrel, on `device`, in float32."""
 
-    def __init__(self, path: str | Path, device):
+    def __init__(self, path: str | Path, device, allow_pickle: bool = False):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{FIELD} = {str(path)!r}: no such file; name an upscaler model (.pth or .safetensors) "
                             "or leave it empty for Lanczos")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(f"{FIELD} = {path.name!r} is a pickled {path.suffix} file, which can run code when "
+                            "loaded; use the model's .safetensors release, or set [model] allow_pickle = true to "
+                            "read it (through spandrel's restricted unpickler: tensors and plain containers only)")
         try:
             from spandrel import (
                 ImageModelDescriptor,
