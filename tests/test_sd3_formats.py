@@ -5,8 +5,6 @@ files other trainers write (diffusers / SimpleTuner PEFT, OneTrainer, flash-sd3'
 ComfyUI-style `diffusion_model.joint_blocks...`, SimpleTuner's LyCORIS) read through the one adapter reader
 and change every weight as the Kohya file does; resize, inspect, merge, extract and convert take SD3 files."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,12 @@ from test_flux_formats import (
     train_both_formats,
 )
 from test_flux_sample import kohya_transformer_file
-from test_flux_tools import _delta
+from test_flux_tools import (
+    assert_convert_writes_diffusers_keys_and_back,
+    assert_inspect_reports_the_modules,
+    assert_merge_then_extract_gives_back_the_lora,
+    assert_resize_is_the_truncated_svd_of_each_delta,
+)
 from test_sd3_sample import NEGATIVE, SD3
 from test_train import make_style
 
@@ -28,7 +31,6 @@ from sdlora.adapters import transformer_keys
 from sdlora.adapters.convert import convert
 from sdlora.adapters.file import read_adapter
 from sdlora.adapters.keys import group_modules
-from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 from sdlora.models.families import FAMILIES, unread_settings
 from sdlora.sampling.sampler import Sampler
@@ -181,66 +183,25 @@ def sd3(tmp_path_factory, sd3_dir):
 
 
 def test_resize_of_an_sd3_file_is_the_truncated_svd_of_each_fused_delta(sd3, capsys):
-    out = sd3["dir"] / "resized.safetensors"
-    assert main(["resize", str(sd3["lora"]), str(out), "--rank", "2"]) == 0
-    before, after = load_file(sd3["lora"]), load_file(out)
-    modules = {k.split(".")[0] for k in before}
-    assert {k.split(".")[0] for k in after} == modules
-    for key in modules:
-        U, S, Vh = torch.linalg.svd(_delta(before, key), full_matrices=False)
-        torch.testing.assert_close(_delta(after, key), (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-5, rtol=1e-4)
-    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in capsys.readouterr().out
+    assert_resize_is_the_truncated_svd_of_each_delta(sd3, "lora_unet_joint_blocks_0_x_block_attn_qkv", capsys)
 
 
 def test_inspect_reports_the_sd3_modules(sd3, capsys):
-    assert main(["inspect", str(sd3["lora"]), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    modules = transformer_keys.kohya_modules(sd3["transformer"], transformer_keys.SD3_NAMES)
-    assert summary["modules_per_part"] == {"unet": len(modules)} and len(modules) == 19
-    assert {m["key"] for m in summary["modules"]} == set(modules)
-    assert all(m["rank"] == 4 and m["alpha"] == 2.0 for m in summary["modules"])
+    modules = assert_inspect_reports_the_modules(sd3, transformer_keys.SD3_NAMES, capsys)
+    assert len(modules) == 19
 
 
 def test_merge_into_an_sd3_folder_then_extract_gives_back_the_fused_lora(sd3, capsys):
     from diffusers import StableDiffusion3Pipeline
 
-    merged = sd3["dir"] / "merged"
-    assert main(["merge", str(sd3["base"]), f"{sd3['lora']}:0.5", str(merged), "--save-precision", "fp32"]) == 0
-    tuned = StableDiffusion3Pipeline.from_pretrained(merged).transformer
-    lora = load_file(sd3["lora"])
-    modules = transformer_keys.kohya_modules(sd3["transformer"], transformer_keys.SD3_NAMES)
-    for key, module in modules.items():
-        change = torch.cat([tuned.get_submodule(p).weight - sd3["transformer"].get_submodule(p).weight
-                            for p in module.paths])
-        if module.swap_halves:  # diffusers' (scale, shift) rows of the original's (shift, scale)
-            change = torch.cat(change.chunk(2)[::-1])
-        torch.testing.assert_close(change, 0.5 * _delta(lora, key), atol=1e-6, rtol=1e-4)
-
-    out = sd3["dir"] / "extracted.safetensors"
-    assert main(["extract", "--base", str(sd3["base"]), "--tuned", str(merged), str(out), "--rank", "4",
-                 "--no-clamp", "--save-precision", "fp32"]) == 0
-    extracted = load_file(out)
-    assert {k.split(".")[0] for k in extracted} == set(modules)  # Kohya's joint_blocks names, fused qkv
-    for key in modules:
-        torch.testing.assert_close(_delta(extracted, key), 0.5 * _delta(lora, key), atol=1e-5, rtol=1e-4)
-    with safe_open(out, "pt") as f:
-        meta = f.metadata()
+    # Kohya's joint_blocks names, fused qkv; the last block's context modulation with its halves exchanged
+    meta = assert_merge_then_extract_gives_back_the_lora(sd3, StableDiffusion3Pipeline, transformer_keys.SD3_NAMES)
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     assert meta["ss_base_model_version"] == "5-medium"
 
 
 def test_convert_on_the_command_line_writes_sd3_diffusers_keys_and_back(sd3, capsys):
-    as_diffusers, back = sd3["dir"] / "cli_diffusers.safetensors", sd3["dir"] / "cli_kohya.safetensors"
-    assert main(["convert", str(sd3["lora"]), str(as_diffusers), "--format", "diffusers",
-                 "--base", str(sd3["base"])]) == 0
-    assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(as_diffusers))
-    assert main(["convert", str(as_diffusers), str(back), "--base", str(sd3["base"])]) == 0
-    before, after = load_file(sd3["lora"]), load_file(back)
-    assert {k.split(".")[0] for k in after} == {k.split(".")[0] for k in before}
-    for key in {k.split(".")[0] for k in before}:
-        torch.testing.assert_close(_delta(after, key), _delta(before, key), atol=1e-6, rtol=1e-4)
-    assert main(["convert", str(as_diffusers), str(sd3["dir"] / "x.safetensors")]) == 2
-    assert "give --base" in capsys.readouterr().err
+    assert_convert_writes_diffusers_keys_and_back(sd3, "transformer.transformer_blocks.", capsys)
 
 
 # ---------------------------------------------------------------------------------------------
