@@ -242,7 +242,8 @@ def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(
 
 
 def assert_kind_trains_exports_and_applies_back(tmp_path, base_dir, kind, transformer_class, names, qkv_key,
-                                                comfy_offsets, kohya_network, untrained=lambda transformer: set()) -> tuple[set, dict]:
+                                                comfy_offsets, kohya_network,
+                                                untrained=lambda transformer: set()) -> tuple[set, dict]:
     """`kind` trained a few steps on the base in `base_dir` changes every adapted Linear (but the paths
     `untrained(transformer)` names); its Kohya file (`names`) holds the original modules, or for a LoKr ComfyUI's
     per-part names of each fused or (shift, scale)-exchanged one; the fused `qkv_key` of a LoHa / DoRA stacks

@@ -103,9 +103,9 @@ def test_the_loss_of_a_repeated_batch_falls_and_resume_reads_the_fused_file(tmp_
 
 
 def assert_loss_falls_and_the_file_reads_back(trainer, batch, steps: int, make_sample) -> None:
-    """The loss of `batch` repeated `steps` times ends below 0.9 x its first; the network's Kohya file, read back into the
-    zeroed network (resume / init_weights), gives the same transformer output on `make_sample()` (its
-    keyword arguments, drawn after training) and the same file keys."""
+    """The loss of `batch` repeated `steps` times ends below 0.9 x its first; the network's Kohya file, read
+    back into the zeroed network (resume / init_weights), gives the same transformer output on `make_sample()`
+    (its keyword arguments, drawn after training) and the same file keys."""
     losses = repeat_batch(trainer, batch, steps)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
