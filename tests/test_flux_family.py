@@ -47,12 +47,17 @@ def test_a_flux_folder_loads_as_dev_or_schnell_by_its_guidance_embedding(flux_fo
     assert type(dev.pipeline()).__name__ == "FluxPipeline"
 
 
-def test_the_latent_format_is_read_from_flux_vae_config(flux_folders):
-    base = load_base(_model_cfg(flux_folders["dev"]))
+def assert_latent_format_read_from_vae_config(folder, scaling_factor, shift_factor) -> None:
+    """The family of the base in `folder` reads its VAE config's scaling and shift; `scale` is (z - shift) x scale."""
+    base = load_base(_model_cfg(folder))
     fmt = FAMILIES[base.family].latent_format(base.vae)
-    assert fmt == LatentFormat(0.3611, 0.1159)
+    assert fmt == LatentFormat(scaling_factor, shift_factor)
     z = torch.randn(1, 16, 8, 8)
-    assert torch.allclose(fmt.scale(z), (z - 0.1159) * 0.3611)
+    assert torch.allclose(fmt.scale(z), (z - shift_factor) * scaling_factor)
+
+
+def test_the_latent_format_is_read_from_flux_vae_config(flux_folders):
+    assert_latent_format_read_from_vae_config(flux_folders["dev"], 0.3611, 0.1159)
 
 
 def test_text_conditioning_is_t5_hidden_states_and_clip_pooled_output():
@@ -67,16 +72,25 @@ def test_text_conditioning_is_t5_hidden_states_and_clip_pooled_output():
     assert torch.equal(text.hidden, prompt_embeds) and torch.equal(text.pooled, pooled)
 
 
+def family_prediction(family, transformer, text_tokens: int, pooled_dim: int):
+    """`family.predict` on seeded inputs: latents (2, 16, 8, 6) (B, C, h, w), h != w; text states (2,
+    `text_tokens`, 64); pooled (2, `pooled_dim`); sigmas 0.3, 0.8. Returns (prediction, latents, hidden, pooled,
+    sigmas) for the caller to call the transformer as its pipeline does."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((2, 16, 8, 6), generator=g)
+    hidden, pooled = torch.randn((2, text_tokens, 64), generator=g), torch.randn((2, pooled_dim), generator=g)
+    sigmas = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        got = family.predict(transformer, latents, sigmas, TextConditioning(hidden, pooled), None, torch.float32)
+    return got, latents, hidden, pooled, sigmas
+
+
 @pytest.mark.parametrize("guidance", [True, False])
 def test_predict_calls_the_transformer_as_flux_pipeline_does(guidance):
     pipe = build_flux_pipeline(guidance=guidance)
     family = FAMILIES["flux1_dev" if guidance else "flux1_schnell"].for_training(Config().train)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn((2, 16, 8, 6), generator=g)  # (B, C, h, w), h != w
-    hidden, pooled = torch.randn((2, 32, 64), generator=g), torch.randn((2, 32), generator=g)
-    sigmas = torch.tensor([0.3, 0.8])
+    got, latents, hidden, pooled, sigmas = family_prediction(family, pipe.transformer, text_tokens=32, pooled_dim=32)
     with torch.no_grad():
-        got = family.predict(pipe.transformer, latents, sigmas, TextConditioning(hidden, pooled), None, torch.float32)
         packed = pipe._pack_latents(latents, 2, 16, 8, 6)
         kwargs = {"guidance": torch.full((2,), 3.5)} if guidance else {}
         want = pipe.transformer(hidden_states=packed, timestep=sigmas, pooled_projections=pooled,

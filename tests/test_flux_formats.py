@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_flux_train import FLUX, flux_dev_dir  # noqa: F401  (the tiny FLUX.1-dev folder fixture)
 from test_train import make_style
 
 from sdlora.adapters import apply, keys, transformer_keys
@@ -19,25 +20,16 @@ from sdlora.adapters.network import ADAPTER_NAME
 from sdlora.config import load_config
 from sdlora.errors import UserError
 from sdlora.sampling.sampler import Sampler
-from sdlora.tiny.configs import build_flux_pipeline
 from sdlora.training.loop import Trainer
 
-FLUX = ["network.train_text_encoder=false", "dataset.shuffle_caption=false"]
 PROMPT = ["clrscn, mountains, lake"]
 
 
 @pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("flux_dev")
-    build_flux_pipeline(guidance=True).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, flux_dir):
+def trained(tmp_path_factory, flux_dev_dir):
     """A tiny FLUX.1 LoRA trained 3 steps and written in diffusers' format; beside it the same network
     as a Kohya file (fused qkv / linear1, alpha), written by the network itself."""
-    return train_both_formats(tmp_path_factory.mktemp("trained"), flux_dir, FLUX)
+    return train_both_formats(tmp_path_factory.mktemp("trained"), flux_dev_dir, FLUX)
 
 
 def train_both_formats(tmp, base_dir, settings) -> dict:
@@ -75,32 +67,45 @@ def _load_quietly(pipe, path, caplog):
     return [m for m in messages if not m.startswith("No LoRA keys associated to")]
 
 
-def test_a_diffusers_format_export_loads_whole_in_flux_pipeline_and_renders_as_the_kohya_file(trained, flux_dir,
+def test_a_diffusers_format_export_loads_whole_in_flux_pipeline_and_renders_as_the_kohya_file(trained, flux_dev_dir,
                                                                                                 caplog, tmp_path):
     from diffusers import FluxPipeline
 
+    assert_diffusers_export_loads_whole_and_renders_as_the_kohya_file(
+        trained, flux_dev_dir, FluxPipeline, "flux1", "transformer.", caplog, tmp_path,
+        pipe_kwargs=dict(guidance_scale=3.5, max_sequence_length=512),  # dev's T5 length, which the sampler reads too
+        settings=[*FLUX, "sample.guidance_scale=3.5"])
+
+
+def assert_diffusers_export_loads_whole_and_renders_as_the_kohya_file(trained, base_dir, pipeline_class, version,
+                                                                      prefix, caplog, tmp_path, pipe_kwargs, settings,
+                                                                      untrained=frozenset()) -> set[str]:
+    """The `trained` diffusers export (metadata `version`, keys `prefix`... lora_A / lora_B, one module per
+    trained one) loads in `pipeline_class` from `base_dir` with no key left over and no note, fused changes each
+    module by its trained change (zero exactly for the `untrained` paths), and renders (`pipe_kwargs`) the pixels
+    sdlora's sampler renders (`settings`) with the Kohya file at scale 1, not at 0. Returns the module paths."""
     tensors = load_file(trained["diffusers"])
     with safe_open(trained["diffusers"], "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "pt" and meta["ss_base_model_version"] == "flux1"
-    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
-    assert {k.rsplit(".", 2)[0].removeprefix("transformer.") for k in tensors} == set(trained["deltas"])
+    assert meta["format"] == "pt" and meta["ss_base_model_version"] == version
+    assert all(k.startswith(prefix) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
+    names = {k.rsplit(".", 2)[0].removeprefix("transformer.") for k in tensors}
+    assert names == set(trained["deltas"])
 
-    pipe = FluxPipeline.from_pretrained(flux_dir)
+    pipe = pipeline_class.from_pretrained(base_dir)
     pipe.set_progress_bar_config(disable=True)
     before = {p: pipe.transformer.get_submodule(p).weight.detach().clone() for p in trained["deltas"]}
     assert _load_quietly(pipe, trained["diffusers"], caplog) == []  # no unexpected / missing key, no note
-    lora = pipe(PROMPT, width=64, height=64, num_inference_steps=2, guidance_scale=3.5,
-                max_sequence_length=512,  # dev's T5 length, which the sampler reads too
-                generator=torch.Generator("cpu").manual_seed(3)).images
+    lora = pipe(PROMPT, width=64, height=64, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3),
+                **pipe_kwargs).images
     pipe.fuse_lora()
     for path, delta in trained["deltas"].items():  # the trained network's change, module by module
         change = pipe.transformer.get_submodule(path).get_base_layer().weight - before[path]
         torch.testing.assert_close(change, delta, atol=1e-6, rtol=1e-4)
-        assert delta.abs().max() > 0, path
+        assert bool(delta.abs().max() > 0) == (path not in untrained), path
 
     # sdlora's own engine applying the Kohya file renders the same pixels
-    cfg = load_config(make_style(tmp_path, flux_dir), [*FLUX, "sample.guidance_scale=3.5"])
+    cfg = load_config(make_style(tmp_path, base_dir), settings)
     sampler = Sampler(cfg)
     sampler.adapters.add(trained["kohya"])
     sampler.adapters.set_scale(1.0)
@@ -109,6 +114,7 @@ def test_a_diffusers_format_export_loads_whole_in_flux_pipeline_and_renders_as_t
     sampler.adapters.set_scale(0.0)
     assert not np.allclose(_pixels(sampler.render(PROMPT, [3], 64, 64, 2)[0]), _pixels(lora), atol=1)
     sampler.adapters.close()
+    return names
 
 
 def _merged(transformer, path) -> dict[str, torch.Tensor]:
@@ -154,27 +160,41 @@ def _styles(kohya: dict[str, torch.Tensor], transformer,
     return styles
 
 
-def test_other_trainers_flux_files_read_through_the_one_reader_with_identical_weight_changes(trained, flux_dir,
+def test_other_trainers_flux_files_read_through_the_one_reader_with_identical_weight_changes(trained, flux_dev_dir,
                                                                                              tmp_path):
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(flux_dir)
+    # diffusers itself: SimpleTuner and ai-toolkit save through it; its Kohya reader assumes FLUX.1's full widths,
+    # so the LoRA goes in from the diffusers export
+    assert_other_trainers_files_read_back_as_the_kohya_file(trained, flux_dev_dir, FluxPipeline,
+                                                            transformer_keys.FLUX_NAMES, tmp_path)
+
+
+def assert_other_trainers_files_read_back_as_the_kohya_file(trained, base_dir, pipeline_class, names, tmp_path,
+                                                            untrained: int = 0, more_styles=None) -> dict:
+    """The `trained` Kohya file written in each of `_styles` (and `more_styles(kohya, transformer)`), the
+    diffusers export, and that export loaded into `pipeline_class` and written back by its own
+    save_lora_weights (peft config as the LoRA metadata) all read through the one reader into Kohya keys and
+    change each weight as the Kohya file does (which changes all but `untrained` of the trained modules).
+    Returns the styles written."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = pipeline_class.from_pretrained(base_dir)
     transformer = pipe.transformer
     expected = _merged(transformer, trained["kohya"])
-    assert len(expected) == len(trained["deltas"])
+    assert len(expected) == len(trained["deltas"]) - untrained
+    kohya = load_file(trained["kohya"])
     files = {"sdlora_diffusers": trained["diffusers"]}
-    for style, tensors in _styles(load_file(trained["kohya"]), transformer).items():
+    styles = _styles(kohya, transformer, names)
+    if more_styles:
+        styles |= more_styles(kohya, transformer)
+    for style, tensors in styles.items():
         files[style] = tmp_path / f"{style}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, files[style])
 
-    # diffusers itself (SimpleTuner and ai-toolkit save through it): the LoRA loaded into the pipeline (from
-    # the diffusers export: diffusers' Kohya reader assumes FLUX.1's full widths), written back by
-    # FluxPipeline.save_lora_weights with its peft config as the LoRA metadata
-    from peft.utils import get_peft_model_state_dict
-
     pipe.load_lora_weights(str(trained["diffusers"]), adapter_name="style")
     config = transformer.peft_config["style"].to_dict()
-    FluxPipeline.save_lora_weights(tmp_path / "peft", transformer_lora_layers=get_peft_model_state_dict(
+    pipeline_class.save_lora_weights(tmp_path / "peft", transformer_lora_layers=get_peft_model_state_dict(
         transformer, adapter_name="style"), transformer_lora_adapter_metadata=config)
     pipe.unload_lora_weights()
     files["diffusers_save_lora_weights"] = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
@@ -188,29 +208,23 @@ def test_other_trainers_flux_files_read_through_the_one_reader_with_identical_we
         assert changes.keys() == expected.keys(), style
         for name, change in changes.items():
             torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4, msg=f"{style}: {name}")
+    return styles
 
 
-def test_convert_writes_kohya_as_diffusers_and_back_with_the_same_weight_changes(trained, flux_dir, tmp_path, caplog):
+def test_convert_writes_kohya_as_diffusers_and_back_with_the_same_weight_changes(trained, flux_dev_dir, tmp_path,
+                                                                                   caplog):
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(flux_dir)
-    expected = _merged(pipe.transformer, trained["kohya"])
-    as_diffusers, back = tmp_path / "diffusers.safetensors", tmp_path / "kohya.safetensors"
-    convert(trained["kohya"], as_diffusers, output_format="diffusers", base=flux_dir)
-    convert(as_diffusers, back, base=flux_dir)
+    pipe = FluxPipeline.from_pretrained(flux_dev_dir)
+    as_diffusers, back = assert_convert_both_ways_keeps_the_weight_changes(trained, pipe, flux_dev_dir, tmp_path,
+                                                                           caplog)
     kohya_keys = {k.split(".")[0] for k in load_file(trained["kohya"])}
     assert {k.split(".")[0] for k in load_file(back)} == kohya_keys  # fused again: lora_unet_double_blocks_0_img_attn_qkv
-    for path in (as_diffusers, back):
-        changes = _merged(pipe.transformer, path)
-        assert changes.keys() == expected.keys()
-        for name, change in changes.items():
-            torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4)
-    assert _load_quietly(pipe, as_diffusers, caplog) == []
 
     # diffusers' own training targets leave single blocks' proj_mlp out: its rows of linear1 are zero
     partial = {k: v for k, v in load_file(as_diffusers).items() if ".proj_mlp." not in k}
     save_file(partial, tmp_path / "partial.safetensors")
-    convert(tmp_path / "partial.safetensors", tmp_path / "partial_kohya.safetensors", base=flux_dir)
+    convert(tmp_path / "partial.safetensors", tmp_path / "partial_kohya.safetensors", base=flux_dev_dir)
     fused = load_file(tmp_path / "partial_kohya.safetensors")
     up = fused["lora_unet_single_blocks_0_linear1.lora_up.weight"]
     mlp = pipe.transformer.single_transformer_blocks[0].proj_mlp.out_features
@@ -222,6 +236,23 @@ def test_convert_writes_kohya_as_diffusers_and_back_with_the_same_weight_changes
         convert(as_diffusers, tmp_path / "no_base.safetensors")
     with pytest.raises(UserError, match="--format diffusers needs --base"):
         convert(trained["kohya"], tmp_path / "no_base.safetensors", output_format="diffusers")
+
+
+def assert_convert_both_ways_keeps_the_weight_changes(trained, pipe, base_dir, tmp_path, caplog):
+    """`convert` of the `trained` Kohya file to diffusers' keys (on `base_dir`) and back changes each weight of
+    `pipe`'s transformer as the Kohya file does, and the diffusers file loads in `pipe` with no key left over
+    (it stays loaded). Returns (the diffusers file, the Kohya file converted back)."""
+    expected = _merged(pipe.transformer, trained["kohya"])
+    as_diffusers, back = tmp_path / "diffusers.safetensors", tmp_path / "kohya.safetensors"
+    convert(trained["kohya"], as_diffusers, output_format="diffusers", base=base_dir)
+    convert(as_diffusers, back, base=base_dir)
+    for path in (as_diffusers, back):
+        changes = _merged(pipe.transformer, path)
+        assert changes.keys() == expected.keys()
+        for name, change in changes.items():
+            torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4)
+    assert _load_quietly(pipe, as_diffusers, caplog) == []
+    return as_diffusers, back
 
 
 def test_sd1_diffusers_format_loads_whole_in_stable_diffusion_pipeline(tmp_path, caplog):
@@ -264,7 +295,7 @@ def test_sd1_diffusers_format_loads_whole_in_stable_diffusion_pipeline(tmp_path,
     assert checked == len(tensors) // 2  # every module of the file is a LoRA layer in diffusers
 
 
-def test_resize_of_a_diffusers_format_file_writes_diffusers_keys_again(trained, flux_dir, tmp_path):
+def test_resize_of_a_diffusers_format_file_writes_diffusers_keys_again(trained, flux_dev_dir, tmp_path):
     """`output.resize_energy` of a `format = "diffusers"` training: the resized file stays loadable by diffusers."""
     from diffusers import FluxPipeline
 
@@ -274,7 +305,7 @@ def test_resize_of_a_diffusers_format_file_writes_diffusers_keys_again(trained, 
     resize(trained["diffusers"], out, rank=4)  # the trained rank: every weight change kept
     tensors = load_file(out)
     assert tensors.keys() == load_file(trained["diffusers"]).keys()
-    transformer = FluxPipeline.from_pretrained(flux_dir).transformer
+    transformer = FluxPipeline.from_pretrained(flux_dev_dir).transformer
     expected = _merged(transformer, trained["diffusers"])
     changes = _merged(transformer, out)
     assert changes.keys() == expected.keys()
@@ -329,10 +360,10 @@ def test_an_sdxl_kohya_file_converted_to_diffusers_keys_loads_whole_in_the_sdxl_
     assert checked == len(kohya) // 3
 
 
-def test_init_weights_from_a_diffusers_format_file_starts_from_the_trained_changes(trained, flux_dir, tmp_path):
+def test_init_weights_from_a_diffusers_format_file_starts_from_the_trained_changes(trained, flux_dev_dir, tmp_path):
     """The file holds no alpha (scale 1, baked into lora_A); a network with alpha 2 at rank 4 takes the same
     weight changes."""
-    cfg = load_config(make_style(tmp_path, flux_dir), [*FLUX, f"network.init_weights='{trained['diffusers']}'"])
+    cfg = load_config(make_style(tmp_path, flux_dev_dir), [*FLUX, f"network.init_weights='{trained['diffusers']}'"])
     network = Trainer(cfg, log=lambda m: None).network
     for key, (part, path) in network.modules.items():
         layer = network.layer(key)
@@ -341,14 +372,14 @@ def test_init_weights_from_a_diffusers_format_file_starts_from_the_trained_chang
         torch.testing.assert_close(delta.detach(), trained["deltas"][path], atol=1e-6, rtol=1e-4)
 
 
-def test_sdlora_run_with_diffusers_format_samples_and_resizes_diffusers_files(tmp_path, flux_dir):
+def test_sdlora_run_with_diffusers_format_samples_and_resizes_diffusers_files(tmp_path, flux_dev_dir):
     """The run's previews, grids and `resize_energy` read the diffusers-style files through the one reader;
     the resized file keeps diffusers' keys."""
     from test_run import RUN_EXTRA
 
     from sdlora import run
 
-    path = make_style(tmp_path, flux_dir, extra=RUN_EXTRA)
+    path = make_style(tmp_path, flux_dev_dir, extra=RUN_EXTRA)
     result = run.run(load_config(path, [*FLUX, "output.format=diffusers", "output.resize_energy=0.9"]),
                      log=lambda m: None)
     adapter = result["paths"]["adapter"]

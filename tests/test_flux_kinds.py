@@ -236,25 +236,42 @@ def assert_comfy_patches_as_trained(base, originals, parts, tensors, changes, of
 def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(tmp_path, flux_dev_dir, kind):  # noqa: F811
     from diffusers import FluxTransformer2DModel
 
-    trainer = train_a_few_steps(tmp_path, flux_dev_dir, KINDS[kind])
+    assert_kind_trains_exports_and_applies_back(
+        tmp_path, flux_dev_dir, kind, FluxTransformer2DModel, transformer_keys.FLUX_NAMES,
+        "lora_unet_double_blocks_0_img_attn_qkv", COMFY_OFFSETS, "networks.lora_flux")
+
+
+def assert_kind_trains_exports_and_applies_back(tmp_path, base_dir, kind, transformer_class, names, qkv_key,
+                                                comfy_offsets, kohya_network,
+                                                untrained=lambda transformer: set()) -> tuple[set, dict]:
+    """`kind` trained a few steps on the base in `base_dir` changes every adapted Linear (but the paths
+    `untrained(transformer)` names); its Kohya file (`names`) holds the original modules, or for a LoKr ComfyUI's
+    per-part names of each fused or (shift, scale)-exchanged one; the fused `qkv_key` of a LoHa / DoRA stacks
+    its three parts; the file patched as ComfyUI patches it (`comfy_offsets`) and applied back by our engine and
+    the sampler changes each Linear by its trained change, the metadata names `kohya_network` for LoRA / LoCon.
+    Returns (the file's module names, the transformer's Kohya modules) for the family's own checks."""
+    trainer = train_a_few_steps(tmp_path, base_dir, KINDS[kind])
     transformer = trainer.base.unet
     changes = trained_changes(transformer)
-    assert changes and all(c.abs().max() > 0 for c in changes.values()), "every adapted Linear trained"
+    skipped = untrained(transformer)
+    assert changes and all(c.abs().max() > 0 for p, c in changes.items() if p not in skipped), "every Linear trained"
     path = tmp_path / "adapter.safetensors"
     save_file(trainer.network.kohya_state_dict(torch.float32), str(path))
     tensors = load_file(str(path))
     modules = {k.split(".", 1)[0] for k in tensors}
 
-    # The layout: kohya's fused names where the kind stacks rows exactly, ComfyUI's per-part names for LoKr.
-    originals = transformer_keys.kohya_modules(transformer, transformer_keys.FLUX_NAMES)
-    fused = {k: m for k, m in originals.items() if len(m.paths) > 1}
-    parts = {f"lora_transformer_{p.replace('.', '_')}": (m, p) for m in fused.values() for p in m.paths}
+    # The layout: kohya's names with fused qkv (linear1) where the kind stacks rows exactly, a modulation in the
+    # original's (shift, scale) order (SD3's last context block; FLUX.1 has none); a LoKr of those is written
+    # per diffusers part under ComfyUI's names (a Kronecker product per part does not stack into one, nor
+    # exchange its halves).
+    originals = transformer_keys.kohya_modules(transformer, names)
+    rearranged = {k: m for k, m in originals.items() if len(m.paths) > 1 or m.swap_halves}
+    parts = {f"lora_transformer_{p.replace('.', '_')}": (m, p) for m in rearranged.values() for p in m.paths}
     if kind == "lokr":
-        assert modules == (set(originals) - set(fused)) | set(parts)
+        assert modules == (set(originals) - set(rearranged)) | set(parts)
     else:
         assert modules == set(originals)
-        qkv = {name.split(".", 1)[1]: t for name, t in tensors.items()
-               if name.startswith("lora_unet_double_blocks_0_img_attn_qkv.")}
+        qkv = {name.split(".", 1)[1]: t for name, t in tensors.items() if name.startswith(f"{qkv_key}.")}
         if kind == "loha":  # block-diagonal w1_a / w2_a: rank 3 x dim, alpha 3 x alpha, the same scale
             assert qkv["hada_w1_a"].shape == (3 * 32, 3 * 4) and qkv["hada_w1_b"].shape == (3 * 4, 32)
             assert float(qkv["alpha"]) == 3 * 2
@@ -263,10 +280,11 @@ def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(
 
     # Each module's change, computed from the file by LyCORIS and patched as ComfyUI patches it (the whole
     # original weight, or the part's rows of it), equals the trained change of each diffusers Linear.
-    base = FluxTransformer2DModel.from_pretrained(flux_dev_dir, subfolder="transformer")
-    assert_comfy_patches_as_trained(base, originals, parts, tensors, changes, COMFY_OFFSETS)
+    base = transformer_class.from_pretrained(base_dir, subfolder="transformer")
+    assert_comfy_patches_as_trained(base, originals, parts, tensors, changes, comfy_offsets)
 
-    assert_applies_back_as_trained(trainer, base, path, tensors, changes, kind, "networks.lora_flux")
+    assert_applies_back_as_trained(trainer, base, path, tensors, changes, kind, kohya_network)
+    return modules, originals
 
 
 def assert_applies_back_as_trained(trainer, base, path, tensors, changes, kind, kohya_network) -> None:

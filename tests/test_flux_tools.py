@@ -35,64 +35,94 @@ def _delta(tensors: dict, key: str) -> torch.Tensor:
 
 
 def test_resize_of_a_fused_module_is_the_truncated_svd_of_its_whole_delta(flux, capsys):
-    out = flux["dir"] / "resized.safetensors"
-    assert main(["resize", str(flux["lora"]), str(out), "--rank", "2"]) == 0
-    before, after = load_file(flux["lora"]), load_file(out)
+    # Kohya's fused names kept: lora_unet_double_blocks_0_img_attn_qkv
+    assert_resize_is_the_truncated_svd_of_each_delta(flux, "lora_unet_single_blocks_0_linear1", capsys)
+
+
+def assert_resize_is_the_truncated_svd_of_each_delta(lora, printed_key, capsys) -> None:
+    """`sdlora resize` of the `lora` fixture's file to rank 2 keeps its module names, each module (a fused one
+    whole) the truncated SVD of its delta at rank 2, and prints `printed_key`."""
+    out = lora["dir"] / "resized.safetensors"
+    assert main(["resize", str(lora["lora"]), str(out), "--rank", "2"]) == 0
+    before, after = load_file(lora["lora"]), load_file(out)
     keys = {k.split(".")[0] for k in before}
-    assert {k.split(".")[0] for k in after} == keys  # Kohya's fused names kept: lora_unet_double_blocks_0_img_attn_qkv
+    assert {k.split(".")[0] for k in after} == keys
     for key in keys:
         U, S, Vh = torch.linalg.svd(_delta(before, key), full_matrices=False)
         torch.testing.assert_close(_delta(after, key), (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-5, rtol=1e-4)
         assert after[f"{key}.lora_down.weight"].shape[0] == 2
-    assert "lora_unet_single_blocks_0_linear1" in capsys.readouterr().out
+    assert printed_key in capsys.readouterr().out
 
 
 def test_inspect_reports_the_fused_flux_modules(flux, capsys):
-    assert main(["inspect", str(flux["lora"]), "--json"]) == 0
+    assert_inspect_reports_the_modules(flux, transformer_keys.FLUX_NAMES, capsys)
+
+
+def assert_inspect_reports_the_modules(lora, names, capsys) -> dict:
+    """`sdlora inspect --json` of the `lora` fixture's file reports each Kohya module (`names`) of its
+    transformer, rank 4, alpha 2; returns those modules."""
+    assert main(["inspect", str(lora["lora"]), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    modules = transformer_keys.kohya_modules(flux["transformer"], transformer_keys.FLUX_NAMES)
+    modules = transformer_keys.kohya_modules(lora["transformer"], names)
     assert summary["modules_per_part"] == {"unet": len(modules)}
     assert {m["key"] for m in summary["modules"]} == set(modules)
     assert all(m["rank"] == 4 and m["alpha"] == 2.0 for m in summary["modules"])
+    return modules
 
 
 def test_merge_into_a_flux_folder_then_extract_gives_back_the_fused_lora(flux, capsys):
     from diffusers import FluxPipeline
 
-    merged = flux["dir"] / "merged"
-    assert main(["merge", str(flux["base"]), f"{flux['lora']}:0.5", str(merged), "--save-precision", "fp32"]) == 0
-    tuned = FluxPipeline.from_pretrained(merged).transformer
-    lora = load_file(flux["lora"])
-    modules = transformer_keys.kohya_modules(flux["transformer"], transformer_keys.FLUX_NAMES)
-    for key, module in modules.items():
-        change = torch.cat([tuned.get_submodule(p).weight - flux["transformer"].get_submodule(p).weight
-                            for p in module.paths])
-        torch.testing.assert_close(change, 0.5 * _delta(lora, key), atol=1e-6, rtol=1e-4)
+    meta = assert_merge_then_extract_gives_back_the_lora(flux, FluxPipeline, transformer_keys.FLUX_NAMES)
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora"
 
     assert main(["merge", str(flux["base"]), str(flux["lora"]), str(flux["dir"] / "merged.safetensors")]) == 2
     assert "diffusers folder" in capsys.readouterr().err
 
-    out = flux["dir"] / "extracted.safetensors"
-    assert main(["extract", "--base", str(flux["base"]), "--tuned", str(merged), str(out), "--rank", "4",
+
+def assert_merge_then_extract_gives_back_the_lora(lora, pipeline_class, names) -> dict:
+    """`sdlora merge` of the `lora` fixture's file at 0.5 into its base folder changes each original module's
+    weight (its diffusers parts stacked) by 0.5 x its delta; `sdlora extract` from base and merged folders at
+    rank 4 gives back each (rank 4: exactly) under Kohya's fused names. Returns the extracted file's metadata."""
+    merged = lora["dir"] / "merged"
+    assert main(["merge", str(lora["base"]), f"{lora['lora']}:0.5", str(merged), "--save-precision", "fp32"]) == 0
+    tuned = pipeline_class.from_pretrained(merged).transformer
+    tensors = load_file(lora["lora"])
+    modules = transformer_keys.kohya_modules(lora["transformer"], names)
+    for key, module in modules.items():
+        change = torch.cat([tuned.get_submodule(p).weight - lora["transformer"].get_submodule(p).weight
+                            for p in module.paths])
+        if module.swap_halves:  # diffusers' (scale, shift) rows of the original's (shift, scale)
+            change = torch.cat(change.chunk(2)[::-1])
+        torch.testing.assert_close(change, 0.5 * _delta(tensors, key), atol=1e-6, rtol=1e-4)
+
+    out = lora["dir"] / "extracted.safetensors"
+    assert main(["extract", "--base", str(lora["base"]), "--tuned", str(merged), str(out), "--rank", "4",
                  "--no-clamp", "--save-precision", "fp32"]) == 0
     extracted = load_file(out)
     assert {k.split(".")[0] for k in extracted} == set(modules)  # Kohya's fused names; CLIP-L unchanged: skipped
     for key in modules:  # each fused delta has rank 4: extracted exactly
-        torch.testing.assert_close(_delta(extracted, key), 0.5 * _delta(lora, key), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(_delta(extracted, key), 0.5 * _delta(tensors, key), atol=1e-5, rtol=1e-4)
     with safe_open(out, "pt") as f:
-        assert f.metadata()["modelspec.architecture"] == "flux-1-dev/lora"
+        return f.metadata()
 
 
 def test_convert_on_the_command_line_writes_diffusers_keys_and_back(flux, capsys):
-    as_diffusers, back = flux["dir"] / "cli_diffusers.safetensors", flux["dir"] / "cli_kohya.safetensors"
-    assert main(["convert", str(flux["lora"]), str(as_diffusers), "--format", "diffusers",
-                 "--base", str(flux["base"])]) == 0
+    assert_convert_writes_diffusers_keys_and_back(flux, "transformer.", capsys)
+
+
+def assert_convert_writes_diffusers_keys_and_back(lora, prefix, capsys) -> None:
+    """`sdlora convert --format diffusers --base` of the `lora` fixture's file writes keys that start with
+    `prefix`; converted back, each Kohya module's delta is the original's; without --base it is refused."""
+    as_diffusers, back = lora["dir"] / "cli_diffusers.safetensors", lora["dir"] / "cli_kohya.safetensors"
+    assert main(["convert", str(lora["lora"]), str(as_diffusers), "--format", "diffusers",
+                 "--base", str(lora["base"])]) == 0
     assert "diffusers keys" in capsys.readouterr().out
-    assert all(k.startswith("transformer.") for k in load_file(as_diffusers))
-    assert main(["convert", str(as_diffusers), str(back), "--base", str(flux["base"])]) == 0
-    before, after = load_file(flux["lora"]), load_file(back)
+    assert all(k.startswith(prefix) for k in load_file(as_diffusers))
+    assert main(["convert", str(as_diffusers), str(back), "--base", str(lora["base"])]) == 0
+    before, after = load_file(lora["lora"]), load_file(back)
     assert {k.split(".")[0] for k in after} == {k.split(".")[0] for k in before}
     for key in {k.split(".")[0] for k in before}:
         torch.testing.assert_close(_delta(after, key), _delta(before, key), atol=1e-6, rtol=1e-4)
-    assert main(["convert", str(as_diffusers), str(flux["dir"] / "x.safetensors")]) == 2
+    assert main(["convert", str(as_diffusers), str(lora["dir"] / "x.safetensors")]) == 2
     assert "give --base" in capsys.readouterr().err

@@ -2,16 +2,19 @@
 its objective from [train] as sd-scripts' SD3 training, its export ids as sd-scripts writes them, the variants
 told apart as sd-scripts does, and tiny SD3.5 bases loaded from diffusers folders."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from test_flux_family import (
+    _model_cfg,
+    assert_latent_format_read_from_vae_config,
+    family_prediction,
+)
 from test_transformer_keys import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM
 
 from sdlora.adapters.network import inject, network_metadata
 from sdlora.config import Config, NetworkConfig
 from sdlora.models.families import FAMILIES, folder_family, folder_layout
-from sdlora.models.families.base import LatentFormat, TextConditioning, tokenize
+from sdlora.models.families.base import tokenize
 from sdlora.models.flow import SD3Objective
 from sdlora.models.load import load_base
 from sdlora.tiny.configs import MINI_SD3_TRANSFORMER, build_sd3_pipeline
@@ -33,10 +36,6 @@ def sd3_folders(tmp_path_factory):
         folders[variant] = root / f"tiny-sd3-{variant}"
         pipe.save_pretrained(folders[variant])
     return folders
-
-
-def _model_cfg(folder):
-    return SimpleNamespace(base=str(folder), v_parameterization="auto", allow_pickle=False, vae="", text_encoders=[])
 
 
 def test_an_sd3_folder_loads_as_its_variant(sd3_folders):
@@ -68,11 +67,7 @@ def test_the_full_architectures_are_told_apart_and_get_kohyas_module_count(confi
 
 
 def test_the_latent_format_is_read_from_sd3_vae_config(sd3_folders):
-    base = load_base(_model_cfg(sd3_folders["large"]))
-    fmt = FAMILIES[base.family].latent_format(base.vae)
-    assert fmt == LatentFormat(1.5305, 0.0609)
-    z = torch.randn(1, 16, 8, 8)
-    assert torch.allclose(fmt.scale(z), (z - 0.0609) * 1.5305)
+    assert_latent_format_read_from_vae_config(sd3_folders["large"], 1.5305, 0.0609)
 
 
 def test_text_conditioning_is_the_pipelines_encode_prompt():
@@ -93,12 +88,8 @@ def test_text_conditioning_is_the_pipelines_encode_prompt():
 def test_predict_calls_the_transformer_as_the_pipeline_does():
     pipe = build_sd3_pipeline(medium=True)
     family = FAMILIES["sd35_medium"].for_training(Config().train)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn((2, 16, 8, 6), generator=g)  # (B, C, h, w), h != w
-    hidden, pooled = torch.randn((2, 40, 64), generator=g), torch.randn((2, 48), generator=g)
-    sigmas = torch.tensor([0.3, 0.8])
+    got, latents, hidden, pooled, _ = family_prediction(family, pipe.transformer, text_tokens=40, pooled_dim=48)
     with torch.no_grad():
-        got = family.predict(pipe.transformer, latents, sigmas, TextConditioning(hidden, pooled), None, torch.float32)
         # the pipeline's timestep is the scheduler's, 1000 sigma
         want = pipe.transformer(hidden_states=latents, timestep=torch.tensor([300.0, 800.0]),
                                 encoder_hidden_states=hidden, pooled_projections=pooled).sample

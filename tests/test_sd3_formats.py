@@ -5,45 +5,37 @@ files other trainers write (diffusers / SimpleTuner PEFT, OneTrainer, flash-sd3'
 ComfyUI-style `diffusion_model.joint_blocks...`, SimpleTuner's LyCORIS) read through the one adapter reader
 and change every weight as the Kohya file does; resize, inspect, merge, extract and convert take SD3 files."""
 
-import json
-
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_flux_formats import (
-    _load_quietly,
-    _merged,
-    _pixels,
-    _styles,
+    assert_convert_both_ways_keeps_the_weight_changes,
+    assert_diffusers_export_loads_whole_and_renders_as_the_kohya_file,
+    assert_other_trainers_files_read_back_as_the_kohya_file,
     train_both_formats,
 )
 from test_flux_sample import kohya_transformer_file
-from test_flux_tools import _delta
+from test_flux_tools import (
+    assert_convert_writes_diffusers_keys_and_back,
+    assert_inspect_reports_the_modules,
+    assert_merge_then_extract_gives_back_the_lora,
+    assert_resize_is_the_truncated_svd_of_each_delta,
+)
 from test_sd3_sample import NEGATIVE, SD3
+from test_sd3_train import sd3_dirs  # noqa: F401  (the tiny SD3.5 Large / Medium folders fixture)
 from test_train import make_style
 
 from sdlora.adapters import transformer_keys
-from sdlora.adapters.convert import convert
-from sdlora.adapters.file import read_adapter
 from sdlora.adapters.keys import group_modules
-from sdlora.cli import main
 from sdlora.config import config_from_dict, load_config
 from sdlora.models.families import FAMILIES, unread_settings
-from sdlora.sampling.sampler import Sampler
-from sdlora.tiny.configs import build_sd3_pipeline
 from sdlora.training.loop import Trainer
-
-PROMPT = ["clrscn, mountains, lake"]
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    """A tiny SD3.5 Medium folder: MMDiT-X attn2 in block 0, the last block's context pre-only."""
-    folder = tmp_path_factory.mktemp("sd35_medium")
-    build_sd3_pipeline(medium=True).save_pretrained(folder)
-    return folder
+def sd3_dir(sd3_dirs):
+    """The tiny SD3.5 Medium folder: MMDiT-X attn2 in block 0, the last block's context pre-only."""
+    return sd3_dirs["medium"]
 
 
 @pytest.fixture(scope="module")
@@ -63,41 +55,15 @@ def test_a_diffusers_format_export_loads_whole_in_sd3_pipeline_and_renders_as_th
                                                                                               caplog, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    tensors = load_file(trained["diffusers"])
-    with safe_open(trained["diffusers"], "pt") as f:
-        meta = f.metadata()
-    assert meta["format"] == "pt" and meta["ss_base_model_version"] == "5-medium"
-    assert all(k.startswith("transformer.transformer_blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
-               for k in tensors)
-    names = {k.rsplit(".", 2)[0].removeprefix("transformer.") for k in tensors}
-    assert names == set(trained["deltas"])
+    # The pre-only last block's context queries attend for context outputs that nothing reads: no gradient.
+    names = assert_diffusers_export_loads_whole_and_renders_as_the_kohya_file(
+        trained, sd3_dir, StableDiffusion3Pipeline, "5-medium", "transformer.transformer_blocks.", caplog, tmp_path,
+        pipe_kwargs=dict(negative_prompt=[NEGATIVE], guidance_scale=5.0),
+        settings=[*SD3, "sample.cfg_scale=5", f"sample.negative_prompt={NEGATIVE}"],
+        untrained={"transformer_blocks.1.attn.add_q_proj"})
     assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn2.to_v",
             "transformer_blocks.1.norm1_context.linear"} <= names  # MMDiT-X attn2; the pre-only last block
     assert "transformer_blocks.1.attn.to_add_out" not in names
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
-    pipe.set_progress_bar_config(disable=True)
-    before = {p: pipe.transformer.get_submodule(p).weight.detach().clone() for p in trained["deltas"]}
-    assert _load_quietly(pipe, trained["diffusers"], caplog) == []  # no unexpected / missing key, no note
-    lora = pipe(PROMPT, negative_prompt=[NEGATIVE], width=64, height=64, num_inference_steps=2, guidance_scale=5.0,
-                generator=torch.Generator("cpu").manual_seed(3)).images
-    pipe.fuse_lora()
-    for path, delta in trained["deltas"].items():
-        change = pipe.transformer.get_submodule(path).get_base_layer().weight - before[path]
-        torch.testing.assert_close(change, delta, atol=1e-6, rtol=1e-4)
-        # The pre-only last block's context queries attend for context outputs that nothing reads: no gradient.
-        assert bool(delta.abs().max() > 0) == (path != "transformer_blocks.1.attn.add_q_proj"), path
-
-    # sdlora's own engine applying the Kohya file renders the same pixels
-    cfg = load_config(make_style(tmp_path, sd3_dir), [*SD3, "sample.cfg_scale=5", f"sample.negative_prompt={NEGATIVE}"])
-    sampler = Sampler(cfg)
-    sampler.adapters.add(trained["kohya"])
-    sampler.adapters.set_scale(1.0)
-    ours, _ = sampler.render(PROMPT, [3], 64, 64, 2)
-    np.testing.assert_allclose(_pixels(ours), _pixels(lora), atol=1)
-    sampler.adapters.set_scale(0.0)
-    assert not np.allclose(_pixels(sampler.render(PROMPT, [3], 64, 64, 2)[0]), _pixels(lora), atol=1)
-    sampler.adapters.close()
 
 
 def _flash_sd3_style(kohya: dict[str, torch.Tensor], transformer) -> dict[str, torch.Tensor]:
@@ -116,37 +82,13 @@ def _flash_sd3_style(kohya: dict[str, torch.Tensor], transformer) -> dict[str, t
 def test_other_trainers_sd3_files_read_through_the_one_reader_with_identical_weight_changes(trained, sd3_dir,
                                                                                             tmp_path):
     from diffusers import StableDiffusion3Pipeline
-    from peft.utils import get_peft_model_state_dict
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
-    transformer = pipe.transformer
-    expected = _merged(transformer, trained["kohya"])
-    assert len(expected) == len(trained["deltas"]) - 1  # all but the last block's add_q_proj (untrained, zero)
-    kohya = load_file(trained["kohya"])
-    files = {"sdlora_diffusers": trained["diffusers"]}
-    styles = _styles(kohya, transformer, transformer_keys.SD3_NAMES)
-    styles["flash_sd3_peft"] = _flash_sd3_style(kohya, transformer)
+    # all but the last block's add_q_proj (untrained, zero); diffusers itself: its train_dreambooth_lora_sd3.py
+    # saves through StableDiffusion3Pipeline.save_lora_weights
+    styles = assert_other_trainers_files_read_back_as_the_kohya_file(
+        trained, sd3_dir, StableDiffusion3Pipeline, transformer_keys.SD3_NAMES, tmp_path, untrained=1,
+        more_styles=lambda kohya, transformer: {"flash_sd3_peft": _flash_sd3_style(kohya, transformer)})
     assert any(".joint_blocks.1.context_block.adaLN_modulation.1." in k for k in styles["ai_toolkit_comfy"])
-    for style, tensors in styles.items():
-        files[style] = tmp_path / f"{style}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, files[style])
-
-    # diffusers itself (its train_dreambooth_lora_sd3.py saves so): the LoRA loaded into the pipeline, written
-    # back by StableDiffusion3Pipeline.save_lora_weights with its peft config as the LoRA metadata
-    pipe.load_lora_weights(str(trained["diffusers"]), adapter_name="style")
-    config = transformer.peft_config["style"].to_dict()
-    StableDiffusion3Pipeline.save_lora_weights(tmp_path / "peft", transformer_lora_layers=get_peft_model_state_dict(
-        transformer, adapter_name="style"), transformer_lora_adapter_metadata=config)
-    pipe.unload_lora_weights()
-    files["diffusers_save_lora_weights"] = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
-
-    for style, path in files.items():
-        tensors, _ = read_adapter(path, log=lambda m: None)
-        assert all(k.startswith("lora_unet_") for k in tensors), style
-        changes = _merged(transformer, path)
-        assert changes.keys() == expected.keys(), style
-        for name, change in changes.items():
-            torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4, msg=f"{style}: {name}")
 
 
 def test_convert_writes_sd3_kohya_as_diffusers_and_back_with_the_same_weight_changes(trained, sd3_dir, tmp_path,
@@ -154,17 +96,8 @@ def test_convert_writes_sd3_kohya_as_diffusers_and_back_with_the_same_weight_cha
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir)
-    expected = _merged(pipe.transformer, trained["kohya"])
-    as_diffusers, back = tmp_path / "diffusers.safetensors", tmp_path / "kohya.safetensors"
-    convert(trained["kohya"], as_diffusers, output_format="diffusers", base=sd3_dir)
-    convert(as_diffusers, back, base=sd3_dir)
+    _, back = assert_convert_both_ways_keeps_the_weight_changes(trained, pipe, sd3_dir, tmp_path, caplog)
     assert load_file(back).keys() == load_file(trained["kohya"]).keys()  # fused again, kohya's names
-    for path in (as_diffusers, back):
-        changes = _merged(pipe.transformer, path)
-        assert changes.keys() == expected.keys()
-        for name, change in changes.items():
-            torch.testing.assert_close(change, expected[name], atol=1e-6, rtol=1e-4)
-    assert _load_quietly(pipe, as_diffusers, caplog) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,66 +114,25 @@ def sd3(tmp_path_factory, sd3_dir):
 
 
 def test_resize_of_an_sd3_file_is_the_truncated_svd_of_each_fused_delta(sd3, capsys):
-    out = sd3["dir"] / "resized.safetensors"
-    assert main(["resize", str(sd3["lora"]), str(out), "--rank", "2"]) == 0
-    before, after = load_file(sd3["lora"]), load_file(out)
-    modules = {k.split(".")[0] for k in before}
-    assert {k.split(".")[0] for k in after} == modules
-    for key in modules:
-        U, S, Vh = torch.linalg.svd(_delta(before, key), full_matrices=False)
-        torch.testing.assert_close(_delta(after, key), (U[:, :2] * S[:2]) @ Vh[:2], atol=1e-5, rtol=1e-4)
-    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in capsys.readouterr().out
+    assert_resize_is_the_truncated_svd_of_each_delta(sd3, "lora_unet_joint_blocks_0_x_block_attn_qkv", capsys)
 
 
 def test_inspect_reports_the_sd3_modules(sd3, capsys):
-    assert main(["inspect", str(sd3["lora"]), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    modules = transformer_keys.kohya_modules(sd3["transformer"], transformer_keys.SD3_NAMES)
-    assert summary["modules_per_part"] == {"unet": len(modules)} and len(modules) == 19
-    assert {m["key"] for m in summary["modules"]} == set(modules)
-    assert all(m["rank"] == 4 and m["alpha"] == 2.0 for m in summary["modules"])
+    modules = assert_inspect_reports_the_modules(sd3, transformer_keys.SD3_NAMES, capsys)
+    assert len(modules) == 19
 
 
 def test_merge_into_an_sd3_folder_then_extract_gives_back_the_fused_lora(sd3, capsys):
     from diffusers import StableDiffusion3Pipeline
 
-    merged = sd3["dir"] / "merged"
-    assert main(["merge", str(sd3["base"]), f"{sd3['lora']}:0.5", str(merged), "--save-precision", "fp32"]) == 0
-    tuned = StableDiffusion3Pipeline.from_pretrained(merged).transformer
-    lora = load_file(sd3["lora"])
-    modules = transformer_keys.kohya_modules(sd3["transformer"], transformer_keys.SD3_NAMES)
-    for key, module in modules.items():
-        change = torch.cat([tuned.get_submodule(p).weight - sd3["transformer"].get_submodule(p).weight
-                            for p in module.paths])
-        if module.swap_halves:  # diffusers' (scale, shift) rows of the original's (shift, scale)
-            change = torch.cat(change.chunk(2)[::-1])
-        torch.testing.assert_close(change, 0.5 * _delta(lora, key), atol=1e-6, rtol=1e-4)
-
-    out = sd3["dir"] / "extracted.safetensors"
-    assert main(["extract", "--base", str(sd3["base"]), "--tuned", str(merged), str(out), "--rank", "4",
-                 "--no-clamp", "--save-precision", "fp32"]) == 0
-    extracted = load_file(out)
-    assert {k.split(".")[0] for k in extracted} == set(modules)  # Kohya's joint_blocks names, fused qkv
-    for key in modules:
-        torch.testing.assert_close(_delta(extracted, key), 0.5 * _delta(lora, key), atol=1e-5, rtol=1e-4)
-    with safe_open(out, "pt") as f:
-        meta = f.metadata()
+    # Kohya's joint_blocks names, fused qkv; the last block's context modulation with its halves exchanged
+    meta = assert_merge_then_extract_gives_back_the_lora(sd3, StableDiffusion3Pipeline, transformer_keys.SD3_NAMES)
     assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
     assert meta["ss_base_model_version"] == "5-medium"
 
 
 def test_convert_on_the_command_line_writes_sd3_diffusers_keys_and_back(sd3, capsys):
-    as_diffusers, back = sd3["dir"] / "cli_diffusers.safetensors", sd3["dir"] / "cli_kohya.safetensors"
-    assert main(["convert", str(sd3["lora"]), str(as_diffusers), "--format", "diffusers",
-                 "--base", str(sd3["base"])]) == 0
-    assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(as_diffusers))
-    assert main(["convert", str(as_diffusers), str(back), "--base", str(sd3["base"])]) == 0
-    before, after = load_file(sd3["lora"]), load_file(back)
-    assert {k.split(".")[0] for k in after} == {k.split(".")[0] for k in before}
-    for key in {k.split(".")[0] for k in before}:
-        torch.testing.assert_close(_delta(after, key), _delta(before, key), atol=1e-6, rtol=1e-4)
-    assert main(["convert", str(as_diffusers), str(sd3["dir"] / "x.safetensors")]) == 2
-    assert "give --base" in capsys.readouterr().err
+    assert_convert_writes_diffusers_keys_and_back(sd3, "transformer.transformer_blocks.", capsys)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,13 +20,10 @@ import hashlib
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from test_flux_kinds import (
     KINDS,
-    assert_applies_back_as_trained,
-    assert_comfy_patches_as_trained,
+    assert_kind_trains_exports_and_applies_back,
     train_a_few_steps,
-    trained_changes,
 )
 from test_sd3_train import SD3, sd3_dirs  # noqa: F401  (the tiny SD3.5 Large / Medium folders fixture)
 from test_train import make_style
@@ -157,44 +154,20 @@ COMFY_OFFSETS = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "attn.add_q_pro
 def test_each_kind_trains_exports_in_names_others_read_and_applies_back_exactly(tmp_path, sd3_dirs, variant, kind):  # noqa: F811
     from diffusers import SD3Transformer2DModel
 
-    trainer = train_a_few_steps(tmp_path, sd3_dirs[variant], KINDS[kind])  # SD3's overrides are FLUX's
-    transformer = trainer.base.unet
-    changes = trained_changes(transformer)
     # The last block's context queries get no gradient: its context output is discarded (context_pre_only),
     # its keys and values still feed the image tokens. kohya adapts them all the same.
-    last_query = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}.attn.add_q_proj"
-    assert changes and all(c.abs().max() > 0 for p, c in changes.items() if p != last_query), "every Linear trained"
-    path = tmp_path / "adapter.safetensors"
-    save_file(trainer.network.kohya_state_dict(torch.float32), str(path))
-    tensors = load_file(str(path))
-    modules = {k.split(".", 1)[0] for k in tensors}
+    def last_query(transformer):
+        return {f"transformer_blocks.{len(transformer.transformer_blocks) - 1}.attn.add_q_proj"}
 
-    # The layout: lora_sd3's names with fused qkv where the kind stacks rows exactly, the last block's context
-    # modulation in the original's (shift, scale) order; a LoKr of those two is written per diffusers part
-    # under ComfyUI's names (which map norm1_context of the last block with its swap_scale_shift).
-    originals = transformer_keys.kohya_modules(transformer, transformer_keys.SD3_NAMES)
-    rearranged = {k: m for k, m in originals.items() if len(m.paths) > 1 or m.swap_halves}
-    parts = {f"lora_transformer_{p.replace('.', '_')}": (m, p) for m in rearranged.values() for p in m.paths}
+    # SD3's overrides are FLUX's. A LoKr of the last block's context modulation (kept in the original's (shift,
+    # scale) order) is written per part under ComfyUI's names, which map norm1_context with its swap_scale_shift.
+    modules, originals = assert_kind_trains_exports_and_applies_back(
+        tmp_path, sd3_dirs[variant], kind, SD3Transformer2DModel, transformer_keys.SD3_NAMES,
+        "lora_unet_joint_blocks_0_context_block_attn_qkv", COMFY_OFFSETS, "networks.lora_sd3", untrained=last_query)
     assert ("lora_unet_joint_blocks_0_x_block_attn2_qkv" in originals) == (variant == "medium")
     if kind == "lokr":
-        assert modules == (set(originals) - set(rearranged)) | set(parts)
         assert {"lora_transformer_transformer_blocks_1_attn_add_v_proj",
                 "lora_transformer_transformer_blocks_1_norm1_context_linear"} <= modules
-    else:
-        assert modules == set(originals)
-        qkv = {name.split(".", 1)[1]: t for name, t in tensors.items()
-               if name.startswith("lora_unet_joint_blocks_0_context_block_attn_qkv.")}
-        if kind == "loha":  # block-diagonal w1_a / w2_a: rank 3 x dim, alpha 3 x alpha, the same scale
-            assert qkv["hada_w1_a"].shape == (3 * 32, 3 * 4) and qkv["hada_w1_b"].shape == (3 * 4, 32)
-            assert float(qkv["alpha"]) == 3 * 2
-        if kind == "dora":
-            assert qkv["dora_scale"].shape == (3 * 32, 1)
-
-    # Each module's change, computed from the file by LyCORIS and patched as ComfyUI patches it (the whole
-    # original weight, or the part's rows of it), equals the trained change of each diffusers Linear.
-    base = SD3Transformer2DModel.from_pretrained(sd3_dirs[variant], subfolder="transformer")
-    assert_comfy_patches_as_trained(base, originals, parts, tensors, changes, COMFY_OFFSETS)
-    assert_applies_back_as_trained(trainer, base, path, tensors, changes, kind, "networks.lora_sd3")
 
 
 def test_a_selection_trains_only_the_chosen_blocks_and_the_file_names_only_them(tmp_path, sd3_dirs):  # noqa: F811
