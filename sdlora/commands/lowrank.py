@@ -19,12 +19,7 @@ def add_command(subparsers) -> None:
                                           "unchanged.")
     p.add_argument("input", metavar="IN", help=f"adapter (.safetensors): {ADAPTER_FILES}")
     p.add_argument("output", metavar="OUT", help="resized adapter to write (always a LoRA file)")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--energy", type=float, metavar="BETA",
-                     help="per module, keep the smallest rank with sum(S[:k]^2) >= BETA * sum(S^2), e.g. 0.9 "
-                          "(kohya's sv_fro p corresponds to BETA = p^2)")
-    how.add_argument("--rank", type=int, metavar="R", help="the same rank R for every module")
-    p.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
+    _rank_choice(p, "the same rank R for every module")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_resize)
 
@@ -35,11 +30,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--base", required=True, help="the original checkpoint: diffusers folder or .safetensors file")
     p.add_argument("--tuned", required=True, help="the fine-tuned checkpoint of the same architecture")
     p.add_argument("output", metavar="OUT", help="adapter to write (.safetensors, Kohya format)")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--rank", type=int, metavar="R", help="rank of every Linear / 1x1 conv module")
-    how.add_argument("--energy", type=float, metavar="BETA", help="per module, the smallest rank keeping BETA of "
-                                                                  "the squared singular values")
-    p.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
+    _rank_choice(p, "rank of every Linear / 1x1 conv module")
     p.add_argument("--conv-rank", type=int, default=0, metavar="R",
                    help="also extract the ResNet 3x3 convs (LoCon) at this rank (default 0: not extracted)")
     p.add_argument("--clamp-quantile", type=float, default=0.99,
@@ -101,6 +92,16 @@ def _dtype(name: str):
 
     return DTYPES[name]
 
+
+
+def _rank_choice(p, rank_help: str) -> None:
+    """--energy BETA or --rank R (one of them), and --max-rank: how resize and extract choose each rank."""
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--energy", type=float, metavar="BETA",
+                     help="per module, keep the smallest rank with sum(S[:k]^2) >= BETA * sum(S^2), e.g. 0.9 "
+                          "(kohya's sv_fro p corresponds to BETA = p^2)")
+    how.add_argument("--rank", type=int, metavar="R", help=rank_help)
+    p.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
 
 def _cmd_resize(args) -> int:
     from sdlora.lowrank.tools import resize
