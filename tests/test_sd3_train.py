@@ -15,15 +15,14 @@ from test_flux_train import (
     assert_loads_in_diffusers_as_trained,
     assert_loss_falls_and_the_file_reads_back,
 )
-from test_train import make_style
+from test_train import assert_resume_ends_where_an_uninterrupted_run_ends, make_style
 
 from sdlora.adapters import transformer_keys
 from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.errors import UserError
 from sdlora.tiny.configs import build_sd3_pipeline
-from sdlora.training.guards import TrainingStopped
-from sdlora.training.loop import Trainer, train
+from sdlora.training.loop import Trainer
 
 SD3 = ["network.train_text_encoder=false", "dataset.shuffle_caption=false"]
 
@@ -93,15 +92,7 @@ def test_sd3_resume_ends_where_an_uninterrupted_run_ends(tmp_path, sd3_dirs, int
     (tmp_path / "b").mkdir()
     extra = "max_train_steps = 4\nweighting_scheme = \"logit_normal\"\ntraining_shift = 3.0"
     a, b = (load_config(make_style(tmp_path / x, sd3_dirs["medium"], extra=extra), SD3) for x in "ab")
-    full = train(a, log=lambda m: None)
-    interrupt_at_step(3)  # Ctrl-C during step 3: the state is saved after it
-    with pytest.raises(TrainingStopped):
-        train(b, log=lambda m: None)
-    resumed = train(b, resume=True, log=lambda m: None)
-    ta, tb = load_file(full.adapter), load_file(resumed.adapter)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    assert_resume_ends_where_an_uninterrupted_run_ends(a, b, interrupt_at_step)
 
 
 def test_buckets_off_the_16_px_grid_are_refused_in_one_line(tmp_path, sd3_dirs):

@@ -7,14 +7,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import make_style
+from test_train import assert_resume_ends_where_an_uninterrupted_run_ends, make_style
 
 from sdlora.adapters.keys import kohya_module_map
 from sdlora.config import load_config
 from sdlora.models import arch, families
 from sdlora.models.families.base import tokenize
 from sdlora.training.examples import EpochBatches, TrainingSamples, epoch_order
-from sdlora.training.guards import TrainingStopped
 from sdlora.training.loop import Trainer, train
 
 
@@ -137,15 +136,7 @@ def test_sdxl_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_sdxl_di
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = (sdxl_style(tmp_path / x, mini_sdxl_dir) for x in "ab")
-    full = train(a, log=lambda m: None)
-    interrupt_at_step(3)  # Ctrl-C during step 3: the state is saved after it
-    with pytest.raises(TrainingStopped):
-        train(b, log=lambda m: None)
-    resumed = train(b, resume=True, log=lambda m: None)
-    ta, tb = load_file(full.adapter), load_file(resumed.adapter)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
+    assert_resume_ends_where_an_uninterrupted_run_ends(a, b, interrupt_at_step)
 
 
 def sgm_kohya_names(transformer_depths: dict[str, int]) -> set[str]:

@@ -110,23 +110,33 @@ def test_export_loads_in_diffusers_and_matches_the_training_model(tmp_path, mini
     assert abs(before - expected).max() > 1e-3  # the adapter changes the picture
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir, interrupt_at_step):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, b = (load_config(make_style(tmp_path / x, mini_base_dir)) for x in "ab")
+def assert_resume_ends_where_an_uninterrupted_run_ends(a, b, interrupt_at_step, between=lambda stopped: None):
+    """a and b: one config in two folders. a trains through; b is stopped by Ctrl-C during step 3 (the state
+    is saved after it), `between(stopped)` checks the stop, then b resumes: the adapters are equal bitwise."""
     full = train(a, log=lambda m: None)
-    interrupt_at_step(3)  # mid-epoch 1, through the signal Ctrl-C sends
+    interrupt_at_step(3)  # through the signal Ctrl-C sends
     with pytest.raises(TrainingStopped) as stopped:
         train(b, log=lambda m: None)
-    assert stopped.value.exit_code == 130 and "after step 3" in str(stopped.value)
-    assert not (b.output_dir / "style.safetensors").exists()
-    state = b.output_dir / "state" / STATE_FILE
-    assert state.read_bytes()[8:].lstrip().startswith(b"{")  # safetensors, not a pickle
+    between(stopped.value)
     resumed = train(b, resume=True, log=lambda m: None)
     ta, tb = load_file(full.adapter), load_file(resumed.adapter)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, mini_base_dir, interrupt_at_step):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = (load_config(make_style(tmp_path / x, mini_base_dir)) for x in "ab")
+
+    def stopped_mid_epoch_1(stopped):
+        assert stopped.exit_code == 130 and "after step 3" in str(stopped)
+        assert not (b.output_dir / "style.safetensors").exists()
+        state = b.output_dir / "state" / STATE_FILE
+        assert state.read_bytes()[8:].lstrip().startswith(b"{")  # safetensors, not a pickle
+
+    assert_resume_ends_where_an_uninterrupted_run_ends(a, b, interrupt_at_step, stopped_mid_epoch_1)
 
 
 def test_latents_are_cached_and_changed_images_re_encoded(tmp_path, mini_base_dir, monkeypatch):
