@@ -93,7 +93,6 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-
 def _rank_choice(p, rank_help: str) -> None:
     """--energy BETA or --rank R (one of them), and --max-rank: how resize and extract choose each rank."""
     how = p.add_mutually_exclusive_group(required=True)
@@ -102,6 +101,7 @@ def _rank_choice(p, rank_help: str) -> None:
                           "(kohya's sv_fro p corresponds to BETA = p^2)")
     how.add_argument("--rank", type=int, metavar="R", help=rank_help)
     p.add_argument("--max-rank", type=int, metavar="R", help="cap on the rank chosen by --energy")
+
 
 def _cmd_resize(args) -> int:
     from sdlora.lowrank.tools import resize

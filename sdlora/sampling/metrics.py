@@ -142,7 +142,7 @@ def _luma(image: Image.Image) -> np.ndarray:
 VISIBLE_ENERGY = 1.0  # grey levels^2: fine texture of RMS amplitude under one 8-bit step is not seen
 
 
-def _offaxis_hf_power(image: Image.Image, cycles: float = 8.0, axis_deg: float = 15.0) -> tuple[float, float]:
+def offaxis_hf_power(image: Image.Image, cycles: float = 8.0, axis_deg: float = 15.0) -> tuple[float, float]:
     """(mean power per pixel in the off-axis fine band, in the whole spectrum without DC), in grey
     levels^2 of the image's luma (Parseval, the Hann window's mean square divided out).
 
@@ -163,17 +163,6 @@ def _offaxis_hf_power(image: Image.Image, cycles: float = 8.0, axis_deg: float =
     return float(power[band].sum()), float(power.sum() - power[0, 0])
 
 
-def offaxis_hf_share(image: Image.Image) -> float:
-    """Share of the image's spectral energy (DC left out) in the off-axis fine band (`_offaxis_hf_power`)."""
-    band, total = _offaxis_hf_power(image)
-    return band / total if total > 0 else 0.0
-
-
-def offaxis_hf_energy(image: Image.Image) -> float:
-    """Energy of the off-axis fine band (`_offaxis_hf_power`) per pixel, in grey levels^2."""
-    return _offaxis_hf_power(image)[0]
-
-
 def artefact_ratio(image: Image.Image, reference: Image.Image) -> float:
     """Off-axis fine texture of `image` over that of `reference` (the Lanczos upscale of the native
     render, same size), each as energy per pixel plus VISIBLE_ENERGY: 1 = no more than the upscale,
@@ -185,7 +174,7 @@ def artefact_ratio(image: Image.Image, reference: Image.Image) -> float:
     could see. The old single-pass hires at denoise 0.6 still scores up to 6x on the demo."""
     if image.size != reference.size:
         raise ValueError(f"artefact_ratio: sizes differ, {image.size} vs {reference.size}")
-    return (offaxis_hf_energy(image) + VISIBLE_ENERGY) / (offaxis_hf_energy(reference) + VISIBLE_ENERGY)
+    return (offaxis_hf_power(image)[0] + VISIBLE_ENERGY) / (offaxis_hf_power(reference)[0] + VISIBLE_ENERGY)
 
 
 def seam_score(image: Image.Image, xs, ys, neighbourhood: int = 16) -> float:

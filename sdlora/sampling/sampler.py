@@ -30,8 +30,8 @@ multiple of 16 and cropped; for FLUX.1 a second pass (FluxImg2ImgPipeline, or ti
 16 px) only when hires says on or tiled.
 
 Hires ("hires fix"): the first pass renders at the base's native area (or `[sample]
-first_pass_resolution`'s: `first_pass_side`) with the target's aspect ratio, a Lanczos upscale (or the upscaler model `hires_upscaler` names: upscale.py) takes it to the
-target size, and an img2img pass over the same components (strength = hires_denoise) adds the
+first_pass_resolution`'s: `first_pass_side`) with the target's aspect ratio, a Lanczos upscale (or
+the upscaler model `hires_upscaler` names: upscale.py) takes it to the target size, and an img2img pass over the same components (strength = hires_denoise) adds the
 detail; far above the native size the img2img pass runs in tiles (`tiled.py`).
 """
 
@@ -819,10 +819,10 @@ def preview(cfg, adapter_path, epoch: int, out_dir, base=None) -> Path:
     weights are restored afterwards. Default: load cfg.model afresh.
     """
     base = base if base is not None else load_base(cfg.model)
-    w, h = first_pass_size(cfg.sample.width, cfg.sample.height, first_pass_side(cfg, base))
     sample_cfg = dataclasses.replace(cfg.sample, seeds=list(cfg.sample.seeds[:1]) or [1], lora_scales=[0.0, 1.0])
     cfg = dataclasses.replace(cfg, sample=sample_cfg)
     sampler = Sampler(cfg, fuse=True, base=base)  # one adapter, two scales: merging is the fast path
+    w, h = first_pass_size(cfg.sample.width, cfg.sample.height, sampler.native)
     try:
         sampler.adapters.add(adapter_path)
         folder = Path(out_dir) / f"epoch{epoch:06d}"

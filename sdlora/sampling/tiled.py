@@ -104,10 +104,10 @@ class FlowDenoiser:
 
     FLUX.1 (guidance-distilled, `Family.for_sampling` gives dev its guidance input; no `negative`):
     FluxImg2ImgPipeline's sigmas, evenly spaced from 1 to 1/n and shifted at mu of the whole image's
-    packed sequence length (the tiles see the sigmas of the image they form). SD3.x (`negative` given):
-    classifier-free guidance at `cfg_scale` as StableDiffusion3Img2ImgPipeline computes it (negative and
-    text rows in one batch), its scheduler's own sigmas (shifted by its config; mu only where the config
-    asks for dynamic shifting). Skip-layer guidance stays with the first pass."""
+    packed sequence length (the tiles see the sigmas of the image they form). SD3.x (a family with
+    classifier-free guidance): its scheduler's own sigmas (shifted by its config; mu only where the config
+    asks for dynamic shifting), and with `negative` guidance at `cfg_scale` as StableDiffusion3Img2ImgPipeline
+    computes it (negative and text rows in one batch). Skip-layer guidance stays with the first pass."""
 
     family: object  # models.families.base.Family, `for_sampling` applied
     transformer: torch.nn.Module
@@ -140,10 +140,10 @@ class FlowDenoiser:
         c = scheduler.config
         mu = calculate_shift((height // LATENT_CELL // 2) * (width // LATENT_CELL // 2), c.base_image_seq_len,
                              c.max_image_seq_len, c.base_shift, c.max_shift)
-        if self.negative is None:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), device=device, mu=mu)
-        else:
-            scheduler.set_timesteps(num_steps, device=device, **({"mu": mu} if c.use_dynamic_shifting else {}))
+        # FluxImg2ImgPipeline passes its sigmas, StableDiffusion3Img2ImgPipeline leaves them to the scheduler;
+        # the scheduler reads mu only where its config shifts dynamically (both pipelines compute it so).
+        sigmas = None if self.family.classifier_free_guidance else np.linspace(1.0, 1 / num_steps, num_steps)
+        scheduler.set_timesteps(num_steps, device=device, sigmas=sigmas, mu=mu)
 
     def model_input(self, scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x  # flow matching scales nothing
